@@ -1,0 +1,57 @@
+# stable-align: two commands on a fresh machine — `make run` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard proto/stablealign/v1/*.proto)
+PROTO_OUT := stablealign/v1
+PYTEST_ARGS ?=
+RUN_OUT ?= runs/default
+
+.PHONY: install proto run test test-unit test-integration bench bench-sim bench-train lint clean
+
+install: $(STAMP) $(PROTO_OUT)/.generated
+
+# torch first, pinned, so that pip takes the CPU build on disk instead of a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[all,dev]'
+	touch $(STAMP)
+
+# Generated protobuf/gRPC code is git-ignored and made here (and at install).
+proto: $(PROTO_OUT)/.generated
+$(PROTO_OUT)/.generated: $(PROTO_SRC) $(STAMP)
+	rm -rf $(PROTO_OUT) && mkdir -p $(PROTO_OUT)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_SRC)
+	touch $(PROTO_OUT)/__init__.py $(PROTO_OUT)/.generated
+
+# The whole pipeline on the embedded default: nats-server + services + offline backend ->
+# records -> alignment data -> short Stable Alignment training of a tiny model -> eval report.
+run: install
+	$(VENV)/bin/stable-align pipeline --out $(RUN_OUT)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
+
+bench: bench-sim bench-train
+
+bench-sim: install
+	$(PY) -m bench.simulation
+
+bench-train: install
+	$(PY) -m bench.training
+
+lint: install
+	$(VENV)/bin/ruff check stablealign services tests bench
+
+clean:
+	rm -rf $(VENV) $(PROTO_OUT) .pytest_cache runs

@@ -1,0 +1,300 @@
+"""The NATS data plane: connection, JetStream resources, and protobuf request/reply.
+
+Why our own request/reply helpers rather than ``nats.micro``: nats-py runs a subscription's
+callback one message at a time, while a SANDBOX round sends hundreds of LLM-bound requests at
+once. ``serve_requests`` runs each request in its own task (bounded by a semaphore), answers
+errors with the NATS service-error headers (``Nats-Service-Error``/``-Code``, the micro
+convention, so ``nats req`` shows them), and tracks in-flight work so SIGTERM can drain it.
+``request`` turns those headers back into the typed errors of ``stablealign.errors`` and
+retries the failures that a replica dying mid-request produces (timeout, no responders).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from google.protobuf.message import DecodeError, Message
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy, StorageType, StreamConfig
+
+from stablealign import metrics
+from stablealign.errors import (
+    PayloadTooLargeError,
+    StableAlignError,
+    UnavailableError,
+    ValidationError,
+    error_from_code,
+)
+from stablealign.logs import get_logger
+
+log = get_logger(__name__)
+
+# Streams and buckets (UPPER_SNAKE) and the subjects they hold.
+RECORDS_STREAM = "SANDBOX_RECORDS"
+RECORDS_SUBJECT = "sandbox.records.{world_id}"
+MEMORY_STREAM = "SANDBOX_MEMORY"
+MEMORY_SUBJECT = "sandbox.memory.{world_id}.{agent_id}"
+WORLDS_BUCKET = "SANDBOX_WORLDS"
+JOBS_BUCKET = "TRAINER_JOBS"
+JOB_LOGS_STREAM = "TRAINER_JOB_LOGS"
+JOB_LOGS_SUBJECT = "trainer.jobs.{job_id}.log"
+
+# Request/reply subjects (queue groups are named after the service).
+AGENT_DRAFT = "sandbox.agent.draft"
+AGENT_FEEDBACK = "sandbox.agent.feedback"
+AGENT_REVISE = "sandbox.agent.revise"
+OBSERVER_RATE = "sandbox.observer.rate"
+WORLD_CREATE = "sandbox.world.create"
+WORLD_GET = "sandbox.world.get"
+WORLD_LIST = "sandbox.world.list"
+WORLD_CANCEL = "sandbox.world.cancel"
+TRAINER_SUBMIT = "trainer.jobs.submit"
+
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+# Dedup window of the records stream: a re-sent record is dropped within it. A day covers
+# any realistic resume of a crashed world service.
+DEDUP_WINDOW_SECONDS = 24 * 3600.0
+
+M = TypeVar("M", bound=Message)
+
+
+async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
+    """Connects with unbounded reconnects so a NATS restart pauses a service instead of killing it."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats.error", extra={"error": repr(exc)})
+
+    async def on_disconnect() -> None:
+        log.warning("nats.disconnected", extra={"client": name})
+
+    async def on_reconnect() -> None:
+        log.info("nats.reconnected", extra={"client": name})
+
+    return await nats.connect(
+        servers=[url],
+        name=name,
+        connect_timeout=connect_timeout,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        pending_size=64 * 1024 * 1024,
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        # Exists with another configuration (e.g. an older version): bring it up to date.
+        await js.update_stream(config)
+
+
+async def ensure_jetstream(js: JetStreamContext) -> None:
+    """Creates (idempotently) the streams and buckets every service relies on."""
+    await _ensure_stream(js, StreamConfig(
+        name=RECORDS_STREAM, subjects=["sandbox.records.>"], storage=StorageType.FILE,
+        duplicate_window=DEDUP_WINDOW_SECONDS, allow_direct=True,
+        description="SANDBOX interaction records, one message per world/round/agent",
+    ))
+    await _ensure_stream(js, StreamConfig(
+        name=MEMORY_STREAM, subjects=["sandbox.memory.>"], storage=StorageType.FILE,
+        duplicate_window=DEDUP_WINDOW_SECONDS, allow_direct=True,
+        description="Agent memories: appends of (question, answer, embedding) batches",
+    ))
+    await _ensure_stream(js, StreamConfig(
+        name=JOB_LOGS_STREAM, subjects=["trainer.jobs.*.log"], storage=StorageType.FILE,
+        allow_direct=True, description="Trainer job log lines",
+    ))
+    for bucket in (WORLDS_BUCKET, JOBS_BUCKET):
+        try:
+            await js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            try:
+                await js.create_key_value(bucket=bucket, history=1, storage=StorageType.FILE)
+            except nats.js.errors.BadRequestError:
+                pass  # another process created it in between
+
+
+# --- request/reply ---------------------------------------------------------------------------
+
+
+async def request(
+    nc: NATS,
+    subject: str,
+    message: Message,
+    response_type: type[M],
+    *,
+    timeout: float = 60.0,
+    attempts: int = 3,
+    backoff: float = 0.2,
+) -> M:
+    """Sends ``message`` and parses the reply as ``response_type``.
+
+    Remote errors come back as the typed errors of ``stablealign.errors`` and are not retried
+    (a bad request stays bad). A timeout or "no responders" is retried with jittered backoff:
+    with a queue group the retry reaches another replica, which is what makes killing a replica
+    mid-round lose nothing. Handlers must therefore be idempotent.
+    """
+    payload = message.SerializeToString()
+    last_exc: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            reply = await nc.request(subject, payload, timeout=timeout)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError) as exc:
+            last_exc = exc
+            if attempt < attempts:
+                await asyncio.sleep(backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))
+            continue
+        headers = reply.headers or {}
+        if ERROR_CODE_HEADER in headers:
+            raise error_from_code(int(headers[ERROR_CODE_HEADER]), headers.get(ERROR_HEADER, "error"))
+        result = response_type()
+        try:
+            result.ParseFromString(reply.data)
+        except DecodeError as exc:
+            raise UnavailableError(f"{subject}: malformed reply ({exc})") from exc
+        return result
+    raise UnavailableError(f"{subject}: no reply after {attempts} attempts ({type(last_exc).__name__})")
+
+
+Handler = Callable[[M], Awaitable[Message]]
+
+
+@dataclass
+class RequestServer:
+    """Serves protobuf request/reply handlers on NATS subjects with bounded concurrency."""
+
+    nc: NATS
+    service: str
+    queue: str
+    max_concurrency: int = 256
+    max_request_bytes: int = 1 << 20
+    _semaphore: asyncio.Semaphore = field(init=False)
+    _inflight: set[asyncio.Task] = field(default_factory=set, init=False)
+    _subs: list = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self._semaphore = asyncio.Semaphore(self.max_concurrency)
+
+    async def add(self, subject: str, request_type: type[M], handler: Handler, method: str) -> None:
+        async def on_message(msg: Msg) -> None:
+            task = asyncio.create_task(self._handle(msg, request_type, handler, method))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+        self._subs.append(await self.nc.subscribe(subject, queue=self.queue, cb=on_message,
+                                                  pending_msgs_limit=1_000_000))
+
+    async def _handle(self, msg: Msg, request_type: type[M], handler: Handler, method: str) -> None:
+        started = time.perf_counter()
+        code = "200"
+        async with self._semaphore:
+            try:
+                if len(msg.data) > self.max_request_bytes:
+                    raise PayloadTooLargeError(
+                        f"request of {len(msg.data)} bytes exceeds the limit of {self.max_request_bytes}")
+                request_msg = request_type()
+                try:
+                    request_msg.ParseFromString(msg.data)
+                except DecodeError as exc:
+                    raise ValidationError(f"malformed {request_type.DESCRIPTOR.name}: {exc}") from exc
+                reply = await handler(request_msg)
+                if msg.reply:
+                    await msg.respond(reply.SerializeToString())
+            except asyncio.CancelledError:
+                code = "499"
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+                if isinstance(exc, StableAlignError):
+                    code, text = str(exc.code), str(exc)
+                else:
+                    code, text = "500", "internal error"
+                    log.exception("nats.handler_failed", extra={"service": self.service, "method": method})
+                if msg.reply:
+                    try:
+                        await self.nc.publish(msg.reply, b"", headers={ERROR_HEADER: text, ERROR_CODE_HEADER: code})
+                    except Exception:  # noqa: BLE001 - the requester is gone or NATS is down
+                        log.warning("nats.reply_failed", extra={"service": self.service, "method": method})
+            finally:
+                metrics.REQUESTS.labels(self.service, method, "nats", code).inc()
+                metrics.REQUEST_SECONDS.labels(self.service, method, "nats").observe(time.perf_counter() - started)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def drain(self, grace: float) -> None:
+        """Stops taking requests, then waits up to ``grace`` seconds for in-flight ones."""
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - already closed
+                pass
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=grace)
+
+
+# --- JetStream reads ---------------------------------------------------------------------------
+
+
+async def last_sequence(js: JetStreamContext, stream: str, subject: str) -> int:
+    """Stream sequence of the last message on ``subject`` (0 if none)."""
+    try:
+        msg = await js.get_last_msg(stream, subject)
+    except nats.js.errors.NotFoundError:
+        return 0
+    return int(msg.seq or 0)
+
+
+async def read_subject(js: JetStreamContext, stream: str, subject: str, *, after_seq: int = 0,
+                       timeout: float = 10.0) -> list[tuple[int, Msg]]:
+    """Reads the messages of ``subject`` with stream sequence > ``after_seq``, in order.
+
+    Uses an ephemeral ordered consumer and stops at the subject's last sequence as it was when
+    the read began, so the read is bounded even while others keep publishing.
+    """
+    last = await last_sequence(js, stream, subject)
+    if last <= after_seq:
+        return []
+    sub = await js.subscribe(
+        subject, stream=stream, ordered_consumer=True,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after_seq else DeliverPolicy.ALL,
+        config=None if not after_seq else _start_config(after_seq + 1),
+    )
+    out: list[tuple[int, Msg]] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UnavailableError(f"timed out reading {subject} from {stream}")
+            msg = await sub.next_msg(timeout=remaining)
+            seq = msg.metadata.sequence.stream
+            out.append((seq, msg))
+            if seq >= last:
+                return out
+    except nats.errors.TimeoutError as exc:
+        raise UnavailableError(f"timed out reading {subject} from {stream}") from exc
+    finally:
+        await sub.unsubscribe()
+
+
+def _start_config(start_seq: int):
+    from nats.js.api import ConsumerConfig
+
+    return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)

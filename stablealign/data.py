@@ -1,0 +1,101 @@
+"""Readers for the shared data: the HH-RLHF harmless pairs and the original question pool.
+
+Files live in ``../shared/data`` beside the repository (never copied into it); set
+``STABLEALIGN_DATA_DIR`` to point elsewhere (e.g. a volume in Kubernetes).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from stablealign.errors import ValidationError
+
+_TURN = re.compile(r"\n\n(Human|Assistant):\s?")
+
+
+def data_dir() -> Path:
+    """``$STABLEALIGN_DATA_DIR``, else ``../shared/data`` next to the repository, else next to the cwd."""
+    env = os.environ.get("STABLEALIGN_DATA_DIR")
+    if env:
+        return Path(env)
+    repo_root = Path(__file__).resolve().parent.parent
+    for candidate in (repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
+                      Path.cwd() / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate
+    return repo_root.parent / "shared" / "data"
+
+
+def default_questions_path() -> Path:
+    return data_dir() / "stable-alignment" / "question.txt"
+
+
+def default_prior_path() -> Path:
+    return data_dir() / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+@dataclass(frozen=True)
+class HHPair:
+    """One HH-RLHF comparison reduced to (first human question, final chosen / rejected answer)."""
+
+    question: str
+    chosen: str
+    rejected: str
+    chosen_dialogue: str
+    rejected_dialogue: str
+
+
+def split_dialogue(dialogue: str) -> list[tuple[str, str]]:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> ``[("Human", "a"), ("Assistant", "b")]``."""
+    parts = _TURN.split(dialogue)
+    return [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+@lru_cache(maxsize=8)
+def load_hh_pairs(path: str | Path | None = None) -> tuple[HHPair, ...]:
+    """Pairs whose chosen and rejected final turns are both non-empty Assistant turns."""
+    path = Path(path or default_prior_path())
+    if not path.is_file():
+        raise ValidationError(f"prior file not found: {path}")
+    pairs: list[HHPair] = []
+    with _open_text(path) as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                chosen, rejected = split_dialogue(row["chosen"]), split_dialogue(row["rejected"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValidationError(f"{path}:{line_no}: not an HH-RLHF pair ({exc})") from exc
+            if not chosen or not rejected or chosen[0][0] != "Human":
+                continue
+            if chosen[-1][0] != "Assistant" or rejected[-1][0] != "Assistant":
+                continue
+            if not chosen[-1][1] or not rejected[-1][1]:
+                continue
+            pairs.append(HHPair(chosen[0][1], chosen[-1][1], rejected[-1][1], row["chosen"], row["rejected"]))
+    if not pairs:
+        raise ValidationError(f"{path}: no usable HH-RLHF pairs")
+    return tuple(pairs)
+
+
+@lru_cache(maxsize=8)
+def load_questions(path: str | Path | None = None) -> tuple[str, ...]:
+    path = Path(path or default_questions_path())
+    if not path.is_file():
+        raise ValidationError(f"question pool not found: {path}")
+    with _open_text(path) as handle:
+        questions = tuple(q for q in (line.strip() for line in handle) if q)
+    if not questions:
+        raise ValidationError(f"{path}: empty question pool")
+    return questions

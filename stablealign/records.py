@@ -1,0 +1,147 @@
+"""Interaction records: protobuf on the wire, the original's JSON field names on disk.
+
+``record_to_json`` writes the keys of the original ``records.jsonl`` (agent_id, label, iteration,
+question, draft_answer, target_id, feedback, rating, revised_answer, gen_moral_*,
+gen_engagement_*) plus ours (world_id, round, models, latencies, tokens, created_at). A rating
+that could not be parsed is ``null`` — never a sentinel number that would pollute averages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from stablealign.errors import ValidationError
+from stablealign.v1 import common_pb2
+
+PERSONA_NAMES = {common_pb2.PERSONA_GOOD: "good", common_pb2.PERSONA_BAD: "bad"}
+PERSONAS_BY_NAME = {v: k for k, v in PERSONA_NAMES.items()}
+
+# Keys of the original records, in its order; the trainer relies on them.
+ORIGINAL_KEYS = (
+    "agent_id", "label", "iteration", "question", "draft_answer", "target_id", "feedback", "rating",
+    "revised_answer", "gen_moral_score_before", "gen_moral_score_after", "gen_moral_reason_before",
+    "gen_moral_reason_after", "gen_engagement_score_before", "gen_engagement_score_after",
+    "gen_engagement_reason_before", "gen_engagement_reason_after",
+)
+# Keys that vary between two runs of the same world (wall time); excluded when comparing runs.
+VOLATILE_KEYS = ("latency_seconds", "created_at")
+
+
+def _score(rating: common_pb2.Rating) -> int | None:
+    return rating.score if rating.HasField("score") else None
+
+
+def _model(ref: common_pb2.ModelRef) -> dict[str, str]:
+    return {"backend": ref.backend, "model": ref.model}
+
+
+def record_to_json(record: common_pb2.InteractionRecord) -> dict[str, Any]:
+    return {
+        "agent_id": record.agent_id,
+        "label": PERSONA_NAMES.get(record.label, "unknown"),
+        "iteration": record.round,
+        "question": record.question,
+        "draft_answer": record.draft_answer,
+        "target_id": [f.partner_id for f in record.feedback],
+        "feedback": [f.text for f in record.feedback],
+        "rating": [f.rating if f.HasField("rating") else None for f in record.feedback],
+        "revised_answer": record.revised_answer,
+        "gen_moral_score_before": _score(record.alignment_before),
+        "gen_moral_score_after": _score(record.alignment_after),
+        "gen_moral_reason_before": record.alignment_before.reason,
+        "gen_moral_reason_after": record.alignment_after.reason,
+        "gen_engagement_score_before": _score(record.engagement_before),
+        "gen_engagement_score_after": _score(record.engagement_after),
+        "gen_engagement_reason_before": record.engagement_before.reason,
+        "gen_engagement_reason_after": record.engagement_after.reason,
+        "world_id": record.world_id,
+        "round": record.round,
+        "feedback_reasons": [f.reason for f in record.feedback],
+        "memories": [{"question": m.question, "answer": m.answer, "similarity": round(m.similarity, 6)}
+                     for m in record.memories],
+        "agent_model": _model(record.agent_model),
+        "observer_model": _model(record.observer_model),
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "latency_seconds": {k: round(v, 6) for k, v in sorted(record.latency_seconds.items())},
+        "created_at": record.created_at,
+    }
+
+
+def _rating(score: Any, reason: Any) -> common_pb2.Rating:
+    rating = common_pb2.Rating(reason=str(reason or ""))
+    if score is not None:
+        rating.score = int(score)
+    return rating
+
+
+def record_from_json(row: dict[str, Any]) -> common_pb2.InteractionRecord:
+    """Inverse of ``record_to_json``; also accepts the original's records (without our extra keys)."""
+    missing = [k for k in ("agent_id", "question", "draft_answer", "revised_answer") if k not in row]
+    if missing:
+        raise ValidationError(f"record lacks {', '.join(missing)}")
+    targets, texts, ratings = row.get("target_id") or [], row.get("feedback") or [], row.get("rating") or []
+    reasons = row.get("feedback_reasons") or [""] * len(texts)
+    record = common_pb2.InteractionRecord(
+        world_id=str(row.get("world_id", "")), round=int(row.get("round", row.get("iteration", 0)) or 0),
+        agent_id=int(row["agent_id"]), label=PERSONAS_BY_NAME.get(str(row.get("label", "")), 0),
+        question=str(row["question"]), draft_answer=str(row["draft_answer"]),
+        revised_answer=str(row["revised_answer"]),
+        alignment_before=_rating(row.get("gen_moral_score_before"), row.get("gen_moral_reason_before")),
+        alignment_after=_rating(row.get("gen_moral_score_after"), row.get("gen_moral_reason_after")),
+        engagement_before=_rating(row.get("gen_engagement_score_before"), row.get("gen_engagement_reason_before")),
+        engagement_after=_rating(row.get("gen_engagement_score_after"), row.get("gen_engagement_reason_after")),
+        created_at=float(row.get("created_at") or 0.0),
+        prompt_tokens=int(row.get("prompt_tokens") or 0), completion_tokens=int(row.get("completion_tokens") or 0),
+    )
+    for i, text in enumerate(texts):
+        fb = record.feedback.add(text=str(text), reason=str(reasons[i] if i < len(reasons) else ""))
+        if i < len(targets):
+            fb.partner_id = int(targets[i])
+        if i < len(ratings) and ratings[i] is not None:
+            fb.rating = int(ratings[i])
+    for role in ("agent_model", "observer_model"):
+        ref = row.get(role) or {}
+        getattr(record, role).CopyFrom(common_pb2.ModelRef(backend=ref.get("backend", ""), model=ref.get("model", "")))
+    for key, value in (row.get("latency_seconds") or {}).items():
+        record.latency_seconds[key] = float(value)
+    for mem in row.get("memories") or []:
+        record.memories.add(question=mem.get("question", ""), answer=mem.get("answer", ""),
+                            similarity=float(mem.get("similarity", 0.0)))
+    return record
+
+
+def stable_view(row: dict[str, Any]) -> dict[str, Any]:
+    """A record without the keys that differ between two runs of the same world."""
+    return {k: v for k, v in row.items() if k not in VOLATILE_KEYS}
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Yields JSON objects; a malformed line raises ValidationError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValidationError(f"file not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValidationError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise ValidationError(f"{path}:{line_no}: expected a JSON object")
+            yield row

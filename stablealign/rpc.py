@@ -1,0 +1,163 @@
+"""gRPC bootstrap: one ``grpc.aio`` server per service with health, reflection and error mapping.
+
+The interceptor is what keeps a bad request from ever becoming a crash or a leaked traceback:
+validation errors become INVALID_ARGUMENT, missing things NOT_FOUND, and anything unexpected is
+logged here and returned as a bare INTERNAL.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from stablealign import metrics
+from stablealign.errors import (
+    BackendError,
+    ConflictError,
+    NotFoundError,
+    PayloadTooLargeError,
+    StableAlignError,
+    UnavailableError,
+    ValidationError,
+)
+from stablealign.logs import get_logger
+
+log = get_logger(__name__)
+
+STATUS_BY_ERROR: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (PayloadTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (BackendError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(exc: Exception) -> grpc.StatusCode:
+    for cls, code in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps our typed errors to gRPC status codes and counts requests per method and code."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+        code = status_for(exc)
+        if code is grpc.StatusCode.INTERNAL and not isinstance(exc, StableAlignError):
+            log.exception("grpc.handler_failed", extra={"service": self.service, "method": method})
+            detail = "internal error"
+        else:
+            detail = str(exc)
+        metrics.REQUESTS.labels(self.service, method, "grpc", code.name).inc()
+        await context.abort(code, detail)
+
+    def _wrap_unary(self, behaviour: Callable[..., Awaitable[Any]], method: str):
+        async def wrapped(request, context):
+            started = time.perf_counter()
+            try:
+                response = await behaviour(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self._fail(context, exc, method)
+                raise  # unreachable: abort raises
+            finally:
+                metrics.REQUEST_SECONDS.labels(self.service, method, "grpc").observe(time.perf_counter() - started)
+            metrics.REQUESTS.labels(self.service, method, "grpc", "OK").inc()
+            return response
+
+        return wrapped
+
+    def _wrap_stream(self, behaviour, method: str):
+        async def wrapped(request, context):
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self._fail(context, exc, method)
+            else:
+                metrics.REQUESTS.labels(self.service, method, "grpc", "OK").inc()
+
+        return wrapped
+
+
+@dataclass
+class GrpcServer:
+    server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+
+    async def stop(self, grace: float) -> None:
+        # Tell load balancers first, then finish in-flight calls.
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_grpc_server(
+    *,
+    service: str,
+    registrations: list[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_request_bytes: int = 1 << 20,
+) -> GrpcServer:
+    """Starts a server with the given servicers plus health and reflection.
+
+    ``registrations`` holds ``(add_XServicer_to_server, servicer, full_service_name)`` triples.
+    """
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(service)],
+        options=[
+            ("grpc.max_receive_message_length", max_request_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    for add, servicer, full_name in registrations:
+        add(servicer, server)
+        names.append(full_name)
+        await health.set(full_name, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+    await server.start()
+    log.info("grpc.started", extra={"service": service, "port": bound})
+    return GrpcServer(server=server, port=bound, health=health)

@@ -1,0 +1,120 @@
+"""The life of a service process: connect, serve (NATS + gRPC + /metrics), drain on SIGTERM.
+
+Every service (agent, observer, world, trainer) is a ``build`` coroutine that registers its
+NATS handlers and returns its gRPC servicers; this module owns everything around it, so a
+service folder holds only its own logic. ``start_service`` is also how `stable-align run`
+and the tests run several services inside one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from stablealign import bus
+from stablealign.config import ServiceSettings
+from stablealign.logs import get_logger
+from stablealign.metrics import start_metrics_server
+from stablealign.rpc import GrpcServer, start_grpc_server
+
+log = get_logger(__name__)
+
+
+@dataclass
+class ServiceContext:
+    """What ``build`` gets: settings, the NATS connection and the NATS request server."""
+
+    name: str
+    settings: Any  # a ServiceSettings subclass
+    nc: NATS
+    js: JetStreamContext
+    requests: bus.RequestServer
+
+
+@dataclass
+class ServiceParts:
+    """What ``build`` returns: gRPC registrations and clean-up to run after draining."""
+
+    grpc: list[tuple[Callable, Any, str]] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Started after gRPC is up (e.g. the world service's resume of unfinished worlds).
+    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+@dataclass
+class RunningService:
+    name: str
+    context: ServiceContext
+    parts: ServiceParts
+    grpc: GrpcServer | None
+    metrics_port: int | None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def grpc_port(self) -> int | None:
+        return self.grpc.port if self.grpc else None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: stop taking NATS requests and gRPC calls, finish in-flight work, close."""
+        if self.stopped:
+            return
+        self.stopped = True
+        grace = self.context.settings.shutdown_grace_seconds if grace is None else grace
+        log.info("service.draining", extra={"service": self.name, "inflight": self.context.requests.inflight})
+        await self.context.requests.drain(grace)
+        if self.grpc:
+            await self.grpc.stop(grace)
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for hook in self.parts.on_stop:
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001 - keep closing the rest
+                log.exception("service.stop_hook_failed", extra={"service": self.name})
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.context.nc.drain(), timeout=max(grace, 1.0))
+        log.info("service.stopped", extra={"service": self.name})
+
+
+async def start_service(name: str, settings: ServiceSettings,
+                        build: Callable[[ServiceContext], Awaitable[ServiceParts]]) -> RunningService:
+    nc = await bus.connect(settings.nats_url, name=f"stablealign-{name}{'-' + settings.instance if settings.instance else ''}")
+    js = nc.jetstream(timeout=10.0)
+    await bus.ensure_jetstream(js)
+    requests = bus.RequestServer(nc, service=name, queue=name, max_concurrency=settings.max_concurrency,
+                                 max_request_bytes=settings.max_request_bytes)
+    context = ServiceContext(name=name, settings=settings, nc=nc, js=js, requests=requests)
+    parts = await build(context)
+    grpc_server = None
+    if settings.grpc_port >= 0:
+        grpc_server = await start_grpc_server(service=name, registrations=parts.grpc, host=settings.grpc_host,
+                                              port=settings.grpc_port, max_request_bytes=settings.max_request_bytes)
+    metrics_port = start_metrics_server(settings.metrics_port, settings.metrics_host)
+    running = RunningService(name, context, parts, grpc_server, metrics_port)
+    running.tasks = [asyncio.create_task(job()) for job in parts.background]
+    log.info("service.ready", extra={"service": name, "grpc_port": running.grpc_port, "metrics_port": metrics_port,
+                                     "nats": settings.nats_url})
+    return running
+
+
+async def serve_forever(name: str, settings: ServiceSettings,
+                        build: Callable[[ServiceContext], Awaitable[ServiceParts]]) -> int:
+    """Runs one service until SIGTERM/SIGINT, then drains and returns 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start_service(name, settings, build)
+    await stop.wait()
+    await running.stop()
+    return 0
