@@ -1,0 +1,90 @@
+"""THE prompt template, shared by training, inference and evaluation.
+
+The original used one template when training and others when generating and evaluating, so the
+trained model was asked questions in a format it had never seen. Everything here goes through
+``format_prompt`` / ``encode_example``; the tiny model's tokenizer carries the same template as its
+``chat_template`` so that ``tokenizer.apply_chat_template`` agrees with ``format_prompt``.
+
+The format is the HH-RLHF dialogue format (``Human: ...\\n\\nAssistant:``), which is also the format
+of the evaluation pairs, and every training response ends with the EOS token (the original had none,
+so its models never learned to stop).
+
+Tokenisation: prompt and response are tokenised *separately* and concatenated, so that the boundary
+between prompt tokens (masked out of the loss) and response tokens is exact whatever merges a BPE
+tokenizer would make across it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROMPT_TEMPLATE = "Human: {query}\n\nAssistant:"
+# The response follows the prompt after one space (as in HH-RLHF dialogues).
+RESPONSE_PREFIX = " "
+# Realignment prompts: the question, the agent's own draft and its partners' feedback (DESIGN §1).
+REALIGNMENT_QUERY_TEMPLATE = (
+    "{question}\n\n"
+    "Your earlier answer: {draft}\n\n"
+    "Feedback from others:\n{feedback}\n\n"
+    "Write a better answer that takes the feedback into account."
+)
+
+# Jinja chat template equivalent to ``format_prompt`` for a conversation ending in a user turn.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] }}\n\n"
+    "{%- elif message['role'] == 'user' -%}Human: {{ message['content'] }}\n\nAssistant:"
+    "{%- elif message['role'] == 'assistant' -%} {{ message['content'] }}{{ eos_token }}\n\n"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def format_prompt(query: str) -> str:
+    """The text a model sees before its answer."""
+    return PROMPT_TEMPLATE.format(query=query.strip())
+
+
+def format_example(query: str, response: str, eos_token: str) -> tuple[str, str]:
+    """``(prompt_text, full_text)``: the full text is prompt + response + EOS."""
+    prompt = format_prompt(query)
+    return prompt, prompt + RESPONSE_PREFIX + response.strip() + eos_token
+
+
+def format_realignment_query(question: str, draft: str, feedback: list[str]) -> str:
+    """The one template for Realignment prompts: q + draft + partners' feedback."""
+    lines = "\n".join(f"- {text.strip()}" for text in feedback if text and text.strip()) or "- (none)"
+    return REALIGNMENT_QUERY_TEMPLATE.format(question=question.strip(), draft=draft.strip(), feedback=lines)
+
+
+def encode_prompt(tokenizer: Any, query: str) -> list[int]:
+    """Token ids of the prompt, with the tokenizer's BOS when it adds one."""
+    return list(tokenizer(format_prompt(query), add_special_tokens=True)["input_ids"])
+
+
+def encode_response(tokenizer: Any, response: str) -> list[int]:
+    """Token ids of one response followed by EOS (no BOS)."""
+    ids = list(tokenizer(RESPONSE_PREFIX + response.strip(), add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; training responses must end with one")
+    return ids + [tokenizer.eos_token_id]
+
+
+def encode_example(tokenizer: Any, query: str, response: str, max_length: int) -> tuple[list[int], int, bool]:
+    """``(input_ids, prompt_length, truncated)`` for one (query, response) pair.
+
+    Over-long examples keep the start of the response: the prompt is cut from the left (its end,
+    next to the answer, matters most) so that at least half of ``max_length`` is left for the
+    response, then the response is cut from the right (dropping EOS only when it must).
+    """
+    prompt = encode_prompt(tokenizer, query)
+    response_ids = encode_response(tokenizer, response)
+    truncated = False
+    if len(prompt) + len(response_ids) > max_length:
+        truncated = True
+        keep_prompt = min(len(prompt), max(1, max_length - len(response_ids), max_length // 2))
+        if keep_prompt < len(prompt):
+            bos = prompt[:1] if tokenizer.bos_token_id is not None and prompt[:1] == [tokenizer.bos_token_id] else []
+            prompt = bos + prompt[len(prompt) - keep_prompt + len(bos):]
+        response_ids = response_ids[: max_length - len(prompt)]
+    return prompt + response_ids, len(prompt), truncated

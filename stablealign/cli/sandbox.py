@@ -1,0 +1,262 @@
+"""`stable-align run | worlds | watch | export`: run and inspect SANDBOX worlds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from enum import Enum
+from pathlib import Path
+
+import typer
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from stablealign import bus
+from stablealign.errors import StableAlignError
+from stablealign.logs import setup_logging
+from stablealign.records import record_to_json
+from stablealign.sandbox import EmbeddedStack, create_world, export_records, get_world, list_worlds, wait_for_world
+from stablealign.v1 import common_pb2, world_pb2
+
+console = Console(stderr=True)
+
+
+class Backend(str, Enum):
+    offline = "offline"
+    openai = "openai"
+    tgi = "tgi"
+    hf = "hf"
+
+
+class Setting(str, Enum):
+    all_good = "all_good"
+    all_bad = "all_bad"
+    half_half = "half_half"
+    mixed_half_half = "mixed_half_half"
+
+
+def _opt(default, *names: str, help: str, env: str | None = None):
+    flag = names[0].lstrip("-").replace("-", "_").upper()
+    return typer.Option(default, *names, envvar=env or f"STABLEALIGN_{flag}", help=help, show_default=True)
+
+
+def round_table(world: world_pb2.World) -> Table:
+    table = Table(title=f"world {world.spec.world_id}: mean ratings per round (1-7; missing excluded)")
+    for column in ("round", "interactions", "alignment before", "alignment after", "engagement before",
+                   "engagement after", "missing", "seconds"):
+        table.add_column(column, justify="right")
+    for r in world.rounds:
+        table.add_row(str(r.round), str(r.interactions), f"{r.mean_alignment_before:.3f}",
+                      f"{r.mean_alignment_after:.3f}", f"{r.mean_engagement_before:.3f}",
+                      f"{r.mean_engagement_after:.3f}", str(r.missing_ratings), f"{r.duration_seconds:.2f}")
+    return table
+
+
+def build_spec(*, size: int, rounds: int, setting: str, backend: str, seed: int, model: str, url: str,
+               observer_backend: str, observer_model: str, observer_url: str, embedding_backend: str,
+               embedding_model: str, partners: int, radius: float, global_partner_probability: float,
+               concurrency: int, prior_size: int, prior: str, questions: str, world_id: str) -> world_pb2.WorldSpec:
+    agent_model = common_pb2.ModelRef(backend=backend, model=model or "", url=url or "")
+    observer = common_pb2.ModelRef(backend=observer_backend or backend, model=observer_model or (model or ""),
+                                   url=observer_url or (url or ""))
+    if embedding_backend:
+        embedder = common_pb2.ModelRef(backend=embedding_backend, model=embedding_model or "")
+    else:
+        # The backend's own embeddings where it has them (OpenAI), else all-MiniLM-L6-v2 locally.
+        embedder = common_pb2.ModelRef(backend="openai" if backend == "openai" else "offline",
+                                       model=embedding_model or "")
+    return world_pb2.WorldSpec(
+        world_id=world_id or "", size=size, setting=setting, radius=radius, seed=seed, rounds=rounds,
+        agent_model=agent_model, observer_model=observer, embedding_model=embedder, partners=partners,
+        global_partner_probability=global_partner_probability, concurrency=concurrency, prior_size=prior_size,
+        prior_path=prior or "", questions_path=questions or "")
+
+
+async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, timeout: float,
+                    quiet: bool = False) -> world_pb2.World:
+    """Creates the world (on an embedded stack unless ``nats_url``), follows it, writes records.jsonl."""
+    stack = None if nats_url else await EmbeddedStack().start()
+    url = nats_url or stack.url
+    try:
+        nc = await bus.connect(url, name="stablealign-cli")
+        try:
+            started = time.perf_counter()
+            world = await create_world(nc, spec)
+            total = world.spec.size ** 2 * world.spec.rounds
+            with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=console, disable=quiet, transient=False) as progress:
+                task = progress.add_task(f"world {world.spec.world_id}", total=total)
+                world = await wait_for_world(nc, world.spec.world_id, timeout=timeout,
+                                             on_progress=lambda w: progress.update(task, completed=w.records_published))
+            elapsed = time.perf_counter() - started
+            out.mkdir(parents=True, exist_ok=True)
+            count = await export_records(nc, world.spec.world_id, out / "records.jsonl")
+            summary = MessageToDict(world, preserving_proto_field_name=True)
+            summary["wall_seconds"] = elapsed
+            summary["records"] = count
+            (out / "world.json").write_text(json.dumps(summary, indent=2))
+        finally:
+            await nc.close()
+    finally:
+        if stack:
+            await stack.stop()
+    if world.state != world_pb2.WORLD_STATE_COMPLETED:
+        raise StableAlignError(f"world {world.spec.world_id} ended {world_pb2.WorldState.Name(world.state)}: "
+                               f"{world.error}")
+    return world
+
+
+def run(
+    size: int = _opt(3, "--size", help="Grid side S: S x S agents."),
+    rounds: int = _opt(2, "--rounds", help="Rounds; each gives every agent one interaction."),
+    setting: Setting = _opt(Setting.half_half, "--setting", help="Initial personas."),
+    backend: Backend = _opt(Backend.offline, "--backend", help="LLM backend of the agents (and observers)."),
+    seed: int = _opt(1, "--seed", help="World seed: personas, questions, partners, sampling."),
+    out: Path = _opt(Path("runs/latest"), "--out", help="Output directory (records.jsonl, world.json)."),
+    nats: str = _opt(None, "--nats", help="Use services already running on this NATS server.",
+                     env="STABLEALIGN_NATS_URL"),
+    model: str = _opt("", "--model", help="Chat model (openai), local model path (hf), label (tgi)."),
+    url: str = _opt("", "--url", help="TGI server URL (tgi) or OpenAI-compatible base URL (openai)."),
+    observer_backend: str = _opt("", "--observer-backend", help="Observer backend (default: --backend)."),
+    observer_model: str = _opt("", "--observer-model", help="Observer model (default: --model)."),
+    observer_url: str = _opt("", "--observer-url", help="Observer server URL (default: --url)."),
+    embedding_backend: str = _opt("", "--embedding-backend", help="offline (all-MiniLM-L6-v2) or openai."),
+    embedding_model: str = _opt("", "--embedding-model", help="Embedding model; 'hashing' = fast, no model."),
+    partners: int = _opt(4, "--partners", help="Feedback partners per draft, k = min(partners, #neighbours)."),
+    radius: float = _opt(0.0, "--radius", help="Neighbour radius; 0 = S // 2."),
+    global_partner_probability: float = _opt(0.0, "--global-prob", help="Chance a partner comes from anywhere."),
+    concurrency: int = _opt(0, "--concurrency", help="Interactions at once; 0 = a whole round."),
+    prior_size: int = _opt(50, "--prior-size", help="Prior memories per agent."),
+    prior: str = _opt("", "--prior", help="Prior file (HH-RLHF jsonl[.gz]); default ../shared/data."),
+    questions: str = _opt("", "--questions", help="Question pool file; default ../shared/data."),
+    world_id: str = _opt("", "--world-id", help="World id (default: generated)."),
+    timeout: float = _opt(3600.0, "--timeout", help="Give up after this many seconds."),
+    log_level: str = _opt("WARNING", "--log-level", help="Log level of the embedded services."),
+) -> None:
+    """Simulate a world and write DIR/records.jsonl (the original's field names) and DIR/world.json."""
+    setup_logging(log_level, "console")
+    spec = build_spec(size=size, rounds=rounds, setting=setting.value, backend=backend.value, seed=seed,
+                      model=model, url=url, observer_backend=observer_backend, observer_model=observer_model,
+                      observer_url=observer_url, embedding_backend=embedding_backend,
+                      embedding_model=embedding_model, partners=partners, radius=radius,
+                      global_partner_probability=global_partner_probability, concurrency=concurrency,
+                      prior_size=prior_size, prior=prior, questions=questions, world_id=world_id)
+    if backend is Backend.offline:
+        console.print("[yellow]backend: offline — deterministic answers from the HH-RLHF pool and heuristic "
+                      "ratings, not a language model[/yellow]")
+    try:
+        world = asyncio.run(run_world(spec, out, nats, timeout))
+    except StableAlignError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(round_table(world))
+    console.print(f"records: {out / 'records.jsonl'} ({world.records_published} interactions)")
+
+
+worlds_app = typer.Typer(help="Inspect worlds known to a running world service.", no_args_is_help=True)
+
+
+def _nats_option():
+    return typer.Option("nats://127.0.0.1:4222", "--nats", envvar="STABLEALIGN_NATS_URL", help="NATS server URL.")
+
+
+async def _with_nc(url: str, fn):
+    nc = await bus.connect(url, name="stablealign-cli")
+    try:
+        return await fn(nc)
+    finally:
+        await nc.close()
+
+
+def _call(url: str, fn):
+    try:
+        return asyncio.run(_with_nc(url, fn))
+    except StableAlignError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+@worlds_app.command("list")
+def worlds_list(nats: str = _nats_option()) -> None:
+    """All worlds with state and progress."""
+    worlds = _call(nats, list_worlds)
+    table = Table("world", "state", "size", "rounds", "done", "records")
+    for w in worlds:
+        table.add_row(w.spec.world_id, world_pb2.WorldState.Name(w.state).removeprefix("WORLD_STATE_"),
+                      str(w.spec.size), str(w.spec.rounds), str(w.completed_rounds), str(w.records_published))
+    Console().print(table)
+
+
+@worlds_app.command("show")
+def worlds_show(world_id: str, nats: str = _nats_option(),
+                as_json: bool = typer.Option(False, "--json", help="Print the world as JSON.")) -> None:
+    """One world's spec, state and per-round means."""
+    world = _call(nats, lambda nc: get_world(nc, world_id))
+    if as_json:
+        print(json.dumps(MessageToDict(world, preserving_proto_field_name=True), indent=2))
+        return
+    Console().print(f"state: {world_pb2.WorldState.Name(world.state)}  error: {world.error or '-'}")
+    Console().print(round_table(world))
+
+
+def export(world_id: str, out: Path = typer.Option(..., "--out", help="JSONL file to write."),
+           nats: str = _nats_option()) -> None:
+    """Write a world's records from the SANDBOX_RECORDS stream to JSONL."""
+    count = _call(nats, lambda nc: export_records(nc, world_id, out))
+    console.print(f"{count} records -> {out}")
+
+
+def watch(world_id: str, nats: str = _nats_option(),
+          limit: int = typer.Option(0, "--limit", help="Stop after N interactions (0: until interrupted)."),
+          replay: bool = typer.Option(False, "--replay", help="Show records published before too.")) -> None:
+    """Live table of a world's interactions as they are published."""
+
+    async def follow(nc) -> None:
+        table = Table("round", "agent", "label", "align before", "align after", "partners", "question", expand=True)
+        seen = 0
+        done = asyncio.Event()
+
+        def add(record: common_pb2.InteractionRecord) -> None:
+            nonlocal seen
+            row = record_to_json(record)
+            table.add_row(str(row["iteration"]), str(row["agent_id"]), row["label"],
+                          str(row["gen_moral_score_before"]), str(row["gen_moral_score_after"]),
+                          ",".join(map(str, row["target_id"])), row["question"][:60])
+            seen += 1
+            if limit and seen >= limit:
+                done.set()
+
+        with Live(table, console=Console(), refresh_per_second=4):
+            js = nc.jetstream()
+            subject = bus.RECORDS_SUBJECT.format(world_id=world_id)
+            from nats.js.api import DeliverPolicy
+
+            sub = await js.subscribe(subject, ordered_consumer=True,
+                                     deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.NEW)
+            try:
+                while not done.is_set():
+                    try:
+                        msg = await sub.next_msg(timeout=1.0)
+                    except Exception:  # noqa: BLE001 - a timeout: keep following
+                        continue
+                    record = common_pb2.InteractionRecord()
+                    record.ParseFromString(msg.data)
+                    add(record)
+            finally:
+                await sub.unsubscribe()
+
+    try:
+        _call(nats, follow)
+    except KeyboardInterrupt:
+        pass
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+    app.add_typer(worlds_app, name="worlds")
+    app.command("watch")(watch)
+    app.command("export")(export)
