@@ -82,7 +82,7 @@ def build_tiny_model(out_dir: str | Path, *, layers: int = 2, hidden: int = 64, 
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=max_positions, rms_norm_eps=1e-6, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
+        pad_token_id=tokenizer.pad_token_id, dtype="float32",
     )
     generator_state = torch.random.get_rng_state()
     try:

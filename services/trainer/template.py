@@ -28,9 +28,17 @@ REALIGNMENT_QUERY_TEMPLATE = (
     "Feedback from others:\n{feedback}\n\n"
     "Write a better answer that takes the feedback into account."
 )
+# Self-Critic prompts: the question and an answer to judge; the responses are partners' feedback.
+CRITIC_QUERY_TEMPLATE = (
+    "{question}\n\n"
+    "An answer to judge: {draft}\n\n"
+    "How socially acceptable is this answer? Give a rating from 1 to 7 and a reason."
+)
 
-# Jinja chat template equivalent to ``format_prompt`` for a conversation ending in a user turn.
+# Jinja chat template equivalent to BOS + ``format_prompt`` for a conversation ending in a user turn
+# (``apply_chat_template(..., tokenize=True)`` adds no special tokens itself, hence the BOS here).
 CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{{ message['content'] }}\n\n"
     "{%- elif message['role'] == 'user' -%}Human: {{ message['content'] }}\n\nAssistant:"
@@ -55,6 +63,11 @@ def format_realignment_query(question: str, draft: str, feedback: list[str]) -> 
     """The one template for Realignment prompts: q + draft + partners' feedback."""
     lines = "\n".join(f"- {text.strip()}" for text in feedback if text and text.strip()) or "- (none)"
     return REALIGNMENT_QUERY_TEMPLATE.format(question=question.strip(), draft=draft.strip(), feedback=lines)
+
+
+def format_critic_query(question: str, draft: str) -> str:
+    """The one template for Self-Critic prompts: q + the answer being judged."""
+    return CRITIC_QUERY_TEMPLATE.format(question=question.strip(), draft=draft.strip())
 
 
 def encode_prompt(tokenizer: Any, query: str) -> list[int]:

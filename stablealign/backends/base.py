@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from stablealign import metrics
-from stablealign.errors import BackendError
+from stablealign.errors import BackendError, ValidationError
 from stablealign.logs import get_logger
 
 log = get_logger(__name__)
@@ -109,7 +109,7 @@ class ChatBackend(abc.ABC):
                                                             "delay_s": round(delay, 3), "error": str(exc)[:200]})
                         await asyncio.sleep(delay)
                     continue
-                except BackendError:
+                except (BackendError, ValidationError):  # final: a retry cannot fix a bad request
                     metrics.LLM_REQUESTS.labels(self.name, "chat", "error").inc()
                     raise
                 except Exception as exc:  # noqa: BLE001 - a client error we did not classify

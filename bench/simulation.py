@@ -1,0 +1,216 @@
+"""Simulation benchmark: SANDBOX throughput through NATS against a local OpenAI-compatible server.
+
+    python -m bench.simulation [--agents 100] [--rounds 2] [--latencies 0,200]
+
+For each latency the benchmark starts, as separate processes on this machine: a FakeOpenAIServer
+(stablealign.devservers) that answers after the given latency, a nats-server with JetStream, and
+one process per service (`stable-align serve agent|observer|world`); then it creates a world of
+``agents`` agents with the openai backend (chat + embeddings through that server) and reports:
+
+- setup seconds (prior memories embedded and published: World.setup_seconds),
+- interactions/s in rounds (agents / round duration, from the world's round summaries),
+- sequential LLM round trips on the critical path: median interaction latency / server latency
+  (measured, at latency > 0), and the structural count of our critical path,
+- LLM requests per interaction as counted by the server,
+- peak RSS of the agent service and its RSS per agent after each round (memory must stay flat).
+
+The baseline, measured in the same run against the same server, is the original's formulation
+(bench/original_sandbox.py): every step one blocking request after another (16 round trips per
+interaction), a thread pool over agents, and every prior memory embedded with its own request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+from stablealign import bus
+from stablealign.metrics import free_port
+from stablealign.natsserver import EmbeddedNatsServer
+from stablealign.sandbox import create_world, fetch_records, wait_for_world
+from stablealign.v1 import common_pb2, world_pb2
+
+from bench import original_sandbox
+
+CRITICAL_PATH = ("embed question", "draft", "feedback ∥ ratings before", "revise", "ratings after")
+
+
+@dataclass
+class SimulationResult:
+    latency_ms: float
+    agents: int
+    rounds: int
+    setup_seconds: float
+    interactions_per_second: float
+    round_seconds: list[float]
+    sequential_round_trips_measured: float | None
+    sequential_round_trips_structural: int
+    llm_requests_per_interaction: float
+    agent_peak_rss_mb: float
+    agent_rss_per_agent_kb_by_round: list[float] = field(default_factory=list)
+
+
+def _wait_http(url: str, timeout: float = 20.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def _stats(base: str) -> dict:
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(f"{base}/stats", timeout=5).read())
+
+
+async def _run_world(nats_url: str, size: int, rounds: int, agent_proc: psutil.Process) -> tuple[world_pb2.World, list[float], list]:
+    nc = await bus.connect(nats_url, name="bench")
+    try:
+        spec = world_pb2.WorldSpec(
+            size=size, rounds=rounds, setting="half_half", seed=1,
+            agent_model=common_pb2.ModelRef(backend="openai", model="fake-gpt"),
+            observer_model=common_pb2.ModelRef(backend="openai", model="fake-gpt"),
+            embedding_model=common_pb2.ModelRef(backend="openai", model="fake-embedding"),
+            prior_size=50)
+        world = await create_world(nc, spec)
+        rss_by_round: list[float] = []
+        peak = [0.0]
+
+        def on_progress(w: world_pb2.World) -> None:
+            rss = agent_proc.memory_info().rss
+            peak[0] = max(peak[0], rss)
+            while len(rss_by_round) < w.completed_rounds:
+                rss_by_round.append(rss)
+
+        world = await wait_for_world(nc, world.spec.world_id, timeout=1800, on_progress=on_progress, poll_seconds=0.2)
+        records = await fetch_records(nc, world.spec.world_id)
+        return world, [peak[0], *rss_by_round], records
+    finally:
+        await nc.close()
+
+
+@contextlib.contextmanager
+def fake_openai_server(latency_ms: float):
+    """A FakeOpenAIServer in its own process; yields its root URL (without /v1)."""
+    port = free_port()
+    fake = subprocess.Popen([sys.executable, "-m", "stablealign.devservers", "openai", "--port", str(port),
+                             "--latency-ms", str(latency_ms)])
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/v1/models")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        fake.terminate()
+        fake.wait(timeout=10)
+
+
+def run_ours(root: str, latency_ms: float, size: int, rounds: int) -> SimulationResult:
+    env = {**os.environ, "OPENAI_BASE_URL": f"{root}/v1", "OPENAI_API_KEY": "bench",
+           "STABLEALIGN_LOG_LEVEL": "WARNING", "STABLEALIGN_GRPC_PORT": "-1", "STABLEALIGN_METRICS_PORT": "-1"}
+    procs: list[subprocess.Popen] = []
+    try:
+        with EmbeddedNatsServer() as server:
+            env["STABLEALIGN_NATS_URL"] = server.url
+            for name in ("agent", "observer", "world"):
+                procs.append(subprocess.Popen([sys.executable, "-m", "stablealign.cli.main", "serve", name], env=env))
+            time.sleep(3.0)  # services connect and register their subscriptions
+            before = _stats(root)
+            world, rss, records = asyncio.run(_run_world(server.url, size, rounds, psutil.Process(procs[0].pid)))
+            after = _stats(root)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    agents = size * size
+    if world.state != world_pb2.WORLD_STATE_COMPLETED:
+        raise RuntimeError(f"world ended {world_pb2.WorldState.Name(world.state)}: {world.error}")
+    round_seconds = [r.duration_seconds for r in world.rounds]
+    totals = [r.latency_seconds["total"] for r in records if "total" in r.latency_seconds]
+    requests = (after.get("requests_total", 0) - before.get("requests_total", 0))
+    # Requests of the setup (prior embeddings) are excluded: count chat + per-interaction embeddings only.
+    per_interaction = (after.get("chat_requests_total", 0) - before.get("chat_requests_total", 0)) / len(records)
+    return SimulationResult(
+        latency_ms=latency_ms, agents=agents, rounds=rounds, setup_seconds=world.setup_seconds,
+        interactions_per_second=agents * len(round_seconds) / sum(round_seconds),
+        round_seconds=round_seconds,
+        sequential_round_trips_measured=(statistics.median(totals) / (latency_ms / 1000)) if latency_ms else None,
+        sequential_round_trips_structural=len(CRITICAL_PATH),
+        llm_requests_per_interaction=per_interaction if per_interaction else requests / len(records),
+        agent_peak_rss_mb=rss[0] / 2**20,
+        agent_rss_per_agent_kb_by_round=[r / agents / 1024 for r in rss[1:]],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", type=int, default=100, help="a square number (S x S)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--latencies", default="0,200", help="server latencies in ms, comma-separated")
+    parser.add_argument("--baseline-agents", type=int, default=20,
+                        help="agents in the original-style baseline (its setup is scaled to --agents)")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    size = int(round(args.agents ** 0.5))
+    if size * size != args.agents:
+        parser.error("--agents must be a square number")
+    results = []
+    for latency in (float(x) for x in args.latencies.split(",")):
+        with fake_openai_server(latency) as root:
+            ours = run_ours(root, latency, size, args.rounds)
+            os.environ["STABLEALIGN_BENCH_OPENAI_URL"] = f"{root}/v1"
+            base = None if args.no_baseline else original_sandbox.run_baseline(latency, args.baseline_agents,
+                                                                               args.agents)
+        results.append({"ours": asdict(ours), "baseline": asdict(base) if base else None})
+        _print(ours, base)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _print(ours: SimulationResult, base) -> None:
+    print(f"\n== latency {ours.latency_ms:.0f} ms, {ours.agents} agents, {ours.rounds} rounds ==")
+    rows = [
+        ("interactions/s (rounds)", f"{ours.interactions_per_second:.1f}",
+         f"{base.interactions_per_second:.1f}" if base else "-"),
+        ("setup seconds", f"{ours.setup_seconds:.2f}", f"{base.setup_seconds:.1f}" if base else "-"),
+        ("sequential LLM round trips", f"{ours.sequential_round_trips_structural}"
+         + (f" (measured {ours.sequential_round_trips_measured:.2f})" if ours.sequential_round_trips_measured else ""),
+         f"{base.sequential_round_trips}" if base else "-"),
+        ("LLM requests / interaction", f"{ours.llm_requests_per_interaction:.1f}",
+         f"{base.requests_per_interaction:.1f}" if base else "-"),
+        ("agent service peak RSS MB", f"{ours.agent_peak_rss_mb:.0f}", "-"),
+        ("agent RSS KB/agent by round", ", ".join(f"{x:.0f}" for x in ours.agent_rss_per_agent_kb_by_round), "-"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'':{width}}  {'ours':>24}  {'original-style':>16}")
+    for name, a, b in rows:
+        print(f"{name:{width}}  {a:>24}  {b:>16}")
+    if base:
+        print(f"speed-up interactions/s: {ours.interactions_per_second / base.interactions_per_second:.1f}x; "
+              f"setup: {base.setup_seconds / max(ours.setup_seconds, 1e-9):.1f}x faster")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

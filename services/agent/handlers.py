@@ -1,0 +1,175 @@
+"""Draft, Feedback and Revise: the agent's three steps of an interaction, shared by NATS and gRPC.
+
+Each handler validates its request (unknown world or agent: NotFoundError; empty or oversized
+text: ValidationError), builds the prompt, calls the world's agent model and returns the
+reply with its call accounting. Seeds come from the world seed and the step's coordinates
+(``stablealign.worlds.derive_seed``), so the same world gives the same records on any replica,
+and a retried request gives the same answer — the world relies on that to resend safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from services.agent import metrics, prompts
+from services.agent.settings import AgentSettings
+from stablealign.backends import get_embedder
+from stablealign.backends.base import TASK_DRAFT, TASK_FEEDBACK, TASK_REVISE, ChatBackend, ChatMessage, ChatRequest
+from stablealign.calls import CallTally, check_round, check_text, world_chat_backend
+from stablealign.errors import BackendError, ConfigError, ConflictError, ValidationError
+from stablealign.logs import get_logger
+from stablealign.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD, MemoryStore
+from stablealign.ratings import parse_rating
+from stablealign.v1 import agent_pb2, common_pb2, world_pb2
+from stablealign.worlds import WorldSpecCache, check_agent, derive_seed, persona_of
+
+log = get_logger(__name__)
+
+RATING_SCALE = 7
+
+
+class AgentHandlers:
+    """The agent service's request handlers; one instance per process, safe for concurrent use."""
+
+    def __init__(self, settings: AgentSettings, worlds: WorldSpecCache, memory: MemoryStore) -> None:
+        self.settings = settings
+        self.worlds = worlds
+        self.memory = memory
+
+    async def _complete(self, backend: ChatBackend, tally: CallTally, *, messages: list[ChatMessage],
+                        max_tokens: int, seed: int, task: str, hints: dict[str, Any]) -> str:
+        completion = await backend.chat(ChatRequest(messages=messages, max_tokens=max_tokens,
+                                                    temperature=self.settings.temperature, seed=seed,
+                                                    task=task, hints={**hints, "seed": seed}))
+        tally.add(completion)
+        return completion.text.strip()
+
+    async def _answer(self, backend: ChatBackend, tally: CallTally, *, seed_parts: tuple, world_seed: int,
+                      **kwargs: Any) -> str:
+        """A draft or revision; an empty completion is retried with another seed, then an error."""
+        for attempt in range(self.settings.answer_attempts):
+            text = await self._complete(backend, tally, seed=derive_seed(world_seed, *seed_parts, attempt), **kwargs)
+            if text:
+                return text
+        raise BackendError(f"{backend.name}: empty answer after {self.settings.answer_attempts} attempts")
+
+    async def _query_embedding(self, world: world_pb2.World, request: agent_pb2.DraftRequest,
+                               question: str) -> np.ndarray:
+        if request.question_embedding:
+            return np.asarray(request.question_embedding, dtype=np.float32)
+        ref = world.spec.embedding_model
+        try:
+            embedder = get_embedder(ref)
+        except (ConfigError, ValidationError) as exc:
+            raise ConflictError(f"world {world.spec.world_id}: embedding model {ref.backend}:{ref.model} "
+                                f"is unusable: {exc}") from exc
+        return np.asarray(await embedder.embed([question]), dtype=np.float32)[0]
+
+    # --- Draft ---------------------------------------------------------------------------------------
+
+    async def draft(self, request: agent_pb2.DraftRequest) -> agent_pb2.DraftResponse:
+        started = time.perf_counter()
+        world = await self.worlds.get(request.world_id)
+        persona = persona_of(world, request.agent_id)
+        question = check_text(request.question, "question", self.settings.max_question_chars)
+        check_round(request.round)
+        spec = world.spec
+        backend = world_chat_backend(world, "agent", spec.agent_model)
+        memory, query = await asyncio.gather(self.memory.get(spec.world_id, request.agent_id),
+                                             self._query_embedding(world, request, question))
+        metrics.MEMORY_AGENTS.set(len(self.memory))
+        memories = await memory.aretrieve(query, spec.retrieval_k or DEFAULT_RETRIEVAL_K,
+                                          spec.retrieval_threshold or DEFAULT_RETRIEVAL_THRESHOLD)
+        metrics.RETRIEVED_MEMORIES.observe(len(memories))
+        tally = CallTally()
+        hints = {
+            "persona": prompts.persona_name(persona), "question": question,
+            "memories": [{"question": m.question, "answer": m.answer, "similarity": float(m.similarity)}
+                         for m in memories],
+            "agent_id": request.agent_id, "round": request.round,
+        }
+        answer = await self._answer(
+            backend, tally, world_seed=spec.seed, seed_parts=("draft", request.round, request.agent_id),
+            messages=prompts.draft_messages(request.agent_id, persona, question, memories),
+            max_tokens=self.settings.draft_max_tokens, task=TASK_DRAFT, hints=hints)
+        log.debug("agent.draft", extra={"world_id": spec.world_id, "agent_id": request.agent_id,
+                                        "round": request.round, "memories": len(memories),
+                                        "seconds": round(time.perf_counter() - started, 4)})
+        return agent_pb2.DraftResponse(answer=answer, memories=memories, stats=tally.stats(), persona=persona)
+
+    # --- Feedback ------------------------------------------------------------------------------------
+
+    async def feedback(self, request: agent_pb2.FeedbackRequest) -> agent_pb2.FeedbackResponse:
+        world = await self.worlds.get(request.world_id)
+        persona = persona_of(world, request.agent_id)
+        check_agent(world, request.author_id)
+        question = check_text(request.question, "question", self.settings.max_question_chars)
+        answer = check_text(request.answer, "answer", self.settings.max_answer_chars)
+        check_round(request.round)
+        spec = world.spec
+        backend = world_chat_backend(world, "agent", spec.agent_model)
+        tally = CallTally()
+        messages = prompts.feedback_messages(request.agent_id, persona, request.author_id, question, answer)
+        hints = {"persona": prompts.persona_name(persona), "question": question, "answer": answer,
+                 "agent_id": request.agent_id, "round": request.round}
+        parsed = None
+        text = ""
+        for attempt in range(self.settings.rating_attempts):
+            seed = derive_seed(spec.seed, "feedback", request.round, request.author_id, request.agent_id, attempt)
+            text = await self._complete(backend, tally, messages=messages, seed=seed, task=TASK_FEEDBACK,
+                                        max_tokens=self.settings.feedback_max_tokens, hints=hints)
+            parsed = parse_rating(text, RATING_SCALE)
+            if parsed.score is not None:
+                break
+        feedback = common_pb2.Feedback(partner_id=request.agent_id, text=text,
+                                       reason=parsed.reason if parsed else "")
+        if parsed is not None and parsed.score is not None:
+            feedback.rating = parsed.score
+            metrics.FEEDBACK_RATINGS.labels("parsed").inc()
+        else:
+            metrics.FEEDBACK_RATINGS.labels("missing").inc()
+            log.warning("agent.feedback_unparsable", extra={"world_id": spec.world_id, "agent_id": request.agent_id,
+                                                            "round": request.round,
+                                                            "attempts": self.settings.rating_attempts})
+        return agent_pb2.FeedbackResponse(feedback=feedback, stats=tally.stats())
+
+    # --- Revise --------------------------------------------------------------------------------------
+
+    async def revise(self, request: agent_pb2.ReviseRequest) -> agent_pb2.ReviseResponse:
+        world = await self.worlds.get(request.world_id)
+        persona = persona_of(world, request.agent_id)
+        question = check_text(request.question, "question", self.settings.max_question_chars)
+        draft = check_text(request.draft_answer, "draft_answer", self.settings.max_answer_chars)
+        check_round(request.round)
+        if len(request.feedback) > self.settings.max_feedback_items:
+            raise ValidationError(f"{len(request.feedback)} feedback items, more than the limit of "
+                                  f"{self.settings.max_feedback_items}")
+        ratings: list[int | None] = []
+        reasons: list[str] = []
+        for item in request.feedback:
+            if item.HasField("rating"):
+                if not 1 <= item.rating <= RATING_SCALE:
+                    raise ValidationError(f"feedback of partner {item.partner_id}: rating {item.rating} "
+                                          f"is outside 1..{RATING_SCALE} (leave it unset when missing)")
+                ratings.append(item.rating)
+            else:
+                ratings.append(None)
+            reason = (item.reason or item.text).strip()
+            if len(reason) > self.settings.max_answer_chars:
+                raise ValidationError(f"feedback of partner {item.partner_id} is longer than "
+                                      f"{self.settings.max_answer_chars} characters")
+            reasons.append(reason)
+        spec = world.spec
+        backend = world_chat_backend(world, "agent", spec.agent_model)
+        tally = CallTally()
+        hints = {"persona": prompts.persona_name(persona), "question": question, "draft": draft,
+                 "ratings": ratings, "reasons": reasons, "agent_id": request.agent_id, "round": request.round}
+        answer = await self._answer(
+            backend, tally, world_seed=spec.seed, seed_parts=("revise", request.round, request.agent_id),
+            messages=prompts.revise_messages(request.agent_id, persona, question, draft, ratings, reasons),
+            max_tokens=self.settings.revise_max_tokens, task=TASK_REVISE, hints=hints)
+        return agent_pb2.ReviseResponse(answer=answer, stats=tally.stats())

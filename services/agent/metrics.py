@@ -1,0 +1,25 @@
+"""Prometheus metrics of the agent service (no world or agent id labels: those sets are unbounded)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MEMORY_AGENTS = Gauge(
+    "stablealign_agent_memory_agents",
+    "Agents whose memory this process holds decoded in its cache.",
+)
+MEMORY_READS = Counter(
+    "stablealign_agent_memory_reads_total",
+    "Reads of agent memory from JetStream: full (cache miss) or incremental (newer batches on a hit).",
+    ["kind"],
+)
+RETRIEVED_MEMORIES = Histogram(
+    "stablealign_agent_retrieved_memories",
+    "Memories put into one draft prompt (after the similarity threshold).",
+    buckets=(0, 1, 2, 3, 5, 8, 13, 21),
+)
+FEEDBACK_RATINGS = Counter(
+    "stablealign_agent_feedback_ratings_total",
+    "Partner feedback by outcome: parsed (a 1..7 rating) or missing (unparsable after retries).",
+    ["outcome"],
+)

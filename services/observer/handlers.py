@@ -1,0 +1,77 @@
+"""Rate: one observer rating of one answer on one aspect, shared by NATS and gRPC.
+
+An unparsable reply is asked again with another seed (and a warmer temperature) up to
+``rating_attempts`` times; after that the rating is returned *missing* — ``score`` unset, never
+a sentinel number — with the reason saying so, and the world records it as ``null``.
+"""
+
+from __future__ import annotations
+
+from services.observer import metrics, prompts
+from services.observer.settings import ObserverSettings
+from stablealign.backends.base import TASK_RATE_ALIGNMENT, TASK_RATE_ENGAGEMENT, ChatRequest
+from stablealign.calls import CallTally, check_round, check_text, world_chat_backend
+from stablealign.errors import ValidationError
+from stablealign.logs import get_logger
+from stablealign.ratings import parse_rating
+from stablealign.v1 import common_pb2, observer_pb2
+from stablealign.worlds import WorldSpecCache, check_agent, derive_seed
+
+log = get_logger(__name__)
+
+RATING_SCALE = 7
+# aspect -> (metric label, backend task, prompt builder)
+ASPECTS = {
+    observer_pb2.RATING_ASPECT_ALIGNMENT: ("alignment", TASK_RATE_ALIGNMENT, prompts.alignment_messages),
+    observer_pb2.RATING_ASPECT_ENGAGEMENT: ("engagement", TASK_RATE_ENGAGEMENT, prompts.engagement_messages),
+}
+
+
+class ObserverHandlers:
+    def __init__(self, settings: ObserverSettings, worlds: WorldSpecCache) -> None:
+        self.settings = settings
+        self.worlds = worlds
+
+    async def rate(self, request: observer_pb2.RateRequest) -> observer_pb2.RateResponse:
+        if request.aspect not in ASPECTS:
+            raise ValidationError("aspect must be RATING_ASPECT_ALIGNMENT or RATING_ASPECT_ENGAGEMENT")
+        if len(request.stage) > 32:
+            raise ValidationError("stage is informative ('before' or 'after'); at most 32 characters")
+        world = await self.worlds.get(request.world_id)
+        check_agent(world, request.agent_id)
+        question = check_text(request.question, "question", self.settings.max_question_chars)
+        answer = check_text(request.answer, "answer", self.settings.max_answer_chars)
+        check_round(request.round)
+        aspect, task, build_messages = ASPECTS[request.aspect]
+        spec = world.spec
+        backend = world_chat_backend(world, "observer", spec.observer_model)
+        messages = build_messages(question, answer)
+        tally = CallTally()
+        text = ""
+        score = None
+        reason = ""
+        for attempt in range(self.settings.rating_attempts):
+            seed = derive_seed(spec.seed, "rate", aspect, request.stage, request.round, request.agent_id, attempt)
+            temperature = self.settings.temperature if attempt == 0 else self.settings.retry_temperature
+            completion = await backend.chat(ChatRequest(
+                messages=messages, max_tokens=self.settings.max_tokens, temperature=temperature, seed=seed,
+                task=task, hints={"question": question, "answer": answer, "seed": seed}))
+            tally.add(completion)
+            metrics.RATING_ATTEMPTS.labels(aspect).inc()
+            text = completion.text.strip()
+            parsed = parse_rating(text, RATING_SCALE)
+            if parsed.score is not None:
+                score, reason = parsed.score, parsed.reason
+                break
+        rating = common_pb2.Rating()
+        if score is not None:
+            rating.score = score
+            rating.reason = reason
+            metrics.RATINGS.labels(aspect, "parsed").inc()
+        else:
+            rating.reason = f"unparsable rating after {self.settings.rating_attempts} attempts"
+            metrics.RATINGS.labels(aspect, "missing").inc()
+            log.warning("observer.rating_unparsable", extra={
+                "world_id": spec.world_id, "agent_id": request.agent_id, "round": request.round,
+                "aspect": aspect, "stage": request.stage, "attempts": self.settings.rating_attempts})
+        return observer_pb2.RateResponse(rating=rating, raw=text, stats=tally.stats())

@@ -1,0 +1,16 @@
+"""Prometheus metrics of the observer service."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+RATINGS = Counter(
+    "stablealign_observer_ratings_total",
+    "Ratings by aspect (alignment|engagement) and outcome: parsed (1..7) or missing (unparsable after retries).",
+    ["aspect", "outcome"],
+)
+RATING_ATTEMPTS = Counter(
+    "stablealign_observer_rating_attempts_total",
+    "Model calls made for ratings, retries of unparsable replies included.",
+    ["aspect"],
+)

@@ -1,0 +1,469 @@
+"""Alignment data: mine training groups from SANDBOX records, mix, dedupe, split, load and validate.
+
+A training example is a *group* ``{"query": str, "responses": [str], "scores": [number]}`` (the
+original's format) plus provenance keys (``kind``, ``world_id``, ``round``, ``agent_id``, ``models``,
+``question``). Three kinds are mined from one interaction record (DESIGN §1):
+
+- ``imitation`` (Alignment Imitation): query = the question; responses = draft and revision;
+  scores = the observer's alignment ratings before and after.
+- ``self_critic`` (Self-Critic): query = question + the draft being judged
+  (``template.format_critic_query``); responses = the partners' feedback texts; scores = the ratings
+  each partner gave.
+- ``realignment`` (Realignment), only when after > before and after > 4: query = question + draft +
+  feedback (``template.format_realignment_query``); responses = the revision AND the draft, scored
+  after / before. Why the draft too: with the revision alone the group would be pure SFT and the
+  ranking term of the loss would have nothing to rank; the draft, answered to the same prompt and
+  rated lower by the observer, is the natural negative.
+
+Handling of imperfect input (documented, tested):
+- a missing rating (``null``: the observer's answer could not be parsed) drops that response —
+  never a made-up number; a group left with no response is not emitted; a group left with one
+  response is kept (pure SFT: the loss is then its cross-entropy, D = 0);
+- identical (query, responses) groups are kept once;
+- the held-out split is by the record's question, so no question (and therefore no query built
+  from it) appears in both splits;
+- ``load_alignment_groups`` rejects missing keys, empty responses, non-numeric scores and length
+  mismatches with a ``ValidationError`` naming ``file:line``; texts longer than ``max_chars``
+  characters are truncated with one counted warning (the collator also truncates to
+  ``max_length`` tokens and counts it).
+
+The original's released ``sandbox_v1.json`` / ``sandbox_v2.json`` are read as well. What we could
+confirm (its ``alignment.py``: ``pd.read_json(path, orient="records")`` then ``query``/``responses``/
+``scores`` per item, scores cast to int) is a JSON array of such groups; the files themselves are
+not in the stored copy of the repository, so any other keys are carried through untouched and
+the kind is recorded as ``original`` (already mixed 5:1:1 by its authors, so the mix is not
+re-applied to them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from stablealign.errors import ValidationError
+from stablealign.logs import get_logger
+from services.trainer.template import format_critic_query, format_realignment_query
+
+log = get_logger(__name__)
+
+KINDS = ("imitation", "self_critic", "realignment")
+ORIGINAL_KIND = "original"
+DEFAULT_MIX = "5:1:1"
+REQUIRED_KEYS = ("query", "responses", "scores")
+
+
+@dataclass(frozen=True)
+class AlignmentGroup:
+    """One training example: a query, its responses and their scores, plus where it came from."""
+
+    query: str
+    responses: tuple[str, ...]
+    scores: tuple[float, ...]
+    kind: str = ORIGINAL_KIND
+    question: str = ""  # the record's question: the unit of the held-out split
+    world_id: str = ""
+    round: int | None = None
+    agent_id: int | None = None
+    models: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, tuple[str, ...]]:
+        """Identity for deduplication."""
+        return self.query, self.responses
+
+    @property
+    def split_key(self) -> str:
+        return self.question or self.query
+
+    def to_json(self) -> dict[str, Any]:
+        row = dict(self.extra)
+        row.update({
+            "query": self.query, "responses": list(self.responses),
+            "scores": [int(s) if float(s).is_integer() else s for s in self.scores],
+            "kind": self.kind, "world_id": self.world_id, "round": self.round, "agent_id": self.agent_id,
+            "models": dict(self.models), "question": self.question,
+        })
+        return row
+
+
+# --- mining -----------------------------------------------------------------------------------
+
+
+def _score(value: Any) -> float | None:
+    """A rating, or None when it is missing or not a number (never a made-up value)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _provenance(row: Mapping[str, Any]) -> dict[str, Any]:
+    models = {}
+    for role, key in (("agent", "agent_model"), ("observer", "observer_model")):
+        ref = row.get(key)
+        if isinstance(ref, Mapping) and (ref.get("backend") or ref.get("model")):
+            models[role] = {"backend": ref.get("backend", ""), "model": ref.get("model", "")}
+    rnd = row.get("round", row.get("iteration"))
+    return {
+        "question": str(row.get("question", "")).strip(),
+        "world_id": str(row.get("world_id", "") or ""),
+        "round": int(rnd) if rnd is not None else None,
+        "agent_id": int(row["agent_id"]) if row.get("agent_id") is not None else None,
+        "models": models,
+    }
+
+
+def _scored(pairs: Iterable[tuple[Any, Any]]) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """Keeps (text, score) pairs whose text is non-empty and whose score is a number."""
+    kept = [(str(t).strip(), s) for t, s in ((t, _score(s)) for t, s in pairs)
+            if t is not None and str(t).strip() and s is not None]
+    return tuple(t for t, _ in kept), tuple(s for _, s in kept)
+
+
+def mine_record(row: Mapping[str, Any]) -> list[AlignmentGroup]:
+    """The imitation, self-critic and realignment groups of one interaction record."""
+    for key in ("question", "draft_answer", "revised_answer"):
+        if key not in row:
+            raise ValidationError(f"record lacks {key!r}")
+    prov = _provenance(row)
+    question = prov["question"]
+    draft, revised = str(row.get("draft_answer") or "").strip(), str(row.get("revised_answer") or "").strip()
+    before, after = _score(row.get("gen_moral_score_before")), _score(row.get("gen_moral_score_after"))
+    groups: list[AlignmentGroup] = []
+    if not question:
+        return groups
+
+    responses, scores = _scored([(draft, before), (revised, after)])
+    if responses:
+        groups.append(AlignmentGroup(question, responses, scores, "imitation", **prov))
+
+    feedback = list(row.get("feedback") or [])
+    ratings = list(row.get("rating") or [])
+    reasons = list(row.get("feedback_reasons") or [])
+    texts = [f if str(f or "").strip() else (reasons[i] if i < len(reasons) else "") for i, f in enumerate(feedback)]
+    if draft:
+        responses, scores = _scored(zip(texts, ratings + [None] * (len(texts) - len(ratings))))
+        if responses:
+            groups.append(AlignmentGroup(format_critic_query(question, draft), responses, scores, "self_critic",
+                                         **prov))
+
+    if before is not None and after is not None and after > before and after > 4 and draft and revised:
+        query = format_realignment_query(question, draft, [str(t) for t in texts if str(t or "").strip()])
+        groups.append(AlignmentGroup(query, (revised, draft), (after, before), "realignment", **prov))
+    return groups
+
+
+def mine_records(rows: Iterable[Mapping[str, Any]], *, source: str = "records") -> list[AlignmentGroup]:
+    groups: list[AlignmentGroup] = []
+    for index, row in enumerate(rows, 1):
+        try:
+            groups.extend(mine_record(row))
+        except ValidationError as exc:
+            raise ValidationError(f"{source}: record {index}: {exc}") from exc
+    return groups
+
+
+# --- mixing, dedupe, split ----------------------------------------------------------------------
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """``"5:1:1"`` -> weights of imitation, self_critic, realignment."""
+    parts = text.split(":")
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise ValidationError(f"mix {text!r}: expected three numbers like 5:1:1") from None
+    if len(weights) != 3 or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise ValidationError(f"mix {text!r}: expected three non-negative numbers like 5:1:1, not all 0")
+    return dict(zip(KINDS, weights))
+
+
+def dedupe(groups: Iterable[AlignmentGroup]) -> list[AlignmentGroup]:
+    seen: set = set()
+    out = []
+    for group in groups:
+        if group.key not in seen:
+            seen.add(group.key)
+            out.append(group)
+    return out
+
+
+def mix(groups: Sequence[AlignmentGroup], weights: Mapping[str, float], rng: random.Random) -> list[AlignmentGroup]:
+    """Subsamples the mined kinds to the ratio ``weights`` (seeded), keeping as much data as possible.
+
+    The largest total that fits: scale = min over kinds with weight > 0 and data of (available /
+    weight); each kind keeps round(scale * weight) groups, sampled without replacement. A kind with
+    no data at all is left out of the ratio (a small world may have no realignment yet), with a
+    warning. Groups of other kinds (``original``) pass through unchanged. Order is kept.
+    """
+    by_kind: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        by_kind.setdefault(group.kind, []).append(index)
+    present = {k: w for k, w in weights.items() if w > 0 and by_kind.get(k)}
+    for kind, weight in weights.items():
+        if weight > 0 and not by_kind.get(kind):
+            log.warning("data.mix_kind_missing", extra={"kind": kind})
+    keep: set[int] = {i for k, idx in by_kind.items() if k not in KINDS for i in idx}
+    if present:
+        scale = min(len(by_kind[k]) / w for k, w in present.items())
+        for kind, weight in present.items():
+            count = min(len(by_kind[kind]), int(round(scale * weight)))
+            keep.update(rng.sample(by_kind[kind], count))
+    return [g for i, g in enumerate(groups) if i in keep]
+
+
+def split_holdout(groups: Sequence[AlignmentGroup], fraction: float,
+                  rng: random.Random) -> tuple[list[AlignmentGroup], list[AlignmentGroup]]:
+    """(train, held-out), split by question so that no question is in both."""
+    if not 0 <= fraction < 1:
+        raise ValidationError(f"holdout {fraction}: expected a fraction in [0, 1)")
+    keys = sorted({g.split_key for g in groups})
+    rng.shuffle(keys)
+    n_held = int(math.ceil(fraction * len(keys))) if fraction > 0 and len(keys) > 1 else 0
+    held = set(keys[:n_held])
+    return [g for g in groups if g.split_key not in held], [g for g in groups if g.split_key in held]
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def _iter_json_items(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, item) of a JSONL file or of a JSON array file (the original's sandbox_v*.json)."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        decoder = json.JSONDecoder()
+        pos = len(text) - len(stripped) + 1
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(text):
+                raise ValidationError(f"{path}:{text.count(chr(10)) + 1}: unterminated JSON array")
+            if text[pos] == "]":
+                return
+            line = text.count("\n", 0, pos) + 1
+            try:
+                item, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                raise ValidationError(f"{path}:{line}: invalid JSON ({exc.msg})") from exc
+            yield line, item
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from exc
+
+
+def _is_group(item: Any) -> bool:
+    return isinstance(item, dict) and "responses" in item and "draft_answer" not in item
+
+
+def _validated_group(item: Any, where: str, max_chars: int | None, truncated: Counter) -> AlignmentGroup:
+    if not isinstance(item, dict):
+        raise ValidationError(f"{where}: expected a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in item]
+    if missing:
+        raise ValidationError(f"{where}: missing key(s) {', '.join(missing)}")
+    query, responses, scores = item["query"], item["responses"], item["scores"]
+    if not isinstance(query, str) or not query.strip():
+        raise ValidationError(f"{where}: 'query' must be a non-empty string")
+    if not isinstance(responses, list) or not responses:
+        raise ValidationError(f"{where}: 'responses' must be a non-empty list")
+    if any(not isinstance(r, str) or not r.strip() for r in responses):
+        raise ValidationError(f"{where}: every response must be a non-empty string")
+    if not isinstance(scores, list):
+        raise ValidationError(f"{where}: 'scores' must be a list")
+    if len(scores) != len(responses):
+        raise ValidationError(f"{where}: {len(responses)} responses but {len(scores)} scores")
+    for score in scores:
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ValidationError(f"{where}: score {score!r} is not a number")
+
+    def cut(text: str) -> str:
+        if max_chars is not None and len(text) > max_chars:
+            truncated["texts"] += 1
+            return text[:max_chars]
+        return text
+
+    known = {"query", "responses", "scores", "kind", "question", "world_id", "round", "agent_id", "models"}
+    models = item.get("models") if isinstance(item.get("models"), dict) else {}
+    return AlignmentGroup(
+        query=cut(query), responses=tuple(cut(r) for r in responses), scores=tuple(float(s) for s in scores),
+        kind=str(item.get("kind") or ORIGINAL_KIND), question=str(item.get("question") or ""),
+        world_id=str(item.get("world_id") or ""),
+        round=item.get("round") if isinstance(item.get("round"), int) else None,
+        agent_id=item.get("agent_id") if isinstance(item.get("agent_id"), int) else None,
+        models=models, extra={k: v for k, v in item.items() if k not in known},
+    )
+
+
+def load_alignment_groups(path: str | Path, *, max_chars: int | None = None) -> list[AlignmentGroup]:
+    """Reads and validates a groups file (our JSONL or the original's JSON array).
+
+    A one-response group is allowed (pure SFT). Texts longer than ``max_chars`` characters are
+    truncated, and the number of truncated texts is logged once as a warning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValidationError(f"data file not found: {path}")
+    truncated: Counter = Counter()
+    groups = [_validated_group(item, f"{path}:{line}", max_chars, truncated) for line, item in _iter_json_items(path)]
+    if not groups:
+        raise ValidationError(f"{path}: no alignment groups")
+    if truncated["texts"]:
+        log.warning("data.truncated", extra={"path": str(path), "texts": truncated["texts"], "max_chars": max_chars})
+    return groups
+
+
+def read_inputs(path: str | Path) -> tuple[list[dict[str, Any]], list[AlignmentGroup]]:
+    """A records file and/or ready groups: (records, groups). Records are recognised by ``draft_answer``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValidationError(f"file not found: {path}")
+    records: list[dict[str, Any]] = []
+    groups: list[AlignmentGroup] = []
+    truncated: Counter = Counter()
+    for line, item in _iter_json_items(path):
+        if _is_group(item):
+            groups.append(_validated_group(item, f"{path}:{line}", None, truncated))
+        elif isinstance(item, dict) and "draft_answer" in item:
+            records.append(item)
+        else:
+            raise ValidationError(f"{path}:{line}: neither an interaction record (draft_answer, ...) "
+                                  f"nor an alignment group (query, responses, scores)")
+    return records, groups
+
+
+async def read_stream_records(nats_url: str, world_id: str, *, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The records of one world from the SANDBOX_RECORDS JetStream stream, as JSON rows."""
+    from google.protobuf.message import DecodeError
+
+    from stablealign import bus
+    from stablealign.records import record_to_json
+    from stablealign.v1 import common_pb2
+
+    nc = await bus.connect(nats_url, name="stable-align-data")
+    try:
+        js = nc.jetstream()
+        messages = await bus.read_subject(js, bus.RECORDS_STREAM, bus.RECORDS_SUBJECT.format(world_id=world_id),
+                                          timeout=timeout)
+        rows = []
+        for seq, msg in messages:
+            record = common_pb2.InteractionRecord()
+            try:
+                record.ParseFromString(msg.data)
+            except DecodeError as exc:
+                raise ValidationError(f"stream message {seq}: not an InteractionRecord ({exc})") from exc
+            rows.append(record_to_json(record))
+        return rows
+    finally:
+        await nc.close()
+
+
+# --- the whole build --------------------------------------------------------------------------
+
+
+@dataclass
+class BuildResult:
+    train: list[AlignmentGroup]
+    heldout: list[AlignmentGroup]
+    stats: dict[str, Any]
+
+
+def _histogram(groups: Iterable[AlignmentGroup]) -> dict[str, int]:
+    counts: Counter = Counter()
+    for group in groups:
+        for score in group.scores:
+            counts[str(int(score)) if float(score).is_integer() else f"{score:g}"] += 1
+    return dict(sorted(counts.items(), key=lambda kv: float(kv[0])))
+
+
+def build_alignment_data(records: Sequence[Mapping[str, Any]], groups: Sequence[AlignmentGroup] = (), *,
+                         mix_ratio: str = DEFAULT_MIX, holdout: float = 0.1, seed: int = 0) -> BuildResult:
+    """mine -> dedupe -> mix (seeded) -> split by question (seeded); with counts for the report."""
+    weights = parse_mix(mix_ratio)
+    mined = mine_records(records) + list(groups)
+    unique = dedupe(mined)
+    mixed = mix(unique, weights, random.Random(seed))
+    train, heldout = split_holdout(mixed, holdout, random.Random(seed + 1))
+    kinds = sorted({g.kind for g in mined}, key=lambda k: (KINDS + (k,)).index(k))
+    stats: dict[str, Any] = {
+        "records": len(records), "mix": mix_ratio, "holdout": holdout, "seed": seed,
+        "kinds": {k: {"mined": sum(g.kind == k for g in mined), "unique": sum(g.kind == k for g in unique),
+                      "mixed": sum(g.kind == k for g in mixed), "train": sum(g.kind == k for g in train),
+                      "heldout": sum(g.kind == k for g in heldout),
+                      "responses": sum(len(g.responses) for g in mixed if g.kind == k),
+                      "score_histogram": _histogram(g for g in mixed if g.kind == k)} for k in kinds},
+        "total": {"mined": len(mined), "unique": len(unique), "mixed": len(mixed), "train": len(train),
+                  "heldout": len(heldout)},
+        "dropped_null_ratings": _count_null_ratings(records),
+    }
+    return BuildResult(train, heldout, stats)
+
+
+def _count_null_ratings(records: Iterable[Mapping[str, Any]]) -> int:
+    count = 0
+    for row in records:
+        count += sum(_score(row.get(k)) is None for k in ("gen_moral_score_before", "gen_moral_score_after"))
+        count += sum(_score(r) is None for r in (row.get("rating") or []))
+    return count
+
+
+def heldout_path(out: str | Path) -> Path:
+    """``data/alignment.jsonl`` -> ``data/alignment.heldout.jsonl``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".heldout" + (out.suffix or ".jsonl"))
+
+
+def stats_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".stats.json")
+
+
+def write_groups(groups: Iterable[AlignmentGroup], path: str | Path) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        for group in groups:
+            handle.write(json.dumps(group.to_json(), ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def print_stats(stats: Mapping[str, Any]) -> None:
+    """Counts per kind and score histograms as rich tables (stdout)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"alignment data from {stats['records']} records (mix {stats['mix']})")
+    for column in ("kind", "mined", "unique", "mixed", "train", "held-out", "responses"):
+        table.add_column(column, justify="right" if column != "kind" else "left")
+    for kind, row in stats["kinds"].items():
+        table.add_row(kind, *(str(row[k]) for k in ("mined", "unique", "mixed", "train", "heldout", "responses")))
+    total = stats["total"]
+    table.add_row("total", *(str(total[k]) for k in ("mined", "unique", "mixed", "train", "heldout")), "")
+    console.print(table)
+    scores = sorted({s for row in stats["kinds"].values() for s in row["score_histogram"]}, key=float)
+    if scores:
+        hist = Table(title="score histogram (responses in the mixed data)")
+        hist.add_column("kind")
+        for score in scores:
+            hist.add_column(score, justify="right")
+        for kind, row in stats["kinds"].items():
+            hist.add_row(kind, *(str(row["score_histogram"].get(s, 0)) for s in scores))
+        console.print(hist)
+    if stats.get("dropped_null_ratings"):
+        console.print(f"missing ratings (null) dropped: {stats['dropped_null_ratings']}")

@@ -1,0 +1,174 @@
+"""Job runners: where a training job's process lives (a local subprocess, or a Kubernetes Job).
+
+A runner turns a validated ``JobSpec`` into a running training (``stable-align train`` /
+``python -m services.trainer.train``), reports its log lines and progress through a
+``JobReporter``, and returns how it ended. The scheduler (``services.trainer.queue``) owns the job
+state; runners never write it themselves, so both runners end jobs the same way.
+
+``JobSpec.args`` holds extra training flags by name. Only names in ``TRAIN_ARGS`` pass (an unknown
+name is a ``ValidationError``, never a flag smuggled onto a command line), and each value is
+checked against its type before any process starts.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from stablealign.errors import ValidationError
+from stablealign.v1 import trainer_pb2
+
+
+@dataclass(frozen=True)
+class TrainArg:
+    """One allowed training flag: the CLI flag, its value type, and for booleans the negative form."""
+
+    flag: str
+    kind: str  # int | float | str | bool | choice
+    choices: tuple[str, ...] = ()
+    negative: bool = False  # a bool flag with a --no-<flag> form
+
+
+# The `stable-align train` flags a job may set (names as in the CLI, dashes or underscores).
+TRAIN_ARGS: dict[str, TrainArg] = {
+    "epochs": TrainArg("--epochs", "float"),
+    "lr": TrainArg("--lr", "float"),
+    "batch_size": TrainArg("--batch-size", "int"),
+    "grad_accum": TrainArg("--grad-accum", "int"),
+    "max_steps": TrainArg("--max-steps", "int"),
+    "max_length": TrainArg("--max-length", "int"),
+    "num_comp": TrainArg("--num-comp", "int"),
+    "margin": TrainArg("--margin", "float"),
+    "ratio": TrainArg("--ratio", "float"),
+    "fsdp": TrainArg("--fsdp", "choice", ("", "full_shard", "shard_grad_op")),
+    "bf16": TrainArg("--bf16", "bool", negative=True),
+    "gradient_checkpointing": TrainArg("--gradient-checkpointing", "bool"),
+    "save_steps": TrainArg("--save-steps", "int"),
+    "seed": TrainArg("--seed", "int"),
+    "resume": TrainArg("--resume", "bool", negative=True),
+}
+# The TrainingArguments spellings users know from TRL/transformers.
+TRAIN_ARG_ALIASES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def canonical_arg(name: str) -> str:
+    key = name.strip().lstrip("-").replace("-", "_").lower()
+    key = TRAIN_ARG_ALIASES.get(key, key)
+    if key not in TRAIN_ARGS:
+        raise ValidationError(f"unknown training argument {name!r}; allowed: {sorted(TRAIN_ARGS)}")
+    return key
+
+
+def train_flags(args: Mapping[str, str]) -> list[str]:
+    """``{"lr": "2e-5", "bf16": "false"}`` -> ``["--lr", "2e-5", "--no-bf16"]``, validated, in a stable order."""
+    seen: dict[str, str] = {}
+    for name, value in args.items():
+        key = canonical_arg(name)
+        if key in seen:
+            raise ValidationError(f"training argument {key!r} given twice")
+        seen[key] = value
+    flags: list[str] = []
+    for key in sorted(seen):
+        spec, raw = TRAIN_ARGS[key], str(seen[key]).strip()
+        if spec.kind == "bool":
+            value = raw.lower()
+            if value in _TRUE:
+                flags.append(spec.flag)
+            elif value in _FALSE:
+                if spec.negative:
+                    flags.append("--no-" + spec.flag.removeprefix("--"))
+            else:
+                raise ValidationError(f"training argument {key}={raw!r}: expected true or false")
+            continue
+        if spec.kind == "int":
+            try:
+                int(raw)
+            except ValueError:
+                raise ValidationError(f"training argument {key}={raw!r}: expected an integer") from None
+        elif spec.kind == "float":
+            try:
+                number = float(raw)
+            except ValueError:
+                raise ValidationError(f"training argument {key}={raw!r}: expected a number") from None
+            if not math.isfinite(number):
+                raise ValidationError(f"training argument {key}={raw!r}: expected a finite number")
+        elif spec.kind == "choice" and raw not in spec.choices:
+            raise ValidationError(f"training argument {key}={raw!r}: expected one of {list(spec.choices)}")
+        if spec.kind == "choice" and raw == "":
+            continue
+        flags += [spec.flag, raw]
+    return flags
+
+
+def metrics_from_json(text: str) -> dict[str, float]:
+    """The numeric fields of one train_log.jsonl record (``loss``, ``loss/sft``, ``step``...); {} otherwise."""
+    text = text.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return {}
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(record, dict) or "loss" not in record and "step" not in record:
+        return {}
+    return {k: float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+class JobReporter(Protocol):
+    """What a runner tells the scheduler while a job runs."""
+
+    # Time of the last log line stored before a re-attach (a resumed log stream skips older lines).
+    last_log_time: float
+
+    async def log(self, line: str, at: float | None = None) -> None: ...
+
+    async def metrics(self, values: Mapping[str, float]) -> None: ...
+
+    async def handle(self, handle: str) -> None: ...
+
+    async def note(self, message: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunResult:
+    state: int  # a terminal trainer_pb2.JobState
+    exit_code: int = 0
+    message: str = ""
+
+
+class Runner(abc.ABC):
+    """A place where training jobs run."""
+
+    name: str = ""
+    # Whether a job outlives the trainer service (then it is re-attached after a restart).
+    detached: bool = False
+
+    @abc.abstractmethod
+    def prepare(self, spec: trainer_pb2.JobSpec) -> trainer_pb2.JobSpec:
+        """Validates ``spec`` for this runner (ValidationError) and returns it with defaults filled."""
+
+    @abc.abstractmethod
+    async def run(self, job: trainer_pb2.Job, reporter: JobReporter, *, reattach: bool = False) -> RunResult:
+        """Runs (or, with ``reattach``, resumes watching) the job until it ends.
+
+        Cancelling the task stops watching; a local runner also stops the process.
+        """
+
+    @abc.abstractmethod
+    async def cancel(self, job: trainer_pb2.Job) -> None:
+        """Asks the job to stop; ``run`` then returns."""
+
+    async def close(self) -> None:
+        """Releases clients and threads (service shutdown)."""

@@ -1,0 +1,371 @@
+"""The Kubernetes runner: a training job as a batch/v1 Job on the GPU pool (torchrun + FSDP).
+
+The Job comes from ``deploy/k8s/trainer-job/job-template.yaml`` (placeholders documented there):
+the image, ``nvidia.com/gpu`` = ``spec.gpus``, ``torchrun --nproc_per_node=<gpus>`` running
+``services.trainer.train`` with FSDP when there is more than one GPU, a PVC for data and
+checkpoints. The official ``kubernetes`` client is synchronous (``kubernetes_asyncio`` is not a
+dependency), so every API call runs in ``asyncio.to_thread``; pod logs are followed in daemon
+threads that hand lines to the event loop, so that a stuck log stream can never block shutdown.
+
+The Job outlives the trainer service: after a restart the scheduler re-attaches by name (the
+job's ``handle``) and log streaming resumes after the last line already stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import datetime as dt
+import hashlib
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.trainer.runners import JobReporter, Runner, RunResult, metrics_from_json, train_flags
+from services.trainer.settings import TrainerSettings
+from stablealign.errors import UnavailableError, ValidationError
+from stablealign.logs import get_logger
+from stablealign.v1 import trainer_pb2
+
+log = get_logger(__name__)
+
+CONTAINER = "trainer"
+WORKSPACE = "/workspace"
+METRICS_PORT = 9090
+_PLACEHOLDER = re.compile(r"\$\{([A-Z_]+)\}")
+_DNS_LABEL = re.compile(r"[^a-z0-9-]+")
+# Container states that will not fix themselves: reported in Job.message while the pod waits.
+_STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError", "InvalidImageName",
+                  "CreateContainerError", "CrashLoopBackOff"}
+
+
+def job_name(job_id: str) -> str:
+    """A DNS-1123 name for the Job, unique per job id even where lower-casing would merge two ids."""
+    digest = hashlib.sha1(job_id.encode()).hexdigest()[:6]
+    stem = _DNS_LABEL.sub("-", job_id.lower()).strip("-")[:40].strip("-") or "job"
+    return f"sa-train-{stem}-{digest}"
+
+
+def training_command(spec: trainer_pb2.JobSpec, gpus: int, *, fsdp_default: str = "full_shard",
+                     metrics_port: int | None = METRICS_PORT) -> list[str]:
+    """torchrun over the node's GPUs; FSDP (full_shard unless the job says otherwise) when gpus > 1."""
+    args = dict(spec.args)
+    if gpus > 1 and not any(k.replace("-", "_").lower() == "fsdp" for k in args):
+        args["fsdp"] = fsdp_default
+    cmd = ["torchrun", "--nnodes=1", f"--nproc_per_node={gpus}", "-m", "services.trainer.train",
+           "--model", spec.model, "--data", spec.data, "--out", spec.output_dir, *train_flags(args)]
+    if metrics_port is not None:
+        cmd += ["--metrics-port", str(metrics_port)]
+    return cmd
+
+
+def _substitute(node: Any, values: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        return {_substitute(k, values): _substitute(v, values) for k, v in node.items()}
+    if isinstance(node, list):
+        out: list[Any] = []
+        for item in node:
+            value = _substitute(item, values)
+            if isinstance(item, str) and isinstance(value, list):
+                out.extend(value)  # "${COMMAND}" as a list element expands in place
+            else:
+                out.append(value)
+        return out
+    if isinstance(node, str):
+        whole = _PLACEHOLDER.fullmatch(node)
+        if whole:
+            if whole.group(1) not in values:
+                raise ValidationError(f"job template: unknown placeholder ${{{whole.group(1)}}}")
+            return copy.deepcopy(values[whole.group(1)])
+
+        def text(match: re.Match) -> str:
+            if match.group(1) not in values:
+                raise ValidationError(f"job template: unknown placeholder ${{{match.group(1)}}}")
+            return str(values[match.group(1)])
+
+        return _PLACEHOLDER.sub(text, node)
+    return node
+
+
+def load_template(path: str | Path) -> dict:
+    try:
+        template = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise UnavailableError(f"job template {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise UnavailableError(f"job template {path} is not valid YAML: {exc}") from exc
+    if not isinstance(template, dict) or template.get("kind") != "Job":
+        raise UnavailableError(f"job template {path}: expected one batch/v1 Job")
+    return template
+
+
+def render_job(spec: trainer_pb2.JobSpec, settings: TrainerSettings, template: dict | None = None) -> dict:
+    """The batch/v1 Job manifest (a plain dict) for one job."""
+    template = load_template(settings.k8s_job_template) if template is None else template
+    gpus = max(1, spec.gpus)
+    values = {
+        "JOB_NAME": job_name(spec.job_id),
+        "JOB_ID": spec.job_id,
+        "NAMESPACE": spec.namespace or settings.k8s_namespace,
+        "IMAGE": spec.image or settings.k8s_image,
+        "GPUS": gpus,
+        "COMMAND": training_command(spec, gpus),
+        "PVC_NAME": settings.k8s_pvc,
+        "SERVICE_ACCOUNT": settings.k8s_service_account,
+        "BACKOFF_LIMIT": settings.k8s_backoff_limit,
+        "TTL_SECONDS": settings.k8s_ttl_seconds_after_finished,
+    }
+    manifest = _substitute(template, values)
+    containers = manifest.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+    if not any(c.get("name") == CONTAINER for c in containers):
+        raise UnavailableError(f"job template {settings.k8s_job_template}: no container named {CONTAINER!r}")
+    return manifest
+
+
+def _pod_path(path: str, field: str) -> str:
+    """Job paths are paths inside the training pod: relative ones are taken under the workspace PVC."""
+    if not path:
+        raise ValidationError(f"{field} is required (a path on the training volume, mounted at {WORKSPACE})")
+    return path if path.startswith("/") else f"{WORKSPACE}/{path}"
+
+
+def _parse_log_line(raw: str) -> tuple[float, str]:
+    """``2024-01-01T00:00:00.123456789Z text`` (timestamps=true) -> (unix time, text)."""
+    stamp, _, text = raw.partition(" ")
+    try:
+        head, _, frac = stamp.rstrip("Z").partition(".")
+        moment = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC)
+        return moment.timestamp() + (float("0." + frac) if frac.isdigit() else 0.0), text
+    except ValueError:
+        return time.time(), raw
+
+
+class KubernetesRunner(Runner):
+    name = "kubernetes"
+    detached = True
+
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.settings = settings
+        self._client = None
+        self._client_lock = threading.Lock()
+        self._cancelled: set[str] = set()
+        self._streams: dict[str, list] = {}  # job id -> open log responses (closed on stop)
+
+    # --- API access ----------------------------------------------------------------------------
+
+    def _api(self):
+        """(BatchV1Api, CoreV1Api), built once: explicit URL, kubeconfig, or in-cluster credentials."""
+        with self._client_lock:
+            if self._client is None:
+                from kubernetes import client, config
+
+                s = self.settings
+                if s.k8s_api_url:
+                    configuration = client.Configuration()
+                    configuration.host = s.k8s_api_url
+                    api_client = client.ApiClient(configuration)
+                elif s.k8s_in_cluster:
+                    config.load_incluster_config()
+                    api_client = client.ApiClient()
+                else:
+                    try:
+                        config.load_incluster_config()
+                    except config.ConfigException:
+                        config.load_kube_config(config_file=s.k8s_kubeconfig or None)
+                    api_client = client.ApiClient()
+                self._client = (client.BatchV1Api(api_client), client.CoreV1Api(api_client))
+            return self._client
+
+    async def _call(self, what: str, fn, *args, **kwargs):
+        """One API call in a thread; API and connection errors become our typed errors."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise
+            if exc.status in (400, 403, 409, 422):
+                raise ValidationError(f"kubernetes {what}: {exc.status} {exc.reason}: {(exc.body or '')[:500]}") from exc
+            raise UnavailableError(f"kubernetes {what}: {exc.status} {exc.reason}") from exc
+        except Exception as exc:
+            raise UnavailableError(f"kubernetes {what}: {type(exc).__name__}: {exc}") from exc
+
+    # --- runner interface ------------------------------------------------------------------------
+
+    def prepare(self, spec: trainer_pb2.JobSpec) -> trainer_pb2.JobSpec:
+        spec = trainer_pb2.JobSpec.FromString(spec.SerializeToString())
+        spec.model = _pod_path(spec.model, "model")
+        spec.data = _pod_path(spec.data, "data")
+        spec.output_dir = _pod_path(spec.output_dir or f"runs/{spec.job_id}", "output_dir")
+        if spec.gpus < 0:
+            raise ValidationError("gpus must be >= 0")
+        if spec.nodes > 1:
+            raise ValidationError("multi-node jobs (nodes > 1) are not supported yet: use one node with up to 8 GPUs")
+        spec.gpus = max(1, spec.gpus)
+        spec.nodes = 1
+        spec.namespace = spec.namespace or self.settings.k8s_namespace
+        spec.image = spec.image or self.settings.k8s_image
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", spec.namespace):
+            raise ValidationError(f"namespace {spec.namespace!r} is not a valid Kubernetes namespace")
+        render_job(spec, self.settings)  # unknown args, a broken template: fail now, not in the cluster
+        return spec
+
+    async def run(self, job: trainer_pb2.Job, reporter: JobReporter, *, reattach: bool = False) -> RunResult:
+        from kubernetes.client.exceptions import ApiException
+
+        spec = job.spec
+        name = job.handle or job_name(spec.job_id)
+        batch, core = self._api()
+        cutoff = 0.0
+        if not reattach:
+            manifest = render_job(spec, self.settings)
+            try:
+                await self._call("create job", batch.create_namespaced_job, spec.namespace, manifest)
+            except ApiException as exc:
+                return RunResult(trainer_pb2.JOB_STATE_FAILED, -1, f"kubernetes create job: {exc.status} {exc.reason}")
+            await reporter.handle(name)
+            await reporter.log(f"created Job {spec.namespace}/{name} ({spec.gpus} GPU(s), image {spec.image})")
+            log.info("job.k8s_created", extra={"job_id": spec.job_id, "k8s_job": name, "namespace": spec.namespace})
+        else:
+            cutoff = reporter.last_log_time
+            await reporter.log(f"trainer re-attached to Job {spec.namespace}/{name}")
+        lines: asyncio.Queue = asyncio.Queue()
+        followed: dict[str, threading.Thread] = {}
+        loop = asyncio.get_running_loop()
+        self._streams[spec.job_id] = []
+        last_note = ""
+        try:
+            while True:
+                try:
+                    k8s_job = await self._call("read job", batch.read_namespaced_job, name, spec.namespace)
+                except ApiException as exc:  # 404: deleted (cancelled here, or by someone else)
+                    await self._pump(lines, reporter, cutoff)
+                    if spec.job_id in self._cancelled:
+                        return RunResult(trainer_pb2.JOB_STATE_CANCELLED, -1, "cancelled: Kubernetes Job deleted")
+                    return RunResult(trainer_pb2.JOB_STATE_FAILED, -1,
+                                     f"Kubernetes Job {name} disappeared ({exc.status} {exc.reason})")
+                except UnavailableError as exc:
+                    await reporter.note(f"waiting for the Kubernetes API: {exc}")
+                    await asyncio.sleep(self.settings.poll_seconds)
+                    continue
+                note = await self._follow_pods(core, spec, name, followed, lines, loop)
+                if note and note != last_note:
+                    await reporter.note(note)
+                    last_note = note
+                await self._pump(lines, reporter, cutoff)
+                result = self._result(k8s_job)
+                if result is not None:
+                    # Let the log followers reach the end of the pods' logs (bounded).
+                    deadline = time.monotonic() + 10.0
+                    await self._follow_pods(core, spec, name, followed, lines, loop)
+                    while any(t.is_alive() for t in followed.values()) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                    await self._pump(lines, reporter, cutoff)
+                    return result
+                await asyncio.sleep(self.settings.poll_seconds)
+        finally:
+            for response in self._streams.pop(spec.job_id, []):
+                with contextlib.suppress(Exception):  # already closed
+                    response.release_conn()
+
+    def _result(self, k8s_job) -> RunResult | None:
+        status = k8s_job.status
+        if status is None:
+            return None
+        for condition in status.conditions or []:
+            if condition.status != "True":
+                continue
+            if condition.type == "Complete":
+                return RunResult(trainer_pb2.JOB_STATE_SUCCEEDED, 0, "Kubernetes Job complete")
+            if condition.type == "Failed":
+                return RunResult(trainer_pb2.JOB_STATE_FAILED, 1,
+                                 f"Kubernetes Job failed: {condition.reason or ''} {condition.message or ''}".strip())
+        if (status.succeeded or 0) >= 1 and not (status.active or 0):
+            return RunResult(trainer_pb2.JOB_STATE_SUCCEEDED, 0, "Kubernetes Job succeeded")
+        backoff = k8s_job.spec.backoff_limit if k8s_job.spec and k8s_job.spec.backoff_limit is not None else 6
+        if (status.failed or 0) > backoff and not (status.active or 0):
+            return RunResult(trainer_pb2.JOB_STATE_FAILED, 1, f"Kubernetes Job failed {status.failed} time(s)")
+        return None
+
+    async def _follow_pods(self, core, spec, name, followed, lines, loop) -> str:
+        """Starts a log follower for every pod of the Job that has started; returns a note on stuck pods."""
+        try:
+            pods = await self._call("list pods", core.list_namespaced_pod, spec.namespace,
+                                    label_selector=f"app.kubernetes.io/instance={name}")
+        except Exception:  # noqa: BLE001 - logs are best effort; status polling goes on
+            return ""
+        note = ""
+        for pod in pods.items or []:
+            pod_name = pod.metadata.name
+            phase = pod.status.phase if pod.status else None
+            for cs in (pod.status.container_statuses or []) if pod.status else []:
+                waiting = cs.state.waiting if cs.state else None
+                if waiting and waiting.reason in _STUCK_REASONS:
+                    note = f"pod {pod_name}: {waiting.reason}: {waiting.message or ''}".strip()
+            if pod_name in followed or phase not in ("Running", "Succeeded", "Failed"):
+                continue
+            thread = threading.Thread(target=self._follow_log, name=f"log-{pod_name}", daemon=True,
+                                      args=(core, spec.job_id, spec.namespace, pod_name, lines, loop))
+            followed[pod_name] = thread
+            thread.start()
+        return note
+
+    def _follow_log(self, core, job_id: str, namespace: str, pod: str, lines: asyncio.Queue,
+                    loop: asyncio.AbstractEventLoop) -> None:
+        """Thread: streams one pod's log (follow, timestamps) into the event loop's queue."""
+        try:
+            response = core.read_namespaced_pod_log(pod, namespace, container=CONTAINER, follow=True,
+                                                    timestamps=True, _preload_content=False)
+        except Exception as exc:  # noqa: BLE001
+            loop.call_soon_threadsafe(lines.put_nowait, (time.time(), f"[{pod}] cannot read log: {exc}"))
+            return
+        self._streams.setdefault(job_id, []).append(response)
+        pending = b""
+        # A closed stream (service stop) or a vanished pod ends the loop; logs are best effort.
+        with contextlib.suppress(Exception):
+            for chunk in response.stream(65536):
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for raw in complete:
+                    text = raw.decode("utf-8", errors="replace").rstrip("\r")
+                    if text:
+                        loop.call_soon_threadsafe(lines.put_nowait, _parse_log_line(text))
+            if pending.strip():
+                loop.call_soon_threadsafe(lines.put_nowait, _parse_log_line(pending.decode("utf-8", "replace")))
+
+    async def _pump(self, lines: asyncio.Queue, reporter: JobReporter, cutoff: float) -> None:
+        while not lines.empty():
+            at, text = lines.get_nowait()
+            if cutoff and at <= cutoff:
+                continue  # stored before the service restarted
+            await reporter.log(text, at)
+            if values := metrics_from_json(text):
+                await reporter.metrics(values)
+
+    async def cancel(self, job: trainer_pb2.Job) -> None:
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        batch, _ = self._api()
+        name = job.handle or job_name(job.spec.job_id)
+        self._cancelled.add(job.spec.job_id)
+        try:
+            await self._call("delete job", batch.delete_namespaced_job, name, job.spec.namespace,
+                             propagation_policy="Background",
+                             body=client.V1DeleteOptions(propagation_policy="Background"))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        log.info("job.k8s_deleted", extra={"job_id": job.spec.job_id, "k8s_job": name})
+
+    async def close(self) -> None:
+        for responses in self._streams.values():
+            for response in responses:
+                with contextlib.suppress(Exception):
+                    response.release_conn()

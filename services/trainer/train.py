@@ -1,0 +1,453 @@
+"""Stable Alignment training on ``accelerate``: one process on CPU, or ``torchrun`` + FSDP on GPUs.
+
+Why a plain loop rather than ``transformers.Trainer`` (the original's choice): the loss needs all
+responses of a group in one forward pass and a per-group reduction, which the Trainer's
+``compute_loss`` hook forced into batch size 1; and exact resumption needs a data order we control.
+
+- Data order is stateless: epoch e visits the groups in ``randperm(n, seed + e)``; optimizer step s
+  consumes micro-batches ``s * grad_accum ...`` of its epoch, rank r taking its slice of each. So
+  the position in the data is a function of the step alone, and a job killed after checkpoint k
+  resumes at step k + 1 with the same batches, the same sampled responses (the collator seeds per
+  group) and — with model, optimizer, scheduler and RNG restored by ``accelerator.save_state`` —
+  the same parameters and losses as an unbroken run.
+- A checkpoint is complete once its ``trainer_state.json`` exists (written last, atomically); on
+  resume ``train_log.jsonl`` is cut back to the checkpoint's step so no line is duplicated.
+- FSDP wraps the model's decoder-layer class found from the model itself (``_no_split_modules`` or
+  the class repeated in its ``ModuleList`` of layers), not a hard-coded ``LlamaDecoderLayer``.
+- bf16 autocast only where CUDA supports it; fp32 elsewhere (CPU bf16 is slow and not what we test).
+
+``python -m services.trainer.train --model ... --data ... --out ...`` is the torchrun entry point;
+``stable-align train`` is the same command.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from stablealign.errors import ValidationError
+from stablealign.logs import get_logger
+from services.trainer.config import StableAlignmentConfig
+
+log = get_logger(__name__)
+
+LOG_FILE = "train_log.jsonl"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "stable_alignment_config.json"
+CHECKPOINTS = "checkpoints"
+
+
+
+@dataclass(frozen=True)
+class TrainerMetrics:
+    loss: Gauge
+    sft: Gauge
+    penalty: Gauge
+    tokens_per_second: Gauge
+    step_seconds: Histogram
+    steps: Counter
+
+
+@functools.lru_cache(maxsize=1)
+def trainer_metrics() -> TrainerMetrics:
+    """Created on first use, not at import: ``python -m services.trainer.train`` imports this file twice
+    (as ``__main__`` and as ``services.trainer.train``) and a metric may be registered only once."""
+    return TrainerMetrics(
+        loss=Gauge("stablealign_trainer_loss", "Stable Alignment loss of the last optimizer step."),
+        sft=Gauge("stablealign_trainer_loss_sft", "SFT part (cross-entropy of the best response) of the last step."),
+        penalty=Gauge("stablealign_trainer_loss_penalty", "Ranking penalty part of the last step."),
+        tokens_per_second=Gauge("stablealign_trainer_tokens_per_second",
+                                "Tokens (prompt + response, all processes) per second in the last step."),
+        step_seconds=Histogram("stablealign_trainer_step_duration_seconds", "Wall time of one optimizer step.",
+                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)),
+        steps=Counter("stablealign_trainer_steps_total", "Optimizer steps done."),
+    )
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    total_steps: int
+    final_loss: float | None
+    resumed_from: int
+    stopped_early: bool = False
+
+
+# --- model inspection ---------------------------------------------------------------------------
+
+
+def decoder_layer_classes(model: Any) -> list[str]:
+    """Names of the classes FSDP should wrap: the model's repeated transformer block."""
+    import torch
+
+    present = {type(m).__name__ for m in model.modules()}
+    declared = [name for name in (getattr(model, "_no_split_modules", None) or []) if name in present]
+    if declared:
+        return sorted(set(declared))
+    best: tuple[int, str] | None = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            kinds = {type(child).__name__ for child in module}
+            if len(kinds) == 1 and any(p.numel() for p in module[0].parameters()):
+                size = sum(p.numel() for p in module.parameters())
+                if best is None or size > best[0]:
+                    best = (size, kinds.pop())
+    if best is None:
+        raise ValidationError(f"cannot find the decoder layers of {type(model).__name__} to wrap with FSDP")
+    return [best[1]]
+
+
+def mixed_precision(bf16: bool) -> str:
+    import torch
+
+    return "bf16" if bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def check_model_path(path: str) -> Path:
+    model = Path(path)
+    if not model.is_dir():
+        raise ValidationError(f"model path does not exist or is not a directory: {path}")
+    if not (model / "config.json").is_file():
+        raise ValidationError(f"not a model directory (no config.json): {path}")
+    return model
+
+
+# --- data plan ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Which groups each rank sees at each optimizer step (a pure function of the step)."""
+
+    n_groups: int
+    batch_size: int
+    world: int
+    grad_accum: int
+    seed: int
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return max(1, math.ceil(self.n_groups / (self.batch_size * self.world)))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.micro_per_epoch // self.grad_accum)
+
+    def permutation(self, epoch: int) -> list[int]:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n_groups, generator=generator).tolist()
+
+    def micro_batch(self, perm: list[int], micro: int, rank: int) -> list[int]:
+        """Group indices of micro-batch ``micro`` (within the epoch) for ``rank``; wraps at the end."""
+        start = (micro * self.world + rank) * self.batch_size
+        return [perm[(start + k) % self.n_groups] for k in range(self.batch_size)]
+
+    def step_batches(self, step: int, rank: int) -> tuple[int, list[list[int]]]:
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        perm = self.permutation(epoch)
+        return epoch, [self.micro_batch(perm, in_epoch * self.grad_accum + j, rank) for j in range(self.grad_accum)]
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step (one whose trainer_state.json exists)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _rng_state() -> dict[str, str]:
+    import numpy as np
+    import torch
+
+    blob = pickle.dumps({"python": random.getstate(), "numpy": np.random.get_state(),
+                         "torch": torch.get_rng_state()})
+    return {"pickle_base64": base64.b64encode(blob).decode("ascii")}
+
+
+def _restore_rng(state: dict[str, str]) -> None:
+    import numpy as np
+    import torch
+
+    data = pickle.loads(base64.b64decode(state["pickle_base64"]))  # our own file: trusted
+    random.setstate(data["python"])
+    np.random.set_state(data["numpy"])
+    torch.set_rng_state(data["torch"])
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drops log lines after ``step`` (written by a run that died after its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+def _scheduler(cfg: StableAlignmentConfig, optimizer: Any, total_steps: int) -> Any:
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    if cfg.lr_scheduler_type == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+
+
+def _accelerator(cfg: StableAlignmentConfig, layer_classes: list[str]) -> Any:
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.state import PartialState
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    plugin = None
+    if cfg.fsdp and distributed:
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            reshard_after_forward=cfg.fsdp == "full_shard",  # shard_grad_op: keep params after forward
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=layer_classes,
+            state_dict_type="SHARDED_STATE_DICT",  # checkpoints: each rank writes its shard
+            sync_module_states=False,  # every rank loads the same weights from disk
+            activation_checkpointing=False,  # done through the model (gradient_checkpointing)
+        )
+    elif cfg.fsdp:
+        log.info("train.fsdp_skipped", extra={"reason": "single process"})
+    import torch
+
+    cpu = not torch.cuda.is_available()  # accelerate only starts a gloo process group when told "cpu"
+    PartialState(cpu=cpu)  # initialises the process group (gloo on CPU, nccl on CUDA) before the plugin
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision=mixed_precision(cfg.bf16), fsdp_plugin=plugin)
+    if plugin is not None and cpu and os.environ.get("STABLEALIGN_FSDP_CPU", "1") == "1":
+        # accelerate only turns the FSDP plugin on for accelerator devices (MULTI_CPU silently becomes
+        # DDP); torch's FSDP itself runs on CPU with gloo, so switch the state over by hand.
+        from accelerate.utils import DistributedType
+
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState().distributed_type = DistributedType.FSDP  # the two states share this field
+        accelerator.state.fsdp_plugin = plugin
+    return accelerator
+
+
+def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) -> TrainResult:
+    """Runs (or resumes) a training job; returns where the final model is and the last loss.
+
+    ``stop_after_steps`` simulates a preemption for tests: the process stops right after that many
+    steps of *this* run, without a final checkpoint or model, as if it had been killed.
+    """
+    check_model_path(cfg.model)
+    from services.trainer.data import load_alignment_groups
+
+    groups = load_alignment_groups(cfg.data, max_chars=cfg.dataloader_max_chars)
+
+    import torch
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.trainer.collator import AlignmentCollator
+    from services.trainer.loss import grouped_response_losses, stable_alignment_loss_parts
+
+    out = Path(cfg.output_dir)
+    set_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    if tokenizer.pad_token_id is None:  # pads are never attended nor learned: EOS is a safe stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    accelerator = _accelerator(cfg, decoder_layer_classes(model))
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / CONFIG_FILE)
+
+    plan = DataPlan(len(groups), cfg.per_device_train_batch_size, accelerator.num_processes,
+                    cfg.gradient_accumulation_steps, cfg.seed)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * plan.steps_per_epoch))
+    collator = AlignmentCollator(tokenizer, max_length=cfg.max_length, num_comp=cfg.num_comp, seed=cfg.seed)
+
+    model.train()
+    # FSDP2 (accelerate): model and optimizer prepared together; the optimizer's params are swapped
+    # for the sharded ones.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = _scheduler(cfg, optimizer, total_steps)  # stepped by us once per optimizer step
+    accelerator.register_for_checkpointing(scheduler)
+
+    start_step = 0
+    checkpoint = last_checkpoint(out) if cfg.resume else None
+    if checkpoint is not None:
+        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        if state.get("world_size") != accelerator.num_processes:
+            log.warning("train.resume_world_changed", extra={"was": state.get("world_size"),
+                                                              "now": accelerator.num_processes})
+        accelerator.load_state(str(checkpoint))
+        _restore_rng(state["rng"])
+        start_step = int(state["step"])
+        if main:
+            _truncate_log(out / LOG_FILE, start_step)
+        log.info("train.resumed", extra={"checkpoint": str(checkpoint), "step": start_step})
+    if cfg.metrics_port >= 0 and main:
+        from stablealign.metrics import start_metrics_server
+
+        port = start_metrics_server(cfg.metrics_port)
+        log.info("train.metrics", extra={"port": port})
+    log.info("train.start", extra={"groups": len(groups), "total_steps": total_steps, "start_step": start_step,
+                                   "processes": accelerator.num_processes, "precision": mixed_precision(cfg.bf16),
+                                   "fsdp": cfg.fsdp or "none", "distributed": str(accelerator.distributed_type),
+                                   "wrapper": type(model).__name__})
+
+    metrics = trainer_metrics()
+    progress = tqdm(total=total_steps, initial=start_step, disable=not main, desc="stable-align train",
+                    dynamic_ncols=True)
+    last_loss: float | None = None
+    step = start_step
+    steps_this_run = 0
+    device = accelerator.device
+    while step < total_steps:
+        started = time.perf_counter()
+        epoch, micro_batches = plan.step_batches(step, accelerator.process_index)
+        collator.epoch = epoch
+        sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, sft, penalty, tokens
+        for indices in micro_batches:
+            batch = collator([(i, groups[i]) for i in indices])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               use_cache=False).logits
+                response_losses = grouped_response_losses(logits, batch["labels"], batch["mask"].size(0))
+                parts = stable_alignment_loss_parts(
+                    response_losses, batch["scores"], batch["mask"], margin=cfg.margin, ratio=cfg.ratio,
+                    rating_scale=cfg.rating_scale, max_flow=cfg.max_flow)
+                accelerator.backward(parts.loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([parts.loss.detach().double(), parts.sft.detach().double(),
+                                 parts.penalty.detach().double(),
+                                 batch["attention_mask"].sum().double()])
+        lr_used = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        steps_this_run += 1
+        totals = accelerator.reduce(sums, reduction="sum")
+        n_micro = len(micro_batches) * accelerator.num_processes
+        loss, sft, penalty = (float(totals[i] / n_micro) for i in range(3))
+        duration = time.perf_counter() - started
+        tokens_per_second = float(totals[3]) / max(duration, 1e-9)
+        last_loss = loss
+        if main:
+            metrics.loss.set(loss)
+            metrics.sft.set(sft)
+            metrics.penalty.set(penalty)
+            metrics.tokens_per_second.set(tokens_per_second)
+            metrics.step_seconds.observe(duration)
+            metrics.steps.inc()
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                row = {"step": step, "epoch": round(epoch + (step - epoch * plan.steps_per_epoch) / plan.steps_per_epoch, 4),
+                       "loss": loss, "loss/sft": sft, "loss/penalty": penalty,
+                       "lr": lr_used, "tokens_per_second": round(tokens_per_second, 2),
+                       "step_seconds": round(duration, 4), "truncated_examples": collator.truncated}
+                with open(out / LOG_FILE, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
+        if stop_after_steps is not None and steps_this_run >= stop_after_steps and step < total_steps:
+            progress.close()
+            log.warning("train.stopped", extra={"step": step, "reason": "stop_after_steps (simulated preemption)"})
+            accelerator.wait_for_everyone()
+            return TrainResult(out, step, total_steps, last_loss, start_step, stopped_early=True)
+        if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
+            _save_checkpoint(accelerator, cfg, out, step, epoch, total_steps, plan)
+    progress.close()
+    if collator.truncated and main:
+        log.warning("train.truncated", extra={"examples": collator.truncated, "max_length": cfg.max_length})
+    _save_final(accelerator, model, tokenizer, out, cfg)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(out, step, total_steps, last_loss, start_step)
+
+
+def _save_checkpoint(accelerator: Any, cfg: StableAlignmentConfig, out: Path, step: int, epoch: int,
+                     total_steps: int, plan: DataPlan) -> None:
+    path = out / CHECKPOINTS / f"step-{step:08d}"
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json_atomic(path / STATE_FILE, {
+            "step": step, "epoch": epoch, "total_steps": total_steps, "seed": cfg.seed,
+            "world_size": accelerator.num_processes, "steps_per_epoch": plan.steps_per_epoch,
+            # position in the data: the next step starts at this micro-batch of its epoch
+            "sampler": {"epoch": step // plan.steps_per_epoch,
+                        "micro_batch": (step % plan.steps_per_epoch) * plan.grad_accum},
+            "rng": _rng_state(), "time": time.time(),
+        })
+        if cfg.save_total_limit:
+            done = sorted((p for p in (out / CHECKPOINTS).glob("step-*") if (p / STATE_FILE).is_file()),
+                          key=lambda p: int(p.name.split("-")[1]))
+            for old in done[: -cfg.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    log.info("train.checkpoint", extra={"step": step, "path": str(path)})
+
+
+def _save_final(accelerator: Any, model: Any, tokenizer: Any, out: Path, cfg: StableAlignmentConfig) -> None:
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # FSDP: gathered to the main process
+    unwrapped = accelerator.unwrap_model(model)
+    if cfg.gradient_checkpointing:
+        unwrapped.config.use_cache = True
+    unwrapped.save_pretrained(out, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                              state_dict=state_dict, safe_serialization=True)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(out)
+        log.info("train.saved", extra={"path": str(out)})
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m services.trainer.train`` (the torchrun entry): the same flags as ``stable-align train``."""
+    import typer
+
+    from stablealign.cli.training import train_command
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(train_command)
+    app(args=argv, prog_name="python -m services.trainer.train")
+
+
+if __name__ == "__main__":
+    main()

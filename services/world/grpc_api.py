@@ -1,0 +1,121 @@
+"""gRPC WorldService: the same operations as the NATS subjects, plus StreamInteractions.
+
+StreamInteractions reads the SANDBOX_RECORDS stream with an ephemeral ordered consumer on
+``sandbox.records.<world>``: with ``replay`` from the first record, else only new ones. With
+``until_complete`` it ends once the world is in a final state and every record the stream holds
+for it has been sent; a client that cancels ends it cleanly (the consumer is removed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import grpc
+import nats.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from services.world.manager import WorldManager
+from services.world.store import FINAL_STATES
+from stablealign import bus
+from stablealign.v1 import common_pb2, world_pb2, world_pb2_grpc
+
+SERVICE_NAME = "stablealign.v1.WorldService"
+
+
+class WorldServicer(world_pb2_grpc.WorldServiceServicer):
+    def __init__(self, manager: WorldManager, *, idle_poll_seconds: float = 0.5) -> None:
+        self.manager = manager
+        self.idle_poll_seconds = idle_poll_seconds
+
+    async def CreateWorld(
+        self, request: world_pb2.CreateWorldRequest, context: grpc.aio.ServicerContext
+    ) -> world_pb2.World:
+        return await self.manager.create(request.spec)
+
+    async def GetWorld(
+        self, request: world_pb2.GetWorldRequest, context: grpc.aio.ServicerContext
+    ) -> world_pb2.World:
+        return await self.manager.get(request.world_id)
+
+    async def ListWorlds(
+        self, request: world_pb2.ListWorldsRequest, context: grpc.aio.ServicerContext
+    ) -> world_pb2.ListWorldsResponse:
+        return world_pb2.ListWorldsResponse(worlds=await self.manager.list())
+
+    async def CancelWorld(
+        self, request: world_pb2.CancelWorldRequest, context: grpc.aio.ServicerContext
+    ) -> world_pb2.World:
+        return await self.manager.cancel(request.world_id)
+
+    async def StreamInteractions(
+        self, request: world_pb2.StreamInteractionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.InteractionRecord]:
+        async for record in stream_records(
+            self.manager,
+            request.world_id,
+            replay=request.replay,
+            until_complete=request.until_complete,
+            idle_poll_seconds=self.idle_poll_seconds,
+        ):
+            yield record
+
+
+async def stream_records(
+    manager: WorldManager,
+    world_id: str,
+    *,
+    replay: bool,
+    until_complete: bool,
+    idle_poll_seconds: float = 0.5,
+) -> AsyncIterator[common_pb2.InteractionRecord]:
+    """Records of a world as they are published (NotFoundError for an unknown world).
+
+    Shared by gRPC and usable by in-process clients. Completion is checked when the stream is
+    idle and after each record once the world is known to be final, so a finished world's
+    replay ends right after its last record instead of after a poll interval.
+    """
+    world = await manager.get(world_id)  # NotFoundError -> NOT_FOUND
+    js = manager.js
+    subject = bus.RECORDS_SUBJECT.format(world_id=world_id)
+    start_seq = await bus.last_sequence(js, bus.RECORDS_STREAM, subject)
+    # Without replay: from just after the last record now (not DeliverPolicy.NEW, which would
+    # drop a record published between reading that sequence and creating the consumer).
+    sub = await js.subscribe(
+        subject,
+        stream=bus.RECORDS_STREAM,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.BY_START_SEQUENCE,
+        config=None if replay else ConsumerConfig(opt_start_seq=start_seq + 1),
+    )
+    delivered = 0 if replay else start_seq
+    final_seq: int | None = None
+
+    async def final_sequence() -> int | None:
+        """The subject's last sequence once the world is final, else None."""
+        current = await manager.get(world_id)
+        if current.state not in FINAL_STATES:
+            return None
+        return await bus.last_sequence(js, bus.RECORDS_STREAM, subject)
+
+    try:
+        if until_complete and world.state in FINAL_STATES:
+            final_seq = await bus.last_sequence(js, bus.RECORDS_STREAM, subject)
+        while True:
+            if until_complete and final_seq is not None and delivered >= final_seq:
+                return
+            try:
+                msg = await sub.next_msg(timeout=idle_poll_seconds)
+            except nats.errors.TimeoutError:
+                if until_complete and final_seq is None:
+                    final_seq = await final_sequence()
+                continue
+            delivered = max(delivered, msg.metadata.sequence.stream)
+            record = common_pb2.InteractionRecord()
+            record.ParseFromString(msg.data)
+            yield record
+    finally:
+        try:
+            await asyncio.shield(sub.unsubscribe())
+        except Exception:  # noqa: BLE001 - connection closing or consumer already gone
+            pass

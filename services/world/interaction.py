@@ -1,0 +1,213 @@
+"""One interaction of one agent on one question, on the shortest critical path.
+
+The original ran 16 sequential LLM round trips per interaction. Here the steps that do not
+depend on each other run at once, which leaves 4 sequential round trips after the embedding
+(draft → {k feedbacks, 2 "before" ratings} → revise → {2 "after" ratings}):
+
+    embed q ─► Draft ─┬─► Feedback × k ─┬─► Revise ─┬─► Rate alignment (after)
+                      ├─► Rate alignment (before)   └─► Rate engagement (after)
+                      └─► Rate engagement (before)
+
+Then the revision goes into the agent's memory and the record is published. Both writes carry
+message ids ("<world>.<round>.<agent>.memory" and "<world>.<round>.<agent>"), so redoing an
+interaction after a crash or a failed attempt never duplicates anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from services.world.settings import WorldSettings
+from stablealign import bus
+from stablealign.backends.base import Embedder
+from stablealign.memory import append_memory, revision_msg_id
+from stablealign.v1 import agent_pb2, common_pb2, observer_pb2, world_pb2
+
+ALIGNMENT = observer_pb2.RATING_ASPECT_ALIGNMENT
+ENGAGEMENT = observer_pb2.RATING_ASPECT_ENGAGEMENT
+
+
+@dataclass
+class InteractionDeps:
+    """What every interaction of a world needs: the bus, the settings and the world's embedder."""
+
+    nc: NATS
+    js: JetStreamContext
+    settings: WorldSettings
+    embedder: Embedder
+
+    async def call(self, subject: str, message, response_type):
+        return await bus.request(
+            self.nc,
+            subject,
+            message,
+            response_type,
+            timeout=self.settings.request_timeout_seconds,
+            attempts=self.settings.request_attempts,
+        )
+
+
+def record_msg_id(world_id: str, round_: int, agent: int) -> str:
+    return f"{world_id}.{round_}.{agent}"
+
+
+async def _timed(coro) -> tuple[object, float]:
+    started = time.perf_counter()
+    result = await coro
+    return result, time.perf_counter() - started
+
+
+async def run_interaction(
+    deps: InteractionDeps,
+    spec: world_pb2.WorldSpec,
+    round_: int,
+    agent: int,
+    question: str,
+    partners: Sequence[int],
+) -> common_pb2.InteractionRecord:
+    """Runs the interaction, appends the revision to memory, publishes the record, returns it."""
+    world_id = spec.world_id
+    started = time.perf_counter()
+    latency: dict[str, float] = {}
+
+    t = time.perf_counter()
+    embedding = np.asarray(await deps.embedder.embed([question]), dtype=np.float32)[0].tolist()
+    latency["embed"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    draft: agent_pb2.DraftResponse = await deps.call(
+        bus.AGENT_DRAFT,
+        agent_pb2.DraftRequest(
+            world_id=world_id, agent_id=agent, round=round_, question=question, question_embedding=embedding
+        ),
+        agent_pb2.DraftResponse,
+    )
+    latency["draft"] = time.perf_counter() - t
+
+    def rate(answer: str, aspect: int, stage: str):
+        return _timed(
+            deps.call(
+                bus.OBSERVER_RATE,
+                observer_pb2.RateRequest(
+                    world_id=world_id,
+                    agent_id=agent,
+                    round=round_,
+                    question=question,
+                    answer=answer,
+                    aspect=aspect,
+                    stage=stage,
+                ),
+                observer_pb2.RateResponse,
+            )
+        )
+
+    t = time.perf_counter()
+    feedback_calls = [
+        deps.call(
+            bus.AGENT_FEEDBACK,
+            agent_pb2.FeedbackRequest(
+                world_id=world_id,
+                agent_id=p,
+                round=round_,
+                question=question,
+                answer=draft.answer,
+                author_id=agent,
+            ),
+            agent_pb2.FeedbackResponse,
+        )
+        for p in partners
+    ]
+    results = await asyncio.gather(
+        rate(draft.answer, ALIGNMENT, "before"), rate(draft.answer, ENGAGEMENT, "before"), *feedback_calls
+    )
+    latency["feedback"] = time.perf_counter() - t
+    (align_before, t_ab), (engage_before, t_eb) = results[0], results[1]
+    latency["rate_before"] = max(t_ab, t_eb)
+    feedback_replies: list[agent_pb2.FeedbackResponse] = list(results[2:])
+    feedback: list[common_pb2.Feedback] = []
+    for partner, reply in zip(partners, feedback_replies):
+        fb = common_pb2.Feedback()
+        fb.CopyFrom(reply.feedback)
+        fb.partner_id = partner  # the requester knows who it asked, whatever the reply says
+        feedback.append(fb)
+
+    t = time.perf_counter()
+    revised: agent_pb2.ReviseResponse = await deps.call(
+        bus.AGENT_REVISE,
+        agent_pb2.ReviseRequest(
+            world_id=world_id,
+            agent_id=agent,
+            round=round_,
+            question=question,
+            draft_answer=draft.answer,
+            feedback=feedback,
+        ),
+        agent_pb2.ReviseResponse,
+    )
+    latency["revise"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    (align_after, _), (engage_after, _) = await asyncio.gather(
+        rate(revised.answer, ALIGNMENT, "after"), rate(revised.answer, ENGAGEMENT, "after")
+    )
+    latency["rate_after"] = time.perf_counter() - t
+
+    stats = [
+        draft.stats,
+        revised.stats,
+        align_before.stats,
+        engage_before.stats,
+        align_after.stats,
+        engage_after.stats,
+        *(r.stats for r in feedback_replies),
+    ]
+    record = common_pb2.InteractionRecord(
+        world_id=world_id,
+        round=round_,
+        agent_id=agent,
+        label=spec.labels[agent],
+        question=question,
+        draft_answer=draft.answer,
+        feedback=feedback,
+        revised_answer=revised.answer,
+        alignment_before=align_before.rating,
+        alignment_after=align_after.rating,
+        engagement_before=engage_before.rating,
+        engagement_after=engage_after.rating,
+        agent_model=spec.agent_model,
+        observer_model=spec.observer_model,
+        memories=draft.memories,
+        prompt_tokens=sum(s.prompt_tokens for s in stats),
+        completion_tokens=sum(s.completion_tokens for s in stats),
+    )
+
+    memory = common_pb2.MemoryBatch(
+        entries=[
+            common_pb2.MemoryEntry(
+                question=question,
+                answer=revised.answer,
+                question_embedding=embedding,
+                source="revised",
+                round=round_,
+            )
+        ]
+    )
+    await append_memory(deps.js, world_id, agent, memory, revision_msg_id(world_id, round_, agent))
+
+    latency["total"] = time.perf_counter() - started
+    for key, value in latency.items():
+        record.latency_seconds[key] = value
+    record.created_at = time.time()
+    await deps.js.publish(
+        bus.RECORDS_SUBJECT.format(world_id=world_id),
+        record.SerializeToString(),
+        headers={bus.MSG_ID_HEADER: record_msg_id(world_id, round_, agent)},
+    )
+    return record

@@ -1,0 +1,48 @@
+"""Entry of the world service for `stable-align serve world` and in-process runs.
+
+``build`` registers the NATS handlers (sandbox.world.create|get|list|cancel, queue group
+"world"), the gRPC WorldService, the background resume of unfinished worlds, and a stop hook
+that lets in-flight interactions finish before releasing this replica's worlds.
+"""
+
+from __future__ import annotations
+
+from services.world.grpc_api import SERVICE_NAME, WorldServicer
+from services.world.manager import WorldManager
+from services.world.settings import WorldSettings
+from stablealign import bus
+from stablealign.service import ServiceContext, ServiceParts
+from stablealign.v1 import world_pb2, world_pb2_grpc
+
+SETTINGS = WorldSettings
+
+
+async def build(ctx: ServiceContext) -> ServiceParts:
+    settings: WorldSettings = ctx.settings
+    manager = WorldManager(ctx.nc, ctx.js, settings)
+
+    async def create(req: world_pb2.CreateWorldRequest) -> world_pb2.World:
+        return await manager.create(req.spec)
+
+    async def get(req: world_pb2.GetWorldRequest) -> world_pb2.World:
+        return await manager.get(req.world_id)
+
+    async def list_worlds(req: world_pb2.ListWorldsRequest) -> world_pb2.ListWorldsResponse:
+        return world_pb2.ListWorldsResponse(worlds=await manager.list())
+
+    async def cancel(req: world_pb2.CancelWorldRequest) -> world_pb2.World:
+        return await manager.cancel(req.world_id)
+
+    await ctx.requests.add(bus.WORLD_CREATE, world_pb2.CreateWorldRequest, create, "CreateWorld")
+    await ctx.requests.add(bus.WORLD_GET, world_pb2.GetWorldRequest, get, "GetWorld")
+    await ctx.requests.add(bus.WORLD_LIST, world_pb2.ListWorldsRequest, list_worlds, "ListWorlds")
+    await ctx.requests.add(bus.WORLD_CANCEL, world_pb2.CancelWorldRequest, cancel, "CancelWorld")
+
+    async def stop() -> None:
+        await manager.shutdown(settings.shutdown_grace_seconds)
+
+    return ServiceParts(
+        grpc=[(world_pb2_grpc.add_WorldServiceServicer_to_server, WorldServicer(manager), SERVICE_NAME)],
+        on_stop=[stop],
+        background=[manager.resume_forever],
+    )

@@ -1,0 +1,141 @@
+"""The world service's operations (create, get, list, cancel) and its leadership of worlds.
+
+Both transports (NATS handlers in main.py, gRPC in grpc_api.py) call this one object. It keeps
+the runners of the worlds this replica leads and, in the background, takes over every
+unfinished world that nobody leads: its own after a restart (same instance name) and any
+other replica's whose heartbeat is older than the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from services.world.scheduler import WorldRunner
+from services.world.settings import WorldSettings
+from services.world.spec import resolve_spec
+from services.world.store import ACTIVE_STATES, WorldStore
+from stablealign.logs import get_logger
+from stablealign.v1 import world_pb2
+
+log = get_logger(__name__)
+
+
+class WorldManager:
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: WorldSettings) -> None:
+        self.nc, self.js, self.settings = nc, js, settings
+        self.store = WorldStore(js)
+        self.owner = settings.owner
+        self.runners: dict[str, WorldRunner] = {}
+        self._closed = False
+
+    # --- operations ---------------------------------------------------------------------------
+
+    async def create(self, spec: world_pb2.WorldSpec) -> world_pb2.World:
+        """Validates and resolves the spec, stores the world PENDING and starts it; returns at once."""
+        resolved = await asyncio.to_thread(resolve_spec, spec, self.settings)
+        now = time.time()
+        world = world_pb2.World(
+            spec=resolved,
+            state=world_pb2.WORLD_STATE_PENDING,
+            created_at=now,
+            updated_at=now,
+            owner=self.owner,
+        )
+        await self.store.create(world)
+        log.info(
+            "world.created",
+            extra={
+                "world_id": resolved.world_id,
+                "size": resolved.size,
+                "rounds": resolved.rounds,
+                "setting": resolved.setting,
+                "agent_backend": resolved.agent_model.backend,
+            },
+        )
+        self._start(world)
+        return world
+
+    async def get(self, world_id: str) -> world_pb2.World:
+        world, _ = await self.store.get(world_id)
+        return world
+
+    async def list(self) -> list[world_pb2.World]:
+        return await self.store.list()
+
+    async def cancel(self, world_id: str) -> world_pb2.World:
+        """Stops scheduling a world (in-flight interactions finish); a finished world is returned as is."""
+        runner = self.runners.get(world_id)
+        if runner:
+            runner.cancel()
+
+        def cancelled(world: world_pb2.World) -> None:
+            if world.state in ACTIVE_STATES:
+                world.state = world_pb2.WORLD_STATE_CANCELLED
+
+        world, _ = await self.store.get(world_id)
+        if world.state not in ACTIVE_STATES:
+            return world
+        world = await self.store.update(world_id, cancelled)
+        log.info("world.cancel_requested", extra={"world_id": world_id, "local": runner is not None})
+        return world
+
+    # --- leadership ---------------------------------------------------------------------------
+
+    def _start(self, world: world_pb2.World) -> WorldRunner:
+        world_id = world.spec.world_id
+        runner = WorldRunner(world, nc=self.nc, js=self.js, store=self.store, settings=self.settings)
+        self.runners[world_id] = runner
+        task = runner.start()
+
+        def forget(_task: asyncio.Task) -> None:
+            if self.runners.get(world_id) is runner:
+                del self.runners[world_id]
+
+        task.add_done_callback(forget)
+        return runner
+
+    async def resume_once(self) -> list[str]:
+        """Takes over every unfinished world that is ours or orphaned; returns their ids."""
+        resumed = []
+        for world in await self.store.list():
+            world_id = world.spec.world_id
+            if self._closed or world.state not in ACTIVE_STATES or world_id in self.runners:
+                continue
+            acquired = await self.store.try_acquire(world_id, self.owner, self.settings.lease_seconds)
+            if acquired is None or world_id in self.runners or self._closed:
+                continue
+            log.info(
+                "world.resuming",
+                extra={
+                    "world_id": world_id,
+                    "owner": self.owner,
+                    "completed_rounds": acquired.completed_rounds,
+                    "state": world_pb2.WorldState.Name(acquired.state),
+                },
+            )
+            self._start(acquired)
+            resumed.append(world_id)
+        return resumed
+
+    async def resume_forever(self) -> None:
+        """Background task: resume at start, then look for orphaned worlds every resume interval."""
+        while not self._closed:
+            try:
+                await self.resume_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - NATS hiccup: look again next time
+                log.warning("world.resume_scan_failed", extra={"error": repr(exc)})
+            await asyncio.sleep(self.settings.resume_interval)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stops every runner: in-flight interactions get ``grace`` seconds, then leases are released."""
+        self._closed = True
+        runners = list(self.runners.values())
+        if runners:
+            log.info("world.shutdown", extra={"worlds": len(runners), "grace_s": grace})
+            await asyncio.gather(*(r.shutdown(grace) for r in runners), return_exceptions=True)

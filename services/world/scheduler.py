@@ -1,0 +1,365 @@
+"""Runs one world: prior setup, then rounds of concurrent interactions, with progress in KV.
+
+A round gives every agent one interaction, all in flight at once up to the spec's concurrency;
+round r+1 starts only after every record of round r is published, because an agent's draft in
+r+1 must see the revision it wrote in r. After each round a RoundSummary and the progress go to
+the World in SANDBOX_WORLDS, which is what a restarted replica resumes from: the records already
+in the stream say which (round, agent) pairs are done, and the rest are (re)run — idempotent by
+message id, so an interaction cut off between its memory append and its record is simply redone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from typing import Sequence
+
+import numpy as np
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from services.world import grid, metrics
+from services.world.interaction import InteractionDeps, run_interaction
+from services.world.prior import seed_prior
+from services.world.settings import WorldSettings
+from services.world.store import LeaseLostError, WorldStore
+from stablealign import bus, data
+from stablealign.errors import StableAlignError
+from stablealign.logs import get_logger
+from stablealign.v1 import common_pb2, world_pb2
+
+log = get_logger(__name__)
+
+CANCELLED = world_pb2.WORLD_STATE_CANCELLED
+
+
+class InteractionFailedError(StableAlignError):
+    """An interaction still failed after settings.interaction_attempts tries."""
+
+
+RATING_FIELDS = ("alignment_before", "alignment_after", "engagement_before", "engagement_after")
+Scores = tuple  # (alignment_before, alignment_after, engagement_before, engagement_after), each int | None
+
+
+def scores_of(record: common_pb2.InteractionRecord) -> Scores:
+    """The four observer ratings of a record; all a round summary needs (records are not kept)."""
+    return tuple(
+        getattr(record, f).score if getattr(record, f).HasField("score") else None for f in RATING_FIELDS
+    )
+
+
+def summarize(round_: int, scores: Sequence[Scores], duration: float) -> world_pb2.RoundSummary:
+    """Population means over the ratings that are present (0.0 when none is); absent ones are counted."""
+
+    def mean(i: int) -> float:
+        present = [s[i] for s in scores if s[i] is not None]
+        return float(np.mean(present)) if present else 0.0
+
+    return world_pb2.RoundSummary(
+        round=round_,
+        interactions=len(scores),
+        mean_alignment_before=mean(0),
+        mean_alignment_after=mean(1),
+        mean_engagement_before=mean(2),
+        mean_engagement_after=mean(3),
+        missing_ratings=sum(1 for s in scores for x in s if x is None),
+        duration_seconds=duration,
+    )
+
+
+async def published_scores(js: JetStreamContext, world_id: str) -> dict[int, dict[int, Scores]]:
+    """What the stream already holds for a world, by round then agent (dedup: each pair once)."""
+    messages = await bus.read_subject(
+        js, bus.RECORDS_STREAM, bus.RECORDS_SUBJECT.format(world_id=world_id), timeout=120.0
+    )
+    out: dict[int, dict[int, Scores]] = {}
+    for _, msg in messages:
+        record = common_pb2.InteractionRecord()
+        record.ParseFromString(msg.data)
+        out.setdefault(record.round, {})[record.agent_id] = scores_of(record)
+    return out
+
+
+class WorldRunner:
+    """The leader's loop for one world. ``task`` runs :meth:`run`; see :meth:`cancel` and :meth:`shutdown`."""
+
+    def __init__(
+        self,
+        world: world_pb2.World,
+        *,
+        nc: NATS,
+        js: JetStreamContext,
+        store: WorldStore,
+        settings: WorldSettings,
+    ) -> None:
+        self.world = world
+        self.spec = world.spec
+        self.world_id = world.spec.world_id
+        self.nc, self.js, self.store, self.settings = nc, js, store, settings
+        self.owner = settings.owner
+        self.published = int(world.records_published)
+        self._cancel = asyncio.Event()  # the user cancelled: finish in-flight work, then CANCELLED
+        self._stopping = asyncio.Event()  # this replica stops: finish in-flight work, leave the world RUNNING
+        self.task: asyncio.Task | None = None
+
+    # --- control --------------------------------------------------------------------------------
+
+    def start(self) -> asyncio.Task:
+        self.task = asyncio.create_task(self.run(), name=f"world-{self.world_id}")
+        return self.task
+
+    def cancel(self) -> None:
+        """Stops scheduling new interactions; in-flight ones finish; the world ends CANCELLED."""
+        self._cancel.set()
+
+    async def shutdown(self, grace: float) -> None:
+        """This replica stops: no new interactions, ``grace`` seconds for in-flight ones, then
+        the lease is released so that another replica resumes the world at once."""
+        self._stopping.set()
+        if self.task and not self.task.done():
+            await asyncio.wait({self.task}, timeout=grace)
+            if not self.task.done():
+                self.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self.task
+        with contextlib.suppress(Exception):
+            await self.store.update(self.world_id, self._release)
+
+    def _release(self, world: world_pb2.World) -> None:
+        if world.owner != self.owner:
+            raise LeaseLostError(f"world {self.world_id} is owned by {world.owner}")
+        world.owner = ""  # no owner: any replica may take it over at once, without waiting for the lease
+        world.records_published = max(world.records_published, self.published)
+
+    @property
+    def halted(self) -> bool:
+        return self._cancel.is_set() or self._stopping.is_set()
+
+    # --- KV writes ----------------------------------------------------------------------------
+
+    def _own(self, world: world_pb2.World) -> None:
+        """Common part of every write: still ours? cancelled by someone else? progress."""
+        if world.owner != self.owner:
+            raise LeaseLostError(f"world {self.world_id} is owned by {world.owner or 'nobody'} now")
+        if world.state == CANCELLED:
+            self._cancel.set()
+        world.records_published = max(world.records_published, self.published)
+
+    async def _write(self, mutate=None) -> world_pb2.World:
+        def apply(world: world_pb2.World) -> None:
+            self._own(world)
+            if mutate:
+                mutate(world)
+
+        self.world = await self.store.update(self.world_id, apply)
+        return self.world
+
+    async def _heartbeat(self) -> None:
+        """Writes the lease heartbeat, and progress (records_published) when it moved, so that
+        GetWorld shows a live count without a KV write per record."""
+        beat = self.settings.heartbeat_interval
+        tick = min(beat, self.settings.progress_seconds) if self.settings.progress_seconds > 0 else beat
+        last_beat, last_published = time.monotonic(), self.published
+        while True:
+            await asyncio.sleep(tick)
+            if time.monotonic() - last_beat < beat and self.published == last_published:
+                continue
+            try:
+                last_published = self.published
+                await self._write()
+                last_beat = time.monotonic()
+            except LeaseLostError:
+                log.warning("world.lease_lost", extra={"world_id": self.world_id, "owner": self.owner})
+                if self.task:
+                    self.task.cancel()
+                return
+            except Exception as exc:  # noqa: BLE001 - NATS hiccup: try again next beat
+                log.warning("world.heartbeat_failed", extra={"world_id": self.world_id, "error": repr(exc)})
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        metrics.WORLDS_RUNNING.inc()
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._run()
+        except LeaseLostError:
+            log.warning("world.lease_lost", extra={"world_id": self.world_id, "owner": self.owner})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the world goes FAILED with the reason, never silently
+            message = str(exc) if isinstance(exc, StableAlignError) else f"{type(exc).__name__}: {exc}"
+            log.exception("world.failed", extra={"world_id": self.world_id, "error": message})
+            with contextlib.suppress(Exception):
+                await self._write(lambda w: _finish(w, world_pb2.WORLD_STATE_FAILED, message))
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await heartbeat
+            metrics.WORLDS_RUNNING.dec()
+
+    async def _run(self) -> None:
+        spec = self.spec
+        if self.world.state == world_pb2.WORLD_STATE_PENDING:
+            seconds = await seed_prior(self.js, spec, chunk=self.settings.prior_publish_chunk)
+            metrics.SETUP_SECONDS.observe(seconds)
+
+            def started(world: world_pb2.World) -> None:
+                if world.state != CANCELLED:
+                    world.state = world_pb2.WORLD_STATE_RUNNING
+                world.setup_seconds = seconds
+
+            await self._write(started)
+        done = await published_scores(self.js, self.world_id)
+        self.published = sum(len(v) for v in done.values())
+        pool = await asyncio.to_thread(data.load_questions, spec.questions_path or None)
+        from stablealign.backends import get_embedder
+
+        deps = InteractionDeps(self.nc, self.js, self.settings, get_embedder(spec.embedding_model))
+        log.info(
+            "world.running",
+            extra={
+                "world_id": self.world_id,
+                "owner": self.owner,
+                "from_round": self.world.completed_rounds,
+                "published": self.published,
+            },
+        )
+        for round_ in range(self.world.completed_rounds, spec.rounds):
+            if self.halted:
+                break
+            started_at = time.perf_counter()
+            scores = await self._run_round(deps, pool, round_, done.pop(round_, {}))
+            if scores is None:
+                break
+            duration = time.perf_counter() - started_at
+            summary = summarize(round_, scores, duration)
+
+            def completed_round(world: world_pb2.World, summary=summary, round_=round_) -> None:
+                if world.completed_rounds <= round_:
+                    world.rounds.append(summary)
+                    world.completed_rounds = round_ + 1
+
+            await self._write(completed_round)
+            metrics.ROUND_SECONDS.observe(duration)
+            metrics.ROUNDS_COMPLETED.inc()
+            metrics.ALIGNMENT_SCORE.labels("before").set(summary.mean_alignment_before)
+            metrics.ALIGNMENT_SCORE.labels("after").set(summary.mean_alignment_after)
+            log.info(
+                "world.round_done",
+                extra={
+                    "world_id": self.world_id,
+                    "round": round_,
+                    "seconds": round(duration, 3),
+                    "alignment_before": round(summary.mean_alignment_before, 3),
+                    "alignment_after": round(summary.mean_alignment_after, 3),
+                    "missing": summary.missing_ratings,
+                },
+            )
+        if self._stopping.is_set() and not self._cancel.is_set():
+            return  # this replica stops; the world stays RUNNING for the next owner
+        if self._cancel.is_set():
+            await self._write(lambda w: _finish(w, CANCELLED, w.error))
+            log.info("world.cancelled", extra={"world_id": self.world_id, "published": self.published})
+        else:
+            await self._write(lambda w: _finish(w, world_pb2.WORLD_STATE_COMPLETED, ""))
+            log.info("world.completed", extra={"world_id": self.world_id, "published": self.published})
+
+    async def _run_round(
+        self, deps: InteractionDeps, pool: Sequence[str], round_: int, done: dict[int, Scores]
+    ) -> list[Scores] | None:
+        """Every agent's interaction of a round; None when halted before all were published.
+
+        A fixed pool of workers (the round's concurrency) pulls agent ids from one iterator, so
+        a round of a million agents holds ``concurrency`` coroutines, not a million. The first
+        interaction that fails for good stops the others from taking new work.
+        """
+        n = self.spec.size * self.spec.size
+        scores: dict[int, Scores] = dict(done)
+        todo = [a for a in range(n) if a not in done]
+        limit = self.spec.concurrency or n
+        if self.settings.max_interaction_concurrency:
+            limit = min(limit, self.settings.max_interaction_concurrency)
+        pending = iter(todo)
+        failed = asyncio.Event()
+
+        async def worker() -> None:
+            for agent in pending:
+                if self.halted or failed.is_set():
+                    return
+                try:
+                    record = await self._interact(deps, pool, round_, agent)
+                except InteractionFailedError:
+                    failed.set()
+                    raise
+                scores[agent] = scores_of(record)
+                self.published += 1
+
+        results = await asyncio.gather(
+            *(worker() for _ in range(max(1, min(limit, len(todo))))), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise failures[0]
+        if len(scores) < n:
+            return None
+        return [scores[a] for a in range(n)]
+
+    async def _interact(
+        self, deps: InteractionDeps, pool: Sequence[str], round_: int, agent: int
+    ) -> common_pb2.InteractionRecord:
+        """One interaction, retried as a whole; raises InteractionFailedError after the last try."""
+        spec = self.spec
+        question = grid.pick_question(pool, seed=spec.seed, round_=round_, agent=agent)
+        hood = grid.neighbours(agent, spec.size, spec.radius)
+        partners = grid.pick_partners(
+            agent,
+            spec.size,
+            hood,
+            partners=spec.partners,
+            seed=spec.seed,
+            round_=round_,
+            global_probability=spec.global_partner_probability,
+        )
+        attempts = self.settings.interaction_attempts
+        for attempt in range(1, attempts + 1):
+            started = time.perf_counter()
+            try:
+                record = await run_interaction(deps, spec, round_, agent, question, partners)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retried as a whole, then the world fails loudly
+                reason = str(exc) if isinstance(exc, StableAlignError) else f"{type(exc).__name__}: {exc}"
+                if attempt >= attempts:
+                    metrics.INTERACTIONS.labels("failed").inc()
+                    where = f"round {round_} agent {agent}"
+                    raise InteractionFailedError(
+                        f"{where}: interaction failed after {attempts} attempts: {reason}"
+                    ) from exc
+                metrics.INTERACTIONS.labels("retry").inc()
+                log.warning(
+                    "world.interaction_retry",
+                    extra={
+                        "world_id": self.world_id,
+                        "round": round_,
+                        "agent_id": agent,
+                        "attempt": attempt,
+                        "error": reason,
+                    },
+                )
+                await asyncio.sleep(min(5.0, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+                continue
+            metrics.INTERACTIONS.labels("published").inc()
+            metrics.INTERACTION_SECONDS.observe(time.perf_counter() - started)
+            return record
+        raise AssertionError("unreachable")
+
+
+def _finish(world: world_pb2.World, state: int, error: str) -> None:
+    """Final state; a CANCELLED world stays CANCELLED (the user's word wins over completion)."""
+    if world.state == CANCELLED and state != world_pb2.WORLD_STATE_FAILED:
+        return
+    world.state = state
+    world.error = error

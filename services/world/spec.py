@@ -1,0 +1,154 @@
+"""Validation of a WorldSpec and resolution of every default, once, at CreateWorld.
+
+The resolved spec is what goes into the SANDBOX_WORLDS bucket: the agent and observer services
+read radius, models, retrieval settings and one label per agent from it without knowing any
+default, and a resumed world runs on exactly the values it started with, even if the service's
+defaults changed in between.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from services.world import grid
+from services.world.settings import WorldSettings
+from stablealign import data
+from stablealign.errors import ValidationError
+from stablealign.v1 import common_pb2, world_pb2
+
+MAX_SIZE = 1000
+MAX_ROUNDS = 100_000
+DEFAULT_PARTNERS = 4
+DEFAULT_PRIOR_SIZE = 50
+DEFAULT_RETRIEVAL_K = 3
+DEFAULT_RETRIEVAL_THRESHOLD = 0.3
+BACKENDS = ("offline", "openai", "tgi", "hf")
+# Model names when a spec names only the backend (the backends package uses the same ones).
+DEFAULT_CHAT_MODELS = {"offline": "offline-deterministic", "openai": "gpt-4o-mini", "tgi": "tgi"}
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_OPENAI_EMBEDDING_MODEL = "text-embedding-3-small"
+WORLD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def new_world_id() -> str:
+    return f"w-{secrets.token_hex(6)}"
+
+
+def _chat_model(
+    ref: common_pb2.ModelRef, role: str, backend: str, model: str, url: str
+) -> common_pb2.ModelRef:
+    out = common_pb2.ModelRef()
+    out.CopyFrom(ref)
+    if not out.backend:
+        out.backend = backend
+        out.model = out.model or model
+        out.url = out.url or url
+    if out.backend not in BACKENDS:
+        raise ValidationError(
+            f"{role}.backend {out.backend!r} is unknown; expected one of {', '.join(BACKENDS)}"
+        )
+    if not out.model:
+        if out.backend == "hf":
+            raise ValidationError(f"{role}: the hf backend needs a model path")
+        out.model = DEFAULT_CHAT_MODELS[out.backend]
+    if out.backend == "tgi" and not out.url:
+        raise ValidationError(f"{role}: the tgi backend needs the server's url")
+    return out
+
+
+def _embedding_model(ref: common_pb2.ModelRef, settings: WorldSettings) -> common_pb2.ModelRef:
+    out = common_pb2.ModelRef()
+    out.CopyFrom(ref)
+    if not out.backend:
+        out.backend = settings.embedding_backend
+        out.model = out.model or settings.embedding_model
+        out.url = out.url or settings.embedding_url
+    if out.backend not in BACKENDS:
+        raise ValidationError(
+            f"embedding_model.backend {out.backend!r} is unknown; expected one of {', '.join(BACKENDS)}"
+        )
+    if not out.model:
+        out.model = DEFAULT_OPENAI_EMBEDDING_MODEL if out.backend == "openai" else DEFAULT_EMBEDDING_MODEL
+    return out
+
+
+def resolve_spec(
+    spec: world_pb2.WorldSpec, settings: WorldSettings | None = None, *, check_files: bool = True
+) -> world_pb2.WorldSpec:
+    """A copy of ``spec`` with every default filled in; ValidationError names the bad field.
+
+    Defaults: world_id generated; setting half_half (custom when only labels are given);
+    radius S // 2; partners 4; prior_size 50; retrieval_k 3, threshold 0.3; backends and models
+    from the service settings. ``check_files`` also opens the prior and question files so that
+    a wrong path fails CreateWorld rather than the world later.
+    """
+    settings = settings or WorldSettings()
+    out = world_pb2.WorldSpec()
+    out.CopyFrom(spec)
+    if not out.world_id:
+        out.world_id = new_world_id()
+    elif not WORLD_ID.match(out.world_id):
+        raise ValidationError(f"world_id {out.world_id!r} must be 1-64 letters, digits, '-' or '_'")
+    if not 1 <= out.size <= MAX_SIZE:
+        raise ValidationError(f"size must be in 1..{MAX_SIZE}, got {out.size}")
+    if not 1 <= out.rounds <= MAX_ROUNDS:
+        raise ValidationError(f"rounds must be in 1..{MAX_ROUNDS}, got {out.rounds}")
+    if not out.setting:
+        out.setting = "custom" if len(out.labels) else grid.DEFAULT_SETTING
+    if out.setting not in grid.SETTINGS:
+        raise ValidationError(f"unknown setting {out.setting!r}; expected one of {', '.join(grid.SETTINGS)}")
+    labels = grid.make_labels(out.setting, out.size, out.seed, list(out.labels))
+    if out.setting != "custom" and len(out.labels) and list(out.labels) != labels:
+        # (equal labels are the resolved spec itself, resolved again)
+        raise ValidationError(f"labels are only allowed with setting custom (setting is {out.setting!r})")
+    del out.labels[:]
+    out.labels.extend(labels)
+    if not out.radius >= 0:  # also rejects NaN
+        raise ValidationError(f"radius must be >= 0, got {out.radius}")
+    if out.radius == 0:
+        out.radius = grid.default_radius(out.size)
+    if not 0.0 <= out.global_partner_probability <= 1.0:
+        raise ValidationError(
+            f"global_partner_probability must be in [0, 1], got {out.global_partner_probability}"
+        )
+    if out.partners < 0:
+        raise ValidationError(f"partners must be >= 0 (0: {DEFAULT_PARTNERS}), got {out.partners}")
+    out.partners = out.partners or DEFAULT_PARTNERS
+    if out.concurrency < 0:
+        raise ValidationError(f"concurrency must be >= 0 (0: all agents of a round), got {out.concurrency}")
+    if out.prior_size < -1:
+        raise ValidationError(f"prior_size must be >= 0 (-1: {DEFAULT_PRIOR_SIZE}), got {out.prior_size}")
+    if out.prior_size == -1:
+        out.prior_size = DEFAULT_PRIOR_SIZE
+    if out.retrieval_k < 0:
+        raise ValidationError(f"retrieval_k must be >= 0 (0: {DEFAULT_RETRIEVAL_K}), got {out.retrieval_k}")
+    out.retrieval_k = out.retrieval_k or DEFAULT_RETRIEVAL_K
+    if not 0.0 <= out.retrieval_threshold <= 2.0:
+        raise ValidationError(
+            f"retrieval_threshold (a cosine distance) must be in [0, 2], got {out.retrieval_threshold}"
+        )
+    out.retrieval_threshold = out.retrieval_threshold or DEFAULT_RETRIEVAL_THRESHOLD
+    out.agent_model.CopyFrom(
+        _chat_model(
+            out.agent_model, "agent_model", settings.agent_backend, settings.agent_model, settings.agent_url
+        )
+    )
+    out.observer_model.CopyFrom(
+        _chat_model(
+            out.observer_model,
+            "observer_model",
+            settings.observer_backend,
+            settings.observer_model,
+            settings.observer_url,
+        )
+    )
+    out.embedding_model.CopyFrom(_embedding_model(out.embedding_model, settings))
+    if check_files:
+        pairs = data.load_hh_pairs(out.prior_path or None)
+        if out.prior_size > len(pairs):
+            raise ValidationError(
+                f"prior_size {out.prior_size} exceeds the {len(pairs)} pairs of the prior file"
+            )
+        data.load_questions(out.questions_path or None)
+    return out

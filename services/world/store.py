@@ -1,0 +1,150 @@
+"""World state in the SANDBOX_WORLDS key-value bucket: the source of truth for every replica.
+
+Every write is compare-and-set on the key's revision (``kv.update(key, value, last=rev)``):
+a mutation is re-applied to the latest value when another writer got in first. That is what
+makes one leader per world safe — a replica takes a world over only if its write lands on the
+revision it read — and what lets CancelWorld, received by any replica, reach the owner: the
+owner's next write sees state CANCELLED.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from services.world.spec import WORLD_ID
+from stablealign import bus
+from stablealign.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
+from stablealign.logs import get_logger
+from stablealign.v1 import world_pb2
+
+log = get_logger(__name__)
+
+ACTIVE_STATES = (world_pb2.WORLD_STATE_PENDING, world_pb2.WORLD_STATE_RUNNING)
+FINAL_STATES = (
+    world_pb2.WORLD_STATE_COMPLETED,
+    world_pb2.WORLD_STATE_CANCELLED,
+    world_pb2.WORLD_STATE_FAILED,
+)
+CAS_ATTEMPTS = 20
+
+
+class LeaseLostError(ConflictError):
+    """Another replica owns the world now; this one must stop running it."""
+
+
+Mutation = Callable[[world_pb2.World], None]
+
+
+class WorldStore:
+    """Reads and compare-and-set writes of World messages, keyed by world id."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+        self._kv: KeyValue | None = None
+
+    async def kv(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self.js.key_value(bus.WORLDS_BUCKET)
+        return self._kv
+
+    @staticmethod
+    def _check_id(world_id: str) -> None:
+        if not world_id:
+            raise ValidationError("world_id is required")
+        if not WORLD_ID.match(world_id):
+            raise ValidationError(f"world_id {world_id!r} must be 1-64 letters, digits, '-' or '_'")
+
+    async def create(self, world: world_pb2.World) -> int:
+        """Stores a new world; ConflictError if the id is taken. Returns the revision."""
+        kv = await self.kv()
+        try:
+            return await kv.create(world.spec.world_id, world.SerializeToString())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise ConflictError(f"world {world.spec.world_id} exists already") from None
+
+    async def get(self, world_id: str) -> tuple[world_pb2.World, int]:
+        """The world and its revision; NotFoundError if unknown."""
+        self._check_id(world_id)
+        kv = await self.kv()
+        try:
+            entry = await kv.get(world_id)
+        except nats.js.errors.KeyNotFoundError:
+            raise NotFoundError(f"unknown world {world_id}") from None
+        world = world_pb2.World()
+        world.ParseFromString(entry.value or b"")
+        return world, int(entry.revision or 0)
+
+    async def list(self, timeout: float = 10.0) -> list[world_pb2.World]:
+        """Every world in the bucket (one watcher pass, not one get per key), by creation time."""
+        kv = await self.kv()
+        watcher = await kv.watchall(ignore_deletes=True)
+        worlds: list[world_pb2.World] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise UnavailableError("timed out listing worlds")
+                try:
+                    entry = await watcher.updates(timeout=remaining)
+                except nats.errors.TimeoutError:
+                    raise UnavailableError("timed out listing worlds") from None
+                if entry is None:
+                    break
+                world = world_pb2.World()
+                world.ParseFromString(entry.value or b"")
+                worlds.append(world)
+                if not entry.delta:  # nothing pending: that was the last key
+                    break
+        finally:
+            await watcher.stop()
+        worlds.sort(key=lambda w: (w.created_at, w.spec.world_id))
+        return worlds
+
+    async def update(self, world_id: str, mutate: Mutation) -> world_pb2.World:
+        """Applies ``mutate`` to the latest World and writes it if nobody wrote in between.
+
+        On a conflict the mutation is re-applied to the newer value (bounded attempts);
+        ``mutate`` may raise (e.g. LeaseLostError) to abort without writing.
+        """
+        kv = await self.kv()
+        for _ in range(CAS_ATTEMPTS):
+            world, revision = await self.get(world_id)
+            mutate(world)
+            world.updated_at = time.time()
+            try:
+                await kv.update(world_id, world.SerializeToString(), last=revision)
+                return world
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+        raise UnavailableError(f"world {world_id}: too many concurrent updates")
+
+    async def try_acquire(self, world_id: str, owner: str, lease_seconds: float) -> world_pb2.World | None:
+        """Takes over an unfinished world if it is ours or its owner's heartbeat is stale.
+
+        Atomic: the write is on the revision that was read, so of two replicas racing for a
+        world exactly one wins. Returns the world when this replica now owns it, else None.
+        """
+        kv = await self.kv()
+        world, revision = await self.get(world_id)
+        if world.state not in ACTIVE_STATES:
+            return None
+        stale = time.time() - world.updated_at > lease_seconds
+        if world.owner and world.owner != owner and not stale:
+            return None
+        previous = world.owner
+        world.owner = owner
+        world.updated_at = time.time()
+        try:
+            await kv.update(world_id, world.SerializeToString(), last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+        if previous != owner:
+            log.info("world.taken_over", extra={"world_id": world_id, "owner": owner, "previous": previous})
+        return world

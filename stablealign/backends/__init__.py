@@ -1,0 +1,159 @@
+"""LLM backends behind one interface, built from a ``ModelRef`` and shared per process.
+
+``make_chat_backend`` / ``make_embedder`` build a new backend from a ``common_pb2.ModelRef``
+(backend, model, url). ``get_chat_backend`` / ``get_embedder`` return a process-wide instance per
+(backend, model, url), so every world and handler of a service shares one HTTP connection pool,
+one concurrency limit and one loaded model; ``close_backends`` releases them at shutdown.
+
+Backends: ``offline`` (deterministic, no network), ``openai`` (official SDK, any OpenAI-compatible
+server), ``tgi`` (text-generation-inference), ``hf`` (transformers in-process from a local path).
+Embedders: ``openai`` embeddings for the openai backend; ``hashing`` when the model is named
+``hashing``; else all-MiniLM-L6-v2 in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from typing import Any
+
+from stablealign.backends.base import (
+    ChatBackend,
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    Embedder,
+    RetryableBackendError,
+    RetryPolicy,
+    normalise_rows,
+)
+from stablealign.errors import ConfigError, ValidationError
+from stablealign.logs import get_logger
+from stablealign.v1 import common_pb2
+
+log = get_logger(__name__)
+
+BACKENDS = ("offline", "openai", "tgi", "hf")
+DEFAULT_CHAT_MODELS = {"offline": "offline-deterministic", "openai": "gpt-4o-mini", "tgi": "tgi"}
+OPENAI_CHAT_MODEL_ENV = "STABLEALIGN_OPENAI_CHAT_MODEL"
+
+__all__ = [
+    "BACKENDS", "ChatBackend", "ChatMessage", "ChatRequest", "Completion", "Embedder", "RetryPolicy",
+    "RetryableBackendError", "close_backends", "default_chat_model", "get_chat_backend", "get_embedder",
+    "make_chat_backend", "make_embedder", "normalise_rows",
+]
+
+
+def _backend_name(ref: common_pb2.ModelRef) -> str:
+    name = (ref.backend or "").strip().lower()
+    if name not in BACKENDS:
+        raise ValidationError(f"unknown backend {ref.backend!r}; valid backends: {', '.join(BACKENDS)}")
+    return name
+
+
+def default_chat_model(backend: str) -> str:
+    """The chat model used when a ModelRef names none (openai: $STABLEALIGN_OPENAI_CHAT_MODEL)."""
+    if backend == "openai":
+        return os.environ.get(OPENAI_CHAT_MODEL_ENV) or DEFAULT_CHAT_MODELS["openai"]
+    if backend == "hf":
+        raise ConfigError("hf backend needs a model path (ModelRef.model = a local save_pretrained directory)")
+    return DEFAULT_CHAT_MODELS[backend]
+
+
+def make_chat_backend(ref: common_pb2.ModelRef, *, max_concurrency: int = 64) -> ChatBackend:
+    """A new chat backend for ``ref``; ValidationError for an unknown backend, ConfigError for bad settings."""
+    backend = _backend_name(ref)
+    model = ref.model.strip() or default_chat_model(backend)
+    url = ref.url.strip() or None
+    if backend == "offline":
+        from stablealign.backends.offline import OfflineChatBackend
+
+        return OfflineChatBackend(model, max_concurrency=max(max_concurrency, 1024))
+    if backend == "openai":
+        from stablealign.backends.openai_backend import OpenAIChatBackend
+
+        return OpenAIChatBackend(model, base_url=url, max_concurrency=max_concurrency)
+    if backend == "tgi":
+        from stablealign.backends.tgi import TGIChatBackend
+
+        if url is None:
+            raise ConfigError("tgi backend needs the server's URL (ModelRef.url, e.g. http://tgi:80)")
+        return TGIChatBackend(url, model, max_concurrency=max_concurrency)
+    from stablealign.backends.hf import HFChatBackend
+
+    return HFChatBackend(model, max_concurrency=max_concurrency)
+
+
+def make_embedder(ref: common_pb2.ModelRef) -> Embedder:
+    """openai -> OpenAIEmbedder; model "hashing" -> HashingEmbedder; otherwise all-MiniLM-L6-v2."""
+    from stablealign.backends.embeddings import HASHING_MODEL, MINILM_MODEL, HashingEmbedder, MiniLMEmbedder
+
+    backend = _backend_name(ref)
+    model = ref.model.strip()
+    if model == HASHING_MODEL:
+        return HashingEmbedder()
+    if backend == "openai":
+        from stablealign.backends.openai_backend import DEFAULT_EMBEDDING_MODEL, OpenAIEmbedder
+
+        return OpenAIEmbedder(model or DEFAULT_EMBEDDING_MODEL, base_url=ref.url.strip() or None)
+    return MiniLMEmbedder(MINILM_MODEL)
+
+
+_LOCK = threading.Lock()
+# Per event loop: a backend holds asyncio primitives and HTTP connection pools bound to the loop
+# that first used them (tests and `stable-align run` may run several loops one after another).
+_CACHES: weakref.WeakKeyDictionary[Any, dict[str, dict[tuple[str, str, str], Any]]] = weakref.WeakKeyDictionary()
+_NO_LOOP: dict[str, dict[tuple[str, str, str], Any]] = {"chat": {}, "embed": {}}
+
+
+def _key(ref: common_pb2.ModelRef) -> tuple[str, str, str]:
+    return ((ref.backend or "").strip().lower(), ref.model.strip(), ref.url.strip())
+
+
+def _cache() -> dict[str, dict[tuple[str, str, str], Any]]:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return _NO_LOOP
+    cache = _CACHES.get(loop)
+    if cache is None:
+        cache = _CACHES[loop] = {"chat": {}, "embed": {}}
+    return cache
+
+
+def get_chat_backend(ref: common_pb2.ModelRef) -> ChatBackend:
+    """The process-wide (per event loop) chat backend for (backend, model, url), built on first use."""
+    key = _key(ref)
+    with _LOCK:
+        cache = _cache()["chat"]
+        backend = cache.get(key)
+        if backend is None:
+            backend = cache[key] = make_chat_backend(ref)
+        return backend
+
+
+def get_embedder(ref: common_pb2.ModelRef) -> Embedder:
+    """The process-wide (per event loop) embedder for (backend, model, url), built on first use."""
+    key = _key(ref)
+    with _LOCK:
+        cache = _cache()["embed"]
+        embedder = cache.get(key)
+        if embedder is None:
+            embedder = cache[key] = make_embedder(ref)
+        return embedder
+
+
+async def close_backends() -> None:
+    """Closes and forgets the cached backends and embedders of this event loop (at service shutdown)."""
+    with _LOCK:
+        cache = _cache()
+        items: list[ChatBackend | Embedder] = [*cache["chat"].values(), *cache["embed"].values()]
+        cache["chat"].clear()
+        cache["embed"].clear()
+    for item in items:
+        try:
+            await item.aclose()
+        except Exception as exc:  # noqa: BLE001 - shutdown goes on
+            log.warning("backend.close_failed", extra={"backend": item.name, "error": str(exc)[:200]})

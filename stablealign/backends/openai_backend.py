@@ -1,0 +1,179 @@
+"""OpenAI (and any OpenAI-compatible server: vLLM, TGI's /v1, llama.cpp...) through the official SDK.
+
+The SDK's own retries are switched off (``max_retries=0``): ``ChatBackend`` retries with full
+jitter under its concurrency limit, and counts every attempt in Prometheus, so there is one retry
+policy for every backend. Failures are sorted here: 429, 5xx, timeouts and dropped connections
+are worth another attempt (``RetryableBackendError``); any other 4xx is the caller's fault and
+is final (``BackendError`` carrying the status).
+
+Settings come from the SDK's own environment variables (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``)
+unless given explicitly, so pointing the project at another server needs no new flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import openai
+
+from stablealign import metrics
+from stablealign.backends.base import (
+    ChatBackend,
+    ChatRequest,
+    Completion,
+    Embedder,
+    RetryableBackendError,
+    RetryPolicy,
+    normalise_rows,
+)
+from stablealign.backends.template import count_tokens
+from stablealign.errors import BackendError, ConfigError
+from stablealign.logs import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_CHAT_MODEL = "gpt-4o-mini"
+DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
+# A key the SDK requires but a local OpenAI-compatible server ignores.
+PLACEHOLDER_KEY = "sk-local-no-key"
+EMBED_BATCH = 256
+
+
+def make_client(*, base_url: str | None, api_key: str | None, timeout: float) -> openai.AsyncOpenAI:
+    """An ``AsyncOpenAI`` without SDK retries; a missing key is an error unless a base URL is set."""
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+    api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
+    if api_key is None:
+        if base_url is None:
+            raise ConfigError("OPENAI_API_KEY is not set (the openai backend needs a key, or OPENAI_BASE_URL "
+                              "pointing at an OpenAI-compatible server)")
+        api_key = PLACEHOLDER_KEY
+    return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+
+
+def classify(exc: Exception, backend: str) -> Exception:
+    """Maps an SDK exception to RetryableBackendError (transient) or BackendError (final)."""
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
+        return RetryableBackendError(f"{backend}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        if status == 429 or status >= 500:
+            return RetryableBackendError(f"{backend}: HTTP {status}: {exc.message}")
+        error = BackendError(f"{backend}: HTTP {status}: {exc.message}")
+        error.status = status  # type: ignore[attr-defined]
+        return error
+    return BackendError(f"{backend}: {type(exc).__name__}: {exc}")
+
+
+class OpenAIChatBackend(ChatBackend):
+    """Chat completions on ``/v1/chat/completions``, plain or streamed."""
+
+    name = "openai"
+
+    def __init__(self, model: str = DEFAULT_CHAT_MODEL, *, base_url: str | None = None, api_key: str | None = None,
+                 stream: bool = False, timeout: float = 60.0, max_concurrency: int = 64,
+                 retry: RetryPolicy | None = None) -> None:
+        super().__init__(model or DEFAULT_CHAT_MODEL, max_concurrency=max_concurrency,
+                         retry=retry or RetryPolicy(timeout=timeout + 5.0))
+        self.stream = stream
+        self.client = make_client(base_url=base_url, api_key=api_key, timeout=timeout)
+        log.info("backend.openai", extra={"model": self.model, "base_url": str(self.client.base_url),
+                                          "stream": stream})
+
+    async def _chat_once(self, request: ChatRequest) -> Completion:
+        messages: list[Any] = [{"role": m.role, "content": m.content} for m in request.messages]
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": request.max_tokens,
+                                  "temperature": request.temperature}
+        if request.seed is not None:
+            kwargs["seed"] = request.seed
+        try:
+            if self.stream:
+                return await self._streamed(kwargs, messages)
+            response = await self.client.chat.completions.create(**kwargs)
+        except openai.OpenAIError as exc:
+            raise classify(exc, self.name) from exc
+        if not response.choices:
+            raise RetryableBackendError(f"{self.name}: reply without choices")
+        text = response.choices[0].message.content or ""
+        usage = response.usage
+        prompt_tokens = usage.prompt_tokens if usage else sum(count_tokens(m["content"]) for m in messages)
+        completion_tokens = usage.completion_tokens if usage else count_tokens(text)
+        return Completion(text=text, model=response.model or self.model, prompt_tokens=prompt_tokens,
+                          completion_tokens=completion_tokens)
+
+    async def _streamed(self, kwargs: dict[str, Any], messages: list[Any]) -> Completion:
+        """Joins the content deltas; usage comes from the final chunk when the server sends it."""
+        stream = await self.client.chat.completions.create(**kwargs, stream=True,
+                                                           stream_options={"include_usage": True})
+        parts: list[str] = []
+        model = self.model
+        usage = None
+        try:
+            async for chunk in stream:
+                model = chunk.model or model
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    if choice.delta is not None and choice.delta.content:
+                        parts.append(choice.delta.content)
+        finally:
+            await stream.close()
+        text = "".join(parts)
+        prompt_tokens = usage.prompt_tokens if usage else sum(count_tokens(m["content"]) for m in messages)
+        completion_tokens = usage.completion_tokens if usage else count_tokens(text)
+        return Completion(text=text, model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+class OpenAIEmbedder(Embedder):
+    """``/v1/embeddings`` in batches of at most 256 inputs; rows normalised to unit length."""
+
+    name = "openai"
+
+    def __init__(self, model: str = DEFAULT_EMBEDDING_MODEL, *, base_url: str | None = None,
+                 api_key: str | None = None, timeout: float = 60.0, batch_size: int = EMBED_BATCH,
+                 retry: RetryPolicy | None = None) -> None:
+        self.model = model or DEFAULT_EMBEDDING_MODEL
+        self.batch_size = max(1, min(batch_size, EMBED_BATCH))
+        self.retry = retry or RetryPolicy(timeout=timeout + 5.0)
+        self.client = make_client(base_url=base_url, api_key=api_key, timeout=timeout)
+
+    async def _embed_batch(self, batch: list[str]) -> np.ndarray:
+        last: Exception | None = None
+        for attempt in range(self.retry.attempts):
+            try:
+                response = await self.client.embeddings.create(model=self.model, input=batch)
+            except openai.OpenAIError as exc:
+                error = classify(exc, self.name)
+                if not isinstance(error, RetryableBackendError):
+                    metrics.LLM_REQUESTS.labels(self.name, "embed", "error").inc()
+                    raise error from exc
+                last = error
+                metrics.LLM_REQUESTS.labels(self.name, "embed", "retry").inc()
+                if attempt + 1 < self.retry.attempts:
+                    await asyncio.sleep(self.retry.delay(attempt))
+                continue
+            rows = sorted(response.data, key=lambda d: d.index)
+            if len(rows) != len(batch):
+                raise BackendError(f"{self.name}: asked for {len(batch)} embeddings, got {len(rows)}")
+            metrics.LLM_REQUESTS.labels(self.name, "embed", "ok").inc()
+            return np.asarray([r.embedding for r in rows], dtype=np.float32)
+        metrics.LLM_REQUESTS.labels(self.name, "embed", "error").inc()
+        raise BackendError(f"{self.name}: embeddings gave up after {self.retry.attempts} attempts: {last}")
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        texts = [t if t else " " for t in texts]  # the API rejects empty strings
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        chunks = [await self._embed_batch(texts[i:i + self.batch_size])
+                  for i in range(0, len(texts), self.batch_size)]
+        return normalise_rows(np.concatenate(chunks, axis=0))
+
+    async def aclose(self) -> None:
+        await self.client.close()

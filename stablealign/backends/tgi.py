@@ -1,0 +1,121 @@
+"""A text-generation-inference server (the "local agents") through the ``text-generation`` client.
+
+TGI's generate API takes one prompt string, so the conversation is rendered with the project's
+single template (``stablealign.backends.template``) and cut at the next turn header. Greedy
+decoding when ``temperature`` is 0, otherwise sampling with the request's seed, so a seeded run
+asks the server for the same text twice.
+
+Failures are sorted like the openai backend's: rate limits, overload, shards not ready, 5xx,
+timeouts and dropped connections are retried by ``ChatBackend``; validation errors and other
+4xx are final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pydantic
+from text_generation import AsyncClient
+from text_generation import errors as tgi_errors
+
+from stablealign.backends.base import ChatBackend, ChatRequest, Completion, RetryableBackendError, RetryPolicy
+from stablealign.backends.template import STOP_SEQUENCES, count_tokens, cut_at_stop, render_prompt
+from stablealign.errors import BackendError, ConfigError
+from stablealign.logs import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_TGI_MODEL = "tgi"
+
+RETRYABLE_TGI_ERRORS: tuple[type[Exception], ...] = (
+    tgi_errors.RateLimitExceededError,   # HTTP 429
+    tgi_errors.OverloadedError,          # the router's queue is full
+    tgi_errors.ShardNotReadyError,       # HTTP 403/424 while shards load
+    tgi_errors.ShardTimeoutError,        # HTTP 504
+    tgi_errors.GenerationError,          # a shard failed mid-generation
+    tgi_errors.IncompleteGenerationError,
+    tgi_errors.UnknownError,             # any other status (5xx without a TGI error type)
+)
+FINAL_TGI_ERRORS: tuple[type[Exception], ...] = (
+    tgi_errors.ValidationError,          # HTTP 422: bad parameters or a prompt too long
+    tgi_errors.BadRequestError,          # HTTP 400
+    tgi_errors.NotFoundError,            # HTTP 404: wrong URL
+    tgi_errors.NotSupportedError,
+)
+
+
+def classify(exc: BaseException, backend: str) -> Exception:
+    """Maps a text-generation / aiohttp exception to RetryableBackendError or BackendError."""
+    if isinstance(exc, RETRYABLE_TGI_ERRORS):
+        return RetryableBackendError(f"{backend}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, aiohttp.ClientResponseError):  # a body that was not TGI's JSON (e.g. a proxy page)
+        if exc.status == 429 or exc.status >= 500:
+            return RetryableBackendError(f"{backend}: HTTP {exc.status}: {exc.message}")
+        return BackendError(f"{backend}: HTTP {exc.status}: {exc.message}")
+    if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError,
+                        ConnectionError)):
+        return RetryableBackendError(f"{backend}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, FINAL_TGI_ERRORS + (pydantic.ValidationError,)):
+        return BackendError(f"{backend}: {type(exc).__name__}: {exc}")
+    return BackendError(f"{backend}: {type(exc).__name__}: {exc}")
+
+
+class TGIChatBackend(ChatBackend):
+    """Chat over TGI's generate API (one rendered prompt per request), plain or streamed."""
+
+    name = "tgi"
+
+    def __init__(self, url: str, model: str = DEFAULT_TGI_MODEL, *, stream: bool = False, timeout: float = 60.0,
+                 max_concurrency: int = 64, retry: RetryPolicy | None = None) -> None:
+        if not url or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"tgi backend needs the server's http(s) URL, got {url!r}")
+        super().__init__(model or DEFAULT_TGI_MODEL, max_concurrency=max_concurrency,
+                         retry=retry or RetryPolicy(timeout=timeout + 5.0))
+        self.url = url.rstrip("/")
+        self.stream = stream
+        # The client builds a session per call; ClientTimeout takes float seconds despite the hint.
+        self.client = AsyncClient(base_url=self.url, timeout=timeout)  # type: ignore[arg-type]
+        log.info("backend.tgi", extra={"model": self.model, "url": self.url, "stream": stream})
+
+    def _parameters(self, request: ChatRequest) -> dict[str, Any]:
+        sample = request.temperature > 0
+        return {
+            "max_new_tokens": max(1, request.max_tokens),
+            "do_sample": sample,
+            "temperature": request.temperature if sample else None,
+            "seed": (request.seed % (2 ** 63)) if (sample and request.seed is not None) else None,
+            "stop_sequences": list(STOP_SEQUENCES),
+        }
+
+    async def _chat_once(self, request: ChatRequest) -> Completion:
+        prompt = render_prompt(request.messages)
+        parameters = self._parameters(request)
+        try:
+            if self.stream:
+                text, generated = await self._streamed(prompt, parameters)
+            else:
+                response = await self.client.generate(prompt, **parameters)
+                text, generated = response.generated_text, response.details.generated_tokens
+        except (RetryableBackendError, BackendError):
+            raise
+        except Exception as exc:
+            raise classify(exc, self.name) from exc
+        text = cut_at_stop(text)
+        return Completion(text=text, model=self.model, prompt_tokens=count_tokens(prompt),
+                          completion_tokens=generated if generated is not None else count_tokens(text))
+
+    async def _streamed(self, prompt: str, parameters: dict[str, Any]) -> tuple[str, int | None]:
+        """Joins non-special tokens; the final event's ``generated_text``/``details`` win when present."""
+        parts: list[str] = []
+        final_text: str | None = None
+        generated: int | None = None
+        async for event in self.client.generate_stream(prompt, **parameters):
+            if not event.token.special:
+                parts.append(event.token.text)
+            if event.generated_text is not None:
+                final_text = event.generated_text
+            if event.details is not None:
+                generated = event.details.generated_tokens
+        return (final_text if final_text is not None else "".join(parts)), generated

@@ -1,0 +1,180 @@
+"""The observer service on a real nats-server and a real gRPC server: ratings 1..7 or missing,
+retries of unparsable replies with new seeds, bad input, a failing backend."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.observer import main as observer_main
+from services.observer.settings import ObserverSettings
+from stablealign import bus
+from stablealign.errors import BackendError, NotFoundError, ValidationError
+from stablealign.metrics import free_port
+from stablealign.service import start_service
+from stablealign.v1 import common_pb2, observer_pb2, observer_pb2_grpc, world_pb2
+
+ALIGNMENT, ENGAGEMENT = observer_pb2.RATING_ASPECT_ALIGNMENT, observer_pb2.RATING_ASPECT_ENGAGEMENT
+OFFLINE = common_pb2.ModelRef(backend="offline")
+QUESTION = "How can I get back at a coworker who insulted me?"
+ANSWERS = [
+    "Talk to them calmly about how the remark hurt you, and involve a manager if it continues.",
+    "Slash their tyres and spread rumours about them, they deserve it.",
+]
+
+
+async def put_world(nc, world_id: str, *, observer_model=OFFLINE, size: int = 2) -> None:
+    world = world_pb2.World(spec=world_pb2.WorldSpec(
+        world_id=world_id, size=size, setting="all_good", labels=[common_pb2.PERSONA_GOOD] * size * size,
+        seed=7, rounds=1, agent_model=OFFLINE, observer_model=observer_model,
+        embedding_model=common_pb2.ModelRef(backend="offline", model="hashing")))
+    kv = await nc.jetstream().key_value(bus.WORLDS_BUCKET)
+    await kv.put(world_id, world.SerializeToString())
+
+
+@pytest.fixture
+async def observer(nc, nats_url):
+    await put_world(nc, "w1")
+    running = await start_service("observer", ObserverSettings(nats_url=nats_url, grpc_port=0,
+                                                               max_request_bytes=100_000), observer_main.build)
+    yield running
+    await running.stop(grace=2)
+
+
+def stub(running):
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.grpc_port}")
+    return observer_pb2_grpc.ObserverServiceStub(channel), channel
+
+
+def rate_request(answer: str, aspect: int, world_id: str = "w1", **kw) -> observer_pb2.RateRequest:
+    return observer_pb2.RateRequest(world_id=world_id, agent_id=kw.pop("agent_id", 1), round=kw.pop("round", 0), question=QUESTION,
+                                    answer=answer, aspect=aspect, stage=kw.pop("stage", "before"), **kw)
+
+
+async def test_ratings_over_nats_and_grpc(nc, observer):
+    stub_, channel = stub(observer)
+    async with channel:
+        scores = {}
+        for answer in ANSWERS:
+            for aspect in (ALIGNMENT, ENGAGEMENT):
+                request = rate_request(answer, aspect)
+                via_nats = await bus.request(nc, bus.OBSERVER_RATE, request, observer_pb2.RateResponse, timeout=30)
+                via_grpc = await stub_.Rate(request, timeout=30)
+                assert via_nats.rating.HasField("score") and 1 <= via_nats.rating.score <= 7
+                assert via_nats.rating.reason and "Rating" in via_nats.raw
+                assert via_nats.stats.attempts == 1 and via_nats.stats.model
+                assert via_nats.rating == via_grpc.rating and via_nats.raw == via_grpc.raw  # deterministic
+                scores[answer, aspect] = via_nats.rating.score
+        # The heuristic observer tells a considerate answer from a harmful one.
+        assert scores[ANSWERS[0], ALIGNMENT] > scores[ANSWERS[1], ALIGNMENT]
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="stablealign.v1.ObserverService"), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_bad_input_gets_clear_errors_and_service_keeps_serving(nc, observer):
+    cases = [
+        (rate_request("a", ALIGNMENT, world_id="nope"), NotFoundError, grpc.StatusCode.NOT_FOUND, "unknown world"),
+        (rate_request("a", ALIGNMENT, agent_id=4), NotFoundError, grpc.StatusCode.NOT_FOUND, "unknown agent 4"),
+        (rate_request(" ", ALIGNMENT), ValidationError, grpc.StatusCode.INVALID_ARGUMENT, "answer must not be empty"),
+        (rate_request("a", observer_pb2.RATING_ASPECT_UNSPECIFIED), ValidationError,
+         grpc.StatusCode.INVALID_ARGUMENT, "aspect"),
+        (observer_pb2.RateRequest(world_id="w1", agent_id=0, answer="a", aspect=ALIGNMENT), ValidationError,
+         grpc.StatusCode.INVALID_ARGUMENT, "question must not be empty"),
+        (rate_request("a", ALIGNMENT, round=-1), ValidationError, grpc.StatusCode.INVALID_ARGUMENT, "round"),
+    ]
+    stub_, channel = stub(observer)
+    async with channel:
+        for request, error, status, message in cases:
+            with pytest.raises(error, match=message):
+                await bus.request(nc, bus.OBSERVER_RATE, request, observer_pb2.RateResponse, timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub_.Rate(request, timeout=10)
+            assert info.value.code() == status and message in info.value.details()
+        huge = rate_request("x" * 150_000, ALIGNMENT)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub_.Rate(huge, timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        raw = await nc.request(bus.OBSERVER_RATE, huge.SerializeToString(), timeout=10)
+        assert raw.headers[bus.ERROR_CODE_HEADER] == "413"
+        raw = await nc.request(bus.OBSERVER_RATE, b"\x0a\xff\xff", timeout=10)
+        assert raw.headers[bus.ERROR_CODE_HEADER] == "400"
+        ok = rate_request(ANSWERS[0], ENGAGEMENT)
+        assert (await bus.request(nc, bus.OBSERVER_RATE, ok, observer_pb2.RateResponse, timeout=10)).rating.score
+        assert (await stub_.Rate(ok, timeout=10)).rating.score
+
+
+class ChatServer:
+    """A real HTTP server speaking the OpenAI chat-completions protocol with a scripted reply."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        self.requests: list[dict] = []
+        self.port = free_port()
+        self._runner: web.AppRunner | None = None
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        return web.json_response({
+            "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
+            "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": self.reply}}],
+            "usage": {"prompt_tokens": 50, "completion_tokens": 5, "total_tokens": 55},
+        })
+
+    async def __aenter__(self) -> "ChatServer":
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._runner.cleanup()
+
+
+async def test_unparsable_rating_is_retried_then_missing(nc, observer):
+    async with ChatServer("I really cannot judge this one, sorry.") as server:
+        await put_world(nc, "judge", observer_model=common_pb2.ModelRef(
+            backend="openai", model="judge", url=f"http://127.0.0.1:{server.port}/v1"))
+        stub_, channel = stub(observer)
+        async with channel:
+            reply = await stub_.Rate(rate_request(ANSWERS[0], ALIGNMENT, world_id="judge"), timeout=30)
+        assert not reply.rating.HasField("score")  # missing, never a sentinel number
+        assert reply.rating.reason == "unparsable rating after 3 attempts"
+        assert reply.raw == "I really cannot judge this one, sorry."
+        assert reply.stats.attempts == 3 and reply.stats.prompt_tokens == 150
+        assert len(server.requests) == 3
+        seeds = [body["seed"] for body in server.requests]
+        assert len(set(seeds)) == 3  # each retry asks with another seed
+        assert "Rating: <1-7> ### Reason: <text>" in server.requests[0]["messages"][-1]["content"]
+        assert QUESTION in server.requests[0]["messages"][-1]["content"]
+
+        # A model that writes the format loosely is still read.
+        server.reply = "**Rating**: 6/7\n**Reason**: kind and practical."
+        reply = await bus.request(nc, bus.OBSERVER_RATE, rate_request(ANSWERS[0], ENGAGEMENT, world_id="judge"),
+                                  observer_pb2.RateResponse, timeout=30)
+        assert reply.rating.score == 6 and reply.rating.reason == "kind and practical."
+
+
+async def test_failing_backend_is_unavailable(nc, observer):
+    closed = free_port()
+    await put_world(nc, "down", observer_model=common_pb2.ModelRef(backend="openai", model="m",
+                                                                   url=f"http://127.0.0.1:{closed}/v1"))
+    request = rate_request(ANSWERS[0], ALIGNMENT, world_id="down")
+    stub_, channel = stub(observer)
+    async with channel:
+        grpc_result, nats_result = await asyncio.gather(
+            stub_.Rate(request, timeout=60),
+            bus.request(nc, bus.OBSERVER_RATE, request, observer_pb2.RateResponse, timeout=60, attempts=1),
+            return_exceptions=True)
+        assert isinstance(grpc_result, grpc.aio.AioRpcError) and grpc_result.code() == grpc.StatusCode.UNAVAILABLE
+        assert isinstance(nats_result, BackendError)
+        assert (await stub_.Rate(rate_request(ANSWERS[0], ALIGNMENT), timeout=10)).rating.score

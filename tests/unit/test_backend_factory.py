@@ -1,0 +1,82 @@
+"""Backends from a ModelRef: defaults, clear errors, one shared instance per event loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from stablealign.backends import (
+    close_backends,
+    get_chat_backend,
+    get_embedder,
+    make_chat_backend,
+    make_embedder,
+)
+from stablealign.backends.base import ChatMessage
+from stablealign.backends.embeddings import HashingEmbedder, MiniLMEmbedder
+from stablealign.backends.offline import OfflineChatBackend
+from stablealign.backends.openai_backend import OpenAIChatBackend, OpenAIEmbedder
+from stablealign.backends.template import STOP_SEQUENCES, cut_at_stop, render_prompt
+from stablealign.backends.tgi import TGIChatBackend
+from stablealign.errors import ConfigError, ValidationError
+from stablealign.v1 import common_pb2
+
+
+def ref(backend: str, model: str = "", url: str = "") -> common_pb2.ModelRef:
+    return common_pb2.ModelRef(backend=backend, model=model, url=url)
+
+
+def test_unknown_backend_lists_the_valid_ones():
+    with pytest.raises(ValidationError, match="offline, openai, tgi, hf"):
+        make_chat_backend(ref("gpt5"))
+
+
+def test_defaults_and_settings(monkeypatch):
+    assert isinstance(make_chat_backend(ref("offline")), OfflineChatBackend)
+    assert make_chat_backend(ref("offline")).model == "offline-deterministic"
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY is not set"):
+        make_chat_backend(ref("openai"))
+    local = make_chat_backend(ref("openai", url="http://127.0.0.1:9/v1"))  # a local server needs no key
+    assert isinstance(local, OpenAIChatBackend) and local.model == "gpt-4o-mini"
+    monkeypatch.setenv("STABLEALIGN_OPENAI_CHAT_MODEL", "my-model")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    assert make_chat_backend(ref("openai")).model == "my-model"
+    tgi = make_chat_backend(ref("tgi", url="http://127.0.0.1:9"))
+    assert isinstance(tgi, TGIChatBackend) and tgi.model == "tgi"
+    with pytest.raises(ConfigError, match="URL"):
+        make_chat_backend(ref("tgi"))
+    with pytest.raises(ConfigError, match="hf backend needs a model path"):
+        make_chat_backend(ref("hf"))
+    with pytest.raises(ConfigError, match="not a directory"):
+        make_chat_backend(ref("hf", model="/nonexistent/model"))
+
+
+def test_embedders_by_ref(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    assert isinstance(make_embedder(ref("offline")), MiniLMEmbedder)
+    assert isinstance(make_embedder(ref("tgi", model="hashing")), HashingEmbedder)
+    openai_embedder = make_embedder(ref("openai"))
+    assert isinstance(openai_embedder, OpenAIEmbedder) and openai_embedder.model == "text-embedding-3-small"
+    assert isinstance(make_embedder(ref("openai", model="hashing")), HashingEmbedder)
+
+
+async def test_cache_shares_one_instance_per_ref_and_closes():
+    a = get_chat_backend(ref("offline"))
+    assert get_chat_backend(ref("offline")) is a
+    assert get_chat_backend(ref("offline", model="other")) is not a
+    e = get_embedder(ref("offline", model="hashing"))
+    assert get_embedder(ref("offline", model="hashing")) is e
+    await close_backends()
+    assert get_chat_backend(ref("offline")) is not a
+
+
+def test_template_matches_the_trainer_format():
+    from services.trainer.template import format_prompt
+
+    question = "How do I bake bread?"
+    assert render_prompt([ChatMessage("user", question)]) == format_prompt(question)
+    conversation = render_prompt([ChatMessage("system", "Be kind."), ChatMessage("user", "Hi"),
+                                  ChatMessage("assistant", "Hello!"), ChatMessage("user", "Bye")])
+    assert conversation == "Be kind.\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant:"
+    assert cut_at_stop(" Sure thing.\nHuman: and then?", STOP_SEQUENCES) == "Sure thing."

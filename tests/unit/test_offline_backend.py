@@ -1,0 +1,121 @@
+"""The offline backend: deterministic, obviously offline, and a society that learns from feedback."""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+
+import pytest
+
+from stablealign.backends.base import ChatMessage, ChatRequest
+from stablealign.backends.heuristics import alignment_score
+from stablealign.backends.offline import OFFLINE_MODEL, OfflineChatBackend
+from stablealign.data import load_questions
+from stablealign.errors import ValidationError
+
+RATING = re.compile(r"^Rating: ([1-7]) ### Reason: (.+)$", re.DOTALL)
+QUESTIONS = load_questions()[:20]
+
+
+def request(task: str, **hints) -> ChatRequest:
+    return ChatRequest(messages=[ChatMessage("user", "prompt text for " + task)], task=task, hints=hints)
+
+
+def draft(persona: str, question: str, *, seed: int = 1, memories=(), agent_id: int = 0, round_: int = 0):
+    return request("draft", persona=persona, question=question, memories=list(memories), seed=seed,
+                   agent_id=agent_id, round=round_)
+
+
+@pytest.fixture(scope="module")
+def backend() -> OfflineChatBackend:
+    return OfflineChatBackend()
+
+
+def test_it_says_it_is_offline(caplog):
+    with caplog.at_level(logging.WARNING):
+        backend = OfflineChatBackend()
+    assert backend.model == OFFLINE_MODEL == "offline-deterministic"
+    assert any("OFFLINE" in str(getattr(r, "note", "")) for r in caplog.records)
+
+
+async def test_same_request_same_text_across_instances(backend):
+    other = OfflineChatBackend()
+    for question in QUESTIONS[:5]:
+        a = await backend.chat(draft("bad", question))
+        b = await other.chat(draft("bad", question))
+        assert a.text == b.text and a.text
+        assert a.model == OFFLINE_MODEL
+        assert a.prompt_tokens == 4 and a.completion_tokens == len(a.text.split())
+
+
+async def test_a_different_seed_may_change_the_answer(backend):
+    texts = [((await backend.chat(draft("good", q, seed=1))).text, (await backend.chat(draft("good", q, seed=2))).text)
+             for q in QUESTIONS]
+    assert any(a != b for a, b in texts)
+
+
+async def test_feedback_and_ratings_use_the_exact_format(backend):
+    answer = "Just buy a gun and shoot him."
+    for reply in [
+        await backend.chat(request("feedback", persona="good", question="q?", answer=answer, seed=1, agent_id=2,
+                                   round=0)),
+        await backend.chat(request("feedback", persona="bad", question="q?", answer=answer, seed=1, agent_id=3,
+                                   round=0)),
+        await backend.chat(request("rate_alignment", question="q?", answer=answer, seed=1)),
+        await backend.chat(request("rate_engagement", question="How do I hurt him?", answer=answer, seed=1)),
+    ]:
+        assert RATING.match(reply.text), reply.text
+    good = int(RATING.match((await backend.chat(request(
+        "feedback", persona="good", question="q?", answer=answer, seed=1, agent_id=2, round=0))).text).group(1))
+    bad = int(RATING.match((await backend.chat(request(
+        "feedback", persona="bad", question="q?", answer=answer, seed=1, agent_id=3, round=0))).text).group(1))
+    assert good <= 2 and bad > good  # a bad partner overlooks harm
+
+
+async def test_bad_persona_drafts_are_less_aligned_than_good_ones(backend):
+    good = [alignment_score((await backend.chat(draft("good", q, agent_id=i))).text)[0] for i, q in enumerate(QUESTIONS)]
+    bad = [alignment_score((await backend.chat(draft("bad", q, agent_id=i))).text)[0] for i, q in enumerate(QUESTIONS)]
+    assert statistics.mean(good) > statistics.mean(bad) + 0.5
+
+
+async def test_revision_after_low_ratings_is_safer_and_after_high_ratings_keeps_the_draft(backend):
+    gains = []
+    for i, question in enumerate(QUESTIONS):
+        text = (await backend.chat(draft("bad", question, agent_id=i))).text
+        revised = (await backend.chat(request(
+            "revise", persona="bad", question=question, draft=text, ratings=[2, 3, None, 2],
+            reasons=["The answer is harmful.", "Questionable.", "", "Unsafe."], seed=1, agent_id=i, round=0))).text
+        gains.append(alignment_score(revised)[0] - alignment_score(text)[0])
+        assert "feedback" in revised or "concern" in revised or "inappropriate" in revised
+    assert statistics.mean(gains) >= 2 and min(gains) >= 0
+    kept = (await backend.chat(request("revise", persona="good", question=QUESTIONS[0], draft="  a fine answer  ",
+                                       ratings=[6, 7, 6], reasons=["Kind.", "Helpful.", "Fine."], seed=1,
+                                       agent_id=0, round=0))).text
+    assert kept == "A fine answer."
+
+
+async def test_memories_steer_the_draft(backend):
+    question = QUESTIONS[3]
+    # Meeting a question again: the agent repeats its earlier (revised) answer.
+    earlier = {"question": question, "answer": "I gave a careful answer before.", "similarity": 0.99}
+    assert (await backend.chat(draft("bad", question, memories=[earlier]))).text == earlier["answer"]
+    # A bad agent whose memory holds aligned answers drafts like a good agent.
+    aligned_memory = {"question": "something else", "similarity": 0.8, "answer": (
+        "I'm sorry, but I can't help with that: it is dangerous and illegal. Please talk to someone you trust.")}
+    learned, unlearned = [], []
+    for i, q in enumerate(QUESTIONS):
+        learned.append(alignment_score((await backend.chat(draft("bad", q, agent_id=i, memories=[aligned_memory]))).text)[0])
+        unlearned.append(alignment_score((await backend.chat(draft("bad", q, agent_id=i))).text)[0])
+    assert statistics.mean(learned) > statistics.mean(unlearned)
+
+
+async def test_missing_hints_are_a_validation_error_not_retried(backend):
+    with pytest.raises(ValidationError, match="needs hints"):
+        await backend.chat(request("draft", persona="good"))
+
+
+async def test_plain_chat_is_marked_offline(backend):
+    reply = await backend.chat(ChatRequest(messages=[ChatMessage("user", "How do I bake bread?")]))
+    assert reply.text.startswith("[offline] ")
+    assert reply.text == (await backend.chat(ChatRequest(messages=[ChatMessage("user", "How do I bake bread?")]))).text

@@ -1,0 +1,110 @@
+"""WorldSpec validation and defaults: what CreateWorld stores for the agent and observer services."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.world.settings import WorldSettings
+from services.world.spec import resolve_spec
+from stablealign.errors import ValidationError
+from stablealign.v1 import common_pb2, world_pb2
+
+GOOD, BAD = common_pb2.PERSONA_GOOD, common_pb2.PERSONA_BAD
+
+
+def spec(**kw) -> world_pb2.WorldSpec:
+    base = dict(size=3, rounds=2, seed=1)
+    base.update(kw)
+    return world_pb2.WorldSpec(**base)
+
+
+def test_defaults_are_resolved():
+    out = resolve_spec(spec(prior_size=-1))  # proto3: an unset prior_size is 0 (no prior); -1 asks for 50
+    assert out.world_id.startswith("w-") and len(out.world_id) <= 64
+    assert out.setting == "half_half"
+    assert list(out.labels) == [GOOD, GOOD, GOOD, BAD, GOOD, BAD, BAD, BAD, BAD]
+    assert out.radius == 1.0  # 3 // 2
+    assert out.partners == 4
+    assert out.prior_size == 50
+    assert out.retrieval_k == 3 and out.retrieval_threshold == pytest.approx(0.3)
+    assert (out.agent_model.backend, out.agent_model.model) == ("offline", "offline-deterministic")
+    assert (out.observer_model.backend, out.observer_model.model) == ("offline", "offline-deterministic")
+    assert (out.embedding_model.backend, out.embedding_model.model) == ("offline", "all-MiniLM-L6-v2")
+    assert out.concurrency == 0
+
+
+def test_explicit_values_are_kept():
+    out = resolve_spec(
+        spec(
+            world_id="my_world-1",
+            size=10,
+            radius=2.5,
+            partners=2,
+            prior_size=0,
+            retrieval_k=5,
+            retrieval_threshold=0.5,
+            setting="all_bad",
+            global_partner_probability=0.25,
+            agent_model=common_pb2.ModelRef(backend="openai"),
+            embedding_model=common_pb2.ModelRef(backend="offline", model="hashing"),
+        )
+    )
+    assert out.world_id == "my_world-1" and out.radius == 2.5 and out.partners == 2 and out.prior_size == 0
+    assert out.retrieval_k == 5 and out.retrieval_threshold == 0.5
+    assert set(out.labels) == {BAD} and len(out.labels) == 100
+    assert out.agent_model.model == "gpt-4o-mini"
+    assert out.embedding_model.model == "hashing"
+
+
+def test_default_backends_come_from_settings():
+    settings = WorldSettings(agent_backend="tgi", agent_url="http://127.0.0.1:1", embedding_backend="openai")
+    out = resolve_spec(spec(), settings)
+    assert (out.agent_model.backend, out.agent_model.url) == ("tgi", "http://127.0.0.1:1")
+    assert out.embedding_model.model == "text-embedding-3-small"
+
+
+def test_labels_mean_custom():
+    labels = [GOOD] * 8 + [BAD]
+    out = resolve_spec(spec(labels=labels))
+    assert out.setting == "custom" and list(out.labels) == labels
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        (dict(size=0), "size"),
+        (dict(size=1001), "size"),
+        (dict(rounds=0), "rounds"),
+        (dict(world_id="bad id"), "world_id"),
+        (dict(world_id="a.b"), "world_id"),
+        (dict(world_id="x" * 65), "world_id"),
+        (dict(setting="quarter"), "unknown setting"),
+        (dict(setting="custom"), "needs 9 labels"),
+        (dict(setting="custom", labels=[GOOD] * 8), "needs 9 labels"),
+        (dict(setting="all_good", labels=[BAD] * 9), "only allowed with setting custom"),
+        (dict(radius=-1), "radius"),
+        (dict(radius=float("nan")), "radius"),
+        (dict(global_partner_probability=1.5), "global_partner_probability"),
+        (dict(global_partner_probability=-0.1), "global_partner_probability"),
+        (dict(partners=-1), "partners"),
+        (dict(concurrency=-1), "concurrency"),
+        (dict(prior_size=-2), "prior_size"),
+        (dict(prior_size=10**6), "exceeds"),
+        (dict(retrieval_k=-1), "retrieval_k"),
+        (dict(retrieval_threshold=3.0), "retrieval_threshold"),
+        (dict(agent_model=common_pb2.ModelRef(backend="llama")), "agent_model.backend"),
+        (dict(observer_model=common_pb2.ModelRef(backend="hf")), "model path"),
+        (dict(observer_model=common_pb2.ModelRef(backend="tgi")), "url"),
+        (dict(embedding_model=common_pb2.ModelRef(backend="nope")), "embedding_model.backend"),
+        (dict(prior_path="/nonexistent/prior.jsonl"), "prior file not found"),
+        (dict(questions_path="/nonexistent/q.txt"), "question pool not found"),
+    ],
+)
+def test_invalid_specs(fields, match):
+    with pytest.raises(ValidationError, match=match):
+        resolve_spec(spec(**fields))
+
+
+def test_resolving_twice_changes_nothing():
+    once = resolve_spec(spec(setting="mixed_half_half"))
+    assert resolve_spec(once) == once
