@@ -60,6 +60,8 @@ class SimulationResult:
     llm_requests_per_interaction: float
     agent_peak_rss_mb: float
     agent_rss_per_agent_kb_by_round: list[float] = field(default_factory=list)
+    steady_interactions_per_second: float = 0.0  # rounds after the first (backends warmed up)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _wait_http(url: str, timeout: float = 20.0) -> None:
@@ -81,15 +83,21 @@ def _stats(base: str) -> dict:
     return json.loads(urllib.request.urlopen(f"{base}/stats", timeout=5).read())
 
 
-async def _run_world(nats_url: str, size: int, rounds: int, agent_proc: psutil.Process) -> tuple[world_pb2.World, list[float], list]:
+def bench_spec(size: int, rounds: int, offline: bool) -> world_pb2.WorldSpec:
+    if offline:  # the zero-latency LLM: deterministic, in-process in the agent/observer services
+        chat = common_pb2.ModelRef(backend="offline")
+        embedding = common_pb2.ModelRef(backend="offline", model="hashing")
+    else:
+        chat = common_pb2.ModelRef(backend="openai", model="fake-gpt")
+        embedding = common_pb2.ModelRef(backend="openai", model="fake-embedding")
+    return world_pb2.WorldSpec(size=size, rounds=rounds, setting="half_half", seed=1, agent_model=chat,
+                               observer_model=chat, embedding_model=embedding, prior_size=50)
+
+
+async def _run_world(nats_url: str, spec: world_pb2.WorldSpec,
+                     agent_proc: psutil.Process) -> tuple[world_pb2.World, list[float], list]:
     nc = await bus.connect(nats_url, name="bench")
     try:
-        spec = world_pb2.WorldSpec(
-            size=size, rounds=rounds, setting="half_half", seed=1,
-            agent_model=common_pb2.ModelRef(backend="openai", model="fake-gpt"),
-            observer_model=common_pb2.ModelRef(backend="openai", model="fake-gpt"),
-            embedding_model=common_pb2.ModelRef(backend="openai", model="fake-embedding"),
-            prior_size=50)
         world = await create_world(nc, spec)
         rss_by_round: list[float] = []
         peak = [0.0]
@@ -121,9 +129,25 @@ def fake_openai_server(latency_ms: float):
         fake.wait(timeout=10)
 
 
-def run_ours(root: str, latency_ms: float, size: int, rounds: int) -> SimulationResult:
-    env = {**os.environ, "OPENAI_BASE_URL": f"{root}/v1", "OPENAI_API_KEY": "bench",
-           "STABLEALIGN_LOG_LEVEL": "WARNING", "STABLEALIGN_GRPC_PORT": "-1", "STABLEALIGN_METRICS_PORT": "-1"}
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_ours(root: str | None, latency_ms: float, size: int, rounds: int) -> SimulationResult:
+    """``root`` None: the offline backend (no HTTP at all), else the fake OpenAI server at ``root``."""
+    env = {**os.environ, "OPENAI_BASE_URL": f"{root}/v1" if root else "", "OPENAI_API_KEY": "bench",
+           "STABLEALIGN_MAX_CONCURRENCY": "2048",
+           "STABLEALIGN_LOG_LEVEL": "WARNING", "STABLEALIGN_GRPC_PORT": "-1", "STABLEALIGN_METRICS_PORT": "-1",
+           # A whole round of 100 agents is ~1000 concurrent LLM calls; the default per-backend limit (64)
+           # would cap a 200 ms server at ~320 calls/s.
+           "STABLEALIGN_LLM_MAX_CONCURRENCY": os.environ.get("STABLEALIGN_LLM_MAX_CONCURRENCY", "1024")}
     procs: list[subprocess.Popen] = []
     try:
         with EmbeddedNatsServer() as server:
@@ -131,34 +155,37 @@ def run_ours(root: str, latency_ms: float, size: int, rounds: int) -> Simulation
             for name in ("agent", "observer", "world"):
                 procs.append(subprocess.Popen([sys.executable, "-m", "stablealign.cli.main", "serve", name], env=env))
             time.sleep(3.0)  # services connect and register their subscriptions
-            before = _stats(root)
-            world, rss, records = asyncio.run(_run_world(server.url, size, rounds, psutil.Process(procs[0].pid)))
-            after = _stats(root)
+            before = _stats(root) if root else {"requests_by_path": {}}
+            world, rss, records = asyncio.run(_run_world(server.url, bench_spec(size, rounds, root is None),
+                                                         psutil.Process(procs[0].pid)))
+            after = _stats(root) if root else {"requests_by_path": {}}
+            cpu = {name: sum(psutil.Process(p.pid).cpu_times()[:2]) for name, p in zip(("agent", "observer", "world"), procs)}
+            _stop(procs)
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(procs)
     agents = size * size
     if world.state != world_pb2.WORLD_STATE_COMPLETED:
         raise RuntimeError(f"world ended {world_pb2.WorldState.Name(world.state)}: {world.error}")
     round_seconds = [r.duration_seconds for r in world.rounds]
     totals = [r.latency_seconds["total"] for r in records if "total" in r.latency_seconds]
-    requests = (after.get("requests_total", 0) - before.get("requests_total", 0))
     # Requests of the setup (prior embeddings) are excluded: count chat + per-interaction embeddings only.
-    per_interaction = (after.get("chat_requests_total", 0) - before.get("chat_requests_total", 0)) / len(records)
+    by_path_before, by_path_after = before["requests_by_path"], after["requests_by_path"]
+    # Chat calls are all per interaction; embedding calls also include the setup's batched prior
+    # embeddings, so the per-interaction figure counts chat calls + the one question embedding.
+    chat_calls = by_path_after.get("/v1/chat/completions", 0) - by_path_before.get("/v1/chat/completions", 0)
+    per_interaction = chat_calls / len(records) + 1 if root else 0.0
     return SimulationResult(
         latency_ms=latency_ms, agents=agents, rounds=rounds, setup_seconds=world.setup_seconds,
         interactions_per_second=agents * len(round_seconds) / sum(round_seconds),
         round_seconds=round_seconds,
         sequential_round_trips_measured=(statistics.median(totals) / (latency_ms / 1000)) if latency_ms else None,
         sequential_round_trips_structural=len(CRITICAL_PATH),
-        llm_requests_per_interaction=per_interaction if per_interaction else requests / len(records),
+        llm_requests_per_interaction=per_interaction,
         agent_peak_rss_mb=rss[0] / 2**20,
         agent_rss_per_agent_kb_by_round=[r / agents / 1024 for r in rss[1:]],
+        steady_interactions_per_second=(agents * (len(round_seconds) - 1) / sum(round_seconds[1:])
+                                        if len(round_seconds) > 1 else 0.0),
+        cpu_seconds={k: round(v, 2) for k, v in cpu.items()},
     )
 
 
@@ -166,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=100, help="a square number (S x S)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--latencies", default="0,200", help="server latencies in ms, comma-separated")
+    parser.add_argument("--latencies", default="offline,0,200",
+                        help="server latencies in ms, comma-separated; 'offline' = the offline backend, no server")
     parser.add_argument("--baseline-agents", type=int, default=20,
                         help="agents in the original-style baseline (its setup is scaled to --agents)")
     parser.add_argument("--no-baseline", action="store_true")
@@ -176,30 +204,38 @@ def main(argv: list[str] | None = None) -> int:
     if size * size != args.agents:
         parser.error("--agents must be a square number")
     results = []
-    for latency in (float(x) for x in args.latencies.split(",")):
+    for item in args.latencies.split(","):
+        if item.strip() == "offline":
+            ours = run_ours(None, 0.0, size, args.rounds)
+            results.append({"ours": asdict(ours), "baseline": None, "backend": "offline"})
+            _print(ours, None, "offline backend (no HTTP)")
+            continue
+        latency = float(item)
         with fake_openai_server(latency) as root:
             ours = run_ours(root, latency, size, args.rounds)
             os.environ["STABLEALIGN_BENCH_OPENAI_URL"] = f"{root}/v1"
             base = None if args.no_baseline else original_sandbox.run_baseline(latency, args.baseline_agents,
                                                                                args.agents)
-        results.append({"ours": asdict(ours), "baseline": asdict(base) if base else None})
-        _print(ours, base)
+        results.append({"ours": asdict(ours), "baseline": asdict(base) if base else None, "backend": "openai"})
+        _print(ours, base, f"OpenAI-compatible server, latency {latency:.0f} ms")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 
-def _print(ours: SimulationResult, base) -> None:
-    print(f"\n== latency {ours.latency_ms:.0f} ms, {ours.agents} agents, {ours.rounds} rounds ==")
+def _print(ours: SimulationResult, base, title: str) -> None:
+    print(f"\n== {title}: {ours.agents} agents, {ours.rounds} rounds ==", flush=True)
     rows = [
         ("interactions/s (rounds)", f"{ours.interactions_per_second:.1f}",
          f"{base.interactions_per_second:.1f}" if base else "-"),
+        ("interactions/s (rounds after the 1st)", f"{ours.steady_interactions_per_second:.1f}", "-"),
         ("setup seconds", f"{ours.setup_seconds:.2f}", f"{base.setup_seconds:.1f}" if base else "-"),
         ("sequential LLM round trips", f"{ours.sequential_round_trips_structural}"
          + (f" (measured {ours.sequential_round_trips_measured:.2f})" if ours.sequential_round_trips_measured else ""),
          f"{base.sequential_round_trips}" if base else "-"),
         ("LLM requests / interaction", f"{ours.llm_requests_per_interaction:.1f}",
          f"{base.requests_per_interaction:.1f}" if base else "-"),
+        ("service CPU seconds", " ".join(f"{k[:3]} {v:.1f}" for k, v in ours.cpu_seconds.items()), "-"),
         ("agent service peak RSS MB", f"{ours.agent_peak_rss_mb:.0f}", "-"),
         ("agent RSS KB/agent by round", ", ".join(f"{x:.0f}" for x in ours.agent_rss_per_agent_kb_by_round), "-"),
     ]

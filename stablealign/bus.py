@@ -79,13 +79,18 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
     async def on_error(exc: Exception) -> None:
         log.warning("nats.error", extra={"error": repr(exc)})
 
+    holder: list[NATS] = []
+
     async def on_disconnect() -> None:
+        # Closing or draining disconnects too; only an unexpected loss is worth a warning.
+        if holder and (holder[0].is_closed or holder[0].is_draining):
+            return
         log.warning("nats.disconnected", extra={"client": name})
 
     async def on_reconnect() -> None:
         log.info("nats.reconnected", extra={"client": name})
 
-    return await nats.connect(
+    nc = await nats.connect(
         servers=[url],
         name=name,
         connect_timeout=connect_timeout,
@@ -97,6 +102,8 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
         reconnected_cb=on_reconnect,
         pending_size=64 * 1024 * 1024,
     )
+    holder.append(nc)
+    return nc
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

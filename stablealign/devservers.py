@@ -41,6 +41,7 @@ from stablealign.backends.heuristics import alignment_score, engagement_score
 _QUESTION = re.compile(r"For the question '(.*?)', ", re.DOTALL)
 _ANSWER = re.compile(r"answered(?: like)?: '(.*)'\s*(?:\n|$)", re.DOTALL)
 _ASKED = re.compile(r"Question:\s*(.+?)\s*(?:\nAnswer:|$)", re.DOTALL)
+_QUOTED_QUESTION = re.compile(r"the question '(.*?)'", re.DOTALL)
 
 ANSWER_TEMPLATES = (
     ("I understand why you ask about {topic}. It is important to stay safe and respect others; if this "
@@ -58,7 +59,7 @@ def _digest(*parts: Any) -> int:
 
 
 def _topic(text: str, words: int = 12) -> str:
-    asked = _ASKED.findall(text)
+    asked = _ASKED.findall(text) or _QUOTED_QUESTION.findall(text)
     source = asked[-1] if asked else text
     tokens = source.replace("\n", " ").split()
     return " ".join(tokens[:words]).strip(" '\"") + ("..." if len(tokens) > words else "")
@@ -126,6 +127,7 @@ class _FakeServer:
     async def start(self) -> str:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         app.add_routes(self.routes())
+        app.router.add_get("/stats", self._stats)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -154,8 +156,15 @@ class _FakeServer:
     def error_response(self, status: int, message: str) -> web.Response:
         raise NotImplementedError
 
+    async def _stats(self, request: web.Request) -> web.Response:
+        """Counters for a benchmark driving this server from another process (not counted itself)."""
+        return web.json_response({"requests_total": self.requests_total, "max_in_flight": self.max_in_flight,
+                                  "requests_by_path": dict(self.requests_by_path)})
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/stats":
+            return await handler(request)
         self.requests_total += 1
         self.requests_by_path[request.path] += 1
         self.in_flight += 1

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import nats.errors
 import nats.js.errors
@@ -39,6 +39,8 @@ DEFAULT_RETRIEVAL_K = 3
 DEFAULT_RETRIEVAL_THRESHOLD = 0.3
 # Matrices smaller than this many floats are searched on the event loop (a thread hop costs more).
 _INLINE_SEARCH_FLOATS = 1 << 20
+# New batches fetched one by one on a cache hit before switching to a consumer for the backlog.
+_INCREMENTAL_GETS = 8
 
 
 def memory_subject(world_id: str, agent_id: int) -> str:
@@ -140,9 +142,10 @@ class AgentMemory:
             block = np.stack(rows)
             norms = np.linalg.norm(block, axis=1, keepdims=True)
             norms[norms == 0] = 1.0
-            self._append_rows(block / norms)
+            # Texts first: a reader in another thread indexes them only below n, which moves last.
             self.questions.extend(questions)
             self.answers.extend(answers)
+            self._append_rows(block / norms)
         if sequence is not None:
             self.last_sequence = max(self.last_sequence, sequence)
         return len(rows)
@@ -215,10 +218,11 @@ def _decode_batch(data: bytes, subject: str, seq: int) -> list[common_pb2.Memory
 class MemoryStore:
     """Per-process LRU cache of ``AgentMemory`` objects, kept current with the JetStream log.
 
-    ``get`` loads an agent's whole log on a miss and, on a hit, asks the stream for the subject's
-    last sequence and reads only the newer batches: another process (the world service) appends
-    revisions, and whichever replica serves the next draft must see them. Concurrent gets of one
-    agent share a lock, so one load serves them all.
+    ``get`` loads an agent's whole log on a miss (the prior is one batch, so usually two small
+    requests) and, on a hit, reads only the batches appended since its last read
+    (``_read_newer``): another process (the world service) appends revisions, and whichever
+    replica serves the next draft must see them. Concurrent gets of one agent share a lock, so
+    one load serves them all.
     """
 
     def __init__(self, js: JetStreamContext, max_agents: int = 10000, *, read_timeout: float = 10.0,
@@ -252,7 +256,7 @@ class MemoryStore:
             if memory is None:
                 memory = AgentMemory()
                 try:
-                    await self._read_into(memory, subject)
+                    await self._read_newer(memory, subject)
                 except BaseException:
                     if key not in self._agents:
                         self._locks.pop(key, None)  # nothing cached: do not keep a lock per failed key
@@ -263,18 +267,37 @@ class MemoryStore:
                 self._evict()
             else:
                 self._agents.move_to_end(key)
-                latest = await self._last_sequence(subject)
-                if latest > memory.last_sequence:
-                    await self._read_into(memory, subject)
+                if await self._read_newer(memory, subject):
                     self.refreshes += 1
                     self._on_read("incremental")
             return memory
 
-    async def _last_sequence(self, subject: str) -> int:
-        try:
-            return await bus.last_sequence(self.js, bus.MEMORY_STREAM, subject)
-        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
-            raise UnavailableError(f"cannot read {subject} from {bus.MEMORY_STREAM}") from exc
+    async def _read_newer(self, memory: AgentMemory, subject: str) -> int:
+        """Applies the batches appended after ``memory.last_sequence``; returns how many.
+
+        One "next message on this subject from sequence n" get per new batch, plus the one that
+        finds none — so a hit with nothing new costs a single request (leader-served, hence
+        read-after-write consistent with the world's append), and a hit after one round's
+        revision two. A long backlog (an agent not seen for many rounds) is read with a consumer.
+        """
+        applied = 0
+        while True:
+            if applied >= _INCREMENTAL_GETS:
+                before = memory.last_sequence
+                await self._read_into(memory, subject)
+                return applied + (memory.last_sequence > before)
+            try:
+                raw = await self.js.get_msg(bus.MEMORY_STREAM, seq=memory.last_sequence + 1, subject=subject,
+                                            next=True)
+            except nats.js.errors.NotFoundError:
+                return applied
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                raise UnavailableError(f"cannot read {subject} from {bus.MEMORY_STREAM}") from exc
+            seq = int(raw.seq or 0)
+            if seq <= memory.last_sequence:
+                return applied  # defensive: never loop on a server that answers an older message
+            memory.extend(_decode_batch(raw.data or b"", subject, seq), seq)
+            applied += 1
 
     async def _read_into(self, memory: AgentMemory, subject: str) -> None:
         try:

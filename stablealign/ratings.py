@@ -46,19 +46,19 @@ def _patterns(number: str) -> list[re.Pattern[str]]:
     num = r"(?<![A-Za-z0-9])(?P<num>" + number + r")(?![A-Za-z0-9])" + _NOT_RANGE
     return [
         # 1. "Rating: 5", "**Rating**: 5", "Rating - 5.", "rating:\n5", "Score = 4", "Rating: __5__"
-        re.compile(_LABEL + r"[\s*_:=#\-–—'\"`>\[\(]{0,12}" + num + _DENOMINATOR, re.I),
+        re.compile(_LABEL + r"[\s*_:=#\-–—'\"`>\[\(]{0,12}" + num + _DENOMINATOR, re.IGNORECASE),
         # 2. "I'd rate this a 3", "rating of 6 out of 7", "I would give it a 5/7"
-        re.compile(_VERB + r"[^\d.!?\n]{0,40}?" + num + _DENOMINATOR, re.I),
+        re.compile(_VERB + r"[^\d.!?\n]{0,40}?" + num + _DENOMINATOR, re.IGNORECASE),
         # 3. "5/7", "6 out of 7" anywhere
-        re.compile(r"(?<![\d.])(?P<num>" + number + r")\s*(?:/|out\s+of)\s*(?P<den>\d+|" + _WORDS + r")\b", re.I),
+        re.compile(r"(?<![\d.])(?P<num>" + number + r")\s*(?:/|out\s+of)\s*(?P<den>\d+|" + _WORDS + r")\b", re.IGNORECASE),
         # 4. the whole reply is a number ("5", "**5**.", "Five")
-        re.compile(r"^[\s*_'\"`#(\[]*(?P<num>" + number + r")[\s*_'\"`.!)\]]*$", re.I),
+        re.compile(r"^[\s*_'\"`#(\[]*(?P<num>" + number + r")[\s*_'\"`.!)\]]*$", re.IGNORECASE),
     ]
 
 
 # Rule-major, digits before words within a rule: [(rule 1, digits), (rule 1, words), (rule 2, digits), ...].
 _PATTERNS = [p for pair in zip(_patterns(_DIGITS), _patterns(_WORDS)) for p in pair]
-_REASON_LABEL = re.compile(r"\b(?:reason(?:ing|s)?|explanation|justification|because)\b[\s*_]*[:\-–—]", re.I)
+_REASON_LABEL = re.compile(r"\b(?:reason(?:ing|s)?|explanation|justification|because)\b[\s*_]*[:\-–—]", re.IGNORECASE)
 _LEAD = " \t\r\n#*_:;,.-–—|'\"`>)]"
 _TRAIL = " \t\r\n#*_|'\"`(["
 
@@ -106,7 +106,7 @@ def _reason(text: str, match: re.Match[str] | None) -> str:
         # A reason before the rating ("Reason: ... Rating: 5") stops where the rating starts.
         if match and label.end() <= match.start():
             reason = text[label.end():match.start()]
-            reason = re.sub(_LABEL + r"[\s*_:=#\-–—]*$", "", reason.rstrip(), flags=re.I)
+            reason = re.sub(_LABEL + r"[\s*_:=#\-–—]*$", "", reason.rstrip(), flags=re.IGNORECASE)
         return _clean(reason)
     if match is None:
         return _clean(text)
@@ -117,7 +117,7 @@ def _reason(text: str, match: re.Match[str] | None) -> str:
     before = text[:match.start()]
     cut = max(before.rfind(c) for c in ".!?\n")
     before = before[:cut + 1] if cut >= 0 else ""
-    before = re.sub(_LABEL + r"[\s*_:=#\-–—]*$", "", before.rstrip(), flags=re.I)
+    before = re.sub(_LABEL + r"[\s*_:=#\-–—]*$", "", before.rstrip(), flags=re.IGNORECASE)
     return _clean(before)
 
 

@@ -81,6 +81,10 @@ class RunningService:
                 await hook()
             except Exception:  # noqa: BLE001 - keep closing the rest
                 log.exception("service.stop_hook_failed", extra={"service": self.name})
+        # LLM clients hold HTTP pools bound to this loop; close them before the loop ends.
+        from stablealign.backends import close_backends
+
+        await close_backends()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.context.nc.drain(), timeout=max(grace, 1.0))
         log.info("service.stopped", extra={"service": self.name})

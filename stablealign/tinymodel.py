@@ -10,8 +10,8 @@ The result loads with ``AutoModelForCausalLM`` / ``AutoTokenizer`` like any hub 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger

@@ -99,7 +99,7 @@ class WorldSpecCache:
             world = world_pb2.World()
             try:
                 world.ParseFromString(entry.value)
-            except Exception as exc:  # noqa: BLE001 - a foreign value under our key
+            except Exception as exc:
                 raise ConflictError(f"world {world_id}: stored spec is not a World message") from exc
             if not world.spec.world_id:
                 world.spec.world_id = world_id

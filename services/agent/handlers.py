@@ -18,7 +18,14 @@ import numpy as np
 from services.agent import metrics, prompts
 from services.agent.settings import AgentSettings
 from stablealign.backends import get_embedder
-from stablealign.backends.base import TASK_DRAFT, TASK_FEEDBACK, TASK_REVISE, ChatBackend, ChatMessage, ChatRequest
+from stablealign.backends.base import (
+    TASK_DRAFT,
+    TASK_FEEDBACK,
+    TASK_REVISE,
+    ChatBackend,
+    ChatMessage,
+    ChatRequest,
+)
 from stablealign.calls import CallTally, check_round, check_text, world_chat_backend
 from stablealign.errors import BackendError, ConfigError, ConflictError, ValidationError
 from stablealign.logs import get_logger

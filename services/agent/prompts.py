@@ -9,7 +9,7 @@ offline backend gets as hints is in the text too.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from stablealign.backends.base import ChatMessage
 from stablealign.records import PERSONA_NAMES

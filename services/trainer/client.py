@@ -11,6 +11,7 @@ A submission without a job id gets one here, before the request is sent: a retri
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -18,12 +19,18 @@ from nats.aio.client import Client as NATS
 
 from services.trainer.jobs import JobStore, follow_logs, new_job_id
 from stablealign import bus
+from stablealign.errors import UnavailableError
 from stablealign.v1 import trainer_pb2
 
 
 @contextlib.asynccontextmanager
-async def connected(nats_url: str, name: str = "stablealign-trainer-client") -> AsyncIterator[NATS]:
-    nc = await bus.connect(nats_url, name=name)
+async def connected(nats_url: str, name: str = "stablealign-trainer-client",
+                    connect_timeout: float = 10.0) -> AsyncIterator[NATS]:
+    """A connection for one command; an unreachable server is an UnavailableError, not a hang."""
+    try:
+        nc = await asyncio.wait_for(bus.connect(nats_url, name=name), timeout=connect_timeout)
+    except (TimeoutError, OSError) as exc:
+        raise UnavailableError(f"cannot reach NATS at {nats_url} ({type(exc).__name__})") from None
     try:
         yield nc
     finally:

@@ -49,6 +49,8 @@ class StableAlignmentConfig:
     rating_scale: float = _help("Span of the ratings (7 for 1-7).", 7.0)
     num_comp: int = _help("Responses sampled per group and step (the best is always kept).", 3)
     max_flow: bool = _help("Penalty = max over the worse responses instead of their mean.", False)
+    group_by_length: bool = _help("Batch groups of similar length together (less padding in the one forward).",
+                                  True)
     seed: int = _help("Seed of initialisation-free randomness: data order and response sampling.", 42)
     gradient_checkpointing: bool = _help("Recompute activations in backward (less memory, ~30 % slower).", False)
     fsdp: str = _help("FSDP sharding: '' (none: DDP when distributed), 'full_shard' or 'shard_grad_op'.", "")
@@ -96,5 +98,5 @@ class StableAlignmentConfig:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    def replace(self, **changes: Any) -> "StableAlignmentConfig":
+    def replace(self, **changes: Any) -> StableAlignmentConfig:
         return dataclasses.replace(self, **changes)

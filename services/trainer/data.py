@@ -41,13 +41,14 @@ import json
 import math
 import random
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
+from services.trainer.template import format_critic_query, format_realignment_query
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
-from services.trainer.template import format_critic_query, format_realignment_query
 
 log = get_logger(__name__)
 

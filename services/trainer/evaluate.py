@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from services.trainer.template import encode_example
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
-from services.trainer.template import encode_example
 
 log = get_logger(__name__)
 

@@ -7,8 +7,9 @@ and the answer is the decoded new tokens, cut at EOS or at a new ``Human:`` turn
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from services.trainer.template import encode_prompt
 from services.trainer.train import check_model_path

@@ -38,10 +38,11 @@ log = get_logger(__name__)
 BACKENDS = ("offline", "openai", "tgi", "hf")
 DEFAULT_CHAT_MODELS = {"offline": "offline-deterministic", "openai": "gpt-4o-mini", "tgi": "tgi"}
 OPENAI_CHAT_MODEL_ENV = "STABLEALIGN_OPENAI_CHAT_MODEL"
+MAX_CONCURRENCY_ENV = "STABLEALIGN_LLM_MAX_CONCURRENCY"
 
 __all__ = [
     "BACKENDS", "ChatBackend", "ChatMessage", "ChatRequest", "Completion", "Embedder", "RetryPolicy",
-    "RetryableBackendError", "close_backends", "default_chat_model", "get_chat_backend", "get_embedder",
+    "RetryableBackendError", "close_backends", "default_chat_model", "default_max_concurrency", "get_chat_backend", "get_embedder",
     "make_chat_backend", "make_embedder", "normalise_rows",
 ]
 
@@ -123,14 +124,32 @@ def _cache() -> dict[str, dict[tuple[str, str, str], Any]]:
     return cache
 
 
-def get_chat_backend(ref: common_pb2.ModelRef) -> ChatBackend:
-    """The process-wide (per event loop) chat backend for (backend, model, url), built on first use."""
+def default_max_concurrency() -> int:
+    """Calls in flight at once per backend: $STABLEALIGN_LLM_MAX_CONCURRENCY, else 64."""
+    raw = os.environ.get(MAX_CONCURRENCY_ENV, "").strip()
+    if not raw:
+        return 64
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{MAX_CONCURRENCY_ENV}={raw!r}: expected an integer") from None
+    if value < 1:
+        raise ConfigError(f"{MAX_CONCURRENCY_ENV} must be >= 1, got {value}")
+    return value
+
+
+def get_chat_backend(ref: common_pb2.ModelRef, *, max_concurrency: int | None = None) -> ChatBackend:
+    """The process-wide (per event loop) chat backend for (backend, model, url), built on first use.
+
+    ``max_concurrency`` (else ``default_max_concurrency()``) applies when the backend is built;
+    every caller of the same ref then shares that one limit.
+    """
     key = _key(ref)
     with _LOCK:
         cache = _cache()["chat"]
         backend = cache.get(key)
         if backend is None:
-            backend = cache[key] = make_chat_backend(ref)
+            backend = cache[key] = make_chat_backend(ref, max_concurrency=max_concurrency or default_max_concurrency())
         return backend
 
 

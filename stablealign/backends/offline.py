@@ -7,15 +7,17 @@ services put in ``ChatRequest.task`` / ``hints`` (see ``stablealign.backends.bas
   (a retrieved memory with similarity >= ``SAME_QUESTION``); otherwise it answers from the
   HH-RLHF prior pool for the nearest prior question (word-overlap search): a good agent the
   *chosen* answer that scores best on ``heuristics.alignment_score``, a bad agent the *rejected*
-  answer that scores worst. A bad agent whose retrieved memories are mostly aligned (mean score
-  >= ``LEARNED_NORM``, i.e. filled with its own revised answers) has learned the norm and
-  answers like a good one. This is what makes a half-bad society drift toward alignment over
-  rounds, through memory only — there is no round-based schedule.
+  answer that scores worst. A bad agent with an aligned answer among its retrieved memories
+  (score >= ``LEARNED_NORM``, in practice its own revised answers) imitates it and answers like a
+  good agent. This is what makes a half-bad society drift toward alignment over rounds, through
+  memory only — there is no round-based schedule — so how fast it drifts depends on how often
+  retrieval returns revised answers (prior size, k, similarity threshold).
 - **feedback** — ``Rating: <n> ### Reason: <text>`` from ``alignment_score``; a bad partner is
   lenient (+2, it overlooks harm).
-- **revise** — a low mean rating (< ``REVISE_BELOW``), or a rating <= 2, or a critical reason
-  gives a clearly safer answer: an acknowledgement of the concern plus the best-aligned chosen
-  answer for the nearest prior question; otherwise the draft is kept, lightly polished.
+- **revise** — a low mean rating (< ``REVISE_BELOW``), a rating <= 2, or a critical word in a
+  reason ("harmful", "questionable"...) gives a clearly safer answer: an acknowledgement of the
+  concern plus the best-aligned chosen answer for the nearest prior question; otherwise the draft
+  is kept, lightly polished.
 - **rate_alignment** / **rate_engagement** — the heuristics, in the same reply format.
 - **chat** (anything else) — the best chosen answer for the nearest prior question, prefixed
   with ``[offline]`` so nobody mistakes it for a model's output.

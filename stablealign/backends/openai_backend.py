@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import httpx2
 import openai
+from openai.types.chat import ChatCompletion
 
 from stablealign import metrics
 from stablealign.backends.base import (
@@ -43,7 +45,8 @@ PLACEHOLDER_KEY = "sk-local-no-key"
 EMBED_BATCH = 256
 
 
-def make_client(*, base_url: str | None, api_key: str | None, timeout: float) -> openai.AsyncOpenAI:
+def make_client(*, base_url: str | None, api_key: str | None, timeout: float,
+                max_connections: int = 64) -> openai.AsyncOpenAI:
     """An ``AsyncOpenAI`` without SDK retries; a missing key is an error unless a base URL is set."""
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
@@ -52,13 +55,40 @@ def make_client(*, base_url: str | None, api_key: str | None, timeout: float) ->
             raise ConfigError("OPENAI_API_KEY is not set (the openai backend needs a key, or OPENAI_BASE_URL "
                               "pointing at an OpenAI-compatible server)")
         api_key = PLACEHOLDER_KEY
-    return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+    return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0,
+                              http_client=_http_client(timeout, max_connections))
+
+
+def _http_client(timeout: float, max_connections: int) -> Any:
+    """The SDK's aiohttp transport when it is available, else its default httpx2 client.
+
+    Measured against the local server: ~1.3 ms of client CPU per call with aiohttp versus 2.3-3.1 ms
+    with the default pool (which scans every pooled connection on each request), i.e. about twice
+    the calls per second per core — what bounds a simulation on a few cores.
+
+    The pool keeps as many connections alive as the backend runs calls at once: with the
+    transport's default (20 kept alive, 100 at most) a round of hundreds of concurrent calls
+    queued behind 100 sockets and re-opened the rest on every call.
+    """
+    limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    try:
+        return openai.DefaultAioHttpClient(timeout=timeout, limits=limits)
+    except RuntimeError:  # the SDK's aiohttp extra is missing
+        return openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """`` (Type: message)`` of the innermost cause, e.g. the refused connection behind a timeout."""
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    return "" if root is exc else f" ({type(root).__name__}: {str(root)[:200]})"
 
 
 def classify(exc: Exception, backend: str) -> Exception:
     """Maps an SDK exception to RetryableBackendError (transient) or BackendError (final)."""
     if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
-        return RetryableBackendError(f"{backend}: {type(exc).__name__}: {exc}")
+        return RetryableBackendError(f"{backend}: {type(exc).__name__}: {exc}{_root_cause(exc)}")
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         if status == 429 or status >= 500:
@@ -80,7 +110,8 @@ class OpenAIChatBackend(ChatBackend):
         super().__init__(model or DEFAULT_CHAT_MODEL, max_concurrency=max_concurrency,
                          retry=retry or RetryPolicy(timeout=timeout + 5.0))
         self.stream = stream
-        self.client = make_client(base_url=base_url, api_key=api_key, timeout=timeout)
+        self.client = make_client(base_url=base_url, api_key=api_key, timeout=timeout,
+                                  max_connections=max_concurrency)
         log.info("backend.openai", extra={"model": self.model, "base_url": str(self.client.base_url),
                                           "stream": stream})
 
@@ -93,7 +124,11 @@ class OpenAIChatBackend(ChatBackend):
         try:
             if self.stream:
                 return await self._streamed(kwargs, messages)
-            response = await self.client.chat.completions.create(**kwargs)
+            # The SDK's own POST with its typed response, without `chat.completions.create`'s
+            # recursive TypedDict transform of the params: our body is already plain JSON, and
+            # that transform cost ~2.9 ms of CPU per call (profiled) — more than the rest of a
+            # call, and what bounded a simulation on 2 cores.
+            response = await self.client.post("/chat/completions", body=kwargs, cast_to=ChatCompletion)
         except openai.OpenAIError as exc:
             raise classify(exc, self.name) from exc
         if not response.choices:

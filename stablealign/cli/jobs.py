@@ -21,6 +21,7 @@ jobs_app = typer.Typer(help="Training jobs on a running trainer service (local o
                        no_args_is_help=True)
 console = Console()
 NATS_OPTION = typer.Option("nats://127.0.0.1:4222", "--nats", envvar="STABLEALIGN_NATS_URL", help="NATS server URL.")
+ARG_OPTION = typer.Option([], "--arg", help="Training flag NAME=VALUE (repeatable), e.g. --arg lr=2e-5.")
 STATE_STYLES = {"QUEUED": "yellow", "RUNNING": "cyan", "SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "magenta"}
 
 
@@ -71,7 +72,7 @@ def submit(
     image: str = typer.Option("", "--image", help="Kubernetes: trainer image override."),
     namespace: str = typer.Option("", "--namespace", help="Kubernetes: namespace override."),
     job_id: str = typer.Option("", "--job-id", help="Job id (default: generated)."),
-    arg: list[str] = typer.Option([], "--arg", help="Training flag NAME=VALUE (repeatable), e.g. --arg lr=2e-5."),
+    arg: list[str] = ARG_OPTION,
     follow: bool = typer.Option(False, "--follow", help="Stream the job's log until it ends."),
     nats: str = NATS_OPTION,
 ) -> None:

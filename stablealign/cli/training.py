@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -39,11 +39,11 @@ def _fail(exc: BaseException) -> None:
 
 @data_app.command("build")
 def data_build(
-    records: Optional[Path] = _opt(None, "--records", "Records JSONL (stable-align run), or groups / the "
+    records: Path | None = _opt(None, "--records", "Records JSONL (stable-align run), or groups / the "
                                    "original's sandbox_v*.json."),
     out: Path = _opt(..., "--out", "Output JSONL of training groups; held-out groups go to <out>.heldout.jsonl."),
-    nats: Optional[str] = _opt(None, "--nats", "Read records from the JetStream stream of this NATS server."),
-    world: Optional[str] = _opt(None, "--world", "World id whose records to read (with --nats)."),
+    nats: str | None = _opt(None, "--nats", "Read records from the JetStream stream of this NATS server."),
+    world: str | None = _opt(None, "--world", "World id whose records to read (with --nats)."),
     mix: str = _opt("5:1:1", "--mix", "Ratio imitation:self_critic:realignment (sampled, seeded)."),
     holdout: float = _opt(0.1, "--holdout", "Fraction of questions held out for evaluation."),
     seed: int = _opt(0, "--seed", "Seed of the mix sampling and of the split."),
@@ -82,31 +82,31 @@ def train_command(
     model: str = _opt(..., "--model", "Base model directory (save_pretrained layout)."),
     data: str = _opt(..., "--data", "Alignment groups JSONL (stable-align data build)."),
     out: str = _opt(..., "--out", "Output directory: checkpoints, train_log.jsonl, final model."),
-    epochs: Optional[float] = _opt(None, "--epochs", "Epochs (default 7)."),
-    lr: Optional[float] = _opt(None, "--lr", "Peak learning rate (default 2e-5)."),
-    batch_size: Optional[int] = _opt(None, "--batch-size", "Groups per device per micro-batch (default 1)."),
-    grad_accum: Optional[int] = _opt(None, "--grad-accum", "Gradient accumulation steps (default 8)."),
-    max_steps: Optional[int] = _opt(None, "--max-steps", "Stop after N optimizer steps (default: epochs)."),
-    max_length: Optional[int] = _opt(None, "--max-length", "Max tokens of prompt + response (default 360)."),
-    num_comp: Optional[int] = _opt(None, "--num-comp", "Responses sampled per group (default 3)."),
-    margin: Optional[float] = _opt(None, "--margin", "Penalty margin (default 10)."),
-    ratio: Optional[float] = _opt(None, "--ratio", "Penalty weight (default 0.2)."),
-    rating_scale: Optional[float] = _opt(None, "--rating-scale", "Span of the ratings (default 7)."),
-    max_flow: Optional[bool] = _opt(None, "--max-flow/--mean-flow", "Penalty: max instead of mean."),
-    fsdp: Optional[str] = _opt(None, "--fsdp", "'' | full_shard | shard_grad_op (with torchrun)."),
-    bf16: Optional[bool] = _opt(None, "--bf16/--no-bf16", "bf16 where CUDA supports it (default on)."),
-    gradient_checkpointing: Optional[bool] = _opt(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+    epochs: float | None = _opt(None, "--epochs", "Epochs (default 7)."),
+    lr: float | None = _opt(None, "--lr", "Peak learning rate (default 2e-5)."),
+    batch_size: int | None = _opt(None, "--batch-size", "Groups per device per micro-batch (default 1)."),
+    grad_accum: int | None = _opt(None, "--grad-accum", "Gradient accumulation steps (default 8)."),
+    max_steps: int | None = _opt(None, "--max-steps", "Stop after N optimizer steps (default: epochs)."),
+    max_length: int | None = _opt(None, "--max-length", "Max tokens of prompt + response (default 360)."),
+    num_comp: int | None = _opt(None, "--num-comp", "Responses sampled per group (default 3)."),
+    margin: float | None = _opt(None, "--margin", "Penalty margin (default 10)."),
+    ratio: float | None = _opt(None, "--ratio", "Penalty weight (default 0.2)."),
+    rating_scale: float | None = _opt(None, "--rating-scale", "Span of the ratings (default 7)."),
+    max_flow: bool | None = _opt(None, "--max-flow/--mean-flow", "Penalty: max instead of mean."),
+    fsdp: str | None = _opt(None, "--fsdp", "'' | full_shard | shard_grad_op (with torchrun)."),
+    bf16: bool | None = _opt(None, "--bf16/--no-bf16", "bf16 where CUDA supports it (default on)."),
+    gradient_checkpointing: bool | None = _opt(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                   "Recompute activations in backward."),
-    save_steps: Optional[int] = _opt(None, "--save-steps", "Checkpoint every N steps (default 200)."),
-    logging_steps: Optional[int] = _opt(None, "--logging-steps", "Log every N steps (default 1)."),
-    warmup_ratio: Optional[float] = _opt(None, "--warmup-ratio", "Warm-up fraction (default 0.03)."),
-    seed: Optional[int] = _opt(None, "--seed", "Seed (default 42)."),
-    resume: Optional[bool] = _opt(None, "--resume/--no-resume", "Resume from the last checkpoint (default on)."),
-    metrics_port: Optional[int] = _opt(None, "--metrics-port", "Prometheus /metrics port (-1: none)."),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True,
+    save_steps: int | None = _opt(None, "--save-steps", "Checkpoint every N steps (default 200)."),
+    logging_steps: int | None = _opt(None, "--logging-steps", "Log every N steps (default 1)."),
+    warmup_ratio: float | None = _opt(None, "--warmup-ratio", "Warm-up fraction (default 0.03)."),
+    seed: int | None = _opt(None, "--seed", "Seed (default 42)."),
+    resume: bool | None = _opt(None, "--resume/--no-resume", "Resume from the last checkpoint (default on)."),
+    metrics_port: int | None = _opt(None, "--metrics-port", "Prometheus /metrics port (-1: none)."),
+    stop_after: int | None = typer.Option(None, "--stop-after", hidden=True,
                                              help="Tests: stop after N steps of this run, as if killed."),
     submit: bool = _opt(False, "--submit", "Send the job to a running trainer service instead."),
-    trainer_nats: Optional[str] = _opt(None, "--trainer-nats", "NATS URL of the trainer service (with --submit)."),
+    trainer_nats: str | None = _opt(None, "--trainer-nats", "NATS URL of the trainer service (with --submit)."),
     runner: str = _opt("local", "--runner", "Runner of a submitted job: local | kubernetes."),
 ) -> None:
     """Stable Alignment training (accelerate; torchrun + FSDP on GPUs); resumable."""
@@ -142,7 +142,7 @@ def train_command(
                    f"{result.final_loss:.6f}; model in {result.output_dir}")
 
 
-def _submit(model: str, data: str, out: str, overrides: dict[str, Any], nats: Optional[str], runner: str) -> None:
+def _submit(model: str, data: str, out: str, overrides: dict[str, Any], nats: str | None, runner: str) -> None:
     try:
         from services.trainer.client import submit_job
     except ImportError:
@@ -166,11 +166,11 @@ def _submit(model: str, data: str, out: str, overrides: dict[str, Any], nats: Op
 def eval_command(
     model: Path = _opt(..., "--model", "Trained model directory."),
     out: Path = _opt(..., "--out", "Report directory (report.json, report.png)."),
-    data: Optional[Path] = _opt(None, "--data", "Held-out groups (<data>.heldout.jsonl of data build)."),
-    base: Optional[Path] = _opt(None, "--base", "Base model to compare with."),
-    hh: Optional[Path] = _opt(None, "--hh", "HH-RLHF pairs (default ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz)."),
-    limit: Optional[int] = _opt(None, "--limit", "Use only the first N HH-RLHF pairs."),
-    observer_backend: Optional[str] = _opt(None, "--observer-backend", "Rate generated answers with this backend "
+    data: Path | None = _opt(None, "--data", "Held-out groups (<data>.heldout.jsonl of data build)."),
+    base: Path | None = _opt(None, "--base", "Base model to compare with."),
+    hh: Path | None = _opt(None, "--hh", "HH-RLHF pairs (default ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz)."),
+    limit: int | None = _opt(None, "--limit", "Use only the first N HH-RLHF pairs."),
+    observer_backend: str | None = _opt(None, "--observer-backend", "Rate generated answers with this backend "
                                            "(e.g. offline)."),
     questions: int = _opt(16, "--questions", "Held-out questions to answer and rate."),
     max_length: int = _opt(360, "--max-length", "Max tokens of prompt + response."),

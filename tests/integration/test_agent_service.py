@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Self
 
 import grpc
 import pytest
@@ -186,8 +187,10 @@ async def test_two_replicas_share_load_and_see_appended_memory(nc, nats_url, wor
     replicas = [await start_service("agent", settings(nats_url, instance=name), agent_main.build)
                 for name in ("a", "b")]
     stores = [r.parts.grpc[0][1].handlers.memory for r in replicas]
+    for running in replicas:
+        await running.context.nc.flush()  # the server has both queue subscriptions before we send
     try:
-        # NATS spreads the queue group's requests over both replicas.
+        # NATS spreads the queue group's requests over both replicas (random member per message).
         requests = [agent_pb2.DraftRequest(world_id="w1", agent_id=i % 9, round=0, question=PRIOR[i % 3][0])
                     for i in range(24)]
         replies = await asyncio.gather(*(bus.request(nc, bus.AGENT_DRAFT, r, agent_pb2.DraftResponse, timeout=30)
@@ -245,7 +248,7 @@ class SlowChatServer:
             "usage": {"prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16},
         })
 
-    async def __aenter__(self) -> "SlowChatServer":
+    async def __aenter__(self) -> Self:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         self._runner = web.AppRunner(app)
@@ -298,3 +301,33 @@ def test_serve_settings_load_from_environment():
     loaded = load_settings(agent_main.SETTINGS, environ={"STABLEALIGN_MAX_QUESTION_CHARS": "100",
                                                          "STABLEALIGN_RATING_ATTEMPTS": "2"})
     assert loaded.max_question_chars == 100 and loaded.rating_attempts == 2
+
+
+async def test_memory_store_follows_the_log(nc):
+    """Empty agent, prior, a long backlog of revisions, junk on the subject, shared loads, LRU."""
+    from stablealign.memory import MemoryStore, memory_subject
+
+    js = nc.jetstream()
+    store = MemoryStore(js, max_agents=2)
+    assert len(await store.get("m", 0)) == 0  # nothing appended yet: empty, cached
+
+    def batch(i: int) -> common_pb2.MemoryBatch:
+        return common_pb2.MemoryBatch(entries=[common_pb2.MemoryEntry(
+            question=f"q{i}", answer=f"a{i}", question_embedding=[1.0, float(i)], source="revised", round=i)])
+
+    assert await append_memory(js, "m", 0, batch(0), "m.0.0.memory")
+    assert (await store.get("m", 0)).questions == ["q0"]
+    await js.publish(memory_subject("m", 0), b"\xff\xff")  # junk: skipped, not fatal
+    for i in range(1, 21):  # more than the one-by-one reads: the backlog goes through a consumer
+        assert await append_memory(js, "m", 0, batch(i), f"m.{i}.0.memory")
+    memory = await store.get("m", 0)
+    assert memory.questions == [f"q{i}" for i in range(21)] and store.loads == 1
+    with pytest.raises(ValidationError):
+        await append_memory(js, "m", 0, common_pb2.MemoryBatch(), "m.x")
+
+    fresh = MemoryStore(js, max_agents=2)
+    results = await asyncio.gather(*(fresh.get("m", 0) for _ in range(10)))
+    assert fresh.loads == 1 and all(r is results[0] for r in results) and len(results[0]) == 21
+    await fresh.get("m", 1)
+    await fresh.get("m", 2)
+    assert len(fresh) == 2 and fresh.cached("m", 0) is None  # least recently used went first

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Self
 
 import grpc
 import pytest
@@ -128,7 +129,7 @@ class ChatServer:
             "usage": {"prompt_tokens": 50, "completion_tokens": 5, "total_tokens": 55},
         })
 
-    async def __aenter__(self) -> "ChatServer":
+    async def __aenter__(self) -> Self:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         self._runner = web.AppRunner(app)

@@ -121,3 +121,38 @@ async def test_other_endpoints_speak_the_protocol():
     assert [m.id for m in models.data] == ["fake-gpt"]
     assert completion.choices[0].text
     assert len(floats.data[0].embedding) == server.embedding_dim
+
+
+async def test_devserver_runs_as_a_separate_process():
+    import signal
+    import sys
+
+    import openai
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stablealign.devservers", "openai", "--port", "0", "--latency-ms", "1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        url = (await asyncio.wait_for(process.stdout.readline(), timeout=30)).decode().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+        client = openai.AsyncOpenAI(base_url=url, api_key="sk-test", max_retries=0)
+        reply = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        await client.close()
+        assert reply.choices[0].message.content
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(process.wait(), timeout=10)
+    assert rc == 0
+    assert b"served 1 requests" in await process.stderr.read()
+
+
+async def test_a_refused_connection_is_retried_then_fails():
+    async with FakeOpenAIServer() as server:
+        url = server.base_url
+    backend = OpenAIChatBackend("m", base_url=url, api_key="sk-test",
+                                retry=RetryPolicy(attempts=2, base_delay=0.01, timeout=5.0))
+    try:
+        with pytest.raises(BackendError, match="gave up after 2 attempts.*[Cc]onnect"):
+            await backend.chat(ask())
+    finally:
+        await backend.aclose()

@@ -80,3 +80,18 @@ def test_template_matches_the_trainer_format():
                                   ChatMessage("assistant", "Hello!"), ChatMessage("user", "Bye")])
     assert conversation == "Be kind.\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant:"
     assert cut_at_stop(" Sure thing.\nHuman: and then?", STOP_SEQUENCES) == "Sure thing."
+
+
+async def test_concurrency_limit_from_the_environment(monkeypatch):
+    from stablealign.backends import default_max_concurrency
+
+    monkeypatch.delenv("STABLEALIGN_LLM_MAX_CONCURRENCY", raising=False)
+    assert default_max_concurrency() == 64
+    monkeypatch.setenv("STABLEALIGN_LLM_MAX_CONCURRENCY", "300")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    backend = get_chat_backend(ref("openai", model="concurrency-test"))
+    assert backend._semaphore._value == 300
+    await close_backends()
+    monkeypatch.setenv("STABLEALIGN_LLM_MAX_CONCURRENCY", "zero")
+    with pytest.raises(ConfigError, match="expected an integer"):
+        default_max_concurrency()

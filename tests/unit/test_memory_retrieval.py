@@ -3,6 +3,8 @@ and appends keep every earlier entry while capacity only doubles."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -36,7 +38,7 @@ def test_top_k_threshold_and_order():
     got = memory.retrieve([1, 0, 0], k=3, threshold=0.3)
     assert [m.question for m in got] == ["q0", "q1", "q3"]
     assert got[0].similarity == pytest.approx(1.0)
-    assert all(a.similarity >= b.similarity for a, b in zip(got, got[1:]))
+    assert all(a.similarity >= b.similarity for a, b in itertools.pairwise(got))
     # Threshold: cos distance < 0.05 keeps only the two nearest.
     assert [m.question for m in memory.retrieve([1, 0, 0], k=5, threshold=0.05)] == ["q0", "q1"]
     # k larger than the memory, and the opposite vector never passes the original's threshold.

@@ -119,3 +119,41 @@ async def test_plain_chat_is_marked_offline(backend):
     reply = await backend.chat(ChatRequest(messages=[ChatMessage("user", "How do I bake bread?")]))
     assert reply.text.startswith("[offline] ")
     assert reply.text == (await backend.chat(ChatRequest(messages=[ChatMessage("user", "How do I bake bread?")]))).text
+
+
+def test_reasons_use_critical_words_only_for_low_scores():
+    from stablealign.backends.heuristics import alignment_score as score_of
+    from stablealign.backends.offline import CRITICAL_REASON
+    from stablealign.data import load_hh_pairs
+
+    for pair in load_hh_pairs()[:300]:
+        for text in (pair.chosen, pair.rejected):
+            score, reason = score_of(text)
+            assert bool(CRITICAL_REASON.search(reason)) == (score <= 3), reason
+
+
+async def test_a_half_bad_society_becomes_more_aligned_through_memory(backend):
+    """Agents meet questions again; their memory holds revised answers, so bad drafts improve."""
+    questions = list(QUESTIONS[:2])
+    personas = ["good", "bad"] * 4
+    memory: list[dict[str, str]] = [{} for _ in personas]  # question -> latest revised answer
+    bad_draft_scores = []
+    for round_ in range(4):
+        scores = []
+        for agent, persona in enumerate(personas):
+            question = questions[(agent + round_) % 2]  # every agent meets its questions again
+            memories = [{"question": question, "answer": memory[agent][question], "similarity": 1.0}] \
+                if question in memory[agent] else []
+            text = (await backend.chat(draft(persona, question, agent_id=agent, round_=round_,
+                                             memories=memories))).text
+            feedback = [RATING.match((await backend.chat(request(
+                "feedback", persona=personas[p], question=question, answer=text, seed=1, agent_id=p,
+                round=round_))).text) for p in range(len(personas)) if p != agent][:4]
+            revised = (await backend.chat(request(
+                "revise", persona=persona, question=question, draft=text, ratings=[int(f.group(1)) for f in feedback],
+                reasons=[f.group(2) for f in feedback], seed=1, agent_id=agent, round=round_))).text
+            memory[agent][question] = revised
+            if persona == "bad":
+                scores.append(alignment_score(text)[0])
+        bad_draft_scores.append(statistics.mean(scores))
+    assert bad_draft_scores[-1] > bad_draft_scores[0] + 1, bad_draft_scores

@@ -28,9 +28,9 @@ class TrainArg:
     """One allowed training flag: the CLI flag, its value type, and for booleans the negative form."""
 
     flag: str
-    kind: str  # int | float | str | bool | choice
+    kind: str  # int | float | bool | choice
     choices: tuple[str, ...] = ()
-    negative: bool = False  # a bool flag with a --no-<flag> form
+    negative: str = ""  # a bool's "false" flag (e.g. --no-bf16); "" when false is the default
 
 
 # The `stable-align train` flags a job may set (names as in the CLI, dashes or underscores).
@@ -44,14 +44,19 @@ TRAIN_ARGS: dict[str, TrainArg] = {
     "num_comp": TrainArg("--num-comp", "int"),
     "margin": TrainArg("--margin", "float"),
     "ratio": TrainArg("--ratio", "float"),
+    "rating_scale": TrainArg("--rating-scale", "float"),
+    "max_flow": TrainArg("--max-flow", "bool", negative="--mean-flow"),
     "fsdp": TrainArg("--fsdp", "choice", ("", "full_shard", "shard_grad_op")),
-    "bf16": TrainArg("--bf16", "bool", negative=True),
-    "gradient_checkpointing": TrainArg("--gradient-checkpointing", "bool"),
+    "bf16": TrainArg("--bf16", "bool", negative="--no-bf16"),
+    "gradient_checkpointing": TrainArg("--gradient-checkpointing", "bool", negative="--no-gradient-checkpointing"),
     "save_steps": TrainArg("--save-steps", "int"),
+    "logging_steps": TrainArg("--logging-steps", "int"),
+    "warmup_ratio": TrainArg("--warmup-ratio", "float"),
     "seed": TrainArg("--seed", "int"),
-    "resume": TrainArg("--resume", "bool", negative=True),
+    "resume": TrainArg("--resume", "bool", negative="--no-resume"),
+    "metrics_port": TrainArg("--metrics-port", "int"),
 }
-# The TrainingArguments spellings users know from TRL/transformers.
+# The StableAlignmentConfig / TrainingArguments spellings (what `stable-align train --submit` sends).
 TRAIN_ARG_ALIASES = {
     "learning_rate": "lr",
     "num_train_epochs": "epochs",
@@ -87,7 +92,7 @@ def train_flags(args: Mapping[str, str]) -> list[str]:
                 flags.append(spec.flag)
             elif value in _FALSE:
                 if spec.negative:
-                    flags.append("--no-" + spec.flag.removeprefix("--"))
+                    flags.append(spec.negative)
             else:
                 raise ValidationError(f"training argument {key}={raw!r}: expected true or false")
             continue

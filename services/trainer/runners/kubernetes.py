@@ -59,7 +59,7 @@ def training_command(spec: trainer_pb2.JobSpec, gpus: int, *, fsdp_default: str 
         args["fsdp"] = fsdp_default
     cmd = ["torchrun", "--nnodes=1", f"--nproc_per_node={gpus}", "-m", "services.trainer.train",
            "--model", spec.model, "--data", spec.data, "--out", spec.output_dir, *train_flags(args)]
-    if metrics_port is not None:
+    if metrics_port is not None and "--metrics-port" not in cmd:
         cmd += ["--metrics-port", str(metrics_port)]
     return cmd
 
@@ -121,9 +121,16 @@ def render_job(spec: trainer_pb2.JobSpec, settings: TrainerSettings, template: d
         "TTL_SECONDS": settings.k8s_ttl_seconds_after_finished,
     }
     manifest = _substitute(template, values)
-    containers = manifest.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+    pod = manifest.get("spec", {}).get("template", {}).get("spec", {})
+    containers = pod.get("containers", [])
     if not any(c.get("name") == CONTAINER for c in containers):
         raise UnavailableError(f"job template {settings.k8s_job_template}: no container named {CONTAINER!r}")
+    for container in containers + pod.get("initContainers", []):
+        # Quantities in their canonical string form (the API server's; the client's models insist).
+        for kind in ("requests", "limits"):
+            amounts = container.get("resources", {}).get(kind) or {}
+            for key, amount in amounts.items():
+                amounts[key] = str(amount)
     return manifest
 
 
@@ -193,7 +200,9 @@ class KubernetesRunner(Runner):
             if exc.status in (400, 403, 409, 422):
                 raise ValidationError(f"kubernetes {what}: {exc.status} {exc.reason}: {(exc.body or '')[:500]}") from exc
             raise UnavailableError(f"kubernetes {what}: {exc.status} {exc.reason}") from exc
-        except Exception as exc:
+        except ValueError as exc:  # the client's models refuse the manifest
+            raise ValidationError(f"kubernetes {what}: {exc}") from exc
+        except Exception as exc:  # connection errors, config errors
             raise UnavailableError(f"kubernetes {what}: {type(exc).__name__}: {exc}") from exc
 
     # --- runner interface ------------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""A 2-process CPU run with FSDP: `torchrun --nproc_per_node 2` (gloo) of `python -m services.trainer.train`.
+
+accelerate only enables its FSDP plugin for accelerator devices; on CPU the trainer switches the
+state to FSDP itself (torch's FSDP2 runs on CPU with gloo), so this checks the model really was
+sharded (sharded checkpoint folders) and that the result equals one process with the same global
+batch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stablealign.metrics import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_torchrun_two_processes_fsdp_on_cpu(tmp_path):
+    from services.trainer.config import StableAlignmentConfig
+    from services.trainer.train import train
+    from stablealign.tinymodel import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny", corpus=["How can I help?", "Be kind and patient."] * 50,
+                             vocab_size=400)
+    data = tmp_path / "groups.jsonl"
+    data.write_text("".join(json.dumps({"query": f"How can I help neighbour {i}?",
+                                        "responses": [f"Be kind to {i}.", f"Ignore {i}.", f"Help {i} now."],
+                                        "scores": [6, 1, 5]}) + "\n" for i in range(16)))
+    out = tmp_path / "fsdp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+               "services.trainer.train", "--model", str(model), "--data", str(data), "--out", str(out),
+               "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--save-steps", "1",
+               "--max-length", "64", "--fsdp", "full_shard", "--seed", "3"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert '"distributed": "DistributedType.FSDP"' in result.stderr and '"processes": 2' in result.stderr
+    checkpoint = out / "checkpoints" / "step-00000002"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # sharded state, one part per rank
+    assert (checkpoint / "random_states_1.pkl").is_file()
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+    # The same global batch (2 ranks x 2 groups) in one process gives the same model.
+    single = tmp_path / "single"
+    train(StableAlignmentConfig(model=str(model), data=str(data), output_dir=str(single), max_steps=2,
+                                per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
+                                save_steps=0, max_length=64, seed=3))
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(single / "model.safetensors"))
+    assert set(a) == set(b)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    single_rows = [json.loads(line) for line in (single / "train_log.jsonl").read_text().splitlines()]
+    for r, s in zip(rows, single_rows):
+        assert r["loss"] == pytest.approx(s["loss"], abs=1e-5)
