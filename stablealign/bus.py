@@ -209,6 +209,8 @@ class RequestServer:
 
         self._subs.append(await self.nc.subscribe(subject, queue=self.queue, cb=on_message,
                                                   pending_msgs_limit=1_000_000))
+        # Make the subscription live at the server before the service says it is ready.
+        await self.nc.flush()
 
     async def _handle(self, msg: Msg, request_type: type[M], handler: Handler, method: str) -> None:
         started = time.perf_counter()

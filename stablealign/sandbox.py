@@ -23,7 +23,7 @@ from stablealign.config import load_settings
 from stablealign.errors import UnavailableError
 from stablealign.natsserver import EmbeddedNatsServer
 from stablealign.records import record_to_json, write_jsonl
-from stablealign.service import RunningService, start_service
+from stablealign.service import RunningService, close_process_backends, start_service
 from stablealign.v1 import common_pb2, world_pb2
 
 SANDBOX_SERVICES = ("agent", "observer", "world")
@@ -58,6 +58,8 @@ class EmbeddedStack:
     async def stop(self) -> None:
         for service in reversed(self.running):
             await service.stop(grace=5.0)
+        if self.running:
+            await close_process_backends()
         self.running.clear()
         await asyncio.to_thread(self.server.stop)
 

@@ -81,10 +81,6 @@ class RunningService:
                 await hook()
             except Exception:  # noqa: BLE001 - keep closing the rest
                 log.exception("service.stop_hook_failed", extra={"service": self.name})
-        # LLM clients hold HTTP pools bound to this loop; close them before the loop ends.
-        from stablealign.backends import close_backends
-
-        await close_backends()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.context.nc.drain(), timeout=max(grace, 1.0))
         log.info("service.stopped", extra={"service": self.name})
@@ -121,4 +117,16 @@ async def serve_forever(name: str, settings: ServiceSettings,
     running = await start_service(name, settings, build)
     await stop.wait()
     await running.stop()
+    await close_process_backends()
     return 0
+
+
+async def close_process_backends() -> None:
+    """Closes the LLM clients' HTTP pools (bound to this loop) once no service of the process uses them.
+
+    Not part of ``RunningService.stop``: several services may share one loop (`stable-align run`,
+    tests) and the backend cache is per loop, so only the owner of the loop may close it.
+    """
+    from stablealign.backends import close_backends  # late: backends import optional heavy modules
+
+    await close_backends()

@@ -22,7 +22,12 @@ MAX_ROUNDS = 100_000
 DEFAULT_PARTNERS = 4
 DEFAULT_PRIOR_SIZE = 50
 DEFAULT_RETRIEVAL_K = 3
+# Cosine-distance thresholds of retrieval. The original's 0.3 was tuned for OpenAI (ada-002)
+# embeddings; all-MiniLM-L6-v2 (and the hashing embedder) place related questions much further
+# apart (top-1 similarity of a pool question to 50 priors: median 0.39, 90th percentile 0.54), so
+# 0.3 would retrieve almost nothing and agents could not learn from their memories.
 DEFAULT_RETRIEVAL_THRESHOLD = 0.3
+LOCAL_EMBEDDING_RETRIEVAL_THRESHOLD = 0.75
 BACKENDS = ("offline", "openai", "tgi", "hf")
 # Model names when a spec names only the backend (the backends package uses the same ones).
 DEFAULT_CHAT_MODELS = {"offline": "offline-deterministic", "openai": "gpt-4o-mini", "tgi": "tgi"}
@@ -79,7 +84,7 @@ def resolve_spec(
     """A copy of ``spec`` with every default filled in; ValidationError names the bad field.
 
     Defaults: world_id generated; setting half_half (custom when only labels are given);
-    radius S // 2; partners 4; prior_size 50; retrieval_k 3, threshold 0.3; backends and models
+    radius S // 2; partners 4; prior_size 50; retrieval_k 3, threshold 0.3 (OpenAI embeddings) or 0.75 (local); backends and models
     from the service settings. ``check_files`` also opens the prior and question files so that
     a wrong path fails CreateWorld rather than the world later.
     """
@@ -119,7 +124,7 @@ def resolve_spec(
         raise ValidationError(f"concurrency must be >= 0 (0: all agents of a round), got {out.concurrency}")
     if out.prior_size < -1:
         raise ValidationError(f"prior_size must be >= 0 (-1: {DEFAULT_PRIOR_SIZE}), got {out.prior_size}")
-    if out.prior_size == -1:
+    if not out.HasField("prior_size") or out.prior_size == -1:
         out.prior_size = DEFAULT_PRIOR_SIZE
     if out.retrieval_k < 0:
         raise ValidationError(f"retrieval_k must be >= 0 (0: {DEFAULT_RETRIEVAL_K}), got {out.retrieval_k}")
@@ -128,7 +133,6 @@ def resolve_spec(
         raise ValidationError(
             f"retrieval_threshold (a cosine distance) must be in [0, 2], got {out.retrieval_threshold}"
         )
-    out.retrieval_threshold = out.retrieval_threshold or DEFAULT_RETRIEVAL_THRESHOLD
     out.agent_model.CopyFrom(
         _chat_model(
             out.agent_model, "agent_model", settings.agent_backend, settings.agent_model, settings.agent_url
@@ -144,6 +148,9 @@ def resolve_spec(
         )
     )
     out.embedding_model.CopyFrom(_embedding_model(out.embedding_model, settings))
+    if not out.retrieval_threshold:
+        out.retrieval_threshold = (DEFAULT_RETRIEVAL_THRESHOLD if out.embedding_model.backend == "openai"
+                                   else LOCAL_EMBEDDING_RETRIEVAL_THRESHOLD)
     if check_files:
         pairs = data.load_hh_pairs(out.prior_path or None)
         if out.prior_size > len(pairs):

@@ -235,3 +235,21 @@ def test_promtool_accepts_config_and_rules(tmp_path):
     rules.write_text(configmap_data(docs, "prometheus-alerts")["alerts.yml"])
     proc = subprocess.run([PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_every_stablealign_variable_is_a_setting_of_its_service(target):
+    """A typo in an env name would be silently ignored by the service: every one must be a settings field."""
+    import dataclasses
+    import importlib
+
+    from stablealign.config import env_name
+
+    docs = render(target)
+    for name in SERVICES:
+        settings = importlib.import_module(f"services.{name}.main").SETTINGS
+        known = {env_name(f.name) for f in dataclasses.fields(settings)}
+        names = {e["name"] for e in container(one(docs, "Deployment", name), name).get("env", [])}
+        unknown = {n for n in names if n.startswith("STABLEALIGN_")} - known
+        assert not unknown, f"{name}: {sorted(unknown)} are not {settings.__name__} fields"

@@ -19,14 +19,18 @@ def spec(**kw) -> world_pb2.WorldSpec:
 
 
 def test_defaults_are_resolved():
-    out = resolve_spec(spec(prior_size=-1))  # proto3: an unset prior_size is 0 (no prior); -1 asks for 50
+    out = resolve_spec(spec())  # prior_size unset: the default 50 (an explicit 0 means no prior)
     assert out.world_id.startswith("w-") and len(out.world_id) <= 64
     assert out.setting == "half_half"
     assert list(out.labels) == [GOOD, GOOD, GOOD, BAD, GOOD, BAD, BAD, BAD, BAD]
     assert out.radius == 1.0  # 3 // 2
     assert out.partners == 4
     assert out.prior_size == 50
-    assert out.retrieval_k == 3 and out.retrieval_threshold == pytest.approx(0.3)
+    # Local sentence embeddings get the wider threshold; OpenAI embeddings the original's 0.3.
+    assert out.retrieval_k == 3 and out.retrieval_threshold == pytest.approx(0.75)
+    openai_embedded = resolve_spec(spec(embedding_model=common_pb2.ModelRef(backend="openai")))
+    assert openai_embedded.retrieval_threshold == pytest.approx(0.3)
+    assert resolve_spec(spec(prior_size=-1)).prior_size == 50
     assert (out.agent_model.backend, out.agent_model.model) == ("offline", "offline-deterministic")
     assert (out.observer_model.backend, out.observer_model.model) == ("offline", "offline-deterministic")
     assert (out.embedding_model.backend, out.embedding_model.model) == ("offline", "all-MiniLM-L6-v2")
