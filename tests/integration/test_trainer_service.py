@@ -56,7 +56,7 @@ def write_groups(path: Path, n: int = 8) -> Path:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "model"
-    proc = subprocess.run([STABLE_ALIGN, "model", "init-tiny", "--out", str(out)], capture_output=True, text=True,
+    proc = subprocess.run([STABLE_ALIGN, "model", "init-tiny", "--out", str(out)], check=False, capture_output=True, text=True,
                           timeout=180)
     if proc.returncode != 0:
         pytest.skip(f"`stable-align model init-tiny` is not available: {proc.stderr[-500:]}")
@@ -105,7 +105,7 @@ async def test_bad_specs_and_unknown_jobs(nats_url, tmp_path):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec))
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
-            assert "does not exist" in str((await _code_of(stub, bad["missing model"])))
+            assert "does not exist" in str(await _code_of(stub, bad["missing model"]))
             for call in (stub.GetJob(trainer_pb2.GetJobRequest(job_id="job-unknown")),
                          stub.CancelJob(trainer_pb2.CancelJobRequest(job_id="job-unknown"))):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -190,8 +190,8 @@ async def test_jobs_train_cancel_and_survive_a_restart(nats_url, tmp_path, tiny_
 
         # 4. A job left RUNNING by a crashed service (its process is gone), then a restart.
         store = await JobStore.open(service.context.js)
-        dead = subprocess.Popen([sys.executable, "-c", "pass"])
-        dead.wait()
+        dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+        await dead.wait()
         orphan = trainer_pb2.Job(spec=trainer_pb2.JobSpec(job_id="job-orphan", runner="local", model=str(tiny_model),
                                                           data=str(data)),
                                  state=trainer_pb2.JOB_STATE_RUNNING, created_at=time.time(), handle=str(dead.pid))

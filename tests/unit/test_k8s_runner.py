@@ -30,8 +30,8 @@ def _settings(**overrides) -> TrainerSettings:
 
 
 def _spec(**fields) -> trainer_pb2.JobSpec:
-    base = dict(job_id="Job_42", runner="kubernetes", model="models/base", data="data/train.jsonl", gpus=8,
-                args={"lr": "2e-5", "max_steps": "100", "bf16": "true"})
+    base = {"job_id": "Job_42", "runner": "kubernetes", "model": "models/base", "data": "data/train.jsonl", "gpus": 8,
+                "args": {"lr": "2e-5", "max_steps": "100", "bf16": "true"}}
     base.update(fields)
     return trainer_pb2.JobSpec(**base)
 
@@ -66,11 +66,11 @@ def test_render_gpu_job_is_valid_and_uses_torchrun_fsdp():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(args={"rm_rf": "1"}), "unknown training argument"),
-    (dict(args={"lr": "fast"}), "expected a number"),
-    (dict(nodes=2), "multi-node"),
-    (dict(model=""), "model is required"),
-    (dict(namespace="Not_A_Namespace"), "namespace"),
+    ({"args": {"rm_rf": "1"}}, "unknown training argument"),
+    ({"args": {"lr": "fast"}}, "expected a number"),
+    ({"nodes": 2}, "multi-node"),
+    ({"model": ""}, "model is required"),
+    ({"namespace": "Not_A_Namespace"}, "namespace"),
 ])
 def test_bad_specs_are_rejected(bad, match):
     with pytest.raises(ValidationError, match=match):
@@ -132,6 +132,8 @@ class FakeApiServer:
         return web.Response(text=(
             "2030-01-01T00:00:00.000000001Z starting torchrun\n"
             '2030-01-01T00:00:01.5Z {"step": 1, "loss": 2.5, "loss/sft": 2.0, "loss/penalty": 0.5}\n'
+            "2030-01-01T00:00:01.7Z train:  50%|#   | 1/2 [00:01<00:01, 1.0it/s, loss=2.7]"
+            "\rtrain: 100%|####| 2/2 [00:02<00:00, 1.0it/s, loss=2.25, tok_s=321]\n"
             "2030-01-01T00:00:02Z done\n"))
 
 
@@ -193,7 +195,11 @@ async def test_runner_creates_watches_and_streams_logs():
     assert log_calls and log_calls[0]["follow"] == "true" and log_calls[0]["container"] == "trainer"
     texts = [line for line, _ in reporter.lines]
     assert "starting torchrun" in texts and "done" in texts
-    assert reporter.values["loss"] == 2.5 and reporter.values["loss/penalty"] == 0.5
+    assert reporter.values["loss/penalty"] == 0.5  # a train_log.jsonl record in the log
+    # The progress bar's last redraw: step, loss and tokens/s.
+    assert reporter.values["step"] == 2 and reporter.values["loss"] == 2.25
+    assert reporter.values["tokens_per_second"] == 321
+    assert any(line.startswith("train: 100%") for line in texts) and not any("50%" in line for line in texts)
     # Log times come from the pod's timestamps, not from when we read them.
     times = {line: at for line, at in reporter.lines}
     assert times["done"] == pytest.approx(1893456002.0)

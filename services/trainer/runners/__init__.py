@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -125,10 +126,32 @@ def metrics_from_json(text: str) -> dict[str, float]:
         record = json.loads(text)
     except ValueError:
         return {}
-    if not isinstance(record, dict) or "loss" not in record and "step" not in record:
-        return {}
+    if not isinstance(record, dict) or "event" in record or ("loss" not in record and "step" not in record):
+        return {}  # not a train_log.jsonl record (e.g. a structured log line)
     return {k: float(v) for k, v in record.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+_PROGRESS = re.compile(r"\|\s*(\d+)/(\d+)\b.*?\bloss=([-+0-9.eE]+)(?:.*?\btok_s=([0-9.eE+]+))?")
+
+
+def metrics_from_progress(line: str) -> dict[str, float]:
+    """Step, loss and tokens/s from the trainer's progress bar (``2/7 [..., loss=9.04, tok_s=262]``).
+
+    A Kubernetes job's train_log.jsonl is on the pod's volume; its log stream is what we see.
+    """
+    match = _PROGRESS.search(line)
+    if not match:
+        return {}
+    step, total, loss, tok_s = match.groups()
+    values = {"step": float(step), "total_steps": float(total)}
+    try:
+        values["loss"] = float(loss)
+        if tok_s:
+            values["tokens_per_second"] = float(tok_s)
+    except ValueError:
+        pass
+    return values
 
 
 class JobReporter(Protocol):

@@ -26,7 +26,14 @@ from typing import Any
 
 import yaml
 
-from services.trainer.runners import JobReporter, Runner, RunResult, metrics_from_json, train_flags
+from services.trainer.runners import (
+    JobReporter,
+    Runner,
+    RunResult,
+    metrics_from_json,
+    metrics_from_progress,
+    train_flags,
+)
 from services.trainer.settings import TrainerSettings
 from stablealign.errors import UnavailableError, ValidationError
 from stablealign.logs import get_logger
@@ -342,9 +349,12 @@ class KubernetesRunner(Runner):
                 pending += chunk
                 *complete, pending = pending.split(b"\n")
                 for raw in complete:
-                    text = raw.decode("utf-8", errors="replace").rstrip("\r")
+                    text = raw.decode("utf-8", errors="replace")
+                    at, text = _parse_log_line(text)
+                    # A progress bar redraws itself with carriage returns: keep its latest state.
+                    text = text.rstrip("\r").rsplit("\r", 1)[-1].strip()
                     if text:
-                        loop.call_soon_threadsafe(lines.put_nowait, _parse_log_line(text))
+                        loop.call_soon_threadsafe(lines.put_nowait, (at, text))
             if pending.strip():
                 loop.call_soon_threadsafe(lines.put_nowait, _parse_log_line(pending.decode("utf-8", "replace")))
 
@@ -354,7 +364,7 @@ class KubernetesRunner(Runner):
             if cutoff and at <= cutoff:
                 continue  # stored before the service restarted
             await reporter.log(text, at)
-            if values := metrics_from_json(text):
+            if values := metrics_from_json(text) or metrics_from_progress(text):
                 await reporter.metrics(values)
 
     async def cancel(self, job: trainer_pb2.Job) -> None:
