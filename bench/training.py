@@ -82,10 +82,9 @@ def original_group_loss(model: Any, batch: dict[str, Any]) -> Any:
 
 
 def ours_loss(model: Any, batch: dict[str, Any]) -> Any:
-    from services.trainer.loss import grouped_response_losses, stable_alignment_loss
+    from services.trainer.loss import batch_response_losses, model_takes_logits_to_keep, stable_alignment_loss
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    losses = grouped_response_losses(logits, batch["labels"], batch["mask"].size(0))
+    losses = batch_response_losses(model, batch, logits_to_keep=model_takes_logits_to_keep(model))
     return stable_alignment_loss(losses, batch["scores"], batch["mask"], margin=MARGIN, ratio=RATIO,
                                  rating_scale=RATING_SCALE)
 

@@ -111,3 +111,46 @@ def grouped_response_losses(logits: torch.Tensor, labels: torch.Tensor, groups: 
     if per_row.numel() % groups:
         raise ValueError(f"{per_row.numel()} rows do not split into {groups} groups")
     return per_row.view(groups, -1)
+
+
+def response_logits_window(labels: torch.Tensor) -> int:
+    """How many trailing positions need logits: from the first one that predicts a response token.
+
+    Prompt positions before every response's start predict nothing that is scored, so computing
+    their logits (a ``[T, vocab]`` matmul and a float32 log-softmax each) is wasted work; models
+    that take ``logits_to_keep`` skip it.
+    """
+    scored = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
+    positions = torch.nonzero(scored)
+    if positions.numel() == 0:
+        return labels.size(1)
+    return labels.size(1) - int(positions[0])
+
+
+def model_takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """True for transformers causal LMs whose forward accepts ``logits_to_keep`` (Llama, Mistral, Qwen...)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def batch_response_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
+                          logits_to_keep: bool) -> torch.Tensor:
+    """``[B, N]`` per-response token-mean losses of a collated batch in ONE forward pass.
+
+    With ``logits_to_keep`` only the window of positions that predict response tokens gets logits;
+    the labels are cut to the same window, so the values equal the full computation.
+    """
+    groups = batch["mask"].size(0)
+    labels = batch["labels"]
+    kwargs = {}
+    if logits_to_keep:
+        keep = response_logits_window(labels)
+        kwargs["logits_to_keep"] = keep
+        labels = labels[:, -keep:]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **kwargs).logits
+    return grouped_response_losses(logits, labels, groups)

@@ -290,7 +290,8 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from services.trainer.collator import AlignmentCollator
-    from services.trainer.loss import grouped_response_losses, stable_alignment_loss_parts
+    from services.trainer.loss import (batch_response_losses, model_takes_logits_to_keep,
+                                       stable_alignment_loss_parts)
 
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
@@ -351,6 +352,7 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
     step = start_step
     steps_this_run = 0
     device = accelerator.device
+    keep_window = model_takes_logits_to_keep(accelerator.unwrap_model(model))
     while step < total_steps:
         started = time.perf_counter()
         epoch, micro_batches = plan.step_batches(step, accelerator.process_index)
@@ -360,9 +362,7 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
             batch = collator([(i, groups[i]) for i in indices])
             batch = {k: v.to(device) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               use_cache=False).logits
-                response_losses = grouped_response_losses(logits, batch["labels"], batch["mask"].size(0))
+                response_losses = batch_response_losses(model, batch, logits_to_keep=keep_window)
                 parts = stable_alignment_loss_parts(
                     response_losses, batch["scores"], batch["mask"], margin=cfg.margin, ratio=cfg.ratio,
                     rating_scale=cfg.rating_scale, max_flow=cfg.max_flow)

@@ -146,3 +146,30 @@ def test_per_response_token_loss_matches_one_call_per_response():
         want = torch.nn.functional.cross_entropy(logits[i, :-1], labels[i, 1:], ignore_index=IGNORE_INDEX)
         assert got[i].item() == pytest.approx(want.item(), abs=1e-6)
     assert got[3].item() == 0.0
+
+
+def test_logits_window_gives_the_same_losses_as_full_logits():
+    """Skipping logits of prompt-only positions must not change any per-response loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from services.trainer.loss import (IGNORE_INDEX, batch_response_losses, model_takes_logits_to_keep,
+                                       response_logits_window)
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    assert model_takes_logits_to_keep(model)
+    input_ids = torch.randint(0, 50, (4, 12))
+    labels = input_ids.clone()
+    labels[:, :5] = IGNORE_INDEX          # prompts of 5..7 tokens
+    labels[1, :7] = IGNORE_INDEX
+    labels[3, 10:] = IGNORE_INDEX         # padding at the end
+    labels[2, :] = IGNORE_INDEX           # a padded slot
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+             "mask": torch.ones(2, 2, dtype=torch.bool)}
+    assert response_logits_window(labels) == 12 - 4
+    with torch.no_grad():
+        windowed = batch_response_losses(model, batch, logits_to_keep=True)
+        full = batch_response_losses(model, batch, logits_to_keep=False)
+    assert windowed.shape == (2, 2)
+    torch.testing.assert_close(windowed, full, rtol=1e-6, atol=1e-6)
