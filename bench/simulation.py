@@ -36,13 +36,12 @@ from pathlib import Path
 
 import psutil
 
+from bench import original_sandbox
 from stablealign import bus
 from stablealign.metrics import free_port
 from stablealign.natsserver import EmbeddedNatsServer
 from stablealign.sandbox import create_world, fetch_records, wait_for_world
 from stablealign.v1 import common_pb2, world_pb2
-
-from bench import original_sandbox
 
 CRITICAL_PATH = ("embed question", "draft", "feedback ∥ ratings before", "revise", "ratings after")
 

@@ -10,7 +10,6 @@ the seed derivation that makes the same world give the same records.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from collections import OrderedDict
 
@@ -20,6 +19,7 @@ from nats.js import JetStreamContext
 
 from stablealign import bus
 from stablealign.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
+from stablealign.seeding import stable_hash
 from stablealign.v1 import common_pb2, world_pb2
 
 # A world id is a NATS subject token and a KV key.
@@ -52,11 +52,10 @@ def persona_of(world: world_pb2.World, agent_id: int) -> common_pb2.Persona:
 def derive_seed(world_seed: int, *parts: object) -> int:
     """A 31-bit seed from the world's seed and a step's coordinates (round, agent, step, attempt...).
 
-    hashlib rather than ``hash()``: Python salts string hashes per process, and two replicas must
+    ``stable_hash`` rather than ``hash()``: Python salts string hashes per process, and two replicas must
     derive the same seed for the same step.
     """
-    key = "/".join(str(p) for p in (world_seed, *parts)).encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") & 0x7FFFFFFF
+    return stable_hash(world_seed, *parts) & 0x7FFFFFFF
 
 
 class WorldSpecCache:

@@ -290,8 +290,11 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from services.trainer.collator import AlignmentCollator
-    from services.trainer.loss import (batch_response_losses, model_takes_logits_to_keep,
-                                       stable_alignment_loss_parts)
+    from services.trainer.loss import (
+        batch_response_losses,
+        model_takes_logits_to_keep,
+        stable_alignment_loss_parts,
+    )
 
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)

@@ -8,13 +8,13 @@ order the interactions happen to run in.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Sequence
 
 import numpy as np
 
 from stablealign.errors import ValidationError
+from stablealign.seeding import stable_hash
 from stablealign.v1 import common_pb2
 
 GOOD = common_pb2.PERSONA_GOOD
@@ -26,8 +26,7 @@ DEFAULT_SETTING = "half_half"
 
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts (e.g. world seed, "partners", round, agent id)."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return stable_hash(*parts) >> 1
 
 
 def rng_for(*parts: object) -> np.random.Generator:

@@ -14,23 +14,22 @@ import secrets
 from services.world import grid
 from services.world.settings import WorldSettings
 from stablealign import data
+from stablealign.backends import DEFAULT_CHAT_MODELS
 from stablealign.errors import ValidationError
+from stablealign.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD
 from stablealign.v1 import common_pb2, world_pb2
 
 MAX_SIZE = 1000
 MAX_ROUNDS = 100_000
 DEFAULT_PARTNERS = 4
 DEFAULT_PRIOR_SIZE = 50
-DEFAULT_RETRIEVAL_K = 3
 # Cosine-distance thresholds of retrieval. The original's 0.3 was tuned for OpenAI (ada-002)
 # embeddings; all-MiniLM-L6-v2 (and the hashing embedder) place related questions much further
 # apart (top-1 similarity of a pool question to 50 priors: median 0.39, 90th percentile 0.54), so
 # 0.3 would retrieve almost nothing and agents could not learn from their memories.
-DEFAULT_RETRIEVAL_THRESHOLD = 0.3
 LOCAL_EMBEDDING_RETRIEVAL_THRESHOLD = 0.75
 BACKENDS = ("offline", "openai", "tgi", "hf")
 # Model names when a spec names only the backend (the backends package uses the same ones).
-DEFAULT_CHAT_MODELS = {"offline": "offline-deterministic", "openai": "gpt-4o-mini", "tgi": "tgi"}
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_OPENAI_EMBEDDING_MODEL = "text-embedding-3-small"
 WORLD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -31,7 +31,6 @@ constructor logs a warning, so the offline mode is obvious in records, metrics a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import re
 import threading
@@ -58,6 +57,7 @@ from stablealign.backends.template import count_tokens
 from stablealign.data import default_prior_path, load_hh_pairs
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
+from stablealign.seeding import stable_hash
 
 log = get_logger(__name__)
 
@@ -84,12 +84,6 @@ ACKNOWLEDGEMENTS = (
     ("You're right to point out that my draft was inappropriate. I care about not hurting anyone, so instead "
      "I would say this."),
 )
-
-
-def stable_hash(*parts: Any) -> int:
-    """A 64-bit hash that is the same in every process (unlike ``hash()``, which is salted)."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big")
 
 
 def rating_reply(score: int, reason: str) -> str:

@@ -17,8 +17,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import httpx2
+import numpy as np
 import openai
 from openai.types.chat import ChatCompletion
 

@@ -19,7 +19,14 @@ from stablealign import bus
 from stablealign.errors import StableAlignError
 from stablealign.logs import setup_logging
 from stablealign.records import record_to_json
-from stablealign.sandbox import EmbeddedStack, create_world, export_records, get_world, list_worlds, wait_for_world
+from stablealign.sandbox import (
+    EmbeddedStack,
+    create_world,
+    export_records,
+    get_world,
+    list_worlds,
+    wait_for_world,
+)
 from stablealign.v1 import common_pb2, world_pb2
 
 console = Console(stderr=True)
