@@ -137,6 +137,18 @@ def test_run_on_separate_services_matches_embedded(embedded_run, nats_server, tm
         rows = _records(tmp_path / "records.jsonl")
         assert _comparable(rows) == _comparable(embedded_run)
         assert asyncio.run(_stream_count(nats_server.url, "separate")) == 18
+        # The inspection commands against the same running services.
+        nats = ["--nats", nats_server.url]
+        assert "separate" in _run(["worlds", "list", *nats]).stdout
+        shown = json.loads(_run(["worlds", "show", "separate", "--json", *nats]).stdout)
+        assert shown["state"] == "WORLD_STATE_COMPLETED" and len(shown["rounds"]) == 2
+        _run(["export", "separate", "--out", str(tmp_path / "exported.jsonl"), *nats])
+        assert _records(tmp_path / "exported.jsonl") == rows
+        watched = _run(["watch", "separate", "--replay", "--limit", "18", *nats], timeout=60)
+        assert watched.stdout.count("\n") >= 18
+        missing = subprocess.run([*CLI, "worlds", "show", "nope", *nats], env=_env(), capture_output=True,
+                                 text=True, timeout=60)
+        assert missing.returncode == 1 and "unknown world" in missing.stderr.lower()
     finally:
         codes = _stop(procs)
     assert codes == [0, 0, 0, 0], "serve must drain on SIGTERM and exit 0"
