@@ -78,11 +78,15 @@ class EmbeddedNatsServer:
         if self._own_dir:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
-    def restart(self, timeout: float = 15.0) -> None:
-        """Stops and starts the server on the same port and store (for NATS-outage tests)."""
+    def stop_keep_store(self) -> None:
+        """Stops the server but keeps its JetStream store, so ``start`` brings the same data back."""
         own, self._own_dir = self._own_dir, False
         self.stop()
         self._own_dir = own
+
+    def restart(self, timeout: float = 15.0) -> None:
+        """Stops and starts the server on the same port and store (for NATS-outage tests)."""
+        self.stop_keep_store()
         self.start(timeout)
 
     def __enter__(self) -> "EmbeddedNatsServer":
