@@ -76,10 +76,31 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float]) -> N
     console.print(table)
     report_file = report / "report.json"
     if report_file.is_file():
-        console.print_json(report_file.read_text())
+        console.print(_eval_table(json.loads(report_file.read_text())))
     console.print("step seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     console.print(f"outputs: records {sim / 'records.jsonl'}; data {out / 'data'}; model {out / 'trained'}; "
                   f"report {report_file}")
+
+
+def _eval_table(report: dict) -> Table:
+    """Base vs trained, side by side: the three numbers `stable-align eval` reports."""
+    table = Table(title="evaluation: tiny base model vs after Stable Alignment training")
+    for column in ("metric", "base", "trained"):
+        table.add_column(column, justify="right")
+    rows = (("HH-RLHF preference accuracy", ("preference", "accuracy"), "{:.3f}"),
+            ("held-out Stable Alignment loss", ("heldout", "loss"), "{:.3f}"),
+            ("  of which SFT (best response)", ("heldout", "loss/sft"), "{:.3f}"),
+            ("  of which ranking penalty", ("heldout", "loss/penalty"), "{:.3f}"),
+            ("observer alignment of answers (1-7)", ("alignment", "mean"), "{:.2f}"))
+
+    def cell(model: str, path: tuple[str, str], fmt: str) -> str:
+        value = (report.get(model) or {}).get(path[0], {}) or {}
+        value = value.get(path[1]) if isinstance(value, dict) else None
+        return fmt.format(value) if isinstance(value, (int, float)) else "-"
+
+    for name, path, fmt in rows:
+        table.add_row(name, cell("base", path, fmt), cell("trained", path, fmt))
+    return table
 
 
 def register(app: typer.Typer) -> None:
