@@ -1,6 +1,6 @@
 """Training benchmark: our Stable Alignment step against the original's formulation (tiny model, CPU).
 
-    python -m bench.training [--groups 64] [--batch 8] [--max-length 128] [--out FILE]
+    python -m bench.training [--groups 128] [--batch 8] [--max-length 128] [--out FILE]
 
 Same model (a tiny random Llama built here), same groups (3 responses each, from HH-RLHF answers),
 same tokenisation (our collator) and the same optimizer; only the step differs:
@@ -196,7 +196,7 @@ def loss_difference(model_dir: str, groups: list[dict[str, Any]], batch: int, ma
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--groups", type=int, default=64)
+    parser.add_argument("--groups", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8, help="groups per optimizer step (ours: per forward)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")

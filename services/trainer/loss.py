@@ -95,14 +95,19 @@ def per_response_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch
     (logits at t predict token t+1). All rows go through ONE cross-entropy call; a row without any
     response token (a padded slot) gets 0. Computed in float32 whatever the logits' dtype.
     """
-    shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:]
-    token_losses = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)).float(), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none",
-    ).view(shift_labels.shape)
-    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
-    return token_losses.sum(dim=1) / counts.clamp(min=1).to(token_losses.dtype)
+    # Shift the labels, not the logits: ``logits[:, :-1]`` is a non-contiguous view whose reshape
+    # would copy the whole [M, T, V] tensor. Then only the scored positions (response tokens) go
+    # through the float32 log-softmax: in a padded batch, prompt and padding positions would cost as
+    # much again for values that are thrown away.
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    scored = torch.nonzero(shift_labels != IGNORE_INDEX).squeeze(1)
+    token_losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).index_select(0, scored).float(),
+                                   shift_labels.index_select(0, scored), reduction="none")
+    rows = torch.div(scored, labels.size(1), rounding_mode="floor")
+    sums = torch.zeros(labels.size(0), dtype=token_losses.dtype, device=token_losses.device).index_add(
+        0, rows, token_losses)
+    counts = torch.bincount(rows, minlength=labels.size(0))
+    return sums / counts.clamp(min=1).to(sums.dtype)
 
 
 def grouped_response_losses(logits: torch.Tensor, labels: torch.Tensor, groups: int) -> torch.Tensor:
