@@ -133,6 +133,7 @@ async def start_grpc_server(
     host: str = "127.0.0.1",
     port: int = 0,
     max_request_bytes: int = 1 << 20,
+    max_concurrent_rpcs: int | None = None,
 ) -> GrpcServer:
     """Starts a server with the given servicers plus health and reflection.
 
@@ -140,6 +141,8 @@ async def start_grpc_server(
     """
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(service)],
+        # Beyond this many calls at once new ones get RESOURCE_EXHAUSTED instead of piling up.
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", max_request_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),

@@ -98,7 +98,8 @@ async def start_service(name: str, settings: ServiceSettings,
     grpc_server = None
     if settings.grpc_port >= 0:
         grpc_server = await start_grpc_server(service=name, registrations=parts.grpc, host=settings.grpc_host,
-                                              port=settings.grpc_port, max_request_bytes=settings.max_request_bytes)
+                                              port=settings.grpc_port, max_request_bytes=settings.max_request_bytes,
+                                              max_concurrent_rpcs=settings.max_concurrency)
     metrics_port = start_metrics_server(settings.metrics_port, settings.metrics_host)
     running = RunningService(name, context, parts, grpc_server, metrics_port)
     running.tasks = [asyncio.create_task(job()) for job in parts.background]
