@@ -11,7 +11,8 @@ import dataclasses
 import os
 import types
 import typing
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from stablealign.errors import ConfigError
 

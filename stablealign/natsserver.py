@@ -45,7 +45,7 @@ class EmbeddedNatsServer:
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> "EmbeddedNatsServer":
+    def start(self, timeout: float = 15.0) -> EmbeddedNatsServer:
         conf = self.store_dir / "nats.conf"
         conf.write_text(f"max_payload: {self.max_payload}\n")
         self.process = subprocess.Popen(
@@ -89,13 +89,13 @@ class EmbeddedNatsServer:
         self.stop_keep_store()
         self.start(timeout)
 
-    def __enter__(self) -> "EmbeddedNatsServer":
+    def __enter__(self) -> EmbeddedNatsServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    async def __aenter__(self) -> "EmbeddedNatsServer":
+    async def __aenter__(self) -> EmbeddedNatsServer:
         return self.start()
 
     async def __aexit__(self, *exc) -> None:

@@ -9,8 +9,9 @@ that could not be parsed is ``null`` — never a sentinel number that would poll
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from stablealign.errors import ValidationError
 from stablealign.v1 import common_pb2

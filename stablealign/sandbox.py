@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from nats.aio.client import Client as NATS
 
@@ -42,7 +42,7 @@ class EmbeddedStack:
     def url(self) -> str:
         return self.server.url
 
-    async def start(self) -> "EmbeddedStack":
+    async def start(self) -> EmbeddedStack:
         await asyncio.to_thread(self.server.start)
         try:
             for name in self.services:
@@ -63,7 +63,7 @@ class EmbeddedStack:
         self.running.clear()
         await asyncio.to_thread(self.server.stop)
 
-    async def __aenter__(self) -> "EmbeddedStack":
+    async def __aenter__(self) -> EmbeddedStack:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:

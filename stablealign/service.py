@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext

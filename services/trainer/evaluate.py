@@ -221,7 +221,7 @@ def plot_report(report: dict[str, Any], train_log: Path | None, out_png: Path) -
                 value = None
             values.append(value if isinstance(value, (int, float)) and math.isfinite(value) else 0.0)
         ax_bars.bar([i + k * width for i in range(len(labels))], values, width=width, label=name)
-    ax_bars.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(labels))], [l for l, _ in labels])
+    ax_bars.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(labels))], [name for name, _ in labels])
     ax_bars.set_ylim(0, 1)
     ax_bars.set_title("base vs trained")
     ax_bars.legend()

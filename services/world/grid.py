@@ -9,7 +9,7 @@ order the interactions happen to run in.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -9,7 +9,7 @@ for it has been sent; a client that cancels ends it cleanly (the consumer is rem
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import nats.errors

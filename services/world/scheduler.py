@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import random
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from nats.aio.client import Client as NATS

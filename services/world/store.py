@@ -10,7 +10,7 @@ owner's next write sees state CANCELLED.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import nats.errors
 import nats.js.errors

@@ -17,8 +17,9 @@ import abc
 import asyncio
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -100,7 +101,7 @@ class ChatBackend(abc.ABC):
             for attempt in range(self.retry.attempts):
                 try:
                     result = await asyncio.wait_for(self._chat_once(request), timeout=self.retry.timeout)
-                except (RetryableBackendError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, RetryableBackendError) as exc:
                     last = exc
                     metrics.LLM_REQUESTS.labels(self.name, "chat", "retry").inc()
                     if attempt + 1 < self.retry.attempts:

@@ -83,7 +83,7 @@ async def _wait_subscribers(url: str, subjects: list[str], timeout: float = 60.0
                     break
                 except Exception:  # noqa: BLE001 - no responders yet
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"no responder on {subject}")
+                        raise TimeoutError(f"no responder on {subject}") from None
                     await asyncio.sleep(0.2)
     finally:
         await nc.close()

@@ -15,7 +15,6 @@ from stablealign import bus
 from stablealign.devservers import FakeOpenAIServer
 from stablealign.service import close_process_backends
 from stablealign.v1 import common_pb2, world_pb2
-
 from tests.integration.test_world_service import start, stream_records, wait_final
 
 

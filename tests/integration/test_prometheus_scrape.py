@@ -19,7 +19,6 @@ import pytest
 from stablealign import bus
 from stablealign.metrics import free_port
 from stablealign.v1 import world_pb2
-
 from tests.integration.test_world_service import start
 
 PROMETHEUS = shutil.which("prometheus")

@@ -152,8 +152,12 @@ def test_logits_window_gives_the_same_losses_as_full_logits():
     """Skipping logits of prompt-only positions must not change any per-response loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from services.trainer.loss import (IGNORE_INDEX, batch_response_losses, model_takes_logits_to_keep,
-                                       response_logits_window)
+    from services.trainer.loss import (
+        IGNORE_INDEX,
+        batch_response_losses,
+        model_takes_logits_to_keep,
+        response_logits_window,
+    )
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
