@@ -18,6 +18,7 @@ so appends are amortised O(1) and memory per agent stays flat across rounds.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
@@ -97,6 +98,7 @@ class AgentMemory:
         self._n = 0
         self.questions: list[str] = []
         self.answers: list[str] = []
+        self._rounds = np.zeros(0, dtype=np.int32)  # round of each row (-1: prior), same growth as rows
         self.last_sequence = 0  # stream sequence of the last batch applied
 
     def __len__(self) -> int:
@@ -126,6 +128,7 @@ class AgentMemory:
         rows: list[np.ndarray] = []
         questions: list[str] = []
         answers: list[str] = []
+        rounds: list[int] = []
         dim = self.dim
         for entry in entries:
             vector = np.asarray(entry.question_embedding, dtype=np.float32)
@@ -138,6 +141,7 @@ class AgentMemory:
             rows.append(vector)
             questions.append(entry.question)
             answers.append(entry.answer)
+            rounds.append(entry.round)
         if rows:
             block = np.stack(rows)
             norms = np.linalg.norm(block, axis=1, keepdims=True)
@@ -145,12 +149,12 @@ class AgentMemory:
             # Texts first: a reader in another thread indexes them only below n, which moves last.
             self.questions.extend(questions)
             self.answers.extend(answers)
-            self._append_rows(block / norms)
+            self._append_rows(block / norms, np.asarray(rounds, dtype=np.int32))
         if sequence is not None:
             self.last_sequence = max(self.last_sequence, sequence)
         return len(rows)
 
-    def _append_rows(self, block: np.ndarray) -> None:
+    def _append_rows(self, block: np.ndarray, rounds: np.ndarray) -> None:
         count, dim = block.shape
         if self._matrix is None:
             capacity = self._capacity
@@ -165,17 +169,25 @@ class AgentMemory:
             grown = np.zeros((capacity, dim), dtype=np.float32)
             grown[: self._n] = self._matrix[: self._n]
             self._matrix = grown  # swapped, not resized in place: readers keep their snapshot
+        if needed > self._rounds.shape[0]:
+            grown_rounds = np.zeros(self._matrix.shape[0], dtype=np.int32)
+            grown_rounds[: self._n] = self._rounds[: self._n]
+            self._rounds = grown_rounds
+        self._rounds[self._n:needed] = rounds
         self._matrix[self._n:needed] = block
         self._n = needed  # published last, after the rows are written
 
     def retrieve(self, query_embedding: Sequence[float] | np.ndarray, k: int,
-                 threshold: float = DEFAULT_RETRIEVAL_THRESHOLD) -> list[common_pb2.Memory]:
+                 threshold: float = DEFAULT_RETRIEVAL_THRESHOLD, *,
+                 before_round: int | None = None) -> list[common_pb2.Memory]:
         """The k memories whose questions are most similar to the query, most similar first.
 
         Keeps only memories with cosine distance (1 - cosine similarity) below ``threshold``; ties
-        go to the earlier memory.
+        go to the earlier memory. ``before_round`` hides memories written in that round or later:
+        a draft redone after a crash must not see the revision its first attempt already stored,
+        so that a resumed world gives the same records as an unbroken one.
         """
-        matrix, n = self._matrix, self._n
+        matrix, n, rounds = self._matrix, self._n, self._rounds
         if matrix is None or n == 0 or k <= 0:
             return []
         query = np.asarray(query_embedding, dtype=np.float32).reshape(-1)
@@ -187,22 +199,26 @@ class AgentMemory:
         if norm == 0.0:
             return []  # no features (e.g. a hashing embedding of "?!"): nothing is similar
         similarities = matrix[:n] @ (query / norm)
+        if before_round is not None:
+            similarities = np.where(rounds[:n] < before_round, similarities, -np.inf)
         k = min(k, n)
         if k < n:
             top = np.argpartition(-similarities, k - 1)[:k]
         else:
             top = np.arange(n)
         order = top[np.lexsort((top, -similarities[top]))]
-        keep = order[(1.0 - similarities[order]) < threshold]
+        keep = order[np.isfinite(similarities[order]) & ((1.0 - similarities[order]) < threshold)]
         return [common_pb2.Memory(question=self.questions[i], answer=self.answers[i],
                                   similarity=float(similarities[i])) for i in keep]
 
     async def aretrieve(self, query_embedding: Sequence[float] | np.ndarray, k: int,
-                        threshold: float = DEFAULT_RETRIEVAL_THRESHOLD) -> list[common_pb2.Memory]:
+                        threshold: float = DEFAULT_RETRIEVAL_THRESHOLD, *,
+                        before_round: int | None = None) -> list[common_pb2.Memory]:
         """``retrieve``, in a worker thread when the matrix is large enough to block the event loop."""
         if self._n * (self.dim or 0) <= _INLINE_SEARCH_FLOATS:
-            return self.retrieve(query_embedding, k, threshold)
-        return await asyncio.to_thread(self.retrieve, query_embedding, k, threshold)
+            return self.retrieve(query_embedding, k, threshold, before_round=before_round)
+        return await asyncio.to_thread(functools.partial(self.retrieve, before_round=before_round),
+                                       query_embedding, k, threshold)
 
 
 def _decode_batch(data: bytes, subject: str, seq: int) -> list[common_pb2.MemoryEntry]:

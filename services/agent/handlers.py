@@ -90,7 +90,8 @@ class AgentHandlers:
                                              self._query_embedding(world, request, question))
         metrics.MEMORY_AGENTS.set(len(self.memory))
         memories = await memory.aretrieve(query, spec.retrieval_k or DEFAULT_RETRIEVAL_K,
-                                          spec.retrieval_threshold or DEFAULT_RETRIEVAL_THRESHOLD)
+                                          spec.retrieval_threshold or DEFAULT_RETRIEVAL_THRESHOLD,
+                                          before_round=request.round)
         metrics.RETRIEVED_MEMORIES.observe(len(memories))
         tally = CallTally()
         hints = {

@@ -350,6 +350,22 @@ async def test_resume_after_the_world_service_stops_mid_run(nats_url, nc, worker
                 js, bus.MEMORY_STREAM, bus.MEMORY_SUBJECT.format(world_id="resumed", agent_id=agent)
             )
             assert len(memory) == 1 + 3
+        # And the resumed world wrote the same records as an unbroken run of the same spec.
+        await bus.request(nc, bus.WORLD_CREATE,
+                          world_pb2.CreateWorldRequest(spec=small_spec("unbroken", size=4, rounds=3, concurrency=2)),
+                          world_pb2.World, timeout=10)
+        assert (await wait_final(nc, "unbroken", timeout=60)).state == world_pb2.WORLD_STATE_COMPLETED
+        unbroken = await stream_records(nc, "unbroken")
+
+        def comparable(rows):
+            out = []
+            for r in sorted(rows, key=lambda r: (r.round, r.agent_id)):
+                row = stable_view(record_to_json(r))
+                row.pop("world_id")
+                out.append(row)
+            return out
+
+        assert comparable(records) == comparable(unbroken)
     finally:
         await second.stop(grace=1.0)
 

@@ -118,3 +118,18 @@ def test_snapshot_survives_growth():
     before = memory.embeddings
     memory.extend([entry(i, [0, 1]) for i in range(1, 10)])
     assert np.allclose(before, [[1, 0]]) and len(memory) == 10
+
+
+def test_memories_of_the_current_round_and_later_are_hidden():
+    """A redone draft (after a crash) must not see the revision its first attempt already stored."""
+    from stablealign.memory import AgentMemory
+    from stablealign.v1 import common_pb2
+
+    memory = AgentMemory(capacity=1)
+    memory.extend([common_pb2.MemoryEntry(question="prior", answer="p", question_embedding=[1, 0], round=-1)])
+    memory.extend([common_pb2.MemoryEntry(question="r0", answer="a0", question_embedding=[1, 0.01], round=0)])
+    memory.extend([common_pb2.MemoryEntry(question="r1", answer="a1", question_embedding=[1, 0.02], round=1)])
+    everything = [m.question for m in memory.retrieve([1, 0], k=5, threshold=0.3)]
+    assert everything == ["prior", "r0", "r1"]
+    assert [m.question for m in memory.retrieve([1, 0], k=5, threshold=0.3, before_round=1)] == ["prior", "r0"]
+    assert [m.question for m in memory.retrieve([1, 0], k=1, threshold=0.3, before_round=0)] == ["prior"]
