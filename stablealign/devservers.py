@@ -201,8 +201,12 @@ class FakeOpenAIServer(_FakeServer):
     kind = "openai"
 
     def __init__(self, latency_seconds: float = 0.0, fail_statuses: Sequence[int] = (), model: str = "fake-gpt",
-                 **kwargs: Any) -> None:
+                 *, reply: str | None = None, keep_bodies: int = 1000, **kwargs: Any) -> None:
         super().__init__(latency_seconds, fail_statuses, model, **kwargs)
+        # A scripted reply for every chat completion (None: derived from the prompt), settable at run time.
+        self.reply = reply
+        # The last ``keep_bodies`` chat request bodies, for tests that check what a client sent.
+        self.chat_bodies: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep_bodies)
 
     def _url(self, port: int) -> str:
         return f"http://{self.host}:{port}/v1"
@@ -241,7 +245,8 @@ class FakeOpenAIServer(_FakeServer):
         contents = [m.get("content") if isinstance(m.get("content"), str) else json.dumps(m.get("content"))
                     for m in messages]
         users = [c for m, c in zip(messages, contents) if m.get("role") == "user"]
-        text = reply_text(users[-1] if users else contents[-1])
+        self.chat_bodies.append(body)
+        text = self.reply if self.reply is not None else reply_text(users[-1] if users else contents[-1])
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         finish = "stop"
         if isinstance(max_tokens, int) and max_tokens > 0 and len(text.split()) > max_tokens:

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Self
 
 import grpc
 import pytest
-from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.agent import main as agent_main
 from services.agent.settings import AgentSettings
 from stablealign import bus
 from stablealign.backends import get_embedder
+from stablealign.devservers import FakeOpenAIServer
 from stablealign.errors import BackendError, NotFoundError, UnavailableError, ValidationError
 from stablealign.memory import append_memory, prior_msg_id, revision_msg_id
 from stablealign.metrics import free_port
@@ -228,38 +227,6 @@ async def test_two_replicas_share_load_and_see_appended_memory(nc, nats_url, wor
             await running.stop(grace=2)
 
 
-class SlowChatServer:
-    """A real HTTP server speaking the OpenAI chat-completions protocol, answering after ``delay``."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.received = asyncio.Event()
-        self.port = free_port()
-        self._runner: web.AppRunner | None = None
-
-    async def _chat(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.received.set()
-        await asyncio.sleep(self.delay)
-        return web.json_response({
-            "id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "A slow but careful answer."}}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16},
-        })
-
-    async def __aenter__(self) -> Self:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self._runner.cleanup()
-
-
 async def test_failing_backend_is_unavailable_and_service_keeps_serving(nc, agent):
     closed = free_port()  # nothing listens there
     await put_world(nc, "broken", agent_model=common_pb2.ModelRef(backend="openai", model="m",
@@ -280,17 +247,20 @@ async def test_failing_backend_is_unavailable_and_service_keeps_serving(nc, agen
 
 
 async def test_stop_drains_inflight_requests(nc, nats_url, world):
-    async with SlowChatServer(delay=0.5) as server:
+    async with FakeOpenAIServer(latency_seconds=0.5, reply="A slow but careful answer.") as server:
         await put_world(nc, "slow", agent_model=common_pb2.ModelRef(backend="openai", model="fake",
-                                                                    url=f"http://127.0.0.1:{server.port}/v1"))
+                                                                    url=server.base_url))
         running = await start_service("agent", settings(nats_url), agent_main.build)
         request = agent_pb2.DraftRequest(world_id="slow", agent_id=0, round=0, question="How do I fix a bike?")
         pending = asyncio.create_task(bus.request(nc, bus.AGENT_DRAFT, request, agent_pb2.DraftResponse,
                                                   timeout=10, attempts=1))
-        await asyncio.wait_for(server.received.wait(), 10)
+        deadline = time.monotonic() + 10
+        while server.in_flight == 0 and time.monotonic() < deadline:  # the call is at the server
+            await asyncio.sleep(0.01)
+        assert server.in_flight == 1
         await running.stop(grace=5)
         reply = await pending
-        assert reply.answer == "A slow but careful answer." and reply.stats.completion_tokens == 6
+        assert reply.answer == "A slow but careful answer." and reply.stats.completion_tokens == 5
         with pytest.raises(UnavailableError):
             await bus.request(nc, bus.AGENT_DRAFT, request, agent_pb2.DraftResponse, timeout=0.5, attempts=1)
 

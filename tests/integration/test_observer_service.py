@@ -4,17 +4,15 @@ retries of unparsable replies with new seeds, bad input, a failing backend."""
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import Self
 
 import grpc
 import pytest
-from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.observer import main as observer_main
 from services.observer.settings import ObserverSettings
 from stablealign import bus
+from stablealign.devservers import FakeOpenAIServer
 from stablealign.errors import BackendError, NotFoundError, ValidationError
 from stablealign.metrics import free_port
 from stablealign.service import start_service
@@ -110,53 +108,24 @@ async def test_bad_input_gets_clear_errors_and_service_keeps_serving(nc, observe
         assert (await stub_.Rate(ok, timeout=10)).rating.score
 
 
-class ChatServer:
-    """A real HTTP server speaking the OpenAI chat-completions protocol with a scripted reply."""
-
-    def __init__(self, reply: str) -> None:
-        self.reply = reply
-        self.requests: list[dict] = []
-        self.port = free_port()
-        self._runner: web.AppRunner | None = None
-
-    async def _chat(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.requests.append(body)
-        return web.json_response({
-            "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
-            "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": self.reply}}],
-            "usage": {"prompt_tokens": 50, "completion_tokens": 5, "total_tokens": 55},
-        })
-
-    async def __aenter__(self) -> Self:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self._runner.cleanup()
-
-
 async def test_unparsable_rating_is_retried_then_missing(nc, observer):
-    async with ChatServer("I really cannot judge this one, sorry.") as server:
+    async with FakeOpenAIServer(reply="I really cannot judge this one, sorry.") as server:
         await put_world(nc, "judge", observer_model=common_pb2.ModelRef(
-            backend="openai", model="judge", url=f"http://127.0.0.1:{server.port}/v1"))
+            backend="openai", model="judge", url=server.base_url))
         stub_, channel = stub(observer)
         async with channel:
             reply = await stub_.Rate(rate_request(ANSWERS[0], ALIGNMENT, world_id="judge"), timeout=30)
         assert not reply.rating.HasField("score")  # missing, never a sentinel number
         assert reply.rating.reason == "unparsable rating after 3 attempts"
         assert reply.raw == "I really cannot judge this one, sorry."
-        assert reply.stats.attempts == 3 and reply.stats.prompt_tokens == 150
-        assert len(server.requests) == 3
-        seeds = [body["seed"] for body in server.requests]
+        sent = list(server.chat_bodies)
+        assert reply.stats.attempts == 3 and len(sent) == 3
+        assert reply.stats.prompt_tokens == sum(len("\n".join(m["content"] for m in b["messages"]).split())
+                                                for b in sent)  # the server's usage, added over the attempts
+        seeds = [body["seed"] for body in sent]
         assert len(set(seeds)) == 3  # each retry asks with another seed
-        assert "Rating: <1-7> ### Reason: <text>" in server.requests[0]["messages"][-1]["content"]
-        assert QUESTION in server.requests[0]["messages"][-1]["content"]
+        assert "Rating: <1-7> ### Reason: <text>" in sent[0]["messages"][-1]["content"]
+        assert QUESTION in sent[0]["messages"][-1]["content"]
 
         # A model that writes the format loosely is still read.
         server.reply = "**Rating**: 6/7\n**Reason**: kind and practical."
