@@ -26,7 +26,7 @@ from stablealign.v1 import trainer_pb2
 
 log = get_logger(__name__)
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
 TERMINAL_STATES = frozenset({trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED,
                              trainer_pb2.JOB_STATE_CANCELLED})
 
@@ -42,9 +42,10 @@ def new_job_id() -> str:
 
 
 def check_job_id(job_id: str) -> str:
-    """A job id is a NATS subject token and part of a Kubernetes name: keep it to [A-Za-z0-9_-]."""
+    """A job id is a NATS subject token and a Kubernetes label value: [A-Za-z0-9_-], alphanumeric at both ends."""
     if not JOB_ID_RE.match(job_id):
-        raise ValidationError(f"job_id {job_id!r}: use 1-63 letters, digits, '-' or '_'")
+        raise ValidationError(f"job_id {job_id!r}: use 1-63 letters, digits, '-' or '_', "
+                              "starting and ending with a letter or digit")
     return job_id
 
 

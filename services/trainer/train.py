@@ -30,6 +30,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,13 +336,16 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
         accelerator.load_state(str(checkpoint))
         _restore_rng(state["rng"])
         start_step = int(state["step"])
-        if main:
-            _truncate_log(out / LOG_FILE, start_step)
         log.info("train.resumed", extra={"checkpoint": str(checkpoint), "step": start_step})
+    if main:
+        # Lines logged after the step we start from came from a run that was killed before its next
+        # checkpoint (or before any): they are about to be logged again.
+        _truncate_log(out / LOG_FILE, start_step)
     if cfg.metrics_port >= 0 and main:
         from stablealign.metrics import start_metrics_server
 
-        port = start_metrics_server(cfg.metrics_port)
+        # In a pod the port must be reachable by Prometheus: the same bind setting as the services.
+        port = start_metrics_server(cfg.metrics_port, os.environ.get("STABLEALIGN_METRICS_HOST", "127.0.0.1"))
         log.info("train.metrics", extra={"port": port})
     log.info("train.start", extra={"groups": len(groups), "total_steps": total_steps, "start_step": start_step,
                                    "processes": accelerator.num_processes, "precision": mixed_precision(cfg.bf16),
@@ -395,12 +399,17 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
             metrics.step_seconds.observe(duration)
             metrics.steps.inc()
             if step % cfg.logging_steps == 0 or step == total_steps:
-                row = {"step": step, "epoch": round(epoch + (step - epoch * plan.steps_per_epoch) / plan.steps_per_epoch, 4),
+                row = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
                        "loss": loss, "loss/sft": sft, "loss/penalty": penalty,
                        "lr": lr_used, "tokens_per_second": round(tokens_per_second, 2),
                        "step_seconds": round(duration, 4), "truncated_examples": collator.truncated}
                 with open(out / LOG_FILE, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(row) + "\n")
+                if not sys.stdout.isatty():
+                    # A job's log stream (local runner, Kubernetes pod) carries the same row as one
+                    # newline-terminated line: a progress bar only redraws with carriage returns,
+                    # which a pod log does not deliver until the line ends.
+                    print(json.dumps(row), flush=True)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
         if stop_after_steps is not None and steps_this_run >= stop_after_steps and step < total_steps:

@@ -111,6 +111,18 @@ def test_killed_job_resumes_to_the_same_result(tiny_model, alignment_data, workd
     assert state["step"] == 6 and {"sampler", "rng", "epoch"} <= set(state)
 
 
+def test_killed_before_any_checkpoint_restarts_without_duplicate_log_lines(tiny_model, alignment_data, workdir):
+    from services.trainer.train import last_checkpoint, train
+
+    out = workdir / "no-checkpoint"
+    cfg = _config(tiny_model, alignment_data, out, save_steps=100)
+    assert train(cfg, stop_after_steps=2).stopped_early
+    assert last_checkpoint(out) is None and [r["step"] for r in _log(out)] == [1, 2]
+    train(cfg)  # starts again from step 0: the killed run's lines must not stay beside the new ones
+    steps = [r["step"] for r in _log(out)]
+    assert steps == list(range(1, len(steps) + 1))
+
+
 def test_bad_model_path_is_one_clear_line(tmp_path, alignment_data, tiny_model):
     result = _cli("train", "--model", str(tmp_path / "no-such-model"), "--data", str(alignment_data),
                   "--out", str(tmp_path / "o"), timeout=60)

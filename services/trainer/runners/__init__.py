@@ -76,6 +76,19 @@ def canonical_arg(name: str) -> str:
     return key
 
 
+def train_module_argv(spec: trainer_pb2.JobSpec, gpus: int, fsdp_default: str = "full_shard") -> list[str]:
+    """``-m services.trainer.train --model ... --data ... --out ... <flags>`` for one job, any runner.
+
+    With more than one GPU the job shards with FSDP (``full_shard`` unless its args say otherwise):
+    a plain DDP replica of a 7B model per GPU would not fit.
+    """
+    args = dict(spec.args)
+    if gpus > 1 and not any(k.replace("-", "_").lower() == "fsdp" for k in args):
+        args["fsdp"] = fsdp_default
+    return ["-m", "services.trainer.train", "--model", spec.model, "--data", spec.data,
+            "--out", spec.output_dir, *train_flags(args)]
+
+
 def train_flags(args: Mapping[str, str]) -> list[str]:
     """``{"lr": "2e-5", "bf16": "false"}`` -> ``["--lr", "2e-5", "--no-bf16"]``, validated, in a stable order."""
     seen: dict[str, str] = {}

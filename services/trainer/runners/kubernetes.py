@@ -32,7 +32,7 @@ from services.trainer.runners import (
     RunResult,
     metrics_from_json,
     metrics_from_progress,
-    train_flags,
+    train_module_argv,
 )
 from services.trainer.settings import TrainerSettings
 from stablealign.errors import UnavailableError, ValidationError
@@ -61,11 +61,7 @@ def job_name(job_id: str) -> str:
 def training_command(spec: trainer_pb2.JobSpec, gpus: int, *, fsdp_default: str = "full_shard",
                      metrics_port: int | None = METRICS_PORT) -> list[str]:
     """torchrun over the node's GPUs; FSDP (full_shard unless the job says otherwise) when gpus > 1."""
-    args = dict(spec.args)
-    if gpus > 1 and not any(k.replace("-", "_").lower() == "fsdp" for k in args):
-        args["fsdp"] = fsdp_default
-    cmd = ["torchrun", "--nnodes=1", f"--nproc_per_node={gpus}", "-m", "services.trainer.train",
-           "--model", spec.model, "--data", spec.data, "--out", spec.output_dir, *train_flags(args)]
+    cmd = ["torchrun", "--nnodes=1", f"--nproc_per_node={gpus}", *train_module_argv(spec, gpus, fsdp_default)]
     if metrics_port is not None and "--metrics-port" not in cmd:
         cmd += ["--metrics-port", str(metrics_port)]
     return cmd

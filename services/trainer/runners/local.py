@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import services
-from services.trainer.runners import JobReporter, Runner, RunResult, metrics_from_json, train_flags
+from services.trainer.runners import JobReporter, Runner, RunResult, metrics_from_json, train_flags, train_module_argv
 from services.trainer.settings import TrainerSettings
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
@@ -42,8 +42,7 @@ def project_root() -> Path:
 def training_command(spec: trainer_pb2.JobSpec, python: str | None = None) -> list[str]:
     """The argv of one local job (validated flags only)."""
     python = python or sys.executable
-    train = ["-m", "services.trainer.train", "--model", spec.model, "--data", spec.data,
-             "--out", spec.output_dir, *train_flags(spec.args)]
+    train = train_module_argv(spec, spec.gpus)
     if spec.gpus > 1:
         return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                 f"--nproc_per_node={spec.gpus}", *train]
@@ -132,8 +131,9 @@ class LocalRunner(Runner):
                     if values := tail.read():
                         await reporter.metrics(values)
             await reader
-        except asyncio.CancelledError:
-            # The service is stopping: the process must not outlive it unwatched.
+        except BaseException:
+            # The service is stopping, or reporting failed (NATS down): either way the process must
+            # not outlive its watcher, or it would train on untracked.
             await asyncio.shield(self._terminate(proc))
             reader.cancel()
             raise
@@ -163,11 +163,20 @@ class LocalRunner(Runner):
                 if not line or line == last_progress:
                     continue
                 last_progress = line
-                await reporter.log(line[:MAX_LINE_CHARS])
-                if values := metrics_from_json(line):
-                    await reporter.metrics(values)
+                await self._report(reporter, line)
         if pending.strip():
-            await reporter.log(pending.decode("utf-8", errors="replace").rstrip()[:MAX_LINE_CHARS])
+            await self._report(reporter, pending.decode("utf-8", errors="replace").rstrip())
+
+    @staticmethod
+    async def _report(reporter: JobReporter, line: str) -> None:
+        """Stores one output line; a failure to store it is logged, never allowed to stop the reading:
+        an undrained pipe would block the training process on its next write."""
+        try:
+            await reporter.log(line[:MAX_LINE_CHARS])
+            if values := metrics_from_json(line):
+                await reporter.metrics(values)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("job.log_store_failed", extra={"error": str(exc)[:200]})
 
     async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM to the job's process group, SIGKILL after the grace period."""
