@@ -74,8 +74,18 @@ DEDUP_WINDOW_SECONDS = 24 * 3600.0
 M = TypeVar("M", bound=Message)
 
 
-async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
-    """Connects with unbounded reconnects so a NATS restart pauses a service instead of killing it."""
+async def connect(url: str, name: str, *, connect_timeout: float = 5.0, give_up_after: float | None = None) -> NATS:
+    """Connects with unbounded reconnects so a NATS restart pauses a service instead of killing it.
+
+    The first connection is retried forever too (a pod may start before NATS); a command-line client
+    passes ``give_up_after`` to get a clear UnavailableError instead of waiting silently.
+    """
+    if give_up_after is not None:
+        try:
+            return await asyncio.wait_for(connect(url, name, connect_timeout=connect_timeout),
+                                          timeout=give_up_after)
+        except TimeoutError:
+            raise UnavailableError(f"cannot reach NATS at {url} within {give_up_after:.0f}s") from None
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats.error", extra={"error": repr(exc)})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from nats.aio.client import Client as NATS
 
 from stablealign import bus
 from stablealign.config import load_settings
-from stablealign.errors import UnavailableError
+from stablealign.errors import ConflictError, UnavailableError
 from stablealign.natsserver import EmbeddedNatsServer
 from stablealign.records import record_to_json, write_jsonl
 from stablealign.service import RunningService, close_process_backends, start_service
@@ -71,8 +72,24 @@ class EmbeddedStack:
 
 
 async def create_world(nc: NATS, spec: world_pb2.WorldSpec, timeout: float = 120.0) -> world_pb2.World:
-    return await bus.request(nc, bus.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec), world_pb2.World,
-                             timeout=timeout)
+    """Creates a world; safe to retry: the id is chosen here, so a request that timed out but was
+    served makes the retry find the same world instead of starting a second one."""
+    spec_with_id = world_pb2.WorldSpec()
+    spec_with_id.CopyFrom(spec)
+    if not spec_with_id.world_id:
+        spec_with_id.world_id = f"w-{secrets.token_hex(6)}"
+    request = world_pb2.CreateWorldRequest(spec=spec_with_id)
+    for attempt in range(1, 4):
+        try:
+            return await bus.request(nc, bus.WORLD_CREATE, request, world_pb2.World, timeout=timeout, attempts=1)
+        except UnavailableError:
+            if attempt == 3:
+                raise
+        except ConflictError:
+            if attempt == 1:
+                raise  # the id was taken before we asked: a real conflict
+            return await get_world(nc, spec_with_id.world_id)  # our own earlier attempt created it
+    raise AssertionError("unreachable")
 
 
 async def get_world(nc: NATS, world_id: str, timeout: float = 10.0) -> world_pb2.World:

@@ -116,7 +116,18 @@ async def serve_forever(name: str, settings: ServiceSettings,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await start_service(name, settings, build)
+    # Starting may wait a long time (NATS not up yet): a SIGTERM meanwhile must still end the process.
+    starting = asyncio.create_task(start_service(name, settings, build))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        log.info("service.stopped_before_ready", extra={"service": name})
+        return 0
+    stopping.cancel()
+    running = starting.result()
     await stop.wait()
     await running.stop()
     await close_process_backends()

@@ -354,7 +354,7 @@ async def read_stream_records(nats_url: str, world_id: str, *, timeout: float = 
     from stablealign.records import record_to_json
     from stablealign.v1 import common_pb2
 
-    nc = await bus.connect(nats_url, name="stable-align-data")
+    nc = await bus.connect(nats_url, name="stable-align-data", give_up_after=15.0)
     try:
         js = nc.jetstream()
         messages = await bus.read_subject(js, bus.RECORDS_STREAM, bus.RECORDS_SUBJECT.format(world_id=world_id),

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import nats.errors
 import numpy as np
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -27,6 +28,7 @@ from nats.js import JetStreamContext
 from services.world.settings import WorldSettings
 from stablealign import bus
 from stablealign.backends.base import Embedder
+from stablealign.errors import UnavailableError
 from stablealign.memory import append_memory, revision_msg_id
 from stablealign.v1 import agent_pb2, common_pb2, observer_pb2, world_pb2
 
@@ -199,15 +201,33 @@ async def run_interaction(
             )
         ]
     )
-    await append_memory(deps.js, world_id, agent, memory, revision_msg_id(world_id, round_, agent))
-
     latency["total"] = time.perf_counter() - started
     for key, value in latency.items():
         record.latency_seconds[key] = value
     record.created_at = time.time()
-    await deps.js.publish(
-        bus.RECORDS_SUBJECT.format(world_id=world_id),
-        record.SerializeToString(),
-        headers={bus.MSG_ID_HEADER: record_msg_id(world_id, round_, agent)},
-    )
+    await _persist(deps, record, memory)
     return record
+
+
+async def _persist(deps: InteractionDeps, record: common_pb2.InteractionRecord,
+                   memory: common_pb2.MemoryBatch, attempts: int = 5) -> None:
+    """Appends the revision to memory, then publishes the record; retries these writes on their own.
+
+    Both carry message ids, so a retry never duplicates. Retrying here rather than redoing the whole
+    interaction keeps the memory and the record holding the same revision even with a sampling
+    (non-deterministic) model.
+    """
+    world_id, round_, agent = record.world_id, record.round, record.agent_id
+    for attempt in range(1, attempts + 1):
+        try:
+            await append_memory(deps.js, world_id, agent, memory, revision_msg_id(world_id, round_, agent))
+            await deps.js.publish(
+                bus.RECORDS_SUBJECT.format(world_id=world_id),
+                record.SerializeToString(),
+                headers={bus.MSG_ID_HEADER: record_msg_id(world_id, round_, agent)},
+            )
+            return
+        except (TimeoutError, nats.errors.Error, UnavailableError):
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(min(2.0, 0.2 * 2 ** (attempt - 1)))

@@ -14,7 +14,7 @@ import secrets
 from services.world import grid
 from services.world.settings import WorldSettings
 from stablealign import data
-from stablealign.backends import DEFAULT_CHAT_MODELS
+from stablealign.backends import default_chat_model
 from stablealign.errors import ValidationError
 from stablealign.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD
 from stablealign.v1 import common_pb2, world_pb2
@@ -55,7 +55,7 @@ def _chat_model(
     if not out.model:
         if out.backend == "hf":
             raise ValidationError(f"{role}: the hf backend needs a model path")
-        out.model = DEFAULT_CHAT_MODELS[out.backend]
+        out.model = default_chat_model(out.backend)  # honours STABLEALIGN_OPENAI_CHAT_MODEL
     if out.backend == "tgi" and not out.url:
         raise ValidationError(f"{role}: the tgi backend needs the server's url")
     return out

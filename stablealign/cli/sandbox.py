@@ -30,6 +30,7 @@ from stablealign.sandbox import (
 from stablealign.v1 import common_pb2, world_pb2
 
 console = Console(stderr=True)
+CONNECT_GIVE_UP_SECONDS = 15.0
 
 
 class Backend(str, Enum):
@@ -70,12 +71,10 @@ def build_spec(*, size: int, rounds: int, setting: str, backend: str, seed: int,
     agent_model = common_pb2.ModelRef(backend=backend, model=model or "", url=url or "")
     observer = common_pb2.ModelRef(backend=observer_backend or backend, model=observer_model or (model or ""),
                                    url=observer_url or (url or ""))
-    if embedding_backend:
-        embedder = common_pb2.ModelRef(backend=embedding_backend, model=embedding_model or "")
-    else:
-        # The backend's own embeddings where it has them (OpenAI), else all-MiniLM-L6-v2 locally.
-        embedder = common_pb2.ModelRef(backend="openai" if backend == "openai" else "offline",
-                                       model=embedding_model or "")
+    embedding_backend = embedding_backend or ("openai" if backend == "openai" else "offline")
+    # The backend's own embeddings where it has them (OpenAI, from the same server), else all-MiniLM-L6-v2.
+    embedder = common_pb2.ModelRef(backend=embedding_backend, model=embedding_model or "",
+                                   url=(url or "") if embedding_backend == "openai" and backend == "openai" else "")
     return world_pb2.WorldSpec(
         world_id=world_id or "", size=size, setting=setting, radius=radius, seed=seed, rounds=rounds,
         agent_model=agent_model, observer_model=observer, embedding_model=embedder, partners=partners,
@@ -89,7 +88,7 @@ async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, 
     stack = None if nats_url else await EmbeddedStack().start()
     url = nats_url or stack.url
     try:
-        nc = await bus.connect(url, name="stablealign-cli")
+        nc = await bus.connect(url, name="stablealign-cli", give_up_after=CONNECT_GIVE_UP_SECONDS)
         try:
             started = time.perf_counter()
             world = await create_world(nc, spec)
@@ -172,7 +171,7 @@ def _nats_option():
 
 
 async def _with_nc(url: str, fn):
-    nc = await bus.connect(url, name="stablealign-cli")
+    nc = await bus.connect(url, name="stablealign-cli", give_up_after=CONNECT_GIVE_UP_SECONDS)
     try:
         return await fn(nc)
     finally:
