@@ -68,22 +68,34 @@ class RunningService:
             return
         self.stopped = True
         grace = self.context.settings.shutdown_grace_seconds if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace  # one budget for the whole drain, so the pod's grace period holds
         log.info("service.draining", extra={"service": self.name, "inflight": self.context.requests.inflight})
-        await self.context.requests.drain(grace)
-        if self.grpc:
-            await self.grpc.stop(grace)
-        for task in self.tasks:
+        for task in self.tasks:  # background loops (e.g. resume scans) start nothing new from here on
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for hook in self.parts.on_stop:
-            try:
-                await hook()
-            except Exception:  # noqa: BLE001 - keep closing the rest
-                log.exception("service.stop_hook_failed", extra={"service": self.name})
+
+        async def run_hooks() -> None:
+            for hook in self.parts.on_stop:
+                try:
+                    await hook()
+                except Exception:  # noqa: BLE001 - keep closing the rest
+                    log.exception("service.stop_hook_failed", extra={"service": self.name})
+
+        # Intake stops at once on both transports while the service's own work (e.g. a world's
+        # scheduler) winds down: in parallel, not one full grace period after another.
+        phases = [self.context.requests.drain(grace), run_hooks()]
+        if self.grpc:
+            phases.append(self.grpc.stop(grace))
+        try:
+            await asyncio.wait_for(asyncio.gather(*phases, return_exceptions=True),
+                                   timeout=max(deadline - loop.time(), 0.1) + 1.0)
+        except TimeoutError:
+            log.warning("service.drain_timeout", extra={"service": self.name, "grace_s": grace})
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.context.nc.drain(), timeout=max(grace, 1.0))
+            await asyncio.wait_for(self.context.nc.drain(), timeout=max(deadline - loop.time(), 1.0))
         log.info("service.stopped", extra={"service": self.name})
 
 

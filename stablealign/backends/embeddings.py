@@ -126,14 +126,39 @@ class MiniLMEmbedder(Embedder):
         self.batch_size = batch_size
         self.dim = 384
         self._cache = _LRU(cache_size)
-        # One encode at a time per embedder: torch already uses every core for one batch.
-        self._lock = asyncio.Lock()
+        # Texts waiting for the next encode, with the futures of the calls that asked for them. One
+        # encode runs at a time (torch already uses every core for one batch); whatever arrives
+        # meanwhile goes into the next batch, so a round's hundreds of one-question calls cost a
+        # few batched encodes instead of hundreds of single ones.
+        self._pending: dict[str, list[asyncio.Future]] = {}
+        self._worker: asyncio.Task | None = None
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         model = load_minilm(self.device)
         vectors = model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
                                normalize_embeddings=True, show_progress_bar=False)
         return normalise_rows(vectors)
+
+    async def _encode_pending(self) -> None:
+        """Encodes everything pending, batch after batch, until nothing is left."""
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            texts = list(batch)
+            try:
+                vectors = await asyncio.to_thread(self._encode, texts)
+            except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch
+                if not isinstance(exc, ConfigError):
+                    metrics.LLM_REQUESTS.labels(self.name, "embed", "error").inc()
+                for futures in batch.values():
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                continue
+            for text, vector in zip(texts, vectors):
+                self._cache.put(text, vector)
+                for future in batch[text]:
+                    if not future.done():
+                        future.set_result(vector)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
@@ -142,17 +167,15 @@ class MiniLMEmbedder(Embedder):
         rows: list[np.ndarray | None] = [self._cache.get(t) for t in texts]
         todo = sorted({t for t, row in zip(texts, rows) if row is None})
         if todo:
-            async with self._lock:
-                try:
-                    fresh = await asyncio.to_thread(self._encode, todo)
-                except ConfigError:
-                    raise
-                except Exception:
-                    metrics.LLM_REQUESTS.labels(self.name, "embed", "error").inc()
-                    raise
-            for text, vector in zip(todo, fresh):
-                self._cache.put(text, vector)
-            found = dict(zip(todo, fresh))
+            loop = asyncio.get_running_loop()
+            futures = []
+            for text in todo:
+                future = loop.create_future()
+                self._pending.setdefault(text, []).append(future)
+                futures.append(future)
+            if self._worker is None or self._worker.done():
+                self._worker = asyncio.create_task(self._encode_pending())
+            found = dict(zip(todo, await asyncio.gather(*futures)))
             rows = [row if row is not None else found[t] for t, row in zip(texts, rows)]
         metrics.LLM_REQUESTS.labels(self.name, "embed", "ok").inc()
         return np.stack(rows).astype(np.float32, copy=False)

@@ -36,3 +36,29 @@ async def test_minilm_puts_similar_questions_closer_than_unrelated_ones():
     assert np.array_equal(rows[0], rows[3])
     cached = await embedder.embed([SIMILAR[1]])  # served from the LRU, same vector
     assert np.array_equal(cached[0], rows[1])
+
+
+async def test_minilm_coalesces_concurrent_calls_into_batches():
+    """A round sends one question per interaction at once: they must share encodes, not queue one by one."""
+    import asyncio
+
+    import numpy as np
+
+    from stablealign.backends.embeddings import MiniLMEmbedder
+    from stablealign.data import load_questions
+
+    embedder = MiniLMEmbedder()
+    questions = list(load_questions())[:60]
+    alone = await embedder.embed([questions[0]])  # also loads the model
+    fresh = MiniLMEmbedder()
+    encodes: list[int] = []
+    original = fresh._encode
+
+    def counting(texts):
+        encodes.append(len(texts))
+        return original(texts)
+
+    fresh._encode = counting
+    results = await asyncio.gather(*(fresh.embed([q]) for q in questions), fresh.embed([questions[0]]))
+    assert len(encodes) <= 3 and sum(encodes) == len(questions)  # each text encoded once, in few batches
+    assert np.allclose(results[0], alone, atol=1e-5) and np.allclose(results[-1], alone, atol=1e-5)
