@@ -51,22 +51,19 @@ def scores_of(record: common_pb2.InteractionRecord) -> Scores:
 
 
 def summarize(round_: int, scores: Sequence[Scores], duration: float) -> world_pb2.RoundSummary:
-    """Population means over the ratings that are present (0.0 when none is); absent ones are counted."""
-
-    def mean(i: int) -> float:
-        present = [s[i] for s in scores if s[i] is not None]
-        return float(np.mean(present)) if present else 0.0
-
-    return world_pb2.RoundSummary(
+    """Population means over the ratings that are present (unset when none is); absent ones are counted."""
+    summary = world_pb2.RoundSummary(
         round=round_,
         interactions=len(scores),
-        mean_alignment_before=mean(0),
-        mean_alignment_after=mean(1),
-        mean_engagement_before=mean(2),
-        mean_engagement_after=mean(3),
         missing_ratings=sum(1 for s in scores for x in s if x is None),
         duration_seconds=duration,
     )
+    names = ("mean_alignment_before", "mean_alignment_after", "mean_engagement_before", "mean_engagement_after")
+    for i, name in enumerate(names):
+        present = [s[i] for s in scores if s[i] is not None]
+        if present:
+            setattr(summary, name, float(np.mean(present)))
+    return summary
 
 
 async def published_scores(js: JetStreamContext, world_id: str) -> dict[int, dict[int, Scores]]:
@@ -245,16 +242,20 @@ class WorldRunner:
             await self._write(completed_round)
             metrics.ROUND_SECONDS.observe(duration)
             metrics.ROUNDS_COMPLETED.inc()
-            metrics.ALIGNMENT_SCORE.labels("before").set(summary.mean_alignment_before)
-            metrics.ALIGNMENT_SCORE.labels("after").set(summary.mean_alignment_after)
+            if summary.HasField("mean_alignment_before"):
+                metrics.ALIGNMENT_SCORE.labels("before").set(summary.mean_alignment_before)
+            if summary.HasField("mean_alignment_after"):
+                metrics.ALIGNMENT_SCORE.labels("after").set(summary.mean_alignment_after)
             log.info(
                 "world.round_done",
                 extra={
                     "world_id": self.world_id,
                     "round": round_,
                     "seconds": round(duration, 3),
-                    "alignment_before": round(summary.mean_alignment_before, 3),
-                    "alignment_after": round(summary.mean_alignment_after, 3),
+                    "alignment_before": round(summary.mean_alignment_before, 3)
+                    if summary.HasField("mean_alignment_before") else None,
+                    "alignment_after": round(summary.mean_alignment_after, 3)
+                    if summary.HasField("mean_alignment_after") else None,
                     "missing": summary.missing_ratings,
                 },
             )

@@ -71,8 +71,9 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float]) -> N
     for column in ("round", "alignment before", "alignment after", "engagement after"):
         table.add_column(column, justify="right")
     for r in world.get("rounds", []):
-        table.add_row(str(r.get("round", 0)), f"{r.get('mean_alignment_before', 0):.3f}",
-                      f"{r.get('mean_alignment_after', 0):.3f}", f"{r.get('mean_engagement_after', 0):.3f}")
+        means = [f"{r[k]:.3f}" if k in r else "-"
+                 for k in ("mean_alignment_before", "mean_alignment_after", "mean_engagement_after")]
+        table.add_row(str(r.get("round", 0)), *means)
     console.print(table)
     report_file = report / "report.json"
     if report_file.is_file():

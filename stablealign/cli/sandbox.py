@@ -58,9 +58,9 @@ def round_table(world: world_pb2.World) -> Table:
                    "engagement after", "missing", "seconds"):
         table.add_column(column, justify="right")
     for r in world.rounds:
-        table.add_row(str(r.round), str(r.interactions), f"{r.mean_alignment_before:.3f}",
-                      f"{r.mean_alignment_after:.3f}", f"{r.mean_engagement_before:.3f}",
-                      f"{r.mean_engagement_after:.3f}", str(r.missing_ratings), f"{r.duration_seconds:.2f}")
+        means = [f"{getattr(r, f):.3f}" if r.HasField(f) else "-" for f in
+                 ("mean_alignment_before", "mean_alignment_after", "mean_engagement_before", "mean_engagement_after")]
+        table.add_row(str(r.round), str(r.interactions), *means, str(r.missing_ratings), f"{r.duration_seconds:.2f}")
     return table
 
 

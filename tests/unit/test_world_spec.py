@@ -112,3 +112,12 @@ def test_invalid_specs(fields, match):
 def test_resolving_twice_changes_nothing():
     once = resolve_spec(spec(setting="mixed_half_half"))
     assert resolve_spec(once) == once
+
+
+def test_round_means_skip_missing_ratings_and_stay_unset_when_all_are_missing():
+    from services.world.scheduler import summarize
+
+    summary = summarize(0, [(2, None, 5, 6), (4, None, None, 6)], duration=1.0)
+    assert summary.mean_alignment_before == pytest.approx(3.0)
+    assert not summary.HasField("mean_alignment_after")  # never a placeholder 0.0 in the headline curve
+    assert summary.mean_engagement_before == pytest.approx(5.0) and summary.missing_ratings == 3
