@@ -26,9 +26,9 @@ from stablealign.natsserver import EmbeddedNatsServer
 from stablealign.records import record_to_json, write_jsonl
 from stablealign.service import RunningService, close_process_backends, start_service
 from stablealign.v1 import common_pb2, world_pb2
+from stablealign.worlds import FINAL_STATES
 
 SANDBOX_SERVICES = ("agent", "observer", "world")
-FINAL_STATES = (world_pb2.WORLD_STATE_COMPLETED, world_pb2.WORLD_STATE_CANCELLED, world_pb2.WORLD_STATE_FAILED)
 
 
 @dataclass

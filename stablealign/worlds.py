@@ -22,15 +22,17 @@ from stablealign.errors import ConflictError, NotFoundError, UnavailableError, V
 from stablealign.seeding import stable_hash
 from stablealign.v1 import common_pb2, world_pb2
 
-# A world id is a NATS subject token and a KV key.
-WORLD_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# A world id is a NATS subject token and a KV key; the one rule for every service and client.
+WORLD_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# States after which a world never changes again.
+FINAL_STATES = (world_pb2.WORLD_STATE_COMPLETED, world_pb2.WORLD_STATE_CANCELLED, world_pb2.WORLD_STATE_FAILED)
 
 
 def check_world_id(world_id: str) -> None:
     if not world_id:
         raise ValidationError("world_id is required")
     if not WORLD_ID_PATTERN.match(world_id):
-        raise ValidationError(f"world_id {world_id[:140]!r}: only letters, digits, '-' and '_' (at most 128)")
+        raise ValidationError(f"world_id {world_id[:80]!r} must be 1-64 letters, digits, '-' or '_'")
 
 
 def check_agent(world: world_pb2.World, agent_id: int) -> None:

@@ -8,16 +8,16 @@ defaults changed in between.
 
 from __future__ import annotations
 
-import re
 import secrets
 
 from services.world import grid
 from services.world.settings import WorldSettings
 from stablealign import data
-from stablealign.backends import default_chat_model
+from stablealign.backends import BACKENDS, default_chat_model, default_embedding_model
 from stablealign.errors import ValidationError
 from stablealign.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD
 from stablealign.v1 import common_pb2, world_pb2
+from stablealign.worlds import check_world_id
 
 MAX_SIZE = 1000
 MAX_ROUNDS = 100_000
@@ -28,11 +28,6 @@ DEFAULT_PRIOR_SIZE = 50
 # apart (top-1 similarity of a pool question to 50 priors: median 0.39, 90th percentile 0.54), so
 # 0.3 would retrieve almost nothing and agents could not learn from their memories.
 LOCAL_EMBEDDING_RETRIEVAL_THRESHOLD = 0.75
-BACKENDS = ("offline", "openai", "tgi", "hf")
-# Model names when a spec names only the backend (the backends package uses the same ones).
-DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
-DEFAULT_OPENAI_EMBEDDING_MODEL = "text-embedding-3-small"
-WORLD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def new_world_id() -> str:
@@ -73,7 +68,7 @@ def _embedding_model(ref: common_pb2.ModelRef, settings: WorldSettings) -> commo
             f"embedding_model.backend {out.backend!r} is unknown; expected one of {', '.join(BACKENDS)}"
         )
     if not out.model:
-        out.model = DEFAULT_OPENAI_EMBEDDING_MODEL if out.backend == "openai" else DEFAULT_EMBEDDING_MODEL
+        out.model = default_embedding_model(out.backend)
     return out
 
 
@@ -92,8 +87,8 @@ def resolve_spec(
     out.CopyFrom(spec)
     if not out.world_id:
         out.world_id = new_world_id()
-    elif not WORLD_ID.match(out.world_id):
-        raise ValidationError(f"world_id {out.world_id!r} must be 1-64 letters, digits, '-' or '_'")
+    else:
+        check_world_id(out.world_id)
     if not 1 <= out.size <= MAX_SIZE:
         raise ValidationError(f"size must be in 1..{MAX_SIZE}, got {out.size}")
     if not 1 <= out.rounds <= MAX_ROUNDS:

@@ -17,20 +17,15 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from services.world.spec import WORLD_ID
 from stablealign import bus
-from stablealign.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
+from stablealign.errors import ConflictError, NotFoundError, UnavailableError
 from stablealign.logs import get_logger
 from stablealign.v1 import world_pb2
+from stablealign.worlds import FINAL_STATES, check_world_id  # noqa: F401 - FINAL_STATES re-exported
 
 log = get_logger(__name__)
 
 ACTIVE_STATES = (world_pb2.WORLD_STATE_PENDING, world_pb2.WORLD_STATE_RUNNING)
-FINAL_STATES = (
-    world_pb2.WORLD_STATE_COMPLETED,
-    world_pb2.WORLD_STATE_CANCELLED,
-    world_pb2.WORLD_STATE_FAILED,
-)
 CAS_ATTEMPTS = 20
 
 
@@ -55,10 +50,7 @@ class WorldStore:
 
     @staticmethod
     def _check_id(world_id: str) -> None:
-        if not world_id:
-            raise ValidationError("world_id is required")
-        if not WORLD_ID.match(world_id):
-            raise ValidationError(f"world_id {world_id!r} must be 1-64 letters, digits, '-' or '_'")
+        check_world_id(world_id)
 
     async def create(self, world: world_pb2.World) -> int:
         """Stores a new world; ConflictError if the id is taken. Returns the revision."""

@@ -42,7 +42,8 @@ MAX_CONCURRENCY_ENV = "STABLEALIGN_LLM_MAX_CONCURRENCY"
 
 __all__ = [
     "BACKENDS", "ChatBackend", "ChatMessage", "ChatRequest", "Completion", "Embedder", "RetryPolicy",
-    "RetryableBackendError", "close_backends", "default_chat_model", "default_max_concurrency", "get_chat_backend", "get_embedder",
+    "RetryableBackendError", "close_backends", "default_chat_model", "default_embedding_model", "default_max_concurrency",
+    "get_chat_backend", "get_embedder",
     "make_chat_backend", "make_embedder", "normalise_rows",
 ]
 
@@ -61,6 +62,17 @@ def default_chat_model(backend: str) -> str:
     if backend == "hf":
         raise ConfigError("hf backend needs a model path (ModelRef.model = a local save_pretrained directory)")
     return DEFAULT_CHAT_MODELS[backend]
+
+
+def default_embedding_model(backend: str) -> str:
+    """The embedding model used when a ModelRef names none: OpenAI's for openai, else all-MiniLM-L6-v2."""
+    if backend == "openai":
+        from stablealign.backends.openai_backend import DEFAULT_EMBEDDING_MODEL
+
+        return DEFAULT_EMBEDDING_MODEL
+    from stablealign.backends.embeddings import MINILM_MODEL
+
+    return MINILM_MODEL
 
 
 def make_chat_backend(ref: common_pb2.ModelRef, *, max_concurrency: int = 64) -> ChatBackend:
