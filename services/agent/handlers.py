@@ -30,13 +30,12 @@ from stablealign.calls import CallTally, check_round, check_text, world_chat_bac
 from stablealign.errors import BackendError, ConfigError, ConflictError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD, MemoryStore
-from stablealign.ratings import parse_rating
+from stablealign.ratings import RATING_SCALE, parse_rating
 from stablealign.v1 import agent_pb2, common_pb2, world_pb2
 from stablealign.worlds import WorldSpecCache, check_agent, derive_seed, persona_of
 
 log = get_logger(__name__)
 
-RATING_SCALE = 7
 
 
 class AgentHandlers:

@@ -13,13 +13,12 @@ from stablealign.backends.base import TASK_RATE_ALIGNMENT, TASK_RATE_ENGAGEMENT,
 from stablealign.calls import CallTally, check_round, check_text, world_chat_backend
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
-from stablealign.ratings import parse_rating
+from stablealign.ratings import RATING_SCALE, parse_rating
 from stablealign.v1 import common_pb2, observer_pb2
 from stablealign.worlds import WorldSpecCache, check_agent, derive_seed
 
 log = get_logger(__name__)
 
-RATING_SCALE = 7
 # aspect -> (metric label, backend task, prompt builder)
 ASPECTS = {
     observer_pb2.RATING_ASPECT_ALIGNMENT: ("alignment", TASK_RATE_ALIGNMENT, prompts.alignment_messages),
