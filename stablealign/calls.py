@@ -3,10 +3,12 @@ the accounting of the model calls behind one reply (retries of unparsable replie
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from stablealign.errors import ConfigError, ConflictError, ValidationError
+from stablealign.ratings import RATING_SCALE, ParsedRating, parse_rating
 from stablealign.v1 import common_pb2, world_pb2
 
 
@@ -19,7 +21,6 @@ class CallTally:
     completion_tokens: int = 0
     latency_seconds: float = 0.0
     attempts: int = 0
-    texts: list[str] = field(default_factory=list)
 
     def add(self, completion: Any) -> None:
         self.model = completion.model or self.model
@@ -27,12 +28,30 @@ class CallTally:
         self.completion_tokens += int(completion.completion_tokens)
         self.latency_seconds += float(completion.latency_seconds)
         self.attempts += int(completion.attempts)
-        self.texts.append(completion.text)
 
     def stats(self) -> common_pb2.CallStats:
         return common_pb2.CallStats(model=self.model, prompt_tokens=self.prompt_tokens,
                                     completion_tokens=self.completion_tokens,
                                     latency_seconds=self.latency_seconds, attempts=self.attempts)
+
+
+async def chat_until_rated(backend: Any, tally: CallTally, attempts: int,
+                           request_for: Callable[[int], Any]) -> tuple[str, ParsedRating]:
+    """Asks for a ``Rating: <n> ### Reason: <text>`` reply until one parses, at most ``attempts`` times.
+
+    ``request_for(attempt)`` builds each attempt's ChatRequest (a new seed each time, so a retry is
+    not the same sample). Returns the last reply and its parse; the score stays None when no reply
+    could be read — the caller records it as missing, never as a number.
+    """
+    text, parsed = "", ParsedRating(None, "")
+    for attempt in range(attempts):
+        completion = await backend.chat(request_for(attempt))
+        tally.add(completion)
+        text = completion.text.strip()
+        parsed = parse_rating(text, RATING_SCALE)
+        if parsed.score is not None:
+            break
+    return text, parsed
 
 
 def check_text(value: str, name: str, limit: int) -> str:

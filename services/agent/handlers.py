@@ -26,11 +26,11 @@ from stablealign.backends.base import (
     ChatMessage,
     ChatRequest,
 )
-from stablealign.calls import CallTally, check_round, check_text, world_chat_backend
+from stablealign.calls import CallTally, chat_until_rated, check_round, check_text, world_chat_backend
 from stablealign.errors import BackendError, ConfigError, ConflictError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD, MemoryStore
-from stablealign.ratings import RATING_SCALE, parse_rating
+from stablealign.ratings import RATING_SCALE
 from stablealign.v1 import agent_pb2, common_pb2, world_pb2
 from stablealign.worlds import WorldSpecCache, check_agent, derive_seed, persona_of
 
@@ -123,18 +123,16 @@ class AgentHandlers:
         messages = prompts.feedback_messages(request.agent_id, persona, request.author_id, question, answer)
         hints = {"persona": prompts.persona_name(persona), "question": question, "answer": answer,
                  "agent_id": request.agent_id, "round": request.round}
-        parsed = None
-        text = ""
-        for attempt in range(self.settings.rating_attempts):
+
+        def request_for(attempt: int) -> ChatRequest:
             seed = derive_seed(spec.seed, "feedback", request.round, request.author_id, request.agent_id, attempt)
-            text = await self._complete(backend, tally, messages=messages, seed=seed, task=TASK_FEEDBACK,
-                                        max_tokens=self.settings.feedback_max_tokens, hints=hints)
-            parsed = parse_rating(text, RATING_SCALE)
-            if parsed.score is not None:
-                break
-        feedback = common_pb2.Feedback(partner_id=request.agent_id, text=text,
-                                       reason=parsed.reason if parsed else "")
-        if parsed is not None and parsed.score is not None:
+            return ChatRequest(messages=messages, max_tokens=self.settings.feedback_max_tokens,
+                               temperature=self.settings.temperature, seed=seed, task=TASK_FEEDBACK,
+                               hints={**hints, "seed": seed})
+
+        text, parsed = await chat_until_rated(backend, tally, self.settings.rating_attempts, request_for)
+        feedback = common_pb2.Feedback(partner_id=request.agent_id, text=text, reason=parsed.reason)
+        if parsed.score is not None:
             feedback.rating = parsed.score
             metrics.FEEDBACK_RATINGS.labels("parsed").inc()
         else:

@@ -10,10 +10,9 @@ from __future__ import annotations
 from services.observer import metrics, prompts
 from services.observer.settings import ObserverSettings
 from stablealign.backends.base import TASK_RATE_ALIGNMENT, TASK_RATE_ENGAGEMENT, ChatRequest
-from stablealign.calls import CallTally, check_round, check_text, world_chat_backend
+from stablealign.calls import CallTally, chat_until_rated, check_round, check_text, world_chat_backend
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
-from stablealign.ratings import RATING_SCALE, parse_rating
 from stablealign.v1 import common_pb2, observer_pb2
 from stablealign.worlds import WorldSpecCache, check_agent, derive_seed
 
@@ -46,26 +45,19 @@ class ObserverHandlers:
         backend = world_chat_backend(world, "observer", spec.observer_model)
         messages = build_messages(question, answer)
         tally = CallTally()
-        text = ""
-        score = None
-        reason = ""
-        for attempt in range(self.settings.rating_attempts):
+
+        def request_for(attempt: int) -> ChatRequest:
             seed = derive_seed(spec.seed, "rate", aspect, request.stage, request.round, request.agent_id, attempt)
             temperature = self.settings.temperature if attempt == 0 else self.settings.retry_temperature
-            completion = await backend.chat(ChatRequest(
-                messages=messages, max_tokens=self.settings.max_tokens, temperature=temperature, seed=seed,
-                task=task, hints={"question": question, "answer": answer, "seed": seed}))
-            tally.add(completion)
             metrics.RATING_ATTEMPTS.labels(aspect).inc()
-            text = completion.text.strip()
-            parsed = parse_rating(text, RATING_SCALE)
-            if parsed.score is not None:
-                score, reason = parsed.score, parsed.reason
-                break
+            return ChatRequest(messages=messages, max_tokens=self.settings.max_tokens, temperature=temperature,
+                               seed=seed, task=task, hints={"question": question, "answer": answer, "seed": seed})
+
+        text, parsed = await chat_until_rated(backend, tally, self.settings.rating_attempts, request_for)
         rating = common_pb2.Rating()
-        if score is not None:
-            rating.score = score
-            rating.reason = reason
+        if parsed.score is not None:
+            rating.score = parsed.score
+            rating.reason = parsed.reason
             metrics.RATINGS.labels(aspect, "parsed").inc()
         else:
             rating.reason = f"unparsable rating after {self.settings.rating_attempts} attempts"
