@@ -8,10 +8,13 @@ that could not be parsed is ``null`` — never a sentinel number that would poll
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from stablealign.errors import ValidationError
 from stablealign.v1 import common_pb2
@@ -112,6 +115,32 @@ def record_from_json(row: dict[str, Any]) -> common_pb2.InteractionRecord:
         record.memories.add(question=mem.get("question", ""), answer=mem.get("answer", ""),
                             similarity=float(mem.get("similarity", 0.0)))
     return record
+
+
+async def read_world_records(js: Any, world_id: str, *, timeout: float = 120.0) -> list[common_pb2.InteractionRecord]:
+    """All records of a world from the SANDBOX_RECORDS stream, ordered by (round, agent).
+
+    The stream deduplicates by message id, so each (round, agent) appears once. Decoding runs in a
+    worker thread: a long world's records would otherwise hold the event loop for seconds.
+    """
+    from stablealign import bus  # late: records is also used where no NATS client is installed
+
+    messages = await bus.read_subject(js, bus.RECORDS_STREAM, bus.RECORDS_SUBJECT.format(world_id=world_id),
+                                      timeout=timeout)
+
+    def decode() -> list[common_pb2.InteractionRecord]:
+        records = []
+        for seq, msg in messages:
+            record = common_pb2.InteractionRecord()
+            try:
+                record.ParseFromString(msg.data)
+            except DecodeError as exc:
+                raise ValidationError(f"{bus.RECORDS_STREAM} message {seq}: not an InteractionRecord ({exc})") from exc
+            records.append(record)
+        records.sort(key=lambda r: (r.round, r.agent_id))
+        return records
+
+    return await asyncio.to_thread(decode)
 
 
 def stable_view(row: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from stablealign import bus
 from stablealign.config import load_settings
 from stablealign.errors import ConflictError, UnavailableError
 from stablealign.natsserver import EmbeddedNatsServer
-from stablealign.records import record_to_json, write_jsonl
+from stablealign.records import read_world_records, record_to_json, write_jsonl
 from stablealign.service import RunningService, close_process_backends, start_service
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign.worlds import FINAL_STATES
@@ -122,16 +122,7 @@ async def wait_for_world(nc: NATS, world_id: str, *, timeout: float,
 
 async def fetch_records(nc: NATS, world_id: str) -> list[common_pb2.InteractionRecord]:
     """All records of a world from the stream, ordered by (round, agent) whatever the publish order."""
-    js = nc.jetstream(timeout=10.0)
-    messages = await bus.read_subject(js, bus.RECORDS_STREAM, bus.RECORDS_SUBJECT.format(world_id=world_id),
-                                      timeout=120.0)
-    records = []
-    for _, msg in messages:
-        record = common_pb2.InteractionRecord()
-        record.ParseFromString(msg.data)
-        records.append(record)
-    records.sort(key=lambda r: (r.round, r.agent_id))
-    return records
+    return await read_world_records(nc.jetstream(timeout=10.0), world_id)
 
 
 async def export_records(nc: NATS, world_id: str, path: str | Path) -> int:

@@ -348,26 +348,12 @@ def read_inputs(path: str | Path) -> tuple[list[dict[str, Any]], list[AlignmentG
 
 async def read_stream_records(nats_url: str, world_id: str, *, timeout: float = 30.0) -> list[dict[str, Any]]:
     """The records of one world from the SANDBOX_RECORDS JetStream stream, as JSON rows."""
-    from google.protobuf.message import DecodeError
-
     from stablealign import bus
-    from stablealign.records import record_to_json
-    from stablealign.v1 import common_pb2
+    from stablealign.records import read_world_records, record_to_json
 
     nc = await bus.connect(nats_url, name="stable-align-data", give_up_after=15.0)
     try:
-        js = nc.jetstream()
-        messages = await bus.read_subject(js, bus.RECORDS_STREAM, bus.RECORDS_SUBJECT.format(world_id=world_id),
-                                          timeout=timeout)
-        rows = []
-        for seq, msg in messages:
-            record = common_pb2.InteractionRecord()
-            try:
-                record.ParseFromString(msg.data)
-            except DecodeError as exc:
-                raise ValidationError(f"stream message {seq}: not an InteractionRecord ({exc})") from exc
-            rows.append(record_to_json(record))
-        return rows
+        return [record_to_json(r) for r in await read_world_records(nc.jetstream(), world_id, timeout=timeout)]
     finally:
         await nc.close()
 

@@ -25,9 +25,10 @@ from services.world.interaction import InteractionDeps, run_interaction
 from services.world.prior import seed_prior
 from services.world.settings import WorldSettings
 from services.world.store import LeaseLostError, WorldStore
-from stablealign import bus, data
+from stablealign import data
 from stablealign.errors import StableAlignError
 from stablealign.logs import get_logger
+from stablealign.records import read_world_records
 from stablealign.v1 import common_pb2, world_pb2
 
 log = get_logger(__name__)
@@ -68,13 +69,8 @@ def summarize(round_: int, scores: Sequence[Scores], duration: float) -> world_p
 
 async def published_scores(js: JetStreamContext, world_id: str) -> dict[int, dict[int, Scores]]:
     """What the stream already holds for a world, by round then agent (dedup: each pair once)."""
-    messages = await bus.read_subject(
-        js, bus.RECORDS_STREAM, bus.RECORDS_SUBJECT.format(world_id=world_id), timeout=120.0
-    )
     out: dict[int, dict[int, Scores]] = {}
-    for _, msg in messages:
-        record = common_pb2.InteractionRecord()
-        record.ParseFromString(msg.data)
+    for record in await read_world_records(js, world_id):
         out.setdefault(record.round, {})[record.agent_id] = scores_of(record)
     return out
 
