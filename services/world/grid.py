@@ -106,8 +106,8 @@ def neighbours(agent: int, size: int, radius: float) -> list[int]:
     rr, cc = np.meshgrid(rows, cols, indexing="ij")
     # A small tolerance so that e.g. radius sqrt(2) includes the diagonal despite rounding.
     inside = (rr - row) ** 2 + (cc - col) ** 2 <= radius * radius + 1e-9
-    ids = (rr * size + cc)[inside]
-    return [int(i) for i in np.sort(ids) if i != agent]
+    ids = np.sort((rr * size + cc)[inside])
+    return ids[ids != agent].tolist()
 
 
 def pick_partners(
@@ -130,7 +130,14 @@ def pick_partners(
     if k <= 0:
         return []
     rng = rng_for(seed, "partners", round_, agent)
-    order = [int(hood[i]) for i in rng.permutation(len(hood))]
+    # Indexed lazily: only the first few entries of the permutation are ever used, and a big
+    # neighbourhood (thousands of agents) must not be copied into Python objects per interaction.
+    hood_array = np.asarray(hood)
+    permutation = rng.permutation(len(hood))
+
+    def order(i: int) -> int:
+        return int(hood_array[permutation[i]])
+
     n = size * size
     chosen: list[int] = []
     taken = {agent}
@@ -139,9 +146,9 @@ def pick_partners(
         if global_probability > 0 and rng.random() < global_probability and n - len(taken) > 0:
             pick = _draw_global(rng, n, taken)
         else:
-            while order[next_local] in taken:  # bounded: k <= len(order) distinct slots remain
+            while order(next_local) in taken:  # bounded: k <= len(hood) distinct slots remain
                 next_local += 1
-            pick = order[next_local]
+            pick = order(next_local)
             next_local += 1
         chosen.append(pick)
         taken.add(pick)
