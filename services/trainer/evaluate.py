@@ -94,7 +94,7 @@ def heldout_loss(model: Any, tokenizer: Any, groups: Sequence[Any], *, max_lengt
     import torch
 
     from services.trainer.collator import AlignmentCollator
-    from services.trainer.loss import grouped_response_losses, stable_alignment_loss_parts
+    from services.trainer.loss import batch_response_losses, model_takes_logits_to_keep, stable_alignment_loss_parts
 
     if not groups:
         return {"groups": 0, "loss": None, "loss/sft": None, "loss/penalty": None}
@@ -102,12 +102,12 @@ def heldout_loss(model: Any, tokenizer: Any, groups: Sequence[Any], *, max_lengt
     n_max = max(len(g.responses) for g in groups)
     collator = AlignmentCollator(tokenizer, max_length=max_length, num_comp=n_max, seed=0)
     totals = [0.0, 0.0, 0.0]
+    window = model_takes_logits_to_keep(model)
     for start in range(0, len(groups), batch_size):
         chunk = groups[start: start + batch_size]
         batch = {k: v.to(device) for k, v in collator(list(chunk)).items()}
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            losses = grouped_response_losses(logits, batch["labels"], len(chunk))
+            losses = batch_response_losses(model, batch, logits_to_keep=window)  # the training step's own forward
             parts = stable_alignment_loss_parts(losses, batch["scores"], batch["mask"], margin=margin, ratio=ratio,
                                                 rating_scale=rating_scale)
         for i, value in enumerate(parts):
