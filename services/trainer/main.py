@@ -9,6 +9,8 @@ jobs requeued, Kubernetes jobs keep running and are re-attached by the next star
 
 from __future__ import annotations
 
+import functools
+
 from services.trainer.grpc_api import SERVICE_NAME, TrainerServicer
 from services.trainer.jobs import JobStore
 from services.trainer.queue import Scheduler
@@ -16,7 +18,6 @@ from services.trainer.runners import Runner
 from services.trainer.runners.local import LocalRunner
 from services.trainer.settings import TrainerSettings
 from stablealign import bus
-from stablealign.errors import ValidationError
 from stablealign.service import ServiceContext, ServiceParts
 from stablealign.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -40,26 +41,18 @@ async def build(ctx: ServiceContext) -> ServiceParts:
     store = await JobStore.open(ctx.js)
     scheduler = Scheduler(store, make_runners(settings), settings)
 
-    async def submit(request: trainer_pb2.SubmitJobRequest) -> trainer_pb2.Job:
-        if not request.HasField("spec"):
-            raise ValidationError("spec is required")
-        return await scheduler.submit(request.spec)
-
-    async def get(request: trainer_pb2.GetJobRequest) -> trainer_pb2.Job:
-        return await scheduler.get(request.job_id)
-
-    async def list_jobs(request: trainer_pb2.ListJobsRequest) -> trainer_pb2.ListJobsResponse:
-        return trainer_pb2.ListJobsResponse(jobs=await scheduler.list())
-
-    async def cancel(request: trainer_pb2.CancelJobRequest) -> trainer_pb2.Job:
-        return await scheduler.cancel(request.job_id)
-
-    await ctx.requests.add(bus.TRAINER_SUBMIT, trainer_pb2.SubmitJobRequest, submit, "SubmitJob")
-    await ctx.requests.add(bus.TRAINER_GET, trainer_pb2.GetJobRequest, get, "GetJob")
-    await ctx.requests.add(bus.TRAINER_LIST, trainer_pb2.ListJobsRequest, list_jobs, "ListJobs")
-    await ctx.requests.add(bus.TRAINER_CANCEL, trainer_pb2.CancelJobRequest, cancel, "CancelJob")
+    # NATS and gRPC share one implementation: the servicer's methods (they do not use the context).
+    servicer = TrainerServicer(scheduler)
+    for subject, request_type, method in (
+        (bus.TRAINER_SUBMIT, trainer_pb2.SubmitJobRequest, "SubmitJob"),
+        (bus.TRAINER_GET, trainer_pb2.GetJobRequest, "GetJob"),
+        (bus.TRAINER_LIST, trainer_pb2.ListJobsRequest, "ListJobs"),
+        (bus.TRAINER_CANCEL, trainer_pb2.CancelJobRequest, "CancelJob"),
+    ):
+        await ctx.requests.add(subject, request_type, functools.partial(getattr(servicer, method), context=None),
+                               method)
     return ServiceParts(
-        grpc=[(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, TrainerServicer(scheduler), SERVICE_NAME)],
+        grpc=[(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, SERVICE_NAME)],
         background=[scheduler.run],
         on_stop=[scheduler.stop],
     )
