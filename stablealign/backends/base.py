@@ -17,7 +17,7 @@ import abc
 import asyncio
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,47 @@ class Completion:
     attempts: int = 1
 
 
+@dataclass(frozen=True)
+class DigitDistribution:
+    """A 1..scale rating read from a model's next-token probabilities over the digits 1..scale.
+
+    Small models often cannot keep to ``Rating: <n> ### Reason: <text>`` in free text, but the
+    probability they give each digit right after ``Rating:`` is always there: the argmax is the
+    rating, the expectation a finer figure kept beside it.
+    """
+
+    probabilities: tuple[float, ...]  # P(1..scale), renormalised over the digits
+
+    @property
+    def score(self) -> int:
+        return max(range(len(self.probabilities)), key=lambda i: self.probabilities[i]) + 1
+
+    @property
+    def expected(self) -> float:
+        return float(sum((i + 1) * p for i, p in enumerate(self.probabilities)))
+
+    @classmethod
+    def from_logprobs(cls, logprobs: Mapping[int, float], scale: int) -> DigitDistribution | None:
+        """From log-probabilities of some digits (missing digits: probability 0); None if none is there."""
+        import math
+
+        weights = [math.exp(logprobs[d]) if d in logprobs and math.isfinite(logprobs[d]) else 0.0
+                   for d in range(1, scale + 1)]
+        total = sum(weights)
+        if total <= 0:
+            return None
+        return cls(tuple(w / total for w in weights))
+
+
+@dataclass(frozen=True)
+class RatedCompletion:
+    """A rating reply: its text ("Rating: <n> ### Reason: <text>") and, where the backend can read
+    token probabilities, the distribution over the digits at the rating's position."""
+
+    completion: Completion
+    digits: DigitDistribution | None = None
+
+
 class RetryableBackendError(Exception):
     """A failure worth retrying: HTTP 429, 5xx, a timeout or a dropped connection."""
 
@@ -84,6 +125,8 @@ class ChatBackend(abc.ABC):
     """A chat model. ``chat`` is safe to call from many tasks at once."""
 
     name: str = "base"
+    # Whether ``rate`` reads token probabilities (else callers parse the reply's text).
+    rates_from_probabilities: bool = False
 
     def __init__(self, model: str, *, max_concurrency: int = 64, retry: RetryPolicy | None = None) -> None:
         self.model = model
@@ -95,12 +138,17 @@ class ChatBackend(abc.ABC):
         """One attempt; raise RetryableBackendError for transient failures, anything else is final."""
 
     async def chat(self, request: ChatRequest) -> Completion:
+        return await self._call_with_retries(request, self._chat_once)
+
+    async def _call_with_retries(self, request: ChatRequest,
+                                 attempt_once: Callable[[ChatRequest], Awaitable[Completion]]) -> Completion:
+        """``attempt_once`` under the concurrency limit, per-attempt timeout, retries and accounting."""
         started = time.perf_counter()
         last: Exception | None = None
         async with self._semaphore:
             for attempt in range(self.retry.attempts):
                 try:
-                    result = await asyncio.wait_for(self._chat_once(request), timeout=self.retry.timeout)
+                    result = await asyncio.wait_for(attempt_once(request), timeout=self.retry.timeout)
                 except (TimeoutError, RetryableBackendError) as exc:
                     last = exc
                     metrics.LLM_REQUESTS.labels(self.name, "chat", "retry").inc()
@@ -125,6 +173,31 @@ class ChatBackend(abc.ABC):
                                   result.completion_tokens, latency, attempt + 1)
         metrics.LLM_REQUESTS.labels(self.name, "chat", "error").inc()
         raise BackendError(f"{self.name}: gave up after {self.retry.attempts} attempts: {last}")
+
+    async def _rate_once(self, request: ChatRequest, scale: int) -> RatedCompletion:
+        """One attempt at a rating with token probabilities; only for backends that set
+        ``rates_from_probabilities``."""
+        raise NotImplementedError
+
+    async def rate(self, request: ChatRequest, *, scale: int = 7) -> RatedCompletion:
+        """A rating reply to ``request`` (a prompt asking for ``Rating: <1-scale> ### Reason: <text>``).
+
+        Backends that can read token probabilities (``rates_from_probabilities``) return the
+        distribution over the digits 1..scale where the rating goes, and a reply whose rating is
+        its argmax; the others return a plain ``chat`` reply with ``digits`` None, to be parsed.
+        Retries, the concurrency limit and accounting are those of ``chat``.
+        """
+        if not self.rates_from_probabilities:
+            return RatedCompletion(await self.chat(request))
+        holder: list[RatedCompletion] = []
+
+        async def once(req: ChatRequest) -> Completion:
+            rated = await self._rate_once(req, scale)
+            holder.append(rated)
+            return rated.completion
+
+        completion = await self._call_with_retries(request, once)
+        return RatedCompletion(completion, holder[-1].digits)
 
     async def aclose(self) -> None:
         """Releases connections; the default has none."""

