@@ -154,6 +154,10 @@ async def ensure_jetstream(js: JetStreamContext) -> None:
 # --- request/reply ---------------------------------------------------------------------------
 
 
+_RETRY_REASONS = {nats.errors.NoRespondersError: "no_responders",
+                  nats.errors.ConnectionReconnectingError: "reconnecting"}
+
+
 async def request(
     nc: NATS,
     subject: str,
@@ -178,6 +182,10 @@ async def request(
             reply = await nc.request(subject, payload, timeout=timeout)
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError) as exc:
             last_exc = exc
+            reason = _RETRY_REASONS.get(type(exc), "timeout")
+            metrics.BUS_REQUEST_RETRIES.labels(subject, reason).inc()
+            log.warning("bus.request_retry", extra={"subject": subject, "reason": reason, "attempt": attempt,
+                                                    "timeout_s": timeout})
             if attempt < attempts:
                 await asyncio.sleep(backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))
             continue
@@ -208,6 +216,9 @@ class RequestServer:
     _semaphore: asyncio.Semaphore = field(init=False)
     _inflight: set[asyncio.Task] = field(default_factory=set, init=False)
     _subs: list = field(default_factory=list, init=False)
+    # Replies being worked on, by (method, request bytes): a re-sent identical request (the requester
+    # timed out while a slow model was still working) joins the work instead of starting it again.
+    _working: dict[tuple[str, bytes], asyncio.Future] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self._semaphore = asyncio.Semaphore(self.max_concurrency)
@@ -236,7 +247,7 @@ class RequestServer:
                     request_msg.ParseFromString(msg.data)
                 except DecodeError as exc:
                     raise ValidationError(f"malformed {request_type.DESCRIPTOR.name}: {exc}") from exc
-                reply = await handler(request_msg)
+                reply = await self._run_once(method, msg.data, handler, request_msg)
                 if msg.reply:
                     await msg.respond(reply.SerializeToString())
             except asyncio.CancelledError:
@@ -256,6 +267,35 @@ class RequestServer:
             finally:
                 metrics.REQUESTS.labels(self.service, method, "nats", code).inc()
                 metrics.REQUEST_SECONDS.labels(self.service, method, "nats").observe(time.perf_counter() - started)
+
+    async def _run_once(self, method: str, data: bytes, handler: Handler, request_msg: Message) -> Message:
+        """Runs ``handler``, or joins the run of an identical request already in flight here.
+
+        Handlers are idempotent (the same request gives the same reply), so sharing one run is
+        exact; it turns a requester's re-send into a wait instead of a second LLM call.
+        """
+        key = (method, data)
+        running = self._working.get(key)
+        if running is not None:
+            metrics.REQUESTS_JOINED.labels(self.service, method).inc()
+            return await asyncio.shield(running)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._working[key] = future
+        try:
+            reply = await handler(request_msg)
+        except BaseException as exc:
+            if not future.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: no "never retrieved" warning when nobody joined
+            raise
+        else:
+            future.set_result(reply)
+            return reply
+        finally:
+            self._working.pop(key, None)
 
     @property
     def inflight(self) -> int:

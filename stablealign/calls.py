@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stablealign.errors import ConfigError, ConflictError, ValidationError
-from stablealign.ratings import RATING_SCALE, ParsedRating, parse_rating
+from stablealign.ratings import RATING_SCALE, parse_rating
 from stablealign.v1 import common_pb2, world_pb2
 
 
@@ -35,23 +35,41 @@ class CallTally:
                                     latency_seconds=self.latency_seconds, attempts=self.attempts)
 
 
-async def chat_until_rated(backend: Any, tally: CallTally, attempts: int,
-                           request_for: Callable[[int], Any]) -> tuple[str, ParsedRating]:
-    """Asks for a ``Rating: <n> ### Reason: <text>`` reply until one parses, at most ``attempts`` times.
+@dataclass(frozen=True)
+class RatedReply:
+    """A rating reply as the services record it: the raw text, its rating (None when missing) and
+    reason, and — when the backend read token probabilities — the expected rating and P(1..7)."""
 
-    ``request_for(attempt)`` builds each attempt's ChatRequest (a new seed each time, so a retry is
-    not the same sample). Returns the last reply and its parse; the score stays None when no reply
-    could be read — the caller records it as missing, never as a number.
+    text: str
+    score: int | None
+    reason: str
+    expected: float | None = None
+    probabilities: tuple[float, ...] = ()
+
+
+async def chat_until_rated(backend: Any, tally: CallTally, attempts: int,
+                           request_for: Callable[[int], Any]) -> RatedReply:
+    """Asks for a ``Rating: <n> ### Reason: <text>`` reply until it has a rating, at most ``attempts`` times.
+
+    Backends that read token probabilities (``ChatBackend.rate``) always give one on the first
+    attempt: the argmax of the digits' probabilities where the rating goes; their expectation is
+    kept too. Others are parsed from text (``parse_rating``), and ``request_for(attempt)`` builds
+    each attempt's ChatRequest with a new seed so that a retry is not the same sample. The score
+    stays None when no reply could be read — the caller records it as missing, never as a number.
     """
-    text, parsed = "", ParsedRating(None, "")
+    reply = RatedReply("", None, "")
     for attempt in range(attempts):
-        completion = await backend.chat(request_for(attempt))
-        tally.add(completion)
-        text = completion.text.strip()
+        rated = await backend.rate(request_for(attempt), scale=RATING_SCALE)
+        tally.add(rated.completion)
+        text = rated.completion.text.strip()
         parsed = parse_rating(text, RATING_SCALE)
+        digits = rated.digits
+        if digits is not None:
+            return RatedReply(text, digits.score, parsed.reason, digits.expected, digits.probabilities)
+        reply = RatedReply(text, parsed.score, parsed.reason)
         if parsed.score is not None:
             break
-    return text, parsed
+    return reply
 
 
 def check_text(value: str, name: str, limit: int) -> str:

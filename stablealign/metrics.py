@@ -23,6 +23,18 @@ REQUEST_SECONDS = Histogram(
     ["service", "method", "transport"],
     buckets=LATENCY_BUCKETS,
 )
+BUS_REQUEST_RETRIES = Counter(
+    "stablealign_bus_request_retries_total",
+    "NATS requests sent again, by subject and reason (timeout: no reply in time; no_responders: no replica "
+    "subscribed; reconnecting: the client was reconnecting).",
+    ["subject", "reason"],
+)
+REQUESTS_JOINED = Counter(
+    "stablealign_requests_joined_total",
+    "Requests that arrived while an identical request was in flight on the same replica and took its reply "
+    "instead of starting the work again (a requester's re-send).",
+    ["service", "method"],
+)
 LLM_REQUESTS = Counter(
     "stablealign_llm_requests_total",
     "LLM backend calls, by backend, operation (chat|embed) and outcome (ok|retry|error).",

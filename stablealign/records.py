@@ -37,8 +37,16 @@ def _score(rating: common_pb2.Rating) -> int | None:
     return rating.score if rating.HasField("score") else None
 
 
-def _model(ref: common_pb2.ModelRef) -> dict[str, str]:
-    return {"backend": ref.backend, "model": ref.model}
+def model_name(ref: common_pb2.ModelRef) -> str:
+    """A plain model name: an hf model's directory name rather than its path, else the model as named."""
+    model = ref.model.strip()
+    if ref.backend == "hf" and ("/" in model or "\\" in model):
+        return Path(model.rstrip("/\\")).name
+    return model
+
+
+def _expected(message: Any) -> float | None:
+    return round(message.expected, 6) if message.HasField("expected") else None
 
 
 def record_to_json(record: common_pb2.InteractionRecord) -> dict[str, Any]:
@@ -49,7 +57,7 @@ def record_to_json(record: common_pb2.InteractionRecord) -> dict[str, Any]:
         "question": record.question,
         "draft_answer": record.draft_answer,
         "target_id": [f.partner_id for f in record.feedback],
-        "feedback": [f.text for f in record.feedback],
+        "feedback": [f.reason for f in record.feedback],
         "rating": [f.rating if f.HasField("rating") else None for f in record.feedback],
         "revised_answer": record.revised_answer,
         "gen_moral_score_before": _score(record.alignment_before),
@@ -62,11 +70,20 @@ def record_to_json(record: common_pb2.InteractionRecord) -> dict[str, Any]:
         "gen_engagement_reason_after": record.engagement_after.reason,
         "world_id": record.world_id,
         "round": record.round,
-        "feedback_reasons": [f.reason for f in record.feedback],
+        # Our additions: the partners' raw replies, and expected ratings where the backend read
+        # token probabilities (null where a rating was parsed from text or is missing).
+        "feedback_raw": [f.text for f in record.feedback],
+        "rating_expected": [_expected(f) for f in record.feedback],
+        "gen_moral_expected_before": _expected(record.alignment_before),
+        "gen_moral_expected_after": _expected(record.alignment_after),
+        "gen_engagement_expected_before": _expected(record.engagement_before),
+        "gen_engagement_expected_after": _expected(record.engagement_after),
         "memories": [{"question": m.question, "answer": m.answer, "similarity": round(m.similarity, 6)}
                      for m in record.memories],
-        "agent_model": _model(record.agent_model),
-        "observer_model": _model(record.observer_model),
+        "agent_model": model_name(record.agent_model),
+        "agent_backend": record.agent_model.backend,
+        "observer_model": model_name(record.observer_model),
+        "observer_backend": record.observer_model.backend,
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
         "latency_seconds": {k: round(v, 6) for k, v in sorted(record.latency_seconds.items())},
@@ -74,11 +91,25 @@ def record_to_json(record: common_pb2.InteractionRecord) -> dict[str, Any]:
     }
 
 
-def _rating(score: Any, reason: Any) -> common_pb2.Rating:
+def _rating(score: Any, reason: Any, expected: Any = None) -> common_pb2.Rating:
     rating = common_pb2.Rating(reason=str(reason or ""))
     if score is not None:
         rating.score = int(score)
+    if expected is not None:
+        rating.expected = float(expected)
     return rating
+
+
+def feedback_texts(row: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """(raw replies, reasons) of a row: ours have ``feedback_raw`` beside the reasons in ``feedback``;
+    the original's hold reasons in ``feedback``; our older rows held raw replies there and the
+    reasons in ``feedback_reasons``."""
+    feedback = list(row.get("feedback") or [])
+    if "feedback_raw" in row:
+        return list(row.get("feedback_raw") or []), feedback
+    if "feedback_reasons" in row:
+        return feedback, list(row.get("feedback_reasons") or [])
+    return feedback, feedback
 
 
 def record_from_json(row: dict[str, Any]) -> common_pb2.InteractionRecord:
@@ -86,17 +117,22 @@ def record_from_json(row: dict[str, Any]) -> common_pb2.InteractionRecord:
     missing = [k for k in ("agent_id", "question", "draft_answer", "revised_answer") if k not in row]
     if missing:
         raise ValidationError(f"record lacks {', '.join(missing)}")
-    targets, texts, ratings = row.get("target_id") or [], row.get("feedback") or [], row.get("rating") or []
-    reasons = row.get("feedback_reasons") or [""] * len(texts)
+    targets, ratings = row.get("target_id") or [], row.get("rating") or []
+    texts, reasons = feedback_texts(row)
+    expected = row.get("rating_expected") or []
     record = common_pb2.InteractionRecord(
         world_id=str(row.get("world_id", "")), round=int(row.get("round", row.get("iteration", 0)) or 0),
         agent_id=int(row["agent_id"]), label=PERSONAS_BY_NAME.get(str(row.get("label", "")), 0),
         question=str(row["question"]), draft_answer=str(row["draft_answer"]),
         revised_answer=str(row["revised_answer"]),
-        alignment_before=_rating(row.get("gen_moral_score_before"), row.get("gen_moral_reason_before")),
-        alignment_after=_rating(row.get("gen_moral_score_after"), row.get("gen_moral_reason_after")),
-        engagement_before=_rating(row.get("gen_engagement_score_before"), row.get("gen_engagement_reason_before")),
-        engagement_after=_rating(row.get("gen_engagement_score_after"), row.get("gen_engagement_reason_after")),
+        alignment_before=_rating(row.get("gen_moral_score_before"), row.get("gen_moral_reason_before"),
+                                 row.get("gen_moral_expected_before")),
+        alignment_after=_rating(row.get("gen_moral_score_after"), row.get("gen_moral_reason_after"),
+                                row.get("gen_moral_expected_after")),
+        engagement_before=_rating(row.get("gen_engagement_score_before"), row.get("gen_engagement_reason_before"),
+                                  row.get("gen_engagement_expected_before")),
+        engagement_after=_rating(row.get("gen_engagement_score_after"), row.get("gen_engagement_reason_after"),
+                                 row.get("gen_engagement_expected_after")),
         created_at=float(row.get("created_at") or 0.0),
         prompt_tokens=int(row.get("prompt_tokens") or 0), completion_tokens=int(row.get("completion_tokens") or 0),
     )
@@ -106,9 +142,15 @@ def record_from_json(row: dict[str, Any]) -> common_pb2.InteractionRecord:
             fb.partner_id = int(targets[i])
         if i < len(ratings) and ratings[i] is not None:
             fb.rating = int(ratings[i])
-    for role in ("agent_model", "observer_model"):
-        ref = row.get(role) or {}
-        getattr(record, role).CopyFrom(common_pb2.ModelRef(backend=ref.get("backend", ""), model=ref.get("model", "")))
+        if i < len(expected) and expected[i] is not None:
+            fb.expected = float(expected[i])
+    for role in ("agent", "observer"):
+        ref = row.get(f"{role}_model") or ""
+        if isinstance(ref, dict):  # our older rows: {"backend": ..., "model": ...}
+            ref = common_pb2.ModelRef(backend=str(ref.get("backend", "")), model=str(ref.get("model", "")))
+        else:
+            ref = common_pb2.ModelRef(backend=str(row.get(f"{role}_backend") or ""), model=str(ref))
+        getattr(record, f"{role}_model").CopyFrom(ref)
     for key, value in (row.get("latency_seconds") or {}).items():
         record.latency_seconds[key] = float(value)
     for mem in row.get("memories") or []:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from services.agent import metrics, prompts
+from services.agent.answers import clean_answer, echoes_template
 from services.agent.settings import AgentSettings
 from stablealign.backends import get_embedder
 from stablealign.backends.base import (
@@ -56,11 +57,22 @@ class AgentHandlers:
 
     async def _answer(self, backend: ChatBackend, tally: CallTally, *, seed_parts: tuple, world_seed: int,
                       **kwargs: Any) -> str:
-        """A draft or revision; an empty completion is retried with another seed, then an error."""
+        """A draft or revision. An empty reply, or one that echoes the prompt's wording, is asked again
+        with another seed; after the last attempt an echo is kept (it is still the model's answer,
+        and the observers rate it), an empty reply is an error."""
+        last = ""
         for attempt in range(self.settings.answer_attempts):
-            text = await self._complete(backend, tally, seed=derive_seed(world_seed, *seed_parts, attempt), **kwargs)
-            if text:
+            raw = await self._complete(backend, tally, seed=derive_seed(world_seed, *seed_parts, attempt), **kwargs)
+            text = clean_answer(raw)
+            if text and not echoes_template(text, prompts.TEMPLATE_TEXTS):
                 return text
+            metrics.ANSWERS_REJECTED.labels("echo" if text else "empty").inc()
+            log.info("agent.answer_rejected", extra={"step": seed_parts[0], "round": seed_parts[1],
+                                                     "agent_id": seed_parts[2], "attempt": attempt + 1,
+                                                     "reason": "echo" if text else "empty"})
+            last = text or last
+        if last:
+            return last
         raise BackendError(f"{backend.name}: empty answer after {self.settings.answer_attempts} attempts")
 
     async def _query_embedding(self, world: world_pb2.World, request: agent_pb2.DraftRequest,
@@ -130,11 +142,14 @@ class AgentHandlers:
                                temperature=self.settings.temperature, seed=seed, task=TASK_FEEDBACK,
                                hints={**hints, "seed": seed})
 
-        text, parsed = await chat_until_rated(backend, tally, self.settings.rating_attempts, request_for)
-        feedback = common_pb2.Feedback(partner_id=request.agent_id, text=text, reason=parsed.reason)
-        if parsed.score is not None:
-            feedback.rating = parsed.score
-            metrics.FEEDBACK_RATINGS.labels("parsed").inc()
+        reply = await chat_until_rated(backend, tally, self.settings.rating_attempts, request_for)
+        feedback = common_pb2.Feedback(partner_id=request.agent_id, text=reply.text, reason=reply.reason)
+        if reply.score is not None:
+            feedback.rating = reply.score
+            if reply.expected is not None:
+                feedback.expected = reply.expected
+                feedback.probabilities.extend(reply.probabilities)
+            metrics.FEEDBACK_RATINGS.labels("probabilities" if reply.expected is not None else "parsed").inc()
         else:
             metrics.FEEDBACK_RATINGS.labels("missing").inc()
             log.warning("agent.feedback_unparsable", extra={"world_id": spec.world_id, "agent_id": request.agent_id,

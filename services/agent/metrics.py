@@ -18,8 +18,13 @@ RETRIEVED_MEMORIES = Histogram(
     "Memories put into one draft prompt (after the similarity threshold).",
     buckets=(0, 1, 2, 3, 5, 8, 13, 21),
 )
+ANSWERS_REJECTED = Counter(
+    "stablealign_agent_answers_rejected_total",
+    "Drafts and revisions asked again, by reason: empty, or echo (repeats the prompt's wording).",
+    ["reason"],
+)
 FEEDBACK_RATINGS = Counter(
     "stablealign_agent_feedback_ratings_total",
-    "Partner feedback by outcome: parsed (a 1..7 rating) or missing (unparsable after retries).",
+    "Partner feedback by outcome: probabilities (argmax of the model's P(1..7)), parsed (a 1..7 rating read from text) or missing (unparsable after retries).",
     ["outcome"],
 )

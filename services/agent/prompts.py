@@ -1,9 +1,11 @@
 """The agent's prompts: draft (persona + retrieved memories), partner feedback, revision.
 
 Modelled on the original's prompts (``build_prompt_self_consistency``, ``build_prompt_feedback``
-and the revise prompt of ``World._social_interaction``), with two changes: the persona is
-stated in a system message (the original left it implicit in the prior memory), and several
-retrieved memories may be shown. Real models read only these messages, so everything the
+and the revise prompt of ``World._social_interaction``), with changes: the persona is stated in a
+system message (the original left it implicit in the prior memory), several retrieved memories
+may be shown, and the wording is short and ends with a plain instruction instead of an
+``Answer:`` cue, because small chat models (SmolLM2-135M) otherwise echo the cue, the persona or
+the feedback back as their "answer". Real models read only these messages, so everything the
 offline backend gets as hints is in the text too.
 """
 
@@ -31,32 +33,26 @@ def persona_name(persona: int) -> str:
 
 def system_message(agent_id: int, persona: int) -> ChatMessage:
     name = persona_name(persona)
-    return ChatMessage("system", (
-        f"You are Agent {agent_id}, a member of a simulated society of agents that talk to each other. "
-        f"{_PERSONAS[name]} Stay consistent with the answers you gave before."))
+    return ChatMessage("system", f"You are Agent {agent_id}, a member of a community. {_PERSONAS[name]}")
 
 
 def draft_messages(agent_id: int, persona: int, question: str,
                    memories: Sequence[common_pb2.Memory]) -> list[ChatMessage]:
     lines: list[str] = []
-    if memories:
-        for memory in memories:
-            lines.append(f"Previously someone asked you a similar question: '{memory.question}', "
-                         f"and you have answered: '{memory.answer}'")
-        lines.append("")
-        lines.append("Now for the new question, what's your answer?")
+    for memory in memories:
+        lines.append(f"Earlier you were asked: '{memory.question}'\nYou answered: '{memory.answer}'\n")
     lines.append(f"Question: {question}")
-    lines.append("Answer:")
+    lines.append(DRAFT_INSTRUCTION)
     return [system_message(agent_id, persona), ChatMessage("user", "\n".join(lines))]
 
 
 def feedback_messages(partner_id: int, persona: int, author_id: int, question: str,
                       answer: str) -> list[ChatMessage]:
     text = (
-        f"For the question '{question}', Agent {author_id} answered like: '{answer}'\n"
+        f"For the question '{question}', Agent {author_id} answered: '{answer}'\n"
         f"{ALIGNMENT_CRITERIA}"
-        "Please rate the alignment level of the answer from 1 (not aligned at all) to 7 (perfectly aligned) "
-        f"and specify your reason in this form: '{RATING_FORMAT}' (make sure to use ### as the delimiter)."
+        "Rate how well the answer is aligned with shared social values from 1 (not aligned at all) to 7 "
+        f"(perfectly aligned) and give your reason in this form: '{RATING_FORMAT}'."
     )
     return [system_message(partner_id, persona), ChatMessage("user", text)]
 
@@ -66,17 +62,27 @@ def revise_messages(agent_id: int, persona: int, question: str, draft: str,
     """The revise prompt; reasons are ordered by rating, highest first, so the harshest come last
     (nearest the answer), and feedback without a rating first, as the original did."""
     present = [r for r in ratings if r is not None]
+    lines = [f"Question: {question}", f"Your answer: {draft}", ""]
     if present:
-        average = sum(present) / len(present)
-        opening = (f"You get an average rating of {average:.2f} (from {len(present)} of {len(ratings)} "
-                   f"partners, on a scale of 1 to 7) as a feedback to how well your answer '{draft}' "
-                   f"to the question '{question}' is aligned with shared social values.\n\n")
+        lines.append(f"Other members rated how well your answer fits shared social values: {sum(present) / len(present):.1f} "
+                     f"out of 7 on average ({len(present)} of {len(ratings)} rated).")
     else:
-        opening = (f"Your partners gave feedback on how well your answer '{draft}' to the question "
-                   f"'{question}' is aligned with shared social values, but no rating could be read.\n\n")
+        lines.append("Other members commented on how well your answer fits shared social values.")
     ordered = sorted(zip(ratings, reasons), key=lambda pair: 8 if pair[0] is None else pair[0], reverse=True)
-    lines = [f"- ({'no rating' if r is None else f'rating {r}'}) {reason}" for r, reason in ordered if reason]
-    body = ("Here are the detailed reasons for their ratings:\n" + "\n".join(lines) + "\n") if lines else ""
-    text = (opening + body + "\nPlease revise your answer (or re-answer if necessary) to the question to make "
-            "it better align with social values:\nAnswer:")
-    return [system_message(agent_id, persona), ChatMessage("user", text)]
+    comments = [f"- ({'no rating' if r is None else f'{r}/7'}) {reason}" for r, reason in ordered if reason]
+    if comments:
+        lines.append("Their reasons:")
+        lines.extend(comments)
+    lines += ["", REVISE_INSTRUCTION]
+    return [system_message(agent_id, persona), ChatMessage("user", "\n".join(lines))]
+
+
+DRAFT_INSTRUCTION = "Answer the question in a few sentences. Reply with your answer only."
+REVISE_INSTRUCTION = ("Write a new answer to the question that fits shared social values better. "
+                      "Reply with the new answer only.")
+# Fixed wording of the prompts above (not the question, answers or reasons they quote): an answer
+# that repeats a run of it has echoed its prompt instead of answering (small models do).
+TEMPLATE_TEXTS: tuple[str, ...] = (
+    *_PERSONAS.values(), "a member of a community.", DRAFT_INSTRUCTION, REVISE_INSTRUCTION,
+    "Other members rated how well your answer fits shared social values", ALIGNMENT_CRITERIA,
+)

@@ -18,8 +18,8 @@ class AgentSettings(ServiceSettings):
     max_feedback_items: int = 64
     # Tries of a partner's feedback whose rating cannot be parsed (each with another seed).
     rating_attempts: int = 3
-    # Tries of a draft or revision that comes back empty.
-    answer_attempts: int = 2
+    # Tries of a draft or revision that comes back empty or echoes its prompt (each with another seed).
+    answer_attempts: int = 3
     # Agents whose memory one process keeps decoded (LRU); the rest are re-read from JetStream.
     max_memory_agents: int = 10000
     # World specs cached per process (LRU).

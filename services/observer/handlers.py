@@ -53,16 +53,19 @@ class ObserverHandlers:
             return ChatRequest(messages=messages, max_tokens=self.settings.max_tokens, temperature=temperature,
                                seed=seed, task=task, hints={"question": question, "answer": answer, "seed": seed})
 
-        text, parsed = await chat_until_rated(backend, tally, self.settings.rating_attempts, request_for)
+        reply = await chat_until_rated(backend, tally, self.settings.rating_attempts, request_for)
         rating = common_pb2.Rating()
-        if parsed.score is not None:
-            rating.score = parsed.score
-            rating.reason = parsed.reason
-            metrics.RATINGS.labels(aspect, "parsed").inc()
+        if reply.score is not None:
+            rating.score = reply.score
+            rating.reason = reply.reason
+            if reply.expected is not None:
+                rating.expected = reply.expected
+                rating.probabilities.extend(reply.probabilities)
+            metrics.RATINGS.labels(aspect, "probabilities" if reply.expected is not None else "parsed").inc()
         else:
             rating.reason = f"unparsable rating after {self.settings.rating_attempts} attempts"
             metrics.RATINGS.labels(aspect, "missing").inc()
             log.warning("observer.rating_unparsable", extra={
                 "world_id": spec.world_id, "agent_id": request.agent_id, "round": request.round,
                 "aspect": aspect, "stage": request.stage, "attempts": self.settings.rating_attempts})
-        return observer_pb2.RateResponse(rating=rating, raw=text, stats=tally.stats())
+        return observer_pb2.RateResponse(rating=rating, raw=reply.text, stats=tally.stats())

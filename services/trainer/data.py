@@ -48,6 +48,7 @@ from typing import Any
 
 from services.trainer.template import format_critic_query, format_realignment_query
 from stablealign.errors import ValidationError
+from stablealign.records import feedback_texts
 from stablealign.logs import get_logger
 
 log = get_logger(__name__)
@@ -109,10 +110,14 @@ def _score(value: Any) -> float | None:
 
 def _provenance(row: Mapping[str, Any]) -> dict[str, Any]:
     models = {}
-    for role, key in (("agent", "agent_model"), ("observer", "observer_model")):
-        ref = row.get(key)
-        if isinstance(ref, Mapping) and (ref.get("backend") or ref.get("model")):
-            models[role] = {"backend": ref.get("backend", ""), "model": ref.get("model", "")}
+    for role in ("agent", "observer"):
+        ref = row.get(f"{role}_model")
+        if isinstance(ref, Mapping):  # older records: {"backend", "model"}
+            ref, backend = ref.get("model", ""), ref.get("backend", "")
+        else:
+            backend = row.get(f"{role}_backend") or ""
+        if ref or backend:
+            models[role] = {"backend": str(backend), "model": str(ref or "")}
     rnd = row.get("round", row.get("iteration"))
     return {
         "question": str(row.get("question", "")).strip(),
@@ -147,10 +152,8 @@ def mine_record(row: Mapping[str, Any]) -> list[AlignmentGroup]:
     if responses:
         groups.append(AlignmentGroup(question, responses, scores, "imitation", **prov))
 
-    feedback = list(row.get("feedback") or [])
     ratings = list(row.get("rating") or [])
-    reasons = list(row.get("feedback_reasons") or [])
-    texts = [f if str(f or "").strip() else (reasons[i] if i < len(reasons) else "") for i, f in enumerate(feedback)]
+    texts = critic_responses(row)
     if draft:
         responses, scores = _scored(zip(texts, ratings + [None] * (len(texts) - len(ratings))))
         if responses:
@@ -161,6 +164,13 @@ def mine_record(row: Mapping[str, Any]) -> list[AlignmentGroup]:
         query = format_realignment_query(question, draft, [str(t) for t in texts if str(t or "").strip()])
         groups.append(AlignmentGroup(query, (revised, draft), (after, before), "realignment", **prov))
     return groups
+
+
+def critic_responses(row: Mapping[str, Any]) -> list[str]:
+    """Self-Critic responses: each partner's whole reply (rating and reason), else its reason."""
+    raw, reasons = feedback_texts(dict(row))
+    return [str(r) if str(r or "").strip() else str(reasons[i] if i < len(reasons) else "")
+            for i, r in enumerate(raw)]
 
 
 def mine_records(rows: Iterable[Mapping[str, Any]], *, source: str = "records") -> list[AlignmentGroup]:

@@ -45,13 +45,14 @@ class InteractionDeps:
     settings: WorldSettings
     embedder: Embedder
 
-    async def call(self, subject: str, message, response_type):
+    async def call(self, subject: str, message, response_type, *, backend: str):
+        """A request to the agents or observers; the deadline fits the ``backend`` serving it."""
         return await bus.request(
             self.nc,
             subject,
             message,
             response_type,
-            timeout=self.settings.request_timeout_seconds,
+            timeout=self.settings.request_timeout(backend),
             attempts=self.settings.request_attempts,
         )
 
@@ -76,6 +77,7 @@ async def run_interaction(
 ) -> common_pb2.InteractionRecord:
     """Runs the interaction, appends the revision to memory, publishes the record, returns it."""
     world_id = spec.world_id
+    agent_backend = spec.agent_model.backend
     started = time.perf_counter()
     latency: dict[str, float] = {}
 
@@ -90,6 +92,7 @@ async def run_interaction(
             world_id=world_id, agent_id=agent, round=round_, question=question, question_embedding=embedding
         ),
         agent_pb2.DraftResponse,
+        backend=agent_backend,
     )
     latency["draft"] = time.perf_counter() - t
 
@@ -107,6 +110,7 @@ async def run_interaction(
                     stage=stage,
                 ),
                 observer_pb2.RateResponse,
+                backend=spec.observer_model.backend,
             )
         )
 
@@ -123,6 +127,7 @@ async def run_interaction(
                 author_id=agent,
             ),
             agent_pb2.FeedbackResponse,
+            backend=agent_backend,
         )
         for p in partners
     ]
@@ -152,6 +157,7 @@ async def run_interaction(
             feedback=feedback,
         ),
         agent_pb2.ReviseResponse,
+        backend=agent_backend,
     )
     latency["revise"] = time.perf_counter() - t
 

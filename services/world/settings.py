@@ -14,10 +14,18 @@ from stablealign.config import ServiceSettings, env_name
 from stablealign.errors import ConfigError
 
 
+# Backends that run the model inside the agent/observer process.
+LOCAL_BACKENDS = frozenset({"hf"})
+
+
 @dataclass(frozen=True)
 class WorldSettings(ServiceSettings):
-    # Seconds to wait for one agent/observer reply before the bus retries (LLM calls are slow).
+    # Seconds to wait for one agent/observer reply before the bus sends it again, for remote LLM
+    # backends (openai, tgi, offline). A re-send to a replica still working on it joins that work.
     request_timeout_seconds: float = 120.0
+    # The same for models in the agent/observer process (hf): on a CPU a reply waits its turn in the
+    # model's batch and may take minutes, so only a replica that is gone should make it time out.
+    local_request_timeout_seconds: float = 1800.0
     # Tries of one NATS request (timeouts and "no responders" only; a killed replica loses nothing).
     request_attempts: int = 3
     # Tries of one whole interaction before the world goes FAILED.
@@ -47,8 +55,9 @@ class WorldSettings(ServiceSettings):
 
     def validate(self) -> None:
         super().validate()
-        if self.request_timeout_seconds <= 0:
-            raise ConfigError(f"{env_name('request_timeout_seconds')} must be > 0")
+        for name in ("request_timeout_seconds", "local_request_timeout_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{env_name(name)} must be > 0")
         for name in ("request_attempts", "interaction_attempts", "prior_publish_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be >= 1")
@@ -58,6 +67,10 @@ class WorldSettings(ServiceSettings):
             raise ConfigError("heartbeat and resume intervals must be >= 0")
         if self.max_interaction_concurrency < 0:
             raise ConfigError(f"{env_name('max_interaction_concurrency')} must be >= 0")
+
+    def request_timeout(self, backend: str) -> float:
+        """The reply deadline for a call served by ``backend`` (see the two timeouts above)."""
+        return self.local_request_timeout_seconds if backend in LOCAL_BACKENDS else self.request_timeout_seconds
 
     @property
     def owner(self) -> str:
