@@ -7,6 +7,7 @@ Files live in ``../shared/data`` beside the repository (never copied into it); s
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -61,8 +62,49 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
+# Held-out means held out: the HH-RLHF pairs that evaluation scores are never agents' prior
+# memories, world questions or training text. One fixed rule splits the file once.
+HH_SPLITS = ("prior", "eval")
+HH_SPLIT_RULE = "sha256(first human turn, stripped) mod 100: < 70 prior, >= 70 eval"
+
+
+def hh_split_of(question: str) -> str:
+    """``"prior"`` or ``"eval"`` for a pair whose first human turn is ``question`` (see HH_SPLIT_RULE)."""
+    bucket = int.from_bytes(hashlib.sha256(question.strip().encode("utf-8")).digest()[:8], "big") % 100
+    return "prior" if bucket < 70 else "eval"
+
+
+def _normalise(question: str) -> str:
+    return " ".join(question.lower().split())
+
+
+def load_hh_pairs(path: str | Path | None = None, split: str | None = None) -> tuple[HHPair, ...]:
+    """Usable pairs of an HH-RLHF file; ``split`` "prior" or "eval" keeps that part (HH_SPLIT_RULE)."""
+    pairs = _load_hh_pairs(path)
+    if split is None:
+        return pairs
+    if split not in HH_SPLITS:
+        raise ValidationError(f"unknown HH-RLHF split {split!r}; valid: {', '.join(HH_SPLITS)}")
+    return tuple(p for p in pairs if hh_split_of(p.question) == split)
+
+
+def load_prior_pairs(path: str | Path | None = None) -> tuple[HHPair, ...]:
+    """Pairs for agents' prior memories: the prior split of the default HH-RLHF file; a user's own
+    prior file whole (evaluation scores only the default file's eval split)."""
+    default = path is None or str(path) == "" or Path(path).resolve() == default_prior_path().resolve()
+    return load_hh_pairs(path or None, "prior" if default else None)
+
+
+@lru_cache(maxsize=1)
+def eval_questions() -> frozenset[str]:
+    """First human turns of the default HH-RLHF file's eval split (normalised), or none without the file."""
+    if not default_prior_path().is_file():
+        return frozenset()
+    return frozenset(_normalise(p.question) for p in load_hh_pairs(None, "eval"))
+
+
 @lru_cache(maxsize=8)
-def load_hh_pairs(path: str | Path | None = None) -> tuple[HHPair, ...]:
+def _load_hh_pairs(path: str | Path | None = None) -> tuple[HHPair, ...]:
     """Pairs whose chosen and rejected final turns are both non-empty Assistant turns."""
     path = Path(path or default_prior_path())
     if not path.is_file():
@@ -91,11 +133,14 @@ def load_hh_pairs(path: str | Path | None = None) -> tuple[HHPair, ...]:
 
 @lru_cache(maxsize=8)
 def load_questions(path: str | Path | None = None) -> tuple[str, ...]:
+    """The question pool, less the questions of the HH-RLHF eval split (the original's pool was drawn
+    from HH-RLHF, so about 2 % of it are questions that evaluation scores)."""
     path = Path(path or default_questions_path())
     if not path.is_file():
         raise ValidationError(f"question pool not found: {path}")
+    held_out = eval_questions()
     with _open_text(path) as handle:
-        questions = tuple(q for q in (line.strip() for line in handle) if q)
+        questions = tuple(q for q in (line.strip() for line in handle) if q and _normalise(q) not in held_out)
     if not questions:
         raise ValidationError(f"{path}: empty question pool")
     return questions

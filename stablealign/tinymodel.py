@@ -27,7 +27,7 @@ def default_corpus() -> list[str]:
 
     corpus: list[str] = list(data.load_questions())
     try:
-        for pair in data.load_hh_pairs():
+        for pair in data.load_hh_pairs(None, "prior"):
             corpus.extend((pair.question, pair.chosen, pair.rejected))
     except ValidationError:
         log.warning("tinymodel.no_hh_pairs")  # the question pool alone is enough for a tokenizer

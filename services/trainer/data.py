@@ -48,8 +48,8 @@ from typing import Any
 
 from services.trainer.template import format_critic_query, format_realignment_query
 from stablealign.errors import ValidationError
-from stablealign.records import feedback_texts
 from stablealign.logs import get_logger
+from stablealign.records import feedback_texts
 
 log = get_logger(__name__)
 

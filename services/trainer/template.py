@@ -6,8 +6,9 @@ trained model was asked questions in a format it had never seen. Everything here
 ``chat_template`` so that ``tokenizer.apply_chat_template`` agrees with ``format_prompt``.
 
 The format is the HH-RLHF dialogue format (``Human: ...\\n\\nAssistant:``), which is also the format
-of the evaluation pairs, and every training response ends with the EOS token (the original had none,
-so its models never learned to stop).
+of the evaluation pairs — except for a model with a chat template of its own (an instruct model:
+SmolLM2's ChatML), which keeps its own format everywhere (``uses_own_chat_template``). Every training
+response ends with the EOS token (the original had none, so its models never learned to stop).
 
 Tokenisation: prompt and response are tokenised *separately* and concatenated, so that the boundary
 between prompt tokens (masked out of the loss) and response tokens is exact whatever merges a BPE
@@ -70,14 +71,35 @@ def format_critic_query(question: str, draft: str) -> str:
     return CRITIC_QUERY_TEMPLATE.format(question=question.strip(), draft=draft.strip())
 
 
+def uses_own_chat_template(tokenizer: Any) -> bool:
+    """Whether the model brings its own chat template (an instruct model such as SmolLM2's ChatML).
+
+    Such a model is trained, asked and evaluated in *its* format — the one the SANDBOX's hf backend
+    used to make its records — so that training does not teach it a second format. Models without
+    one (or with the project's template, like the tiny model) use the HH format above.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    return bool(template) and template != CHAT_TEMPLATE
+
+
+def prompt_text(tokenizer: Any, query: str) -> str:
+    """The text a model sees before its answer, in the model's own chat template if it has one."""
+    if uses_own_chat_template(tokenizer):
+        return tokenizer.apply_chat_template([{"role": "user", "content": query.strip()}],
+                                             add_generation_prompt=True, tokenize=False)
+    return format_prompt(query)
+
+
 def encode_prompt(tokenizer: Any, query: str) -> list[int]:
-    """Token ids of the prompt, with the tokenizer's BOS when it adds one."""
-    return list(tokenizer(format_prompt(query), add_special_tokens=True)["input_ids"])
+    """Token ids of the prompt, with the tokenizer's BOS when it adds one (a chat template writes its own)."""
+    own = uses_own_chat_template(tokenizer)
+    return list(tokenizer(prompt_text(tokenizer, query), add_special_tokens=not own)["input_ids"])
 
 
 def encode_response(tokenizer: Any, response: str) -> list[int]:
-    """Token ids of one response followed by EOS (no BOS)."""
-    ids = list(tokenizer(RESPONSE_PREFIX + response.strip(), add_special_tokens=False)["input_ids"])
+    """Token ids of one response followed by EOS (no BOS); under a chat template, EOS ends the turn."""
+    prefix = "" if uses_own_chat_template(tokenizer) else RESPONSE_PREFIX
+    ids = list(tokenizer(prefix + response.strip(), add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; training responses must end with one")
     return ids + [tokenizer.eos_token_id]

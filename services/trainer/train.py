@@ -118,7 +118,14 @@ def mixed_precision(bf16: bool) -> str:
 
 
 def check_model_path(path: str) -> Path:
-    model = Path(path)
+    """The model directory for a path or a known model's name (``stable-align model pull``)."""
+    from stablealign.errors import ConfigError
+    from stablealign.models import resolve_model_path
+
+    try:
+        model = resolve_model_path(path)
+    except ConfigError as exc:
+        raise ValidationError(str(exc)) from None
     if not model.is_dir():
         raise ValidationError(f"model path does not exist or is not a directory: {path}")
     if not (model / "config.json").is_file():
@@ -280,7 +287,7 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
     ``stop_after_steps`` simulates a preemption for tests: the process stops right after that many
     steps of *this* run, without a final checkpoint or model, as if it had been killed.
     """
-    check_model_path(cfg.model)
+    model_dir = check_model_path(cfg.model)
     from services.trainer.data import load_alignment_groups
 
     groups = load_alignment_groups(cfg.data, max_chars=cfg.dataloader_max_chars)
@@ -299,10 +306,10 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
 
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:  # pads are never attended nor learned: EOS is a safe stand-in
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -38,7 +38,7 @@ class PriorPlan:
 
 def plan_prior(spec: world_pb2.WorldSpec) -> PriorPlan:
     """Draws M pairs per agent without replacement, seeded by (world seed, agent id)."""
-    pairs = data.load_hh_pairs(spec.prior_path or None)
+    pairs = data.load_prior_pairs(spec.prior_path or None)  # never the pairs evaluation scores
     m = min(spec.prior_size, len(pairs))
     n = spec.size * spec.size
     indices = [

@@ -146,7 +146,7 @@ def resolve_spec(
         out.retrieval_threshold = (DEFAULT_RETRIEVAL_THRESHOLD if out.embedding_model.backend == "openai"
                                    else LOCAL_EMBEDDING_RETRIEVAL_THRESHOLD)
     if check_files:
-        pairs = data.load_hh_pairs(out.prior_path or None)
+        pairs = data.load_prior_pairs(out.prior_path or None)
         if out.prior_size > len(pairs):
             raise ValidationError(
                 f"prior_size {out.prior_size} exceeds the {len(pairs)} pairs of the prior file"

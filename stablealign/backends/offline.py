@@ -54,7 +54,7 @@ from stablealign.backends.base import (
     RetryPolicy,
 )
 from stablealign.backends.template import count_tokens
-from stablealign.data import default_prior_path, load_hh_pairs
+from stablealign.data import default_prior_path, load_prior_pairs
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
 from stablealign.seeding import stable_hash
@@ -144,7 +144,7 @@ _INDEX_LOCK = threading.Lock()
 
 @lru_cache(maxsize=4)
 def _build_index(path: str) -> PriorIndex:
-    return PriorIndex(load_hh_pairs(path))
+    return PriorIndex(load_prior_pairs(path))  # never the pairs evaluation scores
 
 
 def prior_index(path: str | Path | None = None) -> PriorIndex:

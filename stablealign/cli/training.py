@@ -79,7 +79,8 @@ def data_build(
 
 
 def train_command(
-    model: str = _opt(..., "--model", "Base model directory (save_pretrained layout)."),
+    model: str = _opt(..., "--model", "Base model directory (save_pretrained layout) or a known model's name "
+                                     "(smollm2-135m-instruct, after `stable-align model pull`)."),
     data: str = _opt(..., "--data", "Alignment groups JSONL (stable-align data build)."),
     out: str = _opt(..., "--out", "Output directory: checkpoints, train_log.jsonl, final model."),
     epochs: float | None = _opt(None, "--epochs", "Epochs (default 7)."),
@@ -164,23 +165,29 @@ def _submit(model: str, data: str, out: str, overrides: dict[str, Any], nats: st
 
 
 def eval_command(
-    model: Path = _opt(..., "--model", "Trained model directory."),
+    model: str = _opt(..., "--model", "Trained model directory (or a known model's name)."),
     out: Path = _opt(..., "--out", "Report directory (report.json, report.png)."),
     data: Path | None = _opt(None, "--data", "Held-out groups (<data>.heldout.jsonl of data build)."),
-    base: Path | None = _opt(None, "--base", "Base model to compare with."),
-    hh: Path | None = _opt(None, "--hh", "HH-RLHF pairs (default ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz)."),
+    base: str | None = _opt(None, "--base", "Base model to compare with (directory or known name)."),
+    hh: Path | None = _opt(None, "--hh", "HH-RLHF pairs (default: the eval split of "
+                                         "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz)."),
     limit: int | None = _opt(None, "--limit", "Use only the first N HH-RLHF pairs."),
     observer_backend: str | None = _opt(None, "--observer-backend", "Rate generated answers with this backend "
-                                           "(e.g. offline)."),
+                                           "(offline, hf, openai, tgi)."),
+    observer_model: str = _opt("", "--observer-model", "Observer model (hf: a known name or a path)."),
+    observer_url: str = _opt("", "--observer-url", "Observer server URL (openai-compatible or tgi)."),
     questions: int = _opt(16, "--questions", "Held-out questions to answer and rate."),
     max_length: int = _opt(360, "--max-length", "Max tokens of prompt + response."),
+    sandbox_records: Path | None = _opt(None, "--sandbox-records", "A world's records.jsonl: adds the per-round "
+                                                                    "alignment curve to the report."),
 ) -> None:
-    """Preference accuracy, held-out loss and observer alignment rating; base vs trained."""
+    """Preference accuracy, held-out loss and observer alignment rating, with 95 % intervals; base vs trained."""
     from services.trainer.evaluate import run_eval
 
     try:
         report = run_eval(model, out=out, data=data, base=base, hh_path=hh, limit=limit,
-                          observer_backend=observer_backend, questions_limit=questions, max_length=max_length)
+                          observer_backend=observer_backend, observer_model=observer_model, observer_url=observer_url,
+                          questions_limit=questions, max_length=max_length, sandbox_records=sandbox_records)
     except (StableAlignError, FileNotFoundError) as exc:
         _fail(exc)
     for name in ("base", "trained"):
@@ -189,12 +196,12 @@ def eval_command(
             align = (m.get("alignment") or {}).get("mean")
             typer.echo(f"{name}: preference accuracy {m['preference']['accuracy']:.3f} "
                        f"({m['preference']['pairs']} pairs); held-out loss {m['heldout']['loss']}; "
-                       f"alignment {align if align is not None else '-'}")
+                       f"alignment {f'{align:.2f}' if align is not None else '-'}")
     typer.echo(f"report: {out / 'report.json'}, plot: {out / 'report.png'}")
 
 
 def generate_command(
-    model: Path = _opt(..., "--model", "Model directory."),
+    model: str = _opt(..., "--model", "Model directory (or a known model's name)."),
     prompt: list[str] = typer.Option(..., "--prompt", help="A question (repeat for several)."),
     max_new_tokens: int = _opt(64, "--max-new-tokens", "Tokens to generate."),
     temperature: float = _opt(0.0, "--temperature", "0: greedy."),
