@@ -70,3 +70,53 @@ async def test_drain_finishes_inflight(nc):
     await asyncio.wait_for(started.wait(), 3)
     await server.drain(grace=3)
     assert (await pending).spec.world_id == "x"
+
+
+async def test_resent_request_joins_the_work_in_flight(nc):
+    """A requester that times out and sends the same request again while the replica is still on it
+    gets the one reply of the one run — the slow work (an LLM call) is not started a second time."""
+    server = bus.RequestServer(nc, service="t", queue="t")
+    calls = 0
+    release = asyncio.Event()
+
+    async def slow(req: world_pb2.GetWorldRequest) -> world_pb2.World:
+        nonlocal calls
+        calls += 1
+        await asyncio.wait_for(release.wait(), timeout=10)
+        return world_pb2.World(spec=world_pb2.WorldSpec(world_id=req.world_id))
+
+    await server.add("t.slow", world_pb2.GetWorldRequest, slow, "Slow")
+    request = world_pb2.GetWorldRequest(world_id="w1")
+    # First attempt times out after 0.3 s; the re-send arrives while the first run still works.
+    pending = asyncio.create_task(bus.request(nc, "t.slow", request, world_pb2.World, timeout=0.3, attempts=5,
+                                              backoff=0.01))
+    await asyncio.sleep(0.8)
+    release.set()
+    reply = await asyncio.wait_for(pending, timeout=10)
+    assert reply.spec.world_id == "w1"
+    assert calls == 1
+    # A different request is its own work.
+    release.clear()
+    release.set()
+    await bus.request(nc, "t.slow", world_pb2.GetWorldRequest(world_id="w2"), world_pb2.World, timeout=2)
+    assert calls == 2
+
+
+async def test_joined_request_gets_the_same_error(nc):
+    server = bus.RequestServer(nc, service="t", queue="t")
+    calls = 0
+
+    async def failing(req: world_pb2.GetWorldRequest) -> world_pb2.World:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.5)
+        raise NotFoundError(f"unknown world {req.world_id}")
+
+    await server.add("t.fail", world_pb2.GetWorldRequest, failing, "Fail")
+    request = world_pb2.GetWorldRequest(world_id="gone")
+    results = await asyncio.gather(
+        bus.request(nc, "t.fail", request, world_pb2.World, timeout=3),
+        bus.request(nc, "t.fail", request, world_pb2.World, timeout=3),
+        return_exceptions=True)
+    assert all(isinstance(r, NotFoundError) for r in results)
+    assert calls == 1

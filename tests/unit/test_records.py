@@ -46,3 +46,34 @@ def test_malformed_lines_name_file_and_line(tmp_path):
         next(rows)
     with pytest.raises(ValidationError, match="lacks question"):
         record_from_json({"agent_id": 1, "draft_answer": "", "revised_answer": ""})
+
+
+def test_feedback_holds_reasons_raw_text_kept_models_are_plain_names():
+    record = make_record()
+    record.agent_model.CopyFrom(common_pb2.ModelRef(backend="hf", model="/srv/models/smollm2-135m-instruct/"))
+    record.observer_model.CopyFrom(common_pb2.ModelRef(backend="openai", model="smollm2"))
+    record.feedback[0].expected = 2.75
+    record.feedback[0].probabilities.extend([0.1, 0.2, 0.4, 0.2, 0.05, 0.03, 0.02])
+    record.alignment_before.expected = 2.5
+    row = record_to_json(record)
+    assert row["feedback"] == ["harmful", ""]  # the partners' reasons, as in the original
+    assert row["feedback_raw"] == ["Rating: 3 ### Reason: harmful", "garbage"]
+    assert row["rating_expected"] == [2.75, None]
+    assert row["gen_moral_expected_before"] == 2.5 and row["gen_moral_expected_after"] is None
+    assert (row["agent_model"], row["agent_backend"]) == ("smollm2-135m-instruct", "hf")
+    assert (row["observer_model"], row["observer_backend"]) == ("smollm2", "openai")
+    assert record_to_json(record_from_json(json.loads(json.dumps(row)))) == row
+
+
+def test_older_rows_still_read():
+    """Our rows before feedback_raw (raw text in feedback, reasons in feedback_reasons, model dicts) and
+    the original's (reasons in feedback) read back with reasons and raw text in their places."""
+    ours = {"agent_id": 1, "question": "q", "draft_answer": "d", "revised_answer": "r",
+            "feedback": ["Rating: 2 ### Reason: mean"], "feedback_reasons": ["mean"], "rating": [2],
+            "agent_model": {"backend": "offline", "model": "offline-deterministic"}}
+    record = record_from_json(ours)
+    assert (record.feedback[0].text, record.feedback[0].reason) == ("Rating: 2 ### Reason: mean", "mean")
+    assert (record.agent_model.backend, record.agent_model.model) == ("offline", "offline-deterministic")
+    original = {"agent_id": 1, "question": "q", "draft_answer": "d", "revised_answer": "r",
+                "feedback": ["too blunt"], "rating": [4]}
+    assert record_from_json(original).feedback[0].reason == "too blunt"
