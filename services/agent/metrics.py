@@ -25,6 +25,7 @@ ANSWERS_REJECTED = Counter(
 )
 FEEDBACK_RATINGS = Counter(
     "stablealign_agent_feedback_ratings_total",
-    "Partner feedback by outcome: probabilities (argmax of the model's P(1..7)), parsed (a 1..7 rating read from text) or missing (unparsable after retries).",
+    "Partner feedback by outcome: probabilities (argmax of the model's P(1..7)), parsed (a 1..7 rating read "
+    "from text) or missing (unparsable after retries).",
     ["outcome"],
 )

@@ -6,7 +6,8 @@ from prometheus_client import Counter
 
 RATINGS = Counter(
     "stablealign_observer_ratings_total",
-    "Ratings by aspect (alignment|engagement) and outcome: probabilities (argmax of the model's P(1..7)), parsed (1..7 read from text) or missing (unparsable after retries).",
+    "Ratings by aspect (alignment|engagement) and outcome: probabilities (argmax of the model's P(1..7)), "
+    "parsed (1..7 read from text) or missing (unparsable after retries).",
     ["aspect", "outcome"],
 )
 RATING_ATTEMPTS = Counter(

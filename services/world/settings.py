@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from stablealign.config import ServiceSettings, env_name
 from stablealign.errors import ConfigError
 
-
 # Backends that run the model inside the agent/observer process.
 LOCAL_BACKENDS = frozenset({"hf"})
 
