@@ -53,6 +53,19 @@ LLM_TOKENS = Counter(
 )
 
 
+def counter_value(name: str, **labels: str) -> float:
+    """Sum of a counter of this process over the samples whose labels match ``labels`` (0 if none):
+    lets the embedded stack report what its services counted, e.g. retries during a run."""
+    from prometheus_client import REGISTRY
+
+    total = 0.0
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))

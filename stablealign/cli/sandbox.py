@@ -18,7 +18,7 @@ from rich.table import Table
 from stablealign import bus
 from stablealign.errors import StableAlignError
 from stablealign.logs import setup_logging
-from stablealign.records import record_to_json
+from stablealign.records import read_jsonl, record_to_json
 from stablealign.sandbox import (
     EmbeddedStack,
     create_world,
@@ -64,6 +64,31 @@ def round_table(world: world_pb2.World) -> Table:
     return table
 
 
+def rating_coverage(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Missing (null) observer and partner ratings of a world's records, counted and as a share."""
+    observer = [row.get(f"gen_{aspect}_score_{stage}") for row in rows for aspect in ("moral", "engagement")
+                for stage in ("before", "after")]
+    partners = [r for row in rows for r in (row.get("rating") or [])]
+    out = {}
+    for name, values in (("observer", observer), ("partners", partners)):
+        missing = sum(v is None for v in values)
+        out[name] = {"ratings": len(values), "missing": missing,
+                     "missing_share": round(missing / len(values), 4) if values else 0.0}
+    return out
+
+
+def embedded_fault_counts() -> dict[str, float]:
+    """What the embedded services counted during the run: redone interactions, re-sent requests
+    (timeouts, no responders), re-sent requests that joined work in flight, answers asked again."""
+    from stablealign import metrics
+
+    return {"interaction_retries": metrics.counter_value("stablealign_world_interactions_total", outcome="retry"),
+            "request_resends": metrics.counter_value("stablealign_bus_request_retries_total"),
+            "request_timeouts": metrics.counter_value("stablealign_bus_request_retries_total", reason="timeout"),
+            "requests_joined": metrics.counter_value("stablealign_requests_joined_total"),
+            "answers_rejected": metrics.counter_value("stablealign_agent_answers_rejected_total")}
+
+
 def build_spec(*, size: int, rounds: int, setting: str, backend: str, seed: int, model: str, url: str,
                observer_backend: str, observer_model: str, observer_url: str, embedding_backend: str,
                embedding_model: str, partners: int, radius: float, global_partner_probability: float,
@@ -104,6 +129,9 @@ async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, 
             summary = MessageToDict(world, preserving_proto_field_name=True)
             summary["wall_seconds"] = elapsed
             summary["records"] = count
+            summary["rating_coverage"] = rating_coverage(list(read_jsonl(out / "records.jsonl")))
+            if stack:  # the services ran in this process: their counters are ours to read
+                summary["faults"] = embedded_fault_counts()
             (out / "world.json").write_text(json.dumps(summary, indent=2))
         finally:
             await nc.close()
@@ -125,7 +153,8 @@ def run(
     out: Path = _opt(Path("runs/latest"), "--out", help="Output directory (records.jsonl, world.json)."),
     nats: str = _opt(None, "--nats", help="Use services already running on this NATS server.",
                      env="STABLEALIGN_NATS_URL"),
-    model: str = _opt("", "--model", help="Chat model (openai), local model path (hf), label (tgi)."),
+    model: str = _opt("", "--model", help="Chat model (openai), a known model name or local path (hf: "
+                                          "smollm2-135m-instruct), label (tgi)."),
     url: str = _opt("", "--url", help="TGI server URL (tgi) or OpenAI-compatible base URL (openai)."),
     observer_backend: str = _opt("", "--observer-backend", help="Observer backend (default: --backend)."),
     observer_model: str = _opt("", "--observer-model", help="Observer model (default: --model)."),
@@ -160,6 +189,12 @@ def run(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
     console.print(round_table(world))
+    summary = json.loads((out / "world.json").read_text())
+    coverage = summary["rating_coverage"]
+    console.print("missing ratings: " + ", ".join(
+        f"{name} {c['missing']}/{c['ratings']} ({100 * c['missing_share']:.1f} %)" for name, c in coverage.items()))
+    if "faults" in summary:
+        console.print("retries: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in summary["faults"].items()))
     console.print(f"records: {out / 'records.jsonl'} ({world.records_published} interactions)")
 
 
