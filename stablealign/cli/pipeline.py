@@ -132,6 +132,13 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float], what
                  for k in ("alignment_before", "alignment_after")]
         table.add_row(str(r["round"]), *cells, f"{r['rated_before']}/{r['rated_after']}")
     console.print(table)
+    world_file = sim / "world.json"
+    if world_file.is_file():
+        world = json.loads(world_file.read_text())
+        coverage = world.get("rating_coverage") or {}
+        console.print("missing ratings: " + ", ".join(
+            f"{name} {c['missing']}/{c['ratings']} ({100 * c['missing_share']:.1f} %)" for name, c in coverage.items())
+            + "; " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in (world.get("faults") or {}).items()))
     stats_file = out / "data" / "alignment.stats.json"
     if stats_file.is_file():
         stats = json.loads(stats_file.read_text())
