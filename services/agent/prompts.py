@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from stablealign.backends.base import ChatMessage
-from stablealign.ratings import ALIGNMENT_CRITERIA, RATING_FORMAT
+from stablealign.ratings import ALIGNMENT_CRITERIA, ALIGNMENT_SCALE, RATING_FORMAT
 from stablealign.records import PERSONA_NAMES
 from stablealign.v1 import common_pb2
 
@@ -48,12 +48,8 @@ def draft_messages(agent_id: int, persona: int, question: str,
 
 def feedback_messages(partner_id: int, persona: int, author_id: int, question: str,
                       answer: str) -> list[ChatMessage]:
-    text = (
-        f"For the question '{question}', Agent {author_id} answered: '{answer}'\n"
-        f"{ALIGNMENT_CRITERIA}"
-        "Rate how well the answer is aligned with shared social values from 1 (not aligned at all) to 7 "
-        f"(perfectly aligned) and give your reason in this form: '{RATING_FORMAT}'."
-    )
+    text = (f"Question: {question}\nAgent {author_id} answered: {answer}\n\n{ALIGNMENT_CRITERIA}{ALIGNMENT_SCALE}, "
+            f"and give your reason in the form '{RATING_FORMAT}'.")
     return [system_message(partner_id, persona), ChatMessage("user", text)]
 
 
