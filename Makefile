@@ -8,6 +8,11 @@ PROTO_SRC := $(wildcard proto/stablealign/v1/*.proto)
 PROTO_OUT := stablealign/v1
 PYTEST_ARGS ?=
 RUN_OUT ?= runs/default
+# llama-cpp-python (extra `llamacpp`: llama.cpp's OpenAI-compatible server for tests and bench) has no
+# Linux wheels on PyPI, so pip builds it (once; then pip's wheel cache): CPU only, portable AVX2 rather
+# than -march=native, no BLAS, no multimodal library, no llama.cpp "common" library (unused by Python).
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF \
+	-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/bench/llamacpp-skip-common.cmake
 
 .PHONY: install proto run test test-unit test-integration bench bench-sim bench-train lint clean
 
@@ -18,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[all,dev]'
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PIP) install -q -e '.[all,dev,llamacpp]'
 	touch $(STAMP)
 
 # Generated protobuf/gRPC code is git-ignored and made here (and at install).

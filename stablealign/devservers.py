@@ -12,7 +12,9 @@ agent/observer prompt wording ``answered: '...'``), else from a hash; anything e
 answer text derived from the prompt. Failure injection: the first ``len(fail_statuses)``
 requests fail with those statuses (429 with ``retry-after: 0``), each request waits
 ``latency_seconds`` first, and the servers count requests, per path, and the peak number in
-flight at once.
+flight at once. The OpenAI server returns token log-probabilities (``logprobs``/``top_logprobs``,
+checked as OpenAI does) unless made not to support them; at a digit 1..7 the alternatives are
+other digits (``digit_top_logprobs`` scripts them), so that ratings from probabilities can be tested.
 
     python -m stablealign.devservers openai --port 8000 --latency-ms 200
     python -m stablealign.devservers tgi --port 8080
@@ -26,6 +28,7 @@ import base64
 import collections
 import hashlib
 import json
+import math
 import re
 import signal
 import sys
@@ -201,10 +204,15 @@ class FakeOpenAIServer(_FakeServer):
     kind = "openai"
 
     def __init__(self, latency_seconds: float = 0.0, fail_statuses: Sequence[int] = (), model: str = "fake-gpt",
-                 *, reply: str | None = None, keep_bodies: int = 1000, **kwargs: Any) -> None:
+                 *, reply: str | None = None, keep_bodies: int = 1000, logprobs: bool = True,
+                 digit_top_logprobs: Sequence[tuple[str, float]] | None = None, **kwargs: Any) -> None:
         super().__init__(latency_seconds, fail_statuses, model, **kwargs)
         # A scripted reply for every chat completion (None: derived from the prompt), settable at run time.
         self.reply = reply
+        # Whether chat completions honour ``logprobs`` (False: a server that ignores it, like many do).
+        self.logprobs = logprobs
+        # Scripted (token, logprob) alternatives at every generated digit 1..7 (None: around the digit).
+        self.digit_top_logprobs = digit_top_logprobs
         # The last ``keep_bodies`` chat request bodies, for tests that check what a client sent.
         self.chat_bodies: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep_bodies)
 
@@ -230,6 +238,44 @@ class FakeOpenAIServer(_FakeServer):
         return web.json_response({"object": "list", "data": [
             {"id": self.model, "object": "model", "created": 0, "owned_by": "stablealign-devservers"}]})
 
+    def _alternatives(self, piece: str) -> list[tuple[str, float]]:
+        """(token, logprob) alternatives at a generated piece, most likely first."""
+        stripped = piece.strip()
+        if not (stripped.isdigit() and 1 <= int(stripped) <= 7):
+            return [(piece, math.log(0.9)), (" the", math.log(0.05))]
+        if self.digit_top_logprobs is not None:
+            return sorted(self.digit_top_logprobs, key=lambda t: -t[1])
+        digit = int(stripped)
+        weights = {piece: 0.6, stripped: 0.1} if piece != stripped else {piece: 0.7}
+        for other in (digit - 1, digit + 1):
+            if 1 <= other <= 7:
+                weights[f" {other}"] = 0.1
+        weights[" ###"] = 1.0 - sum(weights.values())
+        return sorted(((t, math.log(w)) for t, w in weights.items() if w > 0), key=lambda t: -t[1])
+
+    def _logprobs(self, text: str, top: int) -> dict[str, Any]:
+        """OpenAI's ``choices[0].logprobs`` for ``text``: one entry per word-level piece."""
+        content = []
+        for piece in _tokens(text):
+            alternatives = self._alternatives(piece)
+            logprob = dict(alternatives).get(piece, math.log(0.5))
+            content.append({"token": piece, "logprob": logprob, "bytes": list(piece.encode()),
+                            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
+                                             for t, lp in alternatives[:top]]})
+        return {"content": content, "refusal": None}
+
+    def _logprobs_error(self, body: dict[str, Any]) -> web.Response | None:
+        """OpenAI's checks: ``logprobs`` a bool, ``top_logprobs`` 0..20 and only with ``logprobs`` true."""
+        wanted, top = body.get("logprobs"), body.get("top_logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            return self.error_response(400, "'logprobs' must be a boolean")
+        if top is not None:
+            if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+                return self.error_response(400, "'top_logprobs' must be an integer in 0..20")
+            if not wanted:
+                return self.error_response(400, "'top_logprobs' needs 'logprobs' to be true")
+        return None
+
     @staticmethod
     def _usage(prompt: str, text: str) -> dict[str, int]:
         p, c = len(prompt.split()), len(text.split())
@@ -246,6 +292,8 @@ class FakeOpenAIServer(_FakeServer):
                     for m in messages]
         users = [c for m, c in zip(messages, contents) if m.get("role") == "user"]
         self.chat_bodies.append(body)
+        if self.logprobs and (invalid := self._logprobs_error(body)) is not None:
+            return invalid
         text = self.reply if self.reply is not None else reply_text(users[-1] if users else contents[-1])
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         finish = "stop"
@@ -256,10 +304,11 @@ class FakeOpenAIServer(_FakeServer):
         created = int(time.time())
         usage = self._usage("\n".join(contents), text)
         if not body.get("stream"):
+            logprobs = self._logprobs(text, body.get("top_logprobs") or 0) if self.logprobs and body.get("logprobs") else None
             return web.json_response({
                 "id": ident, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                             "logprobs": None}],
+                             "logprobs": logprobs}],
                 "usage": usage, "system_fingerprint": "fake"})
         response = await self._sse(request)
 

@@ -6,6 +6,12 @@ policy for every backend. Failures are sorted here: 429, 5xx, timeouts and dropp
 are worth another attempt (``RetryableBackendError``); any other 4xx is the caller's fault and
 is final (``BackendError`` carrying the status).
 
+Ratings (``rate``) are read from token log-probabilities where the server gives them
+(``logprobs``/``top_logprobs``: OpenAI, vLLM, llama.cpp's server): the distribution over the digits
+1..scale at the generated token that holds the rating, its argmax the score. A server that returns
+no log-probabilities, or rejects the request for them, is remembered, and its ratings are parsed
+from the reply's text by the caller from then on.
+
 Settings come from the SDK's own environment variables (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``)
 unless given explicitly, so pointing the project at another server needs no new flag.
 """
@@ -13,8 +19,11 @@ unless given explicitly, so pointing the project at another server needs no new 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import re
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx2
@@ -27,7 +36,9 @@ from stablealign.backends.base import (
     ChatBackend,
     ChatRequest,
     Completion,
+    DigitDistribution,
     Embedder,
+    RatedCompletion,
     RetryableBackendError,
     RetryPolicy,
     normalise_rows,
@@ -35,6 +46,7 @@ from stablealign.backends.base import (
 from stablealign.backends.template import count_tokens
 from stablealign.errors import BackendError, ConfigError
 from stablealign.logs import get_logger
+from stablealign.ratings import parse_rating
 
 log = get_logger(__name__)
 
@@ -43,6 +55,19 @@ DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 # A key the SDK requires but a local OpenAI-compatible server ignores.
 PLACEHOLDER_KEY = "sk-local-no-key"
 EMBED_BATCH = 256
+# Alternatives asked for at each generated token of a rating: OpenAI's (and llama.cpp's) maximum,
+# so that every digit 1..7 is among them unless the model all but ignores it.
+TOP_LOGPROBS = 20
+# "Rating" (or score/grade), perhaps the scale quoted ("(1-7)"), then only punctuation or markdown
+# before the digit: "Rating: **5", "Rating (1-7): 5".
+_AFTER_LABEL = re.compile(r"\b(?:rating|score|grade)s?\b(?:\s*\(?\s*\d+\s*(?:-|–|—|to)\s*\d+\s*\)?)?"
+                          r"[\s*_:=#\-–—'\"`>\[\(]{0,12}$", re.IGNORECASE)
+# A digit that starts or ends a range ("1-7", "1 to 7") quotes the scale, it is not the rating.
+_RANGE_BEFORE = re.compile(r"\d\s*(?:-|–|—|\bto)\s*$", re.IGNORECASE)
+_RANGE_NEXT = re.compile(r"^\s*(?:-|–|—|to\b)", re.IGNORECASE)
+# A digit token inside a longer number ("12", "2023", "5.5": tokenizers split digits) is no rating.
+_NUMBER_BEFORE = re.compile(r"\d[.,]?$")
+_NUMBER_NEXT = re.compile(r"^[.,]?\d")
 
 
 def make_client(*, base_url: str | None, api_key: str | None, timeout: float,
@@ -99,10 +124,83 @@ def classify(exc: Exception, backend: str) -> Exception:
     return BackendError(f"{backend}: {type(exc).__name__}: {exc}")
 
 
+def _digit(token: str, scale: int) -> int | None:
+    """The rating a token stands for (its stripped text is 1..scale), else None."""
+    text = token.strip()
+    if text.isascii() and text.isdigit() and 1 <= int(text) <= scale:
+        return int(text)
+    return None
+
+
+def rating_position(tokens: Sequence[str], scale: int) -> int | None:
+    """Index of the generated token that holds the rating: a digit 1..scale on its own (not part of
+    a longer number, nor of a range such as ``1-7``, which quotes the scale); None if there is none.
+
+    The first such digit right after a ``Rating:`` label (only punctuation, markdown or the quoted
+    scale between) wins, else the first one.
+    """
+    first: int | None = None
+    seen = ""
+    for index, token in enumerate(tokens):
+        following = "".join(tokens[index + 1:index + 3])
+        in_number = bool(_NUMBER_NEXT.match(following) or (not token[:1].isspace() and _NUMBER_BEFORE.search(seen)))
+        in_range = bool(_RANGE_BEFORE.search(seen) or _RANGE_NEXT.match(following))
+        if _digit(token, scale) is not None and not in_number and not in_range:
+            if _AFTER_LABEL.search(seen):
+                return index
+            first = index if first is None else first
+        seen += token
+    return first
+
+
+def digit_logprobs(alternatives: Sequence[tuple[str, float]], scale: int) -> dict[int, float]:
+    """Log-probability of each digit 1..scale among a position's alternatives.
+
+    Tokens are compared stripped of whitespace, so ``"5"`` and ``" 5"`` are the same rating and
+    their probabilities add up; a token listed twice counts once.
+    """
+    probabilities: dict[int, float] = {}
+    seen: set[str] = set()
+    for token, logprob in alternatives:
+        digit = _digit(token, scale)
+        if digit is None or token in seen or logprob is None or not math.isfinite(logprob):
+            continue
+        seen.add(token)
+        probabilities[digit] = probabilities.get(digit, 0.0) + math.exp(logprob)
+    return {d: math.log(p) for d, p in probabilities.items() if p > 0}
+
+
+def read_rating(content: Sequence[Any], scale: int) -> DigitDistribution | None:
+    """The distribution over 1..scale at the rating's token of a ``logprobs.content`` list, or None.
+
+    The generated token itself is counted with its alternatives (with sampling it may be missing
+    from the top list).
+    """
+    tokens = [entry.token or "" for entry in content]
+    index = rating_position(tokens, scale)
+    if index is None:
+        return None
+    entry = content[index]
+    alternatives = [(top.token or "", top.logprob) for top in (entry.top_logprobs or [])]
+    if entry.token not in {token for token, _ in alternatives}:
+        alternatives.append((entry.token, entry.logprob))
+    return DigitDistribution.from_logprobs(digit_logprobs(alternatives, scale), scale)
+
+
+def rating_reply(text: str, digits: DigitDistribution) -> str:
+    """The reply restated with the distribution's argmax, so that its text and its score agree."""
+    return f"Rating: {digits.score} ### Reason: {parse_rating(text).reason}"
+
+
+def _mentions_logprobs(error: Exception) -> bool:
+    return getattr(error, "status", None) in (400, 422) and "logprob" in str(error).lower()
+
+
 class OpenAIChatBackend(ChatBackend):
-    """Chat completions on ``/v1/chat/completions``, plain or streamed."""
+    """Chat completions on ``/v1/chat/completions``, plain or streamed; ratings from log-probabilities."""
 
     name = "openai"
+    rates_from_probabilities = True
 
     def __init__(self, model: str = DEFAULT_CHAT_MODEL, *, base_url: str | None = None, api_key: str | None = None,
                  stream: bool = False, timeout: float = 60.0, max_concurrency: int = 64,
@@ -110,35 +208,92 @@ class OpenAIChatBackend(ChatBackend):
         super().__init__(model or DEFAULT_CHAT_MODEL, max_concurrency=max_concurrency,
                          retry=retry or RetryPolicy(timeout=timeout + 5.0))
         self.stream = stream
+        # Until a reply shows otherwise the server is taken to return log-probabilities.
+        self.logprobs_supported = True
         self.client = make_client(base_url=base_url, api_key=api_key, timeout=timeout,
                                   max_connections=max_concurrency)
         log.info("backend.openai", extra={"model": self.model, "base_url": str(self.client.base_url),
                                           "stream": stream})
 
-    async def _chat_once(self, request: ChatRequest) -> Completion:
-        messages: list[Any] = [{"role": m.role, "content": m.content} for m in request.messages]
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": request.max_tokens,
-                                  "temperature": request.temperature}
+    def _body(self, request: ChatRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model,
+                                "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+                                "max_tokens": request.max_tokens, "temperature": request.temperature}
         if request.seed is not None:
-            kwargs["seed"] = request.seed
+            body["seed"] = request.seed
+        return body
+
+    async def _post(self, body: dict[str, Any]) -> ChatCompletion:
+        """One non-streamed completion.
+
+        The SDK's own POST with its typed response, without `chat.completions.create`'s recursive
+        TypedDict transform of the params: our body is already plain JSON, and that transform cost
+        ~2.9 ms of CPU per call (profiled) — more than the rest of a call, and what bounded a
+        simulation on 2 cores.
+        """
         try:
-            if self.stream:
-                return await self._streamed(kwargs, messages)
-            # The SDK's own POST with its typed response, without `chat.completions.create`'s
-            # recursive TypedDict transform of the params: our body is already plain JSON, and
-            # that transform cost ~2.9 ms of CPU per call (profiled) — more than the rest of a
-            # call, and what bounded a simulation on 2 cores.
-            response = await self.client.post("/chat/completions", body=kwargs, cast_to=ChatCompletion)
+            response = await self.client.post("/chat/completions", body=body, cast_to=ChatCompletion)
         except openai.OpenAIError as exc:
             raise classify(exc, self.name) from exc
         if not response.choices:
             raise RetryableBackendError(f"{self.name}: reply without choices")
-        text = response.choices[0].message.content or ""
+        return response
+
+    def _completion(self, response: ChatCompletion, messages: list[Any]) -> Completion:
+        reply = response.choices[0].message.content or ""
         usage = response.usage
         prompt_tokens = usage.prompt_tokens if usage else sum(count_tokens(m["content"]) for m in messages)
-        completion_tokens = usage.completion_tokens if usage else count_tokens(text)
-        return Completion(text=text, model=response.model or self.model, prompt_tokens=prompt_tokens,
-                          completion_tokens=completion_tokens)
+        completion_tokens = usage.completion_tokens if usage else count_tokens(reply)
+        return Completion(text=reply, model=response.model or self.model,
+                          prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+    async def _chat_once(self, request: ChatRequest) -> Completion:
+        body = self._body(request)
+        if self.stream:
+            try:
+                return await self._streamed(body, body["messages"])
+            except openai.OpenAIError as exc:
+                raise classify(exc, self.name) from exc
+        return self._completion(await self._post(body), body["messages"])
+
+    async def _rate_once(self, request: ChatRequest, scale: int) -> RatedCompletion:
+        """A rating with the digits' probabilities at the generated rating token (always non-streamed).
+
+        Without log-probabilities in the reply (the server does not support them) the backend stops
+        asking for them and the reply is returned as it is, for the caller to parse; with them but
+        no digit 1..scale generated, ``digits`` is None as well.
+        """
+        if not self.logprobs_supported:
+            return RatedCompletion(await self._chat_once(request))
+        body = self._body(request)
+        # A bool and at most 20: what OpenAI, the SDK's types and llama.cpp's server accept.
+        body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+        try:
+            response = await self._post(body)
+        except BackendError as exc:
+            if not _mentions_logprobs(exc):
+                raise
+            self._no_logprobs(str(exc))
+            return RatedCompletion(await self._chat_once(request))
+        choice = response.choices[0]
+        content = choice.logprobs.content if choice.logprobs is not None else None
+        completion = self._completion(response, body["messages"])
+        if not content:
+            if completion.text:  # text without a single token's log-probability: not supported
+                self._no_logprobs("reply without logprobs")
+            return RatedCompletion(completion)
+        digits = read_rating(content, scale)
+        if digits is None:
+            return RatedCompletion(completion)
+        return RatedCompletion(replace(completion, text=rating_reply(completion.text, digits)), digits)
+
+    def _no_logprobs(self, why: str) -> None:
+        """Remembers that the server gives no log-probabilities: later ratings are parsed from text."""
+        if self.logprobs_supported:
+            log.warning("backend.openai.no_logprobs", extra={"model": self.model, "base_url": str(self.client.base_url),
+                                                            "reason": why[:200]})
+        self.logprobs_supported = False
+        self.rates_from_probabilities = False
 
     async def _streamed(self, kwargs: dict[str, Any], messages: list[Any]) -> Completion:
         """Joins the content deltas; usage comes from the final chunk when the server sends it."""
