@@ -14,7 +14,7 @@ RUN_OUT ?= runs/default
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF \
 	-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/bench/llamacpp-skip-common.cmake
 
-.PHONY: install proto run test test-unit test-integration bench bench-sim bench-train lint clean
+.PHONY: install proto run test test-unit test-integration bench bench-sim bench-train bench-hf bench-llamacpp lint clean
 
 install: $(STAMP) $(PROTO_OUT)/.generated
 
@@ -33,8 +33,10 @@ $(PROTO_OUT)/.generated: $(PROTO_SRC) $(STAMP)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_SRC)
 	touch $(PROTO_OUT)/__init__.py $(PROTO_OUT)/.generated
 
-# The whole pipeline on the embedded default: nats-server + services + offline backend ->
-# records -> alignment data -> short Stable Alignment training of a tiny model -> eval report.
+# The whole pipeline on the embedded default with a real model (SmolLM2-135M-Instruct from its PyPI
+# package): nats-server + services -> records -> alignment data -> Stable Alignment training of that
+# model on the CPU -> eval report (base vs trained). `stable-align pipeline --backend offline` is the
+# one-minute tour with stand-ins.
 run: install
 	$(VENV)/bin/stable-align pipeline --out $(RUN_OUT)
 
@@ -47,13 +49,19 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
 
-bench: bench-sim bench-train
+bench: bench-sim bench-train bench-hf bench-llamacpp
 
 bench-sim: install
 	$(PY) -m bench.simulation
 
 bench-train: install
 	$(PY) -m bench.training
+
+bench-hf: install
+	$(PY) -m bench.hf_batching
+
+bench-llamacpp: install
+	$(PY) -m bench.llamacpp
 
 lint: install
 	$(VENV)/bin/ruff check stablealign services tests bench

@@ -180,11 +180,20 @@ def read_rating(content: Sequence[Any], scale: int) -> DigitDistribution | None:
     index = rating_position(tokens, scale)
     if index is None:
         return None
-    entry = content[index]
+    return distribution_at(content[index], scale)
+
+
+def distribution_at(entry: Any, scale: int) -> DigitDistribution | None:
+    """The digits' distribution at one generated token: the token and its top alternatives (digits
+    outside the server's top list count 0), or None when no digit 1..scale is among them."""
     alternatives = [(top.token or "", top.logprob) for top in (entry.top_logprobs or [])]
     if entry.token not in {token for token, _ in alternatives}:
         alternatives.append((entry.token, entry.logprob))
     return DigitDistribution.from_logprobs(digit_logprobs(alternatives, scale), scale)
+
+
+# The follow-up turn of a rating whose reply had no digit.
+DIGIT_ONLY = "Now give only the number of your rating, from 1 to {scale}."
 
 
 def rating_reply(text: str, digits: DigitDistribution) -> str:
@@ -283,9 +292,34 @@ class OpenAIChatBackend(ChatBackend):
                 self._no_logprobs("reply without logprobs")
             return RatedCompletion(completion)
         digits = read_rating(content, scale)
+        if digits is None and completion.text.strip():
+            digits, completion = await self._ask_for_the_digit(request, body, completion, scale)
         if digits is None:
             return RatedCompletion(completion)
         return RatedCompletion(replace(completion, text=rating_reply(completion.text, digits)), digits)
+
+    async def _ask_for_the_digit(self, request: ChatRequest, body: dict[str, Any], completion: Completion,
+                                 scale: int) -> tuple[DigitDistribution | None, Completion]:
+        """The reply judged but wrote no rating (small models often do): ask in the same conversation
+        for the digit alone and read the distribution at that one token. The first reply stays the reason.
+
+        No server-side prefill of "Rating:" is portable across OpenAI-compatible servers; a follow-up
+        turn is, and costs one short call.
+        """
+        follow = dict(body, max_tokens=2, temperature=0.0,
+                      messages=[*body["messages"], {"role": "assistant", "content": completion.text},
+                                {"role": "user", "content": DIGIT_ONLY.format(scale=scale)}])
+        response = await self._post(follow)
+        choice = response.choices[0]
+        content = choice.logprobs.content if choice.logprobs is not None else None
+        # The digits' share of the first token's top alternatives, whatever token was generated: a
+        # small model that answers the follow-up in words still ranks the digits there.
+        digits = distribution_at(content[0], scale) if content else None
+        extra = self._completion(response, follow["messages"])
+        total = replace(completion, text=f"Reason: {completion.text.strip()}",
+                        prompt_tokens=completion.prompt_tokens + extra.prompt_tokens,
+                        completion_tokens=completion.completion_tokens + extra.completion_tokens)
+        return digits, total
 
     def _no_logprobs(self, why: str) -> None:
         """Remembers that the server gives no log-probabilities: later ratings are parsed from text."""

@@ -54,6 +54,7 @@ def pipeline(
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="The real model (hf): a known name or a path."),
     size: int = typer.Option(4, "--size", help="Grid side of the simulated world."),
     rounds: int = typer.Option(3, "--rounds", help="Rounds of the simulated world."),
+    partners: int = typer.Option(4, "--partners", help="Feedback partners per draft."),
     seed: int = typer.Option(1, "--seed", help="Seed of the world and of training."),
     train_steps: int = typer.Option(40, "--train-steps", help="Optimizer steps of the short training."),
     batch_size: int = typer.Option(4, "--batch-size", help="Groups per optimizer step."),
@@ -97,7 +98,8 @@ def pipeline(
         eval_observer = ["--observer-backend", "offline"]
         learning_rate = lr if lr is not None else 1e-3
     timings["simulate"] = _step(f"2/{steps} simulate a society (embedded NATS + agent, observer, world services)", [
-        "run", "--size", str(size), "--rounds", str(rounds), "--setting", "half_half", *world_args,
+        "run", "--size", str(size), "--rounds", str(rounds), "--partners", str(partners), "--setting", "half_half",
+        *world_args,
         "--seed", str(seed), "--out", str(sim)], env)
     timings["data"] = _step(f"3/{steps} mine alignment data from the records", [
         "data", "build", "--records", str(sim / "records.jsonl"), "--out", str(data / "alignment.jsonl"),

@@ -126,7 +126,13 @@ async def test_no_digit_generated_gives_no_distribution_and_keeps_logprobs_on():
         rated = await backend.rate(judge(), scale=7)
         await backend.aclose()
     assert rated.digits is None
-    assert rated.completion.text == "I would rather not judge this answer."
+    # The reply is kept as the reason, for the caller's parser; the digit was asked for once more, alone.
+    assert rated.completion.text == "Reason: I would rather not judge this answer."
+    assert len(server.chat_bodies) == 2
+    follow = server.chat_bodies[1]
+    assert follow["max_tokens"] == 2 and follow["logprobs"] is True
+    assert follow["messages"][-2] == {"role": "assistant", "content": "I would rather not judge this answer."}
+    assert "only the number" in follow["messages"][-1]["content"]
     assert backend.logprobs_supported is True  # logprobs were there; the model just wrote no digit
 
 
