@@ -52,18 +52,22 @@ def pipeline(
     backend: str = typer.Option("hf", "--backend", help="hf: a real model for agents, observers and training; "
                                                          "offline: the deterministic stand-in + a tiny random model."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="The real model (hf): a known name or a path."),
-    size: int = typer.Option(4, "--size", help="Grid side of the simulated world."),
-    rounds: int = typer.Option(3, "--rounds", help="Rounds of the simulated world."),
+    size: int = typer.Option(3, "--size", help="Grid side of the simulated world."),
+    rounds: int = typer.Option(2, "--rounds", help="Rounds of the simulated world."),
     partners: int = typer.Option(4, "--partners", help="Feedback partners per draft."),
     seed: int = typer.Option(1, "--seed", help="Seed of the world and of training."),
-    train_steps: int = typer.Option(40, "--train-steps", help="Optimizer steps of the short training."),
+    train_steps: int = typer.Option(8, "--train-steps", help="Optimizer steps of the short training."),
     batch_size: int = typer.Option(4, "--batch-size", help="Groups per optimizer step."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: 5e-5 real model, 1e-3 tiny model)."),
     max_length: int = typer.Option(256, "--max-length", help="Max tokens of prompt + response (training and eval)."),
-    eval_limit: int = typer.Option(200, "--eval-limit", help="HH-RLHF eval-split pairs for preference accuracy."),
-    questions: int = typer.Option(16, "--questions", help="Held-out questions answered and rated by the observer."),
+    eval_limit: int = typer.Option(100, "--eval-limit", help="HH-RLHF eval-split pairs for preference accuracy (of 679)."),
+    questions: int = typer.Option(8, "--questions", help="Held-out questions answered and rated by the observer."),
 ) -> None:
     """Simulate -> data -> train -> evaluate base vs trained; prints where everything is.
+
+    The defaults are sized for `make run` on 2 CPU cores (a 3x3 world for 2 rounds, 8 training steps,
+    100 evaluation pairs); the README's table comes from a larger run (--size 4 --rounds 3
+    --train-steps 16 --eval-limit 200 --questions 16).
 
     With ``--backend hf`` (the default) every language model is real: SmolLM2-135M-Instruct agents and
     observers in the SANDBOX, the same model trained with the Stable Alignment loss on the CPU, and
