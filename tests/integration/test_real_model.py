@@ -104,3 +104,30 @@ def test_training_step_on_the_real_model(tmp_path, smollm2):
     ids, prompt_len, _ = encode_example(tokenizer, "Q?", "A.", 64)
     assert tokenizer.decode(ids[:prompt_len]).endswith("<|im_start|>assistant\n")
     assert ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_a_real_model_world_completes_with_no_retries(tmp_path, smollm2):
+    """SmolLM2 agents and observers (hf backend, batched) run a 2x2x1 world: every rating is there (read
+    from token probabilities), nothing is redone, re-sent or timed out, records name the model plainly."""
+    out = tmp_path / "world"
+    env = {**os.environ, "STABLEALIGN_DRAFT_MAX_TOKENS": "24", "STABLEALIGN_REVISE_MAX_TOKENS": "24",
+           "STABLEALIGN_FEEDBACK_MAX_TOKENS": "12", "STABLEALIGN_MAX_TOKENS": "12"}
+    result = subprocess.run(
+        [sys.executable, "-m", "stablealign.cli.main", "run", "--size", "2", "--rounds", "1", "--backend", "hf",
+         "--model", NAME, "--embedding-backend", "offline", "--seed", "3", "--timeout", "500", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=560, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["agent_id"] for r in rows) == [0, 1, 2, 3]
+    world = json.loads((out / "world.json").read_text())
+    assert world["faults"]["interaction_retries"] == 0 and world["faults"]["request_resends"] == 0
+    assert world["rating_coverage"]["observer"]["missing"] == 0 and world["rating_coverage"]["partners"]["missing"] == 0
+    for row in rows:
+        assert (row["agent_model"], row["agent_backend"], row["observer_model"]) == (NAME, "hf", NAME)
+        assert row["draft_answer"].strip() and row["revised_answer"].strip()
+        for aspect in ("moral", "engagement"):
+            for stage in ("before", "after"):
+                assert 1 <= row[f"gen_{aspect}_score_{stage}"] <= 7
+                assert 1.0 <= row[f"gen_{aspect}_expected_{stage}"] <= 7.0
+        assert all(1 <= r <= 7 for r in row["rating"]) and all(1.0 <= e <= 7.0 for e in row["rating_expected"])
+        assert all(raw.startswith("Rating: ") for raw in row["feedback_raw"])
