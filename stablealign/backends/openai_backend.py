@@ -301,7 +301,8 @@ class OpenAIChatBackend(ChatBackend):
     async def _ask_for_the_digit(self, request: ChatRequest, body: dict[str, Any], completion: Completion,
                                  scale: int) -> tuple[DigitDistribution | None, Completion]:
         """The reply judged but wrote no rating (small models often do): ask in the same conversation
-        for the digit alone and read the distribution at that one token. The first reply stays the reason.
+        for the digit alone and read the distribution at that one token. The first reply stays the reply
+        (with a digit found, its words become the reason of ``rating_reply``).
 
         No server-side prefill of "Rating:" is portable across OpenAI-compatible servers; a follow-up
         turn is, and costs one short call.
@@ -316,8 +317,7 @@ class OpenAIChatBackend(ChatBackend):
         # small model that answers the follow-up in words still ranks the digits there.
         digits = distribution_at(content[0], scale) if content else None
         extra = self._completion(response, follow["messages"])
-        total = replace(completion, text=f"Reason: {completion.text.strip()}",
-                        prompt_tokens=completion.prompt_tokens + extra.prompt_tokens,
+        total = replace(completion, prompt_tokens=completion.prompt_tokens + extra.prompt_tokens,
                         completion_tokens=completion.completion_tokens + extra.completion_tokens)
         return digits, total
 

@@ -119,7 +119,9 @@ async def test_unparsable_rating_is_retried_then_missing(nc, observer):
         assert reply.rating.reason == "unparsable rating after 3 attempts"
         assert reply.raw == "I really cannot judge this one, sorry."
         sent = list(server.chat_bodies)
-        assert reply.stats.attempts == 3 and len(sent) == 3
+        # Each attempt: the reply, then one follow-up turn asking for the number alone (no digit either).
+        assert reply.stats.attempts == 3 and len(sent) == 6
+        assert all("only the number" in body["messages"][-1]["content"] for body in sent[1::2])
         assert reply.stats.prompt_tokens == sum(len("\n".join(m["content"] for m in b["messages"]).split())
                                                 for b in sent)  # the server's usage, added over the attempts
         seeds = [body["seed"] for body in sent]

@@ -127,7 +127,7 @@ async def test_no_digit_generated_gives_no_distribution_and_keeps_logprobs_on():
         await backend.aclose()
     assert rated.digits is None
     # The reply is kept as the reason, for the caller's parser; the digit was asked for once more, alone.
-    assert rated.completion.text == "Reason: I would rather not judge this answer."
+    assert rated.completion.text == "I would rather not judge this answer."
     assert len(server.chat_bodies) == 2
     follow = server.chat_bodies[1]
     assert follow["max_tokens"] == 2 and follow["logprobs"] is True
