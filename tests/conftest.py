@@ -38,3 +38,17 @@ async def nc(nats_url):
         await asyncio.wait_for(client.close(), timeout=5)
     except Exception:  # noqa: BLE001
         pass
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama (2 layers, hidden 32) with a tokenizer trained on 400 pool questions: fast hf tests."""
+    import itertools
+
+    from stablealign.data import default_questions_path
+    from stablealign.tinymodel import build_tiny_model
+
+    with open(default_questions_path(), encoding="utf-8") as handle:
+        corpus = [line.strip() for line in itertools.islice(handle, 400) if line.strip()]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), layers=2, hidden=32, heads=4,
+                            vocab_size=400, corpus=corpus, seed=0)

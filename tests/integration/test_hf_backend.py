@@ -4,24 +4,11 @@ Batching itself is tested in test_hf_batching.py."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
 from stablealign.backends.base import ChatMessage, ChatRequest
 from stablealign.backends.hf import HFChatBackend
-from stablealign.data import default_questions_path
 from stablealign.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from stablealign.tinymodel import build_tiny_model
-
-    with open(default_questions_path(), encoding="utf-8") as handle:
-        corpus = [line.strip() for line in itertools.islice(handle, 400) if line.strip()]
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), layers=2, hidden=32, heads=4,
-                            vocab_size=400, corpus=corpus, seed=0)
 
 
 def ask(**kwargs) -> ChatRequest:

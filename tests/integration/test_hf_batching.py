@@ -10,7 +10,6 @@ fails only the requests it touched; ratings come from digit probabilities.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import threading
 
@@ -20,23 +19,13 @@ import pytest_asyncio
 from stablealign.backends.base import ChatMessage, ChatRequest
 from stablealign.backends.batching import BatchingEngine, EngineSettings, GenerationRequest
 from stablealign.backends.hf import HFChatBackend
-from stablealign.data import default_questions_path, load_questions
+from stablealign.data import load_questions
 from stablealign.errors import BackendError
 
 # One event loop for the module, so that the loaded models and their engines are shared by the tests.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SMOLLM = "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from stablealign.tinymodel import build_tiny_model
-
-    with open(default_questions_path(), encoding="utf-8") as handle:
-        corpus = [line.strip() for line in itertools.islice(handle, 400) if line.strip()]
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), layers=2, hidden=32, heads=4,
-                            vocab_size=400, corpus=corpus, seed=0)
 
 
 @pytest.fixture(scope="module")
