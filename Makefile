@@ -64,7 +64,8 @@ bench-llamacpp: install
 	$(PY) -m bench.llamacpp
 
 lint: install
-	$(VENV)/bin/ruff check stablealign services tests bench
+	$(VENV)/bin/ruff check stablealign stablealign_app services tests bench
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) $(PROTO_OUT) .pytest_cache runs

@@ -80,7 +80,7 @@ def baseline(backend: Any, requests: list[Any], max_new: int) -> tuple[RunResult
     """The old way: ``model.generate`` for one request after another, on the backend's model."""
     import torch
 
-    from stablealign.backends.template import cut_at_stop
+    from stablealign.prompt_format import cut_at_stop
 
     model, tokenizer = backend._model, backend._tokenizer
     texts: list[str] = []

@@ -3,7 +3,7 @@
     python -m bench.simulation [--agents 100] [--rounds 2] [--latencies 0,200]
 
 For each latency the benchmark starts, as separate processes on this machine: a FakeOpenAIServer
-(stablealign.devservers) that answers after the given latency, a nats-server with JetStream, and
+(tests.support.devservers) that answers after the given latency, a nats-server with JetStream, and
 one process per service (`stable-align serve agent|observer|world`); then it creates a world of
 ``agents`` agents with the openai backend (chat + embeddings through that server) and reports:
 
@@ -40,8 +40,8 @@ from bench import original_sandbox
 from stablealign import bus
 from stablealign.metrics import free_port
 from stablealign.natsserver import EmbeddedNatsServer
-from stablealign.sandbox import create_world, fetch_records, wait_for_world
 from stablealign.v1 import common_pb2, world_pb2
+from stablealign_app.embedded import create_world, fetch_records, wait_for_world
 
 CRITICAL_PATH = ("embed question", "draft", "feedback ∥ ratings before", "revise", "ratings after")
 
@@ -118,7 +118,7 @@ async def _run_world(nats_url: str, spec: world_pb2.WorldSpec,
 def fake_openai_server(latency_ms: float):
     """A FakeOpenAIServer in its own process; yields its root URL (without /v1)."""
     port = free_port()
-    fake = subprocess.Popen([sys.executable, "-m", "stablealign.devservers", "openai", "--port", str(port),
+    fake = subprocess.Popen([sys.executable, "-m", "tests.support.devservers", "openai", "--port", str(port),
                              "--latency-ms", str(latency_ms)])
     try:
         _wait_http(f"http://127.0.0.1:{port}/v1/models")
@@ -152,7 +152,7 @@ def run_ours(root: str | None, latency_ms: float, size: int, rounds: int) -> Sim
         with EmbeddedNatsServer() as server:
             env["STABLEALIGN_NATS_URL"] = server.url
             for name in ("agent", "observer", "world"):
-                procs.append(subprocess.Popen([sys.executable, "-m", "stablealign.cli.main", "serve", name], env=env))
+                procs.append(subprocess.Popen([sys.executable, "-m", "stablealign_app.cli.main", "serve", name], env=env))
             time.sleep(3.0)  # services connect and register their subscriptions
             before = _stats(root) if root else {"requests_by_path": {}}
             world, rss, records = asyncio.run(_run_world(server.url, bench_spec(size, rounds, root is None),

@@ -7,7 +7,7 @@ same tokenisation (our collator) and the same optimizer; only the step differs:
 
 - ours: ``batch`` groups per micro-batch, all their responses in ONE padded forward pass, the
   per-response cross-entropy in ONE call, the loss vectorised over groups
-  (``services.trainer.loss``);
+  (``stablealign.training.loss``);
 - the original's (``stable_alignment/alignment.py``): batch size 1 (one group per forward), one
   ``CrossEntropyLoss`` call per response in a Python loop, the penalty in a Python loop, gradient
   accumulation over ``batch`` groups so both take the same optimizer steps. Its margin read
@@ -82,7 +82,7 @@ def original_group_loss(model: Any, batch: dict[str, Any]) -> Any:
 
 
 def ours_loss(model: Any, batch: dict[str, Any]) -> Any:
-    from services.trainer.loss import batch_response_losses, model_takes_logits_to_keep, stable_alignment_loss
+    from stablealign.training.loss import batch_response_losses, model_takes_logits_to_keep, stable_alignment_loss
 
     losses = batch_response_losses(model, batch, logits_to_keep=model_takes_logits_to_keep(model))
     return stable_alignment_loss(losses, batch["scores"], batch["mask"], margin=MARGIN, ratio=RATIO,
@@ -93,8 +93,8 @@ def _setup(model_dir: str, groups: list[dict[str, Any]], max_length: int):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.trainer.collator import AlignmentCollator
-    from services.trainer.data import AlignmentGroup
+    from stablealign.training.collator import AlignmentCollator
+    from stablealign.training.data import AlignmentGroup
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -104,7 +104,7 @@ def _setup(model_dir: str, groups: list[dict[str, Any]], max_length: int):
              for i, g in enumerate(groups)]
     # The trainer's data order (seeded shuffle, length-grouped): both formulations see the same groups
     # in the same optimizer steps.
-    from services.trainer.train import DataPlan, group_length
+    from stablealign.training.train import DataPlan, group_length
 
     plan = DataPlan(len(items), 8, 1, 1, 0, lengths=tuple(group_length(g) for _, g in items))
     items = [items[i] for i in plan.permutation(0)]

@@ -39,7 +39,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 2000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from services.trainer.template import CHAT_TEMPLATE, format_example
+    from stablealign.prompt_format import CHAT_TEMPLATE, format_example
 
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

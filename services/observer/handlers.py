@@ -7,8 +7,9 @@ a sentinel number — with the reason saying so, and the world records it as ``n
 
 from __future__ import annotations
 
-from services.observer import metrics, prompts
+from services.observer import metrics
 from services.observer.settings import ObserverSettings
+from stablealign import rating_prompts as prompts
 from stablealign.backends.base import TASK_RATE_ALIGNMENT, TASK_RATE_ENGAGEMENT, ChatRequest
 from stablealign.calls import CallTally, chat_until_rated, check_round, check_text, world_chat_backend
 from stablealign.errors import ValidationError

@@ -56,10 +56,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stablealign.backends.template import STOP_SEQUENCES
 from stablealign.config import load_settings
 from stablealign.errors import BackendError, ConfigError
 from stablealign.logs import get_logger
+from stablealign.prompt_format import STOP_SEQUENCES
 
 log = get_logger(__name__)
 

@@ -7,7 +7,7 @@ together in one worker thread, which is what makes a CPU (or one GPU) worth shar
 SANDBOX agents, and keeps the service's event loop free.
 
 The prompt is built with the tokenizer's chat template when it has one (the trainer's tiny model
-carries the project's template), else with ``stablealign.backends.template`` — the same text the
+carries the project's template), else with ``stablealign.prompt_format`` — the same text the
 trainer trains on and the tgi backend sends. Sampling is seeded per request (the request's seed,
 else a hash of the prompt) with a generator of its own, so the same request gives the same text
 whatever else is being decoded beside it.
@@ -36,9 +36,9 @@ from stablealign.backends.base import (
     RetryPolicy,
 )
 from stablealign.backends.batching import BatchingEngine, EngineSettings, GenerationRequest, engine_settings
-from stablealign.backends.template import STOP_SEQUENCES, count_tokens, cut_at_stop, render_prompt
 from stablealign.errors import BackendError, ConfigError
 from stablealign.logs import get_logger
+from stablealign.prompt_format import STOP_SEQUENCES, count_tokens, cut_at_stop, render_prompt
 
 log = get_logger(__name__)
 

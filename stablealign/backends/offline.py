@@ -53,10 +53,10 @@ from stablealign.backends.base import (
     Completion,
     RetryPolicy,
 )
-from stablealign.backends.template import count_tokens
 from stablealign.data import default_prior_path, load_prior_pairs
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
+from stablealign.prompt_format import count_tokens
 from stablealign.seeding import stable_hash
 
 log = get_logger(__name__)

@@ -43,9 +43,9 @@ from stablealign.backends.base import (
     RetryPolicy,
     normalise_rows,
 )
-from stablealign.backends.template import count_tokens
 from stablealign.errors import BackendError, ConfigError
 from stablealign.logs import get_logger
+from stablealign.prompt_format import count_tokens
 from stablealign.ratings import parse_rating
 
 log = get_logger(__name__)

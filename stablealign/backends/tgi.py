@@ -1,7 +1,7 @@
 """A text-generation-inference server (the "local agents") through the ``text-generation`` client.
 
 TGI's generate API takes one prompt string, so the conversation is rendered with the project's
-single template (``stablealign.backends.template``) and cut at the next turn header. Greedy
+single template (``stablealign.prompt_format``) and cut at the next turn header. Greedy
 decoding when ``temperature`` is 0, otherwise sampling with the request's seed, so a seeded run
 asks the server for the same text twice.
 
@@ -21,9 +21,9 @@ from text_generation import AsyncClient
 from text_generation import errors as tgi_errors
 
 from stablealign.backends.base import ChatBackend, ChatRequest, Completion, RetryableBackendError, RetryPolicy
-from stablealign.backends.template import STOP_SEQUENCES, count_tokens, cut_at_stop, render_prompt
 from stablealign.errors import BackendError, ConfigError
 from stablealign.logs import get_logger
+from stablealign.prompt_format import STOP_SEQUENCES, count_tokens, cut_at_stop, render_prompt
 
 log = get_logger(__name__)
 

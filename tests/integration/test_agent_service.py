@@ -14,12 +14,12 @@ from services.agent import main as agent_main
 from services.agent.settings import AgentSettings
 from stablealign import bus
 from stablealign.backends import get_embedder
-from stablealign.devservers import FakeOpenAIServer
 from stablealign.errors import BackendError, NotFoundError, UnavailableError, ValidationError
 from stablealign.memory import append_memory, prior_msg_id, revision_msg_id
 from stablealign.metrics import free_port
 from stablealign.service import start_service
 from stablealign.v1 import agent_pb2, agent_pb2_grpc, common_pb2, world_pb2
+from tests.support.devservers import FakeOpenAIServer
 
 GOOD, BAD = common_pb2.PERSONA_GOOD, common_pb2.PERSONA_BAD
 HASHING = common_pb2.ModelRef(backend="offline", model="hashing")

@@ -25,7 +25,7 @@ import pytest
 from stablealign import bus
 from stablealign.records import ORIGINAL_KEYS, read_jsonl, stable_view
 
-CLI = [sys.executable, "-m", "stablealign.cli.main"]
+CLI = [sys.executable, "-m", "stablealign_app.cli.main"]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -155,7 +155,7 @@ def test_run_on_separate_services_matches_embedded(embedded_run, nats_server, tm
 
 
 def test_killing_an_agent_replica_mid_round_loses_nothing(nats_server, tmp_path):
-    from stablealign.devservers import FakeOpenAIServer
+    from tests.support.devservers import FakeOpenAIServer
 
     async def scenario() -> None:
         async with FakeOpenAIServer(latency_seconds=0.15) as fake:

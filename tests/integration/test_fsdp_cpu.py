@@ -1,4 +1,4 @@
-"""A 2-process CPU run with FSDP: `torchrun --nproc_per_node 2` (gloo) of `python -m services.trainer.train`.
+"""A 2-process CPU run with FSDP: `torchrun --nproc_per_node 2` (gloo) of `python -m stablealign.training.train`.
 
 accelerate only enables its FSDP plugin for accelerator devices; on CPU the trainer switches the
 state to FSDP itself (torch's FSDP2 runs on CPU with gloo), so this checks the model really was
@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_torchrun_two_processes_fsdp_on_cpu(tmp_path):
-    from services.trainer.config import StableAlignmentConfig
-    from services.trainer.train import train
     from stablealign.tinymodel import build_tiny_model
+    from stablealign.training.config import StableAlignmentConfig
+    from stablealign.training.train import train
 
     model = build_tiny_model(tmp_path / "tiny", corpus=["How can I help?", "Be kind and patient."] * 50,
                              vocab_size=400)
@@ -36,7 +36,7 @@ def test_torchrun_two_processes_fsdp_on_cpu(tmp_path):
     out = tmp_path / "fsdp"
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
-               "services.trainer.train", "--model", str(model), "--data", str(data), "--out", str(out),
+               "stablealign.training.train", "--model", str(model), "--data", str(data), "--out", str(out),
                "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--save-steps", "1",
                "--max-length", "64", "--fsdp", "full_shard", "--seed", "3"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)

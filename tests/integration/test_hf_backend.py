@@ -28,7 +28,7 @@ async def test_generation_is_deterministic(tiny_model_dir):
 
 
 async def test_without_a_chat_template_the_shared_template_is_used(tiny_model_dir):
-    from stablealign.backends.template import render_prompt
+    from stablealign.prompt_format import render_prompt
 
     backend = HFChatBackend(tiny_model_dir)
     backend._load()

@@ -351,7 +351,7 @@ RATED_PAIRS = [
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def smollm_ratings(smollm):
     """The observer's alignment ratings of every answer of RATED_PAIRS, all requested at once."""
-    from services.observer.prompts import alignment_messages
+    from stablealign.rating_prompts import alignment_messages
 
     answers = [(q, a) for q, harmful, kind in RATED_PAIRS for a in (harmful, kind)]
     return await asyncio.gather(*(smollm.rate(ChatRequest(alignment_messages(q, a), max_tokens=3, temperature=0.0))

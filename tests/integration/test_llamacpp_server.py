@@ -133,7 +133,7 @@ def test_a_world_runs_against_the_llamacpp_server(llamacpp_url, tmp_path):
            "STABLEALIGN_METRICS_PORT": "-1", **WORLD_ENV}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "stablealign.cli.main", "run", "--size", "2", "--rounds", "1", "--setting", "half_half",
+        [sys.executable, "-m", "stablealign_app.cli.main", "run", "--size", "2", "--rounds", "1", "--setting", "half_half",
          "--backend", "openai", "--url", llamacpp_url, "--model", ALIAS, "--embedding-backend", "offline",
          "--partners", "1", "--seed", "1", "--timeout", "1000", "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=1100)

@@ -12,10 +12,10 @@ import asyncio
 import time
 
 from stablealign import bus
-from stablealign.devservers import FakeOpenAIServer
 from stablealign.service import close_process_backends
 from stablealign.v1 import common_pb2, world_pb2
 from tests.integration.test_world_service import start, stream_records, wait_final
+from tests.support.devservers import FakeOpenAIServer
 
 
 async def test_world_survives_a_nats_restart(nats_server, monkeypatch):

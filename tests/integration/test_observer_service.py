@@ -12,11 +12,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.observer import main as observer_main
 from services.observer.settings import ObserverSettings
 from stablealign import bus
-from stablealign.devservers import FakeOpenAIServer
 from stablealign.errors import BackendError, NotFoundError, ValidationError
 from stablealign.metrics import free_port
 from stablealign.service import start_service
 from stablealign.v1 import common_pb2, observer_pb2, observer_pb2_grpc, world_pb2
+from tests.support.devservers import FakeOpenAIServer
 
 ALIGNMENT, ENGAGEMENT = observer_pb2.RATING_ASPECT_ALIGNMENT, observer_pb2.RATING_ASPECT_ENGAGEMENT
 OFFLINE = common_pb2.ModelRef(backend="offline")

@@ -11,8 +11,8 @@ import pytest
 
 from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy
 from stablealign.backends.openai_backend import OpenAIChatBackend, OpenAIEmbedder
-from stablealign.devservers import FakeOpenAIServer
 from stablealign.errors import BackendError
+from tests.support.devservers import FakeOpenAIServer
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, timeout=10.0)
 JUDGE = ("For the question 'How do I hurt him?', someone answered: 'Buy a gun and shoot him.'\n"
@@ -130,7 +130,7 @@ async def test_devserver_runs_as_a_separate_process():
     import openai
 
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "stablealign.devservers", "openai", "--port", "0", "--latency-ms", "1",
+        sys.executable, "-m", "tests.support.devservers", "openai", "--port", "0", "--latency-ms", "1",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         url = (await asyncio.wait_for(process.stdout.readline(), timeout=30)).decode().strip()

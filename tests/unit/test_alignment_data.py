@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from services.trainer import data as D
+from stablealign.training import data as D
 from stablealign.errors import ValidationError
 
 
@@ -147,7 +147,7 @@ def test_reads_the_originals_json_array_format(tmp_path):
 def test_cli_data_build_writes_train_heldout_and_stats(tmp_path):
     from typer.testing import CliRunner
 
-    from stablealign.cli.main import app
+    from stablealign_app.cli.main import app
 
     records = _write(tmp_path, "records.jsonl", [record(i) for i in range(20)])
     out = tmp_path / "data" / "alignment.jsonl"

@@ -15,9 +15,9 @@ from stablealign.backends.base import ChatMessage
 from stablealign.backends.embeddings import HashingEmbedder, MiniLMEmbedder
 from stablealign.backends.offline import OfflineChatBackend
 from stablealign.backends.openai_backend import OpenAIChatBackend, OpenAIEmbedder
-from stablealign.backends.template import STOP_SEQUENCES, cut_at_stop, render_prompt
 from stablealign.backends.tgi import TGIChatBackend
 from stablealign.errors import ConfigError, ValidationError
+from stablealign.prompt_format import STOP_SEQUENCES, cut_at_stop, render_prompt
 from stablealign.v1 import common_pb2
 
 
@@ -72,7 +72,7 @@ async def test_cache_shares_one_instance_per_ref_and_closes():
 
 
 def test_template_matches_the_trainer_format():
-    from services.trainer.template import format_prompt
+    from stablealign.training.template import format_prompt
 
     question = "How do I bake bread?"
     assert render_prompt([ChatMessage("user", question)]) == format_prompt(question)

@@ -7,10 +7,11 @@ import random
 import pytest
 import torch
 
-from services.trainer.collator import AlignmentCollator, best_index, sample_responses
-from services.trainer.data import AlignmentGroup
-from services.trainer.loss import IGNORE_INDEX
-from services.trainer.template import encode_prompt, encode_response, format_example, format_prompt
+from stablealign.prompt_format import format_example, format_prompt
+from stablealign.training.collator import AlignmentCollator, best_index, sample_responses
+from stablealign.training.data import AlignmentGroup
+from stablealign.training.loss import IGNORE_INDEX
+from stablealign.training.template import encode_prompt, encode_response
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from services.trainer.evaluate import bootstrap_ci, hh_examples, paired_difference, sandbox_curve
 from services.world.settings import WorldSettings
 from stablealign import data
+from stablealign.training.evaluate import bootstrap_ci, hh_examples, paired_difference, sandbox_curve
 
 
 def test_split_is_fixed_disjoint_and_large_enough():

@@ -152,7 +152,7 @@ def test_logits_window_gives_the_same_losses_as_full_logits():
     """Skipping logits of prompt-only positions must not change any per-response loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from services.trainer.loss import (
+    from stablealign.training.loss import (
         IGNORE_INDEX,
         batch_response_losses,
         model_takes_logits_to_keep,
@@ -177,3 +177,12 @@ def test_logits_window_gives_the_same_losses_as_full_logits():
         full = batch_response_losses(model, batch, logits_to_keep=False)
     assert windowed.shape == (2, 2)
     torch.testing.assert_close(windowed, full, rtol=1e-6, atol=1e-6)
+
+
+def test_the_loss_is_importable_at_the_contract_path():
+    """DESIGN §3: ``from services.trainer.loss import stable_alignment_loss`` is the same function."""
+    import services.trainer.loss as contract
+    import stablealign.training.loss as library
+
+    assert contract.stable_alignment_loss is library.stable_alignment_loss
+    assert contract.IGNORE_INDEX == library.IGNORE_INDEX

@@ -1,7 +1,7 @@
 """Job runners: where a training job's process lives (a local subprocess, or a Kubernetes Job).
 
 A runner turns a validated ``JobSpec`` into a running training (``stable-align train`` /
-``python -m services.trainer.train``), reports its log lines and progress through a
+``python -m stablealign.training.train``), reports its log lines and progress through a
 ``JobReporter``, and returns how it ended. The scheduler (``services.trainer.queue``) owns the job
 state; runners never write it themselves, so both runners end jobs the same way.
 
@@ -77,7 +77,7 @@ def canonical_arg(name: str) -> str:
 
 
 def train_module_argv(spec: trainer_pb2.JobSpec, gpus: int, fsdp_default: str = "full_shard") -> list[str]:
-    """``-m services.trainer.train --model ... --data ... --out ... <flags>`` for one job, any runner.
+    """``-m stablealign.training.train --model ... --data ... --out ... <flags>`` for one job, any runner.
 
     With more than one GPU the job shards with FSDP (``full_shard`` unless its args say otherwise):
     a plain DDP replica of a 7B model per GPU would not fit.
@@ -85,7 +85,7 @@ def train_module_argv(spec: trainer_pb2.JobSpec, gpus: int, fsdp_default: str = 
     args = dict(spec.args)
     if gpus > 1 and not any(k.replace("-", "_").lower() == "fsdp" for k in args):
         args["fsdp"] = fsdp_default
-    return ["-m", "services.trainer.train", "--model", spec.model, "--data", spec.data,
+    return ["-m", "stablealign.training.train", "--model", spec.model, "--data", spec.data,
             "--out", spec.output_dir, *train_flags(args)]
 
 

@@ -2,7 +2,7 @@
 
 The Job comes from ``deploy/k8s/trainer-job/job-template.yaml`` (placeholders documented there):
 the image, ``nvidia.com/gpu`` = ``spec.gpus``, ``torchrun --nproc_per_node=<gpus>`` running
-``services.trainer.train`` with FSDP when there is more than one GPU, a PVC for data and
+``stablealign.training.train`` with FSDP when there is more than one GPU, a PVC for data and
 checkpoints. The official ``kubernetes`` client is synchronous (``kubernetes_asyncio`` is not a
 dependency), so every API call runs in ``asyncio.to_thread``; pod logs are followed in daemon
 threads that hand lines to the event loop, so that a stuck log stream can never block shutdown.

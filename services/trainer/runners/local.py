@@ -1,6 +1,6 @@
 """The local runner: a training job as a subprocess on the trainer's own machine.
 
-One job is ``python -m services.trainer.train --model .. --data .. --out .. <flags>`` (through
+One job is ``python -m stablealign.training.train --model .. --data .. --out .. <flags>`` (through
 ``torch.distributed.run`` — torchrun — when ``spec.gpus > 1``), started in its own session so
 that cancelling reaches torchrun's workers too: SIGTERM to the process group, SIGKILL after the
 grace period. Its stdout and stderr become job log lines (tqdm's carriage-return updates count as
@@ -31,11 +31,11 @@ MAX_LINE_CHARS = 4000
 TRAIN_LOG = "train_log.jsonl"
 _LINE_BREAK = re.compile(rb"[\r\n]")
 # Processes that belong to a training job (checked before signalling a pid left by an earlier service).
-_TRAINING_MARKERS = ("services.trainer.train", "torch.distributed.run")
+_TRAINING_MARKERS = ("stablealign.training.train", "torch.distributed.run")
 
 
 def project_root() -> Path:
-    """The folder that holds the ``services`` package (so ``-m services.trainer.train`` imports)."""
+    """The folder that holds the ``services`` package (so ``-m stablealign.training.train`` imports)."""
     return Path(services.__file__).resolve().parent.parent
 
 

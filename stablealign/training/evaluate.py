@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.trainer.template import encode_example
-from services.trainer.train import check_model_path
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
+from stablealign.training.template import encode_example
+from stablealign.training.train import check_model_path
 
 log = get_logger(__name__)
 
@@ -68,7 +68,7 @@ def _batched_logprob(model: Any, tokenizer: Any, examples: Sequence[tuple[str, s
     """Mean log-likelihood per response token of each (query, response)."""
     import torch
 
-    from services.trainer.loss import IGNORE_INDEX, per_response_token_loss
+    from stablealign.training.loss import IGNORE_INDEX, per_response_token_loss
 
     device = next(model.parameters()).device
     values: list[float] = []
@@ -106,8 +106,8 @@ def heldout_loss(model: Any, tokenizer: Any, groups: Sequence[Any], *, max_lengt
     """Mean Stable Alignment loss (and its parts) over ``groups``, every response of each group."""
     import torch
 
-    from services.trainer.collator import AlignmentCollator
-    from services.trainer.loss import batch_response_losses, model_takes_logits_to_keep, stable_alignment_loss_parts
+    from stablealign.training.collator import AlignmentCollator
+    from stablealign.training.loss import batch_response_losses, model_takes_logits_to_keep, stable_alignment_loss_parts
 
     if not groups:
         return {"groups": 0, "loss": None, "loss/sft": None, "loss/penalty": None}
@@ -135,10 +135,10 @@ def heldout_loss(model: Any, tokenizer: Any, groups: Sequence[Any], *, max_lengt
 async def _rate_answers(observer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[int | None, float | None]]:
     """(rating, expected rating) of each (question, answer) by the observer's alignment prompt and
     rating path (token probabilities where the backend has them, else the text parser)."""
-    from services.observer.prompts import alignment_messages
     from stablealign.backends import make_chat_backend
     from stablealign.backends.base import TASK_RATE_ALIGNMENT, ChatRequest
     from stablealign.calls import CallTally, chat_until_rated
+    from stablealign.rating_prompts import alignment_messages
 
     backend = make_chat_backend(observer)
     try:
@@ -159,7 +159,7 @@ async def _rate_answers(observer: Any, pairs: Sequence[tuple[str, str]]) -> list
 def alignment_rating(model: Any, tokenizer: Any, questions: Sequence[str], observer: Any, *,
                      max_new_tokens: int = 64) -> dict[str, Any]:
     """Observer alignment rating (1..7) of the model's greedy answers to ``questions``, with a 95 % interval."""
-    from services.trainer.generate import generate
+    from stablealign.training.generate import generate
 
     answers = generate(model, tokenizer, list(questions), max_new_tokens=max_new_tokens)
     # An empty answer is rated as such: the observer sees what the model said.
@@ -212,7 +212,7 @@ def heldout_eval_questions(limit: int) -> list[str]:
 
 def evaluate_model(path: str | Path, *, groups: Sequence[Any], hh_path: str | Path | None, limit: int | None,
                    observer: Any, questions: Sequence[str], max_length: int) -> dict[str, Any]:
-    from services.trainer.generate import load_model
+    from stablealign.training.generate import load_model
 
     model, tokenizer = load_model(path)
     result: dict[str, Any] = {"model": str(path)}
@@ -330,8 +330,8 @@ def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = No
     With ``base``, the report also holds the paired difference trained - base of each measure with
     a 95 % bootstrap interval (the same pairs, groups and questions for both models).
     """
-    from services.trainer.data import load_alignment_groups
     from stablealign.data import HH_SPLIT_RULE
+    from stablealign.training.data import load_alignment_groups
     from stablealign.v1 import common_pb2
 
     if limit is not None and limit < 1:

@@ -19,7 +19,8 @@ from stablealign import bus
 from stablealign.errors import StableAlignError
 from stablealign.logs import setup_logging
 from stablealign.records import read_jsonl, record_to_json
-from stablealign.sandbox import (
+from stablealign.v1 import common_pb2, world_pb2
+from stablealign_app.embedded import (
     EmbeddedStack,
     create_world,
     export_records,
@@ -27,7 +28,6 @@ from stablealign.sandbox import (
     list_worlds,
     wait_for_world,
 )
-from stablealign.v1 import common_pb2, world_pb2
 
 console = Console(stderr=True)
 CONNECT_GIVE_UP_SECONDS = 15.0

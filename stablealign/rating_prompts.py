@@ -1,4 +1,6 @@
-"""The observer's prompts, modelled on the original's ``get_moral_score`` / ``get_engagement_score``.
+"""The observer's rating prompts, modelled on the original's ``get_moral_score`` / ``get_engagement_score``.
+
+The observer service and the evaluation of a trained model judge with the same prompts.
 
 Alignment: how socially acceptable, i.e. aligned with shared human values, the answer is.
 Engagement: how much the answer engages with and answers the question. Both on 1..7, replying

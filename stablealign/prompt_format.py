@@ -3,7 +3,7 @@
 TGI's generate API and a tokenizer without a chat template both need the conversation as one
 string. The original used different prompt formats for simulation, training and inference, so a
 trained model was asked questions in a format it had never seen. Here every path renders a
-conversation the way the trainer formats its examples (``services/trainer/template.py``, the
+conversation the way the trainer formats its examples (``stablealign/training/template.py``, the
 HH-RLHF dialogue format, which is also what the tiny model's ``chat_template`` produces):
 
     <system text>
@@ -16,7 +16,7 @@ HH-RLHF dialogue format, which is also what the tiny model's ``chat_template`` p
 
     Assistant:
 
-so that ``render_prompt([user(q)]) == format_prompt(q)`` of the trainer. Generation stops at the
+so that ``render_prompt([user(q)]) == format_prompt(q)``. Generation stops at the
 next ``Human:`` turn (a stop sequence), so a model that keeps role-playing does not leak a fake
 turn into the answer.
 """
@@ -31,6 +31,32 @@ USER_PREFIX = "Human: "
 ASSISTANT_PREFIX = "Assistant:"
 # Where a completion ends: the start of a new human turn.
 STOP_SEQUENCES: tuple[str, ...] = ("\nHuman:",)
+# A training example: the prompt, then the response after one space (as in HH-RLHF dialogues), then EOS.
+PROMPT_TEMPLATE = USER_PREFIX + "{query}\n\n" + ASSISTANT_PREFIX
+RESPONSE_PREFIX = " "
+
+# Jinja chat template equivalent to BOS + ``format_prompt`` for a conversation ending in a user turn
+# (``apply_chat_template(..., tokenize=True)`` adds no special tokens itself, hence the BOS here).
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] }}\n\n"
+    "{%- elif message['role'] == 'user' -%}Human: {{ message['content'] }}\n\nAssistant:"
+    "{%- elif message['role'] == 'assistant' -%} {{ message['content'] }}{{ eos_token }}\n\n"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def format_prompt(query: str) -> str:
+    """The text a model sees before its answer to one question."""
+    return PROMPT_TEMPLATE.format(query=query.strip())
+
+
+def format_example(query: str, response: str, eos_token: str) -> tuple[str, str]:
+    """``(prompt_text, full_text)``: the full text is prompt + response + EOS."""
+    prompt = format_prompt(query)
+    return prompt, prompt + RESPONSE_PREFIX + response.strip() + eos_token
 
 
 def render_prompt(messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:

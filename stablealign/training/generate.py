@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.trainer.template import encode_prompt
-from services.trainer.train import check_model_path
-
-STOP_TEXTS = ("\n\nHuman:", "\nHuman:")
+from stablealign.prompt_format import cut_at_stop
+from stablealign.training.template import encode_prompt
+from stablealign.training.train import check_model_path
 
 
 def pick_device(device: str | None = None) -> str:
@@ -41,11 +40,8 @@ def load_model(path: str | Path, device: str | None = None) -> tuple[Any, Any]:
 
 
 def cut_answer(text: str) -> str:
-    for stop in STOP_TEXTS:
-        index = text.find(stop)
-        if index >= 0:
-            text = text[:index]
-    return text.strip()
+    """The answer up to a new ``Human:`` turn (the prompt format's stop sequence)."""
+    return cut_at_stop(text)
 
 
 def generate(model: Any, tokenizer: Any, queries: Sequence[str], *, max_new_tokens: int = 64,

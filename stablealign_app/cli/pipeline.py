@@ -26,7 +26,7 @@ console = Console(stderr=True)
 
 
 def _step(title: str, args: list[str], env: dict[str, str] | None = None) -> float:
-    command = [sys.executable, "-m", "stablealign.cli.main", *args]
+    command = [sys.executable, "-m", "stablealign_app.cli.main", *args]
     console.rule(f"[bold]{title}")
     shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
     console.print(f"$ {shown + ' ' if shown else ''}stable-align {shlex.join(args)}", style="dim")

@@ -46,10 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.trainer.template import format_critic_query, format_realignment_query
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
 from stablealign.records import feedback_texts
+from stablealign.training.template import format_critic_query, format_realignment_query
 
 log = get_logger(__name__)
 

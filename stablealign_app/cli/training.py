@@ -49,7 +49,7 @@ def data_build(
     seed: int = _opt(0, "--seed", "Seed of the mix sampling and of the split."),
 ) -> None:
     """Mine Alignment Imitation, Self-Critic and Realignment groups; print counts and score histograms."""
-    from services.trainer import data as data_mod
+    from stablealign.training import data as data_mod
 
     try:
         if records is None and not (nats and world):
@@ -111,7 +111,7 @@ def train_command(
     runner: str = _opt("local", "--runner", "Runner of a submitted job: local | kubernetes."),
 ) -> None:
     """Stable Alignment training (accelerate; torchrun + FSDP on GPUs); resumable."""
-    from services.trainer.config import StableAlignmentConfig
+    from stablealign.training.config import StableAlignmentConfig
 
     overrides = {
         "num_train_epochs": epochs, "learning_rate": lr, "per_device_train_batch_size": batch_size,
@@ -127,7 +127,7 @@ def train_command(
         return
     try:
         cfg = StableAlignmentConfig(model=model, data=data, output_dir=out, **overrides)
-        from services.trainer.train import check_model_path, train
+        from stablealign.training.train import check_model_path, train
 
         check_model_path(cfg.model)  # before the heavy imports: a typo fails in a second
         from stablealign.logs import setup_logging
@@ -182,7 +182,7 @@ def eval_command(
                                                                     "alignment curve to the report."),
 ) -> None:
     """Preference accuracy, held-out loss and observer alignment rating, with 95 % intervals; base vs trained."""
-    from services.trainer.evaluate import run_eval
+    from stablealign.training.evaluate import run_eval
 
     try:
         report = run_eval(model, out=out, data=data, base=base, hh_path=hh, limit=limit,
@@ -208,7 +208,7 @@ def generate_command(
     seed: int = _opt(0, "--seed", "Sampling seed."),
 ) -> None:
     """Answer questions with the shared prompt template."""
-    from services.trainer.generate import generate, load_model
+    from stablealign.training.generate import generate, load_model
 
     try:
         loaded, tokenizer = load_model(model)

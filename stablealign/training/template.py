@@ -1,12 +1,8 @@
-"""THE prompt template, shared by training, inference and evaluation.
+"""Tokenising training, inference and evaluation text in the one prompt format (``stablealign.prompt_format``).
 
-The original used one template when training and others when generating and evaluating, so the
-trained model was asked questions in a format it had never seen. Everything here goes through
-``format_prompt`` / ``encode_example``; the tiny model's tokenizer carries the same template as its
-``chat_template`` so that ``tokenizer.apply_chat_template`` agrees with ``format_prompt``.
-
-The format is the HH-RLHF dialogue format (``Human: ...\\n\\nAssistant:``), which is also the format
-of the evaluation pairs — except for a model with a chat template of its own (an instruct model:
+Everything goes through ``encode_prompt`` / ``encode_example``; the tiny model's tokenizer carries
+the format as its ``chat_template`` so that ``tokenizer.apply_chat_template`` agrees with
+``format_prompt`` — except for a model with a chat template of its own (an instruct model:
 SmolLM2's ChatML), which keeps its own format everywhere (``uses_own_chat_template``). Every training
 response ends with the EOS token (the original had none, so its models never learned to stop).
 
@@ -19,9 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-PROMPT_TEMPLATE = "Human: {query}\n\nAssistant:"
-# The response follows the prompt after one space (as in HH-RLHF dialogues).
-RESPONSE_PREFIX = " "
+from stablealign.prompt_format import CHAT_TEMPLATE, RESPONSE_PREFIX, format_prompt
+
 # Realignment prompts: the question, the agent's own draft and its partners' feedback (DESIGN §1).
 REALIGNMENT_QUERY_TEMPLATE = (
     "{question}\n\n"
@@ -35,30 +30,6 @@ CRITIC_QUERY_TEMPLATE = (
     "An answer to judge: {draft}\n\n"
     "How socially acceptable is this answer? Give a rating from 1 to 7 and a reason."
 )
-
-# Jinja chat template equivalent to BOS + ``format_prompt`` for a conversation ending in a user turn
-# (``apply_chat_template(..., tokenize=True)`` adds no special tokens itself, hence the BOS here).
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ message['content'] }}\n\n"
-    "{%- elif message['role'] == 'user' -%}Human: {{ message['content'] }}\n\nAssistant:"
-    "{%- elif message['role'] == 'assistant' -%} {{ message['content'] }}{{ eos_token }}\n\n"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-
-
-def format_prompt(query: str) -> str:
-    """The text a model sees before its answer."""
-    return PROMPT_TEMPLATE.format(query=query.strip())
-
-
-def format_example(query: str, response: str, eos_token: str) -> tuple[str, str]:
-    """``(prompt_text, full_text)``: the full text is prompt + response + EOS."""
-    prompt = format_prompt(query)
-    return prompt, prompt + RESPONSE_PREFIX + response.strip() + eos_token
-
 
 def format_realignment_query(question: str, draft: str, feedback: list[str]) -> str:
     """The one template for Realignment prompts: q + draft + partners' feedback."""

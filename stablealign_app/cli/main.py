@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from stablealign.cli import serve as serve_cli
+from stablealign_app.cli import serve as serve_cli
 
 app = typer.Typer(
     name="stable-align",
@@ -24,8 +24,8 @@ def _register_optional() -> None:
     """Adds the command groups; each module registers its own commands on ``app``."""
     import importlib
 
-    for module in ("stablealign.cli.sandbox", "stablealign.cli.training", "stablealign.cli.jobs",
-                   "stablealign.cli.pipeline"):
+    for module in ("stablealign_app.cli.sandbox", "stablealign_app.cli.training", "stablealign_app.cli.jobs",
+                   "stablealign_app.cli.pipeline"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -16,7 +16,7 @@ responses of a group in one forward pass and a per-group reduction, which the Tr
   the class repeated in its ``ModuleList`` of layers), not a hard-coded ``LlamaDecoderLayer``.
 - bf16 autocast only where CUDA supports it; fp32 elsewhere (CPU bf16 is slow and not what we test).
 
-``python -m services.trainer.train --model ... --data ... --out ...`` is the torchrun entry point;
+``python -m stablealign.training.train --model ... --data ... --out ...`` is the torchrun entry point;
 ``stable-align train`` is the same command.
 """
 
@@ -38,9 +38,9 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.trainer.config import StableAlignmentConfig
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
+from stablealign.training.config import StableAlignmentConfig
 
 log = get_logger(__name__)
 
@@ -63,8 +63,8 @@ class TrainerMetrics:
 
 @functools.lru_cache(maxsize=1)
 def trainer_metrics() -> TrainerMetrics:
-    """Created on first use, not at import: ``python -m services.trainer.train`` imports this file twice
-    (as ``__main__`` and as ``services.trainer.train``) and a metric may be registered only once."""
+    """Created on first use, not at import: ``python -m stablealign.training.train`` imports this file twice
+    (as ``__main__`` and as ``stablealign.training.train``) and a metric may be registered only once."""
     return TrainerMetrics(
         loss=Gauge("stablealign_trainer_loss", "Stable Alignment loss of the last optimizer step."),
         sft=Gauge("stablealign_trainer_loss_sft", "SFT part (cross-entropy of the best response) of the last step."),
@@ -288,7 +288,7 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
     steps of *this* run, without a final checkpoint or model, as if it had been killed.
     """
     model_dir = check_model_path(cfg.model)
-    from services.trainer.data import load_alignment_groups
+    from stablealign.training.data import load_alignment_groups
 
     groups = load_alignment_groups(cfg.data, max_chars=cfg.dataloader_max_chars)
 
@@ -297,8 +297,8 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.trainer.collator import AlignmentCollator
-    from services.trainer.loss import (
+    from stablealign.training.collator import AlignmentCollator
+    from stablealign.training.loss import (
         batch_response_losses,
         model_takes_logits_to_keep,
         stable_alignment_loss_parts,
@@ -476,14 +476,14 @@ def _save_final(accelerator: Any, model: Any, tokenizer: Any, out: Path, cfg: St
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m services.trainer.train`` (the torchrun entry): the same flags as ``stable-align train``."""
+    """``python -m stablealign.training.train`` (the torchrun entry): the same flags as ``stable-align train``."""
     import typer
 
-    from stablealign.cli.training import train_command
+    from stablealign_app.cli.training import train_command
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(train_command)
-    app(args=argv, prog_name="python -m services.trainer.train")
+    app(args=argv, prog_name="python -m stablealign.training.train")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ flight at once. The OpenAI server returns token log-probabilities (``logprobs``/
 checked as OpenAI does) unless made not to support them; at a digit 1..7 the alternatives are
 other digits (``digit_top_logprobs`` scripts them), so that ratings from probabilities can be tested.
 
-    python -m stablealign.devservers openai --port 8000 --latency-ms 200
-    python -m stablealign.devservers tgi --port 8080
+    python -m tests.support.devservers openai --port 8000 --latency-ms 200
+    python -m tests.support.devservers tgi --port 8080
 """
 
 from __future__ import annotations
@@ -514,7 +514,7 @@ async def _serve(kind: str, port: int, latency_ms: float, fail: Sequence[int], h
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stablealign.devservers", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.support.devservers", description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=sorted(SERVERS))
     parser.add_argument("--port", type=int, default=0, help="TCP port (0: a free one; the URL is printed)")
     parser.add_argument("--host", default="127.0.0.1")

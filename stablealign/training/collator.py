@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from services.trainer.data import AlignmentGroup
-from services.trainer.loss import IGNORE_INDEX
-from services.trainer.template import encode_example
+from stablealign.training.data import AlignmentGroup
+from stablealign.training.loss import IGNORE_INDEX
+from stablealign.training.template import encode_example
 
 
 def best_index(scores: Sequence[float]) -> int:
