@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an in
     sys.path.insert(0, str(ROOT))
 
 from bench.llamacpp_server import LlamaCppServer  # noqa: E402
-from services.observer import prompts  # noqa: E402
+from stablealign import rating_prompts as prompts  # noqa: E402
 from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy  # noqa: E402
 from stablealign.backends.openai_backend import TOP_LOGPROBS, OpenAIChatBackend  # noqa: E402
 from stablealign.models import gguf_path, pull  # noqa: E402

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from stablealign.training import data as D
 from stablealign.errors import ValidationError
+from stablealign.training import data as D
 
 
 def record(i: int, *, before=3, after=6, ratings=(4, 5), question=None) -> dict:
