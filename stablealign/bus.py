@@ -7,12 +7,18 @@ errors with the NATS service-error headers (``Nats-Service-Error``/``-Code``, th
 convention, so ``nats req`` shows them), and tracks in-flight work so SIGTERM can drain it.
 ``request`` turns those headers back into the typed errors of ``stablealign.errors`` and
 retries the failures that a replica dying mid-request produces (timeout, no responders).
+
+Liveness: a request may carry ``Stablealign-Liveness: <seconds>``; the replica then sends small
+heartbeats (``Stablealign-Progress``, no payload) to the reply inbox, four per such period, while it
+works on the request (queued for a slot or running). The requester re-sends as soon as it has heard
+nothing for that long — the replica died or lost NATS — instead of waiting for the whole reply
+deadline, which stays the cap for slow models that do answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,6 +42,7 @@ from stablealign.errors import (
     error_from_code,
 )
 from stablealign.logs import get_logger
+from stablealign.retry import Failure, RetryPolicy, retry_async
 
 log = get_logger(__name__)
 
@@ -66,6 +73,13 @@ TRAINER_CANCEL = "trainer.jobs.cancel"
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 MSG_ID_HEADER = "Nats-Msg-Id"
+# A request's silence limit in seconds; asks the replica for heartbeats (a message with PROGRESS_HEADER).
+LIVENESS_HEADER = "Stablealign-Liveness"
+PROGRESS_HEADER = "Stablealign-Progress"
+# The default silence limit (ServiceSettings.request_liveness_seconds): a live replica sends a heartbeat
+# every quarter of it, so only a dead or cut-off one stays silent that long.
+LIVENESS_SECONDS = 10.0
+_STATUS_HEADER = "Status"  # nats-server's status line, e.g. 503: no responders
 
 # Dedup window of the records stream: a re-sent record is dropped within it. A day covers
 # any realistic resume of a crashed world service.
@@ -74,20 +88,41 @@ DEDUP_WINDOW_SECONDS = 24 * 3600.0
 M = TypeVar("M", bound=Message)
 
 
+# How long a command-line client tries to reach NATS before it says so (one line, exit 1).
+CLIENT_GIVE_UP_SECONDS = 5.0
+
+
 async def connect(url: str, name: str, *, connect_timeout: float = 5.0, give_up_after: float | None = None) -> NATS:
     """Connects with unbounded reconnects so a NATS restart pauses a service instead of killing it.
 
     The first connection is retried forever too (a pod may start before NATS); a command-line client
-    passes ``give_up_after`` to get a clear UnavailableError instead of waiting silently.
+    passes ``give_up_after`` (``CLIENT_GIVE_UP_SECONDS``) to get one clear UnavailableError, naming the
+    last failure, instead of waiting: its failed attempts are logged at debug level only, not as a
+    warning every half second.
     """
     if give_up_after is not None:
+        failures: list[Exception] = []
         try:
-            return await asyncio.wait_for(connect(url, name, connect_timeout=connect_timeout),
-                                          timeout=give_up_after)
+            return await asyncio.wait_for(
+                _connect(url, name, connect_timeout=min(connect_timeout, give_up_after), failures=failures),
+                timeout=give_up_after)
         except TimeoutError:
-            raise UnavailableError(f"cannot reach NATS at {url} within {give_up_after:.0f}s") from None
+            why = f": {_describe(failures[-1])}" if failures else ""
+            raise UnavailableError(f"cannot reach NATS at {url} within {give_up_after:g}s{why}") from None
+    return await _connect(url, name, connect_timeout=connect_timeout, failures=None)
 
+
+def _describe(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _connect(url: str, name: str, *, connect_timeout: float, failures: list[Exception] | None) -> NATS:
     async def on_error(exc: Exception) -> None:
+        if failures is not None and not holder:  # a client still trying its first connection
+            failures.append(exc)
+            log.debug("nats.connect_failed", extra={"error": repr(exc)})
+            return
         log.warning("nats.error", extra={"error": repr(exc)})
 
     holder: list[NATS] = []
@@ -154,8 +189,17 @@ async def ensure_jetstream(js: JetStreamContext) -> None:
 # --- request/reply ---------------------------------------------------------------------------
 
 
+class ReplicaSilentError(nats.errors.TimeoutError):
+    """No heartbeat nor reply for the request's liveness period: the replica is presumed gone."""
+
+    def __str__(self) -> str:
+        return "nats: the replica stopped sending heartbeats"
+
+
 _RETRY_REASONS = {nats.errors.NoRespondersError: "no_responders",
-                  nats.errors.ConnectionReconnectingError: "reconnecting"}
+                  nats.errors.ConnectionReconnectingError: "reconnecting",
+                  ReplicaSilentError: "silent"}
+_RETRYABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError)
 
 
 async def request(
@@ -167,6 +211,7 @@ async def request(
     timeout: float = 60.0,
     attempts: int = 3,
     backoff: float = 0.2,
+    liveness: float | None = LIVENESS_SECONDS,
 ) -> M:
     """Sends ``message`` and parses the reply as ``response_type``.
 
@@ -174,34 +219,114 @@ async def request(
     (a bad request stays bad). A timeout or "no responders" is retried with jittered backoff:
     with a queue group the retry reaches another replica, which is what makes killing a replica
     mid-round lose nothing. Handlers must therefore be idempotent.
+
+    ``timeout`` caps one attempt. With ``liveness`` shorter than it, the replica working on the
+    request sends heartbeats, and an attempt that hears nothing for ``liveness`` seconds is sent
+    again at once (reason ``silent``): a dead replica costs seconds, not the whole ``timeout``,
+    while a live one that needs minutes for a slow model is left to finish. A re-send reaching the
+    replica still on the request joins that work (``RequestServer``): no second LLM call.
+    ``liveness=None``: a plain ``nc.request``, for responders that send no heartbeats.
     """
     payload = message.SerializeToString()
-    last_exc: Exception | None = None
-    for attempt in range(1, attempts + 1):
+
+    def on_failure(failure: Failure) -> None:
+        reason = _RETRY_REASONS.get(type(failure.error), "timeout")
+        metrics.BUS_REQUEST_RETRIES.labels(subject, reason).inc()
+        log.warning("bus.request_retry", extra={"subject": subject, "reason": reason, "attempt": failure.attempt,
+                                                "timeout_s": timeout, "liveness_s": liveness})
+
+    def send(_attempt: int) -> Awaitable[Msg]:
+        if liveness is not None and 0 < liveness < timeout:
+            return _request_with_heartbeats(nc, subject, payload, timeout=timeout, liveness=liveness)
+        return nc.request(subject, payload, timeout=timeout)
+
+    # No per-attempt timeout of the policy's own: the request's own timeout is the one that is retried.
+    policy = RetryPolicy(attempts=attempts, base_delay=backoff, max_delay=math.inf, timeout=None,
+                         jitter="proportional")
+    reply = await retry_async(
+        send, policy,
+        retryable=lambda exc: isinstance(exc, _RETRYABLE),
+        on_failure=on_failure,
+        give_up=lambda failure: UnavailableError(
+            f"{subject}: no reply after {failure.attempts} attempts ({type(failure.error).__name__})"),
+    )
+    headers = reply.headers or {}
+    if ERROR_CODE_HEADER in headers:
+        raise error_from_code(int(headers[ERROR_CODE_HEADER]), headers.get(ERROR_HEADER, "error"))
+    result = response_type()
+    try:
+        result.ParseFromString(reply.data)
+    except DecodeError as exc:
+        raise UnavailableError(f"{subject}: malformed reply ({exc})") from exc
+    return result
+
+
+async def _request_with_heartbeats(nc: NATS, subject: str, payload: bytes, *, timeout: float,
+                                   liveness: float) -> Msg:
+    """One attempt on its own inbox: heartbeats keep it waiting (up to ``timeout``), the reply ends it.
+
+    ReplicaSilentError after ``liveness`` seconds without a message; nats' TimeoutError at ``timeout``;
+    NoRespondersError when nobody serves ``subject``.
+    """
+    loop = asyncio.get_running_loop()
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)  # before the publish, on the same connection: the reply cannot overtake it
+    try:
+        await nc.publish(subject, payload, reply=inbox, headers={LIVENESS_HEADER: f"{liveness:g}"})
+        cap = loop.time() + timeout
+        while True:
+            remaining = cap - loop.time()
+            if remaining <= 0:
+                raise nats.errors.TimeoutError
+            wait = min(remaining, liveness)
+            try:
+                msg = await sub.next_msg(timeout=wait)
+            except nats.errors.TimeoutError:
+                if wait < remaining:
+                    raise ReplicaSilentError from None
+                raise
+            headers = msg.headers or {}
+            if PROGRESS_HEADER in headers:
+                continue  # the replica is alive and on it
+            if headers.get(_STATUS_HEADER) == "503" and not msg.data and ERROR_CODE_HEADER not in headers:
+                raise nats.errors.NoRespondersError
+            return msg
+    finally:
         try:
-            reply = await nc.request(subject, payload, timeout=timeout)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError) as exc:
-            last_exc = exc
-            reason = _RETRY_REASONS.get(type(exc), "timeout")
-            metrics.BUS_REQUEST_RETRIES.labels(subject, reason).inc()
-            log.warning("bus.request_retry", extra={"subject": subject, "reason": reason, "attempt": attempt,
-                                                    "timeout_s": timeout})
-            if attempt < attempts:
-                await asyncio.sleep(backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))
-            continue
-        headers = reply.headers or {}
-        if ERROR_CODE_HEADER in headers:
-            raise error_from_code(int(headers[ERROR_CODE_HEADER]), headers.get(ERROR_HEADER, "error"))
-        result = response_type()
-        try:
-            result.ParseFromString(reply.data)
-        except DecodeError as exc:
-            raise UnavailableError(f"{subject}: malformed reply ({exc})") from exc
-        return result
-    raise UnavailableError(f"{subject}: no reply after {attempts} attempts ({type(last_exc).__name__})")
+            await sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - the connection is closed: nothing to undo
+            pass
+
+
+def _liveness(msg: Msg) -> float | None:
+    """The silence limit a request asks heartbeats for (LIVENESS_HEADER), None when it asks none."""
+    raw = (getattr(msg, "headers", None) or {}).get(LIVENESS_HEADER) if msg.reply else None
+    try:
+        value = float(raw) if raw is not None else math.nan
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 Handler = Callable[[M], Awaitable[Message]]
+
+
+@dataclass
+class EndpointCounters:
+    """What one subject of a RequestServer has served, for the NATS service API's INFO/STATS."""
+
+    name: str  # the method, e.g. "Draft"
+    subject: str
+    queue_group: str
+    num_requests: int = 0
+    num_errors: int = 0  # requests answered with an error reply
+    last_error: str = ""  # "<code>:<message>" of the latest error reply
+    processing_ns: int = 0  # receipt to reply, summed over finished requests (queueing for a slot included)
+    finished: int = 0
+
+    @property
+    def average_processing_ns(self) -> int:
+        return self.processing_ns // self.finished if self.finished else 0
 
 
 @dataclass
@@ -219,13 +344,19 @@ class RequestServer:
     # Replies being worked on, by (method, request bytes): a re-sent identical request (the requester
     # timed out while a slow model was still working) joins the work instead of starting it again.
     _working: dict[tuple[str, bytes], asyncio.Future] = field(default_factory=dict, init=False)
+    # One per ``add``, in order: the endpoints and counters the NATS service API reports.
+    endpoints: list[EndpointCounters] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self._semaphore = asyncio.Semaphore(self.max_concurrency)
 
     async def add(self, subject: str, request_type: type[M], handler: Handler, method: str) -> None:
+        counters = EndpointCounters(name=method, subject=subject, queue_group=self.queue)
+        self.endpoints.append(counters)
+
         async def on_message(msg: Msg) -> None:
-            task = asyncio.create_task(self._handle(msg, request_type, handler, method))
+            counters.num_requests += 1
+            task = asyncio.create_task(self._handle(msg, request_type, handler, method, counters))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
@@ -234,8 +365,31 @@ class RequestServer:
         # Make the subscription live at the server before the service says it is ready.
         await self.nc.flush()
 
-    async def _handle(self, msg: Msg, request_type: type[M], handler: Handler, method: str) -> None:
+    async def _handle(self, msg: Msg, request_type: type[M], handler: Handler, method: str,
+                      counters: EndpointCounters | None = None) -> None:
         started = time.perf_counter()
+        started_ns = time.perf_counter_ns()
+        liveness = _liveness(msg)
+        # Heartbeats from receipt (a request waiting for a slot is alive too) until this task ends.
+        heartbeat = asyncio.create_task(self._heartbeat(msg.reply, liveness)) if liveness else None
+        try:
+            await self._serve(msg, request_type, handler, method, counters, started, started_ns)
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+
+    async def _heartbeat(self, inbox: str, liveness: float) -> None:
+        """Tells the requester, four times per ``liveness`` period, that this replica is on its request."""
+        every = min(max(liveness / 4, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.nc.publish(inbox, b"", headers={PROGRESS_HEADER: "1"})
+            except Exception:  # noqa: BLE001 - NATS is away: the requester's silence limit decides
+                pass
+
+    async def _serve(self, msg: Msg, request_type: type[M], handler: Handler, method: str,
+                     counters: EndpointCounters | None, started: float, started_ns: int) -> None:
         code = "200"
         async with self._semaphore:
             try:
@@ -259,12 +413,18 @@ class RequestServer:
                 else:
                     code, text = "500", "internal error"
                     log.exception("nats.handler_failed", extra={"service": self.service, "method": method})
+                if counters is not None:
+                    counters.num_errors += 1
+                    counters.last_error = f"{code}:{text}"
                 if msg.reply:
                     try:
                         await self.nc.publish(msg.reply, b"", headers={ERROR_HEADER: text, ERROR_CODE_HEADER: code})
                     except Exception:  # noqa: BLE001 - the requester is gone or NATS is down
                         log.warning("nats.reply_failed", extra={"service": self.service, "method": method})
             finally:
+                if counters is not None:
+                    counters.processing_ns += time.perf_counter_ns() - started_ns
+                    counters.finished += 1
                 metrics.REQUESTS.labels(self.service, method, "nats", code).inc()
                 metrics.REQUEST_SECONDS.labels(self.service, method, "nats").observe(time.perf_counter() - started)
 

@@ -1,15 +1,56 @@
-"""What the LLM-calling services (agent, observer) share around one request: input checks and
-the accounting of the model calls behind one reply (retries of unparsable replies included)."""
+"""What the LLM-calling services (agent, observer) share around one request: input checks, the
+accounting of the model calls behind one reply (retries of unparsable replies included), and the
+deadline of one model call (a hung LLM is reported in seconds, naming the step and the model)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from stablealign.errors import ConfigError, ConflictError, ValidationError
-from stablealign.ratings import RATING_SCALE, parse_rating
+from stablealign.errors import ConfigError, ConflictError, UnavailableError, ValidationError
+from stablealign.logs import get_logger
+from stablealign.ratings import RATING_SCALE, check_rating_fields, parse_rating
 from stablealign.v1 import common_pb2, world_pb2
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+# Backends whose model runs in this process: a call waits its turn in the batch (local_llm_deadline_seconds).
+LOCAL_CHAT_BACKENDS = frozenset({"hf"})
+
+
+def llm_deadline(settings: Any, backend: Any) -> float:
+    """The deadline of one call to ``backend`` (ServiceSettings.llm_deadline_seconds, or the local one)."""
+    if getattr(backend, "name", "") in LOCAL_CHAT_BACKENDS:
+        return float(settings.local_llm_deadline_seconds)
+    return float(settings.llm_deadline_seconds)
+
+
+async def within_deadline(call: Awaitable[T], *, deadline: float | None, step: str, backend: Any,
+                          context: Mapping[str, Any] | None = None) -> T:
+    """``await call``, for at most ``deadline`` seconds (None: no limit).
+
+    Past it the call is cancelled — its HTTP request closed, the backend's retries with it — and
+    UnavailableError (503) names the step and the model: a hung LLM is reported once, in seconds,
+    rather than after every retry of every layer above has timed out.
+    """
+    if deadline is None:
+        return await call
+    timer = asyncio.timeout(deadline)
+    try:
+        async with timer:
+            return await call
+    except TimeoutError:
+        if not timer.expired():
+            raise  # the call's own timeout, not ours
+    model = f"{getattr(backend, 'name', '?')}:{getattr(backend, 'model', '') or '?'}"
+    log.warning("llm.deadline_exceeded", extra={"step": step, "backend": getattr(backend, "name", "?"),
+                                                "model": getattr(backend, "model", ""), "deadline_s": deadline,
+                                                **(context or {})})
+    raise UnavailableError(f"{step}: model {model} gave no answer within {deadline:g}s "
+                           f"(llm_deadline_seconds); the call was cancelled")
 
 
 @dataclass
@@ -48,7 +89,8 @@ class RatedReply:
 
 
 async def chat_until_rated(backend: Any, tally: CallTally, attempts: int,
-                           request_for: Callable[[int], Any]) -> RatedReply:
+                           request_for: Callable[[int], Any], *, deadline: float | None = None,
+                           step: str = "rate", context: Mapping[str, Any] | None = None) -> RatedReply:
     """Asks for a ``Rating: <n> ### Reason: <text>`` reply until it has a rating, at most ``attempts`` times.
 
     Backends that read token probabilities (``ChatBackend.rate``) always give one on the first
@@ -56,16 +98,30 @@ async def chat_until_rated(backend: Any, tally: CallTally, attempts: int,
     kept too. Others are parsed from text (``parse_rating``), and ``request_for(attempt)`` builds
     each attempt's ChatRequest with a new seed so that a retry is not the same sample. The score
     stays None when no reply could be read — the caller records it as missing, never as a number.
+
+    A backend's distribution that breaks the rating contract (not P(1..7), not finite, not summing
+    to 1: ``check_rating_fields``) is discarded with a warning and the reply's text is parsed
+    instead, as for a backend without probabilities: such numbers never reach a record.
+
+    Each call has ``deadline`` seconds (``within_deadline``: UnavailableError naming ``step``).
     """
     reply = RatedReply("", None, "")
     for attempt in range(attempts):
-        rated = await backend.rate(request_for(attempt), scale=RATING_SCALE)
+        rated = await within_deadline(backend.rate(request_for(attempt), scale=RATING_SCALE), deadline=deadline,
+                                      step=step, backend=backend, context=context)
         tally.add(rated.completion)
         text = rated.completion.text.strip()
         parsed = parse_rating(text, RATING_SCALE)
         digits = rated.digits
         if digits is not None:
-            return RatedReply(text, digits.score, parsed.reason, digits.expected, digits.probabilities)
+            try:
+                check_rating_fields("backend rating", score=digits.score, expected=digits.expected,
+                                    probabilities=digits.probabilities, scale=RATING_SCALE)
+            except (ValidationError, TypeError, ValueError) as exc:
+                log.warning("ratings.probabilities_rejected", extra={"backend": getattr(backend, "name", ""),
+                                                                     "reason": str(exc)})
+            else:
+                return RatedReply(text, digits.score, parsed.reason, digits.expected, digits.probabilities)
         reply = RatedReply(text, parsed.score, parsed.reason)
         if parsed.score is not None:
             break

@@ -1,119 +1,219 @@
-"""Settings from environment variables with typed defaults.
+"""Settings from environment variables with typed defaults: one loader, built on pydantic-settings.
 
-Every service describes its settings as a frozen dataclass; ``load_settings`` fills it from
-``STABLEALIGN_<FIELD>`` variables, then from explicit overrides (CLI flags win), converting each
-value to the field's type and failing fast with the variable's name on a bad value.
+Every service describes its settings as a frozen ``Settings`` subclass (a pydantic-settings
+``BaseSettings``) whose constraints are declared on the fields (``Field(ge=1)``, ``Literal[...]``;
+a model validator only where a rule spans fields). Values come from defaults < ``STABLEALIGN_<FIELD>``
+environment variables < explicit overrides (CLI flags win). Sequence fields read comma-separated
+values; booleans accept true/false/1/0/yes/no/on/off. A bad value fails fast with a one-line
+``ConfigError`` that names the environment variable, never a pydantic error dump.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import AfterValidator, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from stablealign.errors import ConfigError
 
 ENV_PREFIX = "STABLEALIGN_"
-T = TypeVar("T")
+T = TypeVar("T", bound="Settings")
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+# What ``load_settings`` was given, for the settings being built in this context (thread / task).
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("settings_environ", default=None)
+_PREFIX: ContextVar[str | None] = ContextVar("settings_prefix", default=None)
 
 
 def env_name(field_name: str, prefix: str = ENV_PREFIX) -> str:
     return f"{prefix}{field_name.upper()}"
 
 
-def _convert(raw: str, target: Any, name: str) -> Any:
-    origin = typing.get_origin(target)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(target) if a is not type(None)]
-        if raw.strip() == "" or raw.strip().lower() == "none":
-            return None
-        return _convert(raw, args[0], name)
-    if target is bool:
-        value = raw.strip().lower()
-        if value in _TRUE:
-            return True
-        if value in _FALSE:
-            return False
-        raise ConfigError(f"{name}={raw!r}: expected a boolean (true/false)")
-    if target is int:
-        try:
-            return int(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r}: expected an integer") from None
-    if target is float:
-        try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r}: expected a number") from None
-    if target is str:
+def _is_optional(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+def _is_sequence(annotation: Any) -> bool:
+    if _is_optional(annotation):
+        return any(_is_sequence(a) for a in typing.get_args(annotation) if a is not type(None))
+    return typing.get_origin(annotation) in (tuple, list, set, frozenset)
+
+
+def _from_env(raw: str, field: FieldInfo) -> Any:
+    """The raw variable as pydantic should see it: comma-separated items for sequences, None for an
+    optional field set to "" or "none"; everything else stays a string that the field's type converts."""
+    annotation = field.annotation
+    if annotation is str:
         return raw
-    if origin in (tuple, list):
-        items = [s.strip() for s in raw.split(",") if s.strip()]
-        (inner, *_) = typing.get_args(target) or (str,)
-        converted = [_convert(s, inner, name) for s in items]
-        return tuple(converted) if origin is tuple else converted
-    raise ConfigError(f"{name}: unsupported setting type {target!r}")
+    value = raw.strip()
+    if _is_optional(annotation) and value.lower() in ("", "none"):
+        return None
+    if _is_sequence(annotation):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class EnvironSource(PydanticBaseSettingsSource):
+    """``<prefix><FIELD>`` variables from ``os.environ``, or from the mapping given to ``load_settings``."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        given = _ENVIRON.get()
+        self.environ: Mapping[str, str] = os.environ if given is None else given
+        self.prefix = _settings_prefix(settings_cls)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        name = env_name(field_name, self.prefix)
+        return self.environ.get(name), name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for field_name, field in self.settings_cls.model_fields.items():
+            raw, _, _ = self.get_field_value(field, field_name)
+            if raw is not None:
+                values[field_name] = _from_env(raw, field)
+        return values
+
+
+def _settings_prefix(cls: type[BaseSettings]) -> str:
+    return _PREFIX.get() or cls.model_config.get("env_prefix") or ENV_PREFIX
+
+
+_TYPE_TEXT = {
+    "int_parsing": "expected an integer", "int_type": "expected an integer", "int_from_float": "expected an integer",
+    "float_parsing": "expected a number", "float_type": "expected a number",
+    "bool_parsing": "expected a boolean (true/false)", "bool_type": "expected a boolean (true/false)",
+    "string_type": "expected a string",
+    "tuple_type": "expected a comma-separated list", "list_type": "expected a comma-separated list",
+}
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+           "less_than": ("<", "lt")}
+
+
+def _one_problem(cls: type[BaseSettings], error: Mapping[str, Any], prefix: str) -> str:
+    kind, loc, ctx = error["type"], error.get("loc") or (), error.get("ctx") or {}
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not loc or not isinstance(loc[0], str):
+        return message  # a rule across fields: its validator's message names the variables
+    field = loc[0]
+    if kind == "extra_forbidden":
+        return f"unknown setting {field!r} for {cls.__name__}"
+    name = env_name(field, prefix)
+    value = error.get("input")
+    if kind in _BOUNDS:
+        op, key = _BOUNDS[kind]
+        bound = ctx.get(key)
+        return f"{name} must be {op} {format(bound, 'g') if isinstance(bound, float) else bound}, got {value}"
+    if kind == "literal_error":
+        return f"{name}={value!r}: must be {str(ctx.get('expected', '')).replace(chr(39), '')}"
+    return f"{name}={value!r}: {_TYPE_TEXT.get(kind, message)}"
+
+
+def config_error(cls: type[BaseSettings], exc: ValidationError, prefix: str | None = None) -> ConfigError:
+    """pydantic's ValidationError as one line naming each bad variable."""
+    prefix = prefix or _settings_prefix(cls)
+    problems = list(dict.fromkeys(_one_problem(cls, e, prefix) for e in exc.errors(include_url=False)))
+    return ConfigError("; ".join(problems).replace("\n", " "))
+
+
+class Settings(BaseSettings):
+    """Base of every settings class: frozen (hashable), ``STABLEALIGN_<FIELD>`` variables, typos rejected.
+
+    Constructing one reads the environment too (pydantic-settings); ``load_settings`` is the entry
+    point that also takes an explicit environment mapping and ignores None overrides. Other
+    ``STABLEALIGN_*`` variables are ignored: only the fields' own variables are read.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise config_error(type(self), exc) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, EnvironSource(settings_cls)  # explicit values win over the environment
+
+
+@contextmanager
+def _environment(environ: Mapping[str, str] | None, prefix: str | None) -> Iterator[None]:
+    environ_token, prefix_token = _ENVIRON.set(environ), _PREFIX.set(prefix)
+    try:
+        yield
+    finally:
+        _PREFIX.reset(prefix_token)
+        _ENVIRON.reset(environ_token)
 
 
 def load_settings(cls: type[T], overrides: Mapping[str, Any] | None = None, *,
-                  environ: Mapping[str, str] | None = None, prefix: str = ENV_PREFIX) -> T:
-    """Builds ``cls`` from defaults < environment < overrides (None overrides are ignored)."""
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a dataclass")
-    environ = os.environ if environ is None else environ
-    hints = typing.get_type_hints(cls)
+                  environ: Mapping[str, str] | None = None, prefix: str | None = None) -> T:
+    """Builds ``cls`` from defaults < environment < overrides (None overrides are ignored).
+
+    ``environ``: the variables to read instead of ``os.environ``; ``prefix``: instead of the class's
+    ``env_prefix``. ConfigError (one line, naming the variable) for a bad value or an unknown override.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Settings)):
+        raise TypeError(f"{cls!r} is not a stablealign.config.Settings class")
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):
-        name = env_name(field.name, prefix)
-        if name in environ:
-            values[field.name] = _convert(environ[name], hints[field.name], name)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        if key not in hints:
+        if key not in cls.model_fields:
             raise ConfigError(f"unknown setting {key!r} for {cls.__name__}")
         values[key] = value
-    try:
-        settings = cls(**values)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{cls.__name__}: {exc}") from exc
-    validate = getattr(settings, "validate", None)
-    if callable(validate):
-        validate()
-    return settings
+    with _environment(environ, prefix):
+        return cls(**values)
 
 
-@dataclasses.dataclass(frozen=True)
-class ServiceSettings:
+def _nats_url(url: str) -> str:
+    if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
+        raise ValueError("expected a nats:// URL")
+    return url
+
+
+NatsUrl = Annotated[str, AfterValidator(_nats_url)]
+Port = Annotated[int, Field(ge=-1, le=65535)]
+
+
+class ServiceSettings(Settings):
     """What every service process needs; services extend it with their own fields."""
 
-    nats_url: str = "nats://127.0.0.1:4222"
-    grpc_port: int = 0  # 0: pick a free port (logged); -1: no gRPC server
-    grpc_host: str = "127.0.0.1"
-    metrics_port: int = -1  # -1: no /metrics server; 0: pick a free port
-    metrics_host: str = "127.0.0.1"
+    nats_url: NatsUrl = Field("nats://127.0.0.1:4222", description="NATS server URL (nats://, tls://, ws://, wss://).")
+    grpc_port: Port = Field(0, description="gRPC port; 0: pick a free port (logged); -1: no gRPC server.")
+    grpc_host: str = Field("127.0.0.1", description="gRPC bind address.")
+    metrics_port: Port = Field(-1, description="Prometheus /metrics port; -1: no /metrics server; 0: a free port.")
+    metrics_host: str = Field("127.0.0.1", description="/metrics bind address.")
     log_level: str = "INFO"
-    log_format: str = "auto"  # json | console | auto (json when stderr is not a terminal)
-    # Requests in flight at once per process (NATS handlers and gRPC calls).
-    max_concurrency: int = 256
-    # Largest request accepted, bytes (gRPC and NATS).
-    max_request_bytes: int = 1 << 20
-    # Seconds to finish in-flight work after SIGTERM.
-    shutdown_grace_seconds: float = 30.0
-    instance: str = ""
-
-    def validate(self) -> None:
-        if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
-            raise ConfigError(f"{env_name('nats_url')}={self.nats_url!r}: expected a nats:// URL")
-        if self.max_concurrency < 1:
-            raise ConfigError(f"{env_name('max_concurrency')} must be >= 1")
-        if self.log_format not in ("json", "console", "auto"):
-            raise ConfigError(f"{env_name('log_format')} must be json, console or auto")
+    log_format: Literal["json", "console", "auto"] = Field(
+        "auto", description="json | console | auto (json in a Kubernetes pod, human lines elsewhere).")
+    max_concurrency: int = Field(256, ge=1, description="Requests in flight at once per process (NATS handlers "
+                                                        "and gRPC calls).")
+    max_request_bytes: int = Field(1 << 20, ge=1, description="Largest request accepted, bytes (gRPC and NATS).")
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description="Seconds to finish in-flight work after SIGTERM.")
+    instance: str = Field("", description="Replica name in logs (and a world's owner).")
+    request_liveness_seconds: float = Field(10.0, gt=0, description=(
+        "A NATS request this process sends is sent again when the replica on it has sent no heartbeat for this "
+        "long (it died); a live replica sends one every quarter of it, however long its model takes."))
+    llm_deadline_seconds: float = Field(90.0, gt=0, description=(
+        "Longest one LLM call of an agent/observer step may take (backend retries included): past it the call "
+        "is cancelled and the step answers UNAVAILABLE naming the step and the model. Keep it below the world's "
+        "request_timeout_seconds."))
+    local_llm_deadline_seconds: float = Field(1500.0, gt=0, description=(
+        "The same for models in the agent/observer process (hf), whose calls wait their turn in the batch; "
+        "keep it below the world's local_request_timeout_seconds."))

@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import re
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -58,8 +60,18 @@ def split_dialogue(dialogue: str) -> list[tuple[str, str]]:
     return [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a text file, gzipped or not; bytes that are not UTF-8 or a damaged
+    gzip stream raise one ``ValidationError`` ``FILE:LINE: <reason>``, never a traceback."""
+    from stablealign.records import decode_line  # late: records pulls in the protobuf modules
+
+    line_no = 0
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
+            for line_no, raw in enumerate(handle, 1):
+                yield line_no, decode_line(raw, f"{path}:{line_no}")
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise ValidationError(f"{path}:{line_no + 1}: cannot read ({exc})") from None
 
 
 # Held-out means held out: the HH-RLHF pairs that evaluation scores are never agents' prior
@@ -110,22 +122,22 @@ def _load_hh_pairs(path: str | Path | None = None) -> tuple[HHPair, ...]:
     if not path.is_file():
         raise ValidationError(f"prior file not found: {path}")
     pairs: list[HHPair] = []
-    with _open_text(path) as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                chosen, rejected = split_dialogue(row["chosen"]), split_dialogue(row["rejected"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValidationError(f"{path}:{line_no}: not an HH-RLHF pair ({exc})") from exc
-            if not chosen or not rejected or chosen[0][0] != "Human":
-                continue
-            if chosen[-1][0] != "Assistant" or rejected[-1][0] != "Assistant":
-                continue
-            if not chosen[-1][1] or not rejected[-1][1]:
-                continue
-            pairs.append(HHPair(chosen[0][1], chosen[-1][1], rejected[-1][1], row["chosen"], row["rejected"]))
+    for line_no, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            chosen, rejected = split_dialogue(row["chosen"]), split_dialogue(row["rejected"])
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValidationError(f"{path}:{line_no}: not an HH-RLHF pair ({reason})") from None
+        if not chosen or not rejected or chosen[0][0] != "Human":
+            continue
+        if chosen[-1][0] != "Assistant" or rejected[-1][0] != "Assistant":
+            continue
+        if not chosen[-1][1] or not rejected[-1][1]:
+            continue
+        pairs.append(HHPair(chosen[0][1], chosen[-1][1], rejected[-1][1], row["chosen"], row["rejected"]))
     if not pairs:
         raise ValidationError(f"{path}: no usable HH-RLHF pairs")
     return tuple(pairs)
@@ -139,8 +151,7 @@ def load_questions(path: str | Path | None = None) -> tuple[str, ...]:
     if not path.is_file():
         raise ValidationError(f"question pool not found: {path}")
     held_out = eval_questions()
-    with _open_text(path) as handle:
-        questions = tuple(q for q in (line.strip() for line in handle) if q and _normalise(q) not in held_out)
+    questions = tuple(q for q in (line.strip() for _, line in _lines(path)) if q and _normalise(q) not in held_out)
     if not questions:
         raise ValidationError(f"{path}: empty question pool")
     return questions

@@ -7,6 +7,9 @@ process: request counts/latencies per transport and LLM call accounting per back
 from __future__ import annotations
 
 import socket
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Histogram, start_http_server
 
@@ -72,10 +75,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def start_metrics_server(port: int, host: str = "127.0.0.1") -> int | None:
-    """Serves ``/metrics`` on its own port (-1: disabled, 0: a free port); returns the port."""
+@dataclass
+class MetricsServer:
+    """A running ``/metrics`` HTTP server (a daemon thread); ``stop`` frees its port and thread."""
+
+    httpd: WSGIServer
+    thread: threading.Thread
+    host: str
+    port: int
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Blocks until the serving thread ends (up to half a second: its poll interval)."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout)
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> MetricsServer | None:
+    """Serves ``/metrics`` on its own port (-1: disabled, 0: a free port).
+
+    Raises ``OSError`` (e.g. ``EADDRINUSE``) when the port cannot be bound.
+    """
     if port < 0:
         return None
-    port = port or free_port(host)
-    start_http_server(port, addr=host)
-    return port
+    httpd, thread = start_http_server(port, addr=host)
+    return MetricsServer(httpd=httpd, thread=thread, host=host, port=httpd.server_port)
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> int | None:
+    """Serves ``/metrics`` for the life of the process (-1: disabled, 0: a free port); returns the port."""
+    server = serve_metrics(port, host)
+    return server.port if server else None

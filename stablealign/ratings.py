@@ -23,9 +23,12 @@ starts a range (``1-7``, ``1 to 7``: the scale being quoted) is skipped.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+
+from stablealign.errors import ValidationError
 
 NUMBER_WORDS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
@@ -83,7 +86,8 @@ def _to_number(token: str) -> float:
 
 
 def _score(value: float, denominator: str | None, scale: int) -> int | None:
-    if denominator is not None and int(_to_number(denominator)) != scale:
+    # compared as a float (denominators are whole numbers): 400 digits are inf, not an OverflowError
+    if denominator is not None and _to_number(denominator) != scale:
         return None  # another scale: never rescaled silently (see module docstring)
     if not math.isfinite(value):
         return None
@@ -139,3 +143,64 @@ def parse_rating(text: str, scale: int = RATING_SCALE) -> ParsedRating:
     if match:
         score = _score(_to_number(match.group("num")), match.groupdict().get("den"), scale)
     return ParsedRating(score=score, reason=_reason(text, match))
+
+
+# --- range checks of ratings that arrive as data (records files, requests, backends) -----------------
+
+# P(1..scale) of a Feedback/Rating message must sum to 1 within this (float32 values, renormalised).
+PROBABILITY_TOLERANCE = 1e-3
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_score(value: object, name: str, *, scale: float = RATING_SCALE) -> float | None:
+    """A rating read from data: ``None`` (missing, as DESIGN §3 writes it) or a finite number in
+    1..scale, else ``ValidationError`` naming ``name`` and the value. Booleans are not numbers."""
+    if value is None:
+        return None
+    if not _is_number(value):
+        raise ValidationError(f"{name} must be a number in 1..{scale:g} or null, got {show_value(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValidationError(f"{name} {show_value(value)} is not a finite number")
+    if not 1 <= value <= scale:  # type: ignore[operator]  # ints compared exactly: 10**400 is no float
+        raise ValidationError(f"{name} {show_value(value)} is outside 1..{scale:g}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_rating_fields(name: str, *, score: int | None, expected: float | None,
+                        probabilities: list[float] | tuple[float, ...], scale: int = RATING_SCALE) -> None:
+    """The rating fields of a ``Feedback`` / ``Rating`` message (or a backend's digit distribution):
+    ``score`` in 1..scale, ``expected`` finite in [1, scale], ``probabilities`` either empty or
+    ``scale`` finite values in [0, 1] summing to 1 (± PROBABILITY_TOLERANCE); ``ValidationError`` else."""
+    if score is not None and not 1 <= score <= scale:
+        raise ValidationError(f"{name}: rating {score} is outside 1..{scale} (leave it unset when missing)")
+    if expected is not None and not (math.isfinite(expected) and 1 - 1e-6 <= expected <= scale + 1e-6):
+        raise ValidationError(f"{name}: expected rating {expected!r} is not a finite number in [1, {scale}]")
+    if probabilities:
+        if len(probabilities) != scale:
+            raise ValidationError(f"{name}: {len(probabilities)} probabilities, expected {scale} (P(1..{scale}))")
+        if not all(math.isfinite(p) and 0 <= p <= 1 for p in probabilities):
+            raise ValidationError(f"{name}: probabilities must be finite numbers in [0, 1]")
+        total = math.fsum(probabilities)
+        if abs(total - 1) > PROBABILITY_TOLERANCE:
+            raise ValidationError(f"{name}: probabilities sum to {total:.6g}, not 1")
+
+
+def check_rating_message(message: object, name: str, scale: int = RATING_SCALE) -> None:
+    """``check_rating_fields`` of a protobuf ``Feedback`` (``rating``) or ``Rating`` (``score``)."""
+    field = "rating" if hasattr(message, "partner_id") else "score"
+    check_rating_fields(
+        name, score=getattr(message, field) if message.HasField(field) else None,  # type: ignore[attr-defined]
+        expected=message.expected if message.HasField("expected") else None,  # type: ignore[attr-defined]
+        probabilities=list(message.probabilities), scale=scale)  # type: ignore[attr-defined]
+
+
+def show_value(value: object) -> str:
+    """A value as JSON would show it, cut short (reasons stay one line)."""
+    try:
+        text = json.dumps(value, ensure_ascii=True, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -7,6 +7,8 @@ logged here and returned as a bare INTERNAL.
 
 from __future__ import annotations
 
+import errno
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -59,16 +61,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
+        # The request arrives as bytes and is decoded inside the wrapper: a deserializer that raises in
+        # gRPC's core becomes UNKNOWN plus an ERROR traceback per request; here it is INVALID_ARGUMENT.
+        decode = handler.request_deserializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.unary_unary, method, decode),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(handler.unary_stream, method, decode),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -83,11 +88,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         metrics.REQUESTS.labels(self.service, method, "grpc", code.name).inc()
         await context.abort(code, detail)
 
-    def _wrap_unary(self, behaviour: Callable[..., Awaitable[Any]], method: str):
-        async def wrapped(request, context):
+    def _wrap_unary(self, behaviour: Callable[..., Awaitable[Any]], method: str, decode: Callable[[bytes], Any] | None):
+        async def wrapped(raw, context):
             started = time.perf_counter()
             try:
-                response = await behaviour(request, context)
+                response = await behaviour(decode_request(raw, decode, method), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -100,10 +105,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    def _wrap_stream(self, behaviour, method: str):
-        async def wrapped(request, context):
+    def _wrap_stream(self, behaviour, method: str, decode: Callable[[bytes], Any] | None):
+        async def wrapped(raw, context):
             try:
-                async for item in behaviour(request, context):
+                async for item in behaviour(decode_request(raw, decode, method), context):
                     yield item
             except grpc.aio.AbortError:
                 raise
@@ -113,6 +118,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 metrics.REQUESTS.labels(self.service, method, "grpc", "OK").inc()
 
         return wrapped
+
+
+def decode_request(raw: Any, decode: Callable[[bytes], Any] | None, method: str) -> Any:
+    """The request message from its bytes; ValidationError (-> INVALID_ARGUMENT) when they do not parse."""
+    if decode is None or not isinstance(raw, bytes | bytearray):
+        return raw
+    try:
+        return decode(raw)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, others may raise anything
+        raise ValidationError(f"malformed {method} request: {len(raw)} bytes that are not a valid message "
+                              f"({type(exc).__name__})") from None
 
 
 @dataclass
@@ -139,7 +155,12 @@ async def start_grpc_server(
     """Starts a server with the given servicers plus health and reflection.
 
     ``registrations`` holds ``(add_XServicer_to_server, servicer, full_service_name)`` triples.
+    Raises ``OSError`` (``errno`` ``EADDRINUSE`` for a busy port) when the address cannot be bound.
     """
+    if port:  # fail with the reason before gRPC's core logs its own multi-line complaint
+        problem = bind_problem(host, port)
+        if problem is not None:
+            raise problem
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(service)],
         # Beyond this many calls at once new ones get RESOURCE_EXHAUSTED instead of piling up.
@@ -159,9 +180,35 @@ async def start_grpc_server(
         await health.set(full_name, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+        await server.stop(None)
+        raise (bind_problem(host, port) if port else None) or OSError(
+            errno.EADDRNOTAVAIL, f"cannot bind gRPC server to {host}:{port}")
     await server.start()
     log.info("grpc.started", extra={"service": service, "port": bound})
     return GrpcServer(server=server, port=bound, health=health)
+
+
+def bind_problem(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on ``host:port`` (e.g. ``EADDRINUSE``), or None if it could now.
+
+    Binds and closes a probe socket the way servers do (``SO_REUSEADDR``), for every address
+    ``host`` resolves to.
+    """
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return OSError(errno.EADDRNOTAVAIL, f"cannot resolve {host!r} ({exc.strerror})")
+    for family, kind, proto, _, address in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as exc:
+            return exc
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ from nats.js import JetStreamContext
 
 from stablealign import bus
 from stablealign.config import ServiceSettings
+from stablealign.discovery import Discovery, start_discovery
+from stablealign.errors import ConfigError
 from stablealign.logs import get_logger
-from stablealign.metrics import start_metrics_server
+from stablealign.metrics import MetricsServer, serve_metrics
 from stablealign.rpc import GrpcServer, start_grpc_server
 
 log = get_logger(__name__)
@@ -57,6 +60,8 @@ class RunningService:
     metrics_port: int | None
     tasks: list[asyncio.Task] = field(default_factory=list)
     stopped: bool = False
+    metrics: MetricsServer | None = None
+    discovery: Discovery | None = None
 
     @property
     def grpc_port(self) -> int | None:
@@ -71,22 +76,17 @@ class RunningService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace  # one budget for the whole drain, so the pod's grace period holds
         log.info("service.draining", extra={"service": self.name, "inflight": self.context.requests.inflight})
+        if self.discovery:  # leaving: `nats micro ls` stops listing this replica
+            await self.discovery.stop()
         for task in self.tasks:  # background loops (e.g. resume scans) start nothing new from here on
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-        async def run_hooks() -> None:
-            for hook in self.parts.on_stop:
-                try:
-                    await hook()
-                except Exception:  # noqa: BLE001 - keep closing the rest
-                    log.exception("service.stop_hook_failed", extra={"service": self.name})
-
         # Intake stops at once on both transports while the service's own work (e.g. a world's
         # scheduler) winds down: in parallel, not one full grace period after another.
-        phases = [self.context.requests.drain(grace), run_hooks()]
+        phases = [self.context.requests.drain(grace), _run_stop_hooks(self.name, self.parts.on_stop)]
         if self.grpc:
             phases.append(self.grpc.stop(grace))
         try:
@@ -96,29 +96,83 @@ class RunningService:
             log.warning("service.drain_timeout", extra={"service": self.name, "grace_s": grace})
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.context.nc.drain(), timeout=max(deadline - loop.time(), 1.0))
+        if self.metrics:  # last: a scrape during the drain still sees it
+            await asyncio.to_thread(self.metrics.stop)
         log.info("service.stopped", extra={"service": self.name})
 
 
 async def start_service(name: str, settings: ServiceSettings,
                         build: Callable[[ServiceContext], Awaitable[ServiceParts]]) -> RunningService:
-    nc = await bus.connect(settings.nats_url, name=f"stablealign-{name}{'-' + settings.instance if settings.instance else ''}")
-    js = nc.jetstream(timeout=10.0)
-    await bus.ensure_jetstream(js)
-    requests = bus.RequestServer(nc, service=name, queue=name, max_concurrency=settings.max_concurrency,
-                                 max_request_bytes=settings.max_request_bytes)
-    context = ServiceContext(name=name, settings=settings, nc=nc, js=js, requests=requests)
-    parts = await build(context)
-    grpc_server = None
-    if settings.grpc_port >= 0:
-        grpc_server = await start_grpc_server(service=name, registrations=parts.grpc, host=settings.grpc_host,
-                                              port=settings.grpc_port, max_request_bytes=settings.max_request_bytes,
-                                              max_concurrent_rpcs=settings.max_concurrency)
-    metrics_port = start_metrics_server(settings.metrics_port, settings.metrics_host)
-    running = RunningService(name, context, parts, grpc_server, metrics_port)
-    running.tasks = [asyncio.create_task(job()) for job in parts.background]
-    log.info("service.ready", extra={"service": name, "grpc_port": running.grpc_port, "metrics_port": metrics_port,
-                                     "nats": settings.nats_url})
+    """Connects, builds the service and opens its ports; returns it serving.
+
+    A step that fails (a busy port, ``build`` raising, a cancel) closes what the steps before it
+    opened, in reverse order, before the error propagates: nothing leaks into the process or NATS.
+    A port that cannot be bound raises ``ConfigError`` naming the port and the setting.
+    """
+    async with contextlib.AsyncExitStack() as opened:
+        nc = await bus.connect(settings.nats_url, name=f"stablealign-{name}{'-' + settings.instance if settings.instance else ''}")
+        opened.push_async_callback(_close_nats, nc)
+        js = nc.jetstream(timeout=10.0)
+        await bus.ensure_jetstream(js)
+        requests = bus.RequestServer(nc, service=name, queue=name, max_concurrency=settings.max_concurrency,
+                                     max_request_bytes=settings.max_request_bytes)
+        opened.push_async_callback(requests.drain, 0.0)
+        context = ServiceContext(name=name, settings=settings, nc=nc, js=js, requests=requests)
+        parts = await build(context)
+        opened.push_async_callback(_run_stop_hooks, name, parts.on_stop)
+        grpc_server = None
+        if settings.grpc_port >= 0:
+            try:
+                grpc_server = await start_grpc_server(
+                    service=name, registrations=parts.grpc, host=settings.grpc_host, port=settings.grpc_port,
+                    max_request_bytes=settings.max_request_bytes, max_concurrent_rpcs=settings.max_concurrency)
+            except OSError as exc:
+                raise _listen_error("gRPC", settings.grpc_host, settings.grpc_port, "grpc", exc) from None
+            opened.push_async_callback(grpc_server.stop, 0.0)
+        try:
+            metrics = serve_metrics(settings.metrics_port, settings.metrics_host)
+        except OSError as exc:
+            raise _listen_error("metrics", settings.metrics_host, settings.metrics_port, "metrics", exc) from None
+        if metrics:
+            opened.push_async_callback(asyncio.to_thread, metrics.stop)
+        metadata = {"instance": settings.instance} if settings.instance else {}
+        if grpc_server:
+            metadata["grpc_port"] = str(grpc_server.port)
+        if metrics:
+            metadata["metrics_port"] = str(metrics.port)
+        discovery = await start_discovery(nc, requests, name, description=f"stable-align {name} service",
+                                          metadata=metadata)
+        opened.push_async_callback(discovery.stop)
+        running = RunningService(name, context, parts, grpc_server, metrics.port if metrics else None,
+                                 metrics=metrics, discovery=discovery)
+        running.tasks = [asyncio.create_task(job()) for job in parts.background]
+        opened.pop_all()  # started: from here on ``running.stop`` closes it all
+    log.info("service.ready", extra={"service": name, "grpc_port": running.grpc_port,
+                                     "metrics_port": running.metrics_port, "nats": settings.nats_url,
+                                     "service_id": discovery.id})
     return running
+
+
+def _listen_error(what: str, host: str, port: int, setting: str, exc: OSError) -> ConfigError:
+    """One line naming the port, what it is for and how to change it, instead of a traceback."""
+    where = f"(--{setting}-port / STABLEALIGN_{setting.upper()}_PORT)"
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(f"{what} port {port} on {host} is already in use {where}")
+    hosts = f"(--{setting}-host, --{setting}-port / STABLEALIGN_{setting.upper()}_HOST, _PORT)"
+    return ConfigError(f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc} {hosts}")
+
+
+async def _close_nats(nc: NATS) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), timeout=5.0)
+
+
+async def _run_stop_hooks(name: str, hooks: list[Callable[[], Awaitable[None]]]) -> None:
+    for hook in hooks:
+        try:
+            await hook()
+        except Exception:  # noqa: BLE001 - keep closing the rest
+            log.exception("service.stop_hook_failed", extra={"service": name})
 
 
 async def serve_forever(name: str, settings: ServiceSettings,

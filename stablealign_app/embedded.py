@@ -22,13 +22,16 @@ from nats.aio.client import Client as NATS
 from stablealign import bus
 from stablealign.config import load_settings
 from stablealign.errors import ConflictError, UnavailableError
+from stablealign.logs import get_logger
 from stablealign.natsserver import EmbeddedNatsServer
 from stablealign.records import read_world_records, record_to_json, write_jsonl
+from stablealign.retry import Failure, RetryPolicy, retry_async
 from stablealign.service import RunningService, close_process_backends, start_service
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign.worlds import FINAL_STATES
 
 SANDBOX_SERVICES = ("agent", "observer", "world")
+log = get_logger(__name__)
 
 
 @dataclass
@@ -79,17 +82,19 @@ async def create_world(nc: NATS, spec: world_pb2.WorldSpec, timeout: float = 120
     if not spec_with_id.world_id:
         spec_with_id.world_id = f"w-{secrets.token_hex(6)}"
     request = world_pb2.CreateWorldRequest(spec=spec_with_id)
-    for attempt in range(1, 4):
+
+    async def create(attempt: int) -> world_pb2.World | None:
         try:
             return await bus.request(nc, bus.WORLD_CREATE, request, world_pb2.World, timeout=timeout, attempts=1)
-        except UnavailableError:
-            if attempt == 3:
-                raise
         except ConflictError:
             if attempt == 1:
                 raise  # the id was taken before we asked: a real conflict
-            return await get_world(nc, spec_with_id.world_id)  # our own earlier attempt created it
-    raise AssertionError("unreachable")
+            return None  # our own earlier attempt created it
+
+    # Three tries, one after the other; only "unavailable" (no reply) is tried again.
+    policy = RetryPolicy(attempts=3, base_delay=0.0, timeout=None, jitter="none")
+    world = await retry_async(create, policy, retryable=lambda exc: isinstance(exc, UnavailableError))
+    return world if world is not None else await get_world(nc, spec_with_id.world_id)
 
 
 async def get_world(nc: NATS, world_id: str, timeout: float = 10.0) -> world_pb2.World:
@@ -103,13 +108,25 @@ async def list_worlds(nc: NATS, timeout: float = 10.0) -> list[world_pb2.World]:
     return list(reply.worlds)
 
 
+# How long ``wait_for_world`` keeps asking while no world service answers (a restart, a replica being
+# replaced) before it gives up on the world.
+WORLD_OUTAGE_SECONDS = 600.0
+
+
 async def wait_for_world(nc: NATS, world_id: str, *, timeout: float,
                          on_progress: Callable[[world_pb2.World], None] | None = None,
-                         poll_seconds: float = 0.25) -> world_pb2.World:
-    """Polls the world until it reaches a final state; raises UnavailableError after ``timeout``."""
+                         poll_seconds: float = 0.25,
+                         outage_seconds: float = WORLD_OUTAGE_SECONDS) -> world_pb2.World:
+    """Polls the world until it reaches a final state; raises UnavailableError after ``timeout``.
+
+    It follows the world, not the process it first talked to: the world's state lives in the
+    SANDBOX_WORLDS bucket and a world service that starts resumes it, so while none answers
+    (UnavailableError: no responders, timeouts) the poll is retried, through ``retry.py``, for up to
+    ``outage_seconds`` in a row. Only a final state, ``timeout`` or such an outage ends the wait.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        world = await get_world(nc, world_id)
+        world = await _get_world_through_outages(nc, world_id, min(outage_seconds, deadline - time.monotonic()))
         if on_progress:
             on_progress(world)
         if world.state in FINAL_STATES:
@@ -118,6 +135,30 @@ async def wait_for_world(nc: NATS, world_id: str, *, timeout: float,
             raise UnavailableError(f"world {world_id} did not finish within {timeout:.0f}s "
                                    f"({world.records_published} records so far)")
         await asyncio.sleep(poll_seconds)
+
+
+async def _get_world_through_outages(nc: NATS, world_id: str, budget: float) -> world_pb2.World:
+    """``get_world``, asked again while no world service answers, for at most ``budget`` seconds."""
+    give_up_at = time.monotonic() + max(budget, 0.0)
+    failures: list[Failure] = []
+
+    def on_failure(failure: Failure) -> None:
+        if not failures:
+            log.warning("world.unreachable", extra={"world_id": world_id, "error": str(failure.error),
+                                                    "budget_s": round(budget, 1)})
+        failures.append(failure)
+
+    # Waits 0.5, 1, 2, 2... s (full jitter) between polls; the budget, not a count, ends it.
+    policy = RetryPolicy(attempts=1_000_000, base_delay=0.5, max_delay=2.0, timeout=None, jitter="full")
+    try:
+        world = await retry_async(
+            lambda _attempt: get_world(nc, world_id), policy, on_failure=on_failure,
+            retryable=lambda exc: isinstance(exc, UnavailableError) and time.monotonic() < give_up_at)
+    except UnavailableError as exc:
+        raise UnavailableError(f"world {world_id}: no world service answered for {budget:.0f}s ({exc})") from exc
+    if failures:
+        log.info("world.reachable_again", extra={"world_id": world_id, "polls_failed": len(failures)})
+    return world
 
 
 async def fetch_records(nc: NATS, world_id: str) -> list[common_pb2.InteractionRecord]:

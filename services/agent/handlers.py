@@ -27,11 +27,19 @@ from stablealign.backends.base import (
     ChatMessage,
     ChatRequest,
 )
-from stablealign.calls import CallTally, chat_until_rated, check_round, check_text, world_chat_backend
+from stablealign.calls import (
+    CallTally,
+    chat_until_rated,
+    check_round,
+    check_text,
+    llm_deadline,
+    within_deadline,
+    world_chat_backend,
+)
 from stablealign.errors import BackendError, ConfigError, ConflictError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD, MemoryStore
-from stablealign.ratings import RATING_SCALE
+from stablealign.ratings import RATING_SCALE, check_rating_message
 from stablealign.v1 import agent_pb2, common_pb2, world_pb2
 from stablealign.worlds import WorldSpecCache, check_agent, derive_seed, persona_of
 
@@ -49,9 +57,12 @@ class AgentHandlers:
 
     async def _complete(self, backend: ChatBackend, tally: CallTally, *, messages: list[ChatMessage],
                         max_tokens: int, seed: int, task: str, hints: dict[str, Any]) -> str:
-        completion = await backend.chat(ChatRequest(messages=messages, max_tokens=max_tokens,
-                                                    temperature=self.settings.temperature, seed=seed,
-                                                    task=task, hints={**hints, "seed": seed}))
+        # A hung model: cancelled at the deadline, and the step answers 503 naming itself and the model.
+        completion = await within_deadline(
+            backend.chat(ChatRequest(messages=messages, max_tokens=max_tokens, temperature=self.settings.temperature,
+                                     seed=seed, task=task, hints={**hints, "seed": seed})),
+            deadline=llm_deadline(self.settings, backend), step=task, backend=backend,
+            context={"agent_id": hints.get("agent_id"), "round": hints.get("round")})
         tally.add(completion)
         return completion.text.strip()
 
@@ -142,7 +153,10 @@ class AgentHandlers:
                                temperature=self.settings.temperature, seed=seed, task=TASK_FEEDBACK,
                                hints={**hints, "seed": seed})
 
-        reply = await chat_until_rated(backend, tally, self.settings.rating_attempts, request_for)
+        reply = await chat_until_rated(backend, tally, self.settings.rating_attempts, request_for,
+                                       deadline=llm_deadline(self.settings, backend), step=TASK_FEEDBACK,
+                                       context={"world_id": spec.world_id, "agent_id": request.agent_id,
+                                                "round": request.round})
         feedback = common_pb2.Feedback(partner_id=request.agent_id, text=reply.text, reason=reply.reason)
         if reply.score is not None:
             feedback.rating = reply.score
@@ -171,10 +185,9 @@ class AgentHandlers:
         ratings: list[int | None] = []
         reasons: list[str] = []
         for item in request.feedback:
+            # rating 1..7, expected finite in [1, 7], P(1..7) summing to 1: else 400, never recorded
+            check_rating_message(item, f"feedback of partner {item.partner_id}", RATING_SCALE)
             if item.HasField("rating"):
-                if not 1 <= item.rating <= RATING_SCALE:
-                    raise ValidationError(f"feedback of partner {item.partner_id}: rating {item.rating} "
-                                          f"is outside 1..{RATING_SCALE} (leave it unset when missing)")
                 ratings.append(item.rating)
             else:
                 ratings.append(None)

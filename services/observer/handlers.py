@@ -11,7 +11,14 @@ from services.observer import metrics
 from services.observer.settings import ObserverSettings
 from stablealign import rating_prompts as prompts
 from stablealign.backends.base import TASK_RATE_ALIGNMENT, TASK_RATE_ENGAGEMENT, ChatRequest
-from stablealign.calls import CallTally, chat_until_rated, check_round, check_text, world_chat_backend
+from stablealign.calls import (
+    CallTally,
+    chat_until_rated,
+    check_round,
+    check_text,
+    llm_deadline,
+    world_chat_backend,
+)
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
 from stablealign.v1 import common_pb2, observer_pb2
@@ -54,7 +61,11 @@ class ObserverHandlers:
             return ChatRequest(messages=messages, max_tokens=self.settings.max_tokens, temperature=temperature,
                                seed=seed, task=task, hints={"question": question, "answer": answer, "seed": seed})
 
-        reply = await chat_until_rated(backend, tally, self.settings.rating_attempts, request_for)
+        reply = await chat_until_rated(backend, tally, self.settings.rating_attempts, request_for,
+                                       deadline=llm_deadline(self.settings, backend),
+                                       step=f"rate {aspect} {request.stage}".strip(),
+                                       context={"world_id": spec.world_id, "agent_id": request.agent_id,
+                                                "round": request.round})
         rating = common_pb2.Rating()
         if reply.score is not None:
             rating.score = reply.score

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import Field
 
-from stablealign.config import ServiceSettings, env_name
-from stablealign.errors import ConfigError
+from stablealign.config import ServiceSettings
 
 
-@dataclass(frozen=True)
 class ObserverSettings(ServiceSettings):
-    # Longest question / answer accepted, characters.
-    max_question_chars: int = 4000
-    max_answer_chars: int = 16000
-    # Tries of a rating that cannot be parsed (each with another seed), then it is recorded missing.
-    rating_attempts: int = 3
-    # World specs cached per process (LRU).
-    max_worlds: int = 4096
-    max_tokens: int = 192
+    max_question_chars: int = Field(4000, ge=1, description="Longest question accepted, characters.")
+    max_answer_chars: int = Field(16000, ge=1, description="Longest answer accepted, characters.")
+    rating_attempts: int = Field(3, ge=1, description="Tries of a rating that cannot be parsed (each with "
+                                                      "another seed), then it is recorded missing.")
+    max_worlds: int = Field(4096, ge=1, description="World specs cached per process (LRU).")
+    max_tokens: int = Field(192, ge=1, description="Token budget of a rating reply.")
     # A judge should be steady; retries after an unparsable reply use retry_temperature to vary.
-    temperature: float = 0.2
-    retry_temperature: float = 0.7
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("max_question_chars", "max_answer_chars", "rating_attempts", "max_worlds", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{env_name(name)} must be >= 1")
-        for name in ("temperature", "retry_temperature"):
-            if not 0.0 <= getattr(self, name) <= 2.0:
-                raise ConfigError(f"{env_name(name)} must be in [0, 2]")
+    temperature: float = Field(0.2, ge=0.0, le=2.0, description="Sampling temperature of a first rating.")
+    retry_temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature of a retried rating.")

@@ -11,7 +11,6 @@ A submission without a job id gets one here, before the request is sent: a retri
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -25,11 +24,12 @@ from stablealign.v1 import trainer_pb2
 
 @contextlib.asynccontextmanager
 async def connected(nats_url: str, name: str = "stablealign-trainer-client",
-                    connect_timeout: float = 10.0) -> AsyncIterator[NATS]:
-    """A connection for one command; an unreachable server is an UnavailableError, not a hang."""
+                    connect_timeout: float = bus.CLIENT_GIVE_UP_SECONDS) -> AsyncIterator[NATS]:
+    """A connection for one command; an unreachable server is one UnavailableError within
+    ``connect_timeout`` seconds (no warning per attempt), not a hang."""
     try:
-        nc = await asyncio.wait_for(bus.connect(nats_url, name=name), timeout=connect_timeout)
-    except (TimeoutError, OSError) as exc:
+        nc = await bus.connect(nats_url, name=name, give_up_after=connect_timeout)
+    except OSError as exc:
         raise UnavailableError(f"cannot reach NATS at {nats_url} ({type(exc).__name__})") from None
     try:
         yield nc

@@ -8,13 +8,16 @@ the image and the Job template are.
 
 from __future__ import annotations
 
-import dataclasses
+import typing
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from stablealign.config import ServiceSettings, env_name
-from stablealign.errors import ConfigError
 
-RUNNERS = ("local", "kubernetes")
+RunnerName = Literal["local", "kubernetes"]
+RUNNERS: tuple[str, ...] = typing.get_args(RunnerName)
 
 
 def default_job_template() -> str:
@@ -27,55 +30,43 @@ def default_job_template() -> str:
     return str(path)
 
 
-@dataclasses.dataclass(frozen=True)
 class TrainerSettings(ServiceSettings):
     """What the trainer service needs beyond every service's settings."""
 
-    # Runner used when a JobSpec leaves `runner` empty: local | kubernetes.
-    runner: str = "local"
-    # Runners this process accepts (a trainer without cluster access only runs local jobs).
-    runners: tuple[str, ...] = RUNNERS
-    # Local jobs running at once (each is a whole training process: usually 1 per machine).
-    max_parallel_jobs: int = 1
-    # Kubernetes jobs watched at once (the cluster schedules them; this only bounds our watchers).
-    max_parallel_k8s_jobs: int = 16
-    # Local runner: default parent of job output directories (<work_dir>/<job_id>).
-    work_dir: str = "runs/trainer"
-    # Local runner: Python interpreter for training processes ("" = the service's own).
-    python: str = ""
-    # Seconds between SIGTERM and SIGKILL when a local job is cancelled or the service stops.
-    cancel_grace_seconds: float = 10.0
-    # Seconds between two looks at a job's progress (train_log.jsonl, Kubernetes Job status).
-    poll_seconds: float = 2.0
+    runner: RunnerName = Field("local", description="Runner used when a JobSpec leaves `runner` empty: "
+                                                    "local | kubernetes.")
+    runners: tuple[RunnerName, ...] = Field(RUNNERS, description=(
+        "Runners this process accepts, comma-separated (a trainer without cluster access only runs local jobs)."))
+    max_parallel_jobs: int = Field(1, ge=1, description=(
+        "Local jobs running at once (each is a whole training process: usually 1 per machine)."))
+    max_parallel_k8s_jobs: int = Field(16, ge=1, description=(
+        "Kubernetes jobs watched at once (the cluster schedules them; this only bounds our watchers)."))
+    work_dir: str = Field("runs/trainer", description="Local runner: default parent of job output directories "
+                                                      "(<work_dir>/<job_id>).")
+    python: str = Field("", description="Local runner: Python interpreter for training processes "
+                                        "(\"\" = the service's own).")
+    cancel_grace_seconds: float = Field(10.0, ge=0, description=(
+        "Seconds between SIGTERM and SIGKILL when a local job is cancelled or the service stops."))
+    poll_seconds: float = Field(2.0, gt=0, description=(
+        "Seconds between two looks at a job's progress (train_log.jsonl, Kubernetes Job status)."))
     # Kubernetes runner.
     k8s_namespace: str = "stablealign"
     k8s_image: str = "stablealign-trainer:latest"
-    k8s_job_template: str = dataclasses.field(default_factory=default_job_template)
-    # PersistentVolumeClaim mounted at /workspace in training pods (data, models, checkpoints).
-    k8s_pvc: str = "stablealign-training"
+    k8s_job_template: str = Field(default_factory=default_job_template, description="The Job template (YAML).")
+    k8s_pvc: str = Field("stablealign-training", description=(
+        "PersistentVolumeClaim mounted at /workspace in training pods (data, models, checkpoints)."))
     k8s_service_account: str = "stablealign-training"
-    k8s_backoff_limit: int = 2
-    k8s_ttl_seconds_after_finished: int = 86400
+    k8s_backoff_limit: int = Field(2, ge=0)
+    k8s_ttl_seconds_after_finished: int = Field(86400, ge=0)
     # How to reach the API server: an explicit URL (e.g. `kubectl proxy`, tests), a kubeconfig file,
     # or in-cluster credentials (the default inside a pod).
     k8s_api_url: str = ""
     k8s_kubeconfig: str = ""
     k8s_in_cluster: bool = False
 
-    def validate(self) -> None:
-        super().validate()
-        unknown = [r for r in self.runners if r not in RUNNERS]
-        if unknown:
-            raise ConfigError(f"{env_name('runners')}: unknown runner(s) {unknown}; valid: {list(RUNNERS)}")
+    @model_validator(mode="after")
+    def _runner_is_accepted(self) -> TrainerSettings:
         if self.runner not in self.runners:
-            raise ConfigError(f"{env_name('runner')}={self.runner!r}: must be one of {list(self.runners)}")
-        if self.max_parallel_jobs < 1:
-            raise ConfigError(f"{env_name('max_parallel_jobs')} must be >= 1")
-        if self.max_parallel_k8s_jobs < 1:
-            raise ConfigError(f"{env_name('max_parallel_k8s_jobs')} must be >= 1")
-        if self.cancel_grace_seconds < 0 or self.poll_seconds <= 0:
-            raise ConfigError(f"{env_name('cancel_grace_seconds')} must be >= 0 and "
-                              f"{env_name('poll_seconds')} > 0")
-        if self.k8s_backoff_limit < 0 or self.k8s_ttl_seconds_after_finished < 0:
-            raise ConfigError(f"{env_name('k8s_backoff_limit')} and {env_name('k8s_ttl_seconds_after_finished')} "
-                              "must be >= 0")
+            raise ValueError(f"{env_name('runner')}={self.runner!r}: must be one of {list(self.runners)} "
+                             f"({env_name('runners')})")
+        return self

@@ -4,6 +4,11 @@ Everything random here is drawn from a generator seeded by ``derive_seed(world s
 round, agent)`` (SHA-256, never Python's salted ``hash()``), so that one world spec gives the
 same partners and questions in every process, on every replica and after a resume, whatever
 order the interactions happen to run in.
+
+Partners are sampled without materialising a neighbourhood (``sample_partners``): a large
+disk is sampled by rejection from its bounding box (clipped to the grid), so an interaction
+costs O(1) draws instead of O(radius²) = O(S²) cells with the default radius S // 2, and a
+round O(N) instead of O(N²). Small neighbourhoods are still enumerated exactly.
 """
 
 from __future__ import annotations
@@ -153,6 +158,98 @@ def pick_partners(
         chosen.append(pick)
         taken.add(pick)
     return chosen
+
+
+def _box(agent: int, size: int, radius: float) -> tuple[int, int, int, int, int, int]:
+    """(row, col, first row, last row, first col, last col) of the neighbourhood's bounding box in the grid."""
+    row, col = position(agent, size)
+    reach = int(math.floor(radius + 1e-9))
+    return row, col, max(0, row - reach), min(size - 1, row + reach), max(0, col - reach), min(size - 1, col + reach)
+
+
+def neighbour_count(agent: int, size: int, radius: float) -> int:
+    """``len(neighbours(agent, size, radius))`` in O(radius) without listing them."""
+    row, col, r0, r1, _, _ = _box(agent, size, radius)
+    limit = radius * radius + 1e-9  # the same tolerance as neighbours()
+    dr = np.arange(r0, r1 + 1, dtype=np.int64) - row
+    room = limit - (dr * dr).astype(np.float64)
+    half = np.floor(np.sqrt(np.maximum(room, 0.0))).astype(np.int64)
+    half += ((half + 1) ** 2 <= room)  # exact integer half-widths despite sqrt rounding
+    half -= (half * half > room)
+    lo = np.maximum(col - half, 0)
+    hi = np.minimum(col + half, size - 1)
+    return int(np.maximum(hi - lo + 1, 0)[room >= 0].sum()) - 1
+
+
+# A bounding box of at most this many cells is enumerated (exact, and what pick_partners always did);
+# a larger one is sampled by rejection.
+ENUMERATE_CELLS = 4096
+# Candidate cells drawn per slot before falling back to listing the neighbourhood, in batches. Each is
+# accepted with probability >= ~pi/4 * (free neighbours / neighbours), so the fallback practically never runs.
+REJECTION_TRIES = 64
+_REJECTION_BATCH = 8
+# A box of more than ENUMERATE_CELLS cells holds at least ~200 neighbours (a quarter disk of radius
+# >= 16 lies inside the grid), so up to this many partners the count need not be computed.
+_SURELY_ENOUGH = 128
+
+
+def sample_partners(
+    agent: int,
+    size: int,
+    radius: float,
+    *,
+    partners: int,
+    seed: int,
+    round_: int,
+    global_probability: float = 0.0,
+) -> list[int]:
+    """``pick_partners`` for the neighbourhood (agent, size, radius), without listing the neighbourhood.
+
+    The same semantics: k = min(partners, #neighbours) distinct partners, never the agent itself;
+    each slot is, with probability ``global_probability``, drawn from the whole world, otherwise
+    uniformly from the neighbours not taken yet; seeded by (world seed, round, agent id). A
+    bounding box of <= ENUMERATE_CELLS cells is enumerated and handed to ``pick_partners``, so
+    small worlds get exactly the partners they always got; a larger one draws cells of the box
+    uniformly and keeps the first inside the disk and not taken — O(1) per partner.
+    """
+    row, col, r0, r1, c0, c1 = _box(agent, size, radius)
+    if (r1 - r0 + 1) * (c1 - c0 + 1) <= ENUMERATE_CELLS:
+        return pick_partners(agent, size, neighbours(agent, size, radius), partners=partners, seed=seed,
+                             round_=round_, global_probability=global_probability)
+    k = partners if partners <= _SURELY_ENOUGH else min(partners, neighbour_count(agent, size, radius))
+    if k <= 0:
+        return []
+    rng = rng_for(seed, "partners", round_, agent)
+    limit = radius * radius + 1e-9
+    n = size * size
+    chosen: list[int] = []
+    taken = {agent}
+    for _ in range(k):
+        if global_probability > 0 and rng.random() < global_probability and n - len(taken) > 0:
+            pick = _draw_global(rng, n, taken)
+        else:
+            pick = _draw_local(rng, size, row, col, (r0, r1, c0, c1), limit, taken)
+            if pick is None:  # unlucky (or a crowded neighbourhood): choose among the free neighbours exactly
+                free = [b for b in neighbours(agent, size, radius) if b not in taken]
+                pick = free[int(rng.integers(len(free)))]
+        chosen.append(pick)
+        taken.add(pick)
+    return chosen
+
+
+def _draw_local(rng: np.random.Generator, size: int, row: int, col: int, box: tuple[int, int, int, int],
+                limit: float, taken: set[int]) -> int | None:
+    """A uniform cell of the disk (within the clipped box) that is not taken; None after REJECTION_TRIES."""
+    r0, r1, c0, c1 = box
+    width = c1 - c0 + 1
+    for _ in range(REJECTION_TRIES // _REJECTION_BATCH):
+        for cell in rng.integers(0, (r1 - r0 + 1) * width, size=_REJECTION_BATCH).tolist():
+            r, c = r0 + cell // width, c0 + cell % width
+            if (r - row) ** 2 + (c - col) ** 2 <= limit:
+                pick = r * size + c
+                if pick not in taken:
+                    return pick
+    return None
 
 
 def _draw_global(rng: np.random.Generator, n: int, taken: set[int]) -> int:

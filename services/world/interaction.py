@@ -11,6 +11,9 @@ depend on each other run at once, which leaves 4 sequential round trips after th
 Then the revision goes into the agent's memory and the record is published. Both writes carry
 message ids ("<world>.<round>.<agent>.memory" and "<world>.<round>.<agent>"), so redoing an
 interaction after a crash or a failed attempt never duplicates anything.
+
+A step that fails raises ``StepError``: which step, what served it (a NATS subject and the backend
+behind it, the embedder, JetStream) and the error itself, which the scheduler's failure budget sorts.
 """
 
 from __future__ import annotations
@@ -28,12 +31,35 @@ from nats.js import JetStreamContext
 from services.world.settings import WorldSettings
 from stablealign import bus
 from stablealign.backends.base import Embedder
-from stablealign.errors import UnavailableError
+from stablealign.errors import StableAlignError, UnavailableError
 from stablealign.memory import append_memory, revision_msg_id
+from stablealign.retry import RetryPolicy, retry_async
 from stablealign.v1 import agent_pb2, common_pb2, observer_pb2, world_pb2
 
 ALIGNMENT = observer_pb2.RATING_ASPECT_ALIGNMENT
 ENGAGEMENT = observer_pb2.RATING_ASPECT_ENGAGEMENT
+
+
+class StepError(StableAlignError):
+    """One step of an interaction failed. ``step`` (draft, feedback, rate_before, revise, rate_after, embed,
+    persist), ``target`` (what served it: a NATS subject and its backend, the embedder, JetStream) and the
+    original ``error`` (also the ``__cause__``); ``code`` is the error's own."""
+
+    def __init__(self, step: str, target: str, error: Exception) -> None:
+        self.step, self.target, self.error = step, target, error
+        self.code = getattr(error, "code", 500)
+        reason = str(error) if isinstance(error, StableAlignError) else f"{type(error).__name__}: {error}"
+        super().__init__(f"{step} ({target}): {reason}")
+
+
+async def _step(step: str, target: str, awaitable):
+    """``await awaitable``, its failure raised as a StepError naming the step and its target."""
+    try:
+        return await awaitable
+    except StepError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure of a step is named, then sorted by the caller
+        raise StepError(step, target, exc) from exc
 
 
 @dataclass
@@ -45,16 +71,17 @@ class InteractionDeps:
     settings: WorldSettings
     embedder: Embedder
 
-    async def call(self, subject: str, message, response_type, *, backend: str):
-        """A request to the agents or observers; the deadline fits the ``backend`` serving it."""
-        return await bus.request(
+    async def call(self, subject: str, message, response_type, *, backend: str, step: str):
+        """A request to the agents or observers; the deadline fits the ``backend`` serving it.
+        A failure is a StepError naming ``step``, the subject and the backend."""
+        return await _step(step, f"{subject}, backend {backend or 'default'}", bus.request(
             self.nc,
             subject,
             message,
             response_type,
             timeout=self.settings.request_timeout(backend),
             attempts=self.settings.request_attempts,
-        )
+        ))
 
 
 def record_msg_id(world_id: str, round_: int, agent: int) -> str:
@@ -82,7 +109,8 @@ async def run_interaction(
     latency: dict[str, float] = {}
 
     t = time.perf_counter()
-    embedding = np.asarray(await deps.embedder.embed([question]), dtype=np.float32)[0].tolist()
+    embedded = await _step("embed", f"embedder {deps.embedder.name}", deps.embedder.embed([question]))
+    embedding = np.asarray(embedded, dtype=np.float32)[0].tolist()
     latency["embed"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -93,6 +121,7 @@ async def run_interaction(
         ),
         agent_pb2.DraftResponse,
         backend=agent_backend,
+        step="draft",
     )
     latency["draft"] = time.perf_counter() - t
 
@@ -111,6 +140,7 @@ async def run_interaction(
                 ),
                 observer_pb2.RateResponse,
                 backend=spec.observer_model.backend,
+                step=f"rate_{stage}",
             )
         )
 
@@ -128,6 +158,7 @@ async def run_interaction(
             ),
             agent_pb2.FeedbackResponse,
             backend=agent_backend,
+            step="feedback",
         )
         for p in partners
     ]
@@ -158,6 +189,7 @@ async def run_interaction(
         ),
         agent_pb2.ReviseResponse,
         backend=agent_backend,
+        step="revise",
     )
     latency["revise"] = time.perf_counter() - t
 
@@ -211,8 +243,11 @@ async def run_interaction(
     for key, value in latency.items():
         record.latency_seconds[key] = value
     record.created_at = time.time()
-    await _persist(deps, record, memory)
+    await _step("persist", "JetStream", _persist(deps, record, memory))
     return record
+
+
+_PERSIST_RETRYABLE = (TimeoutError, nats.errors.Error, UnavailableError)
 
 
 async def _persist(deps: InteractionDeps, record: common_pb2.InteractionRecord,
@@ -224,16 +259,15 @@ async def _persist(deps: InteractionDeps, record: common_pb2.InteractionRecord,
     (non-deterministic) model.
     """
     world_id, round_, agent = record.world_id, record.round, record.agent_id
-    for attempt in range(1, attempts + 1):
-        try:
-            await append_memory(deps.js, world_id, agent, memory, revision_msg_id(world_id, round_, agent))
-            await deps.js.publish(
-                bus.RECORDS_SUBJECT.format(world_id=world_id),
-                record.SerializeToString(),
-                headers={bus.MSG_ID_HEADER: record_msg_id(world_id, round_, agent)},
-            )
-            return
-        except (TimeoutError, nats.errors.Error, UnavailableError):
-            if attempt == attempts:
-                raise
-            await asyncio.sleep(min(2.0, 0.2 * 2 ** (attempt - 1)))
+
+    async def write(_attempt: int) -> None:
+        await append_memory(deps.js, world_id, agent, memory, revision_msg_id(world_id, round_, agent))
+        await deps.js.publish(
+            bus.RECORDS_SUBJECT.format(world_id=world_id),
+            record.SerializeToString(),
+            headers={bus.MSG_ID_HEADER: record_msg_id(world_id, round_, agent)},
+        )
+
+    # Waits 0.2, 0.4, 0.8, 1.6 s (no jitter); the last error is raised as it is.
+    policy = RetryPolicy(attempts=attempts, base_delay=0.2, max_delay=2.0, timeout=None, jitter="none")
+    await retry_async(write, policy, retryable=lambda exc: isinstance(exc, _PERSIST_RETRYABLE))

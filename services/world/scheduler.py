@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Sequence
 
@@ -22,13 +21,14 @@ from nats.js import JetStreamContext
 
 from services.world import grid, metrics
 from services.world.interaction import InteractionDeps, run_interaction
-from services.world.prior import seed_prior
+from services.world.prior import prepare_questions, seed_prior
 from services.world.settings import WorldSettings
 from services.world.store import LeaseLostError, WorldStore
 from stablealign import data
 from stablealign.errors import StableAlignError
 from stablealign.logs import get_logger
 from stablealign.records import read_world_records
+from stablealign.retry import Failure, RetryPolicy, retry_async
 from stablealign.v1 import common_pb2, world_pb2
 
 log = get_logger(__name__)
@@ -211,6 +211,7 @@ class WorldRunner:
         from stablealign.backends import get_embedder
 
         deps = InteractionDeps(self.nc, self.js, self.settings, get_embedder(spec.embedding_model))
+        await prepare_questions(deps.embedder, spec, pool)  # the world's questions, from the on-disk cache
         log.info(
             "world.running",
             extra={
@@ -310,48 +311,57 @@ class WorldRunner:
         """One interaction, retried as a whole; raises InteractionFailedError after the last try."""
         spec = self.spec
         question = grid.pick_question(pool, seed=spec.seed, round_=round_, agent=agent)
-        hood = grid.neighbours(agent, spec.size, spec.radius)
-        partners = grid.pick_partners(
+        partners = grid.sample_partners(  # O(1): the neighbourhood is never listed
             agent,
             spec.size,
-            hood,
+            spec.radius,
             partners=spec.partners,
             seed=spec.seed,
             round_=round_,
             global_probability=spec.global_partner_probability,
         )
-        attempts = self.settings.interaction_attempts
-        for attempt in range(1, attempts + 1):
+
+        async def once(_attempt: int) -> tuple[common_pb2.InteractionRecord, float]:
             started = time.perf_counter()
-            try:
-                record = await run_interaction(deps, spec, round_, agent, question, partners)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - retried as a whole, then the world fails loudly
-                reason = str(exc) if isinstance(exc, StableAlignError) else f"{type(exc).__name__}: {exc}"
-                if attempt >= attempts:
-                    metrics.INTERACTIONS.labels("failed").inc()
-                    where = f"round {round_} agent {agent}"
-                    raise InteractionFailedError(
-                        f"{where}: interaction failed after {attempts} attempts: {reason}"
-                    ) from exc
-                metrics.INTERACTIONS.labels("retry").inc()
-                log.warning(
-                    "world.interaction_retry",
-                    extra={
-                        "world_id": self.world_id,
-                        "round": round_,
-                        "agent_id": agent,
-                        "attempt": attempt,
-                        "error": reason,
-                    },
-                )
-                await asyncio.sleep(min(5.0, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random()))
-                continue
-            metrics.INTERACTIONS.labels("published").inc()
-            metrics.INTERACTION_SECONDS.observe(time.perf_counter() - started)
-            return record
-        raise AssertionError("unreachable")
+            record = await run_interaction(deps, spec, round_, agent, question, partners)
+            return record, time.perf_counter() - started
+
+        def on_failure(failure: Failure) -> None:
+            if failure.final:  # counted by give_up
+                return
+            metrics.INTERACTIONS.labels("retry").inc()
+            log.warning(
+                "world.interaction_retry",
+                extra={
+                    "world_id": self.world_id,
+                    "round": round_,
+                    "agent_id": agent,
+                    "attempt": failure.attempt,
+                    "error": _reason(failure.error),
+                },
+            )
+
+        def give_up(failure: Failure) -> InteractionFailedError:
+            metrics.INTERACTIONS.labels("failed").inc()
+            where = f"round {round_} agent {agent}"
+            return InteractionFailedError(
+                f"{where}: interaction failed after {failure.attempts} attempts: {_reason(failure.error)}"
+            )
+
+        # Any error is retried as a whole (cancellation never is), then the world fails loudly.
+        policy = RetryPolicy(attempts=self.settings.interaction_attempts, base_delay=0.25, max_delay=5.0,
+                             timeout=None, jitter="proportional")
+        record, seconds = await retry_async(
+            once, policy, retryable=lambda exc: True, on_failure=on_failure, give_up=give_up
+        )
+        metrics.INTERACTIONS.labels("published").inc()
+        metrics.INTERACTION_SECONDS.observe(seconds)
+        return record
+
+
+def _reason(exc: BaseException) -> str:
+    """An interaction's error for a log line or a world's error: our own errors say enough by themselves."""
+    return str(exc) if isinstance(exc, StableAlignError) else f"{type(exc).__name__}: {exc}"
 
 
 def _finish(world: world_pb2.World, state: int, error: str) -> None:

@@ -8,39 +8,50 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 
-from stablealign.config import ServiceSettings, env_name
-from stablealign.errors import ConfigError
+from pydantic import Field
+
+from stablealign.config import ServiceSettings
 
 # Backends that run the model inside the agent/observer process.
 LOCAL_BACKENDS = frozenset({"hf"})
 
 
-@dataclass(frozen=True)
 class WorldSettings(ServiceSettings):
-    # Seconds to wait for one agent/observer reply before the bus sends it again, for remote LLM
-    # backends (openai, tgi, offline). A re-send to a replica still working on it joins that work.
-    request_timeout_seconds: float = 120.0
-    # The same for models in the agent/observer process (hf): on a CPU a reply waits its turn in the
-    # model's batch and may take minutes, so only a replica that is gone should make it time out.
-    local_request_timeout_seconds: float = 1800.0
-    # Tries of one NATS request (timeouts and "no responders" only; a killed replica loses nothing).
-    request_attempts: int = 3
-    # Tries of one whole interaction before the world goes FAILED.
-    interaction_attempts: int = 3
-    # A world whose owner has not written a heartbeat for this long may be taken over.
-    lease_seconds: float = 30.0
-    # How often the owner of a world writes its heartbeat (0: lease_seconds / 3).
-    heartbeat_seconds: float = 0.0
-    # How often a running world's records_published is written to KV when it changed (0: with the heartbeat).
-    progress_seconds: float = 1.0
-    # How often unowned or orphaned worlds are looked for (0: lease_seconds / 2).
-    resume_interval_seconds: float = 0.0
-    # Upper bound on interactions in flight per world, whatever the spec asks (0: no bound).
-    max_interaction_concurrency: int = 1024
-    # Prior memory batches published at once while seeding a world.
-    prior_publish_chunk: int = 64
+    request_timeout_seconds: float = Field(120.0, gt=0, description=(
+        "Seconds to wait for one agent/observer reply before the bus sends it again, for remote LLM backends "
+        "(openai, tgi, offline). A re-send to a replica still working on it joins that work."))
+    local_request_timeout_seconds: float = Field(1800.0, gt=0, description=(
+        "The same for models in the agent/observer process (hf): on a CPU a reply waits its turn in the model's "
+        "batch and may take minutes, so only a replica that is gone should make it time out."))
+    request_attempts: int = Field(3, ge=1, description=(
+        "Tries of one NATS request (timeouts and \"no responders\" only; a killed replica loses nothing)."))
+    interaction_attempts: int = Field(3, ge=1, description=(
+        "Tries of one whole interaction before the failure budget below is consulted (a bad request - 400, 404 - "
+        "fails the world at once)."))
+    # The failure budget: how long a world rides out missing replicas and failing LLMs before it goes FAILED.
+    absent_budget_seconds: float = Field(120.0, ge=0, description=(
+        "How long an interaction may keep finding a service it needs (agent, observer, JetStream) absent - no "
+        "responders, timeouts, unavailable - while no interaction of the world succeeds, before the world goes "
+        "FAILED; meanwhile it waits with capped, jittered exponential backoff and tries again."))
+    error_budget_consecutive: int = Field(20, ge=0, description=(
+        "How many failed tries in a row (LLM backend errors, internal errors) one interaction may have while no "
+        "interaction of the world succeeds, before the world goes FAILED. A success anywhere in the world resets "
+        "the count."))
+    failure_backoff_max_seconds: float = Field(10.0, gt=0, description=(
+        "Longest wait between two tries of an interaction within the failure budget (full jitter below it)."))
+    lease_seconds: float = Field(30.0, gt=0, description="A world whose owner has not written a heartbeat for "
+                                                         "this long may be taken over.")
+    heartbeat_seconds: float = Field(0.0, ge=0, description="How often the owner of a world writes its heartbeat "
+                                                            "(0: lease_seconds / 3).")
+    progress_seconds: float = Field(1.0, ge=0, description=(
+        "How often a running world's records_published is written to KV when it changed (0: with the heartbeat)."))
+    resume_interval_seconds: float = Field(0.0, ge=0, description="How often unowned or orphaned worlds are looked "
+                                                                  "for (0: lease_seconds / 2).")
+    max_interaction_concurrency: int = Field(1024, ge=0, description="Upper bound on interactions in flight per "
+                                                                     "world, whatever the spec asks (0: no bound).")
+    prior_publish_chunk: int = Field(64, ge=1, description="Prior memory batches published at once while seeding "
+                                                           "a world.")
     # Backends of a world whose spec names none.
     agent_backend: str = "offline"
     agent_model: str = ""
@@ -51,21 +62,6 @@ class WorldSettings(ServiceSettings):
     embedding_backend: str = "offline"
     embedding_model: str = ""
     embedding_url: str = ""
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("request_timeout_seconds", "local_request_timeout_seconds"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{env_name(name)} must be > 0")
-        for name in ("request_attempts", "interaction_attempts", "prior_publish_chunk"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{env_name(name)} must be >= 1")
-        if self.lease_seconds <= 0:
-            raise ConfigError(f"{env_name('lease_seconds')} must be > 0")
-        if self.heartbeat_seconds < 0 or self.resume_interval_seconds < 0 or self.progress_seconds < 0:
-            raise ConfigError("heartbeat and resume intervals must be >= 0")
-        if self.max_interaction_concurrency < 0:
-            raise ConfigError(f"{env_name('max_interaction_concurrency')} must be >= 0")
 
     def request_timeout(self, backend: str) -> float:
         """The reply deadline for a call served by ``backend`` (see the two timeouts above)."""

@@ -2,8 +2,9 @@
 
 Concrete backends implement ``_chat_once`` (one attempt, no retries); the base class adds what
 every backend needs and that the original script lacked: a per-backend concurrency limit,
-retries with exponential backoff and full jitter on 429/5xx/timeouts, and token/latency
-accounting into Prometheus.
+retries with exponential backoff and full jitter on 429/5xx/timeouts (``stablealign.retry``; a
+server's ``Retry-After`` makes the wait at least that long, up to ``max_retry_after``), and
+token/latency accounting into Prometheus.
 
 ``ChatRequest.task`` and ``hints`` carry the structured context of a SANDBOX step (persona,
 memories, ratings...). Real models ignore them — they read the prompt — but the offline
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ import numpy as np
 from stablealign import metrics
 from stablealign.errors import BackendError, ValidationError
 from stablealign.logs import get_logger
+from stablealign.retry import Failure, RetryPolicy, retry_async
 
 log = get_logger(__name__)
 
@@ -106,19 +107,45 @@ class RatedCompletion:
 
 
 class RetryableBackendError(Exception):
-    """A failure worth retrying: HTTP 429, 5xx, a timeout or a dropped connection."""
+    """A failure worth retrying: HTTP 429, 5xx, a timeout or a dropped connection.
+
+    ``retry_after``: seconds the server asked to wait (its ``Retry-After`` header), else None; the next
+    attempt waits at least that long (capped by ``ChatBackend.max_retry_after``).
+    """
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 5
-    base_delay: float = 0.5
-    max_delay: float = 20.0
-    timeout: float = 120.0  # per attempt, seconds
+# The longest server-directed wait (Retry-After) a backend honours before its next attempt, seconds.
+MAX_RETRY_AFTER_SECONDS = 60.0
 
-    def delay(self, attempt: int) -> float:
-        """Full jitter (AWS architecture blog): uniform in [0, min(max, base * 2^attempt)]."""
-        return random.uniform(0, min(self.max_delay, self.base_delay * (2 ** attempt)))
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: delay-seconds ("1", "1.5") or an HTTP date
+    ("Wed, 21 Oct 2015 07:28:00 GMT", relative to ``now``); None when absent or unreadable.
+    A date in the past is 0."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        import email.utils
+
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # an HTTP date is always GMT
+            import datetime
+
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds or seconds == float("inf"):  # NaN or infinite: unusable
+        return None
+    return max(0.0, seconds)
 
 
 class ChatBackend(abc.ABC):
@@ -128,9 +155,12 @@ class ChatBackend(abc.ABC):
     # Whether ``rate`` reads token probabilities (else callers parse the reply's text).
     rates_from_probabilities: bool = False
 
-    def __init__(self, model: str, *, max_concurrency: int = 64, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, model: str, *, max_concurrency: int = 64, retry: RetryPolicy | None = None,
+                 max_retry_after: float = MAX_RETRY_AFTER_SECONDS) -> None:
         self.model = model
         self.retry = retry or RetryPolicy()
+        # A server's Retry-After is honoured up to this many seconds (a longer one waits this long).
+        self.max_retry_after = max_retry_after
         self._semaphore = asyncio.Semaphore(max_concurrency)
 
     @abc.abstractmethod
@@ -144,35 +174,44 @@ class ChatBackend(abc.ABC):
                                  attempt_once: Callable[[ChatRequest], Awaitable[Completion]]) -> Completion:
         """``attempt_once`` under the concurrency limit, per-attempt timeout, retries and accounting."""
         started = time.perf_counter()
-        last: Exception | None = None
-        async with self._semaphore:
-            for attempt in range(self.retry.attempts):
-                try:
-                    result = await asyncio.wait_for(attempt_once(request), timeout=self.retry.timeout)
-                except (TimeoutError, RetryableBackendError) as exc:
-                    last = exc
-                    metrics.LLM_REQUESTS.labels(self.name, "chat", "retry").inc()
-                    if attempt + 1 < self.retry.attempts:
-                        delay = self.retry.delay(attempt)
-                        log.warning("backend.retry", extra={"backend": self.name, "attempt": attempt + 1,
-                                                            "delay_s": round(delay, 3), "error": str(exc)[:200]})
-                        await asyncio.sleep(delay)
-                    continue
-                except (BackendError, ValidationError):  # final: a retry cannot fix a bad request
-                    metrics.LLM_REQUESTS.labels(self.name, "chat", "error").inc()
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a client error we did not classify
-                    metrics.LLM_REQUESTS.labels(self.name, "chat", "error").inc()
-                    raise BackendError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
-                latency = time.perf_counter() - started
-                metrics.LLM_REQUESTS.labels(self.name, "chat", "ok").inc()
-                metrics.LLM_SECONDS.labels(self.name, "chat").observe(latency)
-                metrics.LLM_TOKENS.labels(self.name, "prompt").inc(result.prompt_tokens)
-                metrics.LLM_TOKENS.labels(self.name, "completion").inc(result.completion_tokens)
-                return Completion(result.text, result.model or self.model, result.prompt_tokens,
-                                  result.completion_tokens, latency, attempt + 1)
-        metrics.LLM_REQUESTS.labels(self.name, "chat", "error").inc()
-        raise BackendError(f"{self.name}: gave up after {self.retry.attempts} attempts: {last}")
+
+        async def once(attempt: int) -> tuple[Completion, int]:
+            return await attempt_once(request), attempt
+
+        def on_failure(failure: Failure) -> None:
+            metrics.LLM_REQUESTS.labels(self.name, "chat", "retry").inc()
+            if failure.delay is not None:
+                log.warning("backend.retry", extra={"backend": self.name, "attempt": failure.attempt,
+                                                    "delay_s": round(failure.delay, 3),
+                                                    "error": str(failure.error)[:200]})
+
+        def give_up(failure: Failure) -> BackendError:
+            return BackendError(f"{self.name}: gave up after {failure.attempts} attempts: {failure.error}")
+
+        try:
+            async with self._semaphore:
+                result, attempts = await retry_async(
+                    once, self.retry, on_failure=on_failure, give_up=give_up,
+                    retryable=lambda exc: isinstance(exc, (TimeoutError, RetryableBackendError)),
+                    wait_at_least=self._retry_after)
+        except (BackendError, ValidationError):  # final (a retry cannot fix a bad request), or gave up
+            metrics.LLM_REQUESTS.labels(self.name, "chat", "error").inc()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a client error we did not classify
+            metrics.LLM_REQUESTS.labels(self.name, "chat", "error").inc()
+            raise BackendError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        latency = time.perf_counter() - started
+        metrics.LLM_REQUESTS.labels(self.name, "chat", "ok").inc()
+        metrics.LLM_SECONDS.labels(self.name, "chat").observe(latency)
+        metrics.LLM_TOKENS.labels(self.name, "prompt").inc(result.prompt_tokens)
+        metrics.LLM_TOKENS.labels(self.name, "completion").inc(result.completion_tokens)
+        return Completion(result.text, result.model or self.model, result.prompt_tokens,
+                          result.completion_tokens, latency, attempts)
+
+    def _retry_after(self, error: Exception) -> float | None:
+        """The server-directed wait of a failure (Retry-After), capped at ``max_retry_after``."""
+        seconds = getattr(error, "retry_after", None)
+        return None if seconds is None else min(float(seconds), self.max_retry_after)
 
     async def _rate_once(self, request: ChatRequest, scale: int) -> RatedCompletion:
         """One attempt at a rating with token probabilities; only for backends that set

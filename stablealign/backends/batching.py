@@ -48,7 +48,6 @@ to joining between batches (newcomers wait until the running batch is empty).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import threading
 from collections import deque
@@ -56,8 +55,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stablealign.config import load_settings
-from stablealign.errors import BackendError, ConfigError
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from stablealign.config import Settings, load_settings
+from stablealign.errors import BackendError
 from stablealign.logs import get_logger
 from stablealign.prompt_format import STOP_SEQUENCES
 
@@ -66,25 +68,20 @@ log = get_logger(__name__)
 ENV_PREFIX = "STABLEALIGN_HF_"
 
 
-@dataclass(frozen=True)
-class EngineSettings:
+class EngineSettings(Settings):
     """``STABLEALIGN_HF_<FIELD>`` settings of the batching engine."""
 
-    # Rows decoded together at most; newcomers beyond it wait for a row to finish.
-    max_batch: int = 32
-    # Padded prompt tokens per prefill forward (rows x longest prompt); a longer prompt goes alone.
-    prefill_tokens: int = 4096
-    # Newcomers join the running batch between decoding steps (else only when the batch is empty).
-    step_join: bool = True
-    # On a CPU, attention with a padding mask keeps grouped-query K/V heads grouped inside SDPA
-    # (transformers' sdpa copies them to every query head when there is a mask).
-    grouped_sdpa: bool = True
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
 
-    def validate(self) -> None:
-        if self.max_batch < 1:
-            raise ConfigError(f"{ENV_PREFIX}MAX_BATCH must be >= 1, got {self.max_batch}")
-        if self.prefill_tokens < 1:
-            raise ConfigError(f"{ENV_PREFIX}PREFILL_TOKENS must be >= 1, got {self.prefill_tokens}")
+    max_batch: int = Field(32, ge=1, description="Rows decoded together at most; newcomers beyond it wait for a "
+                                                 "row to finish.")
+    prefill_tokens: int = Field(4096, ge=1, description=(
+        "Padded prompt tokens per prefill forward (rows x longest prompt); a longer prompt goes alone."))
+    step_join: bool = Field(True, description="Newcomers join the running batch between decoding steps (else "
+                                              "only when the batch is empty).")
+    # transformers' sdpa copies grouped-query K/V heads to every query head when there is a mask.
+    grouped_sdpa: bool = Field(True, description="On a CPU, attention with a padding mask keeps grouped-query "
+                                                 "K/V heads grouped inside SDPA.")
 
 
 def engine_settings(**overrides: Any) -> EngineSettings:
@@ -204,7 +201,7 @@ class BatchingEngine:
 
     def stats(self) -> dict[str, Any]:
         """Settings and counters, for logs."""
-        return {**dataclasses.asdict(self.settings), "steps": self.steps, "max_rows_seen": self.max_rows_seen,
+        return {**self.settings.model_dump(), "steps": self.steps, "max_rows_seen": self.max_rows_seen,
                 "step_join_active": self._step_join, "grouped_sdpa_active": self.grouped_sdpa}
 
     # ------------------------------------------------------------------ submitting (any thread)

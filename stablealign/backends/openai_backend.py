@@ -2,9 +2,11 @@
 
 The SDK's own retries are switched off (``max_retries=0``): ``ChatBackend`` retries with full
 jitter under its concurrency limit, and counts every attempt in Prometheus, so there is one retry
-policy for every backend. Failures are sorted here: 429, 5xx, timeouts and dropped connections
-are worth another attempt (``RetryableBackendError``); any other 4xx is the caller's fault and
-is final (``BackendError`` carrying the status).
+policy for every backend and no retry inside a retry (the SDK sends each request once; a call
+makes at most ``RetryPolicy.attempts`` attempts). Failures are sorted here: 429, 5xx, timeouts and dropped
+connections are worth another attempt (``RetryableBackendError``, carrying the server's
+``Retry-After``/``retry-after-ms`` from ``exc.response.headers``, which the next attempt waits at
+least); any other 4xx is the caller's fault and is final (``BackendError`` carrying the status).
 
 Ratings (``rate``) are read from token log-probabilities where the server gives them
 (``logprobs``/``top_logprobs``: OpenAI, vLLM, llama.cpp's server): the distribution over the digits
@@ -18,7 +20,6 @@ unless given explicitly, so pointing the project at another server needs no new 
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import re
@@ -33,6 +34,7 @@ from openai.types.chat import ChatCompletion
 
 from stablealign import metrics
 from stablealign.backends.base import (
+    MAX_RETRY_AFTER_SECONDS,
     ChatBackend,
     ChatRequest,
     Completion,
@@ -42,11 +44,13 @@ from stablealign.backends.base import (
     RetryableBackendError,
     RetryPolicy,
     normalise_rows,
+    parse_retry_after,
 )
 from stablealign.errors import BackendError, ConfigError
 from stablealign.logs import get_logger
 from stablealign.prompt_format import count_tokens
 from stablealign.ratings import parse_rating
+from stablealign.retry import Failure, retry_async
 
 log = get_logger(__name__)
 
@@ -117,11 +121,29 @@ def classify(exc: Exception, backend: str) -> Exception:
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         if status == 429 or status >= 500:
-            return RetryableBackendError(f"{backend}: HTTP {status}: {exc.message}")
+            retry_after = _retry_after(exc.response)
+            waited = "" if retry_after is None else f" (retry after {retry_after:g}s)"
+            return RetryableBackendError(f"{backend}: HTTP {status}: {exc.message}{waited}", retry_after=retry_after)
         error = BackendError(f"{backend}: HTTP {status}: {exc.message}")
         error.status = status  # type: ignore[attr-defined]
         return error
     return BackendError(f"{backend}: {type(exc).__name__}: {exc}")
+
+
+def _retry_after(response: Any) -> float | None:
+    """The server's requested wait: ``retry-after-ms`` (OpenAI's), else ``Retry-After`` (seconds or a date)."""
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    millis = parse_retry_after(headers.get("retry-after-ms"))
+    if millis is not None:
+        return millis / 1000.0
+    return parse_retry_after(headers.get("retry-after"))
+
+
+def _capped_retry_after(error: Exception) -> float | None:
+    seconds = getattr(error, "retry_after", None)
+    return None if seconds is None else min(seconds, MAX_RETRY_AFTER_SECONDS)
 
 
 def _digit(token: str, scale: int) -> int | None:
@@ -369,27 +391,30 @@ class OpenAIEmbedder(Embedder):
         self.client = make_client(base_url=base_url, api_key=api_key, timeout=timeout)
 
     async def _embed_batch(self, batch: list[str]) -> np.ndarray:
-        last: Exception | None = None
-        for attempt in range(self.retry.attempts):
+        async def once(_attempt: int) -> Any:
             try:
-                response = await self.client.embeddings.create(model=self.model, input=batch)
+                return await self.client.embeddings.create(model=self.model, input=batch)
             except openai.OpenAIError as exc:
                 error = classify(exc, self.name)
                 if not isinstance(error, RetryableBackendError):
                     metrics.LLM_REQUESTS.labels(self.name, "embed", "error").inc()
-                    raise error from exc
-                last = error
-                metrics.LLM_REQUESTS.labels(self.name, "embed", "retry").inc()
-                if attempt + 1 < self.retry.attempts:
-                    await asyncio.sleep(self.retry.delay(attempt))
-                continue
-            rows = sorted(response.data, key=lambda d: d.index)
-            if len(rows) != len(batch):
-                raise BackendError(f"{self.name}: asked for {len(batch)} embeddings, got {len(rows)}")
-            metrics.LLM_REQUESTS.labels(self.name, "embed", "ok").inc()
-            return np.asarray([r.embedding for r in rows], dtype=np.float32)
-        metrics.LLM_REQUESTS.labels(self.name, "embed", "error").inc()
-        raise BackendError(f"{self.name}: embeddings gave up after {self.retry.attempts} attempts: {last}")
+                raise error from exc
+
+        def give_up(failure: Failure) -> BackendError:
+            metrics.LLM_REQUESTS.labels(self.name, "embed", "error").inc()
+            return BackendError(f"{self.name}: embeddings gave up after {failure.attempts} attempts: {failure.error}")
+
+        # No per-attempt timeout of our own: the client's timeout bounds each request.
+        response = await retry_async(
+            once, replace(self.retry, timeout=None),
+            retryable=lambda exc: isinstance(exc, RetryableBackendError),
+            on_failure=lambda _failure: metrics.LLM_REQUESTS.labels(self.name, "embed", "retry").inc(),
+            give_up=give_up, wait_at_least=_capped_retry_after)
+        rows = sorted(response.data, key=lambda d: d.index)
+        if len(rows) != len(batch):
+            raise BackendError(f"{self.name}: asked for {len(batch)} embeddings, got {len(rows)}")
+        metrics.LLM_REQUESTS.labels(self.name, "embed", "ok").inc()
+        return np.asarray([r.embedding for r in rows], dtype=np.float32)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         texts = [t if t else " " for t in texts]  # the API rejects empty strings

@@ -7,20 +7,32 @@ asks the server for the same text twice.
 
 Failures are sorted like the openai backend's: rate limits, overload, shards not ready, 5xx,
 timeouts and dropped connections are retried by ``ChatBackend``; validation errors and other
-4xx are final.
+4xx are final. A server's (or its proxy's) ``Retry-After`` on such a failure makes the next attempt
+wait at least that long: the client's exceptions carry no headers, so the client's sessions get an
+aiohttp trace hook that notes the header of a failed reply for the call that is waiting for it
+(``_note_retry_after``; a no-op for anyone else using ``text_generation``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 import aiohttp
 import pydantic
+import text_generation.client
 from text_generation import AsyncClient
 from text_generation import errors as tgi_errors
 
-from stablealign.backends.base import ChatBackend, ChatRequest, Completion, RetryableBackendError, RetryPolicy
+from stablealign.backends.base import (
+    ChatBackend,
+    ChatRequest,
+    Completion,
+    RetryableBackendError,
+    RetryPolicy,
+    parse_retry_after,
+)
 from stablealign.errors import BackendError, ConfigError
 from stablealign.logs import get_logger
 from stablealign.prompt_format import STOP_SEQUENCES, count_tokens, cut_at_stop, render_prompt
@@ -46,13 +58,44 @@ FINAL_TGI_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def classify(exc: BaseException, backend: str) -> Exception:
-    """Maps a text-generation / aiohttp exception to RetryableBackendError or BackendError."""
+# The Retry-After of the last failed reply of the current call (one holder per call, in its context).
+_RETRY_AFTER: contextvars.ContextVar[list[str | None] | None] = contextvars.ContextVar("tgi_retry_after",
+                                                                                       default=None)
+
+
+async def _note_retry_after(_session: Any, _ctx: Any, params: aiohttp.TraceRequestEndParams) -> None:
+    holder = _RETRY_AFTER.get()
+    if holder is not None and params.response.status >= 400:
+        holder[:] = [params.response.headers.get("Retry-After")]
+
+
+_TRACE = aiohttp.TraceConfig()
+_TRACE.on_request_end.append(_note_retry_after)
+
+
+def _traced_session(*args: Any, **kwargs: Any) -> aiohttp.ClientSession:
+    """``aiohttp.ClientSession`` with the Retry-After hook: what ``text_generation``'s client opens per call."""
+    kwargs["trace_configs"] = [*(kwargs.get("trace_configs") or ()), _TRACE]
+    return aiohttp.ClientSession(*args, **kwargs)
+
+
+text_generation.client.ClientSession = _traced_session  # type: ignore[attr-defined,assignment]
+
+
+def classify(exc: BaseException, backend: str, retry_after: float | None = None) -> Exception:
+    """Maps a text-generation / aiohttp exception to RetryableBackendError or BackendError.
+
+    ``retry_after``: the failed reply's Retry-After in seconds, kept on a retryable error."""
+    waited = "" if retry_after is None else f" (retry after {retry_after:g}s)"
     if isinstance(exc, RETRYABLE_TGI_ERRORS):
-        return RetryableBackendError(f"{backend}: {type(exc).__name__}: {exc}")
+        return RetryableBackendError(f"{backend}: {type(exc).__name__}: {exc}{waited}", retry_after=retry_after)
     if isinstance(exc, aiohttp.ClientResponseError):  # a body that was not TGI's JSON (e.g. a proxy page)
         if exc.status == 429 or exc.status >= 500:
-            return RetryableBackendError(f"{backend}: HTTP {exc.status}: {exc.message}")
+            header = exc.headers.get("Retry-After") if exc.headers else None
+            retry_after = retry_after if retry_after is not None else parse_retry_after(header)
+            waited = "" if retry_after is None else f" (retry after {retry_after:g}s)"
+            return RetryableBackendError(f"{backend}: HTTP {exc.status}: {exc.message}{waited}",
+                                         retry_after=retry_after)
         return BackendError(f"{backend}: HTTP {exc.status}: {exc.message}")
     if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError,
                         ConnectionError)):
@@ -92,6 +135,8 @@ class TGIChatBackend(ChatBackend):
     async def _chat_once(self, request: ChatRequest) -> Completion:
         prompt = render_prompt(request.messages)
         parameters = self._parameters(request)
+        noted: list[str | None] = []
+        token = _RETRY_AFTER.set(noted)  # the trace hook writes a failed reply's Retry-After here
         try:
             if self.stream:
                 text, generated = await self._streamed(prompt, parameters)
@@ -101,7 +146,9 @@ class TGIChatBackend(ChatBackend):
         except (RetryableBackendError, BackendError):
             raise
         except Exception as exc:
-            raise classify(exc, self.name) from exc
+            raise classify(exc, self.name, parse_retry_after(noted[0]) if noted else None) from exc
+        finally:
+            _RETRY_AFTER.reset(token)
         text = cut_at_stop(text)
         return Completion(text=text, model=self.model, prompt_tokens=count_tokens(prompt),
                           completion_tokens=generated if generated is not None else count_tokens(text))

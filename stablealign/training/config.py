@@ -21,17 +21,23 @@ from typing import Any
 from stablealign.errors import ConfigError
 
 FSDP_MODES = ("", "full_shard", "shard_grad_op")
+LR_SCHEDULERS = ("cosine", "constant")
 
 
-def _help(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
+def _help(text: str, default: Any, choices: tuple[str, ...] = ()) -> Any:
+    """A field with its help (and, for a string with a fixed set of values, ``choices``) in its metadata."""
+    metadata: dict[str, Any] = {"help": text}
+    if choices:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class StableAlignmentConfig:
     """A Stable Alignment training run."""
 
-    model: str = _help("Base model: a directory with config, weights and tokenizer (save_pretrained).", "")
+    model: str = _help("Base model: a directory with config, weights and tokenizer (save_pretrained), or a known "
+                       "model's name (smollm2-135m-instruct, after `stable-align model pull`).", "")
     data: str = _help("Alignment groups (JSONL of {query, responses, scores}, or the original's JSON array).", "")
     output_dir: str = _help("Where checkpoints, train_log.jsonl and the final model go.", "runs/train")
     learning_rate: float = _help("Peak learning rate (AdamW).", 2e-5)
@@ -40,7 +46,8 @@ class StableAlignmentConfig:
     per_device_train_batch_size: int = _help("Groups per device per micro-batch (the original had to use 1).", 1)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", 8)
     max_length: int = _help("Tokens of prompt + response; longer examples are cut (counted in the log).", 360)
-    lr_scheduler_type: str = _help("Learning-rate schedule: cosine (with warmup) or constant.", "cosine")
+    lr_scheduler_type: str = _help("Learning-rate schedule: cosine (with warmup) or constant.", "cosine",
+                                   LR_SCHEDULERS)
     warmup_ratio: float = _help("Fraction of the steps with a linear warm-up.", 0.03)
     max_grad_norm: float = _help("Gradient clipping norm (0: none).", 1.0)
     bf16: bool = _help("bf16 mixed precision where the device supports it (CUDA); fp32 elsewhere.", True)
@@ -53,7 +60,8 @@ class StableAlignmentConfig:
                                   True)
     seed: int = _help("Seed of initialisation-free randomness: data order and response sampling.", 42)
     gradient_checkpointing: bool = _help("Recompute activations in backward (less memory, ~30 % slower).", False)
-    fsdp: str = _help("FSDP sharding: '' (none: DDP when distributed), 'full_shard' or 'shard_grad_op'.", "")
+    fsdp: str = _help("FSDP sharding: '' (none: DDP when distributed), 'full_shard' or 'shard_grad_op'.", "",
+                      FSDP_MODES)
     save_steps: int = _help("Checkpoint every N optimizer steps (0: only at the end).", 200)
     save_total_limit: int = _help("Checkpoints kept (oldest removed first; 0: keep all).", 2)
     logging_steps: int = _help("Write a train_log.jsonl line every N optimizer steps.", 1)
@@ -70,7 +78,7 @@ class StableAlignmentConfig:
             (self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
             (self.max_length >= 8, "max_length must be >= 8"),
-            (self.lr_scheduler_type in ("cosine", "constant"), "lr_scheduler_type must be cosine or constant"),
+            (self.lr_scheduler_type in LR_SCHEDULERS, "lr_scheduler_type must be cosine or constant"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
             (self.margin >= 0, "margin must be >= 0"),

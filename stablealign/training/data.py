@@ -27,6 +27,17 @@ Handling of imperfect input (documented, tested):
   characters are truncated with one counted warning (the collator also truncates to
   ``max_length`` tokens and counts it).
 
+Bad input — the policy is **strict**, for groups files and records files alike: the first bad
+line raises one ``ValidationError`` ``FILE:LINE: <reason>`` (the command line prints it as
+``error: ...`` and exits 2; never a traceback), and nothing is skipped, because a silently dropped
+line changes what is trained on. Bad lines are: bytes that are not UTF-8; invalid JSON (also
+numbers too long, nesting too deep, lone surrogates); a value that is neither a record nor a
+group; a group whose ``query`` / ``responses`` / ``scores`` have the wrong type, whose scores
+are not finite numbers in [1, rating_scale] (7 unless the caller says otherwise), or whose
+responses and scores differ in length; a record that fails ``stablealign.records.validate_record``
+(wrong types such as ``agent_id: "x"`` or ``rating: ["a"]``, ``iteration: null``, ratings outside
+1..7). A missing rating (``null``) in a record stays valid and drops that response (above).
+
 The original's released ``sandbox_v1.json`` / ``sandbox_v2.json`` are read as well. What we could
 confirm (its ``alignment.py``: ``pd.read_json(path, orient="records")`` then ``query``/``responses``/
 ``scores`` per item, scores cast to int) is a JSON array of such groups; the files themselves are
@@ -48,7 +59,8 @@ from typing import Any
 
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
-from stablealign.records import feedback_texts
+from stablealign.ratings import RATING_SCALE, show_value
+from stablealign.records import check_unicode, decode_line, feedback_texts, iter_json_lines, validate_record
 from stablealign.training.template import format_critic_query, format_realignment_query
 
 log = get_logger(__name__)
@@ -136,10 +148,9 @@ def _scored(pairs: Iterable[tuple[Any, Any]]) -> tuple[tuple[str, ...], tuple[fl
 
 
 def mine_record(row: Mapping[str, Any]) -> list[AlignmentGroup]:
-    """The imitation, self-critic and realignment groups of one interaction record."""
-    for key in ("question", "draft_answer", "revised_answer"):
-        if key not in row:
-            raise ValidationError(f"record lacks {key!r}")
+    """The imitation, self-critic and realignment groups of one interaction record (checked first
+    by ``validate_record``: wrong types or ratings outside 1..7 raise ``ValidationError``)."""
+    validate_record(row)
     prov = _provenance(row)
     question = prov["question"]
     draft, revised = str(row.get("draft_answer") or "").strip(), str(row.get("revised_answer") or "").strip()
@@ -248,39 +259,51 @@ def split_holdout(groups: Sequence[AlignmentGroup], fraction: float,
 
 
 def _iter_json_items(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line, item) of a JSONL file or of a JSON array file (the original's sandbox_v*.json)."""
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        decoder = json.JSONDecoder()
-        pos = len(text) - len(stripped) + 1
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(text):
-                raise ValidationError(f"{path}:{text.count(chr(10)) + 1}: unterminated JSON array")
-            if text[pos] == "]":
-                return
-            line = text.count("\n", 0, pos) + 1
-            try:
-                item, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as exc:
-                raise ValidationError(f"{path}:{line}: invalid JSON ({exc.msg})") from exc
-            yield line, item
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    """(line, item) of a JSONL file or of a JSON array file (the original's sandbox_v*.json); a bad
+    line raises ``ValidationError`` ``FILE:LINE: <reason>`` (bad UTF-8, bad JSON)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    if not head.startswith(b"["):
+        yield from iter_json_lines(path)
+        return
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start, line = data.rfind(b"\n", 0, exc.start) + 1, data.count(b"\n", 0, exc.start) + 1
+        decode_line(data[line_start:exc.end], f"{path}:{line}")
+        raise  # not reached: decode_line raised for the same bytes
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip()) + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            raise ValidationError(f"{path}:{text.count(chr(10)) + 1}: unterminated JSON array")
+        line = text.count("\n", 0, pos) + 1
+        if text[pos] == "]":
+            if text[pos + 1:].strip():
+                raise ValidationError(f"{path}:{line}: invalid JSON (extra data after the array)")
+            return
+        start = pos
         try:
-            yield line_no, json.loads(line)
+            item, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            raise ValidationError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from exc
+            raise ValidationError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise ValidationError(f"{path}:{line}: invalid JSON (nested too deeply)") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise ValidationError(f"{path}:{line}: invalid JSON ({str(exc).splitlines()[0]})") from None
+        check_unicode(item, text[start:pos], f"{path}:{line}")
+        yield line, item
 
 
 def _is_group(item: Any) -> bool:
     return isinstance(item, dict) and "responses" in item and "draft_answer" not in item
 
 
-def _validated_group(item: Any, where: str, max_chars: int | None, truncated: Counter) -> AlignmentGroup:
+def _validated_group(item: Any, where: str, max_chars: int | None, truncated: Counter,
+                     rating_scale: float = RATING_SCALE) -> AlignmentGroup:
     if not isinstance(item, dict):
         raise ValidationError(f"{where}: expected a JSON object")
     missing = [k for k in REQUIRED_KEYS if k not in item]
@@ -298,8 +321,12 @@ def _validated_group(item: Any, where: str, max_chars: int | None, truncated: Co
     if len(scores) != len(responses):
         raise ValidationError(f"{where}: {len(responses)} responses but {len(scores)} scores")
     for score in scores:
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
             raise ValidationError(f"{where}: score {score!r} is not a number")
+        if isinstance(score, float) and not math.isfinite(score):
+            raise ValidationError(f"{where}: score {show_value(score)} is not a finite number")
+        if not 1 <= score <= rating_scale:
+            raise ValidationError(f"{where}: score {show_value(score)} is outside the rating scale 1..{rating_scale:g}")
 
     def cut(text: str) -> str:
         if max_chars is not None and len(text) > max_chars:
@@ -313,23 +340,31 @@ def _validated_group(item: Any, where: str, max_chars: int | None, truncated: Co
         query=cut(query), responses=tuple(cut(r) for r in responses), scores=tuple(float(s) for s in scores),
         kind=str(item.get("kind") or ORIGINAL_KIND), question=str(item.get("question") or ""),
         world_id=str(item.get("world_id") or ""),
-        round=item.get("round") if isinstance(item.get("round"), int) else None,
-        agent_id=item.get("agent_id") if isinstance(item.get("agent_id"), int) else None,
+        round=item.get("round") if _is_int(item.get("round")) else None,
+        agent_id=item.get("agent_id") if _is_int(item.get("agent_id")) else None,
         models=models, extra={k: v for k, v in item.items() if k not in known},
     )
 
 
-def load_alignment_groups(path: str | Path, *, max_chars: int | None = None) -> list[AlignmentGroup]:
-    """Reads and validates a groups file (our JSONL or the original's JSON array).
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    A one-response group is allowed (pure SFT). Texts longer than ``max_chars`` characters are
-    truncated, and the number of truncated texts is logged once as a warning.
+
+def load_alignment_groups(path: str | Path, *, max_chars: int | None = None,
+                          rating_scale: float = RATING_SCALE) -> list[AlignmentGroup]:
+    """Reads and validates a groups file (our JSONL or the original's JSON array); strict: the first
+    bad line raises ``ValidationError`` ``FILE:LINE: <reason>`` (module docstring).
+
+    A one-response group is allowed (pure SFT). Scores must lie in [1, rating_scale]. Texts longer
+    than ``max_chars`` characters are truncated, and the number of truncated texts is logged once
+    as a warning.
     """
     path = Path(path)
     if not path.is_file():
         raise ValidationError(f"data file not found: {path}")
     truncated: Counter = Counter()
-    groups = [_validated_group(item, f"{path}:{line}", max_chars, truncated) for line, item in _iter_json_items(path)]
+    groups = [_validated_group(item, f"{path}:{line}", max_chars, truncated, rating_scale)
+              for line, item in _iter_json_items(path)]
     if not groups:
         raise ValidationError(f"{path}: no alignment groups")
     if truncated["texts"]:
@@ -338,7 +373,9 @@ def load_alignment_groups(path: str | Path, *, max_chars: int | None = None) -> 
 
 
 def read_inputs(path: str | Path) -> tuple[list[dict[str, Any]], list[AlignmentGroup]]:
-    """A records file and/or ready groups: (records, groups). Records are recognised by ``draft_answer``."""
+    """A records file and/or ready groups: (records, groups). Records are recognised by ``draft_answer``
+    and checked by ``validate_record``; strict: the first bad line raises ``ValidationError``
+    ``FILE:LINE: <reason>`` (module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise ValidationError(f"file not found: {path}")
@@ -348,8 +385,11 @@ def read_inputs(path: str | Path) -> tuple[list[dict[str, Any]], list[AlignmentG
     for line, item in _iter_json_items(path):
         if _is_group(item):
             groups.append(_validated_group(item, f"{path}:{line}", None, truncated))
-        elif isinstance(item, dict) and "draft_answer" in item:
-            records.append(item)
+        elif not isinstance(item, dict) or "draft_answer" in item:
+            try:
+                records.append(validate_record(item))  # a non-object: "expected a JSON object, got ..."
+            except ValidationError as exc:
+                raise ValidationError(f"{path}:{line}: {exc}") from None
         else:
             raise ValidationError(f"{path}:{line}: neither an interaction record (draft_answer, ...) "
                                   f"nor an alignment group (query, responses, scores)")
@@ -361,7 +401,7 @@ async def read_stream_records(nats_url: str, world_id: str, *, timeout: float = 
     from stablealign import bus
     from stablealign.records import read_world_records, record_to_json
 
-    nc = await bus.connect(nats_url, name="stable-align-data", give_up_after=15.0)
+    nc = await bus.connect(nats_url, name="stable-align-data", give_up_after=bus.CLIENT_GIVE_UP_SECONDS)
     try:
         return [record_to_json(r) for r in await read_world_records(nc.jetstream(), world_id, timeout=timeout)]
     finally:

@@ -231,8 +231,11 @@ def evaluate_model(path: str | Path, *, groups: Sequence[Any], hh_path: str | Pa
 
 def sandbox_curve(records: str | Path) -> list[dict[str, Any]]:
     """Per-round population mean observer alignment before and after revision, with 95 % intervals:
-    the method's headline curve, from a world's records.jsonl."""
-    rows = [json.loads(line) for line in Path(records).read_text(encoding="utf-8").splitlines() if line.strip()]
+    the method's headline curve, from a world's records.jsonl (checked: a bad line raises
+    ``ValidationError`` ``FILE:LINE: <reason>``, see ``stablealign.records.read_records``)."""
+    from stablealign.records import read_records
+
+    rows = list(read_records(records, required=()))  # rounds and ratings are all the curve needs
     rounds: dict[int, dict[str, list[float]]] = {}
     for row in rows:
         by_stage = rounds.setdefault(int(row.get("iteration", row.get("round", 0)) or 0), {"before": [], "after": []})

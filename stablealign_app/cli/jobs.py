@@ -2,7 +2,7 @@
 
 Everything goes over NATS (``--nats``/``STABLEALIGN_NATS_URL``): requests to the trainer service,
 logs read from the TRAINER_JOB_LOGS stream. Errors (bad spec, unknown job) print one line and exit
-with code 2, never a traceback.
+with code 2, never a traceback; a NATS server that cannot be reached, one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stablealign.errors import StableAlignError
+from stablealign.errors import StableAlignError, UnavailableError
 
 jobs_app = typer.Typer(help="Training jobs on a running trainer service (local or Kubernetes runner).",
                        no_args_is_help=True)
 console = Console()
-NATS_OPTION = typer.Option("nats://127.0.0.1:4222", "--nats", envvar="STABLEALIGN_NATS_URL", help="NATS server URL.")
+NATS_OPTION = typer.Option("nats://127.0.0.1:4222", "--nats", help="NATS server URL.")
 ARG_OPTION = typer.Option([], "--arg", help="Training flag NAME=VALUE (repeatable), e.g. --arg lr=2e-5.")
 STATE_STYLES = {"QUEUED": "yellow", "RUNNING": "cyan", "SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "magenta"}
 
@@ -30,7 +30,7 @@ def _run(coro):
         return asyncio.run(coro)
     except StableAlignError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(1 if isinstance(exc, UnavailableError) else 2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 

@@ -1,13 +1,19 @@
 """`stable-align`: the console script. Sub-commands live in sibling modules, one concern each.
 
-Every flag also reads ``STABLEALIGN_<FLAG>`` from the environment; flags win.
+The rules every command follows — one environment variable per flag (``STABLEALIGN_NATS_URL``,
+``STABLEALIGN_LOG_LEVEL``, ``STABLEALIGN_LOG_FORMAT`` shared; ``serve``'s flags ``STABLEALIGN_<FLAG>``;
+every other flag ``STABLEALIGN_<CMD>_<FLAG>``; flags win), the fail-fast checks and one-line errors —
+are applied to the whole command tree in one place: ``stablealign_app.cli.rules``. Logging is set up
+once, here, for every command.
 """
 
 from __future__ import annotations
 
 import typer
 
+from stablealign.logs import setup_logging
 from stablealign_app.cli import serve as serve_cli
+from stablealign_app.cli.rules import LOG_FORMAT_HELP, LOG_LEVEL_HELP, LogFormat, LogLevel, RootGroup
 
 app = typer.Typer(
     name="stable-align",
@@ -15,7 +21,18 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=RootGroup,
 )
+
+
+@app.callback()
+def root(
+    log_level: LogLevel = typer.Option(LogLevel.info, "--log-level", case_sensitive=False, help=LOG_LEVEL_HELP),
+    log_format: LogFormat = typer.Option(LogFormat.auto, "--log-format", case_sensitive=False, help=LOG_FORMAT_HELP),
+) -> None:
+    """Logging for every command, set up once (a command's own --log-level/--log-format win)."""
+    setup_logging(log_level.value, log_format.value, lock=True)
+
 
 app.command("serve")(serve_cli.serve)
 
@@ -37,5 +54,11 @@ def _register_optional() -> None:
 
 _register_optional()
 
+
+def main() -> None:
+    """The console script ``stable-align`` (and ``python -m stablealign_app.cli.main``)."""
+    typer.main.get_command(app).main(prog_name="stable-align")
+
+
 if __name__ == "__main__":
-    app()
+    main()

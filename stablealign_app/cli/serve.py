@@ -2,7 +2,8 @@
 
 Each service package exposes ``SETTINGS`` (a ``ServiceSettings`` dataclass) and
 ``build(context) -> ServiceParts`` in ``services/<name>/main.py``; service-specific settings
-come from ``STABLEALIGN_<FIELD>`` environment variables.
+come from ``STABLEALIGN_<FIELD>`` environment variables, and every flag here reads the variable of the
+setting it overrides (``--grpc-port`` -> ``STABLEALIGN_GRPC_PORT``; set by ``stablealign_app.cli.rules``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import typer
 
 from stablealign.config import load_settings
 from stablealign.errors import ConfigError
-from stablealign.logs import setup_logging
+from stablealign.logs import current_logging, setup_logging
 from stablealign.service import serve_forever
+from stablealign_app.cli.rules import LOG_FORMAT_HELP, LOG_LEVEL_HELP, LogFormat, LogLevel
 
 
 class ServiceName(str, Enum):
@@ -28,27 +30,32 @@ class ServiceName(str, Enum):
 
 def serve(
     service: ServiceName = typer.Argument(..., help="Which service to run."),
-    nats: str = typer.Option(None, "--nats", envvar="STABLEALIGN_NATS_URL", help="NATS server URL."),
-    grpc_port: int = typer.Option(None, "--grpc-port", envvar="STABLEALIGN_GRPC_PORT",
-                                  help="gRPC port (0: a free port, -1: no gRPC)."),
-    metrics_port: int = typer.Option(None, "--metrics-port", envvar="STABLEALIGN_METRICS_PORT",
-                                     help="Prometheus /metrics port (-1: none)."),
-    grpc_host: str = typer.Option(None, "--grpc-host", envvar="STABLEALIGN_GRPC_HOST", help="gRPC bind address."),
-    metrics_host: str = typer.Option(None, "--metrics-host", envvar="STABLEALIGN_METRICS_HOST",
-                                     help="/metrics bind address."),
-    log_level: str = typer.Option(None, "--log-level", envvar="STABLEALIGN_LOG_LEVEL"),
-    log_format: str = typer.Option(None, "--log-format", envvar="STABLEALIGN_LOG_FORMAT", help="json|console|auto"),
-    instance: str = typer.Option(None, "--instance", envvar="STABLEALIGN_INSTANCE", help="Replica name in logs."),
+    nats: str = typer.Option(None, "--nats", help="NATS server URL."),
+    grpc_port: int = typer.Option(None, "--grpc-port", help="gRPC port (0: a free port, -1: no gRPC)."),
+    metrics_port: int = typer.Option(None, "--metrics-port", help="Prometheus /metrics port (-1: none)."),
+    grpc_host: str = typer.Option(None, "--grpc-host", help="gRPC bind address."),
+    metrics_host: str = typer.Option(None, "--metrics-host", help="/metrics bind address."),
+    log_level: LogLevel = typer.Option(None, "--log-level", case_sensitive=False,
+                                       help=LOG_LEVEL_HELP + " Also before the command."),
+    log_format: LogFormat = typer.Option(None, "--log-format", case_sensitive=False, help=LOG_FORMAT_HELP),
+    instance: str = typer.Option(None, "--instance", help="Replica name in logs."),
 ) -> None:
     """Run one service until SIGTERM, then drain in-flight work and exit 0."""
     module = importlib.import_module(f"services.{service.value}.main")
+    # Not given here: what `stable-align --log-level/--log-format` (or their environment variables) set.
+    root_level, root_format = current_logging()
     overrides = {"nats_url": nats, "grpc_port": grpc_port, "metrics_port": metrics_port, "grpc_host": grpc_host,
-                 "metrics_host": metrics_host, "log_level": log_level, "log_format": log_format,
-                 "instance": instance}
+                 "metrics_host": metrics_host, "log_level": log_level.value if log_level else root_level,
+                 "log_format": log_format.value if log_format else root_format, "instance": instance}
     try:
         settings = load_settings(module.SETTINGS, overrides)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    setup_logging(settings.log_level, settings.log_format)
-    raise typer.Exit(asyncio.run(serve_forever(service.value, settings, module.build)))
+    setup_logging(settings.log_level, settings.log_format, lock=True)
+    try:
+        code = asyncio.run(serve_forever(service.value, settings, module.build))
+    except ConfigError as exc:  # e.g. a busy port at start: one line, not a traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)

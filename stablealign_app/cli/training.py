@@ -1,9 +1,11 @@
 """`stable-align data build | train | eval | generate | model init-tiny`: the training half of the method.
 
 Heavy modules (torch, transformers) are imported inside the commands, so ``stable-align --help``
-stays fast. Every flag also reads ``STABLEALIGN_<FLAG>`` (flags win). Bad input (a missing model
-or data file, a malformed group, a bad setting) is one ``error: ...`` line and exit code 2 — no
-traceback.
+stays fast. Every flag reads ``STABLEALIGN_<CMD>_<FLAG>`` (``STABLEALIGN_DATA_BUILD_OUT``,
+``STABLEALIGN_TRAIN_LEARNING_RATE``; ``--nats``: ``STABLEALIGN_NATS_URL``), set by ``cli.rules``; flags
+win. Bad input (a missing model or data file, a malformed group, a bad setting, an unwritable
+``--out``) is one ``error: ...`` line and exit code 2 — no traceback; a NATS server that cannot be
+reached is one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -15,23 +17,22 @@ from typing import Any
 
 import typer
 
-from stablealign.errors import StableAlignError
+from stablealign.errors import StableAlignError, UnavailableError
+from stablealign.training import cli as training_cli
+from stablealign.training.cli import STOP_AFTER_HELP, with_config_options
 
 data_app = typer.Typer(help="Alignment data from SANDBOX records.", no_args_is_help=True)
 model_app = typer.Typer(help="Local models: real ones from PyPI packages, tiny random ones for tests.", no_args_is_help=True)
 
 
-def _env(flag: str) -> str:
-    return "STABLEALIGN_" + flag.lstrip("-").replace("-", "_").upper()
-
-
 def _opt(default: Any, flag: str, help: str, *extra: str) -> Any:
-    return typer.Option(default, flag, *extra, envvar=_env(flag), help=help)
+    return typer.Option(default, flag, *extra, help=help)
 
 
 def _fail(exc: BaseException) -> None:
+    """One ``error: ...`` line; exit 1 when a server could not be reached, 2 for bad input."""
     typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(2) from None
+    raise typer.Exit(1 if isinstance(exc, UnavailableError) else 2) from None
 
 
 # --- data build ---------------------------------------------------------------------------------
@@ -78,72 +79,25 @@ def data_build(
 # --- train --------------------------------------------------------------------------------------
 
 
+@with_config_options
 def train_command(
-    model: str = _opt(..., "--model", "Base model directory (save_pretrained layout) or a known model's name "
-                                     "(smollm2-135m-instruct, after `stable-align model pull`)."),
-    data: str = _opt(..., "--data", "Alignment groups JSONL (stable-align data build)."),
-    out: str = _opt(..., "--out", "Output directory: checkpoints, train_log.jsonl, final model."),
-    epochs: float | None = _opt(None, "--epochs", "Epochs (default 7)."),
-    lr: float | None = _opt(None, "--lr", "Peak learning rate (default 2e-5)."),
-    batch_size: int | None = _opt(None, "--batch-size", "Groups per device per micro-batch (default 1)."),
-    grad_accum: int | None = _opt(None, "--grad-accum", "Gradient accumulation steps (default 8)."),
-    max_steps: int | None = _opt(None, "--max-steps", "Stop after N optimizer steps (default: epochs)."),
-    max_length: int | None = _opt(None, "--max-length", "Max tokens of prompt + response (default 360)."),
-    num_comp: int | None = _opt(None, "--num-comp", "Responses sampled per group (default 3)."),
-    margin: float | None = _opt(None, "--margin", "Penalty margin (default 10)."),
-    ratio: float | None = _opt(None, "--ratio", "Penalty weight (default 0.2)."),
-    rating_scale: float | None = _opt(None, "--rating-scale", "Span of the ratings (default 7)."),
-    max_flow: bool | None = _opt(None, "--max-flow/--mean-flow", "Penalty: max instead of mean."),
-    fsdp: str | None = _opt(None, "--fsdp", "'' | full_shard | shard_grad_op (with torchrun)."),
-    bf16: bool | None = _opt(None, "--bf16/--no-bf16", "bf16 where CUDA supports it (default on)."),
-    gradient_checkpointing: bool | None = _opt(None, "--gradient-checkpointing/--no-gradient-checkpointing",
-                                                  "Recompute activations in backward."),
-    save_steps: int | None = _opt(None, "--save-steps", "Checkpoint every N steps (default 200)."),
-    logging_steps: int | None = _opt(None, "--logging-steps", "Log every N steps (default 1)."),
-    warmup_ratio: float | None = _opt(None, "--warmup-ratio", "Warm-up fraction (default 0.03)."),
-    seed: int | None = _opt(None, "--seed", "Seed (default 42)."),
-    resume: bool | None = _opt(None, "--resume/--no-resume", "Resume from the last checkpoint (default on)."),
-    metrics_port: int | None = _opt(None, "--metrics-port", "Prometheus /metrics port (-1: none)."),
-    stop_after: int | None = typer.Option(None, "--stop-after", hidden=True,
-                                             help="Tests: stop after N steps of this run, as if killed."),
+    config: dict[str, Any],
+    stop_after: int | None = typer.Option(None, "--stop-after", hidden=True, help=STOP_AFTER_HELP),
     submit: bool = _opt(False, "--submit", "Send the job to a running trainer service instead."),
     trainer_nats: str | None = _opt(None, "--trainer-nats", "NATS URL of the trainer service (with --submit)."),
     runner: str = _opt("local", "--runner", "Runner of a submitted job: local | kubernetes."),
 ) -> None:
-    """Stable Alignment training (accelerate; torchrun + FSDP on GPUs); resumable."""
-    from stablealign.training.config import StableAlignmentConfig
+    """Stable Alignment training (accelerate; torchrun + FSDP on GPUs); resumable.
 
-    overrides = {
-        "num_train_epochs": epochs, "learning_rate": lr, "per_device_train_batch_size": batch_size,
-        "gradient_accumulation_steps": grad_accum, "max_steps": max_steps, "max_length": max_length,
-        "num_comp": num_comp, "margin": margin, "ratio": ratio, "rating_scale": rating_scale, "max_flow": max_flow,
-        "fsdp": fsdp, "bf16": bf16, "gradient_checkpointing": gradient_checkpointing, "save_steps": save_steps,
-        "logging_steps": logging_steps, "warmup_ratio": warmup_ratio, "seed": seed, "resume": resume,
-        "metrics_port": metrics_port,
-    }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    One option per StableAlignmentConfig field (generated by stablealign.training.cli).
+    """
     if submit:
-        _submit(model, data, out, overrides, trainer_nats, runner)
+        _submit(config, trainer_nats, runner)
         return
-    try:
-        cfg = StableAlignmentConfig(model=model, data=data, output_dir=out, **overrides)
-        from stablealign.training.train import check_model_path, train
-
-        check_model_path(cfg.model)  # before the heavy imports: a typo fails in a second
-        from stablealign.logs import setup_logging
-
-        setup_logging("INFO", "auto")
-        result = train(cfg, stop_after_steps=stop_after)
-    except (StableAlignError, FileNotFoundError) as exc:
-        _fail(exc)
-    if result.stopped_early:
-        typer.echo(f"stopped after step {result.steps}/{result.total_steps} (as asked); resume with the same command")
-    else:
-        typer.echo(f"trained {result.steps} steps (resumed from {result.resumed_from}); final loss "
-                   f"{result.final_loss:.6f}; model in {result.output_dir}")
+    training_cli.run_training(config, stop_after)
 
 
-def _submit(model: str, data: str, out: str, overrides: dict[str, Any], nats: str | None, runner: str) -> None:
+def _submit(config: dict[str, Any], nats: str | None, runner: str) -> None:
     try:
         from services.trainer.client import submit_job
     except ImportError:
@@ -151,9 +105,11 @@ def _submit(model: str, data: str, out: str, overrides: dict[str, Any], nats: st
     from stablealign.v1 import trainer_pb2
 
     if not nats:
-        _fail(StableAlignError("--submit needs --trainer-nats URL (or STABLEALIGN_TRAINER_NATS)"))
+        _fail(StableAlignError("--submit needs --nats URL (or STABLEALIGN_NATS_URL) of the trainer service"))
+    args = dict(config)
+    model, data, out = args.pop("model"), args.pop("data"), args.pop("output_dir")
     spec = trainer_pb2.JobSpec(runner=runner, model=model, data=data, output_dir=out,
-                               args={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in overrides.items()})
+                               args={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in args.items()})
     try:
         job = asyncio.run(submit_job(nats, spec))
     except StableAlignError as exc:
@@ -194,8 +150,10 @@ def eval_command(
         if name in report:
             m = report[name]
             align = (m.get("alignment") or {}).get("mean")
+            loss = m["heldout"]["loss"]
             typer.echo(f"{name}: preference accuracy {m['preference']['accuracy']:.3f} "
-                       f"({m['preference']['pairs']} pairs); held-out loss {m['heldout']['loss']}; "
+                       f"({m['preference']['pairs']} pairs); held-out loss "
+                       f"{f'{loss:.3f}' if isinstance(loss, (int, float)) else '-'}; "
                        f"alignment {f'{align:.2f}' if align is not None else '-'}")
     typer.echo(f"report: {out / 'report.json'}, plot: {out / 'report.png'}")
 

@@ -301,3 +301,26 @@ async def test_memory_store_follows_the_log(nc):
     await fresh.get("m", 1)
     await fresh.get("m", 2)
     assert len(fresh) == 2 and fresh.cached("m", 0) is None  # least recently used went first
+
+
+async def test_malformed_grpc_bytes_are_invalid_argument_without_a_traceback(agent, caplog):
+    """Bytes that are not a DraftRequest: INVALID_ARGUMENT naming the method, no ERROR log, and the server
+    keeps serving (issue 9: it was UNKNOWN 'Unexpected DecodeError' plus a traceback per request)."""
+    import logging
+
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{agent.grpc_port}")
+    async with channel:
+        for method in ("Draft", "Feedback", "Revise"):
+            raw = channel.unary_unary(f"/stablealign.v1.AgentService/{method}",
+                                      request_serializer=None, response_deserializer=None)
+            with caplog.at_level(logging.INFO):
+                for garbage in (b"\xff\xff\xff\xff", b"\x0a\x05abc", bytes(range(256))):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await raw(garbage, timeout=10)
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert f"malformed {method} request" in err.value.details()
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        # Still serving well-formed requests.
+        reply = await agent_pb2_grpc.AgentServiceStub(channel).Draft(
+            agent_pb2.DraftRequest(world_id="w1", agent_id=4, round=0, question=PRIOR[0][0]), timeout=30)
+        assert reply.answer.strip()

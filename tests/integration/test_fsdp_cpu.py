@@ -9,6 +9,7 @@ batch.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,9 @@ def test_torchrun_two_processes_fsdp_on_cpu(tmp_path):
                "stablealign.training.train", "--model", str(model), "--data", str(data), "--out", str(out),
                "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--save-steps", "1",
                "--max-length", "64", "--fsdp", "full_shard", "--seed", "3"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    # JSON log lines, as in a training job's pod (the default outside a pod is human lines).
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "STABLEALIGN_LOG_FORMAT": "json"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert '"distributed": "DistributedType.FSDP"' in result.stderr and '"processes": 2' in result.stderr
     checkpoint = out / "checkpoints" / "step-00000002"

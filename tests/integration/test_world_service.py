@@ -421,8 +421,13 @@ async def test_prior_setup_of_100_agents_is_fast(nc):
     )
     batch = common_pb2.MemoryBatch()
     batch.ParseFromString(memory[0][1].data)
-    assert len(batch.entries) == 50 and len(batch.entries[0].question_embedding) == 384
-    assert {e.source for e in batch.entries} == {"prior"}
+    # The prior travels by reference into the world's shared pool (stored once, verified by hash).
+    from services.world.prior import expand_batch
+    from stablealign.memory import fetch_pool
+
+    entries = expand_batch(batch, await fetch_pool(js, batch.pool_id))
+    assert len(entries) == 50 and len(entries[0].question_embedding) == 384
+    assert {e.source for e in entries} == {"prior"}
     # Again (a resumed PENDING world): every append is dropped as a duplicate.
     await seed_prior(js, spec)
     assert (await js.stream_info(bus.MEMORY_STREAM)).state.messages == 100

@@ -10,9 +10,11 @@ Replies are deterministic. A prompt that asks for ``Rating: ... ### Reason: ...`
 scored with ``stablealign.backends.heuristics`` on the answer being judged (found in the
 agent/observer prompt wording ``answered: '...'``), else from a hash; anything else gets an
 answer text derived from the prompt. Failure injection: the first ``len(fail_statuses)``
-requests fail with those statuses (429 with ``retry-after: 0``), each request waits
-``latency_seconds`` first, and the servers count requests, per path, and the peak number in
-flight at once. The OpenAI server returns token log-probabilities (``logprobs``/``top_logprobs``,
+requests fail with those statuses (429 and 503 with ``Retry-After: <retry_after>``, "0" unless set),
+then, with ``error_rate``, each request fails with that probability (statuses drawn in turn from
+``error_statuses``, reproducibly from ``error_seed``); each request waits ``latency_seconds`` first,
+and the servers count requests, per path, and the peak number in flight at once, and keep the
+arrival time (``time.monotonic()``) and outcome status of the last requests (``request_log``). The OpenAI server returns token log-probabilities (``logprobs``/``top_logprobs``,
 checked as OpenAI does) unless made not to support them; at a digit 1..7 the alternatives are
 other digits (``digit_top_logprobs`` scripts them), so that ratings from probabilities can be tested.
 
@@ -29,6 +31,7 @@ import collections
 import hashlib
 import json
 import math
+import random
 import re
 import signal
 import sys
@@ -106,8 +109,18 @@ class _FakeServer:
     kind = "fake"
 
     def __init__(self, latency_seconds: float = 0.0, fail_statuses: Sequence[int] = (), model: str = "fake",
-                 *, host: str = "127.0.0.1", port: int = 0, embedding_dim: int = 64) -> None:
+                 *, host: str = "127.0.0.1", port: int = 0, embedding_dim: int = 64, error_rate: float = 0.0,
+                 error_statuses: Sequence[int] = (500, 429), error_seed: int = 0, retry_after: str = "0") -> None:
         self.latency_seconds = float(latency_seconds)
+        # Random failures: each request fails with probability error_rate (settable at run time).
+        self.error_rate = float(error_rate)
+        self.error_statuses = tuple(int(s) for s in error_statuses)
+        self._error_rng = random.Random(error_seed)
+        self._error_turn = 0
+        # The Retry-After header of a 429 or 503 reply (None: no header).
+        self.retry_after: str | None = retry_after
+        # (arrival time.monotonic(), path, status: 200 or the injected failure) of the last requests.
+        self.request_log: collections.deque[tuple[float, str, int]] = collections.deque(maxlen=100_000)
         self.model = model
         self.host = host
         self.port = port
@@ -116,6 +129,9 @@ class _FakeServer:
         self.requests_by_path: collections.Counter[str] = collections.Counter()
         self.in_flight = 0
         self.max_in_flight = 0
+        # A hung model: POST requests get no answer ever; each is counted once its client has gone.
+        self.hang = False
+        self.hung_requests_abandoned = 0
         self._failures = collections.deque(int(s) for s in fail_statuses)
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -172,15 +188,35 @@ class _FakeServer:
         self.requests_by_path[request.path] += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        arrived = time.monotonic()
         try:
             if self.latency_seconds > 0:
                 await asyncio.sleep(self.latency_seconds)
+            if self.hang and request.method == "POST":
+                return await self._hang_until_the_client_goes(request)
+            status = 0
             if self._failures:
                 status = self._failures.popleft()
-                return self.error_response(status, f"injected failure (HTTP {status})")
+            elif self.error_rate > 0 and self.error_statuses and self._error_rng.random() < self.error_rate:
+                status = self.error_statuses[self._error_turn % len(self.error_statuses)]
+                self._error_turn += 1
+            self.request_log.append((arrived, request.path, status or 200))
+            if status:
+                response = self.error_response(status, f"injected failure (HTTP {status})")
+                if status in (429, 503) and self.retry_after is not None:
+                    response.headers["Retry-After"] = self.retry_after
+                return response
             return await handler(request)
         finally:
             self.in_flight -= 1
+
+    async def _hang_until_the_client_goes(self, request: web.Request) -> web.Response:
+        try:
+            while request.transport is not None and not request.transport.is_closing():
+                await asyncio.sleep(0.02)
+        finally:
+            self.hung_requests_abandoned += 1
+        return web.Response(status=499)
 
     async def _json(self, request: web.Request) -> dict[str, Any] | web.Response:
         try:
@@ -227,7 +263,7 @@ class FakeOpenAIServer(_FakeServer):
     def error_response(self, status: int, message: str) -> web.Response:
         kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 429: "rate_limit_exceeded"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
-        headers = {"retry-after": "0", "x-should-retry": "true"} if status == 429 else {}
+        headers = {"x-should-retry": "true"} if status == 429 else {}
         return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": kind}},
                                  status=status, headers=headers)
 

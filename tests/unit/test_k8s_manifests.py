@@ -241,7 +241,6 @@ def test_promtool_accepts_config_and_rules(tmp_path):
 @pytest.mark.parametrize("target", OVERLAYS)
 def test_every_stablealign_variable_is_a_setting_of_its_service(target):
     """A typo in an env name would be silently ignored by the service: every one must be a settings field."""
-    import dataclasses
     import importlib
 
     from stablealign.config import env_name
@@ -249,7 +248,7 @@ def test_every_stablealign_variable_is_a_setting_of_its_service(target):
     docs = render(target)
     for name in SERVICES:
         settings = importlib.import_module(f"services.{name}.main").SETTINGS
-        known = {env_name(f.name) for f in dataclasses.fields(settings)}
+        known = {env_name(name) for name in settings.model_fields}
         names = {e["name"] for e in container(one(docs, "Deployment", name), name).get("env", [])}
         unknown = {n for n in names if n.startswith("STABLEALIGN_")} - known
         assert not unknown, f"{name}: {sorted(unknown)} are not {settings.__name__} fields"

@@ -5,9 +5,12 @@ A runner turns a validated ``JobSpec`` into a running training (``stable-align t
 ``JobReporter``, and returns how it ended. The scheduler (``services.trainer.queue``) owns the job
 state; runners never write it themselves, so both runners end jobs the same way.
 
-``JobSpec.args`` holds extra training flags by name. Only names in ``TRAIN_ARGS`` pass (an unknown
-name is a ``ValidationError``, never a flag smuggled onto a command line), and each value is
-checked against its type before any process starts.
+``JobSpec.args`` holds extra training settings by name: any ``StableAlignmentConfig`` field but the
+three that are ``JobSpec`` fields of their own (model, data, output_dir), or one of the older short
+names (lr, epochs, batch_size, grad_accum). ``TRAIN_ARGS`` is derived from the config's fields
+(``stablealign.training.cli``), never kept by hand. An unknown name is a ``ValidationError``, never
+a flag smuggled onto a command line, and each value is checked against its type and the config's
+own checks before any process starts.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from stablealign.errors import ValidationError
+from stablealign.errors import ConfigError, ValidationError
+from stablealign.training.cli import config_options
+from stablealign.training.config import StableAlignmentConfig
 from stablealign.v1 import trainer_pb2
 
 
@@ -29,48 +34,45 @@ class TrainArg:
     """One allowed training flag: the CLI flag, its value type, and for booleans the negative form."""
 
     flag: str
-    kind: str  # int | float | bool | choice
+    kind: str  # int | float | bool | choice | str
     choices: tuple[str, ...] = ()
-    negative: str = ""  # a bool's "false" flag (e.g. --no-bf16); "" when false is the default
+    negative: str = ""  # a bool's "false" flag (e.g. --no-bf16)
 
 
-# The `stable-align train` flags a job may set (names as in the CLI, dashes or underscores).
-TRAIN_ARGS: dict[str, TrainArg] = {
-    "epochs": TrainArg("--epochs", "float"),
-    "lr": TrainArg("--lr", "float"),
-    "batch_size": TrainArg("--batch-size", "int"),
-    "grad_accum": TrainArg("--grad-accum", "int"),
-    "max_steps": TrainArg("--max-steps", "int"),
-    "max_length": TrainArg("--max-length", "int"),
-    "num_comp": TrainArg("--num-comp", "int"),
-    "margin": TrainArg("--margin", "float"),
-    "ratio": TrainArg("--ratio", "float"),
-    "rating_scale": TrainArg("--rating-scale", "float"),
-    "max_flow": TrainArg("--max-flow", "bool", negative="--mean-flow"),
-    "fsdp": TrainArg("--fsdp", "choice", ("", "full_shard", "shard_grad_op")),
-    "bf16": TrainArg("--bf16", "bool", negative="--no-bf16"),
-    "gradient_checkpointing": TrainArg("--gradient-checkpointing", "bool", negative="--no-gradient-checkpointing"),
-    "save_steps": TrainArg("--save-steps", "int"),
-    "logging_steps": TrainArg("--logging-steps", "int"),
-    "warmup_ratio": TrainArg("--warmup-ratio", "float"),
-    "seed": TrainArg("--seed", "int"),
-    "resume": TrainArg("--resume", "bool", negative="--no-resume"),
-    "metrics_port": TrainArg("--metrics-port", "int"),
-}
-# The StableAlignmentConfig / TrainingArguments spellings (what `stable-align train --submit` sends).
-TRAIN_ARG_ALIASES = {
-    "learning_rate": "lr",
-    "num_train_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum",
-}
+# StableAlignmentConfig fields that are JobSpec fields of their own, not args.
+SPEC_FIELDS = {"model": "model", "data": "data", "output_dir": "output_dir", "out": "output_dir"}
+
+
+def _derive_train_args() -> tuple[dict[str, TrainArg], dict[str, str]]:
+    """``TRAIN_ARGS`` (field name -> flag) and ``TRAIN_ARG_ALIASES`` (short name -> field) from the config.
+
+    The flag a job gets is the oldest spelling of each option (``--lr``, ``--mean-flow``), which a
+    trainer image from before the generated command line understands too.
+    """
+    args: dict[str, TrainArg] = {}
+    aliases: dict[str, str] = {}
+    for option in config_options():
+        if option.name in SPEC_FIELDS:
+            continue
+        kind = "choice" if option.choices else option.kind.__name__
+        args[option.name] = TrainArg(option.compat_flag, kind, option.choices, option.compat_negative)
+        for alias in option.aliases:
+            aliases[alias.lstrip("-").replace("-", "_")] = option.name
+    return args, aliases
+
+
+# The training settings a job may set, by StableAlignmentConfig field name (dashes or underscores).
+TRAIN_ARGS, TRAIN_ARG_ALIASES = _derive_train_args()
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
 def canonical_arg(name: str) -> str:
+    """The config field a job arg names (``lr`` / ``--learning-rate`` -> ``learning_rate``)."""
     key = name.strip().lstrip("-").replace("-", "_").lower()
     key = TRAIN_ARG_ALIASES.get(key, key)
+    if key in SPEC_FIELDS:
+        raise ValidationError(f"training argument {name!r}: set the job's {SPEC_FIELDS[key]} instead")
     if key not in TRAIN_ARGS:
         raise ValidationError(f"unknown training argument {name!r}; allowed: {sorted(TRAIN_ARGS)}")
     return key
@@ -90,7 +92,11 @@ def train_module_argv(spec: trainer_pb2.JobSpec, gpus: int, fsdp_default: str = 
 
 
 def train_flags(args: Mapping[str, str]) -> list[str]:
-    """``{"lr": "2e-5", "bf16": "false"}`` -> ``["--lr", "2e-5", "--no-bf16"]``, validated, in a stable order."""
+    """``{"lr": "2e-5", "bf16": "false"}`` -> ``["--no-bf16", "--lr", "2e-5"]``, validated, in a stable order.
+
+    Each value is checked against its field's type, then all of them together by
+    ``StableAlignmentConfig`` (a bad value fails here, at submit time, not in the job).
+    """
     seen: dict[str, str] = {}
     for name, value in args.items():
         key = canonical_arg(name)
@@ -98,21 +104,23 @@ def train_flags(args: Mapping[str, str]) -> list[str]:
             raise ValidationError(f"training argument {key!r} given twice")
         seen[key] = value
     flags: list[str] = []
+    typed: dict[str, object] = {}
     for key in sorted(seen):
         spec, raw = TRAIN_ARGS[key], str(seen[key]).strip()
         if spec.kind == "bool":
             value = raw.lower()
             if value in _TRUE:
                 flags.append(spec.flag)
+                typed[key] = True
             elif value in _FALSE:
-                if spec.negative:
-                    flags.append(spec.negative)
+                flags.append(spec.negative)
+                typed[key] = False
             else:
                 raise ValidationError(f"training argument {key}={raw!r}: expected true or false")
             continue
         if spec.kind == "int":
             try:
-                int(raw)
+                typed[key] = int(raw)
             except ValueError:
                 raise ValidationError(f"training argument {key}={raw!r}: expected an integer") from None
         elif spec.kind == "float":
@@ -122,11 +130,18 @@ def train_flags(args: Mapping[str, str]) -> list[str]:
                 raise ValidationError(f"training argument {key}={raw!r}: expected a number") from None
             if not math.isfinite(number):
                 raise ValidationError(f"training argument {key}={raw!r}: expected a finite number")
-        elif spec.kind == "choice" and raw not in spec.choices:
-            raise ValidationError(f"training argument {key}={raw!r}: expected one of {list(spec.choices)}")
+            typed[key] = number
+        else:
+            if spec.kind == "choice" and raw not in spec.choices:
+                raise ValidationError(f"training argument {key}={raw!r}: expected one of {list(spec.choices)}")
+            typed[key] = raw
         if spec.kind == "choice" and raw == "":
-            continue
+            continue  # the default (fsdp ''): a flag with an empty value would not survive a shell
         flags += [spec.flag, raw]
+    try:
+        StableAlignmentConfig(model="-", data="-", **typed)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ValidationError(f"training arguments: {exc}") from None
     return flags
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -119,7 +120,7 @@ class LocalRunner(Runner):
         self._procs[spec.job_id] = proc
         log.info("job.process_started", extra={"job_id": spec.job_id, "pid": proc.pid, "argv": argv})
         await reporter.handle(str(proc.pid))
-        await reporter.log("$ " + " ".join(argv))
+        await reporter.log("$ " + shlex.join(argv))  # a command that can be pasted into a shell
         tail = TrainLogTail(out / TRAIN_LOG)
         reader = asyncio.create_task(self._read_output(proc, reporter))
         try:
