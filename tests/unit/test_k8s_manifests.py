@@ -85,6 +85,10 @@ def metric_names_in(expr: str) -> set[str]:
     return names
 
 
+CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
+                        "PriorityClass", "CustomResourceDefinition", "IngressClass", "RuntimeClass"}
+
+
 @needs_kubectl
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_renders_and_validates_strictly(target):
@@ -95,7 +99,11 @@ def test_renders_and_validates_strictly(target):
             kubernetes_validate.validate(doc, SCHEMA_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{target}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
-    assert {d["metadata"].get("namespace", "stablealign") for d in docs if d["kind"] != "Namespace"} == {"stablealign"}
+    # Every namespaced object carries the namespace itself: `kubectl apply -k` would put one without it in
+    # the context's namespace (usually `default`), components included (issue 10).
+    stray = [f"{d['kind']}/{d['metadata']['name']}" for d in docs
+             if d["kind"] not in CLUSTER_SCOPED_KINDS and d["metadata"].get("namespace") != "stablealign"]
+    assert not stray, f"{target}: objects outside the stablealign namespace: {stray}"
 
 
 @needs_kubectl
