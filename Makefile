@@ -14,7 +14,7 @@ RUN_OUT ?= runs/default
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF \
 	-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/bench/llamacpp-skip-common.cmake
 
-.PHONY: install proto run test test-unit test-integration bench bench-sim bench-train bench-hf bench-llamacpp lint clean
+.PHONY: dashboard install proto run test test-unit test-integration bench bench-sim bench-train bench-hf bench-llamacpp lint clean
 
 install: $(STAMP) $(PROTO_OUT)/.generated
 
@@ -62,6 +62,10 @@ bench-hf: install
 
 bench-llamacpp: install
 	$(PY) -m bench.llamacpp
+
+# The Grafana dashboard from code (deploy/grafana/dashboard.py); a test fails when the JSON is stale.
+dashboard:
+	python3 deploy/grafana/dashboard.py
 
 lint: install
 	$(VENV)/bin/ruff check stablealign stablealign_app services tests bench

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the world service; no world id labels (that set is unbounded)."""
+"""Prometheus metrics of the world service; world_id labels only on the per-world gauges of running worlds."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ INTERACTIONS = Counter(
     "stablealign_world_interactions_total",
     "Interactions by outcome: published, retry (an attempt failed and is retried), failed (gave up).",
     ["outcome"],
+)
+FAILURE_WAITS = Counter(
+    "stablealign_world_failure_waits_total",
+    "Failed interaction tries that wait (capped, jittered backoff) and try again within the world's failure budget, "
+    "by step (draft|feedback|rate_before|revise|rate_after|embed|persist|other) and kind (absent: no responders, "
+    "timeouts, unavailable; error: e.g. an LLM backend that failed after its own retries).",
+    ["step", "kind"],
 )
 INTERACTION_SECONDS = Histogram(
     "stablealign_world_interaction_duration_seconds",
@@ -39,3 +46,29 @@ WORLDS_RUNNING = Gauge(
     "stablealign_world_worlds_running",
     "Worlds this replica is running now.",
 )
+# Per-world gauges: a label per world that this replica runs *now* (removed when the world ends or moves),
+# so the set stays as small as the number of running worlds — the dashboard's per-world row.
+WORLD_PROGRESS = Gauge(
+    "stablealign_world_progress_ratio",
+    "Share of a running world's interactions (size² × rounds) whose records are published, by world_id.",
+    ["world_id"],
+)
+WORLD_RECORDS = Gauge(
+    "stablealign_world_records_published",
+    "Records a running world has published so far, by world_id.",
+    ["world_id"],
+)
+
+
+def set_world_progress(world_id: str, published: int, expected: int) -> None:
+    WORLD_RECORDS.labels(world_id).set(published)
+    WORLD_PROGRESS.labels(world_id).set(published / expected if expected else 0.0)
+
+
+def forget_world(world_id: str) -> None:
+    """Drops a world's per-world series (the world ended here, or another replica took it over)."""
+    for gauge in (WORLD_PROGRESS, WORLD_RECORDS):
+        try:
+            gauge.remove(world_id)
+        except KeyError:
+            pass

@@ -10,10 +10,12 @@ GPUs in the GPU overlay, a dashboard and alerts that only query metrics the code
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -112,7 +114,7 @@ def test_every_service_has_grpc_probes_metrics_and_drains(target):
     docs = render(target)
     assert one(docs, "StatefulSet", "nats")["spec"]["volumeClaimTemplates"], "JetStream needs a volume"
     nats_ports = {p["name"]: p["port"] for p in one(docs, "Service", "nats")["spec"]["ports"]}
-    assert nats_ports == {"client": 4222, "monitoring": 8222}
+    assert nats_ports == {"client": 4222, "monitoring": 8222, "exporter": 7777}
     for name in SERVICES:
         deployment = one(docs, "Deployment", name)
         pod = deployment["spec"]["template"]
@@ -211,6 +213,22 @@ def test_network_policies_default_deny_and_allow_the_flows():
         assert f'"port": {port}' in ports
 
 
+def dashboard_module():
+    spec = importlib.util.spec_from_file_location("stablealign_dashboard", ROOT / "deploy" / "grafana" / "dashboard.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_committed_dashboard_is_what_the_code_generates():
+    """`make dashboard` regenerates deploy/k8s/components/monitoring/dashboards/stablealign.json; a hand edit
+    of the JSON, or a change to deploy/grafana/dashboard.py without regenerating, fails here."""
+    module = dashboard_module()
+    committed = module.OUT.read_text(encoding="utf-8")
+    assert committed == module.render(), "stale dashboard JSON: run `make dashboard`"
+
+
 @needs_kubectl
 def test_dashboard_and_alerts_query_only_metrics_the_code_exports():
     docs = render("top")
@@ -219,13 +237,25 @@ def test_dashboard_and_alerts_query_only_metrics_the_code_exports():
     for wanted in ("Interactions / s", "Mean alignment", "LLM latency p50 / p95", "LLM errors and retries",
                    "Trainer loss", "Trainer tokens / s"):
         assert any(t.startswith(wanted) for t in titles), wanted
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
     exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
     used = set().union(*(metric_names_in(e) for e in exprs))
     assert used, "no stablealign_ metric queried"
     missing = sorted(used - code_metric_names())
     assert not missing, f"queried but not exported by the code: {missing}"
+    # Metrics of other programs (TGI, the NATS exporter): only known names, each from a job Prometheus scrapes.
+    generator = dashboard_module()
+    external = {name: job for job, names in generator.EXTERNAL_METRICS.items() for name in names}
+    foreign = set().union(*(re.findall(r"\b((?:tgi|gnatsd)_[a-z_]+)\b", e) for e in exprs))
+    assert foreign, "no TGI or NATS panel"
+    assert not foreign - set(external), f"unknown external metrics: {sorted(foreign - set(external))}"
+    scrape_jobs = {j["job_name"] for j in yaml.safe_load(configmap_data(docs, "prometheus-config")["prometheus.yml"])[
+        "scrape_configs"]}
+    assert {external[name] for name in foreign} <= scrape_jobs
+    # Per-world panels: a row repeated by the world_id variable, over world_id-labelled gauges.
+    assert any(p.get("repeat") == "world_id" for p in dashboard["panels"] if p["type"] == "row")
+    assert any('world_id=~"$world_id"' in e for e in exprs)
     provisioning = configmap_data(docs, "grafana-provisioning")
     assert yaml.safe_load(provisioning["datasources.yaml"])["datasources"][0]["url"] == "http://prometheus:9090"
 
