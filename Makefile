@@ -14,7 +14,7 @@ RUN_OUT ?= runs/default
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF \
 	-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/bench/llamacpp-skip-common.cmake
 
-.PHONY: dashboard install proto run test test-unit test-integration bench bench-sim bench-train bench-hf bench-llamacpp lint clean
+.PHONY: dashboard images install proto run test test-unit test-integration bench bench-sim bench-train bench-hf bench-llamacpp lint clean
 
 install: $(STAMP) $(PROTO_OUT)/.generated
 
@@ -62,6 +62,17 @@ bench-hf: install
 
 bench-llamacpp: install
 	$(PY) -m bench.llamacpp
+
+# The service and trainer images, tagged as the kustomize overlays name them (deploy/k8s/overlays/*:
+# images:). REGISTRY=ghcr.io/you make images; then docker push both and set images: in your overlay.
+REGISTRY ?= ghcr.io/stable-align
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+SHARED ?= ../shared
+images:
+	docker build -f deploy/docker/Dockerfile --build-context shared=$(SHARED) --target service \
+		-t $(REGISTRY)/stablealign:$(VERSION) .
+	docker build -f deploy/docker/Dockerfile --build-context shared=$(SHARED) --target trainer \
+		-t $(REGISTRY)/stablealign-trainer:$(VERSION) .
 
 # The Grafana dashboard from code (deploy/grafana/dashboard.py); a test fails when the JSON is stale.
 dashboard:
