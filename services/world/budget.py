@@ -20,22 +20,17 @@ budget faster than a world of one.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import nats.errors
 
-from stablealign.errors import (
-    ConfigError,
-    ConflictError,
-    NotFoundError,
-    PayloadTooLargeError,
-    StableAlignError,
-    UnavailableError,
-    ValidationError,
-)
+from stablealign import errors
 
 FINAL, ABSENT, ERROR = "final", "absent", "error"
-FINAL_ERRORS = (ValidationError, NotFoundError, ConflictError, PayloadTooLargeError, ConfigError)
-ABSENT_ERRORS = (UnavailableError, TimeoutError, nats.errors.Error, ConnectionError)
+# ConnectionClosedError: this process closed its own NATS connection (it stops); it never comes back.
+FINAL_ERRORS = (errors.ValidationError, errors.NotFoundError, errors.ConflictError, errors.PayloadTooLargeError,
+                errors.ConfigError, nats.errors.ConnectionClosedError)
+ABSENT_ERRORS = (errors.UnavailableError, TimeoutError, nats.errors.Error, ConnectionError)
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -55,14 +50,16 @@ def failure_kind(exc: BaseException) -> str:
 
 def reason(exc: BaseException) -> str:
     """An error for a log line or a world's error: our own errors say enough by themselves."""
-    return str(exc) if isinstance(exc, StableAlignError) else f"{type(exc).__name__}: {exc}"
+    return str(exc) if isinstance(exc, errors.StableAlignError) else f"{type(exc).__name__}: {exc}"
 
 
 class FailureBudget:
     """One per running world, shared by its interactions; each interaction keeps a ``Streak``."""
 
-    def __init__(self, *, min_attempts: int, absent_seconds: float, errors_in_a_row: int) -> None:
+    def __init__(self, *, min_attempts: int, absent_seconds: float, errors_in_a_row: int,
+                 halted: Callable[[], bool] = lambda: False) -> None:
         self.min_attempts = min_attempts
+        self.halted = halted  # true once the world is cancelled or its replica stops: no more tries
         self.absent_seconds = absent_seconds
         self.errors_in_a_row = errors_in_a_row
         self.successes = 0  # interactions of this world that succeeded (here)
@@ -102,6 +99,9 @@ class Streak:
         self.kind = failure_kind(exc)
         if self.kind == FINAL:
             self.verdict = "not retryable"
+            return False
+        if budget.halted():
+            self.verdict = "the world is stopping"
             return False
         if self.kind == ABSENT:
             if self.absent_since is None:

@@ -48,6 +48,11 @@ class WorldServicer(world_pb2_grpc.WorldServiceServicer):
     ) -> world_pb2.World:
         return await self.manager.cancel(request.world_id)
 
+    async def ResumeWorld(
+        self, request: world_pb2.ResumeWorldRequest, context: grpc.aio.ServicerContext
+    ) -> world_pb2.World:
+        return await self.manager.resume(request.world_id)
+
     async def StreamInteractions(
         self, request: world_pb2.StreamInteractionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.InteractionRecord]:

@@ -31,8 +31,9 @@ from nats.js import JetStreamContext
 from services.world.settings import WorldSettings
 from stablealign import bus
 from stablealign.backends.base import Embedder
-from stablealign.errors import StableAlignError, UnavailableError
+from stablealign.errors import BackendError, StableAlignError, UnavailableError, ValidationError
 from stablealign.memory import append_memory, revision_msg_id
+from stablealign.records import check_record
 from stablealign.retry import RetryPolicy, retry_async
 from stablealign.v1 import agent_pb2, common_pb2, observer_pb2, world_pb2
 
@@ -81,6 +82,7 @@ class InteractionDeps:
             response_type,
             timeout=self.settings.request_timeout(backend),
             attempts=self.settings.request_attempts,
+            liveness=self.settings.request_liveness_seconds,
         ))
 
 
@@ -243,8 +245,19 @@ async def run_interaction(
     for key, value in latency.items():
         record.latency_seconds[key] = value
     record.created_at = time.time()
+    await _step("check", "agent and observer replies", _checked(record))
     await _step("persist", "JetStream", _persist(deps, record, memory))
     return record
+
+
+async def _checked(record: common_pb2.InteractionRecord) -> None:
+    """Ratings from other services' replies are checked before they become a record (1..7, finite expected
+    values, P(1..7) summing to 1): a reply that breaks them is a faulty dependency, retried within the
+    world's error budget like a failing backend, never published and never trained on."""
+    try:
+        check_record(record)
+    except ValidationError as exc:
+        raise BackendError(f"invalid rating in a reply: {exc}") from None
 
 
 _PERSIST_RETRYABLE = (TimeoutError, nats.errors.Error, UnavailableError)

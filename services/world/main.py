@@ -1,6 +1,6 @@
 """Entry of the world service for `stable-align serve world` and in-process runs.
 
-``build`` registers the NATS handlers (sandbox.world.create|get|list|cancel, queue group
+``build`` registers the NATS handlers (sandbox.world.create|get|list|cancel|resume, queue group
 "world"), the gRPC WorldService, the background resume of unfinished worlds, and a stop hook
 that lets in-flight interactions finish before releasing this replica's worlds.
 """
@@ -37,6 +37,11 @@ async def build(ctx: ServiceContext) -> ServiceParts:
     await ctx.requests.add(bus.WORLD_GET, world_pb2.GetWorldRequest, get, "GetWorld")
     await ctx.requests.add(bus.WORLD_LIST, world_pb2.ListWorldsRequest, list_worlds, "ListWorlds")
     await ctx.requests.add(bus.WORLD_CANCEL, world_pb2.CancelWorldRequest, cancel, "CancelWorld")
+
+    async def resume(req: world_pb2.ResumeWorldRequest) -> world_pb2.World:
+        return await manager.resume(req.world_id)
+
+    await ctx.requests.add(bus.WORLD_RESUME, world_pb2.ResumeWorldRequest, resume, "ResumeWorld")
 
     async def stop() -> None:
         await manager.shutdown(settings.shutdown_grace_seconds)

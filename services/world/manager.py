@@ -1,4 +1,4 @@
-"""The world service's operations (create, get, list, cancel) and its leadership of worlds.
+"""The world service's operations (create, get, list, cancel, resume) and its leadership of worlds.
 
 Both transports (NATS handlers in main.py, gRPC in grpc_api.py) call this one object. It keeps
 the runners of the worlds this replica leads and, in the background, takes over every
@@ -18,10 +18,19 @@ from services.world.scheduler import WorldRunner
 from services.world.settings import WorldSettings
 from services.world.spec import resolve_spec
 from services.world.store import ACTIVE_STATES, WorldStore
+from stablealign.errors import ConflictError
 from stablealign.logs import get_logger
 from stablealign.v1 import world_pb2
 
 log = get_logger(__name__)
+
+RESUMABLE_STATES = (world_pb2.WORLD_STATE_FAILED, world_pb2.WORLD_STATE_CANCELLED)
+# How long ResumeWorld waits for this replica's runner of a just cancelled world to finish its in-flight work.
+RESUME_WAIT_SECONDS = 10.0
+
+
+class _NotResumable(Exception):
+    """Raised inside a KV mutation to leave the world as it is (someone else resumed or finished it)."""
 
 
 class WorldManager:
@@ -81,6 +90,57 @@ class WorldManager:
             return world
         world = await self.store.update(world_id, cancelled)
         log.info("world.cancel_requested", extra={"world_id": world_id, "local": runner is not None})
+        return world
+
+    async def resume(self, world_id: str) -> world_pb2.World:
+        """Runs a FAILED or CANCELLED world again, here, from the records it has; returns it RUNNING
+        (PENDING when its prior was never seeded). A world that runs already is returned as it is;
+        ConflictError for a COMPLETED world, NotFoundError for an unknown one.
+
+        The runner reads which (round, agent) pairs the records stream holds and runs only the rest;
+        records and memories carry message ids, so nothing is duplicated. A runner of the world that
+        another replica still winds down loses its lease at its next write and stops.
+        """
+        world, _ = await self.store.get(world_id)  # NotFoundError -> 404
+        if world.state == world_pb2.WORLD_STATE_COMPLETED:
+            raise ConflictError(f"world {world_id} is COMPLETED; only a FAILED or CANCELLED world can be resumed")
+        if world.state in ACTIVE_STATES:
+            return world
+        previous = self.runners.get(world_id)
+        if previous is not None and previous.task is not None and not previous.task.done():
+            # Cancelled a moment ago: this replica's runner still finishes its in-flight interactions.
+            await asyncio.wait({previous.task}, timeout=RESUME_WAIT_SECONDS)
+            if not previous.task.done():
+                raise ConflictError(f"world {world_id} is still finishing its in-flight interactions; try again")
+        if self._closed:
+            raise ConflictError(f"world service {self.owner} is shutting down; try another replica")
+
+        def reopen(w: world_pb2.World) -> None:
+            if w.state not in RESUMABLE_STATES:
+                raise _NotResumable(world_pb2.WorldState.Name(w.state))
+            w.state = world_pb2.WORLD_STATE_RUNNING if w.setup_seconds > 0 else world_pb2.WORLD_STATE_PENDING
+            w.error = ""
+            w.waiting = ""
+            w.owner = self.owner
+
+        try:
+            world = await self.store.update(world_id, reopen)
+        except _NotResumable:  # resumed by another replica, or it raced to completion: report it as it is
+            world, _ = await self.store.get(world_id)
+            if world.state == world_pb2.WORLD_STATE_COMPLETED:
+                raise ConflictError(f"world {world_id} is COMPLETED; nothing to resume") from None
+            return world
+        log.info(
+            "world.resumed",
+            extra={
+                "world_id": world_id,
+                "owner": self.owner,
+                "completed_rounds": world.completed_rounds,
+                "records_published": world.records_published,
+                "state": world_pb2.WorldState.Name(world.state),
+            },
+        )
+        self._start(world)
         return world
 
     # --- leadership ---------------------------------------------------------------------------

@@ -6,12 +6,16 @@ r+1 must see the revision it wrote in r. After each round a RoundSummary and the
 the World in SANDBOX_WORLDS, which is what a restarted replica resumes from: the records already
 in the stream say which (round, agent) pairs are done, and the rest are (re)run — idempotent by
 message id, so an interaction cut off between its memory append and its record is simply redone.
+The same path resumes a FAILED or CANCELLED world (manager.resume). A failing interaction is tried
+again while the world's failure budget lasts (budget.py: missing replicas, failing LLMs); what the
+world waits for meanwhile is in World.waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import Sequence
 
@@ -20,6 +24,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from services.world import grid, metrics
+from services.world.budget import FailureBudget, reason
 from services.world.interaction import InteractionDeps, run_interaction
 from services.world.prior import prepare_questions, seed_prior
 from services.world.settings import WorldSettings
@@ -37,7 +42,7 @@ CANCELLED = world_pb2.WORLD_STATE_CANCELLED
 
 
 class InteractionFailedError(StableAlignError):
-    """An interaction still failed after settings.interaction_attempts tries."""
+    """An interaction failed for good: a final error, or the world's failure budget is spent (budget.py)."""
 
 
 RATING_FIELDS = ("alignment_before", "alignment_after", "engagement_before", "engagement_after")
@@ -93,6 +98,11 @@ class WorldRunner:
         self.nc, self.js, self.store, self.settings = nc, js, store, settings
         self.owner = settings.owner
         self.published = int(world.records_published)
+        self.budget = FailureBudget(min_attempts=settings.interaction_attempts,
+                                    absent_seconds=settings.absent_budget_seconds,
+                                    errors_in_a_row=settings.error_budget_consecutive,
+                                    halted=lambda: self.halted)
+        self._retries_written = 0  # of budget.retries, how many World.interaction_retries holds already
         self._cancel = asyncio.Event()  # the user cancelled: finish in-flight work, then CANCELLED
         self._stopping = asyncio.Event()  # this replica stops: finish in-flight work, leave the world RUNNING
         self.task: asyncio.Task | None = None
@@ -139,28 +149,39 @@ class WorldRunner:
         if world.state == CANCELLED:
             self._cancel.set()
         world.records_published = max(world.records_published, self.published)
+        world.waiting = self.budget.waiting
 
     async def _write(self, mutate=None) -> world_pb2.World:
+        # Retries not in KV yet, taken before the write so that concurrent writes never add the same ones.
+        new_retries = self.budget.retries - self._retries_written
+        self._retries_written += new_retries
+
         def apply(world: world_pb2.World) -> None:
             self._own(world)
+            world.interaction_retries += new_retries
             if mutate:
                 mutate(world)
 
-        self.world = await self.store.update(self.world_id, apply)
+        try:
+            self.world = await self.store.update(self.world_id, apply)
+        except BaseException:
+            self._retries_written -= new_retries  # not written: the next write carries them
+            raise
         return self.world
 
     async def _heartbeat(self) -> None:
-        """Writes the lease heartbeat, and progress (records_published) when it moved, so that
-        GetWorld shows a live count without a KV write per record."""
+        """Writes the lease heartbeat, and progress (records_published, and what the world waits for)
+        when it moved, so that GetWorld shows a live count without a KV write per record."""
         beat = self.settings.heartbeat_interval
         tick = min(beat, self.settings.progress_seconds) if self.settings.progress_seconds > 0 else beat
-        last_beat, last_published = time.monotonic(), self.published
+        last_beat, last_published, last_waiting = time.monotonic(), self.published, ""
         while True:
             await asyncio.sleep(tick)
-            if time.monotonic() - last_beat < beat and self.published == last_published:
+            if (time.monotonic() - last_beat < beat and self.published == last_published
+                    and self.budget.waiting == last_waiting):
                 continue
             try:
-                last_published = self.published
+                last_published, last_waiting = self.published, self.budget.waiting
                 await self._write()
                 last_beat = time.monotonic()
             except LeaseLostError:
@@ -192,6 +213,11 @@ class WorldRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await heartbeat
             metrics.WORLDS_RUNNING.dec()
+            metrics.forget_world(self.world_id)  # per-world series live only while the world runs here
+
+    @property
+    def expected_records(self) -> int:
+        return self.spec.size * self.spec.size * self.spec.rounds
 
     async def _run(self) -> None:
         spec = self.spec
@@ -207,6 +233,7 @@ class WorldRunner:
             await self._write(started)
         done = await published_scores(self.js, self.world_id)
         self.published = sum(len(v) for v in done.values())
+        metrics.set_world_progress(self.world_id, self.published, self.expected_records)
         pool = await asyncio.to_thread(data.load_questions, spec.questions_path or None)
         from stablealign.backends import get_embedder
 
@@ -290,10 +317,13 @@ class WorldRunner:
                 try:
                     record = await self._interact(deps, pool, round_, agent)
                 except InteractionFailedError:
+                    if self.halted:  # cancelled or stopping: the round is left unfinished, not failed
+                        return
                     failed.set()
                     raise
                 scores[agent] = scores_of(record)
                 self.published += 1
+                metrics.set_world_progress(self.world_id, self.published, self.expected_records)
 
         results = await asyncio.gather(
             *(worker() for _ in range(max(1, min(limit, len(todo))))), return_exceptions=True
@@ -326,10 +356,11 @@ class WorldRunner:
             record = await run_interaction(deps, spec, round_, agent, question, partners)
             return record, time.perf_counter() - started
 
+        streak = self.budget.streak()
+
         def on_failure(failure: Failure) -> None:
-            if failure.final:  # counted by give_up
-                return
             metrics.INTERACTIONS.labels("retry").inc()
+            metrics.FAILURE_WAITS.labels(getattr(failure.error, "step", "other"), streak.kind).inc()
             log.warning(
                 "world.interaction_retry",
                 extra={
@@ -337,35 +368,37 @@ class WorldRunner:
                     "round": round_,
                     "agent_id": agent,
                     "attempt": failure.attempt,
+                    "kind": streak.kind,
+                    "delay_s": round(failure.delay or 0.0, 3),
                     "error": _reason(failure.error),
                 },
             )
 
-        def give_up(failure: Failure) -> InteractionFailedError:
-            metrics.INTERACTIONS.labels("failed").inc()
-            where = f"round {round_} agent {agent}"
-            return InteractionFailedError(
-                f"{where}: interaction failed after {failure.attempts} attempts: {_reason(failure.error)}"
-            )
-
-        # Any error is retried as a whole (cancellation never is), then the world fails loudly.
-        policy = RetryPolicy(attempts=self.settings.interaction_attempts, base_delay=0.25, max_delay=5.0,
-                             timeout=None, jitter="proportional")
-        record, seconds = await retry_async(
-            once, policy, retryable=lambda exc: True, on_failure=on_failure, give_up=give_up
-        )
+        # Retried as a whole (cancellation never is) while the world's failure budget lasts (budget.py),
+        # with capped full-jitter backoff; then the world fails loudly. The policy's attempts never run out.
+        policy = RetryPolicy(attempts=sys.maxsize, base_delay=0.25, max_delay=self.settings.failure_backoff_max_seconds,
+                             timeout=None, jitter="full")
+        try:
+            record, seconds = await retry_async(once, policy, retryable=streak.allows, on_failure=on_failure)
+        except Exception as exc:  # noqa: BLE001 - the budget is spent or the error is final
+            if not self.halted:
+                metrics.INTERACTIONS.labels("failed").inc()
+            raise InteractionFailedError(
+                f"round {round_} agent {agent}: interaction failed after {streak.attempts} attempts: "
+                f"{_reason(exc)} [{streak.kind}: {streak.verdict}]"
+            ) from exc
+        self.budget.succeeded()
         metrics.INTERACTIONS.labels("published").inc()
         metrics.INTERACTION_SECONDS.observe(seconds)
         return record
 
 
-def _reason(exc: BaseException) -> str:
-    """An interaction's error for a log line or a world's error: our own errors say enough by themselves."""
-    return str(exc) if isinstance(exc, StableAlignError) else f"{type(exc).__name__}: {exc}"
+_reason = reason  # an interaction's error for a log line or a world's error
 
 
 def _finish(world: world_pb2.World, state: int, error: str) -> None:
     """Final state; a CANCELLED world stays CANCELLED (the user's word wins over completion)."""
+    world.waiting = ""
     if world.state == CANCELLED and state != world_pb2.WORLD_STATE_FAILED:
         return
     world.state = state

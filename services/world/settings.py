@@ -52,6 +52,9 @@ class WorldSettings(ServiceSettings):
                                                                      "world, whatever the spec asks (0: no bound).")
     prior_publish_chunk: int = Field(64, ge=1, description="Prior memory batches published at once while seeding "
                                                            "a world.")
+    max_world_memory_mb: float = Field(4096.0, ge=0, description=(
+        "CreateWorld refuses a world whose estimated memory (all processes together, services/world/limits.py) "
+        "exceeds this many MB; the default admits one round of 100,000 agents (0: no limit)."))
     # Backends of a world whose spec names none.
     agent_backend: str = "offline"
     agent_model: str = ""

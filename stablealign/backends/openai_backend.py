@@ -235,9 +235,9 @@ class OpenAIChatBackend(ChatBackend):
 
     def __init__(self, model: str = DEFAULT_CHAT_MODEL, *, base_url: str | None = None, api_key: str | None = None,
                  stream: bool = False, timeout: float = 60.0, max_concurrency: int = 64,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, max_retry_after: float = MAX_RETRY_AFTER_SECONDS) -> None:
         super().__init__(model or DEFAULT_CHAT_MODEL, max_concurrency=max_concurrency,
-                         retry=retry or RetryPolicy(timeout=timeout + 5.0))
+                         retry=retry or RetryPolicy(timeout=timeout + 5.0), max_retry_after=max_retry_after)
         self.stream = stream
         # Until a reply shows otherwise the server is taken to return log-probabilities.
         self.logprobs_supported = True

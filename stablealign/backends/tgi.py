@@ -26,6 +26,7 @@ from text_generation import AsyncClient
 from text_generation import errors as tgi_errors
 
 from stablealign.backends.base import (
+    MAX_RETRY_AFTER_SECONDS,
     ChatBackend,
     ChatRequest,
     Completion,
@@ -111,11 +112,12 @@ class TGIChatBackend(ChatBackend):
     name = "tgi"
 
     def __init__(self, url: str, model: str = DEFAULT_TGI_MODEL, *, stream: bool = False, timeout: float = 60.0,
-                 max_concurrency: int = 64, retry: RetryPolicy | None = None) -> None:
+                 max_concurrency: int = 64, retry: RetryPolicy | None = None,
+                 max_retry_after: float = MAX_RETRY_AFTER_SECONDS) -> None:
         if not url or not url.startswith(("http://", "https://")):
             raise ConfigError(f"tgi backend needs the server's http(s) URL, got {url!r}")
         super().__init__(model or DEFAULT_TGI_MODEL, max_concurrency=max_concurrency,
-                         retry=retry or RetryPolicy(timeout=timeout + 5.0))
+                         retry=retry or RetryPolicy(timeout=timeout + 5.0), max_retry_after=max_retry_after)
         self.url = url.rstrip("/")
         self.stream = stream
         # The client builds a session per call; ClientTimeout takes float seconds despite the hint.

@@ -304,6 +304,9 @@ def watch(world_id: str, nats: str = _nats_option(),
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
+    from stablealign_app.cli.resume import worlds_resume  # its own module: imports this one
+
+    worlds_app.command("resume")(worlds_resume)
     app.add_typer(worlds_app, name="worlds")
     app.command("watch")(watch)
     app.command("export")(export)

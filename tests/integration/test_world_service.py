@@ -260,6 +260,10 @@ async def test_cancel_stops_scheduling(nats_url, nc, workers):
         while len(await stream_records(nc, "to-cancel")) < 3:  # running, and past its warm-up
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
+        # The dashboard's per-world series exist while the world runs here.
+        published = REGISTRY.get_sample_value("stablealign_world_records_published", {"world_id": "to-cancel"})
+        ratio = REGISTRY.get_sample_value("stablealign_world_progress_ratio", {"world_id": "to-cancel"})
+        assert published is not None and published >= 3 and ratio == pytest.approx(published / (25 * 20))
         cancelled = await bus.request(
             nc,
             bus.WORLD_CANCEL,
@@ -281,14 +285,20 @@ async def test_cancel_stops_scheduling(nats_url, nc, workers):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
         assert world.state == world_pb2.WORLD_STATE_CANCELLED and world.completed_rounds < 20
+        # ... and are gone once it ended (the label set stays as small as the running worlds).
+        deadline = time.monotonic() + 10
+        while REGISTRY.get_sample_value("stablealign_world_progress_ratio", {"world_id": "to-cancel"}) is not None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
     finally:
         await world_service.stop(grace=1.0)
 
 
 async def test_failing_interactions_fail_the_world_loudly(nats_url, nc):
-    # No agent or observer service: every request gets "no responders".
+    # No agent or observer service: every request gets "no responders"; no failure budget to wait in.
     world_service = await start(
-        "world", nats_url, request_attempts=2, interaction_attempts=2, request_timeout_seconds=1.0
+        "world", nats_url, request_attempts=2, interaction_attempts=2, request_timeout_seconds=1.0,
+        absent_budget_seconds=0,
     )
     try:
         await bus.request(

@@ -1,0 +1,72 @@
+"""The deadline of one LLM call (stablealign.calls): a hung model is cancelled and reported by step and model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from services.agent.settings import AgentSettings
+from services.observer.settings import ObserverSettings
+from stablealign.backends.base import ChatBackend, ChatMessage, ChatRequest, Completion, RetryPolicy
+from stablealign.calls import CallTally, chat_until_rated, llm_deadline, within_deadline
+from stablealign.errors import UnavailableError
+
+
+class HungBackend(ChatBackend):
+    """Never answers; counts the attempts that started and those that were cancelled."""
+
+    name = "openai"
+
+    def __init__(self) -> None:
+        super().__init__("gpt-hung", retry=RetryPolicy(attempts=5, base_delay=0.0, timeout=None))
+        self.started = self.cancelled = 0
+
+    async def _chat_once(self, request: ChatRequest) -> Completion:
+        self.started += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        raise AssertionError("unreachable")
+
+
+def test_the_deadline_of_a_local_model_is_the_local_one():
+    settings = AgentSettings(llm_deadline_seconds=7, local_llm_deadline_seconds=70)
+    local = type("Local", (), {"name": "hf"})()
+    assert llm_deadline(settings, local) == 70
+    assert llm_deadline(settings, HungBackend()) == 7
+    assert ObserverSettings().llm_deadline_seconds <= 120  # a hung model is reported within two minutes
+
+
+async def test_a_hung_call_is_cancelled_and_named_at_the_deadline():
+    backend = HungBackend()
+    request = ChatRequest(messages=[ChatMessage("user", "hi")])
+    started = time.monotonic()
+    with pytest.raises(UnavailableError, match=r"^draft: model openai:gpt-hung gave no answer within 0.3s"):
+        await within_deadline(backend.chat(request), deadline=0.3, step="draft", backend=backend,
+                              context={"agent_id": 1, "round": 0})
+    assert 0.3 <= time.monotonic() - started < 2.0
+    assert backend.started == backend.cancelled == 1  # no second attempt, none left running
+
+
+async def test_the_calls_own_timeout_is_not_taken_for_the_deadline():
+    async def times_out() -> None:
+        raise TimeoutError("the client's own timeout")
+
+    with pytest.raises(TimeoutError, match="client's own"):
+        await within_deadline(times_out(), deadline=5.0, step="draft", backend=HungBackend())
+    assert await within_deadline(asyncio.sleep(0, result=3), deadline=None, step="draft", backend=None) == 3
+
+
+async def test_a_hung_rating_call_names_its_step():
+    backend = HungBackend()
+
+    def request_for(attempt: int) -> ChatRequest:
+        return ChatRequest(messages=[ChatMessage("user", "rate")], seed=attempt)
+
+    with pytest.raises(UnavailableError, match=r"^feedback: model openai:gpt-hung .* within 0.2s"):
+        await chat_until_rated(backend, CallTally(), 3, request_for, deadline=0.2, step="feedback")
+    assert backend.started == backend.cancelled == 1  # the unparsable-reply retries never started
