@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 
 from services.world import grid
+from services.world.limits import check_world_memory
 from services.world.settings import WorldSettings
 from stablealign import data
 from stablealign.backends import BACKENDS, default_chat_model, default_embedding_model
@@ -152,4 +153,6 @@ def resolve_spec(
                 f"prior_size {out.prior_size} exceeds the {len(pairs)} pairs of the prior file"
             )
         data.load_questions(out.questions_path or None)
+    # Memory before anything is stored: refused here, a too-large world never starts (limits.py).
+    check_world_memory(out, settings.max_world_memory_mb, len(pairs) if check_files else None)
     return out

@@ -68,14 +68,15 @@ def test_draws_are_the_former_draws_and_indices_round_trip():
 
 
 def test_pool_bytes_round_trip_and_are_verified():
-    _, _, pool = pooled(world())
+    spec = world()
+    plan, embeddings, pool = pooled(spec)
     data = pool.to_bytes()
     again = MemoryPool.from_bytes(data, pool.pool_id)
     assert again.pool_id == pool.pool_id and again.questions == pool.questions and again.answers == pool.answers
     assert np.array_equal(again.matrix, pool.matrix) and np.array_equal(again.question_of, pool.question_of)
     assert not again.matrix.flags.writeable
     # Same content -> same id in any process; any changed byte -> refused loudly.
-    assert MemoryPool.build(pool.questions, pool.answers, pool.question_of, pool.matrix).pool_id == pool.pool_id
+    assert build_pool(plan_prior(spec), embeddings.copy()).pool_id == pool.pool_id
     tampered = bytearray(data)
     tampered[-3] ^= 0xFF
     with pytest.raises(ConflictError, match="hashes to"):
