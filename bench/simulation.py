@@ -43,7 +43,8 @@ from stablealign.natsserver import EmbeddedNatsServer
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign_app.embedded import create_world, fetch_records, wait_for_world
 
-CRITICAL_PATH = ("embed question", "draft", "feedback ∥ ratings before", "revise", "ratings after")
+# The question's embedding is computed before the round (scheduler.QuestionVectors), off the path.
+CRITICAL_PATH = ("draft", "feedback ∥ ratings before", "revise", "ratings after")
 
 
 @dataclass
@@ -141,12 +142,10 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 def run_ours(root: str | None, latency_ms: float, size: int, rounds: int) -> SimulationResult:
     """``root`` None: the offline backend (no HTTP at all), else the fake OpenAI server at ``root``."""
+    # The concurrency limits are the defaults a user gets (services' max_concurrency, the backends'
+    # default_max_concurrency); set STABLEALIGN_MAX_CONCURRENCY / STABLEALIGN_LLM_MAX_CONCURRENCY to try others.
     env = {**os.environ, "OPENAI_BASE_URL": f"{root}/v1" if root else "", "OPENAI_API_KEY": "bench",
-           "STABLEALIGN_MAX_CONCURRENCY": "2048",
-           "STABLEALIGN_LOG_LEVEL": "WARNING", "STABLEALIGN_GRPC_PORT": "-1", "STABLEALIGN_METRICS_PORT": "-1",
-           # A whole round of 100 agents is ~1000 concurrent LLM calls; the default per-backend limit (64)
-           # would cap a 200 ms server at ~320 calls/s.
-           "STABLEALIGN_LLM_MAX_CONCURRENCY": os.environ.get("STABLEALIGN_LLM_MAX_CONCURRENCY", "1024")}
+           "STABLEALIGN_LOG_LEVEL": "WARNING", "STABLEALIGN_GRPC_PORT": "-1", "STABLEALIGN_METRICS_PORT": "-1"}
     procs: list[subprocess.Popen] = []
     try:
         with EmbeddedNatsServer() as server:
@@ -169,10 +168,10 @@ def run_ours(root: str | None, latency_ms: float, size: int, rounds: int) -> Sim
     totals = [r.latency_seconds["total"] for r in records if "total" in r.latency_seconds]
     # Requests of the setup (prior embeddings) are excluded: count chat + per-interaction embeddings only.
     by_path_before, by_path_after = before["requests_by_path"], after["requests_by_path"]
-    # Chat calls are all per interaction; embedding calls also include the setup's batched prior
-    # embeddings, so the per-interaction figure counts chat calls + the one question embedding.
+    # Chat calls are all per interaction; the question embeddings are batched per round (one request per
+    # 256 distinct questions) like the setup's prior embeddings, so the figure counts chat calls only.
     chat_calls = by_path_after.get("/v1/chat/completions", 0) - by_path_before.get("/v1/chat/completions", 0)
-    per_interaction = chat_calls / len(records) + 1 if root else 0.0
+    per_interaction = chat_calls / len(records) if root else 0.0
     return SimulationResult(
         latency_ms=latency_ms, agents=agents, rounds=rounds, setup_seconds=world.setup_seconds,
         interactions_per_second=agents * len(round_seconds) / sum(round_seconds),
@@ -232,7 +231,7 @@ def _print(ours: SimulationResult, base, title: str) -> None:
         ("sequential LLM round trips", f"{ours.sequential_round_trips_structural}"
          + (f" (measured {ours.sequential_round_trips_measured:.2f})" if ours.sequential_round_trips_measured else ""),
          f"{base.sequential_round_trips}" if base else "-"),
-        ("LLM requests / interaction", f"{ours.llm_requests_per_interaction:.1f}",
+        ("LLM chat requests / interaction", f"{ours.llm_requests_per_interaction:.1f}",
          f"{base.requests_per_interaction:.1f}" if base else "-"),
         ("service CPU seconds", " ".join(f"{k[:3]} {v:.1f}" for k, v in ours.cpu_seconds.items()), "-"),
         ("agent service peak RSS MB", f"{ours.agent_peak_rss_mb:.0f}", "-"),

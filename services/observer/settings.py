@@ -8,6 +8,11 @@ from stablealign.config import ServiceSettings
 
 
 class ObserverSettings(ServiceSettings):
+    max_concurrency: int = Field(1024, ge=1, description=(
+        "Requests in flight at once per process (NATS handlers and gRPC calls). A world keeps up to 1024 "
+        "interactions in flight and the feedback step asks k partners each at once (a 100-agent round with 4-6 "
+        "partners: 400-600 requests), so the agents and observers admit a whole such round; the LLM backend "
+        "bounds the calls that reach the model (backends.default_max_concurrency)."))
     max_question_chars: int = Field(4000, ge=1, description="Longest question accepted, characters.")
     max_answer_chars: int = Field(16000, ge=1, description="Longest answer accepted, characters.")
     rating_attempts: int = Field(3, ge=1, description="Tries of a rating that cannot be parsed (each with "

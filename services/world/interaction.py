@@ -1,12 +1,17 @@
 """One interaction of one agent on one question, on the shortest critical path.
 
 The original ran 16 sequential LLM round trips per interaction. Here the steps that do not
-depend on each other run at once, which leaves 4 sequential round trips after the embedding
+depend on each other run at once, and the question's embedding is computed before the round
+(questions come from a known pool: the scheduler embeds each round's distinct questions in
+batches, scheduler.QuestionVectors), which leaves 4 sequential round trips
 (draft → {k feedbacks, 2 "before" ratings} → revise → {2 "after" ratings}):
 
-    embed q ─► Draft ─┬─► Feedback × k ─┬─► Revise ─┬─► Rate alignment (after)
-                      ├─► Rate alignment (before)   └─► Rate engagement (after)
-                      └─► Rate engagement (before)
+    Draft ─┬─► Feedback × k ─┬─► Revise ─┬─► Rate alignment (after)
+           ├─► Rate alignment (before)   └─► Rate engagement (after)
+           └─► Rate engagement (before)
+
+The "before" ratings depend only on the draft, so running them beside the feedback changes no
+record. Without a precomputed embedding the interaction embeds its question first (5 round trips).
 
 Then the revision goes into the agent's memory and the record is published. Both writes carry
 message ids ("<world>.<round>.<agent>.memory" and "<world>.<round>.<agent>"), so redoing an
@@ -103,17 +108,24 @@ async def run_interaction(
     agent: int,
     question: str,
     partners: Sequence[int],
+    question_embedding: Sequence[float] | np.ndarray | None = None,
 ) -> common_pb2.InteractionRecord:
-    """Runs the interaction, appends the revision to memory, publishes the record, returns it."""
+    """Runs the interaction, appends the revision to memory, publishes the record, returns it.
+
+    ``question_embedding``: the question's vector computed before the round (the draft request carries
+    it, so the agent embeds nothing); None embeds it here first, one more round trip on the path."""
     world_id = spec.world_id
     agent_backend = spec.agent_model.backend
     started = time.perf_counter()
     latency: dict[str, float] = {}
 
     t = time.perf_counter()
-    embedded = await _step("embed", f"embedder {deps.embedder.name}", deps.embedder.embed([question]))
-    embedding = np.asarray(embedded, dtype=np.float32)[0].tolist()
-    latency["embed"] = time.perf_counter() - t
+    if question_embedding is None:
+        embedded = await _step("embed", f"embedder {deps.embedder.name}", deps.embedder.embed([question]))
+        embedding = np.asarray(embedded, dtype=np.float32)[0].tolist()
+    else:
+        embedding = np.asarray(question_embedding, dtype=np.float32).tolist()
+    latency["embed"] = time.perf_counter() - t  # ~0 when precomputed before the round
 
     t = time.perf_counter()
     draft: agent_pb2.DraftResponse = await deps.call(

@@ -56,6 +56,46 @@ def scores_of(record: common_pb2.InteractionRecord) -> Scores:
     )
 
 
+class QuestionVectors:
+    """The embeddings of a round's questions, computed before the round starts.
+
+    A round's questions are known in advance (``grid.pick_question`` over the world's pool), so their
+    distinct texts are embedded in batches (``embed_cached``: one request per 256 questions for a remote
+    embedder, the on-disk cache for MiniLM) and every draft request carries its question's vector: the
+    interaction's critical path holds only the LLM calls. Memory stays bounded: only the vectors of the
+    round being prepared and of the one running are held (at most the pool's distinct questions each).
+    A failing embedder is not fatal here: the round then runs without vectors and each interaction
+    embeds its own question (a step retried within the world's failure budget).
+    """
+
+    def __init__(self, embedder) -> None:
+        self.embedder = embedder
+        self._vectors: dict[str, np.ndarray] = {}
+
+    async def prepare(self, questions: Sequence[str]) -> dict[str, np.ndarray]:
+        wanted = list(dict.fromkeys(questions))
+        missing = [q for q in wanted if q not in self._vectors]
+        if missing:
+            from stablealign.backends.embeddings import embed_cached
+
+            try:
+                rows = np.asarray(await embed_cached(self.embedder, missing), dtype=np.float32)
+            except Exception as exc:  # noqa: BLE001 - the interactions embed their own questions instead
+                log.warning("world.question_embeddings_failed", extra={"questions": len(missing),
+                                                                       "error": _reason(exc)})
+                return {}
+            self._vectors.update(zip(missing, rows))
+        ready = {q: self._vectors[q] for q in wanted}
+        self._vectors = dict(ready)  # forget the questions of older rounds
+        return ready
+
+
+def round_questions(spec: world_pb2.WorldSpec, pool: Sequence[str], round_: int,
+                    agents: Sequence[int]) -> list[str]:
+    """The distinct questions ``agents`` answer in ``round_`` (first-use order)."""
+    return list(dict.fromkeys(grid.pick_question(pool, seed=spec.seed, round_=round_, agent=a) for a in agents))
+
+
 def summarize(round_: int, scores: Sequence[Scores], duration: float) -> world_pb2.RoundSummary:
     """Population means over the ratings that are present (unset when none is); absent ones are counted."""
     summary = world_pb2.RoundSummary(
@@ -239,6 +279,14 @@ class WorldRunner:
 
         deps = InteractionDeps(self.nc, self.js, self.settings, get_embedder(spec.embedding_model))
         await prepare_questions(deps.embedder, spec, pool)  # the world's questions, from the on-disk cache
+        vectors = QuestionVectors(deps.embedder)
+
+        async def prepared(round_: int, skip: dict) -> dict[str, np.ndarray]:
+            agents = [a for a in range(spec.size * spec.size) if a not in skip]
+            return await vectors.prepare(await asyncio.to_thread(round_questions, spec, pool, round_, agents))
+
+        first = self.world.completed_rounds
+        upcoming = asyncio.create_task(prepared(first, done.get(first, {}))) if first < spec.rounds else None
         log.info(
             "world.running",
             extra={
@@ -248,41 +296,49 @@ class WorldRunner:
                 "published": self.published,
             },
         )
-        for round_ in range(self.world.completed_rounds, spec.rounds):
-            if self.halted:
-                break
-            started_at = time.perf_counter()
-            scores = await self._run_round(deps, pool, round_, done.pop(round_, {}))
-            if scores is None:
-                break
-            duration = time.perf_counter() - started_at
-            summary = summarize(round_, scores, duration)
+        try:
+            for round_ in range(self.world.completed_rounds, spec.rounds):
+                if self.halted:
+                    break
+                round_vectors = await upcoming
+                # The next round's question vectors are computed while this round runs.
+                upcoming = (asyncio.create_task(prepared(round_ + 1, done.get(round_ + 1, {})))
+                            if round_ + 1 < spec.rounds else None)
+                started_at = time.perf_counter()
+                scores = await self._run_round(deps, pool, round_, done.pop(round_, {}), round_vectors)
+                if scores is None:
+                    break
+                duration = time.perf_counter() - started_at
+                summary = summarize(round_, scores, duration)
 
-            def completed_round(world: world_pb2.World, summary=summary, round_=round_) -> None:
-                if world.completed_rounds <= round_:
-                    world.rounds.append(summary)
-                    world.completed_rounds = round_ + 1
+                def completed_round(world: world_pb2.World, summary=summary, round_=round_) -> None:
+                    if world.completed_rounds <= round_:
+                        world.rounds.append(summary)
+                        world.completed_rounds = round_ + 1
 
-            await self._write(completed_round)
-            metrics.ROUND_SECONDS.observe(duration)
-            metrics.ROUNDS_COMPLETED.inc()
-            if summary.HasField("mean_alignment_before"):
-                metrics.ALIGNMENT_SCORE.labels("before").set(summary.mean_alignment_before)
-            if summary.HasField("mean_alignment_after"):
-                metrics.ALIGNMENT_SCORE.labels("after").set(summary.mean_alignment_after)
-            log.info(
-                "world.round_done",
-                extra={
-                    "world_id": self.world_id,
-                    "round": round_,
-                    "seconds": round(duration, 3),
-                    "alignment_before": round(summary.mean_alignment_before, 3)
-                    if summary.HasField("mean_alignment_before") else None,
-                    "alignment_after": round(summary.mean_alignment_after, 3)
-                    if summary.HasField("mean_alignment_after") else None,
-                    "missing": summary.missing_ratings,
-                },
-            )
+                await self._write(completed_round)
+                metrics.ROUND_SECONDS.observe(duration)
+                metrics.ROUNDS_COMPLETED.inc()
+                if summary.HasField("mean_alignment_before"):
+                    metrics.ALIGNMENT_SCORE.labels("before").set(summary.mean_alignment_before)
+                if summary.HasField("mean_alignment_after"):
+                    metrics.ALIGNMENT_SCORE.labels("after").set(summary.mean_alignment_after)
+                log.info(
+                    "world.round_done",
+                    extra={
+                        "world_id": self.world_id,
+                        "round": round_,
+                        "seconds": round(duration, 3),
+                        "alignment_before": round(summary.mean_alignment_before, 3)
+                        if summary.HasField("mean_alignment_before") else None,
+                        "alignment_after": round(summary.mean_alignment_after, 3)
+                        if summary.HasField("mean_alignment_after") else None,
+                        "missing": summary.missing_ratings,
+                    },
+                )
+        finally:
+            if upcoming is not None:
+                upcoming.cancel()
         if self._stopping.is_set() and not self._cancel.is_set():
             return  # this replica stops; the world stays RUNNING for the next owner
         if self._cancel.is_set():
@@ -293,7 +349,8 @@ class WorldRunner:
             log.info("world.completed", extra={"world_id": self.world_id, "published": self.published})
 
     async def _run_round(
-        self, deps: InteractionDeps, pool: Sequence[str], round_: int, done: dict[int, Scores]
+        self, deps: InteractionDeps, pool: Sequence[str], round_: int, done: dict[int, Scores],
+        vectors: dict[str, np.ndarray] | None = None,
     ) -> list[Scores] | None:
         """Every agent's interaction of a round; None when halted before all were published.
 
@@ -315,7 +372,7 @@ class WorldRunner:
                 if self.halted or failed.is_set():
                     return
                 try:
-                    record = await self._interact(deps, pool, round_, agent)
+                    record = await self._interact(deps, pool, round_, agent, vectors or {})
                 except InteractionFailedError:
                     if self.halted:  # cancelled or stopping: the round is left unfinished, not failed
                         return
@@ -336,7 +393,8 @@ class WorldRunner:
         return [scores[a] for a in range(n)]
 
     async def _interact(
-        self, deps: InteractionDeps, pool: Sequence[str], round_: int, agent: int
+        self, deps: InteractionDeps, pool: Sequence[str], round_: int, agent: int,
+        vectors: dict[str, np.ndarray] | None = None,
     ) -> common_pb2.InteractionRecord:
         """One interaction, retried as a whole; raises InteractionFailedError after the last try."""
         spec = self.spec
@@ -353,7 +411,8 @@ class WorldRunner:
 
         async def once(_attempt: int) -> tuple[common_pb2.InteractionRecord, float]:
             started = time.perf_counter()
-            record = await run_interaction(deps, spec, round_, agent, question, partners)
+            record = await run_interaction(deps, spec, round_, agent, question, partners,
+                                           (vectors or {}).get(question))
             return record, time.perf_counter() - started
 
         streak = self.budget.streak()

@@ -136,11 +136,33 @@ def _cache() -> dict[str, dict[tuple[str, str, str], Any]]:
     return cache
 
 
-def default_max_concurrency() -> int:
-    """Calls in flight at once per backend: $STABLEALIGN_LLM_MAX_CONCURRENCY, else 64."""
+# Calls in flight per remote backend (openai, tgi) and process unless $STABLEALIGN_LLM_MAX_CONCURRENCY says
+# otherwise: a world keeps up to WorldSettings.max_interaction_concurrency (1024) interactions in flight and
+# its widest step fans out k partner feedbacks each, so a whole round of a 100-agent world with 4-6 partners
+# (400-600 calls) is in flight at once; beyond it calls wait their turn in the backend (bounded).
+REMOTE_MAX_CONCURRENCY = 1024
+LOCAL_BACKENDS = frozenset({"hf"})
+
+
+def default_max_concurrency(backend: str | None = None) -> int:
+    """Calls in flight at once per backend: $STABLEALIGN_LLM_MAX_CONCURRENCY when set, else by backend.
+
+    The rule: a backend admits as many calls as the worlds can usefully keep in flight, bounded by what
+    the backend can serve. A world runs up to min(its concurrency or its size, the world service's
+    max_interaction_concurrency) interactions at once; their widest step is the feedback (k partners in
+    parallel, plus the two "before" ratings at the observer), so a remote API backend (``openai``,
+    ``tgi``, and ``offline``) gets ``REMOTE_MAX_CONCURRENCY`` (1024): a whole round of a 100-agent world
+    with 4-6 partners in flight, 5,000 calls/s at 200 ms; beyond it calls queue in the backend. A local
+    model (``hf``) gets its continuous batcher's capacity: two batches (``max_batch`` rows decoding and as
+    many waiting to be admitted); more would only queue inside the batcher. ``None``: a remote backend.
+    """
     raw = os.environ.get(MAX_CONCURRENCY_ENV, "").strip()
     if not raw:
-        return 64
+        if (backend or "").strip().lower() in LOCAL_BACKENDS:
+            from stablealign.backends.batching import engine_settings
+
+            return 2 * engine_settings().max_batch
+        return REMOTE_MAX_CONCURRENCY
     try:
         value = int(raw)
     except ValueError:
@@ -153,7 +175,7 @@ def default_max_concurrency() -> int:
 def get_chat_backend(ref: common_pb2.ModelRef, *, max_concurrency: int | None = None) -> ChatBackend:
     """The process-wide (per event loop) chat backend for (backend, model, url), built on first use.
 
-    ``max_concurrency`` (else ``default_max_concurrency()``) applies when the backend is built;
+    ``max_concurrency`` (else ``default_max_concurrency(ref.backend)``) applies when the backend is built;
     every caller of the same ref then shares that one limit.
     """
     key = _key(ref)
@@ -161,7 +183,8 @@ def get_chat_backend(ref: common_pb2.ModelRef, *, max_concurrency: int | None = 
         cache = _cache()["chat"]
         backend = cache.get(key)
         if backend is None:
-            backend = cache[key] = make_chat_backend(ref, max_concurrency=max_concurrency or default_max_concurrency())
+            backend = cache[key] = make_chat_backend(
+                ref, max_concurrency=max_concurrency or default_max_concurrency(key[0]))
         return backend
 
 

@@ -46,7 +46,9 @@ from stablealign.backends.heuristics import alignment_score, engagement_score
 
 _QUESTION = re.compile(r"For the question '(.*?)', ", re.DOTALL)
 _ANSWER = re.compile(r"answered(?: like)?: '(.*)'\s*(?:\n|$)", re.DOTALL)
-_ASKED = re.compile(r"Question:\s*(.+?)\s*(?:\nAnswer:|$)", re.DOTALL)
+# The question line only: the instructions after it are not the topic (an answer quoting them is an echo,
+# which the agent asks again, an extra round trip no real model causes that often).
+_ASKED = re.compile(r"Question:\s*(.+?)\s*(?:\n|$)", re.DOTALL)
 _QUOTED_QUESTION = re.compile(r"the question '(.*?)'", re.DOTALL)
 
 ANSWER_TEMPLATES = (

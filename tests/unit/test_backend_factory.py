@@ -86,7 +86,8 @@ async def test_concurrency_limit_from_the_environment(monkeypatch):
     from stablealign.backends import default_max_concurrency
 
     monkeypatch.delenv("STABLEALIGN_LLM_MAX_CONCURRENCY", raising=False)
-    assert default_max_concurrency() == 64
+    assert default_max_concurrency() == 1024 and default_max_concurrency("openai") == 1024
+    assert default_max_concurrency("hf") == 64  # two batches of the batcher (max_batch 32)
     monkeypatch.setenv("STABLEALIGN_LLM_MAX_CONCURRENCY", "300")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     backend = get_chat_backend(ref("openai", model="concurrency-test"))
