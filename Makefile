@@ -14,7 +14,7 @@ RUN_OUT ?= runs/default
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF \
 	-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/bench/llamacpp-skip-common.cmake
 
-.PHONY: dashboard images install proto run test test-unit test-integration bench bench-sim bench-scale bench-train bench-hf bench-llamacpp lint clean
+.PHONY: dashboard images install proto run test test-unit test-integration bench bench-sim bench-scale bench-train bench-hf bench-llamacpp chaos lint clean
 
 install: $(STAMP) $(PROTO_OUT)/.generated
 
@@ -57,6 +57,11 @@ bench-sim: install
 # 1,024 and 10,000 agents for one round through NATS (BENCH_SCALE_ARGS=--full adds 100,489: ~20 min on 2 cores).
 bench-scale: install
 	$(PY) -m bench.scale $(BENCH_SCALE_ARGS)
+
+# One fault per row on loopback (kill -9 of each service, NATS restart, LLM errors/hang, killed training),
+# records counted by an independent reader; BENCH_CHAOS_ARGS=--write-docs rewrites docs/reliability.md.
+chaos: install
+	$(PY) -m bench.chaos $(BENCH_CHAOS_ARGS)
 
 bench-train: install
 	$(PY) -m bench.training

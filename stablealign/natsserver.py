@@ -46,6 +46,7 @@ class EmbeddedNatsServer:
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> EmbeddedNatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)  # a store_dir given but not there yet
         conf = self.store_dir / "nats.conf"
         conf.write_text(f"max_payload: {self.max_payload}\n")
         self.process = subprocess.Popen(
