@@ -249,22 +249,22 @@ async def _kill_agent(c: Cluster, llm: FakeOpenAIServer, f: Fault) -> None:
     f.note = "1 of 2 replicas, not restarted"
 
 
-async def _kill_observer(c: Cluster, llm: FakeOpenAIServer, f: Fault) -> None:
-    f.injected = time.time()
-    await asyncio.to_thread(c.kill9, "observer-0")
-    await asyncio.sleep(5.0)
-    c.serve("observer", "observer-0")
-    f.cleared = time.time()
-    f.note = "the only replica, back after 5 s"
+def _kill_and_restart(kind: str, away_seconds: float, note: str) -> FaultFn:
+    """kill -9 of the only ``kind`` replica, the same instance started again ``away_seconds`` later."""
+
+    async def fault(c: Cluster, llm: FakeOpenAIServer, f: Fault) -> None:
+        f.injected = time.time()
+        await asyncio.to_thread(c.kill9, f"{kind}-0")
+        await asyncio.sleep(away_seconds)
+        c.serve(kind, f"{kind}-0")
+        f.cleared = time.time()
+        f.note = note
+
+    return fault
 
 
-async def _kill_world(c: Cluster, llm: FakeOpenAIServer, f: Fault) -> None:
-    f.injected = time.time()
-    await asyncio.to_thread(c.kill9, "world-0")
-    await asyncio.sleep(3.0)
-    c.serve("world", "world-0")
-    f.cleared = time.time()
-    f.note = "back after 3 s (same instance); `run` follows"
+_kill_observer = _kill_and_restart("observer", 5.0, "the only replica, back after 5 s")
+_kill_world = _kill_and_restart("world", 3.0, "back after 3 s (same instance); `run` follows")
 
 
 async def _kill_nats(c: Cluster, llm: FakeOpenAIServer, f: Fault) -> None:
