@@ -62,6 +62,10 @@ class StableAlignmentConfig:
     gradient_checkpointing: bool = _help("Recompute activations in backward (less memory, ~30 % slower).", False)
     fsdp: str = _help("FSDP sharding: '' (none: DDP when distributed), 'full_shard' or 'shard_grad_op'.", "",
                       FSDP_MODES)
+    fsdp_rank0_loading: bool = _help(
+        "FSDP: only rank 0 reads the base model; the other ranks build it on the meta device and receive the "
+        "weights from rank 0 when it is sharded (host memory for one copy instead of one per GPU). Off: every "
+        "rank reads the checkpoint.", True)
     save_steps: int = _help("Checkpoint every N optimizer steps (0: only at the end).", 200)
     save_total_limit: int = _help("Checkpoints kept (oldest removed first; 0: keep all).", 2)
     logging_steps: int = _help("Write a train_log.jsonl line every N optimizer steps.", 1)

@@ -14,6 +14,12 @@ responses of a group in one forward pass and a per-group reduction, which the Tr
   resume ``train_log.jsonl`` is cut back to the checkpoint's step so no line is duplicated.
 - FSDP wraps the model's decoder-layer class found from the model itself (``_no_split_modules`` or
   the class repeated in its ``ModuleList`` of layers), not a hard-coded ``LlamaDecoderLayer``.
+- With FSDP only rank 0 reads the base model (``fsdp_rank0_loading``): the other ranks build its
+  skeleton on the meta device from ``config.json`` and receive the weights from rank 0 as FSDP shards
+  them. FSDP1 spelled this ``sync_module_states=True`` + a ``param_init_fn``; the trainer runs FSDP2,
+  where accelerate's ``cpu_ram_efficient_loading`` broadcasts rank 0's full state dict into each
+  rank's shards. A node then holds one host copy of the model at start-up, not one per GPU
+  (8 x 27 GB for LLaMA-7B in float32 before), and the other ranks never open a weights file.
 - bf16 autocast only where CUDA supports it; fp32 elsewhere (CPU bf16 is slow and not what we test).
 
 ``python -m stablealign.training.train --model ... --data ... --out ...`` is the torchrun entry point;
@@ -109,6 +115,41 @@ def decoder_layer_classes(model: Any) -> list[str]:
     if best is None:
         raise ValidationError(f"cannot find the decoder layers of {type(model).__name__} to wrap with FSDP")
     return [best[1]]
+
+
+def fsdp_active(cfg: StableAlignmentConfig) -> bool:
+    """Whether this run shards with FSDP: asked for, several processes, and a device FSDP runs on here
+    (CUDA, or the CPU with gloo unless ``STABLEALIGN_FSDP_CPU=0`` asks for DDP there)."""
+    import torch
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    on_device = torch.cuda.is_available() or os.environ.get("STABLEALIGN_FSDP_CPU", "1") == "1"
+    return bool(cfg.fsdp) and distributed and on_device
+
+
+def load_base_model(model_dir: Path, *, empty: bool) -> Any:
+    """The base model in float32, read from ``model_dir`` — or, with ``empty``, only its skeleton.
+
+    The skeleton is built from ``config.json`` alone, without opening a weights file: parameters on
+    the meta device (no memory), buffers real (rotary frequencies and other non-persistent buffers
+    are not in the checkpoint, so FSDP's broadcast could not fill them). FSDP then receives the
+    weights from rank 0 (see the module docstring). The ``train.model_loaded`` log line says which
+    way each rank went.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if empty:
+        from accelerate import init_empty_weights
+
+        config = AutoConfig.from_pretrained(model_dir)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    log.info("train.model_loaded", extra={"rank": int(os.environ.get("RANK", "0")), "path": str(model_dir),
+                                          "source": "meta" if empty else "checkpoint"})
+    return model
 
 
 def mixed_precision(bf16: bool) -> str:
@@ -246,7 +287,9 @@ def _scheduler(cfg: StableAlignmentConfig, optimizer: Any, total_steps: int) -> 
     return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
 
 
-def _accelerator(cfg: StableAlignmentConfig, layer_classes: list[str]) -> Any:
+def _accelerator(cfg: StableAlignmentConfig, layer_classes: list[str], *, rank0_loading: bool = False) -> Any:
+    """The accelerate ``Accelerator`` of a run; ``rank0_loading``: rank 0 alone holds the base weights and
+    FSDP broadcasts them into the other ranks' shards (``cpu_ram_efficient_loading``)."""
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
     from accelerate.state import PartialState
 
@@ -259,7 +302,9 @@ def _accelerator(cfg: StableAlignmentConfig, layer_classes: list[str]) -> Any:
             auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=layer_classes,
             state_dict_type="SHARDED_STATE_DICT",  # checkpoints: each rank writes its shard
-            sync_module_states=False,  # every rank loads the same weights from disk
+            # FSDP2's sync_module_states: rank 0's weights, broadcast while sharding (else every rank
+            # read the same weights from disk itself).
+            cpu_ram_efficient_loading=rank0_loading,
             activation_checkpointing=False,  # done through the model (gradient_checkpointing)
         )
     elif cfg.fsdp:
@@ -295,7 +340,7 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
     import torch
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from stablealign.training.collator import AlignmentCollator
     from stablealign.training.loss import (
@@ -309,11 +354,13 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:  # pads are never attended nor learned: EOS is a safe stand-in
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # Rank 0 reads the weights; with FSDP the others get them from it (module docstring).
+    rank0_loading = cfg.fsdp_rank0_loading and fsdp_active(cfg)
+    model = load_base_model(model_dir, empty=rank0_loading and int(os.environ.get("RANK", "0")) != 0)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    accelerator = _accelerator(cfg, decoder_layer_classes(model))
+    accelerator = _accelerator(cfg, decoder_layer_classes(model), rank0_loading=rank0_loading)
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,11 @@ accelerate only enables its FSDP plugin for accelerator devices; on CPU the trai
 state to FSDP itself (torch's FSDP2 runs on CPU with gloo), so this checks the model really was
 sharded (sharded checkpoint folders) and that the result equals one process with the same global
 batch.
+
+Only rank 0 reads the base model (``fsdp_rank0_loading``, the default): rank 1 builds it on the meta
+device and gets the weights through FSDP. A ``sitecustomize`` on the workers' path records every
+safetensors file a rank opens, so "rank 1 never opened the checkpoint" is observed, not inferred from
+our own log line; and the result equals the old path (every rank reads the checkpoint).
 """
 
 from __future__ import annotations
@@ -19,6 +24,31 @@ import pytest
 from stablealign.metrics import free_port
 
 REPO = Path(__file__).resolve().parents[2]
+
+# Imported by every Python process whose path starts with its folder: wraps safetensors' file
+# openers (transformers reads weights through them) to append "<RANK> <path>" to $SA_OPENS_LOG.
+OPEN_RECORDER = """
+import os
+import safetensors
+
+_open = safetensors.safe_open
+
+
+def safe_open(filename, *args, **kwargs):
+    with open(os.environ["SA_OPENS_LOG"], "a") as log:
+        log.write(f"{os.environ.get('RANK', '-')} {filename}\\n")
+    return _open(filename, *args, **kwargs)
+
+
+safetensors.safe_open = safe_open
+"""
+
+
+def _ranks_that_opened_weights(log: Path, model: Path) -> set[str]:
+    """The ranks that opened a weights file of the base model (transformers opens one several times)."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return {rank for rank, _, path in (line.partition(" ") for line in lines)
+            if Path(path).resolve().parent == model.resolve()}
 
 
 @pytest.mark.slow
@@ -40,11 +70,21 @@ def test_torchrun_two_processes_fsdp_on_cpu(tmp_path):
                "stablealign.training.train", "--model", str(model), "--data", str(data), "--out", str(out),
                "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--save-steps", "1",
                "--max-length", "64", "--fsdp", "full_shard", "--seed", "3"]
+    recorder = tmp_path / "recorder"
+    recorder.mkdir()
+    (recorder / "sitecustomize.py").write_text(OPEN_RECORDER)
+    opens = tmp_path / "opens.log"
     # JSON log lines, as in a training job's pod (the default outside a pod is human lines).
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180,
-                            env={**os.environ, "STABLEALIGN_LOG_FORMAT": "json"})
+    env = {**os.environ, "STABLEALIGN_LOG_FORMAT": "json", "SA_OPENS_LOG": str(opens),
+           "PYTHONPATH": os.pathsep.join([str(recorder), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert '"distributed": "DistributedType.FSDP"' in result.stderr and '"processes": 2' in result.stderr
+    # Rank 0 read the weights, rank 1 never opened them: it built the model on the meta device.
+    assert _ranks_that_opened_weights(opens, model) == {"0"}, opens.read_text()
+    loaded = {(row["rank"], row["source"]) for row in map(json.loads, [
+        line for line in result.stderr.splitlines() if line.startswith("{") and '"train.model_loaded"' in line])}
+    assert loaded == {(0, "checkpoint"), (1, "meta")}, result.stderr[-4000:]
     checkpoint = out / "checkpoints" / "step-00000002"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # sharded state, one part per rank
     assert (checkpoint / "random_states_1.pkl").is_file()
@@ -64,3 +104,16 @@ def test_torchrun_two_processes_fsdp_on_cpu(tmp_path):
     single_rows = [json.loads(line) for line in (single / "train_log.jsonl").read_text().splitlines()]
     for r, s in zip(rows, single_rows):
         assert r["loss"] == pytest.approx(s["loss"], abs=1e-5)
+
+    # The old path, every rank reading the checkpoint itself, trains the same weights.
+    old = tmp_path / "every-rank"
+    command = [*command[:command.index("--out") + 1], str(old), *command[command.index("--out") + 2:]]
+    command[command.index("--master_port") + 1] = str(free_port())
+    command[command.index("--save-steps") + 1] = "0"
+    opens.unlink()
+    result = subprocess.run([*command, "--no-fsdp-rank0-loading"], cwd=REPO, capture_output=True, text=True,
+                            timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert _ranks_that_opened_weights(opens, model) == {"0", "1"}
+    c = load_file(str(old / "model.safetensors"))
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-6
