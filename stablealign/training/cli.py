@@ -210,17 +210,39 @@ def run_training(config: dict[str, Any], stop_after: int | None = None) -> None:
                    f"model in {result.output_dir}")
 
 
+def check_training(config: dict[str, Any]) -> StableAlignmentConfig:
+    """What a run would refuse before its first step, checked without loading a model: the config's own
+    checks, the model directory, and every line of the data file. Raises ``StableAlignError``."""
+    cfg = StableAlignmentConfig(**config)
+    from stablealign.training.data import load_alignment_groups
+    from stablealign.training.train import check_model_path
+
+    check_model_path(cfg.model)
+    load_alignment_groups(cfg.data, max_chars=cfg.dataloader_max_chars, rating_scale=cfg.rating_scale)
+    return cfg
+
+
 TRAIN_HELP = "Stable Alignment training (accelerate; torchrun + FSDP on GPUs); resumable."
 STOP_AFTER_HELP = "Tests: stop after N steps of this run, as if killed."
+CHECK_ONLY_HELP = ("Check the flags, the model directory and the data file, then exit (0: a run would start; "
+                   "2: it would not). The training Job's launcher runs this before torchrun.")
 
 
 def train_module_command() -> Any:
-    """The click command of ``python -m stablealign.training.train``: the config options and ``--stop-after``."""
+    """The click command of ``python -m stablealign.training.train``: the config options, ``--stop-after``
+    and ``--check-only``."""
     import typer
 
     def train_entry(config: dict[str, Any],
                     stop_after: int | None = typer.Option(None, "--stop-after", hidden=True,
-                                                          help=STOP_AFTER_HELP)) -> None:
+                                                          help=STOP_AFTER_HELP),
+                    check_only: bool = typer.Option(False, "--check-only", help=CHECK_ONLY_HELP)) -> None:
+        if check_only:
+            try:
+                check_training(config)
+            except (StableAlignError, FileNotFoundError) as exc:
+                fail(exc)
+            return
         run_training(config, stop_after)
 
     train_entry.__doc__ = TRAIN_HELP
