@@ -49,6 +49,19 @@ class BackendError(StableAlignError):
     code = 502
 
 
+class LLMRequestError(BackendError):
+    """An LLM server refused the request itself: HTTP 4xx other than 408, 409 and 429 (400, 401, 403, 404,
+    422...). The same request would get the same answer, so no layer retries it (backend, NATS, the
+    world's failure budget): the step fails at once with the status and the reason. 401/403 mean the
+    API key was refused. Crosses NATS as code 424 (Failed Dependency); gRPC FAILED_PRECONDITION."""
+
+    code = 424
+
+    def __init__(self, message: str = "", *, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status (0 when rebuilt from a NATS error reply)
+
+
 class ConfigError(StableAlignError):
     """A setting (flag or environment variable) has a bad value; raised at start-up."""
 
@@ -60,6 +73,7 @@ ERRORS_BY_CODE: dict[int, type[StableAlignError]] = {
     404: NotFoundError,
     409: ConflictError,
     413: PayloadTooLargeError,
+    424: LLMRequestError,
     502: BackendError,
     503: UnavailableError,
 }

@@ -23,6 +23,7 @@ from stablealign import metrics
 from stablealign.errors import (
     BackendError,
     ConflictError,
+    LLMRequestError,
     NotFoundError,
     PayloadTooLargeError,
     StableAlignError,
@@ -39,6 +40,7 @@ STATUS_BY_ERROR: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (PayloadTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (LLMRequestError, grpc.StatusCode.FAILED_PRECONDITION),  # the LLM refused the request: retrying won't help
     (BackendError, grpc.StatusCode.UNAVAILABLE),
 ]
 

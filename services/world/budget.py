@@ -2,8 +2,9 @@
 
 Every failed try of an interaction is sorted (``failure_kind``):
 
-- **final**: a retry cannot fix it (400 validation, 404 unknown world or agent, 409, 413): the
-  interaction — and so the world — fails at once;
+- **final**: a retry cannot fix it (400 validation, 404 unknown world or agent, 409, 413, and an LLM
+  server's own 4xx — 400/401/403/404/422..., not 408/409/429 — which reaches the world as 424,
+  ``LLMRequestError``): the interaction — and so the world — fails at once, with the status and reason;
 - **absent**: a service the step needs is not there (no responders, no reply in time, unavailable,
   NATS reconnecting): another replica may come, or this one may restart;
 - **error**: anything else, typically an LLM backend that still failed after its own retries (502).
@@ -29,7 +30,7 @@ from stablealign import errors
 FINAL, ABSENT, ERROR = "final", "absent", "error"
 # ConnectionClosedError: this process closed its own NATS connection (it stops); it never comes back.
 FINAL_ERRORS = (errors.ValidationError, errors.NotFoundError, errors.ConflictError, errors.PayloadTooLargeError,
-                errors.ConfigError, nats.errors.ConnectionClosedError)
+                errors.ConfigError, errors.LLMRequestError, nats.errors.ConnectionClosedError)
 ABSENT_ERRORS = (errors.UnavailableError, TimeoutError, nats.errors.Error, ConnectionError)
 
 

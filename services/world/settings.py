@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from stablealign.config import ServiceSettings
+from stablealign.config import ServiceSettings, env_name
+from stablealign.data import data_dir
+from stablealign.endpoints import REMOTE_BACKENDS, resolve_endpoint
+from stablealign.errors import ValidationError
 
 # Backends that run the model inside the agent/observer process.
 LOCAL_BACKENDS = frozenset({"hf"})
@@ -27,8 +30,9 @@ class WorldSettings(ServiceSettings):
     request_attempts: int = Field(3, ge=1, description=(
         "Tries of one NATS request (timeouts and \"no responders\" only; a killed replica loses nothing)."))
     interaction_attempts: int = Field(3, ge=1, description=(
-        "Tries of one whole interaction before the failure budget below is consulted (a bad request - 400, 404 - "
-        "fails the world at once)."))
+        "Tries of one whole interaction before the failure budget below is consulted. A failure no retry can fix "
+        "fails the world at once, naming the step: a bad request (400, 404), and an LLM server's own 4xx (400, 401, "
+        "403, 404, 422...; not 408, 409, 429) with its status and reason."))
     # The failure budget: how long a world rides out missing replicas and failing LLMs before it goes FAILED.
     absent_budget_seconds: float = Field(120.0, ge=0, description=(
         "How long an interaction may keep finding a service it needs (agent, observer, JetStream) absent - no "
@@ -55,6 +59,10 @@ class WorldSettings(ServiceSettings):
     max_world_memory_mb: float = Field(4096.0, ge=0, description=(
         "CreateWorld refuses a world whose estimated memory (all processes together, services/world/limits.py) "
         "exceeds this many MB; the default admits one round of 100,000 agents (0: no limit)."))
+    # Files a world spec may name (prior_path, questions_path): only under these directories.
+    world_data_roots: tuple[str, ...] = Field(default_factory=lambda: (str(data_dir()),), description=(
+        "Directories whose files a world spec may name as prior_path or questions_path, comma-separated "
+        "(symlinks resolved; default: the shared data directory, STABLEALIGN_DATA_DIR or ../shared/data)."))
     # Backends of a world whose spec names none.
     agent_backend: str = "offline"
     agent_model: str = ""
@@ -65,6 +73,19 @@ class WorldSettings(ServiceSettings):
     embedding_backend: str = "offline"
     embedding_model: str = ""
     embedding_url: str = ""
+
+    @model_validator(mode="after")
+    def _default_urls_are_configured_endpoints(self) -> WorldSettings:
+        """A default URL that no agent would call (not in STABLEALIGN_LLM_ENDPOINTS) fails at start, not every
+        CreateWorld."""
+        for role in ("agent", "observer", "embedding"):
+            backend, url = getattr(self, f"{role}_backend"), getattr(self, f"{role}_url")
+            if url.strip() and backend.strip().lower() in REMOTE_BACKENDS:
+                try:
+                    resolve_endpoint(backend, url, field=role)
+                except ValidationError as exc:
+                    raise ValueError(f"{env_name(role + '_url')}: {exc}") from None
+        return self
 
     def request_timeout(self, backend: str) -> float:
         """The reply deadline for a call served by ``backend`` (see the two timeouts above)."""

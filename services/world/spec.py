@@ -15,6 +15,10 @@ from services.world.limits import check_world_memory
 from services.world.settings import WorldSettings
 from stablealign import data
 from stablealign.backends import BACKENDS, default_chat_model, default_embedding_model
+from stablealign.backends.embeddings import HASHING_MODEL
+from stablealign.config import env_name
+from stablealign.confine import confined_path
+from stablealign.endpoints import resolve_endpoint
 from stablealign.errors import ValidationError
 from stablealign.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD
 from stablealign.v1 import common_pb2, world_pb2
@@ -143,6 +147,17 @@ def resolve_spec(
         )
     )
     out.embedding_model.CopyFrom(_embedding_model(out.embedding_model, settings))
+    # Only the operator's backends and LLM endpoints (the agents and observers check again before a call:
+    # they hold the keys, and the bus can be forged); an embedder named "hashing" calls nothing.
+    for field, ref in (("agent_model", out.agent_model), ("observer_model", out.observer_model),
+                       ("embedding_model", out.embedding_model)):
+        if not (field == "embedding_model" and ref.model == HASHING_MODEL):
+            resolve_endpoint(ref.backend, ref.url, field=field)
+    # Files only from the operator's directories: a spec must not publish any readable file as questions.
+    for field in ("prior_path", "questions_path"):
+        if getattr(out, field):
+            confined_path(getattr(out, field), settings.world_data_roots, field,
+                          setting=env_name("world_data_roots"))
     if not out.retrieval_threshold:
         out.retrieval_threshold = (DEFAULT_RETRIEVAL_THRESHOLD if out.embedding_model.backend == "openai"
                                    else LOCAL_EMBEDDING_RETRIEVAL_THRESHOLD)

@@ -29,6 +29,7 @@ from stablealign.backends.base import (
     RetryPolicy,
     normalise_rows,
 )
+from stablealign.endpoints import resolve_endpoint
 from stablealign.errors import ConfigError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.v1 import common_pb2
@@ -76,10 +77,12 @@ def default_embedding_model(backend: str) -> str:
 
 
 def make_chat_backend(ref: common_pb2.ModelRef, *, max_concurrency: int = 64) -> ChatBackend:
-    """A new chat backend for ``ref``; ValidationError for an unknown backend, ConfigError for bad settings."""
+    """A new chat backend for ``ref``; ValidationError for an unknown or disabled backend, or a URL that is
+    not a configured endpoint (``stablealign.endpoints``: checked here, in the process that holds the key,
+    whoever sent the ref); ConfigError for bad settings. The client gets its endpoint's key, and only it."""
     backend = _backend_name(ref)
+    endpoint = resolve_endpoint(backend, ref.url, field="model")
     model = ref.model.strip() or default_chat_model(backend)
-    url = ref.url.strip() or None
     if backend == "offline":
         from stablealign.backends.offline import OfflineChatBackend
 
@@ -87,13 +90,14 @@ def make_chat_backend(ref: common_pb2.ModelRef, *, max_concurrency: int = 64) ->
     if backend == "openai":
         from stablealign.backends.openai_backend import OpenAIChatBackend
 
-        return OpenAIChatBackend(model, base_url=url, max_concurrency=max_concurrency)
+        assert endpoint is not None
+        return OpenAIChatBackend(model, base_url=endpoint.url, api_key=endpoint.api_key(),
+                                 max_concurrency=max_concurrency)
     if backend == "tgi":
         from stablealign.backends.tgi import TGIChatBackend
 
-        if url is None:
-            raise ConfigError("tgi backend needs the server's URL (ModelRef.url, e.g. http://tgi:80)")
-        return TGIChatBackend(url, model, max_concurrency=max_concurrency)
+        assert endpoint is not None
+        return TGIChatBackend(endpoint.url, model, api_key=endpoint.api_key(), max_concurrency=max_concurrency)
     from stablealign.backends.hf import HFChatBackend
 
     return HFChatBackend(model, max_concurrency=max_concurrency)
@@ -107,10 +111,12 @@ def make_embedder(ref: common_pb2.ModelRef) -> Embedder:
     model = ref.model.strip()
     if model == HASHING_MODEL:
         return HashingEmbedder()
+    endpoint = resolve_endpoint(backend, ref.url, field="embedding_model")
     if backend == "openai":
         from stablealign.backends.openai_backend import DEFAULT_EMBEDDING_MODEL, OpenAIEmbedder
 
-        return OpenAIEmbedder(model or DEFAULT_EMBEDDING_MODEL, base_url=ref.url.strip() or None)
+        assert endpoint is not None
+        return OpenAIEmbedder(model or DEFAULT_EMBEDDING_MODEL, base_url=endpoint.url, api_key=endpoint.api_key())
     return MiniLMEmbedder(MINILM_MODEL)
 
 

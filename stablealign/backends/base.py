@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from stablealign import metrics
-from stablealign.errors import BackendError, ValidationError
+from stablealign.errors import BackendError, LLMRequestError, ValidationError
 from stablealign.logs import get_logger
+from stablealign.redaction import redact_text, redact_url
 from stablealign.retry import Failure, RetryPolicy, retry_async
 
 log = get_logger(__name__)
@@ -118,6 +119,24 @@ class RetryableBackendError(Exception):
         self.retry_after = retry_after
 
 
+# 4xx statuses worth another attempt: a request timeout, a conflict, a rate limit. Any other 4xx is the
+# request's own fault (LLMRequestError): final at every layer.
+RETRYABLE_4XX = frozenset({408, 409, 429})
+
+
+def refused(backend: str, base_url: str | None, status: int, message: str) -> LLMRequestError:
+    """The final error of an HTTP 4xx from an LLM server; 401/403 said as what they are: a refused key.
+
+    The URL is redacted (``stablealign.redaction``) and the server's message scrubbed of key-shaped text:
+    an error travels to the world's record, NATS headers and logs.
+    """
+    where = f"the {backend} endpoint at {redact_url(base_url or '?')}"
+    detail = redact_text(message)[:300]
+    if status in (401, 403):
+        return LLMRequestError(f"{where} refused the API key ({status}): {detail}", status=status)
+    return LLMRequestError(f"{where} refused the request (HTTP {status}, not retried): {detail}", status=status)
+
+
 # The longest server-directed wait (Retry-After) a backend honours before its next attempt, seconds.
 MAX_RETRY_AFTER_SECONDS = 60.0
 
@@ -199,7 +218,7 @@ class ChatBackend(abc.ABC):
             raise
         except Exception as exc:  # noqa: BLE001 - a client error we did not classify
             metrics.LLM_REQUESTS.labels(self.name, "chat", "error").inc()
-            raise BackendError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+            raise BackendError(redact_text(f"{self.name}: {type(exc).__name__}: {exc}")) from exc
         latency = time.perf_counter() - started
         metrics.LLM_REQUESTS.labels(self.name, "chat", "ok").inc()
         metrics.LLM_SECONDS.labels(self.name, "chat").observe(latency)

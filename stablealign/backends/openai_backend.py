@@ -36,6 +36,7 @@ from openai.types.chat import ChatCompletion
 from stablealign import metrics
 from stablealign.backends.base import (
     MAX_RETRY_AFTER_SECONDS,
+    RETRYABLE_4XX,
     ChatBackend,
     ChatRequest,
     Completion,
@@ -46,12 +47,15 @@ from stablealign.backends.base import (
     RetryPolicy,
     normalise_rows,
     parse_retry_after,
+    refused,
 )
 from stablealign.backends.openai_http import DirectChatCompletions, ReplyFields
+from stablealign.endpoints import OPENAI_DEFAULT_URL, canonical_url, openai_key_for
 from stablealign.errors import BackendError, ConfigError
 from stablealign.logs import get_logger
 from stablealign.prompt_format import count_tokens
 from stablealign.ratings import parse_rating
+from stablealign.redaction import redact_text, redact_url
 from stablealign.retry import Failure, retry_async
 
 log = get_logger(__name__)
@@ -80,11 +84,15 @@ _NUMBER_NEXT = re.compile(r"^[.,]?\d")
 
 def make_client(*, base_url: str | None, api_key: str | None, timeout: float,
                 max_connections: int = 64) -> openai.AsyncOpenAI:
-    """An ``AsyncOpenAI`` without SDK retries; a missing key is an error unless a base URL is set."""
+    """An ``AsyncOpenAI`` without SDK retries; a missing key is an error unless a base URL is set.
+
+    Without an explicit ``api_key``, ``OPENAI_API_KEY`` is used only when ``base_url`` is the URL that key
+    belongs to (``OPENAI_BASE_URL``, or OpenAI's API when that is unset): a key never goes to another server
+    because somebody named its URL (``stablealign.endpoints``)."""
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-    api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
+    api_key = api_key or openai_key_for(base_url)
     if api_key is None:
-        if base_url is None:
+        if base_url is None or canonical_url(base_url) == canonical_url(OPENAI_DEFAULT_URL):
             raise ConfigError("OPENAI_API_KEY is not set (the openai backend needs a key, or OPENAI_BASE_URL "
                               "pointing at an OpenAI-compatible server)")
         api_key = PLACEHOLDER_KEY
@@ -118,20 +126,24 @@ def _root_cause(exc: BaseException) -> str:
     return "" if root is exc else f" ({type(root).__name__}: {str(root)[:200]})"
 
 
-def classify(exc: Exception, backend: str) -> Exception:
-    """Maps an SDK exception to RetryableBackendError (transient) or BackendError (final)."""
+def classify(exc: Exception, backend: str, base_url: str | None = None) -> Exception:
+    """Maps an SDK exception to RetryableBackendError (transient) or a final error: LLMRequestError for
+    a 4xx (other than 408/409/429), BackendError otherwise. Messages never carry a credential."""
     if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
-        return RetryableBackendError(f"{backend}: {type(exc).__name__}: {exc}{_root_cause(exc)}")
+        return RetryableBackendError(redact_text(f"{backend}: {type(exc).__name__}: {exc}{_root_cause(exc)}"))
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
-        if status == 429 or status >= 500:
+        if status >= 500 or status in RETRYABLE_4XX:
             retry_after = _retry_after(exc.response)
             waited = "" if retry_after is None else f" (retry after {retry_after:g}s)"
-            return RetryableBackendError(f"{backend}: HTTP {status}: {exc.message}{waited}", retry_after=retry_after)
-        error = BackendError(f"{backend}: HTTP {status}: {exc.message}")
+            return RetryableBackendError(redact_text(f"{backend}: HTTP {status}: {exc.message}{waited}"),
+                                         retry_after=retry_after)
+        if 400 <= status < 500:
+            return refused(backend, base_url, status, exc.message)
+        error = BackendError(redact_text(f"{backend}: HTTP {status}: {exc.message}"))
         error.status = status  # type: ignore[attr-defined]
         return error
-    return BackendError(f"{backend}: {type(exc).__name__}: {exc}")
+    return BackendError(redact_text(f"{backend}: {type(exc).__name__}: {exc}"))
 
 
 def _retry_after(response: Any) -> float | None:
@@ -251,7 +263,7 @@ class OpenAIChatBackend(ChatBackend):
         # ~0.6 instead of ~1.9 ms of CPU per call); clients with other kinds of auth stay on the SDK.
         self._direct = (DirectChatCompletions(self.client, timeout=timeout, max_connections=max_concurrency)
                         if DirectChatCompletions.supports(self.client) else None)
-        log.info("backend.openai", extra={"model": self.model, "base_url": str(self.client.base_url),
+        log.info("backend.openai", extra={"model": self.model, "base_url": redact_url(str(self.client.base_url)),
                                           "stream": stream})
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
@@ -276,7 +288,7 @@ class OpenAIChatBackend(ChatBackend):
             else:
                 response = await self.client.post("/chat/completions", body=body, cast_to=ChatCompletion)
         except openai.OpenAIError as exc:
-            raise classify(exc, self.name) from exc
+            raise classify(exc, self.name, str(self.client.base_url)) from exc
         if not response.choices:
             raise RetryableBackendError(f"{self.name}: reply without choices")
         return response
@@ -295,7 +307,7 @@ class OpenAIChatBackend(ChatBackend):
             try:
                 return await self._streamed(body, body["messages"])
             except openai.OpenAIError as exc:
-                raise classify(exc, self.name) from exc
+                raise classify(exc, self.name, str(self.client.base_url)) from exc
         return self._completion(await self._post(body), body["messages"])
 
     async def _rate_once(self, request: ChatRequest, scale: int) -> RatedCompletion:
@@ -357,7 +369,8 @@ class OpenAIChatBackend(ChatBackend):
     def _no_logprobs(self, why: str) -> None:
         """Remembers that the server gives no log-probabilities: later ratings are parsed from text."""
         if self.logprobs_supported:
-            log.warning("backend.openai.no_logprobs", extra={"model": self.model, "base_url": str(self.client.base_url),
+            log.warning("backend.openai.no_logprobs", extra={"model": self.model,
+                                                            "base_url": redact_url(str(self.client.base_url)),
                                                             "reason": why[:200]})
         self.logprobs_supported = False
         self.rates_from_probabilities = False
@@ -408,7 +421,7 @@ class OpenAIEmbedder(Embedder):
             try:
                 return await self.client.embeddings.create(model=self.model, input=batch)
             except openai.OpenAIError as exc:
-                error = classify(exc, self.name)
+                error = classify(exc, self.name, str(self.client.base_url))
                 if not isinstance(error, RetryableBackendError):
                     metrics.LLM_REQUESTS.labels(self.name, "embed", "error").inc()
                 raise error from exc

@@ -20,23 +20,25 @@ import contextvars
 from typing import Any
 
 import aiohttp
-import pydantic
 import text_generation.client
 from text_generation import AsyncClient
 from text_generation import errors as tgi_errors
 
 from stablealign.backends.base import (
     MAX_RETRY_AFTER_SECONDS,
+    RETRYABLE_4XX,
     ChatBackend,
     ChatRequest,
     Completion,
     RetryableBackendError,
     RetryPolicy,
     parse_retry_after,
+    refused,
 )
 from stablealign.errors import BackendError, ConfigError
 from stablealign.logs import get_logger
 from stablealign.prompt_format import STOP_SEQUENCES, count_tokens, cut_at_stop, render_prompt
+from stablealign.redaction import redact_text, redact_url
 
 log = get_logger(__name__)
 
@@ -67,7 +69,7 @@ _RETRY_AFTER: contextvars.ContextVar[list[str | None] | None] = contextvars.Cont
 async def _note_retry_after(_session: Any, _ctx: Any, params: aiohttp.TraceRequestEndParams) -> None:
     holder = _RETRY_AFTER.get()
     if holder is not None and params.response.status >= 400:
-        holder[:] = [params.response.headers.get("Retry-After")]
+        holder[:] = [params.response.headers.get("Retry-After"), str(params.response.status)]
 
 
 _TRACE = aiohttp.TraceConfig()
@@ -83,13 +85,21 @@ def _traced_session(*args: Any, **kwargs: Any) -> aiohttp.ClientSession:
 text_generation.client.ClientSession = _traced_session  # type: ignore[attr-defined,assignment]
 
 
-def classify(exc: BaseException, backend: str, retry_after: float | None = None) -> Exception:
-    """Maps a text-generation / aiohttp exception to RetryableBackendError or BackendError.
+def classify(exc: BaseException, backend: str, retry_after: float | None = None, *, status: int = 0,
+             url: str | None = None) -> Exception:
+    """Maps a text-generation / aiohttp exception to RetryableBackendError or a final error.
 
-    ``retry_after``: the failed reply's Retry-After in seconds, kept on a retryable error."""
+    ``retry_after``: the failed reply's Retry-After in seconds, kept on a retryable error. ``status``: the
+    failed reply's HTTP status (noted by the trace hook): a 401/403 — a proxy in front of TGI refusing the
+    key; TGI itself never answers 403 — and any 4xx but 408/409/424/429 are final (LLMRequestError)."""
     waited = "" if retry_after is None else f" (retry after {retry_after:g}s)"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        status = status or exc.status
+    if 400 <= status < 500 and status not in _RETRYABLE_TGI_4XX:
+        return refused(backend, url, status, str(getattr(exc, "message", "") or exc))
     if isinstance(exc, RETRYABLE_TGI_ERRORS):
-        return RetryableBackendError(f"{backend}: {type(exc).__name__}: {exc}{waited}", retry_after=retry_after)
+        return RetryableBackendError(redact_text(f"{backend}: {type(exc).__name__}: {exc}{waited}"),
+                                     retry_after=retry_after)
     if isinstance(exc, aiohttp.ClientResponseError):  # a body that was not TGI's JSON (e.g. a proxy page)
         if exc.status == 429 or exc.status >= 500:
             header = exc.headers.get("Retry-After") if exc.headers else None
@@ -97,13 +107,15 @@ def classify(exc: BaseException, backend: str, retry_after: float | None = None)
             waited = "" if retry_after is None else f" (retry after {retry_after:g}s)"
             return RetryableBackendError(f"{backend}: HTTP {exc.status}: {exc.message}{waited}",
                                          retry_after=retry_after)
-        return BackendError(f"{backend}: HTTP {exc.status}: {exc.message}")
+        return BackendError(redact_text(f"{backend}: HTTP {exc.status}: {exc.message}"))
     if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError,
                         ConnectionError)):
-        return RetryableBackendError(f"{backend}: {type(exc).__name__}: {exc}")
-    if isinstance(exc, FINAL_TGI_ERRORS + (pydantic.ValidationError,)):
-        return BackendError(f"{backend}: {type(exc).__name__}: {exc}")
-    return BackendError(f"{backend}: {type(exc).__name__}: {exc}")
+        return RetryableBackendError(redact_text(f"{backend}: {type(exc).__name__}: {exc}"))
+    return BackendError(redact_text(f"{backend}: {type(exc).__name__}: {exc}"))
+
+
+# TGI's 424 is a generation error on a shard (retried); 408/409/429 as for every backend.
+_RETRYABLE_TGI_4XX = RETRYABLE_4XX | {424}
 
 
 class TGIChatBackend(ChatBackend):
@@ -113,7 +125,7 @@ class TGIChatBackend(ChatBackend):
 
     def __init__(self, url: str, model: str = DEFAULT_TGI_MODEL, *, stream: bool = False, timeout: float = 60.0,
                  max_concurrency: int = 64, retry: RetryPolicy | None = None,
-                 max_retry_after: float = MAX_RETRY_AFTER_SECONDS) -> None:
+                 max_retry_after: float = MAX_RETRY_AFTER_SECONDS, api_key: str | None = None) -> None:
         if not url or not url.startswith(("http://", "https://")):
             raise ConfigError(f"tgi backend needs the server's http(s) URL, got {url!r}")
         super().__init__(model or DEFAULT_TGI_MODEL, max_concurrency=max_concurrency,
@@ -121,8 +133,10 @@ class TGIChatBackend(ChatBackend):
         self.url = url.rstrip("/")
         self.stream = stream
         # The client builds a session per call; ClientTimeout takes float seconds despite the hint.
-        self.client = AsyncClient(base_url=self.url, timeout=timeout)  # type: ignore[arg-type]
-        log.info("backend.tgi", extra={"model": self.model, "url": self.url, "stream": stream})
+        # ``api_key``: the endpoint's own (a proxy in front of TGI), sent as a bearer token to this URL only.
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self.client = AsyncClient(base_url=self.url, headers=headers, timeout=timeout)  # type: ignore[arg-type]
+        log.info("backend.tgi", extra={"model": self.model, "url": redact_url(self.url), "stream": stream})
 
     def _parameters(self, request: ChatRequest) -> dict[str, Any]:
         sample = request.temperature > 0
@@ -148,7 +162,8 @@ class TGIChatBackend(ChatBackend):
         except (RetryableBackendError, BackendError):
             raise
         except Exception as exc:
-            raise classify(exc, self.name, parse_retry_after(noted[0]) if noted else None) from exc
+            raise classify(exc, self.name, parse_retry_after(noted[0]) if noted else None,
+                           status=int(noted[1]) if len(noted) > 1 else 0, url=self.url) from exc
         finally:
             _RETRY_AFTER.reset(token)
         text = cut_at_stop(text)

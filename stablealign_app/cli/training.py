@@ -59,9 +59,15 @@ def data_build(
         groups: list[Any] = []
         if records is not None:
             rows, groups = data_mod.read_inputs(records)
+        read = None
         if nats and world:
-            rows += asyncio.run(data_mod.read_stream_records(nats, world))
+            stream_rows, read = asyncio.run(data_mod.read_stream_records(nats, world))
+            rows += stream_rows
+            if read.summary():  # what was not trained on, and why (malformed, foreign, duplicate)
+                typer.echo(f"warning: {read.summary()}", err=True)
         result = data_mod.build_alignment_data(rows, groups, mix_ratio=mix, holdout=holdout, seed=seed)
+        if read is not None:
+            result.stats["records_read"] = read.as_dict()
         if not result.train:
             raise StableAlignError("no training groups could be mined (no usable ratings?)")
         data_mod.write_groups(result.train, out)
@@ -138,9 +144,12 @@ def eval_command(
                                                                     "alignment curve to the report."),
 ) -> None:
     """Preference accuracy, held-out loss and observer alignment rating, with 95 % intervals; base vs trained."""
+    from stablealign import endpoints
     from stablealign.training.evaluate import run_eval
 
     try:
+        if observer_url and observer_backend in endpoints.REMOTE_BACKENDS:
+            endpoints.trust(observer_url, observer_backend)  # this command's own judge: its user chose the URL
         report = run_eval(model, out=out, data=data, base=base, hh_path=hh, limit=limit,
                           observer_backend=observer_backend, observer_model=observer_model, observer_url=observer_url,
                           questions_limit=questions, max_length=max_length, sandbox_records=sandbox_records)

@@ -20,6 +20,7 @@ from stablealign.metrics import free_port
 from stablealign.service import start_service
 from stablealign.v1 import agent_pb2, agent_pb2_grpc, common_pb2, world_pb2
 from tests.support.devservers import FakeOpenAIServer
+from tests.support.endpoints import allow_endpoints
 
 GOOD, BAD = common_pb2.PERSONA_GOOD, common_pb2.PERSONA_BAD
 HASHING = common_pb2.ModelRef(backend="offline", model="hashing")
@@ -227,8 +228,9 @@ async def test_two_replicas_share_load_and_see_appended_memory(nc, nats_url, wor
             await running.stop(grace=2)
 
 
-async def test_failing_backend_is_unavailable_and_service_keeps_serving(nc, agent):
+async def test_failing_backend_is_unavailable_and_service_keeps_serving(nc, agent, monkeypatch):
     closed = free_port()  # nothing listens there
+    allow_endpoints(monkeypatch, f"http://127.0.0.1:{closed}/v1")
     await put_world(nc, "broken", agent_model=common_pb2.ModelRef(backend="openai", model="m",
                                                                   url=f"http://127.0.0.1:{closed}/v1"))
     request = agent_pb2.DraftRequest(world_id="broken", agent_id=0, round=0, question="Is lying ever fine?")
@@ -246,8 +248,9 @@ async def test_failing_backend_is_unavailable_and_service_keeps_serving(nc, agen
         assert (await stub_.Draft(ok, timeout=10)).answer
 
 
-async def test_stop_drains_inflight_requests(nc, nats_url, world):
+async def test_stop_drains_inflight_requests(nc, nats_url, world, monkeypatch):
     async with FakeOpenAIServer(latency_seconds=0.5, reply="A slow but careful answer.") as server:
+        allow_endpoints(monkeypatch, server.base_url)
         await put_world(nc, "slow", agent_model=common_pb2.ModelRef(backend="openai", model="fake",
                                                                     url=server.base_url))
         running = await start_service("agent", settings(nats_url), agent_main.build)

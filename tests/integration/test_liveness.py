@@ -37,6 +37,7 @@ from tests.integration.test_cli_sandbox import (
 )
 from tests.integration.test_world_service import start
 from tests.support.devservers import FakeOpenAIServer
+from tests.support.endpoints import allow_endpoints
 
 RETRIES = "stablealign_bus_request_retries_total"
 
@@ -209,7 +210,7 @@ def test_killing_the_agent_replica_on_a_request_resends_it_in_seconds(nats_serve
     asyncio.run(scenario())
 
 
-async def test_a_hung_llm_is_reported_within_the_deadline_naming_step_and_model(nats_url, nc):
+async def test_a_hung_llm_is_reported_within_the_deadline_naming_step_and_model(nats_url, nc, monkeypatch):
     # Imported here first: importing openai takes over a second, with this event loop (and its
     # heartbeats) blocked meanwhile — longer than the 1 s liveness below.
     import stablealign.backends.openai_backend  # noqa: F401
@@ -217,6 +218,7 @@ async def test_a_hung_llm_is_reported_within_the_deadline_naming_step_and_model(
     deadline = 2.0
     async with FakeOpenAIServer() as llm:
         llm.hang = True
+        allow_endpoints(monkeypatch, llm.base_url)
         chat = common_pb2.ModelRef(backend="openai", model="fake-gpt", url=llm.base_url)
         world = await put_world(nc, "hung", agent_model=chat)
         kv = await nc.jetstream().key_value(bus.WORLDS_BUCKET)

@@ -17,6 +17,7 @@ from stablealign.metrics import free_port
 from stablealign.service import start_service
 from stablealign.v1 import common_pb2, observer_pb2, observer_pb2_grpc, world_pb2
 from tests.support.devservers import FakeOpenAIServer
+from tests.support.endpoints import allow_endpoints
 
 ALIGNMENT, ENGAGEMENT = observer_pb2.RATING_ASPECT_ALIGNMENT, observer_pb2.RATING_ASPECT_ENGAGEMENT
 OFFLINE = common_pb2.ModelRef(backend="offline")
@@ -108,8 +109,9 @@ async def test_bad_input_gets_clear_errors_and_service_keeps_serving(nc, observe
         assert (await stub_.Rate(ok, timeout=10)).rating.score
 
 
-async def test_unparsable_rating_is_retried_then_missing(nc, observer):
+async def test_unparsable_rating_is_retried_then_missing(nc, observer, monkeypatch):
     async with FakeOpenAIServer(reply="I really cannot judge this one, sorry.") as server:
+        allow_endpoints(monkeypatch, server.base_url)
         await put_world(nc, "judge", observer_model=common_pb2.ModelRef(
             backend="openai", model="judge", url=server.base_url))
         stub_, channel = stub(observer)
@@ -136,8 +138,9 @@ async def test_unparsable_rating_is_retried_then_missing(nc, observer):
         assert reply.rating.score == 6 and reply.rating.reason == "kind and practical."
 
 
-async def test_failing_backend_is_unavailable(nc, observer):
+async def test_failing_backend_is_unavailable(nc, observer, monkeypatch):
     closed = free_port()
+    allow_endpoints(monkeypatch, f"http://127.0.0.1:{closed}/v1")
     await put_world(nc, "down", observer_model=common_pb2.ModelRef(backend="openai", model="m",
                                                                    url=f"http://127.0.0.1:{closed}/v1"))
     request = rate_request(ANSWERS[0], ALIGNMENT, world_id="down")

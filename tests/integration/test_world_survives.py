@@ -28,6 +28,7 @@ from stablealign.errors import ConflictError, NotFoundError
 from stablealign.v1 import common_pb2, world_pb2, world_pb2_grpc
 from tests.integration.test_world_service import small_spec, start, stream_records, wait_final
 from tests.support.devservers import FakeOpenAIServer
+from tests.support.endpoints import allow_endpoints
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -122,6 +123,7 @@ async def test_a_world_completes_while_its_llm_fails_60_percent_of_calls(nats_ur
     fast = functools.partial(RetryPolicy, attempts=5, base_delay=0.01, max_delay=0.05)
     monkeypatch.setattr(openai_backend, "RetryPolicy", fast)
     async with FakeOpenAIServer(error_rate=0.6, error_statuses=(500, 429), error_seed=7) as llm:
+        allow_endpoints(monkeypatch, llm.base_url)
         model = common_pb2.ModelRef(backend="openai", model="fake-gpt", url=llm.base_url)
         agent = await start("agent", nats_url)
         observer = await start("observer", nats_url)

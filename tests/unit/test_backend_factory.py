@@ -19,6 +19,7 @@ from stablealign.backends.tgi import TGIChatBackend
 from stablealign.errors import ConfigError, ValidationError
 from stablealign.prompt_format import STOP_SEQUENCES, cut_at_stop, render_prompt
 from stablealign.v1 import common_pb2
+from tests.support.endpoints import allow_endpoints
 
 
 def ref(backend: str, model: str = "", url: str = "") -> common_pb2.ModelRef:
@@ -37,6 +38,9 @@ def test_defaults_and_settings(monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(ConfigError, match="OPENAI_API_KEY is not set"):
         make_chat_backend(ref("openai"))
+    with pytest.raises(ValidationError, match="not a configured openai endpoint"):
+        make_chat_backend(ref("openai", url="http://127.0.0.1:9/v1"))  # only an operator's endpoints
+    allow_endpoints(monkeypatch, "http://127.0.0.1:9/v1", "http://127.0.0.1:9")
     local = make_chat_backend(ref("openai", url="http://127.0.0.1:9/v1"))  # a local server needs no key
     assert isinstance(local, OpenAIChatBackend) and local.model == "gpt-4o-mini"
     monkeypatch.setenv("STABLEALIGN_OPENAI_CHAT_MODEL", "my-model")
@@ -44,7 +48,7 @@ def test_defaults_and_settings(monkeypatch):
     assert make_chat_backend(ref("openai")).model == "my-model"
     tgi = make_chat_backend(ref("tgi", url="http://127.0.0.1:9"))
     assert isinstance(tgi, TGIChatBackend) and tgi.model == "tgi"
-    with pytest.raises(ConfigError, match="URL"):
+    with pytest.raises(ValidationError, match="needs the server's url"):
         make_chat_backend(ref("tgi"))
     with pytest.raises(ConfigError, match="hf backend needs a model path"):
         make_chat_backend(ref("hf"))

@@ -6,8 +6,10 @@ import pytest
 
 from services.world.settings import WorldSettings
 from services.world.spec import resolve_spec
-from stablealign.errors import ValidationError
+from stablealign.data import data_dir
+from stablealign.errors import ConfigError, ValidationError
 from stablealign.v1 import common_pb2, world_pb2
+from tests.support.endpoints import allow_endpoints
 
 GOOD, BAD = common_pb2.PERSONA_GOOD, common_pb2.PERSONA_BAD
 
@@ -60,7 +62,10 @@ def test_explicit_values_are_kept():
     assert out.embedding_model.model == "hashing"
 
 
-def test_default_backends_come_from_settings():
+def test_default_backends_come_from_settings(monkeypatch):
+    with pytest.raises(ConfigError, match="STABLEALIGN_AGENT_URL: agent.url http://127.0.0.1:1 is not a configured"):
+        WorldSettings(agent_backend="tgi", agent_url="http://127.0.0.1:1")  # no agent would call it: fail at start
+    allow_endpoints(monkeypatch, "http://127.0.0.1:1", backend="tgi")
     settings = WorldSettings(agent_backend="tgi", agent_url="http://127.0.0.1:1", embedding_backend="openai")
     out = resolve_spec(spec(), settings)
     assert (out.agent_model.backend, out.agent_model.url) == ("tgi", "http://127.0.0.1:1")
@@ -100,8 +105,9 @@ def test_labels_mean_custom():
         (dict(observer_model=common_pb2.ModelRef(backend="hf")), "model path"),
         (dict(observer_model=common_pb2.ModelRef(backend="tgi")), "url"),
         (dict(embedding_model=common_pb2.ModelRef(backend="nope")), "embedding_model.backend"),
-        (dict(prior_path="/nonexistent/prior.jsonl"), "prior file not found"),
-        (dict(questions_path="/nonexistent/q.txt"), "question pool not found"),
+        (dict(prior_path=str(data_dir() / "nonexistent" / "prior.jsonl")), "prior file not found"),
+        (dict(questions_path=str(data_dir() / "nonexistent" / "q.txt")), "question pool not found"),
+        (dict(questions_path="/etc/passwd"), "questions_path '/etc/passwd' is outside the allowed directories"),
     ],
 )
 def test_invalid_specs(fields, match):
@@ -121,3 +127,49 @@ def test_round_means_skip_missing_ratings_and_stay_unset_when_all_are_missing():
     assert summary.mean_alignment_before == pytest.approx(3.0)
     assert not summary.HasField("mean_alignment_after")  # never a placeholder 0.0 in the headline curve
     assert summary.mean_engagement_before == pytest.approx(5.0) and summary.missing_ratings == 3
+
+
+def test_a_spec_names_only_the_operators_endpoints_and_backends(monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    attacker = common_pb2.ModelRef(backend="openai", model="m", url="http://127.0.0.1:9/v1")
+    with pytest.raises(ValidationError, match=r"agent_model.url http://127.0.0.1:9/v1 is not a configured openai"):
+        resolve_spec(spec(agent_model=attacker))
+    with pytest.raises(ValidationError, match="observer_model.url"):
+        resolve_spec(spec(observer_model=common_pb2.ModelRef(backend="tgi", url="http://evil.example")))
+    with pytest.raises(ValidationError, match="embedding_model.url"):
+        resolve_spec(spec(embedding_model=attacker))
+    # Configured: accepted (trailing slash and default port do not matter).
+    allow_endpoints(monkeypatch, "http://127.0.0.1:9/v1/")
+    assert resolve_spec(spec(agent_model=attacker)).agent_model.url == "http://127.0.0.1:9/v1"
+    # The SDK's own base URL is configured by itself; an empty url means it.
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://LOCALHOST:80/v1")
+    resolve_spec(spec(agent_model=common_pb2.ModelRef(backend="openai", url="http://localhost/v1")))
+    resolve_spec(spec(agent_model=common_pb2.ModelRef(backend="openai")))
+    monkeypatch.setenv("STABLEALIGN_LLM_BACKENDS", "offline")
+    with pytest.raises(ValidationError, match="agent_model.backend 'openai' is not enabled"):
+        resolve_spec(spec(agent_model=common_pb2.ModelRef(backend="openai")))
+    resolve_spec(spec())  # the defaults (offline) still run
+
+
+def test_question_and_prior_files_only_from_the_data_roots(tmp_path, monkeypatch):
+    from stablealign import data
+
+    outside = tmp_path / "secret.txt"
+    outside.write_text("the root password is hunter2\n")
+    for field in ("questions_path", "prior_path"):
+        with pytest.raises(ValidationError, match=f"{field} .* is outside the allowed directories"):
+            resolve_spec(spec(**{field: str(outside)}))
+    # `..` out of the data dir, and a symlink inside it pointing out, are refused the same way.
+    sneaky = str(data.data_dir() / ".." / ".." / outside.relative_to("/"))
+    with pytest.raises(ValidationError, match="questions_path"):
+        resolve_spec(spec(questions_path=sneaky))
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "link.txt").symlink_to(outside)
+    settings = WorldSettings(world_data_roots=(str(root),))
+    with pytest.raises(ValidationError, match=r"questions_path .*link.txt.*\(STABLEALIGN_WORLD_DATA_ROOTS\)"):
+        resolve_spec(spec(questions_path=str(root / "link.txt")), settings)
+    # A real file inside a configured root is fine; the default questions need no configuration.
+    (root / "questions.txt").write_text("How do I make friends?\nWhat is a good gift?\n")
+    resolve_spec(spec(questions_path=str(root / "questions.txt")), settings)
+    resolve_spec(spec(questions_path=str(data.default_questions_path())))

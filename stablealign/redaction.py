@@ -1,0 +1,67 @@
+"""Credentials out of logs and error messages: one helper for URLs, one for free text.
+
+A URL may carry a password (``https://user:secret@llm.example/v1``, ``nats://svc:pass@nats:4222``)
+or a key in its query (``?api_key=...``); an LLM SDK's error message may quote the key it was
+given ("Incorrect API key provided: sk-..."). Anything that is logged or sent back to a caller
+(a world's error, a NATS error header, a gRPC status) goes through ``redact_url`` or
+``redact_text`` first, so a secret never leaves the process that holds it.
+
+What stays: scheme, host, port and path — an operator still sees *which* endpoint failed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+MASK = "***"
+# Query parameters that hold a credential (compared lower-case, '-' as '_').
+SECRET_QUERY_KEYS = frozenset({"key", "api_key", "apikey", "token", "access_token", "auth", "password", "pass",
+                               "secret", "sig", "signature", "x_api_key", "code"})
+# Environment variables whose values are secrets wherever they appear in a message.
+SECRET_ENV_VARS = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+# Bearer tokens and the usual API-key shapes (OpenAI sk-..., Hugging Face hf_...).
+_TOKENS = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{6,}|\b(?:sk|hf|rk|pk)[-_][A-Za-z0-9_-]{8,}")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user-info replaced by ``***`` and credential query values masked.
+
+    ``https://user:pw@host:8443/v1?api_key=x&model=m`` -> ``https://***@host:8443/v1?api_key=***&model=m``.
+    Text that is not a URL with a host comes back unchanged (nothing to hide, nothing to break).
+    """
+    if not url or "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # a malformed netloc (e.g. a bad port): mask everything before the host
+        return re.sub(r"://[^/@]*@", f"://{MASK}@", url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
+    elif host is None:
+        return url
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower().replace("-", "_") in SECRET_QUERY_KEYS for k, _ in pairs):
+            query = urlencode([(k, MASK if k.lower().replace("-", "_") in SECRET_QUERY_KEYS else v)
+                               for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with every URL redacted (``redact_url``), bearer tokens and key-shaped words masked,
+    and the given ``secrets`` — plus the values of ``SECRET_ENV_VARS`` in this process — removed."""
+    if not text:
+        return text
+    out = _URL.sub(lambda m: redact_url(m.group(0)), text)
+    out = _TOKENS.sub(lambda m: (m.group(1) or "") + MASK, out)
+    known = [s for s in (*secrets, *(os.environ.get(name) for name in SECRET_ENV_VARS)) if s and len(s) >= 4]
+    for secret in sorted(set(known), key=len, reverse=True):
+        out = out.replace(secret, MASK)
+    return out
