@@ -56,8 +56,22 @@ class TrainerSettings(ServiceSettings):
     k8s_pvc: str = Field("stablealign-training", description=(
         "PersistentVolumeClaim mounted at /workspace in training pods (data, models, checkpoints)."))
     k8s_service_account: str = "stablealign-training"
-    k8s_backoff_limit: int = Field(2, ge=0)
+    k8s_backoff_limit: int = Field(2, ge=0, description=(
+        "Retries of a Kubernetes job per node (pod failures that are not disruptions; each retry resumes from "
+        "the last checkpoint). The Job's backoffLimit is this times the job's nodes."))
     k8s_ttl_seconds_after_finished: int = Field(86400, ge=0)
+    k8s_active_deadline_seconds: int = Field(3 * 86400, ge=60, description=(
+        "Wall-clock limit of a Kubernetes job, retries included (the Job's activeDeadlineSeconds): a hung "
+        "NCCL collective or a crash loop gives the GPUs back after this."))
+    k8s_cpu_per_gpu: int = Field(8, ge=1, description="CPU cores per GPU of a training pod (requests = limits).")
+    k8s_memory_gib_base: int = Field(32, ge=1, description=(
+        "Host memory (GiB) of a training pod besides the per-GPU part: rank 0's copy of the base model and /dev/shm "
+        "(requests = limits)."))
+    k8s_memory_gib_per_gpu: int = Field(16, ge=1, description=(
+        "Host memory (GiB) per GPU of a training pod: one worker process each (CUDA, NCCL, the data)."))
+    k8s_max_nodes: int = Field(8, ge=1, description="Most nodes a Kubernetes job may ask for (torchrun --nnodes).")
+    k8s_rendezvous_port: int = Field(29500, ge=1024, le=65535, description=(
+        "torchrun's rendezvous port on node 0 of a job on several nodes (--master_port)."))
     # How to reach the API server: an explicit URL (e.g. `kubectl proxy`, tests), a kubeconfig file,
     # or in-cluster credentials (the default inside a pod).
     k8s_api_url: str = ""

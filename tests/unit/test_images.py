@@ -163,7 +163,7 @@ sys.meta_path[:] = [f for f in sys.meta_path if f is not PathFinder] + [ImageOnl
 for service in ("agent", "observer", "world", "trainer"):
     importlib.import_module(f"services.{service}.main")
 importlib.import_module("stablealign_app.cli.main")
-import stablealign.training.train, stablealign.training.evaluate  # noqa: E401 - the training Jobs
+import stablealign.training.train, stablealign.training.evaluate, stablealign.training.launch  # noqa: E401 - the training Jobs
 from services.trainer.runners.kubernetes import KubernetesRunner  # noqa: F401 - the gpu overlay's runner
 # The world's default embedder (offline = all-MiniLM-L6-v2 in-process) must load here.
 from stablealign.backends import make_embedder

@@ -45,13 +45,17 @@ def test_render_gpu_job_is_valid_and_uses_torchrun_fsdp():
     assert manifest["metadata"]["namespace"] == NS
     assert manifest["metadata"]["labels"]["app.kubernetes.io/part-of"] == "stable-align"
     assert manifest["spec"]["backoffLimit"] == 2 and manifest["spec"]["ttlSecondsAfterFinished"] == 86400
+    assert manifest["spec"]["activeDeadlineSeconds"] == 3 * 86400
     pod = manifest["spec"]["template"]["spec"]
     (container,) = [c for c in pod["containers"] if c["name"] == "trainer"]
     assert container["image"] == "registry.example/stablealign-trainer:1.2.3"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
-    assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
+    # Guaranteed QoS: requests equal limits for CPU, memory and GPUs (8 CPU + 16 GiB per GPU, 32 GiB base).
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"] == {"cpu": "64", "memory": "160Gi", "nvidia.com/gpu": "8"}
     cmd = container["command"]
-    assert cmd[:3] == ["torchrun", "--nnodes=1", "--nproc_per_node=8"]
+    # The launcher checks the configuration (exit 2) before it becomes torchrun over the node's GPUs.
+    assert cmd[:5] == ["python", "-m", "stablealign.training.launch", "--nnodes=1", "--nproc_per_node=8"]
+    assert cmd[5] == "--" and "--node_rank=$(JOB_COMPLETION_INDEX)" not in cmd
     assert cmd[cmd.index("--fsdp") + 1] == "full_shard"
     assert cmd[cmd.index("--model") + 1] == "/workspace/models/base"
     assert cmd[cmd.index("--lr") + 1] == "2e-5" and "--bf16" in cmd
@@ -65,10 +69,76 @@ def test_render_gpu_job_is_valid_and_uses_torchrun_fsdp():
     assert cmd[cmd.index("--fsdp") + 1] == "shard_grad_op"
 
 
+def test_job_survives_disruptions_fails_fast_on_bad_config_and_resumes_on_retry():
+    """A preempted or drained pod does not use up a retry; exit code 2 (the launcher's "this configuration
+    cannot run") fails the Job at once; any other failure is retried and the retried pod resumes from the last
+    checkpoint in the job's output directory."""
+    from stablealign.training.launch import EXIT_CONFIG_ERROR
+
+    runner = KubernetesRunner(_settings(k8s_active_deadline_seconds=7200, k8s_backoff_limit=3))
+    spec = runner.prepare(_spec(output_dir="runs/sa-7b"))
+    manifest = render_job(spec, runner.settings)
+    job = manifest["spec"]
+    assert job["activeDeadlineSeconds"] == 7200 and job["backoffLimit"] == 3
+    assert job["template"]["spec"]["restartPolicy"] == "Never"  # what podFailurePolicy requires
+    ignore, fail = job["podFailurePolicy"]["rules"]
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert fail["action"] == "FailJob"
+    assert fail["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [EXIT_CONFIG_ERROR]}
+    cmd = job["template"]["spec"]["containers"][0]["command"]
+    train = cmd[cmd.index("--") + 1:]
+    assert train[train.index("--out") + 1] == "/workspace/runs/sa-7b" and "--resume" in train
+    # The retried pod mounts the same volume: `--resume` continues from <out>/checkpoints/step-N (the resume
+    # itself, to the same weights as an unbroken run, is tests/integration/test_training.py's).
+    (mount,) = [m for m in job["template"]["spec"]["containers"][0]["volumeMounts"] if m["name"] == "workspace"]
+    assert mount["mountPath"] == "/workspace"
+    with pytest.raises(ValidationError, match="always resumes"):
+        runner.prepare(_spec(args={"resume": "false"}))
+
+
+def test_multi_node_is_an_indexed_job_with_a_headless_service_for_the_rendezvous():
+    from services.trainer.runners.kubernetes import render_objects
+
+    runner = KubernetesRunner(_settings())
+    spec = runner.prepare(_spec(job_id="big", nodes=4, gpus=8))
+    job, service = render_objects(spec, runner.settings)
+    for manifest in (job, service):
+        kubernetes_validate.validate(manifest, SCHEMA_VERSION, strict=True)
+    name = job_name("big")
+    assert job["metadata"]["name"] == service["metadata"]["name"] == name
+    spec_ = job["spec"]
+    assert spec_["completionMode"] == "Indexed" and spec_["completions"] == spec_["parallelism"] == 4
+    assert spec_["backoffLimit"] == 2 * 4  # one failed node fails the other nodes' torchrun too
+    pod = spec_["template"]
+    # The headless Service selects exactly this Job's pods and gives them <pod hostname>.<subdomain> names.
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["metadata"]["namespace"] == job["metadata"]["namespace"] == NS
+    cmd = pod["spec"]["containers"][0]["command"]
+    options = dict(o.lstrip("-").split("=", 1) for o in cmd[3:cmd.index("--")])
+    # World size: nodes x processes per node; rank of the node = the pod's completion index.
+    assert int(options["nnodes"]) * int(options["nproc_per_node"]) == 32
+    assert options["node_rank"] == "$(JOB_COMPLETION_INDEX)" and options["rdzv_backend"] == "static"
+    # The master is pod 0: an Indexed Job's pod i has the hostname <job>-<i>, resolvable under the subdomain.
+    assert options["master_addr"] == f"{name}-0.{pod['spec']['subdomain']}"
+    assert len(f"{name}-3") <= 63  # a valid hostname for the last pod
+    port = int(options["master_port"])
+    assert [p["port"] for p in service["spec"]["ports"]] == [port]
+    ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert ports["rendezvous"] == port
+    train = cmd[cmd.index("--") + 1:]
+    assert train[train.index("--fsdp") + 1] == "full_shard"
+    # One node needs no Service; too many nodes are refused.
+    assert len(render_objects(runner.prepare(_spec(nodes=1)), runner.settings)) == 1
+    with pytest.raises(ValidationError, match="nodes must be between 1 and 8"):
+        runner.prepare(_spec(nodes=9))
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"args": {"rm_rf": "1"}}, "unknown training argument"),
     ({"args": {"lr": "fast"}}, "expected a number"),
-    ({"nodes": 2}, "multi-node"),
+    ({"nodes": 99}, "nodes must be"),
     ({"model": ""}, "model is required"),
     ({"namespace": "Not_A_Namespace"}, "namespace"),
 ])
@@ -93,6 +163,7 @@ class FakeApiServer:
         app.router.add_get("/apis/batch/v1/namespaces/{ns}/jobs/{name}", self.read)
         app.router.add_delete("/apis/batch/v1/namespaces/{ns}/jobs/{name}", self.delete)
         app.router.add_get("/api/v1/namespaces/{ns}/pods", self.pods)
+        app.router.add_post("/api/v1/namespaces/{ns}/services", self.create_service)
         app.router.add_get("/api/v1/namespaces/{ns}/pods/{pod}/log", self.log)
         return app
 
@@ -104,7 +175,11 @@ class FakeApiServer:
 
     async def create(self, request):
         self.created = await self._record(request)
+        self.created["metadata"]["uid"] = "0b5d3c1e-job-uid"
         return web.json_response(self.created, status=201)
+
+    async def create_service(self, request):
+        return web.json_response(await self._record(request), status=201)
 
     async def read(self, request):
         await self._record(request)
@@ -185,7 +260,8 @@ async def test_runner_creates_watches_and_streams_logs():
     assert result.state == trainer_pb2.JOB_STATE_SUCCEEDED
     method, path, _, body = api.calls[0]
     assert (method, path) == ("POST", f"/apis/batch/v1/namespaces/{NS}/jobs")
-    assert body == render_job(spec, runner.settings)
+    assert body == {**render_job(spec, runner.settings), "metadata": {**body["metadata"]}}
+    assert not [p for m, p, _, _ in api.calls if p.endswith("/services")]  # one node: no Service
     name = job_name("Job_42")
     assert reporter.handles == [name]
     paths = [(m, p) for m, p, _, _ in api.calls]
@@ -251,3 +327,26 @@ async def test_failed_job_and_reattach_skip_old_lines():
     assert not [c for c in api.calls if c[0] == "POST"]  # re-attached, not created again
     texts = [line for line, _ in reporter.lines]
     assert "starting torchrun" not in texts and "done" in texts
+
+
+async def test_multi_node_job_gets_its_service_owned_by_the_job_and_waits_for_every_node():
+    api = FakeApiServer(statuses=[{"active": 2}, {"active": 1, "succeeded": 1}, {"succeeded": 2, "conditions": [
+        {"type": "Complete", "status": "True"}]}])
+    http, url = await _serve(api)
+    try:
+        runner = KubernetesRunner(_settings(k8s_api_url=url))
+        spec = runner.prepare(_spec(job_id="two-nodes", nodes=2))
+        reporter = _Reporter()
+        result = await asyncio.wait_for(runner.run(trainer_pb2.Job(spec=spec), reporter), timeout=20)
+        await runner.close()
+    finally:
+        await http.cleanup()
+    assert result.state == trainer_pb2.JOB_STATE_SUCCEEDED and api.reads == 3  # not done after one node
+    posts = [(p, b) for m, p, _, b in api.calls if m == "POST"]
+    assert [p for p, _ in posts] == [f"/apis/batch/v1/namespaces/{NS}/jobs", f"/api/v1/namespaces/{NS}/services"]
+    service = posts[1][1]
+    assert service["spec"]["clusterIP"] == "None"
+    (owner,) = service["metadata"]["ownerReferences"]
+    assert owner == {"apiVersion": "batch/v1", "kind": "Job", "name": job_name("two-nodes"),
+                     "uid": "0b5d3c1e-job-uid", "controller": False, "blockOwnerDeletion": False}
+    assert any("2 nodes x 8 GPU(s)" in line for line, _ in reporter.lines)

@@ -1,9 +1,13 @@
 """The Kubernetes runner: a training job as a batch/v1 Job on the GPU pool (torchrun + FSDP).
 
 The Job comes from ``deploy/k8s/trainer-job/job-template.yaml`` (placeholders documented there):
-the image, ``nvidia.com/gpu`` = ``spec.gpus``, ``torchrun --nproc_per_node=<gpus>`` running
-``stablealign.training.train`` with FSDP when there is more than one GPU, a PVC for data and
-checkpoints. The official ``kubernetes`` client is synchronous (``kubernetes_asyncio`` is not a
+an Indexed Job with one pod per node, ``nvidia.com/gpu`` = ``spec.gpus`` per pod, CPU and memory
+requests equal to their limits, ``python -m stablealign.training.launch`` (exit 2 on a configuration
+that cannot run — the Job's podFailurePolicy fails the Job on it — else torchrun over the node's
+GPUs, FSDP when there is more than one) with ``--resume``, so that a retried pod continues from the
+last checkpoint in its output directory, and a PVC for data and checkpoints. A job on several nodes
+also gets the template's headless Service (owned by the Job): pod i is ``<job>-<i>.<job>``, and
+torchrun's static rendezvous meets on node 0. The official ``kubernetes`` client is synchronous (``kubernetes_asyncio`` is not a
 dependency), so every API call runs in ``asyncio.to_thread``; pod logs are followed in daemon
 threads that hand lines to the event loop, so that a stuck log stream can never block shutdown.
 
@@ -30,6 +34,7 @@ from services.trainer.runners import (
     JobReporter,
     Runner,
     RunResult,
+    canonical_arg,
     metrics_from_json,
     metrics_from_progress,
     train_module_argv,
@@ -58,13 +63,33 @@ def job_name(job_id: str) -> str:
     return f"sa-train-{stem}-{digest}"
 
 
-def training_command(spec: trainer_pb2.JobSpec, gpus: int, *, fsdp_default: str = "full_shard",
-                     metrics_port: int | None = METRICS_PORT) -> list[str]:
-    """torchrun over the node's GPUs; FSDP (full_shard unless the job says otherwise) when gpus > 1."""
-    cmd = ["torchrun", "--nnodes=1", f"--nproc_per_node={gpus}", *train_module_argv(spec, gpus, fsdp_default)]
-    if metrics_port is not None and "--metrics-port" not in cmd:
-        cmd += ["--metrics-port", str(metrics_port)]
-    return cmd
+def torchrun_options(name: str, gpus: int, nodes: int, rendezvous_port: int) -> list[str]:
+    """torchrun's options for a job's pods: one node on its own, or node ``$(JOB_COMPLETION_INDEX)`` of
+    ``nodes`` meeting at node 0 (``<job>-0.<job>``, its name under the job's headless Service).
+
+    Static rendezvous: the pods of an Indexed Job know their node rank, and a Job retries a failed pod
+    under the same index, so the elastic (c10d) backend's membership changes would buy nothing.
+    Kubernetes expands ``$(JOB_COMPLETION_INDEX)`` from the env var the Job controller sets.
+    """
+    options = [f"--nnodes={nodes}", f"--nproc_per_node={gpus}"]
+    if nodes > 1:
+        options += ["--node_rank=$(JOB_COMPLETION_INDEX)", "--rdzv_backend=static",
+                    f"--master_addr={name}-0.{name}", f"--master_port={rendezvous_port}"]
+    return options
+
+
+def training_command(spec: trainer_pb2.JobSpec, gpus: int, *, nodes: int = 1, rendezvous_port: int = 29500,
+                     fsdp_default: str = "full_shard", metrics_port: int | None = METRICS_PORT) -> list[str]:
+    """The pod's command: the launcher (exit 2 on a configuration that cannot run), then torchrun over the
+    node's GPUs; FSDP (full_shard unless the job says otherwise) when there is more than one GPU in all;
+    always ``--resume``, so that a retried pod continues from the last checkpoint in ``--out``."""
+    total = gpus * nodes
+    train = train_module_argv(spec, total, fsdp_default)[2:]  # without "-m stablealign.training.train"
+    train.append("--resume")
+    if metrics_port is not None and "--metrics-port" not in train:
+        train += ["--metrics-port", str(metrics_port)]
+    options = torchrun_options(job_name(spec.job_id), gpus, nodes, rendezvous_port)
+    return ["python", "-m", "stablealign.training.launch", *options, "--", *train]
 
 
 def _substitute(node: Any, values: dict[str, Any]) -> Any:
@@ -95,35 +120,52 @@ def _substitute(node: Any, values: dict[str, Any]) -> Any:
     return node
 
 
-def load_template(path: str | Path) -> dict:
+def load_template(path: str | Path) -> list[dict]:
+    """The template's documents: one batch/v1 Job and, for jobs on several nodes, one headless Service."""
     try:
-        template = yaml.safe_load(Path(path).read_text())
+        documents = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
     except OSError as exc:
         raise UnavailableError(f"job template {path}: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
         raise UnavailableError(f"job template {path} is not valid YAML: {exc}") from exc
-    if not isinstance(template, dict) or template.get("kind") != "Job":
-        raise UnavailableError(f"job template {path}: expected one batch/v1 Job")
-    return template
+    kinds = [d.get("kind") if isinstance(d, dict) else None for d in documents]
+    if kinds.count("Job") != 1 or kinds.count("Service") > 1 or set(kinds) - {"Job", "Service"}:
+        raise UnavailableError(f"job template {path}: expected one batch/v1 Job and at most one Service, got {kinds}")
+    return documents
 
 
-def render_job(spec: trainer_pb2.JobSpec, settings: TrainerSettings, template: dict | None = None) -> dict:
-    """The batch/v1 Job manifest (a plain dict) for one job."""
-    template = load_template(settings.k8s_job_template) if template is None else template
-    gpus = max(1, spec.gpus)
-    values = {
-        "JOB_NAME": job_name(spec.job_id),
+def _template_values(spec: trainer_pb2.JobSpec, settings: TrainerSettings) -> dict[str, Any]:
+    gpus, nodes = max(1, spec.gpus), max(1, spec.nodes)
+    name = job_name(spec.job_id)
+    return {
+        "JOB_NAME": name,
         "JOB_ID": spec.job_id,
         "NAMESPACE": spec.namespace or settings.k8s_namespace,
         "IMAGE": spec.image or settings.k8s_image,
+        "NODES": nodes,
         "GPUS": gpus,
-        "COMMAND": training_command(spec, gpus),
+        "CPU": settings.k8s_cpu_per_gpu * gpus,
+        "MEMORY": f"{settings.k8s_memory_gib_base + settings.k8s_memory_gib_per_gpu * gpus}Gi",
+        "COMMAND": training_command(spec, gpus, nodes=nodes, rendezvous_port=settings.k8s_rendezvous_port),
+        "RDZV_PORT": settings.k8s_rendezvous_port,
         "PVC_NAME": settings.k8s_pvc,
         "SERVICE_ACCOUNT": settings.k8s_service_account,
-        "BACKOFF_LIMIT": settings.k8s_backoff_limit,
+        # A failed node fails every node's torchrun: one incident costs up to `nodes` pod failures.
+        "BACKOFF_LIMIT": settings.k8s_backoff_limit * nodes,
+        "ACTIVE_DEADLINE_SECONDS": settings.k8s_active_deadline_seconds,
         "TTL_SECONDS": settings.k8s_ttl_seconds_after_finished,
     }
-    manifest = _substitute(template, values)
+
+
+def render_objects(spec: trainer_pb2.JobSpec, settings: TrainerSettings,
+                   template: list[dict] | dict | None = None) -> list[dict]:
+    """The manifests (plain dicts) of one job: its Job, then — for a job on several nodes — its headless
+    Service (created after the Job, owned by it)."""
+    documents = load_template(settings.k8s_job_template) if template is None else template
+    documents = [documents] if isinstance(documents, dict) else documents
+    values = _template_values(spec, settings)
+    rendered = [_substitute(doc, values) for doc in documents]
+    (manifest,) = [d for d in rendered if d.get("kind") == "Job"]
     pod = manifest.get("spec", {}).get("template", {}).get("spec", {})
     containers = pod.get("containers", [])
     if not any(c.get("name") == CONTAINER for c in containers):
@@ -134,7 +176,19 @@ def render_job(spec: trainer_pb2.JobSpec, settings: TrainerSettings, template: d
             amounts = container.get("resources", {}).get(kind) or {}
             for key, amount in amounts.items():
                 amounts[key] = str(amount)
-    return manifest
+    objects = [manifest]
+    if values["NODES"] > 1:
+        services = [d for d in rendered if d.get("kind") == "Service"]
+        if not services:
+            raise ValidationError(f"job template {settings.k8s_job_template} has no headless Service: "
+                                  "jobs on several nodes need one for torchrun's rendezvous")
+        objects.append(services[0])
+    return objects
+
+
+def render_job(spec: trainer_pb2.JobSpec, settings: TrainerSettings, template: list[dict] | dict | None = None) -> dict:
+    """The batch/v1 Job manifest (a plain dict) for one job."""
+    return render_objects(spec, settings, template)[0]
 
 
 def _pod_path(path: str, field: str) -> str:
@@ -217,15 +271,20 @@ class KubernetesRunner(Runner):
         spec.output_dir = _pod_path(spec.output_dir or f"runs/{spec.job_id}", "output_dir")
         if spec.gpus < 0:
             raise ValidationError("gpus must be >= 0")
-        if spec.nodes > 1:
-            raise ValidationError("multi-node jobs (nodes > 1) are not supported yet: use one node with up to 8 GPUs")
+        if spec.nodes < 0 or spec.nodes > self.settings.k8s_max_nodes:
+            raise ValidationError(f"nodes must be between 1 and {self.settings.k8s_max_nodes} "
+                                  f"(STABLEALIGN_K8S_MAX_NODES), got {spec.nodes}")
+        for key, value in spec.args.items():
+            if canonical_arg(key) == "resume" and str(value).strip().lower() in ("0", "false", "no", "off"):
+                raise ValidationError("resume=false: a Kubernetes job always resumes from the last checkpoint in its "
+                                      "output_dir (a retried pod must not start over); give a new output_dir instead")
         spec.gpus = max(1, spec.gpus)
-        spec.nodes = 1
+        spec.nodes = max(1, spec.nodes)
         spec.namespace = spec.namespace or self.settings.k8s_namespace
         spec.image = spec.image or self.settings.k8s_image
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", spec.namespace):
             raise ValidationError(f"namespace {spec.namespace!r} is not a valid Kubernetes namespace")
-        render_job(spec, self.settings)  # unknown args, a broken template: fail now, not in the cluster
+        render_objects(spec, self.settings)  # unknown args, a broken template: fail now, not in the cluster
         return spec
 
     async def run(self, job: trainer_pb2.Job, reporter: JobReporter, *, reattach: bool = False) -> RunResult:
@@ -236,13 +295,21 @@ class KubernetesRunner(Runner):
         batch, core = self._api()
         cutoff = 0.0
         if not reattach:
-            manifest = render_job(spec, self.settings)
+            manifest, *services = render_objects(spec, self.settings)
             try:
-                await self._call("create job", batch.create_namespaced_job, spec.namespace, manifest)
+                created = await self._call("create job", batch.create_namespaced_job, spec.namespace, manifest)
+                for service in services:
+                    # Owned by the Job: deleted with it (cancel, ttlSecondsAfterFinished).
+                    service["metadata"]["ownerReferences"] = [{
+                        "apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": created.metadata.uid,
+                        "controller": False, "blockOwnerDeletion": False}]
+                    await self._call("create service", core.create_namespaced_service, spec.namespace, service)
             except ApiException as exc:
-                return RunResult(trainer_pb2.JOB_STATE_FAILED, -1, f"kubernetes create job: {exc.status} {exc.reason}")
+                return RunResult(trainer_pb2.JOB_STATE_FAILED, -1,
+                                 f"kubernetes create job: {exc.status} {exc.reason}")
             await reporter.handle(name)
-            await reporter.log(f"created Job {spec.namespace}/{name} ({spec.gpus} GPU(s), image {spec.image})")
+            nodes = f"{spec.nodes} nodes x " if spec.nodes > 1 else ""
+            await reporter.log(f"created Job {spec.namespace}/{name} ({nodes}{spec.gpus} GPU(s), image {spec.image})")
             log.info("job.k8s_created", extra={"job_id": spec.job_id, "k8s_job": name, "namespace": spec.namespace})
         else:
             cutoff = reporter.last_log_time
@@ -298,7 +365,8 @@ class KubernetesRunner(Runner):
             if condition.type == "Failed":
                 return RunResult(trainer_pb2.JOB_STATE_FAILED, 1,
                                  f"Kubernetes Job failed: {condition.reason or ''} {condition.message or ''}".strip())
-        if (status.succeeded or 0) >= 1 and not (status.active or 0):
+        completions = (k8s_job.spec.completions if k8s_job.spec and k8s_job.spec.completions else 1)
+        if (status.succeeded or 0) >= completions and not (status.active or 0):
             return RunResult(trainer_pb2.JOB_STATE_SUCCEEDED, 0, "Kubernetes Job succeeded")
         backoff = k8s_job.spec.backoff_limit if k8s_job.spec and k8s_job.spec.backoff_limit is not None else 6
         if (status.failed or 0) > backoff and not (status.active or 0):
