@@ -10,18 +10,21 @@ stream, so both paths write the same ``records.jsonl``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from stablealign import bus
+from stablealign import bus, endpoints
 from stablealign.config import load_settings
-from stablealign.errors import ConflictError, UnavailableError
+from stablealign.data import data_dir
+from stablealign.errors import ConflictError, UnavailableError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.natsserver import EmbeddedNatsServer
 from stablealign.records import read_world_records, record_to_json, write_jsonl
@@ -41,6 +44,8 @@ class EmbeddedStack:
     services: tuple[str, ...] = SANDBOX_SERVICES
     server: EmbeddedNatsServer = field(default_factory=EmbeddedNatsServer)
     running: list[RunningService] = field(default_factory=list)
+    # Settings per service name beyond the defaults (e.g. the world's data roots for a user's own files).
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -52,7 +57,8 @@ class EmbeddedStack:
             for name in self.services:
                 module = importlib.import_module(f"services.{name}.main")
                 settings = load_settings(module.SETTINGS, {"nats_url": self.url, "grpc_port": -1, "metrics_port": -1,
-                                                           "instance": f"embedded-{name}"})
+                                                           "instance": f"embedded-{name}",
+                                                           **self.overrides.get(name, {})})
                 self.running.append(await start_service(name, settings, module.build))
         except BaseException:
             await self.stop()
@@ -72,6 +78,25 @@ class EmbeddedStack:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def embedded_stack_for(spec: world_pb2.WorldSpec) -> EmbeddedStack:
+    """An embedded stack that may run ``spec``: the person running the command is its operator.
+
+    The in-process services accept the LLM URLs the spec names (``endpoints.trust``: without a key;
+    ``OPENAI_API_KEY`` still goes only to ``OPENAI_BASE_URL``) and the directories of its prior and
+    question files besides the shared data directory. Services reached with ``--nats`` get nothing
+    of this: their operator configured them.
+    """
+    for ref in (spec.agent_model, spec.observer_model, spec.embedding_model):
+        if ref.url.strip() and ref.backend in endpoints.REMOTE_BACKENDS:
+            with contextlib.suppress(ValidationError):  # not a URL: CreateWorld says so in one line
+                endpoints.trust(ref.url, ref.backend)
+    roots = [str(data_dir())]
+    for path in (spec.prior_path, spec.questions_path):
+        if path.strip():
+            roots.append(str(Path(path).expanduser().resolve().parent))
+    return EmbeddedStack(overrides={"world": {"world_data_roots": tuple(dict.fromkeys(roots))}})
 
 
 async def create_world(nc: NATS, spec: world_pb2.WorldSpec, timeout: float = 120.0) -> world_pb2.World:

@@ -26,8 +26,8 @@ from stablealign.logs import get_logger
 from stablealign.records import read_jsonl, record_to_json
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign_app.embedded import (
-    EmbeddedStack,
     create_world,
+    embedded_stack_for,
     export_records,
     get_world,
     list_worlds,
@@ -117,7 +117,7 @@ def build_spec(*, size: int, rounds: int, setting: str, backend: str, seed: int,
 async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, timeout: float,
                     quiet: bool = False) -> world_pb2.World:
     """Creates the world (on an embedded stack unless ``nats_url``), follows it, writes records.jsonl."""
-    stack = None if nats_url else await EmbeddedStack().start()
+    stack = None if nats_url else await embedded_stack_for(spec).start()
     url = nats_url or stack.url
     try:
         nc = await bus.connect(url, name="stablealign-cli", give_up_after=CONNECT_GIVE_UP_SECONDS)
