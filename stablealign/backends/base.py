@@ -130,7 +130,7 @@ def refused(backend: str, base_url: str | None, status: int, message: str) -> LL
     The URL is redacted (``stablealign.redaction``) and the server's message scrubbed of key-shaped text:
     an error travels to the world's record, NATS headers and logs.
     """
-    where = f"the {backend} endpoint at {redact_url(base_url or '?')}"
+    where = f"the {backend} endpoint at {redact_url(base_url or '?').rstrip('/')}"
     detail = redact_text(message)[:300]
     if status in (401, 403):
         return LLMRequestError(f"{where} refused the API key ({status}): {detail}", status=status)

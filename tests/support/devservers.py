@@ -123,6 +123,8 @@ class _FakeServer:
         self.retry_after: str | None = retry_after
         # (arrival time.monotonic(), path, status: 200 or the injected failure) of the last requests.
         self.request_log: collections.deque[tuple[float, str, int]] = collections.deque(maxlen=100_000)
+        # The Authorization header of each request ("" without one): which key, if any, reached this server.
+        self.authorizations: collections.Counter[str] = collections.Counter()
         self.model = model
         self.host = host
         self.port = port
@@ -188,6 +190,7 @@ class _FakeServer:
             return await handler(request)
         self.requests_total += 1
         self.requests_by_path[request.path] += 1
+        self.authorizations[request.headers.get("Authorization", "")] += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         arrived = time.monotonic()
