@@ -43,7 +43,7 @@ import numpy as np
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
-from stablealign import bus
+from stablealign import bus, streams
 from stablealign.errors import ConflictError, UnavailableError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.v1 import common_pb2
@@ -223,6 +223,8 @@ async def ensure_pool_stream(js: JetStreamContext) -> None:
                           duplicate_window=bus.DEDUP_WINDOW_SECONDS, allow_direct=True,
                           description="Shared memory pools (prior texts + embeddings), chunks of content-addressed "
                                       "objects")
+    # Bounded in bytes and age, replicated as configured (stablealign/streams.py).
+    config = streams.bounded(config, streams.configured())
     try:
         await js.add_stream(config)
     except nats.js.errors.BadRequestError:
