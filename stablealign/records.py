@@ -14,18 +14,19 @@ invalid JSON, a value that is not an object, a field of the wrong type (``agent_
 is skipped: a records file is the world's own output, so a bad line means a damaged or foreign
 file, and dropping it silently would change what is trained on and what the curves show; the
 user fixes or filters the file knowing exactly where. A missing rating (``null``) is valid.
+
+The SANDBOX_RECORDS *stream* is read the other way (``stablealign.record_stream``): anyone allowed
+to publish there can add a message, so a reader keeps one record per (world, round, agent) — the
+one carrying the world's message id — and skips and counts the rest instead of failing the world.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-
-from google.protobuf.message import DecodeError
 
 from stablealign.errors import ValidationError
 from stablealign.ratings import check_rating_message, check_score, show_value
@@ -51,6 +52,12 @@ EXPECTED_KEYS = tuple(k.replace("_score_", "_expected_") for k in SCORE_KEYS)
 REASON_KEYS = tuple(k.replace("_score_", "_reason_") for k in SCORE_KEYS)
 REQUIRED_TEXT_KEYS = ("question", "draft_answer", "revised_answer")
 REQUIRED_KEYS = ("agent_id", *REQUIRED_TEXT_KEYS)
+
+
+def record_msg_id(world_id: str, round_: int, agent: int) -> str:
+    """The ``Nats-Msg-Id`` of a record (DESIGN §3): JetStream drops a re-sent record carrying it, and
+    readers keep only the record that carries it (``stablealign.record_stream``)."""
+    return f"{world_id}.{round_}.{agent}"
 
 
 def _score(rating: common_pb2.Rating) -> int | None:
@@ -189,30 +196,18 @@ def record_from_json(row: dict[str, Any]) -> common_pb2.InteractionRecord:
     return record
 
 
-async def read_world_records(js: Any, world_id: str, *, timeout: float = 120.0) -> list[common_pb2.InteractionRecord]:
-    """All records of a world from the SANDBOX_RECORDS stream, ordered by (round, agent).
+async def read_world_records(js: Any, world_id: str, *, size: int | None = None, rounds: int | None = None,
+                             timeout: float = 30.0) -> list[common_pb2.InteractionRecord]:
+    """The trusted records of a world from the SANDBOX_RECORDS stream, ordered by (round, agent).
 
-    The stream deduplicates by message id, so each (round, agent) appears once. Decoding runs in a
-    worker thread: a long world's records would otherwise hold the event loop for seconds.
+    Kept for callers that want a plain list; the rule and the counts of what was skipped are in
+    ``stablealign.record_stream`` (``read_world_records`` there returns them too). ``timeout``: how
+    long the read may hear nothing before it fails.
     """
-    from stablealign import bus  # late: records is also used where no NATS client is installed
+    from stablealign import record_stream  # late: it imports this module
 
-    messages = await bus.read_subject(js, bus.RECORDS_STREAM, bus.RECORDS_SUBJECT.format(world_id=world_id),
-                                      timeout=timeout)
-
-    def decode() -> list[common_pb2.InteractionRecord]:
-        records = []
-        for seq, msg in messages:
-            record = common_pb2.InteractionRecord()
-            try:
-                record.ParseFromString(msg.data)
-            except DecodeError as exc:
-                raise ValidationError(f"{bus.RECORDS_STREAM} message {seq}: not an InteractionRecord ({exc})") from exc
-            records.append(record)
-        records.sort(key=lambda r: (r.round, r.agent_id))
-        return records
-
-    return await asyncio.to_thread(decode)
+    records, _ = await record_stream.read_world_records(js, world_id, size=size, rounds=rounds, idle_timeout=timeout)
+    return records
 
 
 def stable_view(row: dict[str, Any]) -> dict[str, Any]:

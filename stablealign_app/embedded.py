@@ -21,13 +21,12 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from stablealign import bus, endpoints
+from stablealign import bus, endpoints, record_stream
 from stablealign.config import load_settings
 from stablealign.data import data_dir
 from stablealign.errors import ConflictError, UnavailableError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.natsserver import EmbeddedNatsServer
-from stablealign.records import read_world_records, record_to_json, write_jsonl
 from stablealign.retry import Failure, RetryPolicy, retry_async
 from stablealign.service import RunningService, close_process_backends, start_service
 from stablealign.v1 import common_pb2, world_pb2
@@ -186,10 +185,27 @@ async def _get_world_through_outages(nc: NATS, world_id: str, budget: float) -> 
     return world
 
 
-async def fetch_records(nc: NATS, world_id: str) -> list[common_pb2.InteractionRecord]:
-    """All records of a world from the stream, ordered by (round, agent) whatever the publish order."""
-    return await read_world_records(nc.jetstream(timeout=10.0), world_id)
+async def fetch_records(nc: NATS, world_id: str, *, size: int | None = None,
+                        rounds: int | None = None) -> list[common_pb2.InteractionRecord]:
+    """The world's trusted records from the stream (``stablealign.record_stream``), ordered by (round,
+    agent) whatever the publish order; skipped messages are logged in one line. Holds them all: for
+    benchmarks and tests; ``export_records`` writes a file in bounded memory."""
+    records, stats = await record_stream.read_world_records(nc.jetstream(timeout=10.0), world_id, size=size,
+                                                            rounds=rounds)
+    if stats.skipped_total:
+        log.warning("records.skipped", extra={"world_id": world_id, "summary": stats.summary()})
+    return records
 
 
-async def export_records(nc: NATS, world_id: str, path: str | Path) -> int:
-    return write_jsonl((record_to_json(r) for r in await fetch_records(nc, world_id)), path)
+async def export_records(nc: NATS, world_id: str, path: str | Path, *, spec: world_pb2.WorldSpec | None = None,
+                         on_row: Callable[[dict], None] | None = None) -> record_stream.ExportResult:
+    """Writes the world's trusted records to ``path`` (JSONL, (round, agent) order) as they are read.
+
+    Agent ids and rounds are bounded by ``spec`` when the caller has it (``run``), else by the
+    world service's answer when one gives it (``export``); the result's ``stats`` say what was
+    skipped — the caller prints ``stats.summary()``.
+    """
+    bounds = (spec.size, spec.rounds) if spec is not None else await record_stream.world_bounds(nc, world_id)
+    size, rounds = bounds if bounds else (None, None)
+    return await record_stream.export_world_records(nc.jetstream(timeout=10.0), world_id, path, size=size,
+                                                    rounds=rounds, on_row=on_row)

@@ -3,7 +3,8 @@
 StreamInteractions reads the SANDBOX_RECORDS stream with an ephemeral ordered consumer on
 ``sandbox.records.<world>``: with ``replay`` from the first record, else only new ones. With
 ``until_complete`` it ends once the world is in a final state and every record the stream holds
-for it has been sent; a client that cancels ends it cleanly (the consumer is removed).
+for it has been sent; a client that cancels ends it cleanly (the consumer is removed). Only trusted
+records are sent (``stablealign.record_stream``); skipped messages are logged in one line.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from services.world.manager import WorldManager
 from services.world.store import FINAL_STATES
 from stablealign import bus
+from stablealign.logs import get_logger
+from stablealign.record_stream import TrustedRecords
 from stablealign.v1 import common_pb2, world_pb2, world_pb2_grpc
 
 SERVICE_NAME = "stablealign.v1.WorldService"
+log = get_logger(__name__)
 
 
 class WorldServicer(world_pb2_grpc.WorldServiceServicer):
@@ -94,6 +98,8 @@ async def stream_records(
         config=None if replay else ConsumerConfig(opt_start_seq=start_seq + 1),
     )
     delivered = 0 if replay else start_seq
+    # The readers' rule: only records with the world's message id, once each; the rest skipped.
+    trusted = TrustedRecords(world_id, size=world.spec.size or None, rounds=world.spec.rounds or None)
     final_seq: int | None = None
 
     async def final_sequence() -> int | None:
@@ -116,10 +122,12 @@ async def stream_records(
                     final_seq = await final_sequence()
                 continue
             delivered = max(delivered, msg.metadata.sequence.stream)
-            record = common_pb2.InteractionRecord()
-            record.ParseFromString(msg.data)
-            yield record
+            kept = trusted.admit(msg.metadata.sequence.stream, msg.data, (msg.headers or {}).get(bus.MSG_ID_HEADER))
+            if kept is not None:
+                yield kept[0]
     finally:
+        if trusted.stats.skipped_total:
+            log.warning("world.records_skipped", extra={"world_id": world_id, "summary": trusted.stats.summary()})
         try:
             await asyncio.shield(sub.unsubscribe())
         except Exception:  # noqa: BLE001 - connection closing or consumer already gone

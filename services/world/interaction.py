@@ -38,7 +38,7 @@ from stablealign import bus
 from stablealign.backends.base import Embedder
 from stablealign.errors import BackendError, StableAlignError, UnavailableError, ValidationError
 from stablealign.memory import append_memory, revision_msg_id
-from stablealign.records import check_record
+from stablealign.records import check_record, record_msg_id  # the id readers trust (record_stream)
 from stablealign.retry import RetryPolicy, retry_async
 from stablealign.v1 import agent_pb2, common_pb2, observer_pb2, world_pb2
 
@@ -89,10 +89,6 @@ class InteractionDeps:
             attempts=self.settings.request_attempts,
             liveness=self.settings.request_liveness_seconds,
         ))
-
-
-def record_msg_id(world_id: str, round_: int, agent: int) -> str:
-    return f"{world_id}.{round_}.{agent}"
 
 
 async def _timed(coro) -> tuple[object, float]:

@@ -32,7 +32,7 @@ from services.world.store import LeaseLostError, WorldStore
 from stablealign import data
 from stablealign.errors import StableAlignError
 from stablealign.logs import get_logger
-from stablealign.records import read_world_records
+from stablealign.record_stream import TrustedRecords, read_trusted
 from stablealign.retry import Failure, RetryPolicy, retry_async
 from stablealign.v1 import common_pb2, world_pb2
 
@@ -112,11 +112,18 @@ def summarize(round_: int, scores: Sequence[Scores], duration: float) -> world_p
     return summary
 
 
-async def published_scores(js: JetStreamContext, world_id: str) -> dict[int, dict[int, Scores]]:
-    """What the stream already holds for a world, by round then agent (dedup: each pair once)."""
+async def published_scores(js: JetStreamContext, world_id: str, *, size: int | None = None,
+                           rounds: int | None = None) -> dict[int, dict[int, Scores]]:
+    """What the stream already holds for a world, by round then agent: trusted records only
+    (``stablealign.record_stream``: the world's message id, inside its grid and rounds, valid, once),
+    so a forged or broken message neither fails the world nor makes resume skip an agent's real work.
+    Streams the records: only their scores are kept."""
     out: dict[int, dict[int, Scores]] = {}
-    for record in await read_world_records(js, world_id):
+    trusted = TrustedRecords(world_id, size=size, rounds=rounds)
+    async for record, _ in read_trusted(js, trusted):
         out.setdefault(record.round, {})[record.agent_id] = scores_of(record)
+    if trusted.stats.skipped_total:
+        log.warning("world.records_skipped", extra={"world_id": world_id, "summary": trusted.stats.summary()})
     return out
 
 
@@ -271,7 +278,7 @@ class WorldRunner:
                 world.setup_seconds = seconds
 
             await self._write(started)
-        done = await published_scores(self.js, self.world_id)
+        done = await published_scores(self.js, self.world_id, size=spec.size, rounds=spec.rounds)
         self.published = sum(len(v) for v in done.values())
         metrics.set_world_progress(self.world_id, self.published, self.expected_records)
         pool = await asyncio.to_thread(data.load_questions, spec.questions_path or None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from rich.table import Table
 from stablealign import bus
 from stablealign.errors import StableAlignError
 from stablealign.logs import get_logger
-from stablealign.records import read_jsonl, record_to_json
+from stablealign.record_stream import ReadStats, TrustedRecords
+from stablealign.records import record_to_json
 from stablealign.v1 import common_pb2, world_pb2
+from stablealign_app.cli.rules import exit_code
 from stablealign_app.embedded import (
     create_world,
     embedded_stack_for,
@@ -71,17 +74,38 @@ def round_table(world: world_pb2.World) -> Table:
     return table
 
 
-def rating_coverage(rows: list[dict]) -> dict[str, dict[str, float]]:
+class RatingCoverage:
+    """Missing (null) observer and partner ratings of a world's records, counted row by row (``add``)
+    as the export writes them: no second read of records.jsonl, no list of every row in memory."""
+
+    def __init__(self) -> None:
+        self.counts = {"observer": [0, 0], "partners": [0, 0]}  # [ratings, missing]
+
+    def add(self, row: dict) -> None:
+        observer = [row.get(f"gen_{aspect}_score_{stage}") for aspect in ("moral", "engagement")
+                    for stage in ("before", "after")]
+        for name, values in (("observer", observer), ("partners", row.get("rating") or [])):
+            self.counts[name][0] += len(values)
+            self.counts[name][1] += sum(v is None for v in values)
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {name: {"ratings": n, "missing": missing, "missing_share": round(missing / n, 4) if n else 0.0}
+                for name, (n, missing) in self.counts.items()}
+
+
+def rating_coverage(rows: Iterable[dict]) -> dict[str, dict[str, float]]:
     """Missing (null) observer and partner ratings of a world's records, counted and as a share."""
-    observer = [row.get(f"gen_{aspect}_score_{stage}") for row in rows for aspect in ("moral", "engagement")
-                for stage in ("before", "after")]
-    partners = [r for row in rows for r in (row.get("rating") or [])]
-    out = {}
-    for name, values in (("observer", observer), ("partners", partners)):
-        missing = sum(v is None for v in values)
-        out[name] = {"ratings": len(values), "missing": missing,
-                     "missing_share": round(missing / len(values), 4) if values else 0.0}
-    return out
+    coverage = RatingCoverage()
+    for row in rows:
+        coverage.add(row)
+    return coverage.as_dict()
+
+
+def say_skipped(stats: ReadStats) -> None:
+    """The reader's one line about skipped messages (malformed, foreign, duplicate), on stderr."""
+    line = stats.summary()
+    if line:
+        typer.echo(f"warning: {line}", err=True)
 
 
 def embedded_fault_counts() -> dict[str, float]:
@@ -136,11 +160,15 @@ async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, 
                                              on_progress=lambda w: progress.update(task, completed=w.records_published))
             elapsed = time.perf_counter() - started
             out.mkdir(parents=True, exist_ok=True)
-            count = await export_records(nc, world.spec.world_id, out / "records.jsonl")
+            coverage = RatingCoverage()
+            exported = await export_records(nc, world.spec.world_id, out / "records.jsonl", spec=world.spec,
+                                            on_row=coverage.add)
+            say_skipped(exported.stats)
             summary = MessageToDict(world, preserving_proto_field_name=True)
             summary["wall_seconds"] = elapsed
-            summary["records"] = count
-            summary["rating_coverage"] = rating_coverage(list(read_jsonl(out / "records.jsonl")))
+            summary["records"] = exported.records
+            summary["records_read"] = exported.stats.as_dict()
+            summary["rating_coverage"] = coverage.as_dict()
             if stack:  # the services ran in this process: their counters are ours to read
                 summary["faults"] = embedded_fault_counts()
             (out / "world.json").write_text(json.dumps(summary, indent=2))
@@ -192,7 +220,7 @@ def run(
         world = asyncio.run(run_world(spec, out, nats, timeout))
     except StableAlignError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code(exc, 1)) from None
     out_console.print(round_table(world))
     summary = json.loads((out / "world.json").read_text())
     coverage = summary["rating_coverage"]
@@ -224,7 +252,7 @@ def _call(url: str, fn):
         return asyncio.run(_with_nc(url, fn))
     except StableAlignError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code(exc, 1)) from None
 
 
 @worlds_app.command("list")
@@ -252,9 +280,13 @@ def worlds_show(world_id: str, nats: str = _nats_option(),
 
 def export(world_id: str, out: Path = typer.Option(..., "--out", help="JSONL file to write."),
            nats: str = _nats_option()) -> None:
-    """Write a world's records from the SANDBOX_RECORDS stream to JSONL."""
-    count = _call(nats, lambda nc: export_records(nc, world_id, out))
-    out_console.print(f"{count} records -> {out}", soft_wrap=True)
+    """Write a world's records from the SANDBOX_RECORDS stream to JSONL, ordered by (round, agent).
+
+    Only records carrying the world's message id are written, one per (round, agent); malformed,
+    foreign and duplicate messages are skipped and counted in one ``warning: skipped ...`` line."""
+    exported = _call(nats, lambda nc: export_records(nc, world_id, out))
+    say_skipped(exported.stats)
+    out_console.print(f"{exported.records} records -> {out}", soft_wrap=True)
 
 
 def watch(world_id: str, nats: str = _nats_option(),
@@ -284,17 +316,20 @@ def watch(world_id: str, nats: str = _nats_option(),
 
             sub = await js.subscribe(subject, ordered_consumer=True,
                                      deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.NEW)
+            trusted = TrustedRecords(world_id)  # the readers' rule: forged or broken messages are not shown
             try:
                 while not done.is_set():
                     try:
                         msg = await sub.next_msg(timeout=1.0)
                     except Exception:  # noqa: BLE001 - a timeout: keep following
                         continue
-                    record = common_pb2.InteractionRecord()
-                    record.ParseFromString(msg.data)
-                    add(record)
+                    kept = trusted.admit(msg.metadata.sequence.stream, msg.data,
+                                         (msg.headers or {}).get(bus.MSG_ID_HEADER))
+                    if kept is not None:
+                        add(kept[0])
             finally:
                 await sub.unsubscribe()
+                say_skipped(trusted.stats)
 
     try:
         _call(nats, follow)
