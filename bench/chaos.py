@@ -521,7 +521,9 @@ def trainer_service_row(workdir: Path, *, kill_after: int = 9, timeout: float = 
     row = Row(fault="kill -9 trainer service, restart, resubmit", expected=f"{steps} steps")
     started = time.monotonic()
     model, data = _prepare_training(workdir)
-    cluster = Cluster(workdir, llm_url="http://127.0.0.1:9/v1")
+    # The job's model, data and output live in the row's directory: the trainer's roots (issue 10.5).
+    roots = {f"STABLEALIGN_TRAINER_{name}": str(workdir) for name in ("DATA_ROOTS", "MODEL_ROOTS", "OUTPUT_ROOT")}
+    cluster = Cluster(workdir, llm_url="http://127.0.0.1:9/v1", env=roots)
     orphan = None
     try:
         cluster.start_nats()

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.trainer.inputs import check_image
 from services.trainer.jobs import JobStore, check_job_id, follow_logs, is_terminal, new_job_id, state_name
 from services.trainer.runners import Runner, RunResult
 from services.trainer.runners.local import kill_orphan
@@ -109,6 +110,7 @@ class Scheduler:
                 raise ConflictError(f"job {spec.job_id} exists already with another spec")
         else:
             spec.job_id = new_job_id()
+        check_image(spec, self.settings)  # only allowed images, whatever the runner
         spec = self.runners[spec.runner].prepare(spec)
         job = trainer_pb2.Job(spec=spec, state=trainer_pb2.JOB_STATE_QUEUED, created_at=time.time(),
                               message="queued")

@@ -49,6 +49,19 @@ class TrainerSettings(ServiceSettings):
         "Seconds between SIGTERM and SIGKILL when a local job is cancelled or the service stops."))
     poll_seconds: float = Field(2.0, gt=0, description=(
         "Seconds between two looks at a job's progress (train_log.jsonl, Kubernetes Job status)."))
+    # What a submitted job may name (services/trainer/inputs.py): checked at submit, INVALID_ARGUMENT otherwise.
+    trainer_allowed_images: tuple[str, ...] = Field((), description=(
+        "Images a Kubernetes job may name besides k8s_image (the trainer's own, always allowed), comma-separated; "
+        "'repo:*' allows every tag of repo. Default: k8s_image only."))
+    trainer_data_roots: tuple[str, ...] = Field(("runs", "data"), description=(
+        "Local runner: directories a job's data file must be in (symlinks resolved; relative to the service's "
+        "working directory; work_dir counts too)."))
+    trainer_model_roots: tuple[str, ...] = Field(("models", "runs"), description=(
+        "Local runner: directories a job's model must be in (work_dir counts too: a job's output may be the "
+        "next job's model)."))
+    trainer_output_root: str = Field("runs", description=(
+        "Local runner: the directory a job's output_dir must be in (work_dir counts too). Kubernetes jobs' paths "
+        "must stay inside the training volume (/workspace)."))
     # Kubernetes runner.
     k8s_namespace: str = "stablealign"
     k8s_image: str = "stablealign-trainer:latest"

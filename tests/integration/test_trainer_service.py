@@ -30,13 +30,16 @@ FINAL = (trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_
 STABLE_ALIGN = str(Path(sys.executable).parent / "stable-align")
 
 
-async def start_trainer(nats_url: str, work_dir: Path) -> RunningService:
+async def start_trainer(nats_url: str, work_dir: Path, **overrides) -> RunningService:
     from services.trainer import main
 
+    # The test's files (and the module's tiny model) live under pytest's base temp directory: the roots.
+    base = str(work_dir.parent.parent)
     settings = load_settings(main.SETTINGS, {
         "nats_url": nats_url, "grpc_port": 0, "metrics_port": -1, "instance": "test-trainer",
         "work_dir": str(work_dir), "poll_seconds": 0.2, "cancel_grace_seconds": 5.0, "runners": ("local",),
-        "shutdown_grace_seconds": 5.0,
+        "shutdown_grace_seconds": 5.0, "trainer_data_roots": (base,), "trainer_model_roots": (base,),
+        "trainer_output_root": base, **overrides,
     }, environ={})
     return await start_service("trainer", settings, main.build)
 
@@ -211,3 +214,55 @@ async def test_jobs_train_cancel_and_survive_a_restart(nats_url, tmp_path, tiny_
         assert {j.spec.job_id for j in await trainer_client.list_jobs(nats_url)} == set(after)
     finally:
         await service.stop(grace=5)
+
+
+async def test_job_inputs_are_confined_to_the_roots_and_images_to_the_allow_list(nats_url, tmp_path):
+    """Issue 10.5: a job's paths stay inside the configured roots and its image on the allow-list, over gRPC
+    and NATS alike; each refusal is INVALID_ARGUMENT naming the field."""
+    allowed = tmp_path / "allowed"
+    (allowed / "model").mkdir(parents=True)
+    data = write_groups(allowed / "data.jsonl")
+    outside = write_groups(tmp_path / "outside.jsonl")
+    (allowed / "link.jsonl").symlink_to(outside)  # inside a root, pointing out of it
+    (allowed / "model-link").symlink_to("/etc")
+    service = await start_trainer(nats_url, allowed / "work", trainer_data_roots=(str(allowed),),
+                                  trainer_model_roots=(str(allowed),), trainer_output_root=str(allowed / "out"),
+                                  k8s_image="registry.example/stablealign-trainer:1.0",
+                                  trainer_allowed_images=("registry.example/stablealign-trainer-cuda:*",))
+    model = str(allowed / "model")
+    try:
+        refused = {
+            "data": trainer_pb2.JobSpec(model=model, data=str(outside)),
+            "data ..": trainer_pb2.JobSpec(model=model, data=str(allowed / ".." / "outside.jsonl")),
+            "data symlink": trainer_pb2.JobSpec(model=model, data=str(allowed / "link.jsonl")),
+            "data elsewhere": trainer_pb2.JobSpec(model=model, data="/etc/passwd"),
+            "model symlink": trainer_pb2.JobSpec(model=str(allowed / "model-link"), data=str(data)),
+            "output_dir": trainer_pb2.JobSpec(model=model, data=str(data), output_dir=str(tmp_path / "elsewhere")),
+            "output_dir ..": trainer_pb2.JobSpec(model=model, data=str(data), output_dir=str(allowed / "out/../..")),
+            "image": trainer_pb2.JobSpec(model=model, data=str(data), image="docker.io/someone/miner:latest"),
+            "image repo": trainer_pb2.JobSpec(model=model, data=str(data),
+                                              image="registry.example/stablealign-trainer-cuda-evil:1"),
+        }
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+            stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+            for what, spec in refused.items():
+                field = what.split()[0]
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+                assert err.value.details().startswith(field), (what, err.value.details())
+                phrase = "not an allowed training image" if field == "image" else "outside the allowed directories"
+                assert phrase in err.value.details(), (what, err.value.details())
+                with pytest.raises(ValidationError, match=f"^{field}"):  # the same answer over NATS
+                    await trainer_client.submit_job(nats_url, spec)
+            # Inside the roots, with the trainer's own image or an allowed repository's tag: queued.
+            for image in ("", "registry.example/stablealign-trainer:1.0", "registry.example/stablealign-trainer-cuda:2"):
+                job = await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=trainer_pb2.JobSpec(
+                    model=model, data=str(data), output_dir=str(allowed / "out" / "a"), image=image,
+                    args={"max_steps": "1"})))
+                assert job.spec.data == str(data.resolve())
+                await stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=job.spec.job_id))
+        assert await trainer_client.list_jobs(nats_url)  # the refused ones never became jobs
+        assert len(await trainer_client.list_jobs(nats_url)) == 3
+    finally:
+        await service.stop(grace=2)

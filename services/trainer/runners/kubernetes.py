@@ -40,6 +40,7 @@ from services.trainer.runners import (
     train_module_argv,
 )
 from services.trainer.settings import TrainerSettings
+from stablealign.confine import confined_pod_path
 from stablealign.errors import UnavailableError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.v1 import trainer_pb2
@@ -192,10 +193,12 @@ def render_job(spec: trainer_pb2.JobSpec, settings: TrainerSettings, template: l
 
 
 def _pod_path(path: str, field: str) -> str:
-    """Job paths are paths inside the training pod: relative ones are taken under the workspace PVC."""
+    """Job paths are paths inside the training pod: relative ones are taken under the workspace PVC, and
+    none may leave it (``..``, another absolute path: ValidationError naming the field). The trainer cannot
+    see the volume, so symlinks on it are the volume owner's; the pod mounts nothing else writable."""
     if not path:
         raise ValidationError(f"{field} is required (a path on the training volume, mounted at {WORKSPACE})")
-    return path if path.startswith("/") else f"{WORKSPACE}/{path}"
+    return confined_pod_path(path, WORKSPACE, field)
 
 
 def _parse_log_line(raw: str) -> tuple[float, str]:

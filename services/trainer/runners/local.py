@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import services
+from services.trainer.inputs import local_paths
 from services.trainer.runners import JobReporter, Runner, RunResult, metrics_from_json, train_flags, train_module_argv
 from services.trainer.settings import TrainerSettings
 from stablealign.errors import ValidationError
@@ -89,7 +90,7 @@ class LocalRunner(Runner):
             raise ValidationError("model is required (a local model directory)")
         if not spec.data:
             raise ValidationError("data is required (an alignment data JSONL file)")
-        model, data = Path(spec.model).expanduser(), Path(spec.data).expanduser()
+        model, data, out = local_paths(spec, self.settings)  # inside the configured roots, symlinks resolved
         if not model.exists():
             raise ValidationError(f"model path {spec.model!r} does not exist on the trainer's machine")
         if not data.is_file():
@@ -99,9 +100,7 @@ class LocalRunner(Runner):
         if spec.gpus < 0:
             raise ValidationError("gpus must be >= 0")
         train_flags(spec.args)  # raises on an unknown name or a bad value
-        spec.model, spec.data = str(model.resolve()), str(data.resolve())
-        out = Path(spec.output_dir).expanduser() if spec.output_dir else Path(self.settings.work_dir) / spec.job_id
-        spec.output_dir = str(out.resolve())
+        spec.model, spec.data, spec.output_dir = str(model), str(data), str(out)
         return spec
 
     async def run(self, job: trainer_pb2.Job, reporter: JobReporter, *, reattach: bool = False) -> RunResult:
