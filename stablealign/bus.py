@@ -18,6 +18,8 @@ deadline, which stays the cap for slow models that do answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -33,7 +35,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 
-from stablealign import metrics
+from stablealign import metrics, natsauth
 from stablealign.errors import (
     PayloadTooLargeError,
     StableAlignError,
@@ -42,6 +44,8 @@ from stablealign.errors import (
     error_from_code,
 )
 from stablealign.logs import get_logger
+from stablealign.natsauth import NatsClientOptions
+from stablealign.redaction import redact_text, redact_url
 from stablealign.retry import Failure, RetryPolicy, retry_async
 
 log = get_logger(__name__)
@@ -93,40 +97,73 @@ M = TypeVar("M", bound=Message)
 CLIENT_GIVE_UP_SECONDS = 5.0
 
 
-async def connect(url: str, name: str, *, connect_timeout: float = 5.0, give_up_after: float | None = None) -> NATS:
+async def connect(url: str, name: str, *, options: NatsClientOptions | None = None, connect_timeout: float = 5.0,
+                  give_up_after: float | None = None) -> NATS:
     """Connects with unbounded reconnects so a NATS restart pauses a service instead of killing it.
 
+    ``options``: the client's credentials and TLS material; None: ``natsauth.client_options()``, what the
+    command line set for this command (services pass theirs, from their settings).
     The first connection is retried forever too (a pod may start before NATS); a command-line client
     passes ``give_up_after`` (``CLIENT_GIVE_UP_SECONDS``) to get one clear UnavailableError, naming the
     last failure, instead of waiting: its failed attempts are logged at debug level only, not as a
-    warning every half second.
+    warning every half second. A first connection that the server refuses — the credentials
+    (``natsauth.NotAuthorizedError``) or the TLS handshake (ConfigError) — fails at once for every
+    caller: trying the same credentials again cannot help. Messages name the server through
+    ``redact_url``: a password in the URL never reaches a log or an error.
     """
-    if give_up_after is not None:
-        failures: list[Exception] = []
-        try:
-            return await asyncio.wait_for(
-                _connect(url, name, connect_timeout=min(connect_timeout, give_up_after), failures=failures),
-                timeout=give_up_after)
-        except TimeoutError:
-            why = f": {_describe(failures[-1])}" if failures else ""
-            raise UnavailableError(f"cannot reach NATS at {url} within {give_up_after:g}s{why}") from None
-    return await _connect(url, name, connect_timeout=connect_timeout, failures=None)
+    options = natsauth.client_options() if options is None else options
+    kwargs = options.connect_kwargs()  # ConfigError for unusable TLS files, before any attempt
+    failures: list[Exception] = []
+    loop = asyncio.get_running_loop()
+    refused: asyncio.Future[Exception] = loop.create_future()
+    attempt = asyncio.ensure_future(_connect(
+        url, name, kwargs, connect_timeout=min(connect_timeout, give_up_after or connect_timeout),
+        failures=failures, quiet=give_up_after is not None, refused=refused))
+    try:
+        done, _ = await asyncio.wait({attempt, refused}, timeout=give_up_after,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        attempt.cancel()
+        raise
+    if attempt in done:
+        return attempt.result()
+    attempt.cancel()
+    with contextlib.suppress(BaseException):
+        await attempt
+    if refused.done():
+        raise refused.result()
+    why = f": {_describe(failures[-1])}" if failures else ""
+    raise UnavailableError(f"cannot reach NATS at {redact_url(url)} within {give_up_after:g}s{why}") from None
 
 
 def _describe(exc: Exception) -> str:
-    text = str(exc).strip()
+    text = redact_text(str(exc).strip())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def _connect(url: str, name: str, *, connect_timeout: float, failures: list[Exception] | None) -> NATS:
-    async def on_error(exc: Exception) -> None:
-        if failures is not None and not holder:  # a client still trying its first connection
-            failures.append(exc)
-            log.debug("nats.connect_failed", extra={"error": repr(exc)})
-            return
-        log.warning("nats.error", extra={"error": repr(exc)})
-
+async def _connect(url: str, name: str, kwargs: dict, *, connect_timeout: float, failures: list[Exception],
+                   quiet: bool, refused: asyncio.Future) -> NATS:
     holder: list[NATS] = []
+
+    async def on_error(exc: Exception) -> None:
+        if not holder:  # still trying the first connection
+            failures.append(exc)
+            error = natsauth.refusal(exc, url)
+            if error is not None and not refused.done():
+                refused.set_result(error)
+                return
+            log.log(logging.DEBUG if quiet else logging.WARNING, "nats.connect_failed",
+                    extra={"client": name, "nats": redact_url(url), "error": _describe(exc)})
+            return
+        if natsauth.is_permissions_violation(exc):
+            # The server refused one publish or subscribe and keeps the connection: loud, or a
+            # forbidden publish would only show up as a missing acknowledgement.
+            log.error("nats.permission_denied", extra={"client": name, "error": _describe(exc)})
+        elif natsauth.is_authorization_violation(exc):
+            log.error("nats.authorization_violation", extra={"client": name, "nats": redact_url(url),
+                                                             "error": _describe(exc)})
+        else:
+            log.warning("nats.error", extra={"client": name, "error": _describe(exc)})
 
     async def on_disconnect() -> None:
         # Closing or draining disconnects too; only an unexpected loss is worth a warning.
@@ -137,18 +174,25 @@ async def _connect(url: str, name: str, *, connect_timeout: float, failures: lis
     async def on_reconnect() -> None:
         log.info("nats.reconnected", extra={"client": name})
 
-    nc = await nats.connect(
-        servers=[url],
-        name=name,
-        connect_timeout=connect_timeout,
-        allow_reconnect=True,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
-        pending_size=64 * 1024 * 1024,
-    )
+    nc = NATS()
+    try:
+        await nc.connect(
+            servers=[url],
+            name=name,
+            connect_timeout=connect_timeout,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            pending_size=64 * 1024 * 1024,
+            **kwargs,
+        )
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(nc.close(), timeout=2.0)
+        raise
     holder.append(nc)
     return nc
 
@@ -161,8 +205,18 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.update_stream(config)
 
 
-async def ensure_jetstream(js: JetStreamContext) -> None:
-    """Creates (idempotently) the streams and buckets every service relies on."""
+async def _ensure_bucket(js: JetStreamContext, bucket: str) -> None:
+    try:
+        await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        try:
+            await js.create_key_value(bucket=bucket, history=1, storage=StorageType.FILE)
+        except nats.js.errors.BadRequestError:
+            pass  # another process created it in between
+
+
+async def ensure_world_jetstream(js: JetStreamContext) -> None:
+    """Creates (idempotently) what the world service writes: records, memories, the worlds bucket."""
     await _ensure_stream(js, StreamConfig(
         name=RECORDS_STREAM, subjects=["sandbox.records.>"], storage=StorageType.FILE,
         duplicate_window=DEDUP_WINDOW_SECONDS, allow_direct=True,
@@ -173,18 +227,34 @@ async def ensure_jetstream(js: JetStreamContext) -> None:
         duplicate_window=DEDUP_WINDOW_SECONDS, allow_direct=True,
         description="Agent memories: appends of (question, answer, embedding) batches",
     ))
+    await _ensure_bucket(js, WORLDS_BUCKET)
+
+
+async def ensure_trainer_jetstream(js: JetStreamContext) -> None:
+    """Creates (idempotently) what the trainer service writes: job log lines and the jobs bucket."""
     await _ensure_stream(js, StreamConfig(
         name=JOB_LOGS_STREAM, subjects=["trainer.jobs.*.log"], storage=StorageType.FILE,
         allow_direct=True, description="Trainer job log lines",
     ))
-    for bucket in (WORLDS_BUCKET, JOBS_BUCKET):
-        try:
-            await js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            try:
-                await js.create_key_value(bucket=bucket, history=1, storage=StorageType.FILE)
-            except nats.js.errors.BadRequestError:
-                pass  # another process created it in between
+    await _ensure_bucket(js, JOBS_BUCKET)
+
+
+# Which service creates which streams and buckets at start. Only these two: the others' NATS users
+# may not create streams (stablealign/nats_permissions.py), they look up what the owner made.
+STREAM_OWNERS = {"world": ensure_world_jetstream, "trainer": ensure_trainer_jetstream}
+
+
+async def ensure_jetstream_of(service: str, js: JetStreamContext) -> None:
+    """Creates the streams and buckets ``service`` owns (none for agents and observers)."""
+    ensure = STREAM_OWNERS.get(service)
+    if ensure is not None:
+        await ensure(js)
+
+
+async def ensure_jetstream(js: JetStreamContext) -> None:
+    """Creates every stream and bucket (tests and benchmarks on an open server)."""
+    await ensure_world_jetstream(js)
+    await ensure_trainer_jetstream(js)
 
 
 # --- request/reply ---------------------------------------------------------------------------

@@ -195,6 +195,15 @@ class ServiceSettings(Settings):
     """What every service process needs; services extend it with their own fields."""
 
     nats_url: NatsUrl = Field("nats://127.0.0.1:4222", description="NATS server URL (nats://, tls://, ws://, wss://).")
+    # NATS credentials and TLS (stablealign.natsauth.NatsClientOptions); the server's users and their
+    # permissions come from stablealign/nats_permissions.py.
+    nats_user: str = Field("", description="NATS user (one per role: world, agent, observer, trainer, cli).")
+    nats_password: str = Field("", repr=False, description="Password of the NATS user (prefer the _FILE variant).")
+    nats_password_file: str = Field("", description="File holding the NATS user's password (e.g. a mounted Secret).")
+    nats_creds: str = Field("", description="NATS .creds file (JWT + NKey seed), instead of a user and password.")
+    nats_ca: str = Field("", description="PEM file of the CA that signed the NATS server's certificate (tls://).")
+    nats_tls_cert: str = Field("", description="Client certificate for NATS mutual TLS (with nats_tls_key).")
+    nats_tls_key: str = Field("", description="Key of the NATS client certificate.")
     grpc_port: Port = Field(0, description="gRPC port; 0: pick a free port (logged); -1: no gRPC server.")
     grpc_host: str = Field("127.0.0.1", description="gRPC bind address.")
     metrics_port: Port = Field(-1, description="Prometheus /metrics port; -1: no /metrics server; 0: a free port.")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from stablealign.errors import ConfigError
@@ -33,31 +34,42 @@ class EmbeddedNatsServer:
     """Runs ``nats-server -js`` as a child process; usable as a (sync or async) context manager."""
 
     def __init__(self, store_dir: str | Path | None = None, port: int | None = None,
-                 host: str = "127.0.0.1", max_payload: int = 8 * 1024 * 1024) -> None:
+                 host: str = "127.0.0.1", max_payload: int = 8 * 1024 * 1024, *, config: str = "",
+                 env: Mapping[str, str] | None = None, scheme: str = "nats") -> None:
+        """``config``: more nats.conf text, e.g. the ``authorization`` and ``tls`` blocks of
+        ``stablealign.nats_permissions.render_config``; ``env``: variables the server sees (the
+        ``$NATS_<ROLE>_PASSWORD`` those blocks reference); ``scheme``: of ``url`` (``tls`` with a tls block)."""
         self.host = host
         self.port = port or free_port(host)
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="stablealign-nats-"))
         self.max_payload = max_payload
+        self.config = config
+        self.env = dict(env or {})
+        self.scheme = scheme
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> EmbeddedNatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)  # a store_dir given but not there yet
         conf = self.store_dir / "nats.conf"
-        conf.write_text(f"max_payload: {self.max_payload}\n")
-        self.process = subprocess.Popen(
-            [find_nats_server(), "-c", str(conf), "-js", "-a", self.host, "-p", str(self.port),
-             "-sd", str(self.store_dir / "jetstream"), "--server_name", f"embedded-{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        conf.write_text(f"max_payload: {self.max_payload}\n{self.config}")
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [find_nats_server(), "-c", str(conf), "-js", "-a", self.host, "-p", str(self.port),
+                 "-sd", str(self.store_dir / "jetstream"), "--server_name", f"embedded-{self.port}"],
+                # Its log goes to a file, not a pipe nobody reads: a server logging many refused publishes
+                # would otherwise block once the pipe is full.
+                stdout=subprocess.DEVNULL, stderr=log_file,
+                env={**os.environ, **self.env} if self.env else None,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                err = self.log_text()
                 raise RuntimeError(f"nats-server exited with {self.process.returncode}: {err[-2000:]}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
@@ -66,6 +78,17 @@ class EmbeddedNatsServer:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"nats-server did not listen on {self.url} within {timeout}s")
+
+    @property
+    def log_path(self) -> Path:
+        return self.store_dir / "nats-server.log"
+
+    def log_text(self) -> str:
+        """What the server has logged so far (its stderr)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -25,6 +25,8 @@ from stablealign.discovery import Discovery, start_discovery
 from stablealign.errors import ConfigError
 from stablealign.logs import get_logger
 from stablealign.metrics import MetricsServer, serve_metrics
+from stablealign.natsauth import NatsClientOptions
+from stablealign.redaction import redact_url
 from stablealign.rpc import GrpcServer, start_grpc_server
 
 log = get_logger(__name__)
@@ -110,10 +112,13 @@ async def start_service(name: str, settings: ServiceSettings,
     A port that cannot be bound raises ``ConfigError`` naming the port and the setting.
     """
     async with contextlib.AsyncExitStack() as opened:
-        nc = await bus.connect(settings.nats_url, name=f"stablealign-{name}{'-' + settings.instance if settings.instance else ''}")
+        nc = await bus.connect(settings.nats_url, name=f"stablealign-{name}{'-' + settings.instance if settings.instance else ''}",
+                               options=NatsClientOptions.from_settings(settings))
         opened.push_async_callback(_close_nats, nc)
         js = nc.jetstream(timeout=10.0)
-        await bus.ensure_jetstream(js)
+        # Only the owner of a stream creates it (the world its streams and bucket, the trainer its own):
+        # the others' NATS users may only read them (stablealign/nats_permissions.py).
+        await bus.ensure_jetstream_of(name, js)
         requests = bus.RequestServer(nc, service=name, queue=name, max_concurrency=settings.max_concurrency,
                                      max_request_bytes=settings.max_request_bytes)
         opened.push_async_callback(requests.drain, 0.0)
@@ -148,7 +153,7 @@ async def start_service(name: str, settings: ServiceSettings,
         running.tasks = [asyncio.create_task(job()) for job in parts.background]
         opened.pop_all()  # started: from here on ``running.stop`` closes it all
     log.info("service.ready", extra={"service": name, "grpc_port": running.grpc_port,
-                                     "metrics_port": running.metrics_port, "nats": settings.nats_url,
+                                     "metrics_port": running.metrics_port, "nats": redact_url(settings.nats_url),
                                      "service_id": discovery.id})
     return running
 

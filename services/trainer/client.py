@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 from services.trainer.jobs import JobStore, follow_logs, new_job_id
 from stablealign import bus
 from stablealign.errors import UnavailableError
+from stablealign.redaction import redact_url
 from stablealign.v1 import trainer_pb2
 
 
@@ -30,7 +31,7 @@ async def connected(nats_url: str, name: str = "stablealign-trainer-client",
     try:
         nc = await bus.connect(nats_url, name=name, give_up_after=connect_timeout)
     except OSError as exc:
-        raise UnavailableError(f"cannot reach NATS at {nats_url} ({type(exc).__name__})") from None
+        raise UnavailableError(f"cannot reach NATS at {redact_url(nats_url)} ({type(exc).__name__})") from None
     try:
         yield nc
     finally:

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stablealign.errors import StableAlignError, UnavailableError
+from stablealign_app.cli.rules import exit_code
 
 jobs_app = typer.Typer(help="Training jobs on a running trainer service (local or Kubernetes runner).",
                        no_args_is_help=True)
@@ -30,7 +31,7 @@ def _run(coro):
         return asyncio.run(coro)
     except StableAlignError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1 if isinstance(exc, UnavailableError) else 2) from None
+        raise typer.Exit(exit_code(exc, 1 if isinstance(exc, UnavailableError) else 2)) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 

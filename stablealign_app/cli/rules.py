@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import enum
 import functools
+import inspect
 import sys
 import tempfile
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,8 +55,24 @@ except ImportError:  # an older typer builds on click itself
 NoArgsIsHelpError = getattr(click_exceptions, "NoArgsIsHelpError", ())
 
 ENV_PREFIX = "STABLEALIGN_"
+# How a command proves who it is to NATS (stablealign.natsauth): options of every command that has --nats,
+# named like the service settings they are (--nats-user -> STABLEALIGN_NATS_USER = ServiceSettings.nats_user).
+NATS_AUTH_ENV = {"--nats-user": "STABLEALIGN_NATS_USER", "--nats-password": "STABLEALIGN_NATS_PASSWORD",
+                 "--nats-password-file": "STABLEALIGN_NATS_PASSWORD_FILE", "--nats-creds": "STABLEALIGN_NATS_CREDS",
+                 "--nats-ca": "STABLEALIGN_NATS_CA", "--nats-tls-cert": "STABLEALIGN_NATS_TLS_CERT",
+                 "--nats-tls-key": "STABLEALIGN_NATS_TLS_KEY"}
 SHARED_ENV = {"--nats": "STABLEALIGN_NATS_URL", "--log-level": "STABLEALIGN_LOG_LEVEL",
-              "--log-format": "STABLEALIGN_LOG_FORMAT"}
+              "--log-format": "STABLEALIGN_LOG_FORMAT", **NATS_AUTH_ENV}
+NATS_AUTH_HELP = {
+    "--nats-user": "NATS user (the server's users: world, agent, observer, trainer, cli).",
+    "--nats-password": "Password of the NATS user (prefer its variable or --nats-password-file).",
+    "--nats-password-file": "File holding the NATS user's password.",
+    "--nats-creds": "NATS .creds file (JWT + NKey seed), instead of a user and password.",
+    "--nats-ca": "CA file that signed the NATS server's certificate (tls:// URLs).",
+    "--nats-tls-cert": "Client certificate for NATS mutual TLS.",
+    "--nats-tls-key": "Key of the client certificate.",
+}
+_NATS_META = "stablealign.nats_auth"
 # Commands whose options are service settings: STABLEALIGN_<FLAG>, no command in the name.
 SERVICE_COMMANDS = ("serve",)
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
@@ -189,6 +207,56 @@ def log_options() -> list[Any]:
     return list(typer.main.get_command(probe).params)
 
 
+def _remember_nats(flag: str) -> Callable[..., Any]:
+    """Keeps the value of one --nats-* option in the context; the last one read installs them all."""
+
+    def remember(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+        values = ctx.meta.setdefault(_NATS_META, {})
+        values[flag] = value
+        if len(values) == len(NATS_AUTH_ENV):
+            install_nats_options(ctx, values)
+        return value
+
+    return remember
+
+
+def nats_setting_values(ctx: Any) -> dict[str, str]:
+    """The --nats-* values given to this command (flags or variables) as service settings (``nats_user``...)."""
+    values = ctx.meta.get(_NATS_META, {}) if ctx is not None else {}
+    return {flag.removeprefix("--").replace("-", "_"): value for flag, value in values.items() if value}
+
+
+def install_nats_options(ctx: Any, values: dict[str, Any]) -> None:
+    """Makes the command's credentials what ``bus.connect`` uses (``natsauth.use_client_options``), until
+    the command ends; a bad value (a file that is not there) is a usage error naming the variable."""
+    from stablealign.errors import ConfigError
+    from stablealign.natsauth import NatsClientOptions, reset_client_options, use_client_options
+
+    try:
+        options = NatsClientOptions.from_settings(types.SimpleNamespace(**nats_setting_values(ctx)))
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), ctx=ctx) from None
+    token = use_client_options(options)
+    ctx.call_on_close(lambda: reset_client_options(token))
+
+
+def nats_auth_options() -> list[Any]:
+    """The --nats-* options of a command that connects to NATS (not passed to its function)."""
+    probe = typer.Typer(add_completion=False)
+    parameters = [inspect.Parameter(flag.removeprefix("--").replace("-", "_"), inspect.Parameter.KEYWORD_ONLY,
+                                    annotation=str | None,
+                                    default=typer.Option(None, flag, expose_value=False, help=NATS_AUTH_HELP[flag],
+                                                         callback=_remember_nats(flag)))
+                  for flag in NATS_AUTH_ENV]
+
+    def command(**_: Any) -> None:
+        """Not run: only its options are used."""
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    probe.command()(command)
+    return list(typer.main.get_command(probe).params)
+
+
 def _nats_alias(option: Any) -> None:
     """An option holding a NATS URL under another name (``--trainer-nats``) is ``--nats`` too."""
     longs = [o for o in option.opts if o.startswith("--")]
@@ -205,6 +273,9 @@ def apply_rules(command: Any, path: tuple[str, ...] = ()) -> None:
         flags = {primary_flag(p) for p in command.params if is_option(p)}
         if not {"--log-level", "--log-format"} & flags:
             command.params.extend(log_options())
+        if any(is_option(p) and any(o == "--nats" or o.endswith("-nats") for o in p.opts) for p in command.params) \
+                and not set(NATS_AUTH_ENV) & flags:
+            command.params.extend(nats_auth_options())
     for param in command.params:
         if not is_option(param) or param.name == "help":
             continue
@@ -219,6 +290,14 @@ def apply_rules(command: Any, path: tuple[str, ...] = ()) -> None:
     if is_group(command):
         for name, sub in command.commands.items():
             apply_rules(sub, (*path, name))
+
+
+def exit_code(exc: BaseException, default: int) -> int:
+    """A failed command's exit code: ``NotAuthorizedError.EXIT_CODE`` (3) when NATS refused the
+    credentials — not the 1 of "cannot reach", so a script can tell them apart — else ``default``."""
+    from stablealign.natsauth import NotAuthorizedError
+
+    return NotAuthorizedError.EXIT_CODE if isinstance(exc, NotAuthorizedError) else default
 
 
 def one_line(exc: Any) -> str:

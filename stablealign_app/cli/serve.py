@@ -17,8 +17,16 @@ import typer
 from stablealign.config import load_settings
 from stablealign.errors import ConfigError
 from stablealign.logs import current_logging, setup_logging
+from stablealign.natsauth import NotAuthorizedError
 from stablealign.service import serve_forever
-from stablealign_app.cli.rules import LOG_FORMAT_HELP, LOG_LEVEL_HELP, LogFormat, LogLevel
+from stablealign_app.cli.rules import (
+    LOG_FORMAT_HELP,
+    LOG_LEVEL_HELP,
+    LogFormat,
+    LogLevel,
+    get_current_context,
+    nats_setting_values,
+)
 
 
 class ServiceName(str, Enum):
@@ -46,7 +54,8 @@ def serve(
     root_level, root_format = current_logging()
     overrides = {"nats_url": nats, "grpc_port": grpc_port, "metrics_port": metrics_port, "grpc_host": grpc_host,
                  "metrics_host": metrics_host, "log_level": log_level.value if log_level else root_level,
-                 "log_format": log_format.value if log_format else root_format, "instance": instance}
+                 "log_format": log_format.value if log_format else root_format, "instance": instance,
+                 **nats_setting_values(get_current_context(silent=True))}
     try:
         settings = load_settings(module.SETTINGS, overrides)
     except ConfigError as exc:
@@ -58,4 +67,7 @@ def serve(
     except ConfigError as exc:  # e.g. a busy port at start: one line, not a traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except NotAuthorizedError as exc:  # NATS refused the credentials: retrying them cannot help
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(NotAuthorizedError.EXIT_CODE) from None
     raise typer.Exit(code)

@@ -20,6 +20,7 @@ import typer
 from stablealign.errors import StableAlignError, UnavailableError
 from stablealign.training import cli as training_cli
 from stablealign.training.cli import STOP_AFTER_HELP, with_config_options
+from stablealign_app.cli.rules import exit_code
 
 data_app = typer.Typer(help="Alignment data from SANDBOX records.", no_args_is_help=True)
 model_app = typer.Typer(help="Local models: real ones from PyPI packages, tiny random ones for tests.", no_args_is_help=True)
@@ -32,7 +33,7 @@ def _opt(default: Any, flag: str, help: str, *extra: str) -> Any:
 def _fail(exc: BaseException) -> None:
     """One ``error: ...`` line; exit 1 when a server could not be reached, 2 for bad input."""
     typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(1 if isinstance(exc, UnavailableError) else 2) from None
+    raise typer.Exit(exit_code(exc, 1 if isinstance(exc, UnavailableError) else 2)) from None
 
 
 # --- data build ---------------------------------------------------------------------------------

@@ -31,7 +31,12 @@ from stablealign_app.cli.main import app
 pytestmark = pytest.mark.timeout(120)
 
 SHARED = {"--nats": "STABLEALIGN_NATS_URL", "--log-level": "STABLEALIGN_LOG_LEVEL",
-          "--log-format": "STABLEALIGN_LOG_FORMAT"}
+          "--log-format": "STABLEALIGN_LOG_FORMAT",
+          # NATS credentials and TLS: every command that connects has them, named as the service settings.
+          "--nats-user": "STABLEALIGN_NATS_USER", "--nats-password": "STABLEALIGN_NATS_PASSWORD",
+          "--nats-password-file": "STABLEALIGN_NATS_PASSWORD_FILE", "--nats-creds": "STABLEALIGN_NATS_CREDS",
+          "--nats-ca": "STABLEALIGN_NATS_CA", "--nats-tls-cert": "STABLEALIGN_NATS_TLS_CERT",
+          "--nats-tls-key": "STABLEALIGN_NATS_TLS_KEY"}
 # Every command a person can run; the tree must hold at least these.
 COMMANDS = {"serve", "run", "watch", "export", "worlds list", "worlds show", "data build", "train", "eval",
             "generate", "model pull", "model init-tiny", "jobs submit", "jobs list", "jobs show", "jobs logs",
@@ -457,3 +462,53 @@ def test_every_command_and_group_answers_a_usage_error_with_exit_2():
         assert lines[0].endswith(f"{' '.join(path)} --help')".lstrip()), (path, lines)
         if getattr(command, "commands", None) and path:
             assert invoke(list(path)).exit_code == 2, path  # a group without its command
+
+
+# --- NATS credentials -------------------------------------------------------------------------------
+
+
+def test_every_command_that_connects_takes_the_nats_credentials():
+    for path, command in walk(typer.main.get_command(app)):
+        flags = {o for option in options(command) for o in option.opts}
+        if "--nats" in flags:
+            assert {"--nats-user", "--nats-password", "--nats-password-file", "--nats-creds", "--nats-ca",
+                    "--nats-tls-cert", "--nats-tls-key"} <= flags, path
+
+
+def test_a_command_connects_with_the_credentials_of_its_flags_and_variables(monkeypatch, tmp_path):
+    import services.trainer.client as client
+    from stablealign import natsauth
+
+    seen: list[natsauth.NatsClientOptions] = []
+
+    async def list_jobs(nats, timeout=10):
+        seen.append(natsauth.client_options())  # what bus.connect would use
+        return []
+
+    monkeypatch.setattr(client, "list_jobs", list_jobs)
+    password_file = tmp_path / "password"
+    password_file.write_text("from-file\n")
+    assert invoke(["jobs", "list"], STABLEALIGN_NATS_USER="cli", STABLEALIGN_NATS_PASSWORD="pw").exit_code == 0
+    assert (seen[-1].user, seen[-1].password) == ("cli", "pw")
+    assert invoke(["jobs", "list", "--nats-user", "other", "--nats-password-file", str(password_file)],
+                  STABLEALIGN_NATS_USER="cli").exit_code == 0
+    assert (seen[-1].user, seen[-1].password) == ("other", "from-file")  # flags win
+    assert natsauth.client_options() == natsauth.NatsClientOptions()  # only for the command's time
+    result = invoke(["jobs", "list"], STABLEALIGN_NATS_CA=str(tmp_path / "no-such-ca.pem"))
+    assert result.exit_code == 2 and "STABLEALIGN_NATS_CA" in result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+
+
+def test_serve_takes_the_nats_credentials_as_settings(monkeypatch):
+    from stablealign_app.cli import serve as serve_cli
+
+    seen: list[Any] = []
+
+    async def serve_forever(name, settings, build):
+        seen.append(settings)
+        return 0
+
+    monkeypatch.setattr(serve_cli, "serve_forever", serve_forever)
+    assert invoke(["serve", "agent", "--nats-user", "agent"], STABLEALIGN_NATS_PASSWORD="pw").exit_code == 0
+    assert (seen[-1].nats_user, seen[-1].nats_password) == ("agent", "pw")
+    assert "pw" not in repr(seen[-1])

@@ -1,0 +1,267 @@
+"""NATS with the generated users and permissions (stablealign/nats_permissions.py), on a real nats-server.
+
+What a user would notice: a client without credentials, or with a wrong password, is refused at once
+and told so (not "cannot reach NATS"), and the password shows up in no log line and no error; an
+agent's or the CLI's credentials cannot publish a record or write the worlds bucket, so a forged
+record never reaches `data build --nats`; TLS works with the CA that signed the server's
+certificate and fails with another; and a whole world runs with one restricted user per service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nats.errors
+import nats.js.errors
+import pytest
+
+from stablealign import bus
+from stablealign.config import load_settings
+from stablealign.errors import ConfigError
+from stablealign.nats_permissions import ROLES, ServerTls, new_password, render_config
+from stablealign.natsauth import NatsClientOptions, NotAuthorizedError
+from stablealign.natsserver import EmbeddedNatsServer
+from stablealign.service import RunningService, start_service
+from stablealign.v1 import common_pb2, world_pb2
+from stablealign_app.embedded import create_world, wait_for_world
+from tests.support.certs import make_certificates
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parents[2]
+HASHING = common_pb2.ModelRef(backend="offline", model="hashing")
+
+
+class SecuredNats:
+    """A nats-server with one user per role (random passwords) and, optionally, TLS on the client port."""
+
+    def __init__(self, tmp_path: Path, tls: ServerTls | None = None) -> None:
+        self.passwords = {role: new_password() for role in ROLES}
+        self.server = EmbeddedNatsServer(
+            store_dir=tmp_path / "nats", config=render_config(tls=tls), scheme="tls" if tls else "nats",
+            env={ROLES[role].password_variable: password for role, password in self.passwords.items()})
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def options(self, role: str, **tls: str) -> NatsClientOptions:
+        return NatsClientOptions.build(user=role, password=self.passwords[role], **tls)
+
+    def settings(self, role: str) -> dict[str, str]:
+        """The service settings (STABLEALIGN_NATS_*) of ``role``."""
+        return {"nats_url": self.url, "nats_user": role, "nats_password": self.passwords[role]}
+
+
+@pytest.fixture
+def secured(tmp_path):
+    nats_server = SecuredNats(tmp_path)
+    nats_server.server.start()
+    yield nats_server
+    nats_server.server.stop()
+
+
+def assert_no_secret(text: str, nats_server: SecuredNats) -> None:
+    for password in nats_server.passwords.values():
+        assert password not in text
+
+
+def log_text(caplog) -> str:
+    return "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+
+
+# --- who may connect -------------------------------------------------------------------------------
+
+
+async def test_a_client_without_credentials_is_refused_and_told_why(secured):
+    started = time.monotonic()
+    with pytest.raises(NotAuthorizedError) as refused:
+        await bus.connect(secured.url, "anonymous", give_up_after=5.0)
+    assert time.monotonic() - started < 3.0  # at once, not after the give-up time
+    assert "refused the credentials (authorization violation)" in str(refused.value)
+    assert "cannot reach" not in str(refused.value)
+    with pytest.raises(NotAuthorizedError):  # a service (no give-up time) is refused at once too
+        await asyncio.wait_for(bus.connect(secured.url, "anonymous-service"), timeout=5.0)
+
+
+async def test_a_wrong_password_is_refused_and_never_shown(secured, caplog):
+    caplog.set_level(logging.DEBUG)
+    wrong = secrets.token_urlsafe(12)
+    with pytest.raises(NotAuthorizedError) as refused:
+        await bus.connect(secured.url, "wrong", options=NatsClientOptions.build(user="agent", password=wrong),
+                          give_up_after=5.0)
+    host = secured.url.removeprefix("nats://")
+    in_url = f"nats://agent:{wrong}@{host}"
+    with pytest.raises(NotAuthorizedError) as refused_url:
+        await bus.connect(in_url, "wrong-in-url", give_up_after=5.0)
+    assert f"nats://***@{host}" in str(refused_url.value)
+    for text in (str(refused.value), str(refused_url.value), log_text(caplog)):
+        assert wrong not in text
+        assert_no_secret(text, secured)
+    nc = await bus.connect(f"nats://agent:{secured.passwords['agent']}@{host}", "right-in-url", give_up_after=5.0)
+    await nc.close()
+
+
+# --- what each role may do -------------------------------------------------------------------------
+
+
+async def test_only_the_world_writes_records_and_the_worlds_bucket(secured, caplog):
+    caplog.set_level(logging.ERROR, logger="stablealign.bus")
+    world = await bus.connect(secured.url, "world", options=secured.options("world"), give_up_after=5.0)
+    others = {role: await bus.connect(secured.url, role, options=secured.options(role), give_up_after=5.0)
+              for role in ("agent", "observer", "cli", "trainer")}
+    try:
+        await bus.ensure_world_jetstream(world.jetstream())
+        record = common_pb2.InteractionRecord(world_id="w1", round=0, agent_id=0, question="forged?",
+                                              draft_answer="a forged harmful answer")
+        for nc in others.values():
+            # A refused publish is dropped by the server: no acknowledgement comes (the wait is short here).
+            js = nc.jetstream(timeout=0.3)
+            with pytest.raises((nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError)):
+                await js.publish("sandbox.records.w1", record.SerializeToString(), timeout=0.3,
+                                 headers={bus.MSG_ID_HEADER: "w1.0.0"})
+            with pytest.raises((nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError)):
+                await js.publish(f"$KV.{bus.WORLDS_BUCKET}.w1", b"\x10\x02", timeout=0.3)  # state RUNNING
+            with pytest.raises(nats.errors.TimeoutError):  # nor delete the records stream
+                await nc.request(f"$JS.API.STREAM.DELETE.{bus.RECORDS_STREAM}", b"", timeout=0.3)
+        info = await world.jetstream().stream_info(bus.RECORDS_STREAM)
+        assert info.state.messages == 0
+        kv = await world.jetstream().key_value(bus.WORLDS_BUCKET)
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await kv.get("w1")
+        # Refused publishes are said, not silent: the client logs the server's permissions violation.
+        denied = [r for r in caplog.records if r.getMessage() == "nats.permission_denied"]
+        assert any("sandbox.records.w1" in r.error for r in denied), [r.__dict__ for r in denied]
+        # The world itself may.
+        ack = await world.jetstream().publish("sandbox.records.w1", record.SerializeToString(),
+                                              headers={bus.MSG_ID_HEADER: "w1.0.0"})
+        assert ack.seq == 1
+    finally:
+        for nc in (world, *others.values()):
+            await nc.close()
+
+
+# --- TLS -------------------------------------------------------------------------------------------
+
+
+async def test_tls_with_the_servers_ca_works_and_another_ca_fails(tmp_path):
+    certs = make_certificates(tmp_path / "certs")
+    nats_server = SecuredNats(tmp_path, tls=ServerTls(str(certs.server_cert), str(certs.server_key)))
+    with nats_server.server:
+        nc = await bus.connect(nats_server.url, "tls", options=nats_server.options("cli", ca=str(certs.ca)),
+                               give_up_after=5.0)
+        assert nc.is_connected
+        await nc.close()
+        started = time.monotonic()
+        with pytest.raises(ConfigError) as untrusted:
+            await bus.connect(nats_server.url, "tls-other-ca",
+                              options=nats_server.options("cli", ca=str(certs.other_ca)), give_up_after=5.0)
+        assert time.monotonic() - started < 3.0
+        assert "certificate is not trusted" in str(untrusted.value) and "STABLEALIGN_NATS_CA" in str(untrusted.value)
+
+
+async def test_mutual_tls_needs_the_client_certificate(tmp_path):
+    certs = make_certificates(tmp_path / "certs")
+    tls = ServerTls(str(certs.server_cert), str(certs.server_key), ca_file=str(certs.ca), verify=True)
+    nats_server = SecuredNats(tmp_path, tls=tls)
+    with nats_server.server:
+        with pytest.raises((ConfigError, Exception)):
+            await bus.connect(nats_server.url, "no-client-cert", options=nats_server.options("cli", ca=str(certs.ca)),
+                              give_up_after=2.0)
+        nc = await bus.connect(nats_server.url, "mtls", give_up_after=5.0, options=nats_server.options(
+            "cli", ca=str(certs.ca), tls_cert=str(certs.client_cert), tls_key=str(certs.client_key)))
+        await nc.close()
+
+
+# --- a whole world with restricted users -------------------------------------------------------------
+
+
+async def start(name: str, nats_server: SecuredNats) -> RunningService:
+    module = importlib.import_module(f"services.{name}.main")
+    values = {**nats_server.settings(name), "grpc_port": -1, "metrics_port": -1, "instance": f"secured-{name}"}
+    return await start_service(name, load_settings(module.SETTINGS, values, environ={}), module.build)
+
+
+def cli(args: list[str], nats_server: SecuredNats, role: str = "cli", password: str | None = None,
+        ) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STABLEALIGN_")}
+    env.update(STABLEALIGN_NATS_URL=nats_server.url, STABLEALIGN_NATS_USER=role,
+               STABLEALIGN_NATS_PASSWORD=nats_server.passwords[role] if password is None else password)
+    return subprocess.run([sys.executable, "-m", "stablealign_app.cli.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=45)
+
+
+async def test_a_world_runs_with_one_restricted_user_per_service(secured, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    services = [await start(name, secured) for name in ("agent", "observer", "world", "trainer")]
+    try:
+        nc = await bus.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
+        try:
+            spec = world_pb2.WorldSpec(world_id="secured", size=2, rounds=1, seed=1, setting="half_half",
+                                       prior_size=5, agent_model=common_pb2.ModelRef(backend="offline"),
+                                       observer_model=common_pb2.ModelRef(backend="offline"), embedding_model=HASHING)
+            await create_world(nc, spec)
+            world = await wait_for_world(nc, "secured", timeout=30.0)
+            assert world.state == world_pb2.WORLD_STATE_COMPLETED, world.error
+            assert world.records_published == 4
+            # Every step of the world ran within the permissions: no publish or subscribe was refused.
+            assert not denials(caplog)
+            # The agent's credentials cannot add a fifth record, even under a new message id.
+            agent = await bus.connect(secured.url, "forger", options=secured.options("agent"), give_up_after=5.0)
+            forged = common_pb2.InteractionRecord(world_id="secured", round=0, agent_id=3, question="q",
+                                                  draft_answer="FORGED harmful answer",
+                                                  revised_answer="FORGED harmful answer")
+            with pytest.raises((nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError)):
+                await agent.jetstream().publish("sandbox.records.secured", forged.SerializeToString(), timeout=1.0,
+                                                headers={bus.MSG_ID_HEADER: "forged.1"})
+            await agent.close()
+            assert denials(caplog) == ['Error: nats: permissions violation for publish to "sandbox.records.secured"']
+            caplog.clear()
+        finally:
+            await nc.close()
+        # A person's commands with the cli user: the records (and nothing forged) reach `data build`.
+        out = tmp_path / "groups.jsonl"
+        built = await asyncio.to_thread(cli, ["data", "build", "--world", "secured", "--out", str(out),
+                                              ], secured)
+        assert built.returncode == 0, built.stderr
+        assert json.loads((tmp_path / "groups.stats.json").read_text())["records"] == 4
+        assert "FORGED" not in out.read_text()
+        listed = await asyncio.to_thread(cli, ["jobs", "list"], secured)
+        assert listed.returncode == 0, listed.stderr
+        wrong = secrets.token_urlsafe(12)
+        refused = await asyncio.to_thread(cli, ["worlds", "list"], secured, password=wrong)
+        assert refused.returncode == NotAuthorizedError.EXIT_CODE, refused.stderr
+        assert "refused the credentials (authorization violation)" in refused.stderr
+        for text in (built.stderr, built.stdout, listed.stderr, refused.stderr, log_text(caplog)):
+            assert wrong not in text
+            assert_no_secret(text, secured)
+    finally:
+        for service in reversed(services):
+            await service.stop(grace=1.0)
+    assert not denials(caplog)  # nor did the CLI's reads and calls, nor the drain
+
+
+def denials(caplog) -> list[str]:
+    return [r.__dict__.get("error") for r in caplog.records if r.getMessage() == "nats.permission_denied"]
+
+
+async def test_service_ready_names_nats_without_the_password(secured, caplog):
+    caplog.set_level(logging.INFO, logger="stablealign.service")
+    host = secured.url.removeprefix("nats://")
+    module = importlib.import_module("services.observer.main")
+    settings = load_settings(module.SETTINGS, {"nats_url": f"nats://observer:{secured.passwords['observer']}@{host}",
+                                               "grpc_port": -1, "metrics_port": -1}, environ={})
+    service = await start_service("observer", settings, module.build)
+    await service.stop(grace=0.5)
+    (ready,) = [r for r in caplog.records if r.getMessage() == "service.ready"]
+    assert ready.nats == f"nats://***@{host}"
+    assert_no_secret(log_text(caplog), secured)
