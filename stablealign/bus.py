@@ -35,7 +35,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 
-from stablealign import metrics, natsauth
+from stablealign import metrics, natsauth, streams
 from stablealign.errors import (
     PayloadTooLargeError,
     StableAlignError,
@@ -198,6 +198,8 @@ async def _connect(url: str, name: str, kwargs: dict, *, connect_timeout: float,
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    # Every stream bounded in bytes and age, replicated as configured (stablealign/streams.py).
+    config = streams.bounded(config, streams.configured())
     try:
         await js.add_stream(config)
     except nats.js.errors.BadRequestError:
@@ -206,13 +208,21 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 
 async def _ensure_bucket(js: JetStreamContext, bucket: str) -> None:
+    """Creates the state bucket with this process's limits, or brings an existing one's up to date
+    (one made by an older version is unbounded and unreplicated)."""
+    limits = streams.configured()
     try:
         await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         try:
-            await js.create_key_value(bucket=bucket, history=1, storage=StorageType.FILE)
+            await js.create_key_value(config=streams.bucket_config(bucket, limits))
         except nats.js.errors.BadRequestError:
             pass  # another process created it in between
+        return
+    info = await js.stream_info(f"KV_{bucket}")
+    update = streams.bucket_update(info.config, bucket, limits)
+    if update is not None:
+        await js.update_stream(update)
 
 
 async def ensure_world_jetstream(js: JetStreamContext) -> None:
