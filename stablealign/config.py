@@ -23,6 +23,8 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from stablealign.errors import ConfigError
+from stablealign.streams import StreamSettings
+from stablealign.tls import GrpcServerTlsSettings
 
 ENV_PREFIX = "STABLEALIGN_"
 T = TypeVar("T", bound="Settings")
@@ -191,7 +193,7 @@ NatsUrl = Annotated[str, AfterValidator(_nats_url)]
 Port = Annotated[int, Field(ge=-1, le=65535)]
 
 
-class ServiceSettings(Settings):
+class ServiceSettings(Settings, StreamSettings, GrpcServerTlsSettings):
     """What every service process needs; services extend it with their own fields."""
 
     nats_url: NatsUrl = Field("nats://127.0.0.1:4222", description="NATS server URL (nats://, tls://, ws://, wss://).")

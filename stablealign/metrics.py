@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -31,6 +31,12 @@ BUS_REQUEST_RETRIES = Counter(
     "NATS requests sent again, by subject and reason (timeout: no reply in time; no_responders: no replica "
     "subscribed; reconnecting: the client was reconnecting).",
     ["subject", "reason"],
+)
+REQUESTS_IN_FLIGHT = Gauge(
+    "stablealign_requests_in_flight",
+    "NATS requests this replica has taken and not answered yet (waiting for a handler slot or running), by "
+    "service: the pending work that KEDA scales agents and observers on (deploy/k8s/components/keda).",
+    ["service"],
 )
 REQUESTS_JOINED = Counter(
     "stablealign_requests_joined_total",

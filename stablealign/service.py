@@ -19,12 +19,12 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from stablealign import bus
+from stablealign import bus, streams
 from stablealign.config import ServiceSettings
 from stablealign.discovery import Discovery, start_discovery
 from stablealign.errors import ConfigError
 from stablealign.logs import get_logger
-from stablealign.metrics import MetricsServer, serve_metrics
+from stablealign.metrics import REQUESTS_IN_FLIGHT, MetricsServer, serve_metrics
 from stablealign.natsauth import NatsClientOptions
 from stablealign.redaction import redact_url
 from stablealign.rpc import GrpcServer, start_grpc_server
@@ -118,9 +118,12 @@ async def start_service(name: str, settings: ServiceSettings,
         js = nc.jetstream(timeout=10.0)
         # Only the owner of a stream creates it (the world its streams and bucket, the trainer its own):
         # the others' NATS users may only read them (stablealign/nats_permissions.py).
+        streams.configure(settings)  # the limits of the streams this process creates
         await bus.ensure_jetstream_of(name, js)
         requests = bus.RequestServer(nc, service=name, queue=name, max_concurrency=settings.max_concurrency,
                                      max_request_bytes=settings.max_request_bytes)
+        # Read at scrape time: the autoscaler's measure of pending work, at no cost on the request path.
+        REQUESTS_IN_FLIGHT.labels(name).set_function(lambda: requests.inflight)
         opened.push_async_callback(requests.drain, 0.0)
         context = ServiceContext(name=name, settings=settings, nc=nc, js=js, requests=requests)
         parts = await build(context)
