@@ -3,6 +3,12 @@
 The interceptor is what keeps a bad request from ever becoming a crash or a leaked traceback:
 validation errors become INVALID_ARGUMENT, missing things NOT_FOUND, and anything unexpected is
 logged here and returned as a bare INTERNAL.
+
+TLS (``stablealign.tls``): with a certificate and key the port speaks only TLS, and with a client CA
+only to clients holding a certificate it signed (mTLS). Probes that cannot do TLS (the kubelet's
+``grpc:`` probe) get an optional second, plaintext port that serves ``grpc.health.v1`` and nothing
+else. Clients open channels with ``client_channel``, which reads ``STABLEALIGN_GRPC_CA`` and
+``STABLEALIGN_GRPC_CLIENT_CERT``/``_KEY``.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from pydantic import Field, model_validator
 
 from stablealign import metrics
+from stablealign.config import Settings, load_settings
 from stablealign.errors import (
     BackendError,
     ConflictError,
@@ -31,6 +39,7 @@ from stablealign.errors import (
     ValidationError,
 )
 from stablealign.logs import get_logger
+from stablealign.tls import TlsMaterial, env_name, read_pem
 
 log = get_logger(__name__)
 
@@ -138,11 +147,34 @@ class GrpcServer:
     server: grpc.aio.Server
     port: int
     health: health_aio.HealthServicer
+    tls: bool = False
+    # The plaintext health-only server for probes (TLS on and grpc_health_port >= 0), else None.
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
 
     async def stop(self, grace: float) -> None:
         # Tell load balancers first, then finish in-flight calls.
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(grace)
+
+
+def server_credentials(tls: TlsMaterial) -> grpc.ServerCredentials:
+    """TLS credentials; with a CA, a client certificate signed by it is required (mTLS)."""
+    assert tls.certificate is not None and tls.private_key is not None
+    return grpc.ssl_server_credentials([(tls.private_key, tls.certificate)], root_certificates=tls.ca,
+                                       require_client_auth=tls.ca is not None)
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    address = f"{host}:{port}"
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
+        return 0
 
 
 async def start_grpc_server(
@@ -153,16 +185,21 @@ async def start_grpc_server(
     port: int = 0,
     max_request_bytes: int = 1 << 20,
     max_concurrent_rpcs: int | None = None,
+    tls: TlsMaterial | None = None,
+    health_port: int = -1,
 ) -> GrpcServer:
     """Starts a server with the given servicers plus health and reflection.
 
     ``registrations`` holds ``(add_XServicer_to_server, servicer, full_service_name)`` triples.
-    Raises ``OSError`` (``errno`` ``EADDRINUSE`` for a busy port) when the address cannot be bound.
+    ``tls``: serve TLS only (mTLS when it holds a CA); then ``health_port`` >= 0 also opens a plaintext
+    port with the health service alone, for probes. Raises ``OSError`` (``errno`` ``EADDRINUSE`` for a
+    busy port) when an address cannot be bound.
     """
-    if port:  # fail with the reason before gRPC's core logs its own multi-line complaint
-        problem = bind_problem(host, port)
-        if problem is not None:
-            raise problem
+    for wanted in (port, health_port if tls else 0):
+        if wanted > 0:  # fail with the reason before gRPC's core logs its own multi-line complaint
+            problem = bind_problem(host, wanted)
+            if problem is not None:
+                raise problem
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(service)],
         # Beyond this many calls at once new ones get RESOURCE_EXHAUSTED instead of piling up.
@@ -182,17 +219,69 @@ async def start_grpc_server(
         await health.set(full_name, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(names, server)
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
-        bound = 0
+    bound = _bind(server, host, port, server_credentials(tls) if tls else None)
     if bound == 0:
         await server.stop(None)
         raise (bind_problem(host, port) if port else None) or OSError(
             errno.EADDRNOTAVAIL, f"cannot bind gRPC server to {host}:{port}")
+    health_server, health_bound = None, None
+    if tls is not None and health_port >= 0:
+        # Same health servicer (so both ports report the same status, graceful shutdown included), no API.
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        health_bound = _bind(health_server, host, health_port, None)
+        if health_bound == 0:
+            await server.stop(None)
+            raise (bind_problem(host, health_port) if health_port else None) or OSError(
+                errno.EADDRNOTAVAIL, f"cannot bind gRPC health port to {host}:{health_port}")
+        await health_server.start()
     await server.start()
-    log.info("grpc.started", extra={"service": service, "port": bound})
-    return GrpcServer(server=server, port=bound, health=health)
+    log.info("grpc.started", extra={"service": service, "port": bound, "tls": tls is not None,
+                                    "mtls": bool(tls and tls.ca), "health_port": health_bound})
+    return GrpcServer(server=server, port=bound, health=health, tls=tls is not None, health_server=health_server,
+                      health_port=health_bound)
+
+
+class GrpcClientTlsSettings(Settings):
+    """A gRPC client's TLS: ``STABLEALIGN_GRPC_CA``, ``STABLEALIGN_GRPC_CLIENT_CERT``/``_KEY``."""
+
+    grpc_ca: str = Field("", description="PEM CA bundle to trust for the server's certificate (\"\": plaintext "
+                                         "unless a client certificate is set, then the system's roots).")
+    grpc_client_cert: str = Field("", description="PEM client certificate (mTLS); with grpc_client_key.")
+    grpc_client_key: str = Field("", description="PEM private key of grpc_client_cert.")
+
+    @model_validator(mode="after")
+    def _tls_is_complete(self) -> GrpcClientTlsSettings:
+        if bool(self.grpc_client_cert) != bool(self.grpc_client_key):
+            have, missing = (("grpc_client_cert", "grpc_client_key") if self.grpc_client_cert
+                             else ("grpc_client_key", "grpc_client_cert"))
+            raise ValueError(f"{env_name(have)} is set but {env_name(missing)} is not: a client certificate "
+                             "needs its private key")
+        self.material()  # every file readable and PEM, now
+        return self
+
+    def material(self) -> TlsMaterial | None:
+        """What the channel's credentials take (None: plaintext)."""
+        if not (self.grpc_ca or self.grpc_client_cert):
+            return None
+        return TlsMaterial(
+            certificate=read_pem(self.grpc_client_cert, "grpc_client_cert") if self.grpc_client_cert else None,
+            private_key=read_pem(self.grpc_client_key, "grpc_client_key") if self.grpc_client_key else None,
+            ca=read_pem(self.grpc_ca, "grpc_ca") if self.grpc_ca else None)
+
+
+def client_channel(target: str, settings: GrpcClientTlsSettings | None = None,
+                   options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
+    """A channel to ``target`` (``host:port``): TLS when the settings (default: ``STABLEALIGN_GRPC_CA``,
+    ``STABLEALIGN_GRPC_CLIENT_CERT``/``_KEY`` from the environment) name a CA or a client certificate,
+    plaintext otherwise. ConfigError, one line, for a half-configured or unreadable setting."""
+    settings = settings if settings is not None else load_settings(GrpcClientTlsSettings)
+    material = settings.material()
+    if material is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    credentials = grpc.ssl_channel_credentials(root_certificates=material.ca, private_key=material.private_key,
+                                               certificate_chain=material.certificate)
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def bind_problem(host: str, port: int) -> OSError | None:

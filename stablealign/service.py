@@ -133,7 +133,8 @@ async def start_service(name: str, settings: ServiceSettings,
             try:
                 grpc_server = await start_grpc_server(
                     service=name, registrations=parts.grpc, host=settings.grpc_host, port=settings.grpc_port,
-                    max_request_bytes=settings.max_request_bytes, max_concurrent_rpcs=settings.max_concurrency)
+                    max_request_bytes=settings.max_request_bytes, max_concurrent_rpcs=settings.max_concurrency,
+                    tls=settings.grpc_server_tls(), health_port=settings.grpc_health_port)
             except OSError as exc:
                 raise _listen_error("gRPC", settings.grpc_host, settings.grpc_port, "grpc", exc) from None
             opened.push_async_callback(grpc_server.stop, 0.0)

@@ -47,6 +47,13 @@ def serve(
                                        help=LOG_LEVEL_HELP + " Also before the command."),
     log_format: LogFormat = typer.Option(None, "--log-format", case_sensitive=False, help=LOG_FORMAT_HELP),
     instance: str = typer.Option(None, "--instance", help="Replica name in logs."),
+    grpc_tls_cert: str = typer.Option(None, "--grpc-tls-cert", help="PEM certificate of the gRPC server; with "
+                                                                     "--grpc-tls-key turns TLS on."),
+    grpc_tls_key: str = typer.Option(None, "--grpc-tls-key", help="PEM private key of --grpc-tls-cert."),
+    grpc_tls_client_ca: str = typer.Option(None, "--grpc-tls-client-ca", help="PEM CA: require client "
+                                                                               "certificates signed by it (mTLS)."),
+    grpc_health_port: int = typer.Option(None, "--grpc-health-port", help="Plaintext port serving only gRPC "
+                                                                           "health, for probes (with TLS; -1: none)."),
 ) -> None:
     """Run one service until SIGTERM, then drain in-flight work and exit 0."""
     module = importlib.import_module(f"services.{service.value}.main")
@@ -55,6 +62,8 @@ def serve(
     overrides = {"nats_url": nats, "grpc_port": grpc_port, "metrics_port": metrics_port, "grpc_host": grpc_host,
                  "metrics_host": metrics_host, "log_level": log_level.value if log_level else root_level,
                  "log_format": log_format.value if log_format else root_format, "instance": instance,
+                 "grpc_tls_cert": grpc_tls_cert, "grpc_tls_key": grpc_tls_key,
+                 "grpc_tls_client_ca": grpc_tls_client_ca, "grpc_health_port": grpc_health_port,
                  **nats_setting_values(get_current_context(silent=True))}
     try:
         settings = load_settings(module.SETTINGS, overrides)
