@@ -14,7 +14,7 @@ RUN_OUT ?= runs/default
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF \
 	-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/bench/llamacpp-skip-common.cmake
 
-.PHONY: dashboard images install proto run test test-unit test-integration bench bench-sim bench-scale bench-train bench-hf bench-llamacpp chaos lint clean
+.PHONY: dashboard images nats-config install proto run test test-unit test-integration bench bench-sim bench-scale bench-train bench-hf bench-llamacpp chaos lint clean
 
 install: $(STAMP) $(PROTO_OUT)/.generated
 
@@ -86,6 +86,11 @@ images:
 # The Grafana dashboard from code (deploy/grafana/dashboard.py); a test fails when the JSON is stale.
 dashboard:
 	python3 deploy/grafana/dashboard.py
+
+# The NATS users and permissions (stablealign/nats_permissions.py) as the nats-server config k8s mounts;
+# a test fails when the committed file is stale.
+nats-config: install
+	$(PY) -m stablealign.nats_permissions --out deploy/k8s/base/nats-auth.conf
 
 lint: install
 	$(VENV)/bin/ruff check stablealign stablealign_app services tests bench

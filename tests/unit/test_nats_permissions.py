@@ -1,0 +1,166 @@
+"""The NATS permissions table, its generated server configuration and the k8s manifests that use it.
+
+What an operator would notice: the committed ``deploy/k8s/base/nats-auth.conf`` is what the table
+generates (``make nats-config``) and nats-server accepts it; the table keeps every write of records,
+memories and world state with the world; every service Deployment connects as its own user with
+the password of the Secret that NATS reads it from.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stablealign import bus
+from stablealign.nats_permissions import (
+    ROLES,
+    ServerTls,
+    check_password,
+    main,
+    new_password,
+    render_authorization,
+    render_config,
+)
+from stablealign.natsserver import find_nats_server
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "deploy" / "k8s" / "base"
+SERVICES = ("agent", "observer", "world", "trainer")
+
+
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` one or more at the end."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def may_publish(role: str, subject: str) -> bool:
+    return any(matches(pattern, subject) for pattern in ROLES[role].publish)
+
+
+def test_the_committed_server_configuration_is_the_generated_one():
+    committed = (BASE / "nats-auth.conf").read_text()
+    assert committed == render_authorization(), "stale: run `make nats-config`"
+
+
+def test_nats_server_accepts_the_generated_configuration(tmp_path):
+    from tests.support.certs import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    tls = ServerTls(str(certs.server_cert), str(certs.server_key), ca_file=str(certs.ca), verify=True)
+    conf = tmp_path / "nats.conf"
+    conf.write_text(render_config(tls=tls))
+    env = {role.password_variable: new_password() for role in ROLES.values()}
+    result = subprocess.run([find_nats_server(), "-c", str(conf), "-t"], env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    missing = subprocess.run([find_nats_server(), "-c", str(conf), "-t"], env={}, capture_output=True, text=True,
+                             timeout=30)
+    assert missing.returncode != 0 and "NATS_WORLD_PASSWORD" in missing.stderr + missing.stdout
+
+
+def test_only_the_world_writes_records_memories_and_world_state():
+    writes = ["sandbox.records.w1", "sandbox.memory.w1.0", "sandbox.pools.abc.0", f"$KV.{bus.WORLDS_BUCKET}.w1",
+              f"$JS.API.STREAM.CREATE.{bus.RECORDS_STREAM}", f"$JS.API.STREAM.UPDATE.{bus.RECORDS_STREAM}",
+              f"$JS.API.STREAM.DELETE.{bus.RECORDS_STREAM}", f"$JS.API.STREAM.PURGE.{bus.RECORDS_STREAM}",
+              f"$JS.API.STREAM.MSG.DELETE.{bus.RECORDS_STREAM}", f"$JS.API.STREAM.CREATE.KV_{bus.WORLDS_BUCKET}"]
+    for subject in writes:
+        allowed = {role for role in ROLES if may_publish(role, subject)}
+        assert allowed <= {"world"}, (subject, allowed)
+    for subject in writes[:5]:
+        assert may_publish("world", subject), subject
+    # Nobody deletes or purges a stream through these users.
+    assert not any(may_publish(role, f"$JS.API.STREAM.DELETE.{bus.RECORDS_STREAM}") for role in ROLES)
+
+
+def test_agents_and_observers_only_answer_their_own_subjects():
+    assert ROLES["agent"].responds and ROLES["observer"].responds and not ROLES["cli"].responds
+    for role, own in (("agent", bus.AGENT_DRAFT), ("observer", bus.OBSERVER_RATE)):
+        assert own in ROLES[role].subscribe
+        for subject in (bus.AGENT_DRAFT, bus.OBSERVER_RATE, bus.WORLD_CREATE, bus.TRAINER_SUBMIT):
+            assert not may_publish(role, subject), (role, subject)  # they send no requests
+        assert not any(matches(p, bus.WORLD_CREATE) for p in ROLES[role].subscribe)
+    assert not any(matches(p, bus.AGENT_DRAFT) for p in ROLES["observer"].subscribe)
+
+
+def test_the_cli_reads_records_and_calls_the_apis_the_trainer_keeps_to_trainer():
+    for subject in (bus.WORLD_CREATE, bus.WORLD_RESUME, bus.TRAINER_SUBMIT, bus.TRAINER_LIST,
+                    f"$JS.API.CONSUMER.CREATE.{bus.RECORDS_STREAM}.x.sandbox.records.w1",
+                    f"$JS.API.DIRECT.GET.{bus.RECORDS_STREAM}"):
+        assert may_publish("cli", subject), subject
+    for subject in ("trainer.jobs.j1.log", bus.AGENT_DRAFT, "sandbox.records.w1"):
+        assert not may_publish("cli", subject), subject
+    trainer_writes = [p for p in ROLES["trainer"].publish if not p.startswith(("$JS.", "$KV."))]
+    assert trainer_writes == ["trainer.>"]
+    assert not may_publish("trainer", "sandbox.records.w1")
+
+
+def test_passwords_and_unknown_roles():
+    password = new_password()
+    check_password("world", password)
+    for bad in ("12345678901234567890", "short", "has#comment-and-dash-1234"):
+        with pytest.raises(ValueError):
+            check_password("world", bad)
+    with pytest.raises(ValueError, match="unknown roles"):
+        render_authorization({"admin": password})
+    text = render_authorization({"cli": password})
+    assert f'password: "{password}"' in text and "password: $NATS_WORLD_PASSWORD" in text
+
+
+def test_the_command_writes_the_file_and_refuses_half_a_tls_setting(tmp_path, capsys):
+    out = tmp_path / "auth.conf"
+    assert main(["--out", str(out)]) == 0
+    assert out.read_text() == render_authorization()
+    with pytest.raises(SystemExit):
+        main(["--tls-cert", "c.pem"])
+    assert main(["--new-passwords"]) == 0
+    lines = capsys.readouterr().out.split()
+    assert sorted(line.split("=")[0] for line in lines) == sorted(ROLES)
+
+
+def _docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((BASE / name).read_text()) if d]
+
+
+def _container(doc: dict) -> dict:
+    return doc["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_every_service_connects_as_its_own_user_with_the_secrets_password():
+    for name in SERVICES:
+        (deployment,) = [d for d in _docs(f"{name}.yaml") if d["kind"] == "Deployment"]
+        env = {e["name"]: e for e in _container(deployment)["env"]}
+        assert env["STABLEALIGN_NATS_USER"]["value"] == name
+        # components/nats-tls replaces the first variable with tls://: it must stay the URL.
+        assert _container(deployment)["env"][0]["name"] == "STABLEALIGN_NATS_URL"
+        assert env["STABLEALIGN_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "nats-credentials",
+                                                                                  "key": name}
+    (nats,) = [d for d in _docs("nats.yaml") if d["kind"] == "StatefulSet"]
+    env = {e["name"]: e for e in _container(nats)["env"]}
+    for role in ROLES.values():
+        assert env[role.password_variable]["valueFrom"]["secretKeyRef"] == {"name": "nats-credentials",
+                                                                            "key": role.name}
+    (config,) = [d for d in _docs("nats.yaml") if d["kind"] == "ConfigMap"]
+    assert "include ./auth.conf" in config["data"]["nats.conf"]
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    (generated,) = [g for g in kustomization["configMapGenerator"] if g["name"] == "nats-auth"]
+    assert "auth.conf=nats-auth.conf" in generated["files"]
+
+
+def test_the_tls_component_mounts_what_its_config_names():
+    component = REPO / "deploy" / "k8s" / "components" / "nats-tls"
+    tls = (component / "tls.conf").read_text()
+    patch = yaml.safe_load((component / "nats-tls-patch.yaml").read_text())
+    (mount,) = _container(patch)["volumeMounts"]
+    assert f'cert_file: "{mount["mountPath"]}/tls.crt"' in tls and f'key_file: "{mount["mountPath"]}/tls.key"' in tls
+    services = yaml.safe_load((component / "services-tls-patch.yaml").read_text())
+    values = {op["value"]["name"]: op["value"].get("value") for op in services if "env" in op["path"]}
+    assert values == {"STABLEALIGN_NATS_URL": "tls://nats:4222", "STABLEALIGN_NATS_CA": "/etc/nats-ca/ca.crt"}
