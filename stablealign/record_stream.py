@@ -10,9 +10,10 @@ through :class:`TrustedRecords`. A message on ``sandbox.records.<W>`` becomes th
    ``record_msg_id(W, round, agent)`` of its own payload (the id the world service publishes with),
    and, where the reader knows the world's spec, ``agent < size²`` and ``round < rounds`` — else
    **foreign**;
-3. it passes the checks a records file gets (``validate_record`` of its JSON row, ``check_record``:
-   ratings 1–7, ids and counts >= 0, finite numbers) — else **malformed**, so ``export`` never
-   writes a line that ``data build --records`` would then reject;
+3. it passes the checks a records file gets (``check_stream_record``: what ``validate_record`` checks
+   in a JSON row that a protobuf field can get wrong — ratings 1–7, ids and counts >= 0, finite
+   numbers) — else **malformed**, so ``export`` never writes a line that ``data build --records``
+   would then reject (a property test holds the two together);
 4. no earlier message was kept for the same (round, agent) — else **duplicate**. The first wins: the
    world publishes a record once, after which JetStream drops anything carrying the same id for
    its duplicate window; a later copy is a re-publication, never the original.
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 from array import array
 from collections import Counter
@@ -55,7 +57,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from stablealign.errors import UnavailableError, ValidationError
-from stablealign.records import check_record, record_msg_id, record_to_json, validate_record
+from stablealign.records import check_record, record_msg_id, record_to_json
 from stablealign.v1 import common_pb2
 from stablealign.worlds import check_world_id
 
@@ -67,7 +69,6 @@ EXAMPLES_PER_KIND = 3  # examples kept per kind: a flood of forged messages cann
 BATCH = 256  # messages checked per worker-thread call
 IDLE_TIMEOUT_SECONDS = 30.0  # no message for this long while the read is not done: the read fails
 
-Kept = tuple[common_pb2.InteractionRecord, dict[str, Any]]
 Raw = tuple[int, bytes, str | None]  # (stream sequence, payload, Nats-Msg-Id header)
 
 
@@ -128,8 +129,8 @@ class TrustedRecords:
         self.stats = ReadStats(self.subject)
         self._seen: set[int] = set()  # round << 32 | agent: ~60 bytes per kept record
 
-    def admit(self, seq: int, data: bytes, msg_id: str | None) -> Kept | None:
-        """The record and its JSON row if the message is trusted, else None (counted in ``stats``)."""
+    def admit(self, seq: int, data: bytes, msg_id: str | None) -> common_pb2.InteractionRecord | None:
+        """The record if the message is trusted, else None (counted in ``stats``)."""
         self.stats.messages += 1
         record = common_pb2.InteractionRecord()
         try:
@@ -145,8 +146,7 @@ class TrustedRecords:
             self.stats.skip("foreign", f"seq {seq}: {reason}")
             return None
         try:
-            check_record(record)
-            row = validate_record(record_to_json(record))
+            check_stream_record(record)
         except ValidationError as exc:
             self.stats.skip("malformed", f"seq {seq}: round {record.round} agent {record.agent_id}: {exc}")
             return None
@@ -156,7 +156,7 @@ class TrustedRecords:
             return None
         self._seen.add(key)
         self.stats.kept += 1
-        return record, row
+        return record
 
     def _foreign(self, record: common_pb2.InteractionRecord, msg_id: str | None) -> str | None:
         if record.world_id != self.world_id:
@@ -172,8 +172,29 @@ class TrustedRecords:
             return f"round {record.round} outside the world's {self.rounds} rounds"
         return None
 
-    def admit_all(self, batch: Iterable[Raw]) -> list[Kept]:
+    def admit_all(self, batch: Iterable[Raw]) -> list[common_pb2.InteractionRecord]:
         return [kept for seq, data, msg_id in batch if (kept := self.admit(seq, data, msg_id)) is not None]
+
+
+def check_stream_record(record: common_pb2.InteractionRecord) -> None:
+    """``ValidationError`` unless the record passes what ``validate_record`` checks in its JSON row.
+
+    Only what a protobuf field can hold wrongly is checked (types and UTF-8 it guarantees):
+    ratings, expected ratings and probabilities (``check_record``), ids and token counts >= 0,
+    latencies finite, ``created_at`` finite and >= 0. About 3x cheaper than building the row and
+    validating it, which matters for the world's resume of a 100,000-agent world."""
+    check_record(record)
+    for name in ("round", "agent_id", "prompt_tokens", "completion_tokens"):
+        if getattr(record, name) < 0:
+            raise ValidationError(f"{name} must be >= 0, got {getattr(record, name)}")
+    for i, feedback in enumerate(record.feedback):
+        if feedback.partner_id < 0:
+            raise ValidationError(f"target_id[{i}] must be an agent id (integer >= 0), got {feedback.partner_id}")
+    if not math.isfinite(record.created_at) or record.created_at < 0:
+        raise ValidationError(f"created_at {record.created_at} is not a finite number >= 0")
+    for key, value in record.latency_seconds.items():
+        if not math.isfinite(value):
+            raise ValidationError(f"latency_seconds.{key[:40]} {value} is not a finite number")
 
 
 def record_key(record: common_pb2.InteractionRecord) -> tuple[int, int]:
@@ -237,7 +258,7 @@ async def _drop_consumer(js: Any, sub: Any) -> None:
 
 
 async def read_trusted(js: Any, trusted: TrustedRecords, *, idle_timeout: float = IDLE_TIMEOUT_SECONDS,
-                       batch: int = BATCH) -> AsyncIterator[Kept]:
+                       batch: int = BATCH) -> AsyncIterator[common_pb2.InteractionRecord]:
     """Trusted records of ``trusted``'s world in stream order, as they are read; skips in ``trusted.stats``."""
     async for raw in _raw_batches(js, trusted.subject, idle_timeout=idle_timeout, batch=batch):
         for kept in await asyncio.to_thread(trusted.admit_all, raw):
@@ -253,7 +274,7 @@ async def read_world_records(js: Any, world_id: str, *, size: int | None = None,
     ``export_world_records``, the world's resume ``read_trusted``.
     """
     trusted = TrustedRecords(world_id, size=size, rounds=rounds)
-    records = [record async for record, _ in read_trusted(js, trusted, idle_timeout=idle_timeout)]
+    records = [record async for record in read_trusted(js, trusted, idle_timeout=idle_timeout)]
     records.sort(key=record_key)
     return records, trusted.stats
 
@@ -262,7 +283,8 @@ async def read_world_rows(js: Any, world_id: str, *, size: int | None = None, ro
                           idle_timeout: float = IDLE_TIMEOUT_SECONDS) -> tuple[list[dict[str, Any]], ReadStats]:
     """Trusted records of a world as JSON rows (``record_to_json``), ordered by (round, agent)."""
     trusted = TrustedRecords(world_id, size=size, rounds=rounds)
-    keyed = [(record_key(record), row) async for record, row in read_trusted(js, trusted, idle_timeout=idle_timeout)]
+    keyed = [(record_key(record), record_to_json(record))
+             async for record in read_trusted(js, trusted, idle_timeout=idle_timeout)]
     keyed.sort(key=lambda item: item[0])
     return [row for _, row in keyed], trusted.stats
 
@@ -293,7 +315,8 @@ async def export_world_records(js: Any, world_id: str, path: str | Path, *, size
     keys, offsets, lengths = array("q"), array("q"), array("q")
 
     def write(handle: Any, raw: list[Raw]) -> None:  # in a worker thread: check, serialize, write
-        for record, row in trusted.admit_all(raw):
+        for record in trusted.admit_all(raw):
+            row = record_to_json(record)
             line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
             keys.append(record.round << 32 | record.agent_id)
             offsets.append(handle.tell())

@@ -124,7 +124,7 @@ async def stream_records(
             delivered = max(delivered, msg.metadata.sequence.stream)
             kept = trusted.admit(msg.metadata.sequence.stream, msg.data, (msg.headers or {}).get(bus.MSG_ID_HEADER))
             if kept is not None:
-                yield kept[0]
+                yield kept
     finally:
         if trusted.stats.skipped_total:
             log.warning("world.records_skipped", extra={"world_id": world_id, "summary": trusted.stats.summary()})

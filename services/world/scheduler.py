@@ -120,7 +120,7 @@ async def published_scores(js: JetStreamContext, world_id: str, *, size: int | N
     Streams the records: only their scores are kept."""
     out: dict[int, dict[int, Scores]] = {}
     trusted = TrustedRecords(world_id, size=size, rounds=rounds)
-    async for record, _ in read_trusted(js, trusted):
+    async for record in read_trusted(js, trusted):
         out.setdefault(record.round, {})[record.agent_id] = scores_of(record)
     if trusted.stats.skipped_total:
         log.warning("world.records_skipped", extra={"world_id": world_id, "summary": trusted.stats.summary()})

@@ -326,7 +326,7 @@ def watch(world_id: str, nats: str = _nats_option(),
                     kept = trusted.admit(msg.metadata.sequence.stream, msg.data,
                                          (msg.headers or {}).get(bus.MSG_ID_HEADER))
                     if kept is not None:
-                        add(kept[0])
+                        add(kept)
             finally:
                 await sub.unsubscribe()
                 say_skipped(trusted.stats)

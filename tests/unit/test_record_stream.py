@@ -7,11 +7,13 @@ line that says how many of each kind were skipped and where.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stablealign.errors import ValidationError
 from stablealign.record_stream import EXAMPLES_PER_KIND, TrustedRecords
-from stablealign.records import record_msg_id
+from stablealign.records import record_msg_id, record_to_json, validate_record
 from stablealign.v1 import common_pb2
 
 WORLD = "w1"
@@ -46,7 +48,7 @@ def test_keeps_the_record_with_the_worlds_message_id_and_skips_every_forgery():
     assert admit(trusted, 8, record(6, score=99)) is None  # rating outside 1..7
     assert admit(trusted, 9, record(3, answer="FORGED")) is None  # the world's id again, later: a duplicate
     kept = admit(trusted, 10, record(4))
-    assert kept is not None and kept[1]["revised_answer"] == "a kind answer" and kept[1]["agent_id"] == 4
+    assert kept is not None and kept.revised_answer == "a kind answer" and kept.agent_id == 4
 
     stats = trusted.stats
     assert (stats.messages, stats.kept) == (10, 2)
@@ -90,6 +92,55 @@ def test_nothing_skipped_says_nothing():
     assert trusted.stats.as_dict()["skipped"] == {"malformed": 0, "foreign": 0, "duplicate": 0}
 
 
+def test_fields_a_records_file_would_reject_are_malformed():
+    """Whatever ``data build --records`` rejects in an exported line is skipped before it is written."""
+    trusted = TrustedRecords(WORLD)
+    bad = [record(1), record(2), record(3), record(4), record(5)]
+    bad[0].feedback[0].partner_id = -2
+    bad[1].prompt_tokens = -1
+    bad[2].created_at = float("nan")
+    bad[3].latency_seconds["draft"] = float("inf")
+    bad[4].feedback[0].expected = 9.5
+    for seq, rec in enumerate(bad, 1):
+        assert admit(trusted, seq, rec) is None
+        with pytest.raises(ValidationError):
+            validate_record(record_to_json(rec))
+    assert trusted.stats.skipped["malformed"] == 5
+
+
+ratings = st.one_of(st.none(), st.integers(-10, 12))
+numbers = st.floats(allow_nan=True, allow_infinity=True)
+
+
+@st.composite
+def records(draw) -> common_pb2.InteractionRecord:
+    rec = common_pb2.InteractionRecord(world_id=WORLD, round=draw(st.integers(-2, 3)), agent_id=draw(st.integers(-2, 10)),
+                                       question=draw(st.text(max_size=20)), draft_answer="d", revised_answer="r",
+                                       created_at=draw(numbers), prompt_tokens=draw(st.integers(-5, 5)))
+    for _ in range(draw(st.integers(0, 3))):
+        fb = rec.feedback.add(partner_id=draw(st.integers(-2, 10)), reason="x")
+        if (value := draw(ratings)) is not None:
+            fb.rating = value
+        if draw(st.booleans()):
+            fb.expected = draw(numbers)
+    for field in ("alignment_before", "alignment_after", "engagement_before", "engagement_after"):
+        if (value := draw(ratings)) is not None:
+            getattr(rec, field).score = value
+    if draw(st.booleans()):
+        rec.latency_seconds["draft"] = draw(numbers)
+    return rec
+
+
+@settings(max_examples=300, deadline=None)
+@given(rec=records())
+def test_a_kept_record_is_one_a_records_file_accepts(rec):
+    """The stream rule and the file rule agree: a record kept here passes ``validate_record``."""
+    trusted = TrustedRecords(WORLD, size=3, rounds=2)
+    kept = trusted.admit(1, rec.SerializeToString(), record_msg_id(WORLD, rec.round, rec.agent_id))
+    if kept is not None:
+        validate_record(record_to_json(kept))
+
+
 @settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=300), msg_id=st.one_of(st.none(), st.text(max_size=40)))
 def test_any_bytes_and_any_id_are_kept_or_counted_never_raised(data, msg_id):
@@ -97,6 +148,5 @@ def test_any_bytes_and_any_id_are_kept_or_counted_never_raised(data, msg_id):
     kept = trusted.admit(1, data, msg_id)
     assert trusted.stats.kept + trusted.stats.skipped_total == 1
     if kept is not None:
-        rec, row = kept
-        assert rec.world_id == WORLD and msg_id == record_msg_id(WORLD, rec.round, rec.agent_id)
-        assert 0 <= rec.agent_id < 9 and 0 <= rec.round < 2 and row["agent_id"] == rec.agent_id
+        assert kept.world_id == WORLD and msg_id == record_msg_id(WORLD, kept.round, kept.agent_id)
+        assert 0 <= kept.agent_id < 9 and 0 <= kept.round < 2
