@@ -22,6 +22,7 @@ from pydantic import AfterValidator, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from stablealign.endpoints import LLMEndpointSettings
 from stablealign.errors import ConfigError
 from stablealign.streams import StreamSettings
 from stablealign.tls import GrpcServerTlsSettings
@@ -193,7 +194,7 @@ NatsUrl = Annotated[str, AfterValidator(_nats_url)]
 Port = Annotated[int, Field(ge=-1, le=65535)]
 
 
-class ServiceSettings(Settings, StreamSettings, GrpcServerTlsSettings):
+class ServiceSettings(Settings, StreamSettings, GrpcServerTlsSettings, LLMEndpointSettings):
     """What every service process needs; services extend it with their own fields."""
 
     nats_url: NatsUrl = Field("nats://127.0.0.1:4222", description="NATS server URL (nats://, tls://, ws://, wss://).")

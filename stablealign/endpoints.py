@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+from pydantic import BaseModel, Field, model_validator
+
 from stablealign.errors import ConfigError, ValidationError
 from stablealign.redaction import redact_url
 
@@ -219,3 +221,28 @@ def resolve_endpoint(backend: str, url: str, *, field: str = "model",
     names = ", ".join(dict.fromkeys(e.name for e in candidates)) or "none"
     raise ValidationError(f"{field}.url {redact_url(text)} is not a configured {name} endpoint (configured: "
                           f"{names}; an operator adds one in {ENDPOINTS_ENV})")
+
+
+class LLMEndpointSettings(BaseModel):
+    """``STABLEALIGN_LLM_ENDPOINTS`` and ``STABLEALIGN_LLM_BACKENDS`` as settings of every service (mixed
+    into ``ServiceSettings``): a bad value fails the start in one line naming the variable, and the
+    manifests' variables are known settings. The LLM clients read the same variables of the process
+    environment when they are built (``resolve_endpoint``), so set them in the environment."""
+
+    llm_endpoints: str = Field("", description=(
+        "LLM servers a world spec may name and this process may call, as JSON: {name: {url, backend, key_env}} "
+        "(besides OPENAI_BASE_URL, which is allowed by itself and the only URL that gets OPENAI_API_KEY; an "
+        "endpoint gets the key in its key_env variable, or none). Read from the environment."))
+    llm_backends: str = Field("", description=(
+        "Backends a world spec may name, comma-separated (default: offline,openai,tgi,hf). Read from the "
+        "environment."))
+
+    @model_validator(mode="after")
+    def _endpoints_parse(self) -> LLMEndpointSettings:
+        try:
+            if self.llm_endpoints.strip():
+                _parse_endpoints(self.llm_endpoints)
+            allowed_backends({BACKENDS_ENV: self.llm_backends})
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
