@@ -87,6 +87,53 @@ def metric_names_in(expr: str) -> set[str]:
     return names
 
 
+# Custom resources the overlays use, validated against the fields of their CRDs (kubernetes-validate ships
+# only the built-in kinds). KEDA's ScaledObject (keda.sh/v1alpha1, KEDA 2.x CRD): the fields we may set,
+# nothing else (a typo fails, as with the strict built-in schemas); trigger metadata values are strings.
+SCALED_OBJECT_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "ScaledObject"}, "metadata": {"type": "object"},
+        "spec": {"type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
+                 "properties": {
+                     "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                                       "name": {"type": "string"},
+                                                       "envSourceContainerName": {"type": "string"}}},
+                     **{k: {"type": "integer", "minimum": 0} for k in (
+                         "pollingInterval", "cooldownPeriod", "initialCooldownPeriod", "idleReplicaCount",
+                         "minReplicaCount", "maxReplicaCount")},
+                     "fallback": {"type": "object"},
+                     "advanced": {"type": "object", "additionalProperties": False, "properties": {
+                         "restoreToOriginalReplicaCount": {"type": "boolean"},
+                         "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False,
+                                                           "properties": {"name": {"type": "string"},
+                                                                          "behavior": {"type": "object"}}},
+                         "scalingModifiers": {"type": "object"}}},
+                     "triggers": {"type": "array", "minItems": 1, "items": {
+                         "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
+                         "properties": {"type": {"type": "string"}, "name": {"type": "string"},
+                                        "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                        "useCachedMetrics": {"type": "boolean"},
+                                        "authenticationRef": {"type": "object"},
+                                        "metadata": {"type": "object",
+                                                     "additionalProperties": {"type": "string"}}}}}}},
+    },
+}
+CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT_SCHEMA}
+
+
+def validate(doc: dict) -> None:
+    """Strict schema validation: the built-in kinds by kubernetes-validate, our custom resources by CRD_SCHEMAS."""
+    schema = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+    if schema is not None:
+        import jsonschema
+
+        jsonschema.validate(doc, schema)
+    else:
+        kubernetes_validate.validate(doc, SCHEMA_VERSION, strict=True)
+
+
 CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
                         "PriorityClass", "CustomResourceDefinition", "IngressClass", "RuntimeClass"}
 
@@ -96,10 +143,12 @@ CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "Persi
 def test_renders_and_validates_strictly(target):
     docs = render(target)
     assert len(docs) > 20
+    import jsonschema
+
     for doc in docs:
         try:
-            kubernetes_validate.validate(doc, SCHEMA_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
+            validate(doc)
+        except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as exc:
             pytest.fail(f"{target}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
     # Every namespaced object carries the namespace itself: `kubectl apply -k` would put one without it in
     # the context's namespace (usually `default`), components included (issue 10).
@@ -137,8 +186,9 @@ def test_every_service_has_grpc_probes_metrics_and_drains(target):
         assert one(docs, "ServiceAccount", name)
     assert one(docs, "Deployment", "world")["spec"]["replicas"] == 1  # one leader per world
     for name in ("agent", "observer"):
-        hpa = one(docs, "HorizontalPodAutoscaler", name)
-        assert hpa["spec"]["scaleTargetRef"]["name"] == name
+        # Autoscaled either on CPU (HPA) or, with the keda component, on pending work: never both at once.
+        (scaler,) = find(docs, "HorizontalPodAutoscaler", name) + find(docs, "ScaledObject", name)
+        assert scaler["spec"]["scaleTargetRef"]["name"] == name
 
 
 @needs_kubectl
@@ -297,3 +347,205 @@ def test_metrics_table_lists_every_metric():
     listed = set(re.findall(r"^\| `(stablealign_[a-z0-9_]+)`", table, flags=re.MULTILINE))
     missing = sorted(code_metric_names() - listed)
     assert not missing, f"add to docs/metrics.md: {missing}"
+
+
+# --- issue 10.7 / 10.8: the training Job, availability and limits --------------------------------------------
+
+
+def _quantity_bytes(text: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "K": 10**3, "M": 10**6, "G": 10**9}
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", str(text)).groups()
+    return int(number) * units.get(unit, 1)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_disruption_budgets_for_nats_and_every_service(target):
+    docs = render(target)
+    budgets = {d["metadata"]["name"]: d["spec"] for d in find(docs, "PodDisruptionBudget")}
+    for name in ("nats", *SERVICES):
+        spec = budgets[name]
+        assert spec["selector"] == {"matchLabels": {"app.kubernetes.io/name": name}}, name
+        # Never minAvailable = replicas: that budget would block every node drain.
+        assert spec == {**spec, "maxUnavailable": 1} and "minAvailable" not in spec, name
+
+
+def _service_stream_settings(docs) -> list:
+    """The stream settings each service runs with (its env over the typed defaults)."""
+    from stablealign.streams import StreamSettings
+
+    settings = []
+    for name in SERVICES:
+        env = env_of(container(one(docs, "Deployment", name), name))
+        fields = {f: env[f"STABLEALIGN_{f.upper()}"] for f in StreamSettings.model_fields
+                  if f"STABLEALIGN_{f.upper()}" in env}
+        settings.append(StreamSettings(**fields))
+    return settings
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_streams_are_bounded_alike_in_every_service_and_fit_the_nats_volume(target):
+    docs = render(target)
+    settings = _service_stream_settings(docs)
+    assert all(s == settings[0] for s in settings), "every service must create the streams with the same limits"
+    limits = settings[0]
+    # Each server stores its replica of every stream: the byte limits together must fit one server's volume.
+    total = sum(getattr(limits, f) for f in type(limits).model_fields if f.endswith("_max_bytes"))
+    total += limits.stream_state_max_bytes  # two state buckets
+    nats = one(docs, "StatefulSet", "nats")
+    volume = _quantity_bytes(nats["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"])
+    assert total < volume, (total, volume)
+    replicas = nats["spec"]["replicas"]
+    assert limits.stream_replicas == (3 if target in ("top", "gpu") else 1) <= replicas
+
+
+@needs_kubectl
+def test_gpu_overlay_runs_nats_as_a_three_server_cluster():
+    for target in ("top", "gpu"):
+        docs = render(target)
+        nats = one(docs, "StatefulSet", "nats")
+        assert nats["spec"]["replicas"] == 3 and nats["spec"]["podManagementPolicy"] == "Parallel"
+        headless = one(docs, "Service", nats["spec"]["serviceName"])
+        assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+        assert headless["spec"]["selector"].items() <= nats["spec"]["template"]["metadata"]["labels"].items()
+        c = container(nats, "nats")
+        args = dict(a.lstrip("-").split("=", 1) for a in c["args"] if a.startswith("--") and "=" in a)
+        assert args["cluster_name"] and args["cluster"] == "nats://0.0.0.0:6222"
+        # A route to every server, by its StatefulSet DNS name under the headless Service.
+        wanted = {f"nats://nats-{i}.{headless['metadata']['name']}:6222" for i in range(3)}
+        assert set(args["routes"].split(",")) == wanted
+        assert {"name": "cluster", "containerPort": 6222} in c["ports"]
+        spread = nats["spec"]["template"]["spec"]["topologySpreadConstraints"][0]
+        assert spread["topologyKey"] == "kubernetes.io/hostname"
+        policies = json.dumps([d["spec"] for d in find(docs, "NetworkPolicy") if d["metadata"]["name"].startswith("nats")])
+        assert '"port": 6222' in policies
+    assert one(render("dev"), "StatefulSet", "nats")["spec"]["replicas"] == 1
+
+
+@needs_kubectl
+def test_keda_scales_agents_and_observers_on_a_metric_the_code_exports():
+    for target in ("top", "gpu"):
+        docs = render(target)
+        for name in ("agent", "observer"):
+            assert not find(docs, "HorizontalPodAutoscaler", name)  # KEDA's own HPA replaces it
+            scaled = one(docs, "ScaledObject", name)
+            assert scaled["metadata"]["namespace"] == "stablealign"
+            target_ref = scaled["spec"]["scaleTargetRef"]
+            assert one(docs, target_ref["kind"], target_ref["name"])
+            assert 2 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]
+            (trigger,) = scaled["spec"]["triggers"]
+            assert trigger["type"] == "prometheus" and float(trigger["metadata"]["threshold"]) > 0
+            query = trigger["metadata"]["query"]
+            assert metric_names_in(query) == {"stablealign_requests_in_flight"} <= code_metric_names()
+            assert f'job="{name}"' in query  # the scrape job of that service (prometheus.yml relabelling)
+            # The address is this namespace's Prometheus Service.
+            host, port = re.fullmatch(r"http://([a-z-]+)\.stablealign\.svc:(\d+)",
+                                      trigger["metadata"]["serverAddress"]).groups()
+            assert int(port) in {p["port"] for p in one(docs, "Service", host)["spec"]["ports"]}
+        # KEDA's operator may reach Prometheus through the network policies.
+        assert "keda" in json.dumps(one(docs, "NetworkPolicy", "prometheus")["spec"]["ingress"])
+    assert {d["metadata"]["name"] for d in find(render("dev"), "HorizontalPodAutoscaler")} == {"agent", "observer"}
+
+
+@needs_kubectl
+def test_tgi_serves_a_pinned_revision_and_is_scraped():
+    docs = render("top")
+    assert re.fullmatch(r"[0-9a-f]{40}", configmap_data(docs, "tgi-config")["revision"])
+    c = container(one(docs, "Deployment", "tgi"), "tgi")
+    assert "--revision=$(MODEL_REVISION)" in c["args"]
+    (revision,) = [e for e in c["env"] if e["name"] == "MODEL_REVISION"]
+    assert revision["valueFrom"]["configMapKeyRef"]["key"] == "revision"
+    jobs = {j["job_name"]: j for j in yaml.safe_load(configmap_data(docs, "prometheus-config")["prometheus.yml"])[
+        "scrape_configs"]}
+    assert jobs["tgi"]["dns_sd_configs"][0]["names"] == ["tgi"]
+    # NATS: every server's exporter, through a headless Service (one A record per pod).
+    (names,) = [c["names"] for c in jobs["nats"]["dns_sd_configs"]]
+    exporter = one(docs, "Service", names[0])
+    assert exporter["spec"]["clusterIP"] == "None"
+    assert exporter["spec"]["ports"][0]["port"] == jobs["nats"]["dns_sd_configs"][0]["port"] == 7777
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_grafana_prometheus_and_alertmanager_are_production_ready(target):
+    docs = render(target)
+    grafana = env_of(container(one(docs, "Deployment", "grafana"), "grafana"))
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    c = container(one(docs, "Deployment", "grafana"), "grafana")
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert secrets["GF_SECURITY_ADMIN_USER"]["name"] == secrets["GF_SECURITY_ADMIN_PASSWORD"]["name"] == "grafana-admin"
+    assert not secrets["GF_SECURITY_ADMIN_PASSWORD"].get("optional")
+    # Prometheus keeps its data on a claim (the cluster's default StorageClass).
+    prometheus = one(docs, "Deployment", "prometheus")
+    (data,) = [v for v in prometheus["spec"]["template"]["spec"]["volumes"] if v["name"] == "data"]
+    claim = one(docs, "PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and "storageClassName" not in claim["spec"]
+    assert prometheus["spec"]["strategy"]["type"] == "Recreate"
+    # Alerts go to the Alertmanager Service, which sends them to the webhook from its Secret.
+    config = yaml.safe_load(configmap_data(docs, "prometheus-config")["prometheus.yml"])
+    (target_,) = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    host, port = target_.split(":")
+    assert int(port) in {p["port"] for p in one(docs, "Service", host)["spec"]["ports"]}
+    manager = yaml.safe_load(configmap_data(docs, "alertmanager-config")["alertmanager.yml"])
+    receivers = {r["name"]: r for r in manager["receivers"]}
+    assert manager["route"]["receiver"] in receivers
+    url_file = receivers[manager["route"]["receiver"]]["webhook_configs"][0]["url_file"]
+    pod = one(docs, "Deployment", "alertmanager")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    (webhook,) = [v for v in pod["volumes"] if "secret" in v]
+    assert url_file == f"{mounts[webhook['name']]}/url" and webhook["secret"]["secretName"] == "alertmanager-webhook"
+
+
+@needs_kubectl
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool is not installed (Debian's prometheus-alertmanager)")
+def test_amtool_accepts_the_alertmanager_config(tmp_path):
+    config = tmp_path / "alertmanager.yml"
+    config.write_text(configmap_data(render("top"), "alertmanager-config")["alertmanager.yml"])
+    proc = subprocess.run([shutil.which("amtool"), "check-config", str(config)], check=False, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@needs_kubectl
+def test_the_shipped_job_template_renders_a_valid_multi_node_job(tmp_path):
+    """What the trainer pod runs: the ConfigMap kustomize ships, rendered by the kubernetes runner with the
+    trainer Deployment's settings, for 2 nodes x 8 GPUs."""
+    from services.trainer.runners.kubernetes import KubernetesRunner, render_objects
+    from services.trainer.settings import TrainerSettings
+    from stablealign.training.launch import EXIT_CONFIG_ERROR
+    from stablealign.v1 import trainer_pb2
+
+    docs = render("top")
+    template = tmp_path / "job-template.yaml"
+    template.write_text(configmap_data(docs, "trainer-job-template")["job-template.yaml"])
+    env = env_of(container(one(docs, "Deployment", "trainer"), "trainer"))
+    settings = TrainerSettings(k8s_job_template=str(template), k8s_namespace="stablealign",
+                               k8s_image=env["STABLEALIGN_K8S_IMAGE"], k8s_pvc=env["STABLEALIGN_K8S_PVC"],
+                               k8s_service_account=env["STABLEALIGN_K8S_SERVICE_ACCOUNT"])
+    runner = KubernetesRunner(settings)
+    spec = runner.prepare(trainer_pb2.JobSpec(job_id="sa-7b", runner="kubernetes", model="models/base",
+                                              data="data/train.jsonl", gpus=8, nodes=2))
+    job, service = render_objects(spec, settings)
+    for doc in (job, service):
+        validate(doc)
+        assert doc["metadata"]["namespace"] == "stablealign"
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["requests"] == c["resources"]["limits"]
+    assert set(c["resources"]["limits"]) == {"cpu", "memory", "nvidia.com/gpu"}
+    assert job["spec"]["activeDeadlineSeconds"] > 0
+    rules = {r["action"]: r for r in job["spec"]["podFailurePolicy"]["rules"]}
+    assert rules["Ignore"]["onPodConditions"] == [{"type": "DisruptionTarget"}]
+    assert rules["FailJob"]["onExitCodes"]["values"] == [EXIT_CONFIG_ERROR]
+    options = dict(o.lstrip("-").split("=", 1) for o in c["command"][3:c["command"].index("--")])
+    assert int(options["nnodes"]) * int(options["nproc_per_node"]) == 16 == job["spec"]["completions"] * 8
+    assert options["master_addr"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert pod["subdomain"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    # The trainer may create that Service, and the training pods may reach each other (rendezvous, NCCL).
+    role = one(docs, "Role", "trainer-jobs")
+    assert any("services" in r["resources"] and "create" in r["verbs"] for r in role["rules"])
+    training = one(docs, "NetworkPolicy", "training-jobs")["spec"]
+    peers = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "stablealign-training"}}}
+    assert {"from": [peers]} in training["ingress"] and {"to": [peers]} in training["egress"]
+    assert env_of(c)["STABLEALIGN_METRICS_HOST"] == "0.0.0.0"  # rank 0's /metrics reachable by Prometheus
