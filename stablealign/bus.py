@@ -13,12 +13,18 @@ heartbeats (``Stablealign-Progress``, no payload) to the reply inbox, four per s
 works on the request (queued for a slot or running). The requester re-sends as soon as it has heard
 nothing for that long — the replica died or lost NATS — instead of waiting for the whole reply
 deadline, which stays the cap for slow models that do answer.
+
+Cost per request (what bounds a round on a few cores): replies and heartbeats of every request of a
+connection arrive on one wildcard inbox subscription (``_ReplyInbox``), not a SUB/UNSUB pair and a
+subscription object per request; a request's silence limit and cap are one loop timer, and a
+replica's heartbeats are loop timers too, not a task per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -342,41 +348,99 @@ async def request(
     return result
 
 
+class _ReplyInbox:
+    """Replies and heartbeats of every request with a silence limit on one connection, on one subscription.
+
+    Each request gets the subject ``<prefix>.<n>`` (the prefix is a fresh ``_INBOX.<nuid>``) and a callback
+    registered before it is published, so no reply can arrive unrouted; ``_INBOX.*`` wildcard routing is
+    the server's. Kept on the connection object itself (``_INBOX_ATTR``) so it lives and dies with it.
+    """
+
+    def __init__(self, nc: NATS) -> None:
+        self.prefix = nc.new_inbox()
+        self.waiting: dict[str, Callable[[Msg], None]] = {}
+        self._numbers = itertools.count(1)
+
+    async def open(self, nc: NATS) -> _ReplyInbox:
+        await nc.subscribe(f"{self.prefix}.*", cb=self._on_message, pending_msgs_limit=1_000_000)
+        return self
+
+    def subject(self) -> str:
+        return f"{self.prefix}.{next(self._numbers)}"
+
+    async def _on_message(self, msg: Msg) -> None:
+        deliver = self.waiting.get(msg.subject)
+        if deliver is not None:  # else the request has ended (a late heartbeat or a reply after a re-send)
+            deliver(msg)
+
+
+_INBOX_ATTR = "_stablealign_reply_inbox"
+
+
+async def _reply_inbox(nc: NATS) -> _ReplyInbox:
+    """The connection's shared reply inbox, subscribed on first use (concurrent first uses share it)."""
+    opening = getattr(nc, _INBOX_ATTR, None)
+    if opening is None:
+        opening = asyncio.ensure_future(_ReplyInbox(nc).open(nc))
+        setattr(nc, _INBOX_ATTR, opening)
+    if not opening.done():
+        try:
+            return await asyncio.shield(opening)
+        except Exception:
+            if getattr(nc, _INBOX_ATTR, None) is opening:
+                setattr(nc, _INBOX_ATTR, None)  # the next request tries again
+            raise
+    if opening.exception() is not None:
+        setattr(nc, _INBOX_ATTR, None)
+        raise opening.exception()
+    return opening.result()
+
+
 async def _request_with_heartbeats(nc: NATS, subject: str, payload: bytes, *, timeout: float,
                                    liveness: float) -> Msg:
-    """One attempt on its own inbox: heartbeats keep it waiting (up to ``timeout``), the reply ends it.
+    """One attempt: heartbeats keep it waiting (up to ``timeout``), the reply ends it.
 
     ReplicaSilentError after ``liveness`` seconds without a message; nats' TimeoutError at ``timeout``;
-    NoRespondersError when nobody serves ``subject``.
+    NoRespondersError when nobody serves ``subject``. The reply arrives on the connection's shared
+    inbox (``_ReplyInbox``); one loop timer checks the silence limit and the cap.
     """
+    inbox = await _reply_inbox(nc)
     loop = asyncio.get_running_loop()
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)  # before the publish, on the same connection: the reply cannot overtake it
-    try:
-        await nc.publish(subject, payload, reply=inbox, headers={LIVENESS_HEADER: f"{liveness:g}"})
-        cap = loop.time() + timeout
-        while True:
-            remaining = cap - loop.time()
-            if remaining <= 0:
-                raise nats.errors.TimeoutError
-            wait = min(remaining, liveness)
-            try:
-                msg = await sub.next_msg(timeout=wait)
-            except nats.errors.TimeoutError:
-                if wait < remaining:
-                    raise ReplicaSilentError from None
-                raise
-            headers = msg.headers or {}
-            if PROGRESS_HEADER in headers:
-                continue  # the replica is alive and on it
+    reply: asyncio.Future[Msg] = loop.create_future()
+    now = loop.time()
+    cap = now + timeout
+    heard = [now]  # when the replica was last heard from
+
+    def check() -> None:
+        if reply.done():
+            return
+        at = loop.time()
+        if at >= cap:
+            reply.set_exception(nats.errors.TimeoutError())
+        elif at >= heard[0] + liveness:
+            reply.set_exception(ReplicaSilentError())
+        else:
+            timer[0] = loop.call_at(min(cap, heard[0] + liveness), check)
+
+    def deliver(msg: Msg) -> None:
+        headers = msg.headers or {}
+        if PROGRESS_HEADER in headers:
+            heard[0] = loop.time()  # the replica is alive and on it
+        elif not reply.done():
             if headers.get(_STATUS_HEADER) == "503" and not msg.data and ERROR_CODE_HEADER not in headers:
-                raise nats.errors.NoRespondersError
-            return msg
+                reply.set_exception(nats.errors.NoRespondersError())
+            else:
+                reply.set_result(msg)
+
+    reply_subject = inbox.subject()
+    inbox.waiting[reply_subject] = deliver
+    timer = [loop.call_at(min(cap, now + liveness), check)]
+    try:
+        await nc.publish(subject, payload, reply=reply_subject, headers={LIVENESS_HEADER: f"{liveness:g}"})
+        return await reply
     finally:
-        try:
-            await sub.unsubscribe()
-        except Exception:  # noqa: BLE001 - the connection is closed: nothing to undo
-            pass
+        inbox.waiting.pop(reply_subject, None)
+        timer[0].cancel()
 
 
 def _liveness(msg: Msg) -> float | None:
@@ -427,6 +491,10 @@ class RequestServer:
     _working: dict[tuple[str, bytes], asyncio.Future] = field(default_factory=dict, init=False)
     # One per ``add``, in order: the endpoints and counters the NATS service API reports.
     endpoints: list[EndpointCounters] = field(default_factory=list, init=False)
+    # Prometheus children by (method, code) and method: ``labels()`` takes a lock and builds a key per call.
+    _counted: dict[tuple[str, str], object] = field(default_factory=dict, init=False)
+    _timed: dict[str, object] = field(default_factory=dict, init=False)
+    _beats: set[asyncio.Task] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         self._semaphore = asyncio.Semaphore(self.max_concurrency)
@@ -452,22 +520,35 @@ class RequestServer:
         started_ns = time.perf_counter_ns()
         liveness = _liveness(msg)
         # Heartbeats from receipt (a request waiting for a slot is alive too) until this task ends.
-        heartbeat = asyncio.create_task(self._heartbeat(msg.reply, liveness)) if liveness else None
+        heartbeat = self._heartbeats(msg.reply, liveness) if liveness else None
         try:
             await self._serve(msg, request_type, handler, method, counters, started, started_ns)
         finally:
             if heartbeat is not None:
-                heartbeat.cancel()
+                heartbeat[0].cancel()
 
-    async def _heartbeat(self, inbox: str, liveness: float) -> None:
-        """Tells the requester, four times per ``liveness`` period, that this replica is on its request."""
+    def _heartbeats(self, inbox: str, liveness: float) -> list[asyncio.TimerHandle]:
+        """Tells the requester, four times per ``liveness`` period, that this replica is on its request.
+
+        A loop timer, re-armed at each beat (most requests end before the first); cancel ``[0]`` to stop.
+        """
+        loop = asyncio.get_running_loop()
         every = min(max(liveness / 4, 0.05), 30.0)
-        while True:
-            await asyncio.sleep(every)
-            try:
-                await self.nc.publish(inbox, b"", headers={PROGRESS_HEADER: "1"})
-            except Exception:  # noqa: BLE001 - NATS is away: the requester's silence limit decides
-                pass
+
+        def beat() -> None:
+            task = loop.create_task(self._beat(inbox))
+            self._beats.add(task)
+            task.add_done_callback(self._beats.discard)
+            handle[0] = loop.call_later(every, beat)
+
+        handle = [loop.call_later(every, beat)]
+        return handle
+
+    async def _beat(self, inbox: str) -> None:
+        try:
+            await self.nc.publish(inbox, b"", headers={PROGRESS_HEADER: "1"})
+        except Exception:  # noqa: BLE001 - NATS is away: the requester's silence limit decides
+            pass
 
     async def _serve(self, msg: Msg, request_type: type[M], handler: Handler, method: str,
                      counters: EndpointCounters | None, started: float, started_ns: int) -> None:
@@ -506,8 +587,15 @@ class RequestServer:
                 if counters is not None:
                     counters.processing_ns += time.perf_counter_ns() - started_ns
                     counters.finished += 1
-                metrics.REQUESTS.labels(self.service, method, "nats", code).inc()
-                metrics.REQUEST_SECONDS.labels(self.service, method, "nats").observe(time.perf_counter() - started)
+                counted = self._counted.get((method, code))
+                if counted is None:
+                    counted = self._counted[(method, code)] = metrics.REQUESTS.labels(self.service, method, "nats",
+                                                                                      code)
+                counted.inc()
+                timed = self._timed.get(method)
+                if timed is None:
+                    timed = self._timed[method] = metrics.REQUEST_SECONDS.labels(self.service, method, "nats")
+                timed.observe(time.perf_counter() - started)
 
     async def _run_once(self, method: str, data: bytes, handler: Handler, request_msg: Message) -> Message:
         """Runs ``handler``, or joins the run of an identical request already in flight here.
@@ -543,12 +631,18 @@ class RequestServer:
         return len(self._inflight)
 
     async def drain(self, grace: float) -> None:
-        """Stops taking requests, then waits up to ``grace`` seconds for in-flight ones."""
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - already closed
-                pass
+        """Stops taking requests, finishes what it took, then waits up to ``grace`` seconds for in-flight ones.
+
+        ``Subscription.drain`` (not ``unsubscribe``): the server stops routing this replica's queue-group
+        share to it at once — requests not yet delivered go to the other replicas — while messages
+        already delivered to this process still reach the handler instead of being dropped unanswered
+        (their requesters would wait out the silence limit and re-send).
+        """
+        subs, self._subs = self._subs, []
+        results = await asyncio.gather(*(sub.drain() for sub in subs), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result  # cancelled: propagate; an Exception means already closed
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=grace)
 

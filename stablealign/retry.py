@@ -9,6 +9,11 @@ A failure may also ask for a longer wait than the backoff (``wait_at_least``: an
 
 ``asyncio.CancelledError`` — like any ``BaseException`` that is not an ``Exception`` — is never
 retried, never reported to the hooks, and propagates at once.
+
+The first attempt runs without tenacity: nearly every operation (a NATS request, an LLM call)
+succeeds at once, and building tenacity's retry state for each cost ~25 us — some 20 times per
+interaction. Only a first attempt that fails retryably hands the remaining attempts to tenacity,
+with the same waits, hooks and attempt numbers as if it had run them all.
 """
 
 from __future__ import annotations
@@ -113,34 +118,57 @@ async def retry_async(
     def is_retryable(exc: BaseException) -> bool:
         return isinstance(exc, Exception) and (isinstance(exc, AttemptTimeoutError) or retryable(exc))
 
-    def failure(state: RetryCallState, delay: float | None) -> Failure:
-        error = state.outcome.exception() if state.outcome is not None else None
-        assert isinstance(error, Exception)  # only retryable failures get here
-        return Failure(state.attempt_number, policy.attempts, error, delay)
+    def waited(index: int, error: BaseException | None) -> float:
+        """The wait after failed attempt ``index`` (from 0): the backoff, or the error's floor if longer."""
+        delay = policy.delay(index)
+        if wait_at_least is not None and isinstance(error, Exception):
+            floor = wait_at_least(error)
+            if floor is not None and floor > delay:
+                delay = floor
+        return delay
 
-    def before_sleep(state: RetryCallState) -> None:
-        if on_failure is not None:
-            on_failure(failure(state, state.next_action.sleep if state.next_action else 0.0))
-
-    def exhausted(state: RetryCallState) -> T:
-        last = failure(state, None)
+    def give_up_with(last: Failure) -> T:
         if on_failure is not None:
             on_failure(last)
         if give_up is None:
             raise last.error
         raise give_up(last) from last.error
 
+    # The first attempt, without tenacity (see the module docstring); a final error is raised as it is.
+    try:
+        return await once()
+    except Exception as exc:
+        if not is_retryable(exc):
+            raise
+        first = exc
+    if policy.attempts == 1:
+        return give_up_with(Failure(1, 1, first, None))
+    delay = waited(0, first)
+    if on_failure is not None:
+        on_failure(Failure(1, policy.attempts, first, delay))
+    await asyncio.sleep(delay)
+
+    # Attempts 2.. under tenacity, whose own count starts again at 1: ``done`` attempts ran already.
+    done = 1
+
+    def failure(state: RetryCallState, delay: float | None) -> Failure:
+        error = state.outcome.exception() if state.outcome is not None else None
+        assert isinstance(error, Exception)  # only retryable failures get here
+        return Failure(state.attempt_number + done, policy.attempts, error, delay)
+
+    def before_sleep(state: RetryCallState) -> None:
+        if on_failure is not None:
+            on_failure(failure(state, state.next_action.sleep if state.next_action else 0.0))
+
+    def exhausted(state: RetryCallState) -> T:
+        return give_up_with(failure(state, None))
+
     def wait(state: RetryCallState) -> float:
-        delay = policy.delay(state.attempt_number - 1)
-        if wait_at_least is not None and state.outcome is not None:
-            error = state.outcome.exception()
-            floor = wait_at_least(error) if isinstance(error, Exception) else None
-            if floor is not None and floor > delay:
-                delay = floor
-        return delay
+        return waited(state.attempt_number - 1 + done,
+                      state.outcome.exception() if state.outcome is not None else None)
 
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(policy.attempts),
+        stop=stop_after_attempt(policy.attempts - done),
         wait=wait,
         retry=retry_if_exception(is_retryable),
         before_sleep=before_sleep,

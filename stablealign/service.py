@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -184,6 +185,19 @@ async def _run_stop_hooks(name: str, hooks: list[Callable[[], Awaitable[None]]])
             log.exception("service.stop_hook_failed", extra={"service": name})
 
 
+def settle_heap() -> None:
+    """Moves every object alive now into the permanent GC generation (``gc.freeze``), once a process has
+    started its services.
+
+    Why: what is alive then (imported modules, classes, settings, connections) lives as long as the
+    process, yet every full collection traversed it again — ~150,000 objects in `stable-align run`,
+    0.4-0.9 s of CPU in a 100-agent round (gen-2 collections of ~0.1-0.2 s each, triggered by the
+    round's own allocations). Frozen objects are still freed by reference counting; only the cycle
+    collector skips them.
+    """
+    gc.freeze()
+
+
 async def serve_forever(name: str, settings: ServiceSettings,
                         build: Callable[[ServiceContext], Awaitable[ServiceParts]]) -> int:
     """Runs one service until SIGTERM/SIGINT, then drains and returns 0."""
@@ -203,6 +217,7 @@ async def serve_forever(name: str, settings: ServiceSettings,
         return 0
     stopping.cancel()
     running = starting.result()
+    settle_heap()
     await stop.wait()
     await running.stop()
     await close_process_backends()

@@ -28,7 +28,7 @@ from stablealign.errors import ConflictError, UnavailableError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.natsserver import EmbeddedNatsServer
 from stablealign.retry import Failure, RetryPolicy, retry_async
-from stablealign.service import RunningService, close_process_backends, start_service
+from stablealign.service import RunningService, close_process_backends, settle_heap, start_service
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign.worlds import FINAL_STATES
 
@@ -62,6 +62,7 @@ class EmbeddedStack:
         except BaseException:
             await self.stop()
             raise
+        settle_heap()  # what the command and its services keep for their life: out of the cycle collector's way
         return self
 
     async def stop(self) -> None:
