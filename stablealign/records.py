@@ -196,20 +196,6 @@ def record_from_json(row: dict[str, Any]) -> common_pb2.InteractionRecord:
     return record
 
 
-async def read_world_records(js: Any, world_id: str, *, size: int | None = None, rounds: int | None = None,
-                             timeout: float = 30.0) -> list[common_pb2.InteractionRecord]:
-    """The trusted records of a world from the SANDBOX_RECORDS stream, ordered by (round, agent).
-
-    Kept for callers that want a plain list; the rule and the counts of what was skipped are in
-    ``stablealign.record_stream`` (``read_world_records`` there returns them too). ``timeout``: how
-    long the read may hear nothing before it fails.
-    """
-    from stablealign import record_stream  # late: it imports this module
-
-    records, _ = await record_stream.read_world_records(js, world_id, size=size, rounds=rounds, idle_timeout=timeout)
-    return records
-
-
 def stable_view(row: dict[str, Any]) -> dict[str, Any]:
     """A record without the keys that differ between two runs of the same world."""
     return {k: v for k, v in row.items() if k not in VOLATILE_KEYS}
