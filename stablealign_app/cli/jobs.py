@@ -70,6 +70,8 @@ def submit(
     out: str = typer.Option("", "--out", help="Output directory (default: chosen by the trainer)."),
     runner: str = typer.Option("", "--runner", help="local | kubernetes (default: the trainer's)."),
     gpus: int = typer.Option(0, "--gpus", help="GPUs per node (torchrun --nproc_per_node)."),
+    nodes: int = typer.Option(0, "--nodes", help=(
+        "Kubernetes: nodes (one pod each, torchrun --nnodes; default 1). The local runner takes 1.")),
     image: str = typer.Option("", "--image", help="Kubernetes: trainer image override."),
     namespace: str = typer.Option("", "--namespace", help="Kubernetes: namespace override."),
     job_id: str = typer.Option("", "--job-id", help="Job id (default: generated)."),
@@ -82,7 +84,7 @@ def submit(
     from stablealign.v1 import trainer_pb2
 
     spec = trainer_pb2.JobSpec(job_id=job_id, runner=runner, model=model, data=data, output_dir=out,
-                               args=_parse_args(arg), gpus=gpus, image=image, namespace=namespace)
+                               args=_parse_args(arg), gpus=gpus, nodes=nodes, image=image, namespace=namespace)
 
     async def go():
         async with connected(nats) as nc:
