@@ -172,8 +172,9 @@ async def _connect(url: str, name: str, kwargs: dict, *, connect_timeout: float,
             log.warning("nats.error", extra={"client": name, "error": _describe(exc)})
 
     async def on_disconnect() -> None:
-        # Closing or draining disconnects too; only an unexpected loss is worth a warning.
-        if holder and (holder[0].is_closed or holder[0].is_draining):
+        # Closing or draining disconnects too, and so does giving up a first connection that never
+        # came up: only the unexpected loss of an established connection is worth a warning.
+        if not holder or holder[0].is_closed or holder[0].is_draining:
             return
         log.warning("nats.disconnected", extra={"client": name})
 
