@@ -181,8 +181,8 @@ def check_stream_record(record: common_pb2.InteractionRecord) -> None:
 
     Only what a protobuf field can hold wrongly is checked (types and UTF-8 it guarantees):
     ratings, expected ratings and probabilities (``check_record``), ids and token counts >= 0,
-    latencies finite, ``created_at`` finite and >= 0. About 3x cheaper than building the row and
-    validating it, which matters for the world's resume of a 100,000-agent world."""
+    latencies finite, ``created_at`` finite and >= 0. 75 instead of 130 us per record than building
+    the row and validating it, which matters for the world's resume of a 100,000-agent world."""
     check_record(record)
     for name in ("round", "agent_id", "prompt_tokens", "completion_tokens"):
         if getattr(record, name) < 0:
