@@ -266,27 +266,53 @@ class WorldRunner:
     def expected_records(self) -> int:
         return self.spec.size * self.spec.size * self.spec.rounds
 
-    async def _run(self) -> None:
+    async def _questions_ready(self, warm_first_round: bool) -> tuple[Sequence[str], InteractionDeps, QuestionVectors]:
+        """The world's question pool, the interactions' dependencies and the question vectors; with
+        ``warm_first_round`` also the vectors of the first round to run (for every agent)."""
         spec = self.spec
-        if self.world.state == world_pb2.WORLD_STATE_PENDING:
-            seconds = await seed_prior(self.js, spec, chunk=self.settings.prior_publish_chunk)
-            metrics.SETUP_SECONDS.observe(seconds)
-
-            def started(world: world_pb2.World) -> None:
-                if world.state != CANCELLED:
-                    world.state = world_pb2.WORLD_STATE_RUNNING
-                world.setup_seconds = seconds
-
-            await self._write(started)
-        done = await published_scores(self.js, self.world_id, size=spec.size, rounds=spec.rounds)
-        self.published = sum(len(v) for v in done.values())
-        metrics.set_world_progress(self.world_id, self.published, self.expected_records)
         pool = await asyncio.to_thread(data.load_questions, spec.questions_path or None)
         from stablealign.backends import get_embedder
 
         deps = InteractionDeps(self.nc, self.js, self.settings, get_embedder(spec.embedding_model))
         await prepare_questions(deps.embedder, spec, pool)  # the world's questions, from the on-disk cache
         vectors = QuestionVectors(deps.embedder)
+        if warm_first_round:
+            first, agents = self.world.completed_rounds, range(spec.size * spec.size)
+            await vectors.prepare(await asyncio.to_thread(round_questions, spec, pool, first, agents))
+        return pool, deps, vectors
+
+    async def _run(self) -> None:
+        spec = self.spec
+        questions: asyncio.Task | None = None
+        if self.world.state == world_pb2.WORLD_STATE_PENDING:
+            from stablealign.backends import get_embedder
+
+            if getattr(get_embedder(spec.embedding_model), "embed_cached", None) is None:
+                # A remote embedder: the first round's questions are embedded while the prior is seeded
+                # (one round trip less before the first draft). An in-process model (MiniLM) would only
+                # contend with the prior's embedding for the same cores, so it waits its turn.
+                questions = asyncio.create_task(self._questions_ready(warm_first_round=True))
+        try:
+            if self.world.state == world_pb2.WORLD_STATE_PENDING:
+                seconds = await seed_prior(self.js, spec, chunk=self.settings.prior_publish_chunk)
+                metrics.SETUP_SECONDS.observe(seconds)
+
+                def started(world: world_pb2.World) -> None:
+                    if world.state != CANCELLED:
+                        world.state = world_pb2.WORLD_STATE_RUNNING
+                    world.setup_seconds = seconds
+
+                await self._write(started)
+            done = await published_scores(self.js, self.world_id, size=spec.size, rounds=spec.rounds)
+            self.published = sum(len(v) for v in done.values())
+            metrics.set_world_progress(self.world_id, self.published, self.expected_records)
+            pool, deps, vectors = await (questions if questions is not None else self._questions_ready(False))
+        except BaseException:
+            if questions is not None:  # cancelled, or its own error retrieved (no "never retrieved" warning)
+                questions.cancel()
+                with contextlib.suppress(BaseException):
+                    await questions
+            raise
 
         async def prepared(round_: int, skip: dict) -> dict[str, np.ndarray]:
             agents = [a for a in range(spec.size * spec.size) if a not in skip]
