@@ -206,9 +206,12 @@ def test_world_commands_read_the_shared_nats_url(monkeypatch, args, result, code
 def test_watch_and_export_read_their_own(monkeypatch, tmp_path):
     from stablealign_app.cli import sandbox
 
+    from stablealign.record_stream import ExportResult, ReadStats
+
     seen: list[str] = []
-    monkeypatch.setattr(sandbox, "_call", lambda url, fn: seen.append(url) or 0)
     out = tmp_path / "records.jsonl"
+    exported = ExportResult(path=out, records=0, stats=ReadStats(subject="sandbox.records.w1"))
+    monkeypatch.setattr(sandbox, "_call", lambda url, fn: seen.append(url) or exported)
     result = invoke(["export", "w1"], STABLEALIGN_EXPORT_OUT=str(out))
     assert result.exit_code == 0 and str(out) in result.output
     assert seen == ["nats://127.0.0.1:4222"]
