@@ -4,8 +4,8 @@ Every stream and bucket has a ``max_bytes`` and a ``max_age``, so that a deploym
 months never fills the NATS volume, and a replica count (``STABLEALIGN_STREAM_REPLICAS``: 1 on one
 server, 3 on the gpu overlay's three-server cluster, where a stream survives the loss of a server).
 The values are ``ServiceSettings`` fields (this module's ``StreamSettings``), the same in every
-service, because every service makes sure the streams exist at start (``bus.ensure_jetstream``) and
-brings their limits up to date. What happens at a limit is chosen per stream:
+service, because the service that owns a stream (the world its streams and bucket, the trainer its
+own: ``bus.ensure_jetstream_of``) creates it at start and brings its limits up to date. What happens at a limit is chosen per stream:
 
 - records, agent memory, memory pools: the server refuses new messages when the stream is full
   (``discard: new``): a world then fails with a publish error instead of silently losing the oldest
