@@ -13,6 +13,11 @@ batches, scheduler.QuestionVectors), which leaves 4 sequential round trips
 The "before" ratings depend only on the draft, so running them beside the feedback changes no
 record. Without a precomputed embedding the interaction embeds its question first (5 round trips).
 
+A step's reply is kept in the interaction's ``InteractionProgress`` as soon as it arrives, and the
+world's retry of a failed interaction passes the same one back: the retry resumes from the step that
+failed (for the feedback wave, the calls that failed) instead of asking the models again for what
+they already answered — no wasted LLM calls, and a record that holds the replies the later steps saw.
+
 Then the revision goes into the agent's memory and the record is published. Both writes carry
 message ids ("<world>.<round>.<agent>.memory" and "<world>.<round>.<agent>"), so redoing an
 interaction after a crash or a failed attempt never duplicates anything.
@@ -25,8 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import nats.errors
 import numpy as np
@@ -41,6 +47,8 @@ from stablealign.memory import append_memory, revision_msg_id
 from stablealign.records import check_record, record_msg_id  # the id readers trust (record_stream)
 from stablealign.retry import RetryPolicy, retry_async
 from stablealign.v1 import agent_pb2, common_pb2, observer_pb2, world_pb2
+
+T = TypeVar("T")
 
 ALIGNMENT = observer_pb2.RATING_ASPECT_ALIGNMENT
 ENGAGEMENT = observer_pb2.RATING_ASPECT_ENGAGEMENT
@@ -91,6 +99,31 @@ class InteractionDeps:
         ))
 
 
+@dataclass
+class InteractionProgress:
+    """The replies of the steps of one interaction (world, round, agent) that have completed, by step.
+
+    Kept by the scheduler across its retries of the interaction, so that a retry resumes from the step
+    that failed. Every step is idempotent for its key (a handler gives the same reply to the same
+    request, and a re-sent request joins the work in flight: ``bus.RequestServer``), so reusing a reply
+    is what asking again would give, without the second model call.
+    """
+
+    results: dict[str, Any] = field(default_factory=dict)
+
+    async def step(self, key: str, make: Callable[[], Awaitable[T]]) -> T:
+        """The reply of step ``key``: the one already received, else ``await make()`` (kept on success)."""
+        if key in self.results:
+            return self.results[key]
+        result = await make()
+        self.results[key] = result
+        return result
+
+    def forget(self) -> None:
+        """Drops every reply: the next attempt starts over (replies that together broke the record's checks)."""
+        self.results.clear()
+
+
 async def _timed(coro) -> tuple[object, float]:
     started = time.perf_counter()
     result = await coro
@@ -105,11 +138,16 @@ async def run_interaction(
     question: str,
     partners: Sequence[int],
     question_embedding: Sequence[float] | np.ndarray | None = None,
+    progress: InteractionProgress | None = None,
 ) -> common_pb2.InteractionRecord:
     """Runs the interaction, appends the revision to memory, publishes the record, returns it.
 
     ``question_embedding``: the question's vector computed before the round (the draft request carries
-    it, so the agent embeds nothing); None embeds it here first, one more round trip on the path."""
+    it, so the agent embeds nothing); None embeds it here first, one more round trip on the path.
+    ``progress``: the replies an earlier attempt of this interaction received (reused, not asked again);
+    this attempt's replies are added to it."""
+    progress = progress if progress is not None else InteractionProgress()
+    step = progress.step
     world_id = spec.world_id
     agent_backend = spec.agent_model.backend
     started = time.perf_counter()
@@ -117,14 +155,15 @@ async def run_interaction(
 
     t = time.perf_counter()
     if question_embedding is None:
-        embedded = await _step("embed", f"embedder {deps.embedder.name}", deps.embedder.embed([question]))
+        embedded = await step("embed", lambda: _step("embed", f"embedder {deps.embedder.name}",
+                                                    deps.embedder.embed([question])))
         embedding = np.asarray(embedded, dtype=np.float32)[0].tolist()
     else:
         embedding = np.asarray(question_embedding, dtype=np.float32).tolist()
     latency["embed"] = time.perf_counter() - t  # ~0 when precomputed before the round
 
     t = time.perf_counter()
-    draft: agent_pb2.DraftResponse = await deps.call(
+    draft: agent_pb2.DraftResponse = await step("draft", lambda: deps.call(
         bus.AGENT_DRAFT,
         agent_pb2.DraftRequest(
             world_id=world_id, agent_id=agent, round=round_, question=question, question_embedding=embedding
@@ -132,31 +171,29 @@ async def run_interaction(
         agent_pb2.DraftResponse,
         backend=agent_backend,
         step="draft",
-    )
+    ))
     latency["draft"] = time.perf_counter() - t
 
     def rate(answer: str, aspect: int, stage: str):
-        return _timed(
-            deps.call(
-                bus.OBSERVER_RATE,
-                observer_pb2.RateRequest(
-                    world_id=world_id,
-                    agent_id=agent,
-                    round=round_,
-                    question=question,
-                    answer=answer,
-                    aspect=aspect,
-                    stage=stage,
-                ),
-                observer_pb2.RateResponse,
-                backend=spec.observer_model.backend,
-                step=f"rate_{stage}",
-            )
-        )
+        return _timed(step(f"rate_{stage}.{aspect}", lambda: deps.call(
+            bus.OBSERVER_RATE,
+            observer_pb2.RateRequest(
+                world_id=world_id,
+                agent_id=agent,
+                round=round_,
+                question=question,
+                answer=answer,
+                aspect=aspect,
+                stage=stage,
+            ),
+            observer_pb2.RateResponse,
+            backend=spec.observer_model.backend,
+            step=f"rate_{stage}",
+        )))
 
     t = time.perf_counter()
     feedback_calls = [
-        deps.call(
+        step(f"feedback.{i}.{p}", lambda p=p: deps.call(
             bus.AGENT_FEEDBACK,
             agent_pb2.FeedbackRequest(
                 world_id=world_id,
@@ -169,8 +206,8 @@ async def run_interaction(
             agent_pb2.FeedbackResponse,
             backend=agent_backend,
             step="feedback",
-        )
-        for p in partners
+        ))
+        for i, p in enumerate(partners)
     ]
     results = await asyncio.gather(
         rate(draft.answer, ALIGNMENT, "before"), rate(draft.answer, ENGAGEMENT, "before"), *feedback_calls
@@ -187,7 +224,7 @@ async def run_interaction(
         feedback.append(fb)
 
     t = time.perf_counter()
-    revised: agent_pb2.ReviseResponse = await deps.call(
+    revised: agent_pb2.ReviseResponse = await step("revise", lambda: deps.call(
         bus.AGENT_REVISE,
         agent_pb2.ReviseRequest(
             world_id=world_id,
@@ -200,7 +237,7 @@ async def run_interaction(
         agent_pb2.ReviseResponse,
         backend=agent_backend,
         step="revise",
-    )
+    ))
     latency["revise"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -253,7 +290,11 @@ async def run_interaction(
     for key, value in latency.items():
         record.latency_seconds[key] = value
     record.created_at = time.time()
-    await _step("check", "agent and observer replies", _checked(record))
+    try:
+        await _step("check", "agent and observer replies", _checked(record))
+    except StepError:
+        progress.forget()  # a reply broke the record's checks: the next attempt asks every step again
+        raise
     await _step("persist", "JetStream", _persist(deps, record, memory))
     return record
 

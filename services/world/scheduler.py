@@ -7,8 +7,9 @@ the World in SANDBOX_WORLDS, which is what a restarted replica resumes from: the
 in the stream say which (round, agent) pairs are done, and the rest are (re)run — idempotent by
 message id, so an interaction cut off between its memory append and its record is simply redone.
 The same path resumes a FAILED or CANCELLED world (manager.resume). A failing interaction is tried
-again while the world's failure budget lasts (budget.py: missing replicas, failing LLMs); what the
-world waits for meanwhile is in World.waiting.
+again while the world's failure budget lasts (budget.py: missing replicas, failing LLMs), resuming
+from the step that failed (the replies of the steps before it are kept: interaction.InteractionProgress);
+what the world waits for meanwhile is in World.waiting.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from nats.js import JetStreamContext
 
 from services.world import grid, metrics
 from services.world.budget import FailureBudget, reason
-from services.world.interaction import InteractionDeps, run_interaction
+from services.world.interaction import InteractionDeps, InteractionProgress, run_interaction
 from services.world.prior import prepare_questions, seed_prior
 from services.world.settings import WorldSettings
 from services.world.store import LeaseLostError, WorldStore
@@ -429,7 +430,7 @@ class WorldRunner:
         self, deps: InteractionDeps, pool: Sequence[str], round_: int, agent: int,
         vectors: dict[str, np.ndarray] | None = None,
     ) -> common_pb2.InteractionRecord:
-        """One interaction, retried as a whole; raises InteractionFailedError after the last try."""
+        """One interaction, retried from the step that failed; raises InteractionFailedError after the last try."""
         spec = self.spec
         question = grid.pick_question(pool, seed=spec.seed, round_=round_, agent=agent)
         partners = grid.sample_partners(  # O(1): the neighbourhood is never listed
@@ -442,10 +443,14 @@ class WorldRunner:
             global_probability=spec.global_partner_probability,
         )
 
+        # The replies of the steps that completed, across this interaction's attempts: a retry resumes
+        # from the step that failed instead of asking the models again (interaction.InteractionProgress).
+        progress = InteractionProgress()
+
         async def once(_attempt: int) -> tuple[common_pb2.InteractionRecord, float]:
             started = time.perf_counter()
             record = await run_interaction(deps, spec, round_, agent, question, partners,
-                                           (vectors or {}).get(question))
+                                           (vectors or {}).get(question), progress=progress)
             return record, time.perf_counter() - started
 
         streak = self.budget.streak()
@@ -463,10 +468,11 @@ class WorldRunner:
                     "kind": streak.kind,
                     "delay_s": round(failure.delay or 0.0, 3),
                     "error": _reason(failure.error),
+                    "steps_kept": len(progress.results),
                 },
             )
 
-        # Retried as a whole (cancellation never is) while the world's failure budget lasts (budget.py),
+        # Retried from its failed step (cancellation never is) while the world's failure budget lasts (budget.py),
         # with capped full-jitter backoff; then the world fails loudly. The policy's attempts never run out.
         policy = RetryPolicy(attempts=sys.maxsize, base_delay=0.25, max_delay=self.settings.failure_backoff_max_seconds,
                              timeout=None, jitter="full")
