@@ -118,7 +118,7 @@ async def connect(url: str, name: str, *, options: NatsClientOptions | None = No
     ``redact_url``: a password in the URL never reaches a log or an error.
     """
     options = natsauth.client_options() if options is None else options
-    kwargs = options.connect_kwargs()  # ConfigError for unusable TLS files, before any attempt
+    kwargs = options.connect_kwargs(url)  # ConfigError for unusable TLS files, before any attempt
     failures: list[Exception] = []
     loop = asyncio.get_running_loop()
     refused: asyncio.Future[Exception] = loop.create_future()
@@ -352,8 +352,9 @@ async def request(
 class _ReplyInbox:
     """Replies and heartbeats of every request with a silence limit on one connection, on one subscription.
 
-    Each request gets the subject ``<prefix>.<n>`` (the prefix is a fresh ``_INBOX.<nuid>``) and a callback
-    registered before it is published, so no reply can arrive unrouted; ``_INBOX.*`` wildcard routing is
+    Each request gets the subject ``<prefix>.<n>`` (the prefix is a fresh ``nc.new_inbox()``, under the
+    connection's per-user inbox prefix, e.g. ``_INBOX_world.<nuid>``: ``natsauth.inbox_prefix_for``) and a
+    callback registered before it is published, so no reply can arrive unrouted; the wildcard routing is
     the server's. Kept on the connection object itself (``_INBOX_ATTR``) so it lives and dies with it.
     """
 

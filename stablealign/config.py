@@ -207,6 +207,9 @@ class ServiceSettings(Settings, StreamSettings, GrpcServerTlsSettings, LLMEndpoi
     nats_ca: str = Field("", description="PEM file of the CA that signed the NATS server's certificate (tls://).")
     nats_tls_cert: str = Field("", description="Client certificate for NATS mutual TLS (with nats_tls_key).")
     nats_tls_key: str = Field("", description="Key of the NATS client certificate.")
+    nats_inbox_prefix: str = Field("", description=(
+        "Prefix of this client's reply subjects; \"\": _INBOX_<nats_user> (the only inboxes the server lets that "
+        "user subscribe), _INBOX without a user. Set it for a .creds user or a server that allows only _INBOX."))
     grpc_port: Port = Field(0, description="gRPC port; 0: pick a free port (logged); -1: no gRPC server.")
     grpc_host: str = Field("127.0.0.1", description="gRPC bind address.")
     metrics_port: Port = Field(-1, description="Prometheus /metrics port; -1: no /metrics server; 0: a free port.")

@@ -17,7 +17,10 @@ Replies: a responder answers on the requester's inbox through ``allow_responses`
 requests it received), with no limit on the number of messages, because a replica sends heartbeats
 there while it works (``bus.LIVENESS_HEADER``), for up to ``RESPONSE_WINDOW`` after the request
 (longer than the slowest local model call, ``local_llm_deadline_seconds``). Every role subscribes
-``_INBOX.>`` for its own requests' replies (JetStream's included).
+only its own reply inboxes, ``_INBOX_<role>.>`` (``natsauth.inbox_prefix_for``: the prefix its clients
+connect with, so its requests', JetStream API calls', fetches' and KV watches' replies land there):
+one role's credentials cannot read the replies addressed to another (an agent's password the CLI's
+records), which a shared ``_INBOX.>`` allowed.
 
 ``python -m stablealign.nats_permissions`` (``make nats-config``) prints or writes the block.
 """
@@ -35,9 +38,9 @@ from pathlib import Path
 
 from stablealign import bus
 from stablealign.memory import POOL_STREAM
+from stablealign.natsauth import inbox_prefix_for
 
 JS_API = "$JS.API"
-INBOXES = "_INBOX.>"
 # How long a responder may keep answering (heartbeats, then the reply) one request it received:
 # longer than local_llm_deadline_seconds (25 min), the slowest step a request may wait for.
 RESPONSE_WINDOW = "30m"
@@ -73,6 +76,11 @@ def stream_reads(stream: str) -> tuple[str, ...]:
 def stream_owner(stream: str) -> tuple[str, ...]:
     """Creating and updating one stream (idempotent ensure-stream at start), plus reading it."""
     return (f"{JS_API}.STREAM.CREATE.{stream}", f"{JS_API}.STREAM.UPDATE.{stream}", *stream_reads(stream))
+
+
+def inboxes(role: str) -> str:
+    """The reply subjects ``role`` may subscribe: its own inbox prefix's (``_INBOX_<role>.>``), no other's."""
+    return f"{inbox_prefix_for(role)}.>"
 
 
 def service_api(service: str) -> tuple[str, ...]:
@@ -115,21 +123,21 @@ ROLES: dict[str, Role] = {role.name: role for role in (
             *stream_owner(WORLDS_KV), f"{JS_API}.STREAM.NAMES",
             *AGENT_REQUESTS, *OBSERVER_REQUESTS,
         ),
-        subscribe=(*WORLD_REQUESTS, *service_api("world"), INBOXES),
+        subscribe=(*WORLD_REQUESTS, *service_api("world"), inboxes("world")),
         responds=True,
     ),
     Role(
         "agent",
         "Agent replicas: answer draft/feedback/revise; read memories, memory pools and world specs.",
         publish=(*stream_reads(bus.MEMORY_STREAM), *stream_reads(POOL_STREAM), *stream_reads(WORLDS_KV)),
-        subscribe=(*AGENT_REQUESTS, *service_api("agent"), INBOXES),
+        subscribe=(*AGENT_REQUESTS, *service_api("agent"), inboxes("agent")),
         responds=True,
     ),
     Role(
         "observer",
         "Observer replicas: answer rating requests; read world specs.",
         publish=stream_reads(WORLDS_KV),
-        subscribe=(*OBSERVER_REQUESTS, *service_api("observer"), INBOXES),
+        subscribe=(*OBSERVER_REQUESTS, *service_api("observer"), inboxes("observer")),
         responds=True,
     ),
     Role(
@@ -137,7 +145,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         "The trainer service: answers trainer.jobs.*, owns the job bucket and the job log stream.",
         publish=("trainer.>", kv_subjects(bus.JOBS_BUCKET), *stream_owner(bus.JOB_LOGS_STREAM),
                  *stream_owner(JOBS_KV)),
-        subscribe=(*TRAINER_REQUESTS, *service_api("trainer"), INBOXES),
+        subscribe=(*TRAINER_REQUESTS, *service_api("trainer"), inboxes("trainer")),
         responds=True,
     ),
     Role(
@@ -147,7 +155,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         publish=(*WORLD_REQUESTS, *TRAINER_REQUESTS, "$SRV.>", f"{JS_API}.STREAM.NAMES",
                  *stream_reads(bus.RECORDS_STREAM), *stream_reads(WORLDS_KV), *stream_reads(JOBS_KV),
                  *stream_reads(bus.JOB_LOGS_STREAM)),
-        subscribe=(INBOXES,),
+        subscribe=(inboxes("cli"),),
     ),
 )}
 

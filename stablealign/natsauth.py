@@ -9,22 +9,50 @@
   ``stablealign.redaction.redact_url`` (``nats://user:secret@host:4222`` -> ``nats://***@host:4222``).
 - ``refusal``: what nats-py reports when the server refuses the credentials ("Authorization
   Violation") or the TLS handshake fails, turned into one clear error instead of "cannot reach".
+- Reply inboxes per user: a client's replies (its own requests', JetStream API calls', pull fetches',
+  KV watches') arrive on subjects under its inbox prefix, ``_INBOX_<user>`` (``inbox_prefix_for``), and
+  the server lets each user subscribe only its own prefix (``stablealign.nats_permissions``). With one
+  shared ``_INBOX.>``, any role's credentials could read the replies addressed to another role (an
+  agent's password reading the CLI's records and world API replies). ``STABLEALIGN_NATS_INBOX_PREFIX``
+  overrides the derived prefix (a ``.creds`` user, whose name the client does not know; a server with
+  its own permissions that allow ``_INBOX.>`` only: set it to ``_INBOX``).
 """
 
 from __future__ import annotations
 
+import re
 import ssl
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from stablealign.errors import ConfigError, StableAlignError
 from stablealign.redaction import redact_url
 
 # The settings (and CLI flags) that carry a client's NATS credentials, by option field.
 SETTING_NAMES = ("nats_user", "nats_password", "nats_password_file", "nats_creds", "nats_ca", "nats_tls_cert",
-                 "nats_tls_key")
+                 "nats_tls_key", "nats_inbox_prefix")
+# nats-py's own default: the prefix of a client that has no user name (no credentials, a .creds file).
+DEFAULT_INBOX_PREFIX = "_INBOX"
+INBOX_PREFIX_SETTING = "STABLEALIGN_NATS_INBOX_PREFIX"
+# A subject of one or more tokens: no wildcard, no whitespace, no empty token.
+_SUBJECT = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+)*$")
+
+
+def inbox_prefix_for(user: str) -> str:
+    """The reply inbox prefix of NATS user ``user`` (``_INBOX_agent``): the server lets that user
+    subscribe ``<prefix>.>`` and nothing of another user's prefix (``stablealign.nats_permissions``)."""
+    return f"{DEFAULT_INBOX_PREFIX}_{user}"
+
+
+def _checked_prefix(prefix: str, source: str) -> str:
+    if not _SUBJECT.match(prefix):
+        raise ConfigError(f"{source}: {prefix[:100]!r} cannot be a NATS reply inbox prefix (one or more "
+                          f"dot-separated tokens, no '*', '>' or whitespace); set {INBOX_PREFIX_SETTING}")
+    return prefix
+
 
 class NotAuthorizedError(StableAlignError):
     """NATS refused this client's credentials (or none were given where they are required).
@@ -63,14 +91,21 @@ class NatsClientOptions:
     ca: str = ""  # PEM file of the CA that signed the server's certificate
     tls_cert: str = ""  # client certificate (mutual TLS)
     tls_key: str = ""
+    inbox_prefix: str = ""  # "" : derived from the user (inbox_prefix_for), else nats-py's _INBOX
 
     @classmethod
     def build(cls, *, user: str | None = None, password: str | None = None, password_file: str | None = None,
               creds: str | None = None, ca: str | None = None, tls_cert: str | None = None,
-              tls_key: str | None = None) -> NatsClientOptions:
+              tls_key: str | None = None, inbox_prefix: str | None = None) -> NatsClientOptions:
         """Checked options: ConfigError (one line, naming the variable) for a file that is not there,
-        a password without a user, both a password and a password file, or a certificate without its key."""
+        a password without a user, both a password and a password file, a certificate without its key,
+        or a user name or inbox prefix that cannot name a reply subject."""
         user, password, password_file = user or "", password or "", password_file or ""
+        inbox_prefix = (inbox_prefix or "").strip()
+        if inbox_prefix:
+            _checked_prefix(inbox_prefix, INBOX_PREFIX_SETTING)
+        elif user:
+            _checked_prefix(inbox_prefix_for(user), "STABLEALIGN_NATS_USER")
         if password and password_file:
             raise ConfigError("give STABLEALIGN_NATS_PASSWORD or STABLEALIGN_NATS_PASSWORD_FILE, not both")
         if password_file:
@@ -87,7 +122,7 @@ class NatsClientOptions:
             raise ConfigError("STABLEALIGN_NATS_TLS_CERT and STABLEALIGN_NATS_TLS_KEY go together")
         return cls(user=user, password=password, creds=creds, ca=_readable_file(ca or "", "STABLEALIGN_NATS_CA"),
                    tls_cert=_readable_file(tls_cert or "", "STABLEALIGN_NATS_TLS_CERT"),
-                   tls_key=_readable_file(tls_key or "", "STABLEALIGN_NATS_TLS_KEY"))
+                   tls_key=_readable_file(tls_key or "", "STABLEALIGN_NATS_TLS_KEY"), inbox_prefix=inbox_prefix)
 
     @classmethod
     def from_settings(cls, settings: Any) -> NatsClientOptions:
@@ -113,9 +148,23 @@ class NatsClientOptions:
                               f"{getattr(exc, 'reason', None) or exc}") from None
         return context
 
-    def connect_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``nats.connect`` for these options."""
-        kwargs: dict[str, Any] = {}
+    def reply_inbox_prefix(self, url: str = "") -> str:
+        """The prefix of this client's reply subjects: ``inbox_prefix`` when set, else that of the user
+        (given here, or in ``url`` as ``nats://user:pass@host``), else nats-py's ``_INBOX``."""
+        if self.inbox_prefix:
+            return self.inbox_prefix
+        user = self.user
+        if not user and url and not self.creds:
+            try:
+                user = unquote(urlsplit(url).username or "")
+            except ValueError:  # not a URL nats-py could use either: it says so when connecting
+                user = ""
+        return _checked_prefix(inbox_prefix_for(user), "the NATS user") if user else DEFAULT_INBOX_PREFIX
+
+    def connect_kwargs(self, url: str = "") -> dict[str, Any]:
+        """Keyword arguments of ``nats.connect`` for these options (``url``: the server's, for a user
+        named in it)."""
+        kwargs: dict[str, Any] = {"inbox_prefix": self.reply_inbox_prefix(url)}
         if self.user:
             kwargs["user"] = self.user
             kwargs["password"] = self.password

@@ -60,7 +60,7 @@ ENV_PREFIX = "STABLEALIGN_"
 NATS_AUTH_ENV = {"--nats-user": "STABLEALIGN_NATS_USER", "--nats-password": "STABLEALIGN_NATS_PASSWORD",
                  "--nats-password-file": "STABLEALIGN_NATS_PASSWORD_FILE", "--nats-creds": "STABLEALIGN_NATS_CREDS",
                  "--nats-ca": "STABLEALIGN_NATS_CA", "--nats-tls-cert": "STABLEALIGN_NATS_TLS_CERT",
-                 "--nats-tls-key": "STABLEALIGN_NATS_TLS_KEY"}
+                 "--nats-tls-key": "STABLEALIGN_NATS_TLS_KEY", "--nats-inbox-prefix": "STABLEALIGN_NATS_INBOX_PREFIX"}
 SHARED_ENV = {"--nats": "STABLEALIGN_NATS_URL", "--log-level": "STABLEALIGN_LOG_LEVEL",
               "--log-format": "STABLEALIGN_LOG_FORMAT", **NATS_AUTH_ENV}
 NATS_AUTH_HELP = {
@@ -71,6 +71,7 @@ NATS_AUTH_HELP = {
     "--nats-ca": "CA file that signed the NATS server's certificate (tls:// URLs).",
     "--nats-tls-cert": "Client certificate for NATS mutual TLS.",
     "--nats-tls-key": "Key of the client certificate.",
+    "--nats-inbox-prefix": "Prefix of this command's reply subjects (default: _INBOX_<user>, the user's own).",
 }
 _NATS_META = "stablealign.nats_auth"
 # Commands whose options are service settings: STABLEALIGN_<FLAG>, no command in the name.

@@ -150,6 +150,39 @@ async def test_only_the_world_writes_records_and_the_worlds_bucket(secured, capl
             await nc.close()
 
 
+async def test_a_role_reads_only_its_own_reply_inboxes(secured, caplog):
+    """An agent's credentials cannot subscribe to the CLI's reply inboxes, nor to every inbox (``_INBOX.>``),
+    so the CLI's JetStream and API replies (records, world specs) stay the CLI's; the CLI still gets them."""
+    caplog.set_level(logging.ERROR, logger="stablealign.bus")
+    world = await bus.connect(secured.url, "world", options=secured.options("world"), give_up_after=5.0)
+    cli = await bus.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
+    spy = await bus.connect(secured.url, "spy", options=secured.options("agent"), give_up_after=5.0)
+    try:
+        await bus.ensure_world_jetstream(world.jetstream())
+        assert cli.new_inbox().startswith("_INBOX_cli.") and spy.new_inbox().startswith("_INBOX_agent.")
+        overheard: list[str] = []
+
+        async def overhear(msg) -> None:
+            overheard.append(msg.subject)
+
+        for subject in ("_INBOX.>", "_INBOX_cli.>", "*.>", ">"):
+            await spy.subscribe(subject, cb=overhear)
+        await spy.flush(timeout=2.0)
+        # The CLI's reads: a JetStream API call and a records consumer reply on its own inbox.
+        info = await cli.jetstream(timeout=2.0).stream_info(bus.RECORDS_STREAM)
+        assert info.config.name == bus.RECORDS_STREAM
+        names = await cli.request("$JS.API.STREAM.NAMES", b"", timeout=2.0)
+        assert bus.RECORDS_STREAM.encode() in names.data
+        await spy.flush(timeout=2.0)
+        assert overheard == []
+        refused = [text.lower() for text in denials(caplog)]  # nats-py lower-cases the server's error
+        for subject in ("_INBOX.>", "_INBOX_cli.>", "*.>", ">"):
+            assert f'error: nats: permissions violation for subscription to "{subject.lower()}"' in refused, refused
+    finally:
+        for nc in (spy, cli, world):
+            await nc.close()
+
+
 # --- TLS -------------------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ SHARED = {"--nats": "STABLEALIGN_NATS_URL", "--log-level": "STABLEALIGN_LOG_LEVE
           "--nats-user": "STABLEALIGN_NATS_USER", "--nats-password": "STABLEALIGN_NATS_PASSWORD",
           "--nats-password-file": "STABLEALIGN_NATS_PASSWORD_FILE", "--nats-creds": "STABLEALIGN_NATS_CREDS",
           "--nats-ca": "STABLEALIGN_NATS_CA", "--nats-tls-cert": "STABLEALIGN_NATS_TLS_CERT",
-          "--nats-tls-key": "STABLEALIGN_NATS_TLS_KEY"}
+          "--nats-tls-key": "STABLEALIGN_NATS_TLS_KEY", "--nats-inbox-prefix": "STABLEALIGN_NATS_INBOX_PREFIX"}
 # Every command a person can run; the tree must hold at least these.
 COMMANDS = {"serve", "run", "watch", "export", "worlds list", "worlds show", "data build", "train", "eval",
             "generate", "model pull", "model init-tiny", "jobs submit", "jobs list", "jobs show", "jobs logs",
@@ -204,9 +204,8 @@ def test_world_commands_read_the_shared_nats_url(monkeypatch, args, result, code
 
 
 def test_watch_and_export_read_their_own(monkeypatch, tmp_path):
-    from stablealign_app.cli import sandbox
-
     from stablealign.record_stream import ExportResult, ReadStats
+    from stablealign_app.cli import sandbox
 
     seen: list[str] = []
     out = tmp_path / "records.jsonl"
@@ -475,7 +474,7 @@ def test_every_command_that_connects_takes_the_nats_credentials():
         flags = {o for option in options(command) for o in option.opts}
         if "--nats" in flags:
             assert {"--nats-user", "--nats-password", "--nats-password-file", "--nats-creds", "--nats-ca",
-                    "--nats-tls-cert", "--nats-tls-key"} <= flags, path
+                    "--nats-tls-cert", "--nats-tls-key", "--nats-inbox-prefix"} <= flags, path
 
 
 def test_a_command_connects_with_the_credentials_of_its_flags_and_variables(monkeypatch, tmp_path):
@@ -493,6 +492,9 @@ def test_a_command_connects_with_the_credentials_of_its_flags_and_variables(monk
     password_file.write_text("from-file\n")
     assert invoke(["jobs", "list"], STABLEALIGN_NATS_USER="cli", STABLEALIGN_NATS_PASSWORD="pw").exit_code == 0
     assert (seen[-1].user, seen[-1].password) == ("cli", "pw")
+    assert seen[-1].reply_inbox_prefix() == "_INBOX_cli"  # the cli user's own replies (nats_permissions)
+    assert invoke(["jobs", "list", "--nats-inbox-prefix", "_INBOX"], STABLEALIGN_NATS_USER="cli").exit_code == 0
+    assert seen[-1].reply_inbox_prefix() == "_INBOX"
     assert invoke(["jobs", "list", "--nats-user", "other", "--nats-password-file", str(password_file)],
                   STABLEALIGN_NATS_USER="cli").exit_code == 0
     assert (seen[-1].user, seen[-1].password) == ("other", "from-file")  # flags win

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from stablealign import bus
+from stablealign.errors import ConfigError
 from stablealign.nats_permissions import (
     ROLES,
     ServerTls,
@@ -24,6 +25,7 @@ from stablealign.nats_permissions import (
     render_authorization,
     render_config,
 )
+from stablealign.natsauth import NatsClientOptions
 from stablealign.natsserver import find_nats_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,6 +103,30 @@ def test_the_cli_reads_records_and_calls_the_apis_the_trainer_keeps_to_trainer()
     trainer_writes = [p for p in ROLES["trainer"].publish if not p.startswith(("$JS.", "$KV."))]
     assert trainer_writes == ["trainer.>"]
     assert not may_publish("trainer", "sandbox.records.w1")
+
+
+def test_each_role_subscribes_only_its_own_reply_inboxes():
+    """The prefix a role's client connects with (natsauth) is the only inbox the server lets it read."""
+    for name, role in ROLES.items():
+        prefix = NatsClientOptions.build(user=name, password="p" * 16).reply_inbox_prefix()
+        assert prefix == f"_INBOX_{name}"
+        inboxes = [s for s in role.subscribe if s.startswith("_INBOX")]
+        assert inboxes == [f"{prefix}.>"], name
+        assert not any(matches(pattern, f"_INBOX_{other}.x.1") for other in ROLES if other != name
+                       for pattern in role.subscribe), name
+        assert not any(matches(pattern, "_INBOX.x.1") for pattern in role.subscribe), name
+
+
+def test_the_inbox_prefix_of_a_client():
+    assert NatsClientOptions().reply_inbox_prefix() == "_INBOX"  # no user: nats-py's own
+    assert NatsClientOptions().reply_inbox_prefix("nats://agent:pw@127.0.0.1:4222") == "_INBOX_agent"
+    assert NatsClientOptions.build(user="cli", inbox_prefix="_INBOX").reply_inbox_prefix() == "_INBOX"
+    assert NatsClientOptions.build(user="cli").connect_kwargs()["inbox_prefix"] == "_INBOX_cli"
+    for bad in ("_INBOX.>", "a b", "x.", "*"):
+        with pytest.raises(ConfigError, match="STABLEALIGN_NATS_INBOX_PREFIX"):
+            NatsClientOptions.build(user="cli", inbox_prefix=bad)
+    with pytest.raises(ConfigError, match="STABLEALIGN_NATS_USER"):
+        NatsClientOptions.build(user="a*b")
 
 
 def test_passwords_and_unknown_roles():
