@@ -236,6 +236,10 @@ class LLMEndpointSettings(BaseModel):
     llm_backends: str = Field("", description=(
         "Backends a world spec may name, comma-separated (default: offline,openai,tgi,hf). Read from the "
         "environment."))
+    model_roots: str = Field("", description=(
+        "Directories whose models (hf backend) a world spec may name, comma-separated (default: the models "
+        "directory of `stable-align model pull`, $STABLEALIGN_MODELS_DIR or models/). Read from the environment "
+        "(stablealign.models.confined_model_path)."))
 
     @model_validator(mode="after")
     def _endpoints_parse(self) -> LLMEndpointSettings:

@@ -11,6 +11,14 @@ died half-way is redone.
 
 Everywhere a model path is accepted (the hf backend, ``train``, ``eval``, ``generate``), a known
 model's name works too: ``resolve_model_path`` maps it to its cached directory.
+
+Which model directories a request may load (``confined_model_path``): a world spec names its agents'
+and observers' hf model, and whoever can write a spec (or forge one on the bus) chooses that path,
+so the agent and observer processes load one only inside ``STABLEALIGN_MODEL_ROOTS`` (comma-separated;
+default: ``models_dir()``, where ``stable-align model pull`` puts the known models that `make run`
+uses) — ``..``, an absolute path elsewhere or a symlink out of a root is a ValidationError naming
+the field. A command whose own user names the model (`stable-align run` without ``--nats``,
+``eval``) allows that directory for its process (``trust_model_dir``), as it does for LLM URLs.
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stablealign.confine import confined_path
 from stablealign.errors import ConfigError
 from stablealign.logs import get_logger
 
 log = get_logger(__name__)
 
 MODELS_DIR_ENV = "STABLEALIGN_MODELS_DIR"
+MODEL_ROOTS_ENV = "STABLEALIGN_MODEL_ROOTS"
 MANIFEST = "stablealign-model.json"
 # A question whose greedy answer shows that the converted model works.
 PROBE_QUESTION = "What is the capital of France?"
@@ -101,6 +111,43 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         raise ConfigError(f"model {known.name!r} is not pulled yet: run `stable-align model pull {known.name}` "
                           f"(it goes to {path})")
     return path
+
+
+# Model directories the application allowed for its own in-process services (trust_model_dir).
+_TRUSTED_DIRS: list[Path] = []
+
+
+def model_roots(environ: dict[str, str] | None = None) -> tuple[Path, ...]:
+    """Where a requested hf model may be: ``$STABLEALIGN_MODEL_ROOTS`` (comma-separated), else
+    ``models_dir()``; then the directories this process's own user named (``trust_model_dir``)."""
+    raw = ((os.environ if environ is None else environ).get(MODEL_ROOTS_ENV) or "").strip()
+    roots = [Path(item.strip()).expanduser() for item in raw.split(",") if item.strip()] if raw else [models_dir()]
+    return (*roots, *_TRUSTED_DIRS)
+
+
+def trust_model_dir(name_or_path: str | Path) -> None:
+    """Allows one model directory for this process: only for a command whose own user named it
+    (`stable-align run` without ``--nats``, ``eval``), never for a service others send requests to.
+    A known model not pulled yet is left to the backend, which says how to pull it."""
+    try:
+        path = resolve_model_path(name_or_path).resolve()
+    except (ConfigError, OSError, RuntimeError):
+        return
+    if path not in _TRUSTED_DIRS:
+        _TRUSTED_DIRS.append(path)
+
+
+def forget_trusted_models() -> None:
+    """Drops what ``trust_model_dir`` added (tests)."""
+    _TRUSTED_DIRS.clear()
+
+
+def confined_model_path(name_or_path: str | Path, field: str = "model",
+                        environ: dict[str, str] | None = None) -> Path:
+    """The resolved directory of a requested model (a known name or a path), if it is inside
+    ``model_roots``; ValidationError naming ``field`` and ``STABLEALIGN_MODEL_ROOTS`` otherwise
+    (``..``, an absolute path elsewhere, a symlink out of a root)."""
+    return confined_path(resolve_model_path(name_or_path), model_roots(environ), field, setting=MODEL_ROOTS_ENV)
 
 
 def gguf_path(name_or_path: str | Path) -> Path:

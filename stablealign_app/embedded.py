@@ -21,7 +21,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from stablealign import bus, endpoints, record_stream
+from stablealign import bus, endpoints, models, record_stream
 from stablealign.config import load_settings
 from stablealign.data import data_dir
 from stablealign.errors import ConflictError, UnavailableError, ValidationError
@@ -84,14 +84,17 @@ def embedded_stack_for(spec: world_pb2.WorldSpec) -> EmbeddedStack:
     """An embedded stack that may run ``spec``: the person running the command is its operator.
 
     The in-process services accept the LLM URLs the spec names (``endpoints.trust``: without a key;
-    ``OPENAI_API_KEY`` still goes only to ``OPENAI_BASE_URL``) and the directories of its prior and
-    question files besides the shared data directory. Services reached with ``--nats`` get nothing
-    of this: their operator configured them.
+    ``OPENAI_API_KEY`` still goes only to ``OPENAI_BASE_URL``), its hf model directories
+    (``models.trust_model_dir``) and the directories of its prior and question files besides the
+    shared data directory. Services reached with ``--nats`` get nothing of this: their operator
+    configured them.
     """
     for ref in (spec.agent_model, spec.observer_model, spec.embedding_model):
         if ref.url.strip() and ref.backend in endpoints.REMOTE_BACKENDS:
             with contextlib.suppress(ValidationError):  # not a URL: CreateWorld says so in one line
                 endpoints.trust(ref.url, ref.backend)
+        if ref.backend == "hf" and ref.model.strip():
+            models.trust_model_dir(ref.model)
     roots = [str(data_dir())]
     for path in (spec.prior_path, spec.questions_path):
         if path.strip():

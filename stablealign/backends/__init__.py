@@ -77,9 +77,11 @@ def default_embedding_model(backend: str) -> str:
 
 
 def make_chat_backend(ref: common_pb2.ModelRef, *, max_concurrency: int = 64) -> ChatBackend:
-    """A new chat backend for ``ref``; ValidationError for an unknown or disabled backend, or a URL that is
+    """A new chat backend for ``ref``; ValidationError for an unknown or disabled backend, a URL that is
     not a configured endpoint (``stablealign.endpoints``: checked here, in the process that holds the key,
-    whoever sent the ref); ConfigError for bad settings. The client gets its endpoint's key, and only it."""
+    whoever sent the ref), or an hf model outside ``STABLEALIGN_MODEL_ROOTS`` (``models.confined_model_path``:
+    checked here, in the process that loads it); ConfigError for bad settings. The client gets its
+    endpoint's key, and only it."""
     backend = _backend_name(ref)
     endpoint = resolve_endpoint(backend, ref.url, field="model")
     model = ref.model.strip() or default_chat_model(backend)
@@ -99,8 +101,10 @@ def make_chat_backend(ref: common_pb2.ModelRef, *, max_concurrency: int = 64) ->
         assert endpoint is not None
         return TGIChatBackend(endpoint.url, model, api_key=endpoint.api_key(), max_concurrency=max_concurrency)
     from stablealign.backends.hf import HFChatBackend
+    from stablealign.models import confined_model_path
 
-    return HFChatBackend(model, max_concurrency=max_concurrency)
+    # The path comes from a request (a world spec): only a directory inside STABLEALIGN_MODEL_ROOTS.
+    return HFChatBackend(confined_model_path(model, field="model"), max_concurrency=max_concurrency)
 
 
 def make_embedder(ref: common_pb2.ModelRef) -> Embedder:

@@ -146,11 +146,14 @@ def eval_command(
 ) -> None:
     """Preference accuracy, held-out loss and observer alignment rating, with 95 % intervals; base vs trained."""
     from stablealign import endpoints
+    from stablealign.models import trust_model_dir
     from stablealign.training.evaluate import run_eval
 
     try:
         if observer_url and observer_backend in endpoints.REMOTE_BACKENDS:
             endpoints.trust(observer_url, observer_backend)  # this command's own judge: its user chose the URL
+        if observer_backend == "hf" and observer_model:
+            trust_model_dir(observer_model)  # ... and the model directory
         report = run_eval(model, out=out, data=data, base=base, hh_path=hh, limit=limit,
                           observer_backend=observer_backend, observer_model=observer_model, observer_url=observer_url,
                           questions_limit=questions, max_length=max_length, sandbox_records=sandbox_records)

@@ -152,3 +152,28 @@ async def test_tgi_refusals_and_a_per_endpoint_key(monkeypatch):
             assert tgi.authorizations["Bearer hf_proxy-token-abcdef"] == 2
         finally:
             await backend.aclose()
+
+
+async def test_an_hf_model_path_forged_into_a_spec_is_not_loaded_by_the_agent(nats_url, nc, monkeypatch, tmp_path):
+    """A world written straight into SANDBOX_WORLDS naming an hf "model" outside STABLEALIGN_MODEL_ROOTS
+    (``..`` out of a root, an absolute path elsewhere, a symlink out): the agent, which would load it,
+    refuses, naming the field and the setting; nothing is read from the path."""
+    root, outside = tmp_path / "models", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")  # looks like a model directory: only the roots keep it out
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    monkeypatch.setenv("STABLEALIGN_MODEL_ROOTS", str(root))
+    services = [await start("agent", nats_url), await start("world", nats_url)]
+    try:
+        for world_id, path in (("climb", f"{root}/../outside"), ("absolute", str(outside)),
+                               ("symlink", str(root / "escape"))):
+            await put_world(nc, world_id, agent_model=common_pb2.ModelRef(backend="hf", model=path))
+            with pytest.raises(ConflictError, match=r"model '.+' is outside the allowed directories "
+                                                    r"\(STABLEALIGN_MODEL_ROOTS\)"):
+                await bus.request(nc, bus.AGENT_DRAFT, draft_request(world_id), agent_pb2.DraftResponse,
+                                  timeout=20, attempts=1)
+    finally:
+        for service in reversed(services):
+            await service.stop(grace=1.0)
+        await close_backends()

@@ -13,10 +13,12 @@ from stablealign.backends import (
 )
 from stablealign.backends.base import ChatMessage
 from stablealign.backends.embeddings import HashingEmbedder, MiniLMEmbedder
+from stablealign.backends.hf import HFChatBackend
 from stablealign.backends.offline import OfflineChatBackend
 from stablealign.backends.openai_backend import OpenAIChatBackend, OpenAIEmbedder
 from stablealign.backends.tgi import TGIChatBackend
 from stablealign.errors import ConfigError, ValidationError
+from stablealign.models import forget_trusted_models, trust_model_dir
 from stablealign.prompt_format import STOP_SEQUENCES, cut_at_stop, render_prompt
 from stablealign.v1 import common_pb2
 from tests.support.endpoints import allow_endpoints
@@ -52,8 +54,40 @@ def test_defaults_and_settings(monkeypatch):
         make_chat_backend(ref("tgi"))
     with pytest.raises(ConfigError, match="hf backend needs a model path"):
         make_chat_backend(ref("hf"))
+    monkeypatch.setenv("STABLEALIGN_MODEL_ROOTS", "/nonexistent")
     with pytest.raises(ConfigError, match="not a directory"):
         make_chat_backend(ref("hf", model="/nonexistent/model"))
+
+
+def test_an_hf_model_named_in_a_request_loads_only_inside_the_model_roots(monkeypatch, tmp_path):
+    """A world spec's hf model path: ``..``, an absolute path elsewhere or a symlink out of the roots is
+    refused naming the field and the setting; nothing is loaded (the backend loads on first use)."""
+    root, outside = tmp_path / "models", tmp_path / "outside"
+    for model in (root / "mine", outside):  # what check_model_dir looks for; the weights load on first use
+        model.mkdir(parents=True)
+        (model / "config.json").write_text("{}")
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    monkeypatch.setenv("STABLEALIGN_MODEL_ROOTS", f"{tmp_path / 'elsewhere'},{root}")
+    backend = make_chat_backend(ref("hf", model=str(root / "mine")))
+    assert isinstance(backend, HFChatBackend) and backend.path == (root / "mine").resolve()
+    for bad in (str(root / ".." / "outside"), str(outside), str(root / "escape"), "/etc"):
+        with pytest.raises(ValidationError, match=r"^model '.+' is outside the allowed directories "
+                                                  r"\(STABLEALIGN_MODEL_ROOTS\): "):
+            make_chat_backend(ref("hf", model=bad))
+    # Unset: the models directory of `stable-align model pull` (what `make run` loads from).
+    monkeypatch.delenv("STABLEALIGN_MODEL_ROOTS")
+    monkeypatch.setenv("STABLEALIGN_MODELS_DIR", str(root))
+    assert make_chat_backend(ref("hf", model=str(root / "mine"))).path == (root / "mine").resolve()
+    with pytest.raises(ValidationError, match="outside the allowed directories"):
+        make_chat_backend(ref("hf", model=str(outside)))
+    # A command's own user may name one (an embedded `stable-align run`, `eval`): that directory only.
+    try:
+        trust_model_dir(outside)
+        assert make_chat_backend(ref("hf", model=str(outside))).path == outside.resolve()
+        with pytest.raises(ValidationError, match="outside the allowed directories"):
+            make_chat_backend(ref("hf", model=str(tmp_path)))
+    finally:
+        forget_trusted_models()
 
 
 def test_embedders_by_ref(monkeypatch):
