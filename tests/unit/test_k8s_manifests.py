@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import posixpath
 import re
 import shutil
 import subprocess
@@ -228,6 +229,30 @@ def test_trainer_may_run_batch_jobs(target):
     assert env["STABLEALIGN_K8S_JOB_TEMPLATE"] == "/etc/stablealign/trainer-job/job-template.yaml"
     assert one(docs, "PersistentVolumeClaim", env["STABLEALIGN_K8S_PVC"])
     assert one(docs, "ServiceAccount", env["STABLEALIGN_K8S_SERVICE_ACCOUNT"])
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_the_trainers_roots_are_on_its_mounted_volumes(target):
+    """A local job's data, model and output paths must be inside the trainer's roots: roots relative to the
+    working directory would be on the image's read-only filesystem, where no job can write or find a file."""
+    from services.trainer.settings import TrainerSettings
+    from stablealign.config import load_settings
+
+    c = container(one(render(target), "Deployment", "trainer"), "trainer")
+    env = {name: value for name, value in env_of(c).items() if value is not None and name.startswith("STABLEALIGN_")}
+    settings = load_settings(TrainerSettings, {}, environ=env)
+    mounts = {m["mountPath"]: not m.get("readOnly", False) for m in c["volumeMounts"]}
+
+    def mounted(path: str, writable: bool) -> bool:
+        return path.startswith("/") and any(
+            posixpath.normpath(path) == mount or posixpath.normpath(path).startswith(mount.rstrip("/") + "/")
+            for mount, can_write in mounts.items() if can_write or not writable)
+
+    for root in (*settings.trainer_data_roots, *settings.trainer_model_roots):
+        assert mounted(root, writable=False), (target, root, mounts)
+    for root in (settings.trainer_output_root, settings.work_dir):
+        assert mounted(root, writable=True), (target, root, mounts)
 
 
 @needs_kubectl
