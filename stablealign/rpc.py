@@ -177,6 +177,11 @@ def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.Serve
         return 0
 
 
+class HealthPortError(OSError):
+    """The plaintext health-only port (``health_port``) could not be bound, not the API port: a busy
+    probe port must name ``STABLEALIGN_GRPC_HEALTH_PORT``, not the gRPC port an operator would check."""
+
+
 async def start_grpc_server(
     *,
     service: str,
@@ -193,13 +198,14 @@ async def start_grpc_server(
     ``registrations`` holds ``(add_XServicer_to_server, servicer, full_service_name)`` triples.
     ``tls``: serve TLS only (mTLS when it holds a CA); then ``health_port`` >= 0 also opens a plaintext
     port with the health service alone, for probes. Raises ``OSError`` (``errno`` ``EADDRINUSE`` for a
-    busy port) when an address cannot be bound.
+    busy port) when an address cannot be bound; ``HealthPortError`` when it is the health port's, so the
+    error names the right setting.
     """
-    for wanted in (port, health_port if tls else 0):
+    for wanted, health_only in ((port, False), (health_port if tls else 0, True)):
         if wanted > 0:  # fail with the reason before gRPC's core logs its own multi-line complaint
             problem = bind_problem(host, wanted)
             if problem is not None:
-                raise problem
+                raise HealthPortError(problem.errno, problem.strerror) if health_only else problem
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(service)],
         # Beyond this many calls at once new ones get RESOURCE_EXHAUSTED instead of piling up.
@@ -232,7 +238,8 @@ async def start_grpc_server(
         health_bound = _bind(health_server, host, health_port, None)
         if health_bound == 0:
             await server.stop(None)
-            raise (bind_problem(host, health_port) if health_port else None) or OSError(
+            problem = bind_problem(host, health_port) if health_port else None
+            raise HealthPortError(problem.errno, problem.strerror) if problem is not None else HealthPortError(
                 errno.EADDRNOTAVAIL, f"cannot bind gRPC health port to {host}:{health_port}")
         await health_server.start()
     await server.start()

@@ -28,7 +28,7 @@ from stablealign.logs import get_logger
 from stablealign.metrics import REQUESTS_IN_FLIGHT, MetricsServer, serve_metrics
 from stablealign.natsauth import NatsClientOptions
 from stablealign.redaction import redact_url
-from stablealign.rpc import GrpcServer, start_grpc_server
+from stablealign.rpc import GrpcServer, HealthPortError, start_grpc_server
 
 log = get_logger(__name__)
 
@@ -136,6 +136,9 @@ async def start_service(name: str, settings: ServiceSettings,
                     service=name, registrations=parts.grpc, host=settings.grpc_host, port=settings.grpc_port,
                     max_request_bytes=settings.max_request_bytes, max_concurrent_rpcs=settings.max_concurrency,
                     tls=settings.grpc_server_tls(), health_port=settings.grpc_health_port)
+            except HealthPortError as exc:
+                raise _listen_error("gRPC health", settings.grpc_host, settings.grpc_health_port, "grpc-health",
+                                    exc) from None
             except OSError as exc:
                 raise _listen_error("gRPC", settings.grpc_host, settings.grpc_port, "grpc", exc) from None
             opened.push_async_callback(grpc_server.stop, 0.0)
@@ -165,10 +168,12 @@ async def start_service(name: str, settings: ServiceSettings,
 
 def _listen_error(what: str, host: str, port: int, setting: str, exc: OSError) -> ConfigError:
     """One line naming the port, what it is for and how to change it, instead of a traceback."""
-    where = f"(--{setting}-port / STABLEALIGN_{setting.upper()}_PORT)"
+    variable = f"STABLEALIGN_{setting.upper().replace('-', '_')}"
+    where = f"(--{setting}-port / {variable}_PORT)"
     if exc.errno == errno.EADDRINUSE:
         return ConfigError(f"{what} port {port} on {host} is already in use {where}")
-    hosts = f"(--{setting}-host, --{setting}-port / STABLEALIGN_{setting.upper()}_HOST, _PORT)"
+    host_flag = setting.split("-")[0]  # the health port shares the gRPC host
+    hosts = f"(--{host_flag}-host, --{setting}-port / STABLEALIGN_{host_flag.upper()}_HOST, {variable}_PORT)"
     return ConfigError(f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc} {hosts}")
 
 

@@ -141,6 +141,25 @@ async def test_busy_grpc_port_is_named_and_nats_is_closed(monitored_nats):
     assert "stablealign-probe-start-test" in monitored_nats.closed_names()  # it did connect, then closed
 
 
+async def test_busy_grpc_health_port_names_its_own_setting(monitored_nats, tmp_path):
+    """With TLS, the plaintext health-only port for probes: busy, it is named as such (not as the gRPC port,
+    which is free), and what was opened is closed."""
+    from tests.support.certs import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    probe = Probe()
+    with hold_port() as held:
+        port = held.getsockname()[1]
+        with pytest.raises(ConfigError) as info:
+            await start_service("probe", settings(monitored_nats.url, grpc_port=0, grpc_health_port=port,
+                                                  grpc_tls_cert=str(certs.server_cert),
+                                                  grpc_tls_key=str(certs.server_key)), probe.build)
+    assert str(info.value) == (f"gRPC health port {port} on 127.0.0.1 is already in use "
+                               f"(--grpc-health-port / STABLEALIGN_GRPC_HEALTH_PORT)")
+    assert probe.stopped == 1
+    assert await monitored_nats.wait_no_connections() == []
+
+
 async def test_busy_metrics_port_closes_grpc_hooks_and_nats(monitored_nats):
     probe = Probe()
     grpc_port = free_port()
