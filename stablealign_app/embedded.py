@@ -12,20 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import os
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from stablealign import bus, endpoints, models, record_stream
+from stablealign import bus, endpoints, models, natsauth, record_stream
 from stablealign.config import load_settings
 from stablealign.data import data_dir
 from stablealign.errors import ConflictError, UnavailableError, ValidationError
 from stablealign.logs import get_logger
+from stablealign.natsauth import NatsClientOptions
 from stablealign.natsserver import EmbeddedNatsServer
 from stablealign.retry import Failure, RetryPolicy, retry_async
 from stablealign.service import RunningService, close_process_backends, settle_heap, start_service
@@ -50,13 +52,24 @@ class EmbeddedStack:
     def url(self) -> str:
         return self.server.url
 
+    # The embedded nats-server has no users and no TLS: NATS client settings in the environment (or the
+    # command's --nats-* flags) are meant for a remote server (--nats), and would make every connection to
+    # this one fail (a CA: a TLS handshake with a plaintext server). Its clients connect without them.
+    client_options: NatsClientOptions = field(default_factory=NatsClientOptions)
+
     async def start(self) -> EmbeddedStack:
+        ignored = remote_nats_settings()
+        if ignored:
+            log.warning("embedded.nats_settings_ignored", extra={
+                "ignored": ", ".join(ignored),
+                "why": "the embedded NATS server of this run has no users and no TLS; they are for --nats"})
         await asyncio.to_thread(self.server.start)
         try:
             for name in self.services:
                 module = importlib.import_module(f"services.{name}.main")
                 settings = load_settings(module.SETTINGS, {"nats_url": self.url, "grpc_port": -1, "metrics_port": -1,
                                                            "instance": f"embedded-{name}",
+                                                           **{setting: "" for setting in natsauth.SETTING_NAMES},
                                                            **self.overrides.get(name, {})})
                 self.running.append(await start_service(name, settings, module.build))
         except BaseException:
@@ -78,6 +91,16 @@ class EmbeddedStack:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def remote_nats_settings() -> list[str]:
+    """The NATS client settings this process was given (``STABLEALIGN_NATS_USER``, ``_CA``, ... in the
+    environment, or the command's ``--nats-*`` flags) that an embedded stack does not use."""
+    given = natsauth.client_options()  # the command's, from its flags and variables
+    from_command = [f"STABLEALIGN_NATS_{f.name.upper()}" for f in fields(given) if getattr(given, f.name)]
+    from_env = [f"STABLEALIGN_{setting.upper()}" for setting in natsauth.SETTING_NAMES
+                if os.environ.get(f"STABLEALIGN_{setting.upper()}", "").strip()]
+    return list(dict.fromkeys([*from_command, *from_env]))
 
 
 def embedded_stack_for(spec: world_pb2.WorldSpec) -> EmbeddedStack:

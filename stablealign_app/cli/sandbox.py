@@ -144,7 +144,8 @@ async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, 
     stack = None if nats_url else await embedded_stack_for(spec).start()
     url = nats_url or stack.url
     try:
-        nc = await bus.connect(url, name="stablealign-cli", give_up_after=CONNECT_GIVE_UP_SECONDS)
+        nc = await bus.connect(url, name="stablealign-cli", give_up_after=CONNECT_GIVE_UP_SECONDS,
+                               options=stack.client_options if stack else None)
         try:
             started = time.perf_counter()
             world = await create_world(nc, spec)

@@ -283,6 +283,25 @@ async def test_a_world_runs_with_one_restricted_user_per_service(secured, tmp_pa
     assert not denials(caplog)  # nor did the CLI's reads and calls, nor the drain
 
 
+def test_an_embedded_run_ignores_nats_settings_meant_for_a_remote_server(tmp_path):
+    """`stable-align run` without --nats, in a shell that exported the credentials and CA of a secured
+    server: its own embedded server has no users and no TLS, so it runs without them and says so."""
+    certs = make_certificates(tmp_path / "certs")
+    password = new_password()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STABLEALIGN_")}
+    env.update(STABLEALIGN_NATS_USER="cli", STABLEALIGN_NATS_PASSWORD=password, STABLEALIGN_NATS_CA=str(certs.ca))
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "stablealign_app.cli.main", "run", "--size", "2", "--rounds", "1",
+                             "--embedding-model", "hashing", "--prior-size", "5", "--out", str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert len((out / "records.jsonl").read_text().splitlines()) == 4
+    said = [line for line in result.stderr.splitlines() if "embedded.nats_settings_ignored" in line]
+    assert len(said) == 1 and all(name in said[0] for name in (
+        "STABLEALIGN_NATS_USER", "STABLEALIGN_NATS_PASSWORD", "STABLEALIGN_NATS_CA")), result.stderr
+    assert password not in result.stderr + result.stdout
+
+
 def denials(caplog) -> list[str]:
     return [r.__dict__.get("error") for r in caplog.records if r.getMessage() == "nats.permission_denied"]
 
