@@ -5,7 +5,8 @@ months never fills the NATS volume, and a replica count (``STABLEALIGN_STREAM_RE
 server, 3 on the gpu overlay's three-server cluster, where a stream survives the loss of a server).
 The values are ``ServiceSettings`` fields (this module's ``StreamSettings``), the same in every
 service, because the service that owns a stream (the world its streams and bucket, the trainer its
-own: ``bus.ensure_jetstream_of``) creates it at start and brings its limits up to date. What happens at a limit is chosen per stream:
+own: ``bus.ensure_jetstream_of``) creates it at start and brings its limits up to date. What
+happens at a limit is chosen per stream:
 
 - records, agent memory, memory pools: the server refuses new messages when the stream is full
   (``discard: new``): a world then fails with a publish error instead of silently losing the oldest
