@@ -166,9 +166,12 @@ WORLD_OUTAGE_SECONDS = 600.0
 
 async def wait_for_world(nc: NATS, world_id: str, *, timeout: float,
                          on_progress: Callable[[world_pb2.World], None] | None = None,
-                         poll_seconds: float = 0.25,
+                         poll_seconds: float = 0.1,
                          outage_seconds: float = WORLD_OUTAGE_SECONDS) -> world_pb2.World:
     """Polls the world until it reaches a final state; raises UnavailableError after ``timeout``.
+
+    Every ``poll_seconds`` (a GetWorld request, one KV read at the world service): a small world is done
+    in seconds, and a coarser poll added its whole period to the command's wall time.
 
     It follows the world, not the process it first talked to: the world's state lives in the
     SANDBOX_WORLDS bucket and a world service that starts resumes it, so while none answers
