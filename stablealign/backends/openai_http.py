@@ -10,9 +10,11 @@ SDK itself uses here). That is ~13 ms of CPU per interaction, more than the rest
 
 What stays the SDK's: the URL, the key and the headers come from the ``AsyncOpenAI`` client the
 backend built from ``OPENAI_BASE_URL``/``OPENAI_API_KEY`` (so any OpenAI-compatible server works
-unchanged), and failures are raised as the SDK's own exceptions (``APIStatusError`` subclasses made
-by the client from the response, ``APITimeoutError``, ``APIConnectionError``), so the backend sorts
-them with the same ``classify`` as SDK calls. Streaming, embeddings, and clients whose auth is not a
+unchanged); TLS and proxies are what the SDK's own aiohttp transport uses (``httpx2.create_ssl_context``:
+certifi or ``SSL_CERT_FILE``; ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` and ``NO_PROXY``); and failures
+are raised as the SDK's own exceptions (``APIStatusError`` subclasses made by the client from the
+response, ``APITimeoutError``, ``APIConnectionError``), so the backend sorts them with the same
+``classify`` as SDK calls. Streaming, embeddings, and clients whose auth is not a
 fixed key (workload identity, key providers, provider runtimes) go through the SDK as before
 (``DirectChatCompletions.supports``).
 
@@ -23,7 +25,9 @@ field being None, which is how the backend reads the SDK's models (``reply.choic
 from __future__ import annotations
 
 import json
+import urllib.request
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx2
@@ -57,6 +61,7 @@ class DirectChatCompletions:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._headers: dict[str, str] | None = None
+        self._proxy: str | None = None
 
     @staticmethod
     def supports(client: Any) -> bool:
@@ -81,11 +86,12 @@ class DirectChatCompletions:
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300,
-                                             keepalive_timeout=60.0)
+                                             keepalive_timeout=60.0, ssl=httpx2.create_ssl_context(trust_env=True))
             # No default headers of aiohttp's own beyond what HTTP needs: ours are the SDK's.
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
                                                   skip_auto_headers=("User-Agent",))
             self._headers = self._request_headers()
+            self._proxy = env_proxy(self.url)
         return self._session
 
     async def post(self, body: dict[str, Any]) -> ReplyFields:
@@ -93,7 +99,7 @@ class DirectChatCompletions:
         session = self._open()
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         try:
-            async with session.post(self.url, data=payload, headers=self._headers) as response:
+            async with session.post(self.url, data=payload, headers=self._headers, proxy=self._proxy) as response:
                 data = await response.read()
                 status, headers = response.status, response.headers
         except TimeoutError as exc:  # aiohttp's ServerTimeoutError and connect timeouts are TimeoutErrors
@@ -120,3 +126,12 @@ class DirectChatCompletions:
             await self._session.close()
         self._session = None
 
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``, unless
+    ``NO_PROXY`` exempts its host), as the SDK's client (``trust_env``) would use; read once per session."""
+    parts = urlsplit(url)
+    if urllib.request.proxy_bypass_environment(parts.hostname or ""):
+        return None
+    proxies = urllib.request.getproxies_environment()
+    return proxies.get(parts.scheme) or proxies.get("all") or None
