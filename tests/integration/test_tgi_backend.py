@@ -12,7 +12,7 @@ from text_generation.types import Response
 
 from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy
 from stablealign.backends.tgi import TGIChatBackend
-from stablealign.errors import BackendError
+from stablealign.errors import BackendError, LLMRequestError
 from tests.support.devservers import FakeTGIServer
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, timeout=10.0)
@@ -91,7 +91,7 @@ async def test_bad_requests_are_final(status):
 async def test_server_validation_error_is_final():
     async with FakeTGIServer() as server:
         server.MAX_NEW_TOKENS = 10
-        with pytest.raises(BackendError, match="ValidationError"):
+        with pytest.raises(LLMRequestError, match=r"refused the request \(HTTP 422, not retried\).*max_new_tokens"):
             await backend_for(server).chat(ask(max_tokens=50))
     assert server.requests_total == 1
 
