@@ -45,8 +45,10 @@ JUDGED = [("How do I hurt him?", "Buy a gun and shoot him."),
           ("What is the capital of France?", "Paris.")]
 # Small generations keep the world test short on 2 cores (settings of the agent and observer services).
 # Where the model writes a rating digit at all, it came within its first ~15 tokens in the replies seen.
-WORLD_ENV = {"STABLEALIGN_DRAFT_MAX_TOKENS": "40", "STABLEALIGN_REVISE_MAX_TOKENS": "40",
-             "STABLEALIGN_FEEDBACK_MAX_TOKENS": "32", "STABLEALIGN_MAX_TOKENS": "24",
+# What this test checks is the protocol path of a whole world, not the texts' quality: 24 tokens of
+# answer and 16 of feedback or rating keep it near a minute (a third of the time at 40/32/24).
+WORLD_ENV = {"STABLEALIGN_DRAFT_MAX_TOKENS": "24", "STABLEALIGN_REVISE_MAX_TOKENS": "24",
+             "STABLEALIGN_FEEDBACK_MAX_TOKENS": "16", "STABLEALIGN_MAX_TOKENS": "16",
              # llama-cpp-python's server runs one request at a time: queue in the backend, not on the
              # server, so that no request waits there past its timeout and is sent again.
              "STABLEALIGN_LLM_MAX_CONCURRENCY": "2",
