@@ -28,12 +28,17 @@ def nats_url(nats_server) -> str:
 
 @pytest.fixture
 async def nc(nats_url):
-    """A connected client with the project's streams and buckets created."""
+    """A connected client with the project's streams and buckets created.
+
+    At teardown it also closes the LLM clients that services started in the test cached on this loop
+    (``close_process_backends``: a service's stop leaves them to the loop's owner, here the test)."""
     from stablealign import bus
+    from stablealign.service import close_process_backends
 
     client = await bus.connect(nats_url, name="test")
     await bus.ensure_jetstream(client.jetstream())
     yield client
+    await close_process_backends()
     try:
         await asyncio.wait_for(client.close(), timeout=5)
     except Exception:  # noqa: BLE001

@@ -252,8 +252,11 @@ class WorldRunner:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the world goes FAILED with the reason, never silently
-            message = str(exc) if isinstance(exc, StableAlignError) else f"{type(exc).__name__}: {exc}"
-            log.exception("world.failed", extra={"world_id": self.world_id, "error": message})
+            # A failure the world names (its budget spent, a refused request) is one line; only an
+            # unexpected error carries its traceback, for the developer who has to fix it.
+            known = isinstance(exc, StableAlignError)
+            message = str(exc) if known else f"{type(exc).__name__}: {exc}"
+            log.error("world.failed", extra={"world_id": self.world_id, "error": message}, exc_info=not known)
             with contextlib.suppress(Exception):
                 await self._write(lambda w: _finish(w, world_pb2.WORLD_STATE_FAILED, message))
         finally:
