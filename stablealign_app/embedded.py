@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import os
 import secrets
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -25,8 +28,8 @@ from nats.aio.client import Client as NATS
 from stablealign import bus, endpoints, models, natsauth, record_stream
 from stablealign.config import load_settings
 from stablealign.data import data_dir
-from stablealign.errors import ConflictError, UnavailableError, ValidationError
-from stablealign.logs import get_logger
+from stablealign.errors import ConfigError, ConflictError, UnavailableError, ValidationError
+from stablealign.logs import current_logging, get_logger
 from stablealign.natsauth import NatsClientOptions
 from stablealign.natsserver import EmbeddedNatsServer
 from stablealign.retry import Failure, RetryPolicy, retry_async
@@ -56,6 +59,12 @@ class EmbeddedStack:
     # command's --nats-* flags) are meant for a remote server (--nats), and would make every connection to
     # this one fail (a CA: a TLS handshake with a plaintext server). Its clients connect without them.
     client_options: NatsClientOptions = field(default_factory=NatsClientOptions)
+    # Helper processes serving more agent and observer replicas (stablealign_app/worker.py), and the
+    # arguments that give them what this process trusts (the LLM URLs and model directories of the spec).
+    workers: int = 0
+    worker_args: list[str] = field(default_factory=list)
+    worker_processes: list[EmbeddedWorker] = field(default_factory=list)
+    worker_counters: dict[str, float] = field(default_factory=dict)
 
     async def start(self) -> EmbeddedStack:
         ignored = remote_nats_settings()
@@ -65,20 +74,27 @@ class EmbeddedStack:
                 "why": "the embedded NATS server of this run has no users and no TLS; they are for --nats"})
         await asyncio.to_thread(self.server.start)
         try:
+            # Workers first: they start (a second or so of imports) while this process starts its own services.
+            for number in range(self.workers):
+                self.worker_processes.append(await EmbeddedWorker.spawn(self.url, number, self.worker_args))
             for name in self.services:
-                module = importlib.import_module(f"services.{name}.main")
-                settings = load_settings(module.SETTINGS, {"nats_url": self.url, "grpc_port": -1, "metrics_port": -1,
-                                                           "instance": f"embedded-{name}",
-                                                           **{setting: "" for setting in natsauth.SETTING_NAMES},
-                                                           **self.overrides.get(name, {})})
-                self.running.append(await start_service(name, settings, module.build))
+                self.running.append(await start_embedded_service(name, self.url, instance=f"embedded-{name}",
+                                                                 overrides=self.overrides.get(name)))
         except BaseException:
             await self.stop()
             raise
         settle_heap()  # what the command and its services keep for their life: out of the cycle collector's way
         return self
 
+    async def stop_workers(self) -> None:
+        """Drains and ends the worker processes (idempotent); their counters go to ``worker_counters``."""
+        workers, self.worker_processes = self.worker_processes, []
+        for counters in await asyncio.gather(*(worker.stop() for worker in workers)):
+            for key, value in counters.items():
+                self.worker_counters[key] = self.worker_counters.get(key, 0.0) + value
+
     async def stop(self) -> None:
+        await self.stop_workers()
         for service in reversed(self.running):
             await service.stop(grace=5.0)
         if self.running:
@@ -93,6 +109,72 @@ class EmbeddedStack:
         await self.stop()
 
 
+async def start_embedded_service(name: str, nats_url: str, *, instance: str,
+                                 overrides: dict[str, Any] | None = None) -> RunningService:
+    """One service of an embedded stack on its NATS server: no gRPC or metrics port, no NATS users."""
+    module = importlib.import_module(f"services.{name}.main")
+    settings = load_settings(module.SETTINGS, {"nats_url": nats_url, "grpc_port": -1, "metrics_port": -1,
+                                               "instance": instance,
+                                               **{setting: "" for setting in natsauth.SETTING_NAMES},
+                                               **(overrides or {})})
+    return await start_service(name, settings, module.build)
+
+
+@dataclass
+class EmbeddedWorker:
+    """One ``stablealign_app.worker`` process of an embedded stack (more agent and observer replicas)."""
+
+    number: int
+    process: asyncio.subprocess.Process
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    counters: dict[str, float] = field(default_factory=dict)
+    reader: asyncio.Task | None = None
+
+    @classmethod
+    async def spawn(cls, nats_url: str, number: int, extra_args: list[str]) -> EmbeddedWorker:
+        level, fmt = current_logging()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "stablealign_app.worker", "--nats", nats_url, "--instance",
+            f"embedded-worker{number}", "--log-level", level, "--log-format", fmt, *extra_args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        worker = cls(number, process)
+        worker.reader = asyncio.ensure_future(worker._read())
+        return worker
+
+    async def _read(self) -> None:
+        """Follows the worker's stdout (one JSON object per line); says so if it ends before its stop."""
+        assert self.process.stdout is not None
+        async for line in self.process.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if message.get("ready"):
+                self.ready.set()
+                log.debug("embedded.worker_ready", extra={"worker": self.number, "pid": self.process.pid})
+            if isinstance(message.get("counters"), dict):
+                self.counters = {k: float(v) for k, v in message["counters"].items()}
+        code = await self.process.wait()
+        if code != 0 and not self.counters:
+            log.warning("embedded.worker_exited", extra={
+                "worker": self.number, "exit_code": code,
+                "effect": "its share of the requests goes to the other replicas"})
+
+    async def stop(self, grace: float = 10.0) -> dict[str, float]:
+        """Asks the worker to drain (SIGTERM), waits ``grace`` seconds, then kills it; returns its counters."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.reader), timeout=grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self.reader, timeout=5.0)
+        return self.counters
+
+
 def remote_nats_settings() -> list[str]:
     """The NATS client settings this process was given (``STABLEALIGN_NATS_USER``, ``_CA``, ... in the
     environment, or the command's ``--nats-*`` flags) that an embedded stack does not use."""
@@ -103,26 +185,65 @@ def remote_nats_settings() -> list[str]:
     return list(dict.fromkeys([*from_command, *from_env]))
 
 
+WORKERS_ENV = "STABLEALIGN_RUN_WORKERS"
+# A world smaller than this is over before a worker would have started: no workers by default.
+WORKERS_MIN_INTERACTIONS = 200
+MAX_DEFAULT_WORKERS = 4
+
+
+def run_workers(spec: world_pb2.WorldSpec, environ: dict[str, str] | None = None,
+                cpus: int | None = None) -> int:
+    """How many worker processes an embedded run of ``spec`` starts (``stablealign_app/worker.py``).
+
+    ``$STABLEALIGN_RUN_WORKERS`` when set (0: everything in the command's own process). By default one per
+    core beyond the first, at most ``MAX_DEFAULT_WORKERS``; none on one core, none for a world of fewer than
+    ``WORKERS_MIN_INTERACTIONS`` interactions (a worker's start-up would cost more than it serves), and
+    none with an in-process model (``hf``): each process would load its own copy, and torch already uses
+    the cores.
+    """
+    env = os.environ if environ is None else environ
+    raw = (env.get(WORKERS_ENV) or "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{WORKERS_ENV}={raw!r}: expected a whole number of worker processes") from None
+        if value < 0:
+            raise ConfigError(f"{WORKERS_ENV} must be >= 0, got {value}")
+        return value
+    if "hf" in (spec.agent_model.backend, spec.observer_model.backend):
+        return 0
+    if spec.size * spec.size * max(spec.rounds, 1) < WORKERS_MIN_INTERACTIONS:
+        return 0
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else (os.cpu_count() or 1)
+    return max(0, min(cpus - 1, MAX_DEFAULT_WORKERS))
+
+
 def embedded_stack_for(spec: world_pb2.WorldSpec) -> EmbeddedStack:
     """An embedded stack that may run ``spec``: the person running the command is its operator.
 
     The in-process services accept the LLM URLs the spec names (``endpoints.trust``: without a key;
     ``OPENAI_API_KEY`` still goes only to ``OPENAI_BASE_URL``), its hf model directories
     (``models.trust_model_dir``) and the directories of its prior and question files besides the
-    shared data directory. Services reached with ``--nats`` get nothing of this: their operator
-    configured them.
+    shared data directory; its worker processes (``run_workers``) are given the same URLs and model
+    directories. Services reached with ``--nats`` get nothing of this: their operator configured them.
     """
+    worker_args: list[str] = []
     for ref in (spec.agent_model, spec.observer_model, spec.embedding_model):
         if ref.url.strip() and ref.backend in endpoints.REMOTE_BACKENDS:
             with contextlib.suppress(ValidationError):  # not a URL: CreateWorld says so in one line
                 endpoints.trust(ref.url, ref.backend)
+                worker_args += ["--trust-url", f"{ref.backend}={ref.url}"]
         if ref.backend == "hf" and ref.model.strip():
             models.trust_model_dir(ref.model)
+            worker_args += ["--trust-model-dir", ref.model]
     roots = [str(data_dir())]
     for path in (spec.prior_path, spec.questions_path):
         if path.strip():
             roots.append(str(Path(path).expanduser().resolve().parent))
-    return EmbeddedStack(overrides={"world": {"world_data_roots": tuple(dict.fromkeys(roots))}})
+    return EmbeddedStack(overrides={"world": {"world_data_roots": tuple(dict.fromkeys(roots))}},
+                         workers=run_workers(spec), worker_args=worker_args)
 
 
 async def create_world(nc: NATS, spec: world_pb2.WorldSpec, timeout: float = 120.0) -> world_pb2.World:

@@ -108,16 +108,21 @@ def say_skipped(stats: ReadStats) -> None:
         typer.echo(f"warning: {line}", err=True)
 
 
-def embedded_fault_counts() -> dict[str, float]:
+def embedded_fault_counts(workers: dict[str, float] | None = None) -> dict[str, float]:
     """What the embedded services counted during the run: redone interactions, re-sent requests
-    (timeouts, no responders), re-sent requests that joined work in flight, answers asked again."""
+    (timeouts, no responders), re-sent requests that joined work in flight, answers asked again;
+    ``workers``: what the stack's worker processes counted (added to this process's own)."""
     from stablealign import metrics
 
-    return {"interaction_retries": metrics.counter_value("stablealign_world_interactions_total", outcome="retry"),
+    counts = {"interaction_retries": metrics.counter_value("stablealign_world_interactions_total", outcome="retry"),
             "request_resends": metrics.counter_value("stablealign_bus_request_retries_total"),
             "request_timeouts": metrics.counter_value("stablealign_bus_request_retries_total", reason="timeout"),
             "requests_joined": metrics.counter_value("stablealign_requests_joined_total"),
             "answers_rejected": metrics.counter_value("stablealign_agent_answers_rejected_total")}
+    for key, value in (workers or {}).items():
+        if key in counts:
+            counts[key] += value
+    return counts
 
 
 def build_spec(*, size: int, rounds: int, setting: str, backend: str, seed: int, model: str, url: str,
@@ -170,8 +175,11 @@ async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, 
             summary["records"] = exported.records
             summary["records_read"] = exported.stats.as_dict()
             summary["rating_coverage"] = coverage.as_dict()
-            if stack:  # the services ran in this process: their counters are ours to read
-                summary["faults"] = embedded_fault_counts()
+            if stack:  # the services ran in this process and its workers: their counters are ours to read
+                await stack.stop_workers()
+                summary["faults"] = embedded_fault_counts(stack.worker_counters)
+                summary["workers"] = {"processes": stack.workers,
+                                      "requests_served": stack.worker_counters.get("requests_served", 0.0)}
             (out / "world.json").write_text(json.dumps(summary, indent=2))
         finally:
             await nc.close()
