@@ -336,12 +336,29 @@ def _print(ours: SimulationResult, base, title: str) -> None:
     print(f"{'':{width}}  {'ours':>24}  {'original-style':>16}")
     for name, a, b in rows:
         print(f"{name:{width}}  {a:>24}  {b:>16}")
+    llm = ours.cpu_ms_per_interaction.get("llm_server")
+    if llm:
+        print(f"ceiling set by the LLM stand-in alone ({len(CRITICAL_PATH)} x {ours.latency_ms:.0f} ms + its {llm:.1f} "
+              f"CPU ms per interaction on its one core): "
+              f"{stand_in_ceiling(ours.agents, ours.latency_ms, llm):.1f} interactions/s")
     if base:
         print(f"speed-up interactions/s: {ours.interactions_per_second / base.interactions_per_second:.1f}x; "
               f"setup: {base.setup_seconds / max(ours.setup_seconds, 1e-9):.1f}x faster")
 
 
 _SHORT = {"agent": "agt", "observer": "obs", "world": "wld", "nats-server": "nats", "llm_server": "llm"}
+
+
+def stand_in_ceiling(agents: int, latency_ms: float, llm_cpu_ms_per_interaction: float) -> float:
+    """Interactions/s that the LLM stand-in alone allows, whatever our side costs.
+
+    The fake server is one asyncio process: each wave of a round (``CRITICAL_PATH``) arrives at once, and its
+    requests are parsed and answered one after another on that process's core while their latencies
+    overlap; so a round lasts at least len(CRITICAL_PATH) x latency + the server's CPU for the round. On a
+    machine where that server shares the cores with the services this bounds what a run can show.
+    """
+    round_floor = len(CRITICAL_PATH) * latency_ms / 1000 + agents * llm_cpu_ms_per_interaction / 1000
+    return agents / round_floor if round_floor > 0 else float("inf")
 
 
 def _print_cli(cli: CliResult) -> None:
@@ -351,6 +368,10 @@ def _print_cli(cli: CliResult) -> None:
           f"{cli.setup_seconds:.2f} s); {cli.interactions_per_second:.1f} interactions/s in rounds "
           f"({', '.join(f'{r:.2f}' for r in cli.round_seconds)} s); CPU ms / interaction: "
           + ", ".join(f"{k} {v:.1f}" for k, v in cli.cpu_ms_per_interaction.items()), flush=True)
+    llm = cli.cpu_ms_per_interaction.get("llm_server", 0.0)
+    print(f"ceiling set by the LLM stand-in alone ({len(CRITICAL_PATH)} x {cli.latency_ms:.0f} ms + its {llm:.1f} "
+          f"CPU ms per interaction on its one core): "
+          f"{stand_in_ceiling(cli.agents, cli.latency_ms, llm):.1f} interactions/s", flush=True)
 
 
 if __name__ == "__main__":

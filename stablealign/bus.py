@@ -28,7 +28,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -53,6 +53,7 @@ from stablealign.logs import get_logger
 from stablealign.natsauth import NatsClientOptions
 from stablealign.redaction import redact_text, redact_url
 from stablealign.retry import Failure, RetryPolicy, retry_async
+from stablealign.v1 import common_pb2
 
 log = get_logger(__name__)
 
@@ -80,6 +81,11 @@ TRAINER_SUBMIT = "trainer.jobs.submit"
 TRAINER_GET = "trainer.jobs.get"
 TRAINER_LIST = "trainer.jobs.list"
 TRAINER_CANCEL = "trainer.jobs.cancel"
+
+# A method added with ``batch=True`` also answers batches on "<subject>.batch" (common.RequestBatch ->
+# common.ReplyBatch): several requests in one message, each answered on its own (``request_batch``).
+BATCH_SUFFIX = ".batch"
+MAX_BATCH_ITEMS = 64
 
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
@@ -349,6 +355,52 @@ async def request(
     return result
 
 
+def batch_subject(subject: str) -> str:
+    """The subject on which the method at ``subject`` answers batches of its requests."""
+    return subject + BATCH_SUFFIX
+
+
+async def request_batch(
+    nc: NATS,
+    subject: str,
+    messages: Sequence[Message],
+    response_type: type[M],
+    *,
+    timeout: float = 60.0,
+    attempts: int = 3,
+    backoff: float = 0.2,
+    liveness: float | None = LIVENESS_SECONDS,
+) -> list[M | StableAlignError]:
+    """Sends ``messages`` (requests of the method at ``subject``) as one batch; one result per message, in order.
+
+    One round trip and one message each way instead of one per request: what the world's fan-out waves
+    (an interaction's k feedback requests, its two ratings of an answer) cost the requester, the server
+    and the replica. The batch as a whole is sent, re-sent and failed like ``request`` (timeouts, no
+    responders, liveness, a replica's error reply); an item's own failure comes back in its place as
+    the typed error it would have raised alone, and the caller decides about it.
+    """
+    if not 0 < len(messages) <= MAX_BATCH_ITEMS:
+        raise ValueError(f"a batch holds 1..{MAX_BATCH_ITEMS} requests, not {len(messages)}")
+    batch = common_pb2.RequestBatch(requests=[m.SerializeToString() for m in messages])
+    reply = await request(nc, batch_subject(subject), batch, common_pb2.ReplyBatch, timeout=timeout,
+                          attempts=attempts, backoff=backoff, liveness=liveness)
+    if len(reply.replies) != len(messages):
+        raise UnavailableError(f"{subject}: a batch of {len(messages)} requests got {len(reply.replies)} replies")
+    results: list[M | StableAlignError] = []
+    for item in reply.replies:
+        if item.code and item.code != 200:
+            results.append(error_from_code(item.code, item.error or "error"))
+            continue
+        result = response_type()
+        try:
+            result.ParseFromString(item.payload)
+        except DecodeError as exc:
+            results.append(UnavailableError(f"{subject}: malformed reply in a batch ({exc})"))
+            continue
+        results.append(result)
+    return results
+
+
 class _ReplyInbox:
     """Replies and heartbeats of every request with a silence limit on one connection, on one subscription.
 
@@ -501,30 +553,73 @@ class RequestServer:
     def __post_init__(self) -> None:
         self._semaphore = asyncio.Semaphore(self.max_concurrency)
 
-    async def add(self, subject: str, request_type: type[M], handler: Handler, method: str) -> None:
+    async def add(self, subject: str, request_type: type[M], handler: Handler, method: str, *,
+                  batch: bool = False) -> None:
+        """Serves ``handler`` on ``subject``; with ``batch`` also batches of its requests on
+        ``batch_subject(subject)`` (method ``<method>Batch`` in the service API)."""
+        await self._subscribe(subject, request_type, handler, method)
+        if not batch:
+            await self.nc.flush()  # live at the server before the service says it is ready
+            return
+
+        async def run_batch(batch: common_pb2.RequestBatch) -> common_pb2.ReplyBatch:
+            if len(batch.requests) > MAX_BATCH_ITEMS:
+                raise ValidationError(f"a batch of {len(batch.requests)} requests, more than the limit of "
+                                      f"{MAX_BATCH_ITEMS}")
+            return common_pb2.ReplyBatch(replies=await asyncio.gather(
+                *(self._serve_item(method, request_type, handler, data) for data in batch.requests)))
+
+        # The envelope is not counted in REQUESTS (its items are, under ``method``): no request counted twice.
+        await self._subscribe(batch_subject(subject), common_pb2.RequestBatch, run_batch, f"{method}Batch",
+                              count=False)
+        # Make the subscriptions live at the server before the service says it is ready.
+        await self.nc.flush()
+
+    async def _subscribe(self, subject: str, request_type: type[M], handler: Handler, method: str, *,
+                         count: bool = True) -> None:
         counters = EndpointCounters(name=method, subject=subject, queue_group=self.queue)
         self.endpoints.append(counters)
 
         async def on_message(msg: Msg) -> None:
             counters.num_requests += 1
-            task = asyncio.create_task(self._handle(msg, request_type, handler, method, counters))
+            task = asyncio.create_task(self._handle(msg, request_type, handler, method, counters, count))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
         self._subs.append(await self.nc.subscribe(subject, queue=self.queue, cb=on_message,
                                                   pending_msgs_limit=1_000_000))
-        # Make the subscription live at the server before the service says it is ready.
-        await self.nc.flush()
+
+    async def _serve_item(self, method: str, request_type: type[M], handler: Handler,
+                          data: bytes) -> common_pb2.BatchReply:
+        """One item of a batch: its reply, or the error it would have been answered with alone."""
+        started = time.perf_counter()
+        code = "200"
+        try:
+            request_msg = request_type()
+            try:
+                request_msg.ParseFromString(data)
+            except DecodeError as exc:
+                raise ValidationError(f"malformed {request_type.DESCRIPTOR.name}: {exc}") from exc
+            reply = await self._run_once(method, data, handler, request_msg)
+            return common_pb2.BatchReply(payload=reply.SerializeToString())
+        except asyncio.CancelledError:
+            code = "499"
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the item's error
+            code, text = self._error_reply(exc, method)
+            return common_pb2.BatchReply(code=int(code), error=text)
+        finally:
+            self._count(method, code, started)
 
     async def _handle(self, msg: Msg, request_type: type[M], handler: Handler, method: str,
-                      counters: EndpointCounters | None = None) -> None:
+                      counters: EndpointCounters | None = None, count: bool = True) -> None:
         started = time.perf_counter()
         started_ns = time.perf_counter_ns()
         liveness = _liveness(msg)
         # Heartbeats from receipt (a request waiting for a slot is alive too) until this task ends.
         heartbeat = self._heartbeats(msg.reply, liveness) if liveness else None
         try:
-            await self._serve(msg, request_type, handler, method, counters, started, started_ns)
+            await self._serve(msg, request_type, handler, method, counters, started, started_ns, count)
         finally:
             if heartbeat is not None:
                 heartbeat[0].cancel()
@@ -553,7 +648,7 @@ class RequestServer:
             pass
 
     async def _serve(self, msg: Msg, request_type: type[M], handler: Handler, method: str,
-                     counters: EndpointCounters | None, started: float, started_ns: int) -> None:
+                     counters: EndpointCounters | None, started: float, started_ns: int, count: bool = True) -> None:
         code = "200"
         async with self._semaphore:
             try:
@@ -572,11 +667,7 @@ class RequestServer:
                 code = "499"
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
-                if isinstance(exc, StableAlignError):
-                    code, text = str(exc.code), str(exc)
-                else:
-                    code, text = "500", "internal error"
-                    log.exception("nats.handler_failed", extra={"service": self.service, "method": method})
+                code, text = self._error_reply(exc, method)
                 if counters is not None:
                     counters.num_errors += 1
                     counters.last_error = f"{code}:{text}"
@@ -589,15 +680,25 @@ class RequestServer:
                 if counters is not None:
                     counters.processing_ns += time.perf_counter_ns() - started_ns
                     counters.finished += 1
-                counted = self._counted.get((method, code))
-                if counted is None:
-                    counted = self._counted[(method, code)] = metrics.REQUESTS.labels(self.service, method, "nats",
-                                                                                      code)
-                counted.inc()
-                timed = self._timed.get(method)
-                if timed is None:
-                    timed = self._timed[method] = metrics.REQUEST_SECONDS.labels(self.service, method, "nats")
-                timed.observe(time.perf_counter() - started)
+                if count:
+                    self._count(method, code, started)
+
+    def _error_reply(self, exc: Exception, method: str) -> tuple[str, str]:
+        """(code, text) of the error reply for ``exc``: its own for ours; 500 and a logged traceback else."""
+        if isinstance(exc, StableAlignError):
+            return str(exc.code), str(exc)
+        log.exception("nats.handler_failed", extra={"service": self.service, "method": method})
+        return "500", "internal error"
+
+    def _count(self, method: str, code: str, started: float) -> None:
+        counted = self._counted.get((method, code))
+        if counted is None:
+            counted = self._counted[(method, code)] = metrics.REQUESTS.labels(self.service, method, "nats", code)
+        counted.inc()
+        timed = self._timed.get(method)
+        if timed is None:
+            timed = self._timed[method] = metrics.REQUEST_SECONDS.labels(self.service, method, "nats")
+        timed.observe(time.perf_counter() - started)
 
     async def _run_once(self, method: str, data: bytes, handler: Handler, request_msg: Message) -> Message:
         """Runs ``handler``, or joins the run of an identical request already in flight here.

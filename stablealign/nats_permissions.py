@@ -106,8 +106,9 @@ class Role:
 
 WORLD_REQUESTS = (bus.WORLD_CREATE, bus.WORLD_GET, bus.WORLD_LIST, bus.WORLD_CANCEL, bus.WORLD_RESUME)
 TRAINER_REQUESTS = (bus.TRAINER_SUBMIT, bus.TRAINER_GET, bus.TRAINER_LIST, bus.TRAINER_CANCEL)
-AGENT_REQUESTS = (bus.AGENT_DRAFT, bus.AGENT_FEEDBACK, bus.AGENT_REVISE)
-OBSERVER_REQUESTS = (bus.OBSERVER_RATE,)
+# With the batch subjects of the methods served with ``batch=True`` (bus.request_batch).
+AGENT_REQUESTS = (bus.AGENT_DRAFT, bus.AGENT_FEEDBACK, bus.batch_subject(bus.AGENT_FEEDBACK), bus.AGENT_REVISE)
+OBSERVER_REQUESTS = (bus.OBSERVER_RATE, bus.batch_subject(bus.OBSERVER_RATE))
 _RECORDS = bus.RECORDS_SUBJECT.format(world_id=">")
 _MEMORY = "sandbox.memory.>"
 _POOLS = "sandbox.pools.>"

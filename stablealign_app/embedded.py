@@ -185,49 +185,42 @@ def remote_nats_settings() -> list[str]:
     return list(dict.fromkeys([*from_command, *from_env]))
 
 
-WORKERS_ENV = "STABLEALIGN_RUN_WORKERS"
 # A world smaller than this is over before a worker would have started: no workers by default.
 WORKERS_MIN_INTERACTIONS = 200
 MAX_DEFAULT_WORKERS = 4
+AUTO_WORKERS = -1
 
 
-def run_workers(spec: world_pb2.WorldSpec, environ: dict[str, str] | None = None,
-                cpus: int | None = None) -> int:
+def run_workers(spec: world_pb2.WorldSpec, requested: int = AUTO_WORKERS, cpus: int | None = None) -> int:
     """How many worker processes an embedded run of ``spec`` starts (``stablealign_app/worker.py``).
 
-    ``$STABLEALIGN_RUN_WORKERS`` when set (0: everything in the command's own process). By default one per
-    core beyond the first, at most ``MAX_DEFAULT_WORKERS``; none on one core, none for a world of fewer than
-    ``WORKERS_MIN_INTERACTIONS`` interactions (a worker's start-up would cost more than it serves), and
-    none with an in-process model (``hf``): each process would load its own copy, and torch already uses
-    the cores.
+    ``requested`` (`run --workers`, ``STABLEALIGN_RUN_WORKERS``) when >= 0 (0: everything in the command's
+    own process). Else one per core beyond the first, at most ``MAX_DEFAULT_WORKERS``; none on one core, none
+    for a world of fewer than ``WORKERS_MIN_INTERACTIONS`` interactions (a worker's start-up would cost
+    more than it serves), and none with an in-process model (``hf``): each process would load its own copy,
+    and torch already uses the cores.
     """
-    env = os.environ if environ is None else environ
-    raw = (env.get(WORKERS_ENV) or "").strip()
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{WORKERS_ENV}={raw!r}: expected a whole number of worker processes") from None
-        if value < 0:
-            raise ConfigError(f"{WORKERS_ENV} must be >= 0, got {value}")
-        return value
+    if requested >= 0:
+        return requested
+    if requested != AUTO_WORKERS:
+        raise ConfigError(f"--workers must be >= 0, or {AUTO_WORKERS} for one per extra core; got {requested}")
     if "hf" in (spec.agent_model.backend, spec.observer_model.backend):
         return 0
     if spec.size * spec.size * max(spec.rounds, 1) < WORKERS_MIN_INTERACTIONS:
         return 0
-    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-        else (os.cpu_count() or 1)
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(cpus - 1, MAX_DEFAULT_WORKERS))
 
 
-def embedded_stack_for(spec: world_pb2.WorldSpec) -> EmbeddedStack:
+def embedded_stack_for(spec: world_pb2.WorldSpec, workers: int = AUTO_WORKERS) -> EmbeddedStack:
     """An embedded stack that may run ``spec``: the person running the command is its operator.
 
     The in-process services accept the LLM URLs the spec names (``endpoints.trust``: without a key;
     ``OPENAI_API_KEY`` still goes only to ``OPENAI_BASE_URL``), its hf model directories
     (``models.trust_model_dir``) and the directories of its prior and question files besides the
-    shared data directory; its worker processes (``run_workers``) are given the same URLs and model
-    directories. Services reached with ``--nats`` get nothing of this: their operator configured them.
+    shared data directory; its worker processes (``run_workers(spec, workers)``) are given the same URLs
+    and model directories. Services reached with ``--nats`` get nothing of this: their operator configured them.
     """
     worker_args: list[str] = []
     for ref in (spec.agent_model, spec.observer_model, spec.embedding_model):
@@ -243,7 +236,7 @@ def embedded_stack_for(spec: world_pb2.WorldSpec) -> EmbeddedStack:
         if path.strip():
             roots.append(str(Path(path).expanduser().resolve().parent))
     return EmbeddedStack(overrides={"world": {"world_data_roots": tuple(dict.fromkeys(roots))}},
-                         workers=run_workers(spec), worker_args=worker_args)
+                         workers=run_workers(spec, workers), worker_args=worker_args)
 
 
 async def create_world(nc: NATS, spec: world_pb2.WorldSpec, timeout: float = 120.0) -> world_pb2.World:

@@ -23,7 +23,8 @@ async def build(ctx: ServiceContext) -> ServiceParts:
                          on_read=lambda kind: metrics.MEMORY_READS.labels(kind).inc())
     handlers = AgentHandlers(settings, WorldSpecCache(ctx.js, max_worlds=settings.max_worlds), memory)
     await ctx.requests.add(bus.AGENT_DRAFT, agent_pb2.DraftRequest, handlers.draft, "Draft")
-    await ctx.requests.add(bus.AGENT_FEEDBACK, agent_pb2.FeedbackRequest, handlers.feedback, "Feedback")
+    await ctx.requests.add(bus.AGENT_FEEDBACK, agent_pb2.FeedbackRequest, handlers.feedback, "Feedback",
+                            batch=True)
     await ctx.requests.add(bus.AGENT_REVISE, agent_pb2.ReviseRequest, handlers.revise, "Revise")
     servicer = AgentServicer(handlers)
     return ServiceParts(grpc=[(agent_pb2_grpc.add_AgentServiceServicer_to_server, servicer, SERVICE_NAME)])

@@ -18,6 +18,6 @@ async def build(ctx: ServiceContext) -> ServiceParts:
     settings = ctx.settings if isinstance(ctx.settings, ObserverSettings) else load_settings(
         ObserverSettings, dict(vars(ctx.settings)))
     handlers = ObserverHandlers(settings, WorldSpecCache(ctx.js, max_worlds=settings.max_worlds))
-    await ctx.requests.add(bus.OBSERVER_RATE, observer_pb2.RateRequest, handlers.rate, "Rate")
+    await ctx.requests.add(bus.OBSERVER_RATE, observer_pb2.RateRequest, handlers.rate, "Rate", batch=True)
     return ServiceParts(grpc=[(observer_pb2_grpc.add_ObserverServiceServicer_to_server,
                                ObserverServicer(handlers), SERVICE_NAME)])

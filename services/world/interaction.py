@@ -12,6 +12,9 @@ batches, scheduler.QuestionVectors), which leaves 4 sequential round trips
 
 The "before" ratings depend only on the draft, so running them beside the feedback changes no
 record. Without a precomputed embedding the interaction embeds its question first (5 round trips).
+Each fan-out is one NATS request (``bus.request_batch``): the k feedback requests go to the agents as
+one batch, each pair of ratings to the observers as another, so an interaction costs 5 requests on the
+bus instead of 10, with the items still answered (and failing, and being retried) one by one.
 
 A step's reply is kept in the interaction's ``InteractionProgress`` as soon as it arrives, and the
 world's retry of a failed interaction passes the same one back: the retry resumes from the step that
@@ -98,6 +101,32 @@ class InteractionDeps:
             liveness=self.settings.request_liveness_seconds,
         ))
 
+    async def call_many(self, subject: str, messages: Sequence[Any], response_type, *, backend: str,
+                        step: str) -> list[Any]:
+        """Requests to one method, answered each on its own: one result per message, in order, a failed one
+        as the StepError naming ``step`` that ``call`` would have raised. One NATS batch
+        (``bus.request_batch``) unless ``settings.batch_requests`` is off; a failure of the batch as a whole
+        (no replica, the deadline) is raised as a StepError."""
+        target = f"{subject}, backend {backend or 'default'}"
+        if not self.settings.batch_requests:
+            results = await asyncio.gather(
+                *(self.call(subject, m, response_type, backend=backend, step=step) for m in messages),
+                return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, Exception):
+                    raise result  # cancelled
+            return list(results)
+        results = await _step(step, target, bus.request_batch(
+            self.nc,
+            subject,
+            messages,
+            response_type,
+            timeout=self.settings.request_timeout(backend),
+            attempts=self.settings.request_attempts,
+            liveness=self.settings.request_liveness_seconds,
+        ))
+        return [StepError(step, target, r) if isinstance(r, Exception) else r for r in results]
+
 
 @dataclass
 class InteractionProgress:
@@ -119,12 +148,32 @@ class InteractionProgress:
         self.results[key] = result
         return result
 
+    async def step_many(self, keys: Sequence[str], make: Callable[[list[int]], Awaitable[list[Any]]]) -> list[Any]:
+        """The replies of steps ``keys``: those already received, the others from ``make(indices of the missing
+        ones)`` (asked together: one result per index, an Exception for a step that failed). The replies that
+        came are kept even when another failed, whose error is then raised: the next attempt asks only for it."""
+        missing = [i for i, key in enumerate(keys) if key not in self.results]
+        if missing:
+            failure: Exception | None = None
+            for i, result in zip(missing, await make(missing)):
+                if isinstance(result, Exception):
+                    failure = failure or result
+                else:
+                    self.results[keys[i]] = result
+            if failure is not None:
+                raise failure
+        return [self.results[key] for key in keys]
+
     def forget(self) -> None:
         """Drops every reply: the next attempt starts over (replies that together broke the record's checks)."""
         self.results.clear()
 
 
-async def _timed(coro) -> tuple[object, float]:
+async def _no_replies() -> list:
+    return []
+
+
+async def _timed(coro) -> tuple[Any, float]:
     started = time.perf_counter()
     result = await coro
     return result, time.perf_counter() - started
@@ -174,48 +223,35 @@ async def run_interaction(
     ))
     latency["draft"] = time.perf_counter() - t
 
-    def rate(answer: str, aspect: int, stage: str):
-        return _timed(step(f"rate_{stage}.{aspect}", lambda: deps.call(
-            bus.OBSERVER_RATE,
-            observer_pb2.RateRequest(
-                world_id=world_id,
-                agent_id=agent,
-                round=round_,
-                question=question,
-                answer=answer,
-                aspect=aspect,
-                stage=stage,
-            ),
-            observer_pb2.RateResponse,
-            backend=spec.observer_model.backend,
-            step=f"rate_{stage}",
-        )))
+    def rate_both(answer: str, stage: str):
+        """Alignment and engagement of ``answer``: one request to the observers (a batch of two)."""
+        aspects = (ALIGNMENT, ENGAGEMENT)
+        requests = [observer_pb2.RateRequest(world_id=world_id, agent_id=agent, round=round_, question=question,
+                                             answer=answer, aspect=aspect, stage=stage) for aspect in aspects]
+        return _timed(progress.step_many(
+            [f"rate_{stage}.{aspect}" for aspect in aspects],
+            lambda missing: deps.call_many(bus.OBSERVER_RATE, [requests[i] for i in missing],
+                                           observer_pb2.RateResponse, backend=spec.observer_model.backend,
+                                           step=f"rate_{stage}")))
+
+    feedback_requests = [
+        agent_pb2.FeedbackRequest(world_id=world_id, agent_id=p, round=round_, question=question,
+                                  answer=draft.answer, author_id=agent)
+        for p in partners
+    ]
 
     t = time.perf_counter()
-    feedback_calls = [
-        step(f"feedback.{i}.{p}", lambda p=p: deps.call(
-            bus.AGENT_FEEDBACK,
-            agent_pb2.FeedbackRequest(
-                world_id=world_id,
-                agent_id=p,
-                round=round_,
-                question=question,
-                answer=draft.answer,
-                author_id=agent,
-            ),
-            agent_pb2.FeedbackResponse,
-            backend=agent_backend,
-            step="feedback",
-        ))
-        for i, p in enumerate(partners)
-    ]
-    results = await asyncio.gather(
-        rate(draft.answer, ALIGNMENT, "before"), rate(draft.answer, ENGAGEMENT, "before"), *feedback_calls
+    (ratings_before, t_before), feedback_replies = await asyncio.gather(
+        rate_both(draft.answer, "before"),
+        progress.step_many(
+            [f"feedback.{i}.{p}" for i, p in enumerate(partners)],
+            lambda missing: deps.call_many(bus.AGENT_FEEDBACK, [feedback_requests[i] for i in missing],
+                                           agent_pb2.FeedbackResponse, backend=agent_backend, step="feedback"))
+        if partners else _no_replies(),
     )
     latency["feedback"] = time.perf_counter() - t
-    (align_before, t_ab), (engage_before, t_eb) = results[0], results[1]
-    latency["rate_before"] = max(t_ab, t_eb)
-    feedback_replies: list[agent_pb2.FeedbackResponse] = list(results[2:])
+    align_before, engage_before = ratings_before
+    latency["rate_before"] = t_before
     feedback: list[common_pb2.Feedback] = []
     for partner, reply in zip(partners, feedback_replies):
         fb = common_pb2.Feedback()
@@ -241,9 +277,7 @@ async def run_interaction(
     latency["revise"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    (align_after, _), (engage_after, _) = await asyncio.gather(
-        rate(revised.answer, ALIGNMENT, "after"), rate(revised.answer, ENGAGEMENT, "after")
-    )
+    (align_after, engage_after), _ = await rate_both(revised.answer, "after")
     latency["rate_after"] = time.perf_counter() - t
 
     stats = [

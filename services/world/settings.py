@@ -54,6 +54,10 @@ class WorldSettings(ServiceSettings):
                                                                   "for (0: lease_seconds / 2).")
     max_interaction_concurrency: int = Field(1024, ge=0, description="Upper bound on interactions in flight per "
                                                                      "world, whatever the spec asks (0: no bound).")
+    batch_requests: bool = Field(True, description=(
+        "Send an interaction's k feedback requests as one NATS batch, and each pair of ratings as another "
+        "(bus.request_batch): one round trip per wave instead of one per request. false: one request each, "
+        "for agents and observers older than batching (they do not answer '<subject>.batch')."))
     prior_publish_chunk: int = Field(64, ge=1, description="Prior memory batches published at once while seeding "
                                                            "a world.")
     max_world_memory_mb: float = Field(4096.0, ge=0, description=(

@@ -29,6 +29,7 @@ from stablealign.records import record_to_json
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign_app.cli.rules import exit_code
 from stablealign_app.embedded import (
+    AUTO_WORKERS,
     create_world,
     embedded_stack_for,
     export_records,
@@ -144,9 +145,10 @@ def build_spec(*, size: int, rounds: int, setting: str, backend: str, seed: int,
 
 
 async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, timeout: float,
-                    quiet: bool = False) -> world_pb2.World:
-    """Creates the world (on an embedded stack unless ``nats_url``), follows it, writes records.jsonl."""
-    stack = None if nats_url else await embedded_stack_for(spec).start()
+                    quiet: bool = False, workers: int = AUTO_WORKERS) -> world_pb2.World:
+    """Creates the world (on an embedded stack with ``workers`` worker processes unless ``nats_url``),
+    follows it, writes records.jsonl."""
+    stack = None if nats_url else await embedded_stack_for(spec, workers).start()
     url = nats_url or stack.url
     try:
         nc = await bus.connect(url, name="stablealign-cli", give_up_after=CONNECT_GIVE_UP_SECONDS,
@@ -217,6 +219,9 @@ def run(
     questions: str = _opt("", "--questions", help="Question pool file; default ../shared/data."),
     world_id: str = _opt("", "--world-id", help="World id (default: generated)."),
     timeout: float = _opt(3600.0, "--timeout", help="Give up after this many seconds."),
+    workers: int = _opt(AUTO_WORKERS, "--workers", help="Worker processes serving more agent and observer "
+                        "replicas beside this one (embedded stack only); -1 = one per core beyond the first "
+                        "(at most 4; none for fewer than 200 interactions or the hf backend), 0 = none."),
 ) -> None:
     """Simulate a world and write DIR/records.jsonl (the original's field names) and DIR/world.json."""
     spec = build_spec(size=size, rounds=rounds, setting=setting.value, backend=backend.value, seed=seed,
@@ -226,7 +231,7 @@ def run(
                       global_partner_probability=global_partner_probability, concurrency=concurrency,
                       prior_size=prior_size, prior=prior, questions=questions, world_id=world_id)
     try:
-        world = asyncio.run(run_world(spec, out, nats, timeout))
+        world = asyncio.run(run_world(spec, out, nats, timeout, workers=workers))
     except StableAlignError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exit_code(exc, 1)) from None

@@ -120,3 +120,88 @@ async def test_joined_request_gets_the_same_error(nc):
         return_exceptions=True)
     assert all(isinstance(r, NotFoundError) for r in results)
     assert calls == 1
+
+
+async def test_a_batch_is_answered_item_by_item(nc):
+    """One message carries several requests; each item gets its own reply or its own typed error, the
+    others are unaffected, and the items are counted under the method (the envelope is not)."""
+    from stablealign import metrics
+
+    server = bus.RequestServer(nc, service="tb", queue="tb")
+    running = 0
+    most = 0
+
+    async def get(req: world_pb2.GetWorldRequest) -> world_pb2.World:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        if req.world_id == "missing":
+            raise NotFoundError("unknown world missing")
+        if req.world_id == "boom":
+            raise RuntimeError("a bug")
+        return world_pb2.World(spec=world_pb2.WorldSpec(world_id=req.world_id))
+
+    await server.add("tb.get", world_pb2.GetWorldRequest, get, "Get", batch=True)
+    asks = [world_pb2.GetWorldRequest(world_id=w) for w in ("a", "missing", "b", "boom")]
+    before = metrics.counter_value("stablealign_requests_total", service="tb")
+    results = await bus.request_batch(nc, "tb.get", asks, world_pb2.World, timeout=5)
+    assert [r.spec.world_id for r in (results[0], results[2])] == ["a", "b"]
+    assert isinstance(results[1], NotFoundError) and "unknown world missing" in str(results[1])
+    assert results[3].code == 500 and "internal error" in str(results[3])  # no traceback to the requester
+    assert most == 4  # the items ran at once, not one after another
+    assert metrics.counter_value("stablealign_requests_total", service="tb") - before == 4
+    assert metrics.counter_value("stablealign_requests_total", service="tb", method="GetBatch") == 0
+    assert [e.name for e in server.endpoints] == ["Get", "GetBatch"]
+    # The single-request subject still answers.
+    reply = await bus.request(nc, "tb.get", world_pb2.GetWorldRequest(world_id="c"), world_pb2.World, timeout=2)
+    assert reply.spec.world_id == "c"
+
+
+async def test_bad_batches_get_clear_answers(nc):
+    server = bus.RequestServer(nc, service="tc", queue="tc")
+
+    async def get(req: world_pb2.GetWorldRequest) -> world_pb2.World:
+        return world_pb2.World(spec=world_pb2.WorldSpec(world_id=req.world_id))
+
+    await server.add("tc.get", world_pb2.GetWorldRequest, get, "Get", batch=True)
+    # A malformed envelope: 400 for the whole batch, as for a malformed single request.
+    raw = await nc.request(bus.batch_subject("tc.get"), b"\xff\xff\xff", timeout=2)
+    assert raw.headers[bus.ERROR_CODE_HEADER] == "400"
+    # A malformed item: 400 for that item only.
+    envelope = common_pb2.RequestBatch(requests=[b"\xff\xff", world_pb2.GetWorldRequest(world_id="ok").SerializeToString()])
+    raw = await nc.request(bus.batch_subject("tc.get"), envelope.SerializeToString(), timeout=2)
+    replies = common_pb2.ReplyBatch.FromString(raw.data).replies
+    assert replies[0].code == 400 and "malformed GetWorldRequest" in replies[0].error
+    assert replies[1].code == 0 and world_pb2.World.FromString(replies[1].payload).spec.world_id == "ok"
+    # More items than the limit: refused as a whole, clearly; and the client refuses to send one.
+    too_many = common_pb2.RequestBatch(requests=[b""] * (bus.MAX_BATCH_ITEMS + 1))
+    raw = await nc.request(bus.batch_subject("tc.get"), too_many.SerializeToString(), timeout=2)
+    assert raw.headers[bus.ERROR_CODE_HEADER] == "400" and "limit" in raw.headers[bus.ERROR_HEADER]
+    with pytest.raises(ValueError, match="1..64"):
+        await bus.request_batch(nc, "tc.get", [world_pb2.GetWorldRequest()] * 65, world_pb2.World)
+    # A method added without batch=True has no batch subject: nobody answers there.
+    await server.add("tc.plain", world_pb2.GetWorldRequest, get, "Plain")
+    with pytest.raises(UnavailableError):
+        await bus.request_batch(nc, "tc.plain", [world_pb2.GetWorldRequest()], world_pb2.World, timeout=0.5,
+                                attempts=1)
+
+
+async def test_a_resent_batch_joins_the_items_in_flight(nc):
+    """A batch re-sent while its items are still being worked on (the requester timed out) runs no item twice."""
+    server = bus.RequestServer(nc, service="td", queue="td")
+    calls = 0
+
+    async def get(req: world_pb2.GetWorldRequest) -> world_pb2.World:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.6)
+        return world_pb2.World(spec=world_pb2.WorldSpec(world_id=req.world_id))
+
+    await server.add("td.get", world_pb2.GetWorldRequest, get, "Get", batch=True)
+    asks = [world_pb2.GetWorldRequest(world_id=w) for w in ("x", "y")]
+    results = await bus.request_batch(nc, "td.get", asks, world_pb2.World, timeout=0.3, attempts=4, backoff=0.01,
+                                      liveness=None)
+    assert [r.spec.world_id for r in results] == ["x", "y"]
+    assert calls == 2

@@ -97,9 +97,10 @@ async def test_ping_info_stats_of_two_replicas_and_another_service(nc, services)
         assert info.name == AGENT and info.version == __version__ and info.description
         assert [(e.name, e.subject, e.queue_group) for e in info.endpoints] == [
             ("Draft", bus.AGENT_DRAFT, "agent"), ("Feedback", bus.AGENT_FEEDBACK, "agent"),
-            ("Revise", bus.AGENT_REVISE, "agent")]
+            ("FeedbackBatch", bus.batch_subject(bus.AGENT_FEEDBACK), "agent"), ("Revise", bus.AGENT_REVISE, "agent")]
     [observer_info] = await ask(nc, f"$SRV.INFO.{OBSERVER}", expect=1)
-    assert [(e["name"], e["subject"]) for e in observer_info["endpoints"]] == [("Rate", bus.OBSERVER_RATE)]
+    assert [(e["name"], e["subject"]) for e in observer_info["endpoints"]] == [
+        ("Rate", bus.OBSERVER_RATE), ("RateBatch", bus.batch_subject(bus.OBSERVER_RATE))]
 
     # Real requests: 6 drafts, one for a world that does not exist, one malformed; one rating.
     drafts = [agent_pb2.DraftRequest(world_id="w1", agent_id=i, round=0, question=PRIOR[i % 3][0]) for i in range(6)]

@@ -161,8 +161,8 @@ def test_run(monkeypatch, tmp_path):
 
     seen: list[Any] = []
 
-    async def run_world(spec, out, nats_url, timeout, quiet=False):
-        seen.append((spec, out, nats_url))
+    async def run_world(spec, out, nats_url, timeout, quiet=False, workers=-1):
+        seen.append((spec, out, nats_url, workers))
         raise Stop("recorded")
 
     monkeypatch.setattr(sandbox, "run_world", run_world)
@@ -176,6 +176,10 @@ def test_run(monkeypatch, tmp_path):
     assert (seen[-1][0].seed, seen[-1][0].size, str(seen[-1][1])) == (1, 3, out)
     invoke(["run"], STABLEALIGN_RUN_OUT=out, STABLEALIGN_NATS_URL="nats://h:4222")
     assert (str(seen[-1][1]), seen[-1][2]) == (out, "nats://h:4222")
+    # --workers: -1 (one per extra core) unless given; STABLEALIGN_RUN_WORKERS by the same rule.
+    assert seen[-1][3] == -1
+    invoke(["run", "--out", out], STABLEALIGN_RUN_WORKERS="2")
+    assert seen[-1][3] == 2
 
 
 def _record_nats(monkeypatch, seen: list[Any], result: Any = None):

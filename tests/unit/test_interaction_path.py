@@ -36,7 +36,8 @@ class FakeDeps(interaction.InteractionDeps):
     """Answers every agent/observer request after STEP_SECONDS and notes (subject, start, request)."""
 
     def __init__(self, embedder) -> None:
-        super().__init__(nc=None, js=None, settings=WorldSettings(), embedder=embedder)
+        # One call per request (batch_requests off): the calls and their start times are what this test reads.
+        super().__init__(nc=None, js=None, settings=WorldSettings(batch_requests=False), embedder=embedder)
         self.calls: list[tuple[str, float, object]] = []
 
     async def call(self, subject, message, response_type, *, backend, step):

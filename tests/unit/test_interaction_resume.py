@@ -18,7 +18,9 @@ class FlakyDeps(interaction.InteractionDeps):
     """Answers every request at once; the steps named in ``fail`` fail the first time they are asked."""
 
     def __init__(self, fail: set[str]) -> None:
-        super().__init__(nc=None, js=None, settings=WorldSettings(), embedder=None)
+        # One call per request (batch_requests off), so that each item can fail on its own here; the
+        # batched path is the same per item (InteractionProgress.step_many) and runs on NATS in the world tests.
+        super().__init__(nc=None, js=None, settings=WorldSettings(batch_requests=False), embedder=None)
         self.fail = set(fail)
         self.asked: list[str] = []
         self.answered: dict[str, int] = {}
