@@ -339,7 +339,7 @@ def _print(ours: SimulationResult, base, title: str) -> None:
     llm = ours.cpu_ms_per_interaction.get("llm_server")
     if llm:
         print(f"ceiling set by the LLM stand-in alone ({len(CRITICAL_PATH)} x {ours.latency_ms:.0f} ms + its {llm:.1f} "
-              f"CPU ms per interaction on its one core): "
+              f"CPU ms per interaction on its one core): about "
               f"{stand_in_ceiling(ours.agents, ours.latency_ms, llm):.1f} interactions/s")
     if base:
         print(f"speed-up interactions/s: {ours.interactions_per_second / base.interactions_per_second:.1f}x; "
@@ -350,12 +350,14 @@ _SHORT = {"agent": "agt", "observer": "obs", "world": "wld", "nats-server": "nat
 
 
 def stand_in_ceiling(agents: int, latency_ms: float, llm_cpu_ms_per_interaction: float) -> float:
-    """Interactions/s that the LLM stand-in alone allows, whatever our side costs.
+    """About the interactions/s that the LLM stand-in alone allows, whatever our side costs.
 
-    The fake server is one asyncio process: each wave of a round (``CRITICAL_PATH``) arrives at once, and its
-    requests are parsed and answered one after another on that process's core while their latencies
-    overlap; so a round lasts at least len(CRITICAL_PATH) x latency + the server's CPU for the round. On a
-    machine where that server shares the cores with the services this bounds what a run can show.
+    The fake server is one asyncio process that waits out a request's latency first and then does its work
+    (HTTP parsing aside: reading the body, the reply, its JSON). A wave of a round (``CRITICAL_PATH``) arrives
+    at once, so its replies leave one after another on that process's core once the latency is over: a
+    round lasts about len(CRITICAL_PATH) x latency + the server's CPU for the round (a little less: the
+    HTTP parsing overlaps the wait). On a machine where that server shares the cores with the services this
+    caps what a run can show.
     """
     round_floor = len(CRITICAL_PATH) * latency_ms / 1000 + agents * llm_cpu_ms_per_interaction / 1000
     return agents / round_floor if round_floor > 0 else float("inf")
@@ -370,7 +372,7 @@ def _print_cli(cli: CliResult) -> None:
           + ", ".join(f"{k} {v:.1f}" for k, v in cli.cpu_ms_per_interaction.items()), flush=True)
     llm = cli.cpu_ms_per_interaction.get("llm_server", 0.0)
     print(f"ceiling set by the LLM stand-in alone ({len(CRITICAL_PATH)} x {cli.latency_ms:.0f} ms + its {llm:.1f} "
-          f"CPU ms per interaction on its one core): "
+          f"CPU ms per interaction on its one core): about "
           f"{stand_in_ceiling(cli.agents, cli.latency_ms, llm):.1f} interactions/s", flush=True)
 
 
