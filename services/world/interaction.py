@@ -88,18 +88,16 @@ class InteractionDeps:
     settings: WorldSettings
     embedder: Embedder
 
+    def _limits(self, backend: str) -> dict[str, Any]:
+        """Deadline (fit to the ``backend`` serving it), attempts and silence limit of a request."""
+        return {"timeout": self.settings.request_timeout(backend), "attempts": self.settings.request_attempts,
+                "liveness": self.settings.request_liveness_seconds}
+
     async def call(self, subject: str, message, response_type, *, backend: str, step: str):
         """A request to the agents or observers; the deadline fits the ``backend`` serving it.
         A failure is a StepError naming ``step``, the subject and the backend."""
-        return await _step(step, f"{subject}, backend {backend or 'default'}", bus.request(
-            self.nc,
-            subject,
-            message,
-            response_type,
-            timeout=self.settings.request_timeout(backend),
-            attempts=self.settings.request_attempts,
-            liveness=self.settings.request_liveness_seconds,
-        ))
+        return await _step(step, f"{subject}, backend {backend or 'default'}",
+                           bus.request(self.nc, subject, message, response_type, **self._limits(backend)))
 
     async def call_many(self, subject: str, messages: Sequence[Any], response_type, *, backend: str,
                         step: str) -> list[Any]:
@@ -116,15 +114,8 @@ class InteractionDeps:
                 if isinstance(result, BaseException) and not isinstance(result, Exception):
                     raise result  # cancelled
             return list(results)
-        results = await _step(step, target, bus.request_batch(
-            self.nc,
-            subject,
-            messages,
-            response_type,
-            timeout=self.settings.request_timeout(backend),
-            attempts=self.settings.request_attempts,
-            liveness=self.settings.request_liveness_seconds,
-        ))
+        results = await _step(step, target, bus.request_batch(self.nc, subject, messages, response_type,
+                                                              **self._limits(backend)))
         return [StepError(step, target, r) if isinstance(r, Exception) else r for r in results]
 
 
