@@ -146,3 +146,20 @@ def test_a_worker_does_not_outlive_its_run(tmp_path):
                 leftover.kill()
             except psutil.Error:
                 pass
+
+
+def test_workers_may_use_the_llm_url_the_user_named(tmp_path, slow_llm):
+    """`--url` is trusted by the command's own services (endpoints.trust); its workers get the same trust,
+    else their share of the calls would be refused and the world would fail."""
+    out = tmp_path / "out"
+    env = _env()
+    env.pop("OPENAI_BASE_URL", None)
+    env.pop("STABLEALIGN_LLM_ENDPOINTS", None)
+    result = subprocess.run([*CLI, "run", "--size", "4", "--rounds", "2", "--backend", "openai", "--url", slow_llm,
+                             "--workers", "1", "--seed", "5", "--out", str(out)], env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out / "world.json").read_text())
+    assert summary["workers"]["processes"] == 1 and summary["workers"]["requests_served"] > 0
+    assert summary["faults"]["interaction_retries"] == 0
+    assert len(list(read_jsonl(out / "records.jsonl"))) == 32
