@@ -562,6 +562,15 @@ class RequestServer:
             await self.nc.flush()  # live at the server before the service says it is ready
             return
 
+        # The envelope is not counted in REQUESTS (its items are, under ``method``): no request counted twice.
+        await self._subscribe(batch_subject(subject), common_pb2.RequestBatch,
+                              self.batch_handler(method, request_type, handler), f"{method}Batch", count=False)
+        # Make the subscriptions live at the server before the service says it is ready.
+        await self.nc.flush()
+
+    def batch_handler(self, method: str, request_type: type[M], handler: Handler) -> Handler:
+        """The handler of ``method``'s batches: every item at once, each answered on its own (``_serve_item``)."""
+
         async def run_batch(batch: common_pb2.RequestBatch) -> common_pb2.ReplyBatch:
             if len(batch.requests) > MAX_BATCH_ITEMS:
                 raise ValidationError(f"a batch of {len(batch.requests)} requests, more than the limit of "
@@ -569,11 +578,7 @@ class RequestServer:
             return common_pb2.ReplyBatch(replies=await asyncio.gather(
                 *(self._serve_item(method, request_type, handler, data) for data in batch.requests)))
 
-        # The envelope is not counted in REQUESTS (its items are, under ``method``): no request counted twice.
-        await self._subscribe(batch_subject(subject), common_pb2.RequestBatch, run_batch, f"{method}Batch",
-                              count=False)
-        # Make the subscriptions live at the server before the service says it is ready.
-        await self.nc.flush()
+        return run_batch
 
     async def _subscribe(self, subject: str, request_type: type[M], handler: Handler, method: str, *,
                          count: bool = True) -> None:

@@ -588,6 +588,41 @@ def test_nats_handlers_answer_undecodable_bytes_with_400(services, aio_loop, met
         assert dispatch(aio_loop, request_type, handler, method, data)[0] == 400
 
 
+def dispatch_batch(aio_loop, request_type, handler, method: str, data: bytes) -> tuple[int, list[int]]:
+    """The NATS dispatch of a batch (``RequestServer.batch_handler``) on one raw envelope: (status code of the
+    envelope, the code of each item's reply: 200 for a reply)."""
+    server = bus.RequestServer(nc=FakeNC(), service="test", queue="test")
+    code, reply = dispatch(aio_loop, common_pb2.RequestBatch, server.batch_handler(method, request_type, handler),
+                           f"{method}Batch", data)
+    if code != 200:
+        return code, []
+    items = common_pb2.ReplyBatch.FromString(reply).replies
+    for item in items:
+        assert "Traceback" not in item.error
+    return code, [item.code or 200 for item in items]
+
+
+@pytest.mark.parametrize("method", ["Feedback", "Rate"])
+@settings(max_examples=100, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(draw=st.data())
+def test_nats_batch_handlers_answer_every_item_or_refuse_the_envelope(services, aio_loop, method, draw):
+    """A batch of arbitrary items (or arbitrary envelope bytes): the envelope is answered or refused with 400,
+    and every item of an answered one gets its own reply or client error — never a 500, one per item."""
+    if draw.draw(st.booleans(), label="raw envelope"):
+        data = draw.draw(st.binary(max_size=96), label="envelope bytes")
+    else:
+        items = draw.draw(st.lists(raw_requests(method), min_size=1, max_size=5), label="items")
+        data = common_pb2.RequestBatch(requests=items).SerializeToString()
+    request_type, handler = services[method]
+    code, item_codes = dispatch_batch(aio_loop, request_type, handler, method, data)
+    event(f"envelope {code}")
+    assert code in (200, 400), (code, data)
+    if code == 200:
+        assert len(item_codes) == len(common_pb2.RequestBatch.FromString(data).requests)
+        assert set(item_codes) <= {200, 400, 404}, item_codes
+
+
 FEEDBACK_ITEMS = st.builds(
     lambda partner, rating, expected, probs: common_pb2.Feedback(
         partner_id=partner, reason="too blunt", text="Rating: ? ### Reason: too blunt",
