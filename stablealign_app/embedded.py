@@ -46,7 +46,8 @@ class EmbeddedStack:
     """nats-server + the SANDBOX services in this process; ``async with`` starts and stops it all."""
 
     services: tuple[str, ...] = SANDBOX_SERVICES
-    server: EmbeddedNatsServer = field(default_factory=EmbeddedNatsServer)
+    # Ends with this process even after `kill -9` (Linux): spawned on the event loop's thread (see start).
+    server: EmbeddedNatsServer = field(default_factory=lambda: EmbeddedNatsServer(die_with_parent=True))
     running: list[RunningService] = field(default_factory=list)
     # Settings per service name beyond the defaults (e.g. the world's data roots for a user's own files).
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -72,7 +73,10 @@ class EmbeddedStack:
             log.warning("embedded.nats_settings_ignored", extra={
                 "ignored": ", ".join(ignored),
                 "why": "the embedded NATS server of this run has no users and no TLS; they are for --nats"})
-        await asyncio.to_thread(self.server.start)
+        # Spawned on this thread, which lives as long as the command (the server's parent-death signal
+        # follows the spawning thread); waited for on another, so the loop is not blocked meanwhile.
+        self.server.spawn()
+        await asyncio.to_thread(self.server.wait_ready)
         try:
             # Workers first: they start (a second or so of imports) while this process starts its own services.
             for number in range(self.workers):

@@ -85,19 +85,32 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.ensure_future(_stdin_closed())
     watcher.add_done_callback(lambda _: stop.set())
-    running = []
-    try:
+    # Asked to stop (SIGTERM): drain what was taken. Orphaned (stdin closed, the run and its NATS server gone):
+    # nobody waits for those replies, so no drain period.
+    grace = lambda: 0.2 if watcher.done() and not watcher.cancelled() else 5.0  # noqa: E731
+    running: list = []
+
+    async def start_all() -> None:
         for name in args.service or WORKER_SERVICES:
-            if stop.is_set():
-                break
             running.append(await start_embedded_service(name, args.nats, instance=f"{args.instance}-{name}"))
-        settle_heap()
-        if not stop.is_set():
+
+    # Starting may wait for NATS forever (the first connection is retried): a stop meanwhile must still end it.
+    starting = asyncio.ensure_future(start_all())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+        else:
+            starting.result()  # a start that failed raises here
+            settle_heap()
             _say({"ready": True})
             await stop.wait()
     finally:
-        for service in reversed(running):
-            await service.stop(grace=5.0)
+        stopping.cancel()
+        await asyncio.gather(*(service.stop(grace=grace()) for service in running), return_exceptions=True)
         await close_process_backends()
         watcher.cancel()
         with contextlib.suppress(BaseException):

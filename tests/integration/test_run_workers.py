@@ -125,7 +125,15 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(tmp_path, slow_llm
     assert len(keys) == len(set(keys)) == 4 * 4 * 3
 
 
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_a_worker_does_not_outlive_its_run(tmp_path):
+    """Nor does the run's nats-server on Linux (its parent-death signal: EmbeddedNatsServer(die_with_parent))."""
     proc = subprocess.Popen([*CLI, "run", "--size", "15", "--rounds", "20", "--seed", "4", "--out", str(tmp_path)],
                             env=_env(STABLEALIGN_RUN_WORKERS="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -135,8 +143,11 @@ def test_a_worker_does_not_outlive_its_run(tmp_path):
         others = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.pid != worker.pid]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        _wait_for(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, 20,
-                  "the worker to exit after its run was killed")
+        _wait_for(lambda: _gone(worker), 20, "the worker to exit after its run was killed")
+        servers = [p for p in others if "nats-server" in p.name()]
+        assert servers, others
+        if sys.platform.startswith("linux"):
+            _wait_for(lambda: all(_gone(p) for p in servers), 20, "the run's nats-server to exit")
     finally:
         if proc.poll() is None:
             proc.kill()
