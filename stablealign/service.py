@@ -15,7 +15,7 @@ import gc
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -31,6 +31,8 @@ from stablealign.redaction import redact_url
 from stablealign.rpc import GrpcServer, HealthPortError, start_grpc_server
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -206,6 +208,27 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> tuple[bool, T | None]:
+    """``(True, result of work)``, or ``(False, None)`` when ``stop`` is set first: ``work`` is then cancelled
+    and its clean-up awaited. For a start that may wait a long time (the first NATS connection is retried
+    forever) while a SIGTERM must still end the process. A failure of ``work`` is raised."""
+    starting = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        starting.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        return False, None
+    return True, starting.result()
+
+
 async def serve_forever(name: str, settings: ServiceSettings,
                         build: Callable[[ServiceContext], Awaitable[ServiceParts]]) -> int:
     """Runs one service until SIGTERM/SIGINT, then drains and returns 0."""
@@ -214,17 +237,10 @@ async def serve_forever(name: str, settings: ServiceSettings,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # Starting may wait a long time (NATS not up yet): a SIGTERM meanwhile must still end the process.
-    starting = asyncio.create_task(start_service(name, settings, build))
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if not starting.done():
-        starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await starting
+    started, running = await unless_stopped(start_service(name, settings, build), stop)
+    if not started:
         log.info("service.stopped_before_ready", extra={"service": name})
         return 0
-    stopping.cancel()
-    running = starting.result()
     settle_heap()
     await stop.wait()
     await running.stop()

@@ -130,7 +130,6 @@ class EmbeddedWorker:
 
     number: int
     process: asyncio.subprocess.Process
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
     counters: dict[str, float] = field(default_factory=dict)
     reader: asyncio.Task | None = None
 
@@ -154,7 +153,6 @@ class EmbeddedWorker:
             except ValueError:
                 continue
             if message.get("ready"):
-                self.ready.set()
                 log.debug("embedded.worker_ready", extra={"worker": self.number, "pid": self.process.pid})
             if isinstance(message.get("counters"), dict):
                 self.counters = {k: float(v) for k, v in message["counters"].items()}

@@ -71,7 +71,7 @@ async def _stdin_closed() -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     from stablealign import endpoints, metrics, models
-    from stablealign.service import close_process_backends, settle_heap
+    from stablealign.service import close_process_backends, settle_heap, unless_stopped
     from stablealign_app.embedded import start_embedded_service
 
     for item in args.trust_url:
@@ -94,22 +94,13 @@ async def serve(args: argparse.Namespace) -> int:
         for name in args.service or WORKER_SERVICES:
             running.append(await start_embedded_service(name, args.nats, instance=f"{args.instance}-{name}"))
 
-    # Starting may wait for NATS forever (the first connection is retried): a stop meanwhile must still end it.
-    starting = asyncio.ensure_future(start_all())
-    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            with contextlib.suppress(BaseException):
-                await starting
-        else:
-            starting.result()  # a start that failed raises here
+        started, _ = await unless_stopped(start_all(), stop)
+        if started:
             settle_heap()
             _say({"ready": True})
             await stop.wait()
     finally:
-        stopping.cancel()
         await asyncio.gather(*(service.stop(grace=grace()) for service in running), return_exceptions=True)
         await close_process_backends()
         watcher.cancel()

@@ -160,10 +160,6 @@ class InteractionProgress:
         self.results.clear()
 
 
-async def _no_replies() -> list:
-    return []
-
-
 async def _timed(coro) -> tuple[Any, float]:
     started = time.perf_counter()
     result = await coro
@@ -237,8 +233,7 @@ async def run_interaction(
         progress.step_many(
             [f"feedback.{i}.{p}" for i, p in enumerate(partners)],
             lambda missing: deps.call_many(bus.AGENT_FEEDBACK, [feedback_requests[i] for i in missing],
-                                           agent_pb2.FeedbackResponse, backend=agent_backend, step="feedback"))
-        if partners else _no_replies(),
+                                           agent_pb2.FeedbackResponse, backend=agent_backend, step="feedback")),
     )
     latency["feedback"] = time.perf_counter() - t
     align_before, engage_before = ratings_before
