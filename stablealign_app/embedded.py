@@ -87,7 +87,8 @@ class EmbeddedStack:
         except BaseException:
             await self.stop()
             raise
-        settle_heap()  # what the command and its services keep for their life: out of the cycle collector's way
+        # What the command and its services keep for their life: out of the cycle collector's way.
+        settle_heap(self.running[0].context.settings.gc_gen0_threshold if self.running else 0)
         return self
 
     async def stop_workers(self) -> None:

@@ -97,7 +97,7 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         started, _ = await unless_stopped(start_all(), stop)
         if started:
-            settle_heap()
+            settle_heap(running[0].context.settings.gc_gen0_threshold if running else 0)
             _say({"ready": True})
             await stop.wait()
     finally:

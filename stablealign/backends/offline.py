@@ -37,7 +37,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -93,19 +93,31 @@ def rating_reply(score: int, reason: str) -> str:
 
 @dataclass(frozen=True)
 class PriorAnswer:
+    """A prior pair; its answers' alignment scores are computed when first asked for.
+
+    Why lazily: scoring all ~3,300 answers of the pool took ~1 s of CPU in every process at its first
+    offline request (in the first round of every world), while a world only ever compares the few
+    entries nearest to its questions.
+    """
+
     question: str
     chosen: str
     rejected: str
-    chosen_alignment: int
-    rejected_alignment: int
+
+    @cached_property
+    def chosen_alignment(self) -> int:
+        return heuristics.alignment_score(self.chosen)[0]
+
+    @cached_property
+    def rejected_alignment(self) -> int:
+        return heuristics.alignment_score(self.rejected)[0]
 
 
 class PriorIndex:
     """Nearest prior question by idf-weighted content-word cosine; an inverted index keeps it fast."""
 
     def __init__(self, pairs: Sequence[Any]) -> None:
-        self.entries = [PriorAnswer(p.question, p.chosen, p.rejected, heuristics.alignment_score(p.chosen)[0],
-                                    heuristics.alignment_score(p.rejected)[0]) for p in pairs]
+        self.entries = [PriorAnswer(p.question, p.chosen, p.rejected) for p in pairs]
         postings: dict[str, list[int]] = defaultdict(list)
         words_per_entry = []
         for index, entry in enumerate(self.entries):
