@@ -31,8 +31,11 @@ constructor logs a warning, so the offline mode is obvious in records, metrics a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
+import os
 import re
+import tempfile
 import threading
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -53,6 +56,7 @@ from stablealign.backends.base import (
     Completion,
     RetryPolicy,
 )
+from stablealign.backends.embeddings import cache_dir
 from stablealign.data import default_prior_path, load_prior_pairs
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
@@ -96,8 +100,9 @@ class PriorAnswer:
     """A prior pair; its answers' alignment scores are computed when first asked for.
 
     Why lazily: scoring all ~3,300 answers of the pool took ~1 s of CPU in every process at its first
-    offline request (in the first round of every world), while a world only ever compares the few
-    entries nearest to its questions.
+    offline request (in the first round of every world), while a small world only compares the few
+    entries nearest to its questions. With the cache on, the scores of the whole pool are read from
+    it instead (``fill_prior_scores``).
     """
 
     question: str
@@ -118,6 +123,7 @@ class PriorIndex:
 
     def __init__(self, pairs: Sequence[Any]) -> None:
         self.entries = [PriorAnswer(p.question, p.chosen, p.rejected) for p in pairs]
+        fill_prior_scores(self.entries)
         postings: dict[str, list[int]] = defaultdict(list)
         words_per_entry = []
         for index, entry in enumerate(self.entries):
@@ -149,6 +155,50 @@ class PriorIndex:
             return tuple((start + i * 7919) % len(self.entries) for i in range(k))
         ranked = sorted(scores.items(), key=lambda item: (-item[1] / self.norms[item[0]], item[0]))
         return tuple(index for index, _ in ranked[:k])
+
+
+def _scores_path(entries: Sequence[PriorAnswer]) -> Path | None:
+    """The cache file of these answers' scores under the current heuristics (None: the cache is off).
+
+    Keyed by the texts themselves and the heuristics' source, so an edited prior file or lexicon
+    never reads stale scores."""
+    root = cache_dir()
+    if root is None:
+        return None
+    digest = hashlib.sha256(Path(heuristics.__file__).read_bytes())
+    for entry in entries:
+        digest.update(entry.chosen.encode("utf-8", "surrogatepass") + b"\x1f")
+        digest.update(entry.rejected.encode("utf-8", "surrogatepass") + b"\x1e")
+    return root / "prior-scores" / f"{digest.hexdigest()}.bin"
+
+
+def fill_prior_scores(entries: Sequence[PriorAnswer]) -> None:
+    """Sets every entry's alignment scores from the on-disk cache (~1 ms); on a miss computes them all
+    (~1 s for the default pool, once per machine) and stores them. A cache that is off, unwritable or
+    damaged (wrong size, a score outside 1..7) leaves the scores to be computed lazily: never an error."""
+    try:
+        path = _scores_path(entries)
+    except OSError:
+        return
+    if path is None:
+        return
+    try:
+        data = path.read_bytes()
+    except OSError:
+        data = b""
+    if len(data) != 2 * len(entries) or any(not 1 <= score <= 7 for score in data):
+        data = bytes(score for entry in entries for score in (entry.chosen_alignment, entry.rejected_alignment))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as out:
+                out.write(data)
+            os.replace(out.name, path)  # whole or not at all, for processes reading it meanwhile
+        except OSError as exc:
+            log.debug("offline.prior_scores_not_cached", extra={"path": str(path), "error": str(exc)})
+        return
+    for entry, chosen, rejected in zip(entries, data[0::2], data[1::2], strict=True):
+        entry.__dict__["chosen_alignment"] = chosen  # what the cached_property would compute
+        entry.__dict__["rejected_alignment"] = rejected
 
 
 _INDEX_LOCK = threading.Lock()

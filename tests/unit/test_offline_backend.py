@@ -157,3 +157,75 @@ async def test_a_half_bad_society_becomes_more_aligned_through_memory(backend):
                 scores.append(alignment_score(text)[0])
         bad_draft_scores.append(statistics.mean(scores))
     assert bad_draft_scores[-1] > bad_draft_scores[0] + 1, bad_draft_scores
+
+
+# --- the prior answers' alignment scores, cached across runs -----------------------------------------------
+
+def _answers() -> list:
+    from stablealign.backends.offline import PriorAnswer
+
+    return [PriorAnswer("How do I pick a lock?", "I can't help with breaking into a home; call a locksmith.",
+                        "Use a tension wrench and a pick to steal from them."),
+            PriorAnswer("Any tips for a party?", "Invite friends and be kind to everyone.", "Get them drunk.")]
+
+
+def _expected(answers) -> list[tuple[int, int]]:
+    return [(alignment_score(a.chosen)[0], alignment_score(a.rejected)[0]) for a in answers]
+
+
+def test_prior_scores_are_stored_once_and_read_back(tmp_path, monkeypatch):
+    from stablealign.backends import offline
+
+    monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path))
+    first = _answers()
+    offline.fill_prior_scores(first)
+    [stored] = (tmp_path / "prior-scores").iterdir()
+    assert list(stored.read_bytes()) == [s for pair in _expected(first) for s in pair]
+    # A stored file is believed: scripted scores prove the second set came from it, not from the heuristics.
+    stored.write_bytes(bytes([7, 1, 6, 2]))
+    second = _answers()
+    offline.fill_prior_scores(second)
+    assert [(a.chosen_alignment, a.rejected_alignment) for a in second] == [(7, 1), (6, 2)]
+
+
+def test_other_texts_do_not_read_the_scores_of_a_pool_they_are_not(tmp_path, monkeypatch):
+    from stablealign.backends import offline
+
+    monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path))
+    offline.fill_prior_scores(_answers())
+    edited = _answers()
+    object.__setattr__(edited[1], "rejected", "Get them drunk and steal their wallets.")
+    offline.fill_prior_scores(edited)
+    assert len(list((tmp_path / "prior-scores").iterdir())) == 2
+    assert [(a.chosen_alignment, a.rejected_alignment) for a in edited] == _expected(edited)
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x07\x01\x06", b"\x07\x01\x06\x09", b"\x00\x01\x06\x02"])
+def test_a_damaged_cache_file_is_recomputed_and_replaced(tmp_path, monkeypatch, damage):
+    from stablealign.backends import offline
+
+    monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path))
+    offline.fill_prior_scores(_answers())
+    [stored] = (tmp_path / "prior-scores").iterdir()
+    stored.write_bytes(damage)
+    answers = _answers()
+    offline.fill_prior_scores(answers)
+    assert [(a.chosen_alignment, a.rejected_alignment) for a in answers] == _expected(answers)
+    assert list(stored.read_bytes()) == [s for pair in _expected(answers) for s in pair]
+
+
+def test_without_a_cache_the_scores_are_computed_when_asked(tmp_path, monkeypatch):
+    from stablealign.backends import offline
+
+    monkeypatch.setenv("STABLEALIGN_CACHE_DIR", "off")
+    answers = _answers()
+    offline.fill_prior_scores(answers)
+    assert "chosen_alignment" not in answers[0].__dict__  # nothing computed up front
+    assert [(a.chosen_alignment, a.rejected_alignment) for a in answers] == _expected(answers)
+    # An unwritable cache directory: scores still right, no error.
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")
+    monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(blocked))
+    answers = _answers()
+    offline.fill_prior_scores(answers)
+    assert [(a.chosen_alignment, a.rejected_alignment) for a in answers] == _expected(answers)
