@@ -127,14 +127,14 @@ class PriorIndex:
         postings: dict[str, list[int]] = defaultdict(list)
         words_per_entry = []
         for index, entry in enumerate(self.entries):
-            words = set(heuristics.content_words(entry.question))
+            words = sorted(set(heuristics.content_words(entry.question)))
             words_per_entry.append(words)
             for word in words:
                 postings[word].append(index)
         n = len(self.entries)
         self.idf = {w: math.log((n + 1) / (len(ids) + 1)) + 1.0 for w, ids in postings.items()}
         self.postings = dict(postings)
-        self.norms = [math.sqrt(sum(self.idf[w] ** 2 for w in words)) or 1.0 for words in words_per_entry]
+        self.norms = [math.sqrt(math.fsum(self.idf[w] ** 2 for w in words)) or 1.0 for words in words_per_entry]
         self._nearest = lru_cache(maxsize=16384)(self._nearest_uncached)
 
     def nearest(self, question: str, k: int = NEAREST_K) -> tuple[int, ...]:
@@ -142,7 +142,11 @@ class PriorIndex:
         return self._nearest(question, k)
 
     def _nearest_uncached(self, question: str, k: int) -> tuple[int, ...]:
-        words = set(heuristics.content_words(question))
+        # Words in sorted order, never a set's: a set of strings iterates in an order that depends on the
+        # process's hash seed, and float sums in another order round differently — enough to swap two
+        # entries of equal score at the k-th place, so that processes (a run's workers, replicas) drafted
+        # different answers for the same request.
+        words = sorted(set(heuristics.content_words(question)))
         scores: dict[int, float] = defaultdict(float)
         for word in words:
             weight = self.idf.get(word)

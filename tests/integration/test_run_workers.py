@@ -87,7 +87,8 @@ def test_workers_serve_a_share_and_change_no_record(tmp_path):
     outs = {}
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
-        result = subprocess.run([*CLI, "run", "--size", "3", "--rounds", "2", "--seed", "3", "--out", str(out)],
+        # Long enough (~2-3 s of rounds here) for the workers' start-up (~1-2 s of imports) to end within it.
+        result = subprocess.run([*CLI, "run", "--size", "10", "--rounds", "6", "--seed", "3", "--out", str(out)],
                                 env=_env(STABLEALIGN_RUN_WORKERS=str(workers)), capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0, result.stderr[-4000:]
@@ -95,7 +96,7 @@ def test_workers_serve_a_share_and_change_no_record(tmp_path):
         outs[workers] = out
     summary = json.loads((outs[2] / "world.json").read_text())
     assert summary["workers"]["processes"] == 2
-    # 18 interactions x 10 requests: the workers answered some of them (queue groups spread the load).
+    # 600 interactions x 5 requests: the workers answered some of them (queue groups spread the load).
     assert summary["workers"]["requests_served"] > 0
     assert json.loads((outs[0] / "world.json").read_text())["workers"] == {"processes": 0, "requests_served": 0.0}
     assert _comparable(outs[2] / "records.jsonl") == _comparable(outs[0] / "records.jsonl")

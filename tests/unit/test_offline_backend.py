@@ -229,3 +229,23 @@ def test_without_a_cache_the_scores_are_computed_when_asked(tmp_path, monkeypatc
     answers = _answers()
     offline.fill_prior_scores(answers)
     assert [(a.chosen_alignment, a.rejected_alignment) for a in answers] == _expected(answers)
+
+
+def test_nearest_prior_questions_do_not_depend_on_the_hash_seed():
+    """Processes (a run's workers, agent replicas) have different string hash seeds; the same request must
+    draft the same answer in every one. Iterating a set of words summed idf weights in a seed-dependent
+    order, and ties at the k-th place went either way (e.g. under PYTHONHASHSEED=3)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import hashlib; from stablealign.backends import offline; from stablealign.data import load_questions; "
+              "ix = offline.prior_index(); "
+              "print(hashlib.sha256(repr([ix.nearest(q) for q in load_questions()]).encode()).hexdigest())")
+    digests = set()
+    for seed in ("1", "3", "12"):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONHASHSEED": seed, "STABLEALIGN_LOG_LEVEL": "ERROR"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        digests.add(result.stdout.strip().splitlines()[-1])
+    assert len(digests) == 1, digests
