@@ -109,9 +109,24 @@ def alignment_verdict(score: int) -> str:
             "acceptable" if score <= 5 else "socially aligned")
 
 
-@lru_cache(maxsize=65536)
+# Results known before they are asked for (``remember_alignment``): the prior pool's answers, read from
+# the offline backend's on-disk cache, so that rating a draft taken from the pool costs a dict lookup.
+_KNOWN_ALIGNMENT: dict[str, tuple[int, str]] = {}
+
+
+def remember_alignment(results: dict[str, tuple[int, str]]) -> None:
+    """Adds results of ``alignment_score`` computed earlier (by this code: callers key them by its source)."""
+    _KNOWN_ALIGNMENT.update(results)
+
+
 def alignment_score(text: str) -> tuple[int, str]:
     """How socially acceptable ``text`` is, 1 (harmful) .. 7 (safe and caring), with the rule as reason."""
+    known = _KNOWN_ALIGNMENT.get(text)
+    return known if known is not None else _alignment_score(text)
+
+
+@lru_cache(maxsize=65536)
+def _alignment_score(text: str) -> tuple[int, str]:
     harms = _found(_HARM, text)
     safety = _found(_SAFE, text)
     profanity = sorted({m.group(0).lower() for m in _PROFANITY.finditer(text)})

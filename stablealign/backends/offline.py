@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import os
 import re
@@ -173,36 +174,53 @@ def _scores_path(entries: Sequence[PriorAnswer]) -> Path | None:
     for entry in entries:
         digest.update(entry.chosen.encode("utf-8", "surrogatepass") + b"\x1f")
         digest.update(entry.rejected.encode("utf-8", "surrogatepass") + b"\x1e")
-    return root / "prior-scores" / f"{digest.hexdigest()}.bin"
+    return root / "prior-scores" / f"{digest.hexdigest()}.json"
+
+
+def _read_scores(path: Path, count: int) -> list[tuple[int, str]] | None:
+    """The cached ``alignment_score`` results of ``count`` texts, or None (missing, torn or damaged)."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(results, list) and len(results) == count):
+        return None
+    checked = []
+    for item in results:
+        if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and 1 <= item[0] <= 7
+                and isinstance(item[1], str)):
+            return None
+        checked.append((item[0], item[1]))
+    return checked
 
 
 def fill_prior_scores(entries: Sequence[PriorAnswer]) -> None:
-    """Sets every entry's alignment scores from the on-disk cache (~1 ms); on a miss computes them all
-    (~1 s for the default pool, once per machine) and stores them. A cache that is off, unwritable or
-    damaged (wrong size, a score outside 1..7) leaves the scores to be computed lazily: never an error."""
+    """Sets every entry's alignment scores, and the heuristics' results for its texts, from the on-disk
+    cache (~10 ms); on a miss computes them all (~1 s for the default pool, once per machine) and stores
+    them. A cache that is off, unwritable or damaged (wrong size, a score outside 1..7) leaves the scores
+    to be computed when first asked for: never an error."""
     try:
         path = _scores_path(entries)
     except OSError:
         return
     if path is None:
         return
-    try:
-        data = path.read_bytes()
-    except OSError:
-        data = b""
-    if len(data) != 2 * len(entries) or any(not 1 <= score <= 7 for score in data):
-        data = bytes(score for entry in entries for score in (entry.chosen_alignment, entry.rejected_alignment))
+    texts = [text for entry in entries for text in (entry.chosen, entry.rejected)]
+    results = _read_scores(path, len(texts))
+    if results is None:
+        results = [heuristics.alignment_score(text) for text in texts]
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as out:
-                out.write(data)
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=".tmp-",
+                                             delete=False) as out:
+                json.dump(results, out, ensure_ascii=False)
             os.replace(out.name, path)  # whole or not at all, for processes reading it meanwhile
         except OSError as exc:
             log.debug("offline.prior_scores_not_cached", extra={"path": str(path), "error": str(exc)})
-        return
-    for entry, chosen, rejected in zip(entries, data[0::2], data[1::2], strict=True):
-        entry.__dict__["chosen_alignment"] = chosen  # what the cached_property would compute
-        entry.__dict__["rejected_alignment"] = rejected
+    heuristics.remember_alignment(dict(zip(texts, results, strict=True)))
+    for entry, chosen, rejected in zip(entries, results[0::2], results[1::2], strict=True):
+        entry.__dict__["chosen_alignment"] = chosen[0]  # what the cached_property would compute
+        entry.__dict__["rejected_alignment"] = rejected[0]
 
 
 _INDEX_LOCK = threading.Lock()

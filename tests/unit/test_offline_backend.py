@@ -173,25 +173,39 @@ def _expected(answers) -> list[tuple[int, int]]:
     return [(alignment_score(a.chosen)[0], alignment_score(a.rejected)[0]) for a in answers]
 
 
+def _stored(path) -> list:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def test_prior_scores_are_stored_once_and_read_back(tmp_path, monkeypatch):
-    from stablealign.backends import offline
+    import json
+
+    from stablealign.backends import heuristics, offline
 
     monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(heuristics, "_KNOWN_ALIGNMENT", {})
     first = _answers()
     offline.fill_prior_scores(first)
     [stored] = (tmp_path / "prior-scores").iterdir()
-    assert list(stored.read_bytes()) == [s for pair in _expected(first) for s in pair]
-    # A stored file is believed: scripted scores prove the second set came from it, not from the heuristics.
-    stored.write_bytes(bytes([7, 1, 6, 2]))
+    texts = [t for a in first for t in (a.chosen, a.rejected)]
+    assert _stored(stored) == [list(heuristics._alignment_score(t)) for t in texts]
+    # A stored file is believed: scripted results prove the second set came from it, not from the heuristics,
+    # both the entries' scores and what alignment_score answers for their texts (a rating of a pool answer).
+    scripted = [[7, "scripted a"], [1, "scripted b"], [6, "scripted c"], [2, "scripted d"]]
+    stored.write_text(json.dumps(scripted), encoding="utf-8")
     second = _answers()
     offline.fill_prior_scores(second)
     assert [(a.chosen_alignment, a.rejected_alignment) for a in second] == [(7, 1), (6, 2)]
+    assert alignment_score(second[1].chosen) == (6, "scripted c")
 
 
 def test_other_texts_do_not_read_the_scores_of_a_pool_they_are_not(tmp_path, monkeypatch):
-    from stablealign.backends import offline
+    from stablealign.backends import heuristics, offline
 
     monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(heuristics, "_KNOWN_ALIGNMENT", {})
     offline.fill_prior_scores(_answers())
     edited = _answers()
     object.__setattr__(edited[1], "rejected", "Get them drunk and steal their wallets.")
@@ -200,23 +214,29 @@ def test_other_texts_do_not_read_the_scores_of_a_pool_they_are_not(tmp_path, mon
     assert [(a.chosen_alignment, a.rejected_alignment) for a in edited] == _expected(edited)
 
 
-@pytest.mark.parametrize("damage", [b"", b"\x07\x01\x06", b"\x07\x01\x06\x09", b"\x00\x01\x06\x02"])
+@pytest.mark.parametrize("damage", ["", "not json", "[[7, \"a\"], [1, \"b\"], [6, \"c\"]]",
+                                    "[[7, \"a\"], [1, \"b\"], [6, \"c\"], [9, \"d\"]]",
+                                    "[[7, \"a\"], [1, \"b\"], [6, \"c\"], [true, \"d\"]]",
+                                    "[[7, \"a\"], [1, \"b\"], [6, \"c\"], [2, 3]]", "{}"])
 def test_a_damaged_cache_file_is_recomputed_and_replaced(tmp_path, monkeypatch, damage):
-    from stablealign.backends import offline
+    from stablealign.backends import heuristics, offline
 
     monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(heuristics, "_KNOWN_ALIGNMENT", {})
     offline.fill_prior_scores(_answers())
     [stored] = (tmp_path / "prior-scores").iterdir()
-    stored.write_bytes(damage)
+    stored.write_text(damage, encoding="utf-8")
     answers = _answers()
     offline.fill_prior_scores(answers)
     assert [(a.chosen_alignment, a.rejected_alignment) for a in answers] == _expected(answers)
-    assert list(stored.read_bytes()) == [s for pair in _expected(answers) for s in pair]
+    texts = [t for a in answers for t in (a.chosen, a.rejected)]
+    assert _stored(stored) == [list(heuristics._alignment_score(t)) for t in texts]
 
 
 def test_without_a_cache_the_scores_are_computed_when_asked(tmp_path, monkeypatch):
-    from stablealign.backends import offline
+    from stablealign.backends import heuristics, offline
 
+    monkeypatch.setattr(heuristics, "_KNOWN_ALIGNMENT", {})
     monkeypatch.setenv("STABLEALIGN_CACHE_DIR", "off")
     answers = _answers()
     offline.fill_prior_scores(answers)
