@@ -338,9 +338,7 @@ def _print(ours: SimulationResult, base, title: str) -> None:
         print(f"{name:{width}}  {a:>24}  {b:>16}")
     llm = ours.cpu_ms_per_interaction.get("llm_server")
     if llm:
-        print(f"ceiling set by the LLM stand-in alone ({len(CRITICAL_PATH)} x {ours.latency_ms:.0f} ms + its {llm:.1f} "
-              f"CPU ms per interaction on its one core): about "
-              f"{stand_in_ceiling(ours.agents, ours.latency_ms, llm):.1f} interactions/s")
+        print(_ceiling_line(ours.agents, ours.latency_ms, llm))
     if base:
         print(f"speed-up interactions/s: {ours.interactions_per_second / base.interactions_per_second:.1f}x; "
               f"setup: {base.setup_seconds / max(ours.setup_seconds, 1e-9):.1f}x faster")
@@ -363,6 +361,12 @@ def stand_in_ceiling(agents: int, latency_ms: float, llm_cpu_ms_per_interaction:
     return agents / round_floor if round_floor > 0 else float("inf")
 
 
+def _ceiling_line(agents: int, latency_ms: float, llm_cpu_ms: float) -> str:
+    return (f"ceiling set by the LLM stand-in alone ({len(CRITICAL_PATH)} x {latency_ms:.0f} ms + its {llm_cpu_ms:.1f} "
+            f"CPU ms per interaction on its one core): about "
+            f"{stand_in_ceiling(agents, latency_ms, llm_cpu_ms):.1f} interactions/s")
+
+
 def _print_cli(cli: CliResult) -> None:
     print(f"-- stable-align run --size {int(cli.agents ** 0.5)} --rounds {cli.rounds} --backend openai "
           f"(defaults: embedded stack), latency {cli.latency_ms:.0f} ms --", flush=True)
@@ -370,10 +374,7 @@ def _print_cli(cli: CliResult) -> None:
           f"{cli.setup_seconds:.2f} s); {cli.interactions_per_second:.1f} interactions/s in rounds "
           f"({', '.join(f'{r:.2f}' for r in cli.round_seconds)} s); CPU ms / interaction: "
           + ", ".join(f"{k} {v:.1f}" for k, v in cli.cpu_ms_per_interaction.items()), flush=True)
-    llm = cli.cpu_ms_per_interaction.get("llm_server", 0.0)
-    print(f"ceiling set by the LLM stand-in alone ({len(CRITICAL_PATH)} x {cli.latency_ms:.0f} ms + its {llm:.1f} "
-          f"CPU ms per interaction on its one core): about "
-          f"{stand_in_ceiling(cli.agents, cli.latency_ms, llm):.1f} interactions/s", flush=True)
+    print(_ceiling_line(cli.agents, cli.latency_ms, cli.cpu_ms_per_interaction.get("llm_server", 0.0)), flush=True)
 
 
 if __name__ == "__main__":
