@@ -9,6 +9,7 @@ import pytest
 from stablealign import bus
 from stablealign.errors import NotFoundError, UnavailableError, ValidationError
 from stablealign.v1 import common_pb2, world_pb2
+from tests.support.handlers import SlowWorldGetter
 
 
 async def test_request_reply_and_typed_errors(nc):
@@ -191,17 +192,10 @@ async def test_bad_batches_get_clear_answers(nc):
 async def test_a_resent_batch_joins_the_items_in_flight(nc):
     """A batch re-sent while its items are still being worked on (the requester timed out) runs no item twice."""
     server = bus.RequestServer(nc, service="td", queue="td")
-    calls = 0
-
-    async def get(req: world_pb2.GetWorldRequest) -> world_pb2.World:
-        nonlocal calls
-        calls += 1
-        await asyncio.sleep(0.6)
-        return world_pb2.World(spec=world_pb2.WorldSpec(world_id=req.world_id))
-
+    get = SlowWorldGetter(0.6)
     await server.add("td.get", world_pb2.GetWorldRequest, get, "Get", batch=True)
     asks = [world_pb2.GetWorldRequest(world_id=w) for w in ("x", "y")]
     results = await bus.request_batch(nc, "td.get", asks, world_pb2.World, timeout=0.3, attempts=4, backoff=0.01,
                                       liveness=None)
     assert [r.spec.world_id for r in results] == ["x", "y"]
-    assert calls == 2
+    assert get.calls == 2

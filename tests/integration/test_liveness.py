@@ -38,6 +38,7 @@ from tests.integration.test_cli_sandbox import (
 from tests.integration.test_world_service import start
 from tests.support.devservers import FakeOpenAIServer
 from tests.support.endpoints import allow_endpoints
+from tests.support.handlers import SlowWorldGetter
 
 RETRIES = "stablealign_bus_request_retries_total"
 
@@ -95,19 +96,12 @@ async def test_a_dead_replicas_request_is_sent_again_within_the_liveness_period(
 
 async def test_heartbeats_keep_a_slow_request_without_resends(nc):
     server = bus.RequestServer(nc, service="t", queue="t")
-    calls = 0
-
-    async def slow(req: world_pb2.GetWorldRequest) -> world_pb2.World:
-        nonlocal calls
-        calls += 1
-        await asyncio.sleep(2.0)
-        return _world(req.world_id)
-
+    slow = SlowWorldGetter(2.0)
     await server.add("t.slow2", world_pb2.GetWorldRequest, slow, "Slow")
     before = counter_value(RETRIES, subject="t.slow2")
     reply = await bus.request(nc, "t.slow2", world_pb2.GetWorldRequest(world_id="s"), world_pb2.World,
                               timeout=30, liveness=0.4)
-    assert reply.spec.world_id == "s" and calls == 1
+    assert reply.spec.world_id == "s" and slow.calls == 1
     assert counter_value(RETRIES, subject="t.slow2") == before
     # A responder that sends no heartbeats is still reached without them (liveness=None: plain request).
     assert (await bus.request(nc, "t.slow2", world_pb2.GetWorldRequest(world_id="p"), world_pb2.World,
