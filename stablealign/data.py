@@ -86,6 +86,16 @@ def hh_split_of(question: str) -> str:
     return "prior" if bucket < 70 else "eval"
 
 
+def dialogue_query(dialogue: str) -> str:
+    """The dialogue before its final Assistant turn, written so that the shared prompt format
+    reproduces the HH-RLHF text (``Human: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:``)."""
+    turns = split_dialogue(dialogue)[:-1]
+    text = turns[0][1]
+    for role, content in turns[1:]:
+        text += f"\n\n{role}: {content}"
+    return text
+
+
 def _normalise(question: str) -> str:
     return " ".join(question.lower().split())
 

@@ -11,6 +11,8 @@ from services.observer import metrics
 from services.observer.settings import ObserverSettings
 from stablealign import rating_prompts as prompts
 from stablealign.backends.base import TASK_RATE_ALIGNMENT, TASK_RATE_ENGAGEMENT, ChatRequest
+from stablealign.backends.embeddings import MiniLMEmbedder
+from stablealign.backends.probe import ProbeJudge
 from stablealign.calls import (
     CallTally,
     chat_until_rated,
@@ -20,6 +22,7 @@ from stablealign.calls import (
     world_chat_backend,
 )
 from stablealign.errors import ValidationError
+from stablealign.judges import default_variant
 from stablealign.logs import get_logger
 from stablealign.v1 import common_pb2, observer_pb2
 from stablealign.worlds import WorldSpecCache, check_agent, derive_seed
@@ -37,6 +40,24 @@ class ObserverHandlers:
     def __init__(self, settings: ObserverSettings, worlds: WorldSpecCache) -> None:
         self.settings = settings
         self.worlds = worlds
+        self._probe: ProbeJudge | None = None
+
+    def _judged_by_probe(self, aspect: str, observer_model: common_pb2.ModelRef) -> bool:
+        if aspect != "alignment" or self.settings.alignment_judge == "llm":
+            return False
+        if self.settings.alignment_judge == "probe":
+            return True
+        return default_variant(observer_model.backend) == "probe"
+
+    async def _rate_by_probe(self, question: str, answer: str) -> observer_pb2.RateResponse:
+        """The alignment probe's rating (fitted, or read from its cache, at the first call)."""
+        if self._probe is None:
+            self._probe = ProbeJudge(MiniLMEmbedder())
+        digits, reason = await self._probe.rate(question, answer)
+        rating = common_pb2.Rating(score=digits.score, reason=reason, expected=digits.expected)
+        rating.probabilities.extend(digits.probabilities)
+        metrics.RATINGS.labels("alignment", "probe").inc()
+        return observer_pb2.RateResponse(rating=rating, raw=f"Rating: {digits.score} ### Reason: {reason}")
 
     async def rate(self, request: observer_pb2.RateRequest) -> observer_pb2.RateResponse:
         if request.aspect not in ASPECTS:
@@ -50,6 +71,8 @@ class ObserverHandlers:
         check_round(request.round)
         aspect, task, build_messages = ASPECTS[request.aspect]
         spec = world.spec
+        if self._judged_by_probe(aspect, spec.observer_model):
+            return await self._rate_by_probe(question, answer)
         backend = world_chat_backend(world, "observer", spec.observer_model)
         messages = build_messages(question, answer)
         tally = CallTally()

@@ -7,7 +7,7 @@ from prometheus_client import Counter
 RATINGS = Counter(
     "stablealign_observer_ratings_total",
     "Ratings by aspect (alignment|engagement) and outcome: probabilities (argmax of the model's P(1..7)), "
-    "parsed (1..7 read from text) or missing (unparsable after retries).",
+    "parsed (1..7 read from text), probe (the alignment probe's rating) or missing (unparsable after retries).",
     ["aspect", "outcome"],
 )
 RATING_ATTEMPTS = Counter(

@@ -54,6 +54,9 @@ class ChatRequest:
     seed: int | None = None
     task: str = TASK_CHAT
     hints: Mapping[str, Any] = field(default_factory=dict)
+    # A rating read from token probabilities needs no generated reason when only the number is used
+    # (the judge's agreement with human preference): backends that read probabilities then skip it.
+    rating_reason: bool = True
 
 
 @dataclass(frozen=True)

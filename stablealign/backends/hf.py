@@ -230,6 +230,9 @@ class HFChatBackend(ChatBackend):
         if digits is None:
             return RatedCompletion(await self._chat_once(request))
         score = digits.score
+        if not request.rating_reason:
+            return RatedCompletion(Completion(text=f"{RATING_PREFIX}{score}", model=self.model,
+                                              prompt_tokens=len(prompt.ids), completion_tokens=1), digits)
         scaffold = f"{RATING_PREFIX}{score}{REASON_MARK}"
         reason_ids = await asyncio.to_thread(self._encode, prompt.chat_text + prompt.separator + scaffold)
         generation = await engine.generate(GenerationRequest(

@@ -6,6 +6,14 @@ original's format) plus provenance keys (``kind``, ``world_id``, ``round``, ``ag
 
 - ``imitation`` (Alignment Imitation): query = the question; responses = draft and revision;
   scores = the observer's alignment ratings before and after.
+
+Which number is a score (``scores=``): ``expected`` (the default) takes the observer's and partners'
+*expected* rating (the mean of their digit distribution, ``gen_moral_expected_*``,
+``rating_expected``) where the record has one, else the 1..7 rating; ``rating`` takes the 1..7 rating
+alone (the original's choice). Why expected first: a small judge's argmax is nearly always the same
+digit, so argmax scores make almost every group a tie and the ranking term of the loss has nothing
+to rank, while the expectation keeps the judge's (measured) preference. ``data build`` reports the
+share of tied groups.
 - ``self_critic`` (Self-Critic): query = question + the draft being judged
   (``template.format_critic_query``); responses = the partners' feedback texts; scores = the ratings
   each partner gave.
@@ -69,6 +77,8 @@ if TYPE_CHECKING:  # record_stream needs a NATS client; data files are read with
 log = get_logger(__name__)
 
 KINDS = ("imitation", "self_critic", "realignment")
+SCORE_SOURCES = ("expected", "rating")
+DEFAULT_SCORE_SOURCE = "expected"
 ORIGINAL_KIND = "original"
 DEFAULT_MIX = "5:1:1"
 REQUIRED_KEYS = ("query", "responses", "scores")
@@ -150,34 +160,67 @@ def _scored(pairs: Iterable[tuple[Any, Any]]) -> tuple[tuple[str, ...], tuple[fl
     return tuple(t for t, _ in kept), tuple(s for _, s in kept)
 
 
-def mine_record(row: Mapping[str, Any]) -> list[AlignmentGroup]:
+def _record_scores(row: Mapping[str, Any], source: str) -> tuple[float | None, float | None, list[Any]]:
+    """(alignment before, after, partners' ratings) of a record as ``source`` reads them (module
+    docstring): the expected rating where there is one and ``source`` is ``expected``, else the rating."""
+    if source not in SCORE_SOURCES:
+        raise ValidationError(f"scores {source!r}: expected one of {', '.join(SCORE_SOURCES)}")
+
+    def pick(rating: Any, expected: Any) -> Any:
+        return expected if source == "expected" and _score(expected) is not None else rating
+
+    before = pick(row.get("gen_moral_score_before"), row.get("gen_moral_expected_before"))
+    after = pick(row.get("gen_moral_score_after"), row.get("gen_moral_expected_after"))
+    ratings, expected = list(row.get("rating") or []), list(row.get("rating_expected") or [])
+    partners = [pick(r, expected[i] if i < len(expected) else None) for i, r in enumerate(ratings)]
+    return _score(before), _score(after), partners
+
+
+def mine_record(row: Mapping[str, Any], *, scores: str = DEFAULT_SCORE_SOURCE) -> list[AlignmentGroup]:
     """The imitation, self-critic and realignment groups of one interaction record (checked first
-    by ``validate_record``: wrong types or ratings outside 1..7 raise ``ValidationError``)."""
+    by ``validate_record``: wrong types or ratings outside 1..7 raise ``ValidationError``); ``scores``
+    says which number scores a response (module docstring)."""
     validate_record(row)
     prov = _provenance(row)
     question = prov["question"]
     draft, revised = str(row.get("draft_answer") or "").strip(), str(row.get("revised_answer") or "").strip()
-    before, after = _score(row.get("gen_moral_score_before")), _score(row.get("gen_moral_score_after"))
+    before, after, ratings = _record_scores(row, scores)
     groups: list[AlignmentGroup] = []
     if not question:
         return groups
 
-    responses, scores = _scored([(draft, before), (revised, after)])
+    responses, scored = _scored([(draft, before), (revised, after)])
     if responses:
-        groups.append(AlignmentGroup(question, responses, scores, "imitation", **prov))
+        groups.append(AlignmentGroup(question, responses, scored, "imitation", **prov))
 
-    ratings = list(row.get("rating") or [])
     texts = critic_responses(row)
     if draft:
-        responses, scores = _scored(zip(texts, ratings + [None] * (len(texts) - len(ratings))))
+        responses, scored = _scored(zip(texts, ratings + [None] * (len(texts) - len(ratings))))
         if responses:
-            groups.append(AlignmentGroup(format_critic_query(question, draft), responses, scores, "self_critic",
+            groups.append(AlignmentGroup(format_critic_query(question, draft), responses, scored, "self_critic",
                                          **prov))
 
     if before is not None and after is not None and after > before and after > 4 and draft and revised:
         query = format_realignment_query(question, draft, [str(t) for t in texts if str(t or "").strip()])
         groups.append(AlignmentGroup(query, (revised, draft), (after, before), "realignment", **prov))
     return groups
+
+
+HH_SFT_KIND = "hh_sft"
+
+
+def hh_sft_groups(limit: int | None = None, hh_path: str | Path | None = None) -> list[AlignmentGroup]:
+    """The human-data reference (the paper's ``hh-rlhf-sft``): one group per HH-RLHF pair of the prior
+    split — never the eval split — whose one response is the chosen final answer to the dialogue
+    before it (pure SFT: the loss of a one-response group is its cross-entropy)."""
+    from stablealign.data import dialogue_query, load_prior_pairs
+
+    if limit is not None and limit < 1:
+        raise ValidationError("limit must be >= 1")
+    pairs = load_prior_pairs(hh_path)
+    pairs = pairs[:limit] if limit else pairs
+    return [AlignmentGroup(dialogue_query(p.chosen_dialogue), (p.chosen,), (float(RATING_SCALE),), HH_SFT_KIND,
+                           question=p.question) for p in pairs]
 
 
 def critic_responses(row: Mapping[str, Any]) -> list[str]:
@@ -187,11 +230,12 @@ def critic_responses(row: Mapping[str, Any]) -> list[str]:
             for i, r in enumerate(raw)]
 
 
-def mine_records(rows: Iterable[Mapping[str, Any]], *, source: str = "records") -> list[AlignmentGroup]:
+def mine_records(rows: Iterable[Mapping[str, Any]], *, source: str = "records",
+                 scores: str = DEFAULT_SCORE_SOURCE) -> list[AlignmentGroup]:
     groups: list[AlignmentGroup] = []
     for index, row in enumerate(rows, 1):
         try:
-            groups.extend(mine_record(row))
+            groups.extend(mine_record(row, scores=scores))
         except ValidationError as exc:
             raise ValidationError(f"{source}: record {index}: {exc}") from exc
     return groups
@@ -429,24 +473,35 @@ class BuildResult:
 
 
 def _histogram(groups: Iterable[AlignmentGroup]) -> dict[str, int]:
+    """Responses per score, expected ratings rounded to the nearest whole rating (half up)."""
     counts: Counter = Counter()
     for group in groups:
         for score in group.scores:
-            counts[str(int(score)) if float(score).is_integer() else f"{score:g}"] += 1
+            counts[str(math.floor(score + 0.5))] += 1
     return dict(sorted(counts.items(), key=lambda kv: float(kv[0])))
 
 
+def _ties(groups: Sequence[AlignmentGroup]) -> dict[str, Any]:
+    """How many groups the ranking term can rank: groups of two or more responses, and those whose
+    best score is shared by every response (ties: the penalty is then the SFT loss's mirror, no ranking)."""
+    ranked = [g for g in groups if len(g.responses) >= 2]
+    tied = sum(max(g.scores) == min(g.scores) for g in ranked)
+    return {"groups": len(groups), "single_response": len(groups) - len(ranked), "multi_response": len(ranked),
+            "tied": tied, "tied_share": (tied / len(ranked)) if ranked else None}
+
+
 def build_alignment_data(records: Sequence[Mapping[str, Any]], groups: Sequence[AlignmentGroup] = (), *,
-                         mix_ratio: str = DEFAULT_MIX, holdout: float = 0.1, seed: int = 0) -> BuildResult:
+                         mix_ratio: str = DEFAULT_MIX, holdout: float = 0.1, seed: int = 0,
+                         scores: str = DEFAULT_SCORE_SOURCE) -> BuildResult:
     """mine -> dedupe -> mix (seeded) -> split by question (seeded); with counts for the report."""
     weights = parse_mix(mix_ratio)
-    mined = mine_records(records) + list(groups)
+    mined = mine_records(records, scores=scores) + list(groups)
     unique = dedupe(mined)
     mixed = mix(unique, weights, random.Random(seed))
     train, heldout = split_holdout(mixed, holdout, random.Random(seed + 1))
     kinds = sorted({g.kind for g in mined}, key=lambda k: (KINDS + (k,)).index(k))
     stats: dict[str, Any] = {
-        "records": len(records), "mix": mix_ratio, "holdout": holdout, "seed": seed,
+        "records": len(records), "mix": mix_ratio, "holdout": holdout, "seed": seed, "scores": scores,
         "kinds": {k: {"mined": sum(g.kind == k for g in mined), "unique": sum(g.kind == k for g in unique),
                       "mixed": sum(g.kind == k for g in mixed), "train": sum(g.kind == k for g in train),
                       "heldout": sum(g.kind == k for g in heldout),
@@ -455,6 +510,7 @@ def build_alignment_data(records: Sequence[Mapping[str, Any]], groups: Sequence[
         "total": {"mined": len(mined), "unique": len(unique), "mixed": len(mixed), "train": len(train),
                   "heldout": len(heldout)},
         "dropped_null_ratings": _count_null_ratings(records),
+        "ties": {"train": _ties(train), "heldout": _ties(heldout)},
     }
     return BuildResult(train, heldout, stats)
 
@@ -505,12 +561,17 @@ def print_stats(stats: Mapping[str, Any]) -> None:
     console.print(table)
     scores = sorted({s for row in stats["kinds"].values() for s in row["score_histogram"]}, key=float)
     if scores:
-        hist = Table(title="score histogram (responses in the mixed data)")
+        hist = Table(title="score histogram (responses in the mixed data, rounded to whole ratings)")
         hist.add_column("kind")
         for score in scores:
             hist.add_column(score, justify="right")
         for kind, row in stats["kinds"].items():
             hist.add_row(kind, *(str(row["score_histogram"].get(s, 0)) for s in scores))
         console.print(hist)
+    ties = (stats.get("ties") or {}).get("train") or {}
+    if ties.get("multi_response"):
+        console.print(f"tied groups (every response scored the same; nothing to rank): {ties['tied']} of "
+                      f"{ties['multi_response']} training groups with 2+ responses ({100 * ties['tied_share']:.0f} %), "
+                      f"scores: {stats.get('scores', 'rating')}")
     if stats.get("dropped_null_ratings"):
         console.print(f"missing ratings (null) dropped: {stats['dropped_null_ratings']}")

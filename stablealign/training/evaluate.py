@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
+from stablealign.stats import bootstrap_ci, paired_difference, win
 from stablealign.training.template import encode_example
 from stablealign.training.train import check_model_path
 
@@ -44,61 +45,95 @@ def hh_split(path: str | Path | None) -> str | None:
 
 
 def hh_examples(path: str | Path | None, limit: int | None) -> list[tuple[str, str, str, str]]:
-    """(chosen query, chosen answer, rejected query, rejected answer) per HH-RLHF pair.
-
-    The query is the dialogue before the final Assistant turn, written so that ``format_prompt``
-    reproduces the HH-RLHF text (``Human: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:``).
-    """
-    from stablealign.data import load_hh_pairs, split_dialogue
-
-    def query_of(dialogue: str) -> str:
-        turns = split_dialogue(dialogue)[:-1]
-        text = turns[0][1]
-        for role, content in turns[1:]:
-            text += f"\n\n{role}: {content}"
-        return text
+    """(chosen query, chosen answer, rejected query, rejected answer) per HH-RLHF pair; the query is
+    the dialogue before the final Assistant turn (``stablealign.data.dialogue_query``)."""
+    from stablealign.data import dialogue_query, load_hh_pairs
 
     pairs = load_hh_pairs(path, hh_split(path))
     pairs = pairs[:limit] if limit else pairs
-    return [(query_of(p.chosen_dialogue), p.chosen, query_of(p.rejected_dialogue), p.rejected) for p in pairs]
+    return [(dialogue_query(p.chosen_dialogue), p.chosen, dialogue_query(p.rejected_dialogue), p.rejected)
+            for p in pairs]
 
 
-def _batched_logprob(model: Any, tokenizer: Any, examples: Sequence[tuple[str, str]], max_length: int,
-                     batch_size: int) -> list[float]:
-    """Mean log-likelihood per response token of each (query, response)."""
+def _response_logprobs(model: Any, tokenizer: Any, examples: Sequence[tuple[str, str]], max_length: int,
+                       batch_size: int) -> list[tuple[float, int]]:
+    """(summed log-likelihood, token count) of each (query, response) over the response's tokens
+    (EOS included, as in training). Batched in order of length, so a batch pads little."""
     import torch
 
     from stablealign.training.loss import IGNORE_INDEX, per_response_token_loss
 
     device = next(model.parameters()).device
-    values: list[float] = []
-    for start in range(0, len(examples), batch_size):
-        encoded = [encode_example(tokenizer, q, r, max_length) for q, r in examples[start: start + batch_size]]
-        width = max(len(ids) for ids, _, _ in encoded)
-        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    encoded = [encode_example(tokenizer, q, r, max_length) for q, r in examples]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    values: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        rows = order[start: start + batch_size]
+        width = max(len(encoded[i][0]) for i in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for row, (ids, prompt_len, _) in enumerate(encoded):
+        for row, index in enumerate(rows):
+            ids, prompt_len, _ = encoded[index]
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention[row, : len(ids)] = 1
             labels[row, prompt_len: len(ids)] = input_ids[row, prompt_len: len(ids)]
         with torch.no_grad():
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
             losses = per_response_token_loss(logits, labels.to(device))
-        values.extend((-losses).tolist())
+        counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # the tokens each row's loss averages
+        for row, index in enumerate(rows):
+            values[index] = (-float(losses[row]) * counts[row], int(counts[row]))
     return values
 
 
 def preference_accuracy(model: Any, tokenizer: Any, hh_path: str | Path | None = None, *, limit: int | None = None,
                         max_length: int = 512, batch_size: int = 16) -> dict[str, Any]:
+    """Raw preference accuracy: does the model give the chosen answer a higher mean log-likelihood
+    per token than the rejected one? Keeps each pair's summed log-likelihoods, for the
+    reference-normalised accuracy against another model (``reference_normalised_accuracy``)."""
     examples = hh_examples(hh_path, limit)
+    if not examples:
+        raise ValidationError("no HH-RLHF pairs to score (empty file or split)")
     flat = [x for q_c, a_c, q_r, a_r in examples for x in ((q_c, a_c), (q_r, a_r))]
-    scores = _batched_logprob(model, tokenizer, flat, max_length, batch_size)
-    wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(scores[0::2], scores[1::2])]
+    scored = _response_logprobs(model, tokenizer, flat, max_length, batch_size)
+    chosen, rejected = scored[0::2], scored[1::2]
+    mean_c = [lp / max(n, 1) for lp, n in chosen]
+    mean_r = [lp / max(n, 1) for lp, n in rejected]
+    wins = [win(c, r) for c, r in zip(mean_c, mean_r)]
+    nll = [-m for m in mean_c]
     return {"accuracy": sum(wins) / len(wins), "ci95": bootstrap_ci(wins), "pairs": len(examples),
             "split": hh_split(hh_path) or "all",
-            "mean_logprob_chosen": sum(scores[0::2]) / len(examples),
-            "mean_logprob_rejected": sum(scores[1::2]) / len(examples), "items": wins}
+            "mean_logprob_chosen": sum(mean_c) / len(examples),
+            "mean_logprob_rejected": sum(mean_r) / len(examples),
+            "chosen_nll": sum(nll) / len(nll), "chosen_nll_ci95": bootstrap_ci(nll), "chosen_nll_items": nll,
+            "logprob_chosen": [lp for lp, _ in chosen], "logprob_rejected": [lp for lp, _ in rejected],
+            "items": wins}
+
+
+# Summed log-likelihoods of one pair under two models differ by rounding alone below this.
+LOGPROB_TIE = 1e-4
+
+
+def reference_normalised_accuracy(base: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any] | None:
+    """Did training raise log pi(chosen) - log pi_base(chosen) above the same for the rejected answer?
+
+    The accuracy of DPO's implicit reward (RewardBench, TRL): per pair, the trained model's gain in
+    summed log-likelihood on the chosen answer against its gain on the rejected one; ties 1/2. A
+    model compared with itself scores exactly 1/2. ``base`` and ``trained`` are
+    ``preference_accuracy`` results on the same pairs; the interval is a bootstrap over pairs.
+    """
+    keys = ("logprob_chosen", "logprob_rejected")
+    if not all(isinstance(part.get(k), list) for part in (base, trained) for k in keys):
+        return None
+    b_c, b_r, t_c, t_r = base[keys[0]], base[keys[1]], trained[keys[0]], trained[keys[1]]
+    if not len(b_c) == len(t_c) == len(b_r) == len(t_r) or not b_c:
+        return None
+    wins = [win(tc - bc, tr - br, LOGPROB_TIE) for bc, br, tc, tr in zip(b_c, b_r, t_c, t_r)]
+    margins = [(tc - bc) - (tr - br) for bc, br, tc, tr in zip(b_c, b_r, t_c, t_r)]
+    return {"accuracy": sum(wins) / len(wins), "ci95": bootstrap_ci(wins), "pairs": len(wins),
+            "mean_margin": sum(margins) / len(margins), "mean_margin_ci95": bootstrap_ci(margins),
+            "ties": sum(w == 0.5 for w in wins), "items": wins}
 
 
 def heldout_loss(model: Any, tokenizer: Any, groups: Sequence[Any], *, max_length: int = 360, batch_size: int = 8,
@@ -132,70 +167,54 @@ def heldout_loss(model: Any, tokenizer: Any, groups: Sequence[Any], *, max_lengt
             "loss/penalty": sum(g[2] for g in per_group) / n, "items": loss}
 
 
-async def _rate_answers(observer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[int | None, float | None]]:
-    """(rating, expected rating) of each (question, answer) by the observer's alignment prompt and
-    rating path (token probabilities where the backend has them, else the text parser)."""
-    from stablealign.backends import make_chat_backend
-    from stablealign.backends.base import TASK_RATE_ALIGNMENT, ChatRequest
-    from stablealign.calls import CallTally, chat_until_rated
-    from stablealign.rating_prompts import alignment_messages
-
-    backend = make_chat_backend(observer)
-    try:
-        async def rate(index: int, question: str, answer: str) -> tuple[int | None, float | None]:
-            def request_for(attempt: int) -> ChatRequest:
-                return ChatRequest(messages=alignment_messages(question, answer), max_tokens=48,
-                                   temperature=0.0 if attempt == 0 else 0.7, seed=index * 31 + attempt,
-                                   task=TASK_RATE_ALIGNMENT, hints={"question": question, "answer": answer})
-
-            reply = await chat_until_rated(backend, CallTally(), 3, request_for)
-            return reply.score, reply.expected
-
-        return list(await asyncio.gather(*(rate(i, q, a) for i, (q, a) in enumerate(pairs))))
-    finally:
-        await backend.aclose()
+def repeated_share(text: str, n: int = 3) -> float:
+    """Share of an answer's word n-grams that repeat an earlier n-gram of the same answer: 0 for
+    text that never repeats itself, towards 1 for a model that loops ("sorry sorry sorry ...")."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
 
 
-def alignment_rating(model: Any, tokenizer: Any, questions: Sequence[str], observer: Any, *,
-                     max_new_tokens: int = 64) -> dict[str, Any]:
-    """Observer alignment rating (1..7) of the model's greedy answers to ``questions``, with a 95 % interval."""
-    from stablealign.training.generate import generate
+def answer_guard(answers: Sequence[str], tokenizer: Any) -> dict[str, Any]:
+    """Signs of a collapsed model in its answers to held-out questions: length in tokens, empty
+    answers, and the share of repeated text (``repeated_share``), each with per-answer items."""
+    lengths = [float(len(tokenizer(a, add_special_tokens=False)["input_ids"])) for a in answers]
+    repeats = [repeated_share(a) for a in answers]
+    n = max(len(answers), 1)
+    return {"answers": len(answers), "length_tokens": sum(lengths) / n, "length_ci95": bootstrap_ci(lengths),
+            "length_items": lengths, "empty": sum(not a.strip() for a in answers),
+            "repeated_share": sum(repeats) / n, "repeated_ci95": bootstrap_ci(repeats), "repeated_items": repeats}
 
-    answers = generate(model, tokenizer, list(questions), max_new_tokens=max_new_tokens)
-    # An empty answer is rated as such: the observer sees what the model said.
-    rated = asyncio.run(_rate_answers(observer, list(zip(questions, [a or "(no answer)" for a in answers]))))
-    scores = [float(r) if r is not None else None for r, _ in rated]
+
+def alignment_rating(answers: Sequence[str], questions: Sequence[str], observer: Any, *,
+                     judge: str | None = None) -> dict[str, Any]:
+    """The judge's alignment rating (1..7) of ``answers`` to ``questions`` (``stablealign.judges``): the
+    rating and the expected rating (continuous: what the paired difference is taken on; the rating
+    itself for a judge without a distribution), with 95 % intervals; missing ratings are left out
+    and counted."""
+    from stablealign.judges import DEFAULT_VARIANT, make_judge
+
+    async def rate() -> list[Any]:
+        judged = make_judge(judge or DEFAULT_VARIANT, observer)
+        try:  # an empty answer is rated as such: the judge sees what the model said
+            return await judged.rate_many(list(zip(questions, [a or "(no answer)" for a in answers])))
+        finally:
+            await judged.aclose()
+
+    rated = asyncio.run(rate())
+    scores = [float(r.score) if r.score is not None else None for r in rated]
     valid = [x for x in scores if x is not None]
-    expected = [e for _, e in rated if e is not None]
-    return {"questions": len(questions), "rated": len(valid), "missing": len(scores) - len(valid),
+    expected_items = [r.value("expected") for r in rated]  # the rating where a judge has no distribution
+    expected = [e for e in expected_items if e is not None]
+    return {"judge": judge or DEFAULT_VARIANT, "questions": len(questions), "rated": len(valid),
+            "missing": len(scores) - len(valid),
             "mean": (sum(valid) / len(valid)) if valid else None, "ci95": bootstrap_ci(valid),
             "expected_mean": (sum(expected) / len(expected)) if expected else None,
-            "items": scores,
-            "examples": [{"question": q, "answer": a, "rating": r, "expected": e}
-                         for q, a, (r, e) in list(zip(questions, answers, rated))[:5]]}
-
-
-def bootstrap_ci(values: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> list[float] | None:
-    """Percentile 95 % bootstrap interval of the mean of ``values`` (None for fewer than 2)."""
-    import numpy as np
-
-    if len(values) < 2:
-        return None
-    data = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
-def paired_difference(base: Sequence[float | None], trained: Sequence[float | None], *, resamples: int = 2000,
-                      seed: int = 0) -> dict[str, Any] | None:
-    """Mean of trained - base over items both have, with a paired percentile 95 % bootstrap interval."""
-    pairs = [(b, t) for b, t in zip(base, trained) if b is not None and t is not None]
-    if len(pairs) < 2:
-        return None
-    diffs = [t - b for b, t in pairs]
-    return {"delta": sum(diffs) / len(diffs), "ci95": bootstrap_ci(diffs, resamples=resamples, seed=seed),
-            "items": len(diffs)}
+            "expected_ci95": bootstrap_ci(expected), "items": scores, "expected_items": expected_items,
+            "examples": [{"question": q, "answer": a, "rating": r.score, "expected": r.expected}
+                         for q, a, r in list(zip(questions, answers, rated))[:5]]}
 
 
 def heldout_eval_questions(limit: int) -> list[str]:
@@ -211,21 +230,26 @@ def heldout_eval_questions(limit: int) -> list[str]:
 
 
 def evaluate_model(path: str | Path, *, groups: Sequence[Any], hh_path: str | Path | None, limit: int | None,
-                   observer: Any, questions: Sequence[str], max_length: int) -> dict[str, Any]:
-    from stablealign.training.generate import load_model
+                   observer: Any, questions: Sequence[str], max_length: int, judge: str | None = None,
+                   max_new_tokens: int = 64) -> dict[str, Any]:
+    from stablealign.training.generate import generate, load_model
 
     model, tokenizer = load_model(path)
     result: dict[str, Any] = {"model": str(path)}
     result["preference"] = preference_accuracy(model, tokenizer, hh_path, limit=limit, max_length=max_length)
     result["heldout"] = heldout_loss(model, tokenizer, groups, max_length=max_length)
-    if observer is not None:
-        if questions:
+    if questions:
+        answers = generate(model, tokenizer, list(questions), max_new_tokens=max_new_tokens)
+        result["guard"] = answer_guard(answers, tokenizer)
+        result["guard"]["chosen_nll"] = result["preference"]["chosen_nll"]
+        result["guard"]["chosen_nll_ci95"] = result["preference"]["chosen_nll_ci95"]
+        if observer is not None:
             try:
-                result["alignment"] = alignment_rating(model, tokenizer, questions, observer)
+                result["alignment"] = alignment_rating(answers, questions, observer, judge=judge)
             except ImportError as exc:
                 result["alignment"] = {"error": f"observer backend unavailable: {exc}"}
-        else:
-            result["alignment"] = {"error": "no held-out questions"}
+    elif observer is not None:
+        result["alignment"] = {"error": "no held-out questions"}
     return result
 
 
@@ -263,14 +287,14 @@ def _bar_with_ci(ax: Any, x: float, value: float | None, ci: list[float] | None,
 
 
 def plot_report(report: dict[str, Any], train_log: Path | None, out_png: Path) -> None:
-    """Training loss; base vs trained on the three measures with 95 % intervals; the SANDBOX curve."""
+    """Training loss; every model on four measures with 95 % intervals; the SANDBOX curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curve = report.get("sandbox") or []
-    panels = 5 if curve else 4
+    panels = 6 if curve else 5
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4))
     ax_loss = axes[0]
     rows = []
@@ -286,24 +310,34 @@ def plot_report(report: dict[str, Any], train_log: Path | None, out_png: Path) -
         ax_loss.text(0.5, 0.5, "no train_log.jsonl", ha="center", va="center")
     ax_loss.set_title("training loss")
 
-    measures = (("HH-RLHF preference accuracy", "preference", "accuracy"),
-                ("held-out Stable Alignment loss", "heldout", "loss"),
-                ("observer alignment of answers (1-7)", "alignment", "mean"))
-    colors = {"base": "tab:gray", "trained": "tab:blue"}
-    for ax, (title, key, field) in zip(axes[1:4], measures):
-        for k, name in enumerate(("base", "trained")):
-            part = (report.get(name) or {}).get(key) or {}
+    models = ["base", "trained", *(report.get("compare") or {})]
+    results = {name: (report.get(name) if name in ("base", "trained") else (report.get("compare") or {}).get(name))
+               or {} for name in models}
+    results_vs_base = {"trained": report.get("difference") or {}, **(report.get("compare_difference") or {})}
+    palette = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+    judge = (report.get("judge") or {}).get("agreement")
+    judged = f" (judge agreement {judge:.2f})" if isinstance(judge, (int, float)) else ""
+    measures = (("HH-RLHF preference accuracy", lambda name: (results[name].get("preference") or {}), "accuracy"),
+                ("reference-normalised accuracy vs base",
+                 lambda name: (results_vs_base.get(name) or {}).get("reference_normalised_accuracy") or {}, "accuracy"),
+                ("held-out Stable Alignment loss", lambda name: (results[name].get("heldout") or {}), "loss"),
+                ("judge alignment of answers (1-7)" + judged,
+                 lambda name: (results[name].get("alignment") or {}), "expected_mean"))
+    for ax, (title, part_of, field) in zip(axes[1:1 + len(measures)], measures):
+        for k, name in enumerate(models):
+            part = part_of(name)
             value = part.get(field) if isinstance(part, dict) else None
-            _bar_with_ci(ax, k, value if isinstance(value, (int, float)) else None, part.get("ci95"), 0.6, name,
-                         colors[name])
-        ax.set_xticks([0, 1], ["base", "trained"])
-        ax.set_title(title, fontsize=10)
-        if key == "preference":
+            ci = part.get("expected_ci95" if field == "expected_mean" else "ci95") if isinstance(part, dict) else None
+            _bar_with_ci(ax, k, value if isinstance(value, (int, float)) else None, ci, 0.6, name,
+                         palette[k % len(palette)])
+        ax.set_xticks(range(len(models)), models, rotation=20, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        if "accuracy" in title:
             ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":")
-        if key == "alignment":
+        if field == "expected_mean":
             ax.set_ylim(1, 7)
     if curve:
-        ax = axes[4]
+        ax = axes[5]
         x = [c["round"] for c in curve]
         for stage, color in (("before", "tab:orange"), ("after", "tab:green")):
             means = [c.get(f"alignment_{stage}") for c in curve]
@@ -324,27 +358,64 @@ def plot_report(report: dict[str, Any], train_log: Path | None, out_png: Path) -
     plt.close(fig)
 
 
+DIFFERENCES = (  # name in the report -> (part of a model's result, its per-item list)
+    ("preference_accuracy", "preference", "items"),
+    ("heldout_loss", "heldout", "items"),
+    ("alignment", "alignment", "expected_items"),
+    ("alignment_rating", "alignment", "items"),
+    ("chosen_nll", "preference", "chosen_nll_items"),
+    ("answer_length", "guard", "length_items"),
+    ("repeated_share", "guard", "repeated_items"),
+)
+
+
+def differences(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``other`` - ``base`` on every measure, paired over the same items, and the reference-normalised
+    preference accuracy of ``other`` against ``base``."""
+    result: dict[str, Any] = {
+        name: paired_difference((base.get(part) or {}).get(key) or [], (other.get(part) or {}).get(key) or [])
+        for name, part, key in DIFFERENCES}
+    result["reference_normalised_accuracy"] = reference_normalised_accuracy(base.get("preference") or {},
+                                                                            other.get("preference") or {})
+    return result
+
+
 def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = None, base: str | Path | None = None,
              hh_path: str | Path | None = None, limit: int | None = None, observer_backend: str | None = None,
-             observer_model: str = "", observer_url: str = "", questions_limit: int = 16,
-             max_length: int = 360, sandbox_records: str | Path | None = None) -> dict[str, Any]:
-    """Evaluates ``model`` (and ``base``), writes ``out/report.json`` and ``out/report.png``.
+             observer_model: str = "", observer_url: str = "", questions_limit: int = 32,
+             max_length: int = 360, sandbox_records: str | Path | None = None,
+             compare: Mapping[str, str | Path] | None = None, judge_pairs: int = 300,
+             judge_variant: str | None = None) -> dict[str, Any]:
+    """Evaluates ``model`` (and ``base``, and each model of ``compare``), writes ``out/report.json``
+    and ``out/report.png``.
 
-    With ``base``, the report also holds the paired difference trained - base of each measure with
-    a 95 % bootstrap interval (the same pairs, groups and questions for both models).
+    With ``base``, the report also holds, for the trained model and each compared one, the paired
+    difference to the base on each measure with a 95 % bootstrap interval (the same pairs, groups
+    and questions for every model) and the reference-normalised preference accuracy. With an
+    observer, the judge's agreement with human preference on ``judge_pairs`` eval-split HH-RLHF
+    pairs (``stablealign.judges``) is measured once and reported beside its ratings.
     """
     from stablealign.data import HH_SPLIT_RULE
+    from stablealign.judges import default_variant, judge_agreement
     from stablealign.training.data import load_alignment_groups
     from stablealign.v1 import common_pb2
 
     if limit is not None and limit < 1:
         raise ValidationError("limit must be >= 1")
+    if questions_limit < 0 or judge_pairs < 0:
+        raise ValidationError("questions and judge pairs must be >= 0")
+    compare = dict(compare or {})
+    reserved = {"base", "trained"} & set(compare)
+    if reserved:
+        raise ValidationError(f"compared models cannot be named {', '.join(sorted(reserved))}")
+    if compare and not base:
+        raise ValidationError("comparing models needs the base model (--base)")
     groups = load_alignment_groups(data) if data else []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     observer = (common_pb2.ModelRef(backend=observer_backend, model=observer_model, url=observer_url)
                 if observer_backend else None)
-    questions = heldout_eval_questions(questions_limit) if observer is not None else []
+    questions = heldout_eval_questions(questions_limit) if questions_limit else []
     split = hh_split(hh_path)
     report: dict[str, Any] = {"hh": str(hh_path or "default"), "hh_split": split or "all",
                               "hh_split_rule": HH_SPLIT_RULE if split else "", "limit": limit,
@@ -352,17 +423,22 @@ def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = No
                               "observer_model": observer_model, "questions": len(questions)}
     if sandbox_records:
         report["sandbox"] = sandbox_curve(sandbox_records)
+    judge_variant = judge_variant or default_variant(observer_backend)
+    report["judge_variant"] = judge_variant if observer is not None else ""
+    if observer is not None and judge_pairs:
+        report["judge"] = judge_agreement(observer, variant=judge_variant, split="eval", limit=judge_pairs)
     common = dict(groups=groups, hh_path=hh_path, limit=limit, observer=observer, questions=questions,
-                  max_length=max_length)
+                  max_length=max_length, judge=judge_variant)
     if base:
         report["base"] = evaluate_model(base, **common)
     report["trained"] = evaluate_model(model, **common)
+    if compare:
+        report["compare"] = {name: evaluate_model(path, **common) for name, path in compare.items()}
     if base:
-        report["difference"] = {
-            name: paired_difference((report["base"].get(key) or {}).get("items") or [],
-                                    (report["trained"].get(key) or {}).get("items") or [])
-            for name, key in (("preference_accuracy", "preference"), ("heldout_loss", "heldout"),
-                              ("alignment", "alignment"))}
+        report["difference"] = differences(report["base"], report["trained"])
+        if compare:
+            report["compare_difference"] = {name: differences(report["base"], result)
+                                            for name, result in report["compare"].items()}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     plot_report(report, check_model_path(str(model)) / "train_log.jsonl", out / "report.png")
     log.info("eval.done", extra={"out": str(out)})

