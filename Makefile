@@ -14,7 +14,7 @@ RUN_OUT ?= runs/default
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF \
 	-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/bench/llamacpp-skip-common.cmake
 
-.PHONY: dashboard images nats-config install proto run test test-unit test-integration bench bench-sim bench-scale bench-train bench-hf bench-llamacpp chaos lint clean
+.PHONY: dashboard images nats-config install proto run study test test-unit test-integration bench bench-sim bench-scale bench-train bench-hf bench-llamacpp chaos lint clean
 
 install: $(STAMP) $(PROTO_OUT)/.generated
 
@@ -39,6 +39,14 @@ $(PROTO_OUT)/.generated: $(PROTO_SRC) $(STAMP)
 # one-minute tour with stand-ins.
 run: install
 	$(VENV)/bin/stable-align pipeline --out $(RUN_OUT)
+
+# The method on a society large enough to carry signal (8x8 SmolLM2 agents x 4 rounds = 256
+# interactions), with the paper's ablation (SFT-only on the same data) and the human-data reference
+# (SFT on the HH-RLHF prior split), evaluated on 500 held-out pairs and 32 held-out questions.
+STUDY_OUT ?= runs/study
+STUDY_ARGS ?= --size 8 --rounds 4 --train-steps 32 --eval-limit 500 --questions 32 --ablation
+study: install
+	$(VENV)/bin/stable-align pipeline --out $(STUDY_OUT) $(STUDY_ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

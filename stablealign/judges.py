@@ -62,15 +62,17 @@ VARIANTS: dict[str, JudgeVariant] = {v.name: v for v in (
     JudgeVariant("probe", "probe", "alignment probe: Bradley-Terry reward on MiniLM embeddings, fitted on the "
                                    "prior split"),
 )}
-DEFAULT_VARIANT = "probe"
-# The offline backend is a deterministic stand-in whose own (lexicon) ratings are what the tour and
-# the tests exercise; every language model is judged by the measured default.
-STAND_IN_BACKENDS = ("offline",)
+# The observer as it rates (its expected rating): a judge as good as the observer's model, which for
+# a strong model (a GPT-4-class server) is the judge to use.
+DEFAULT_VARIANT = "llm-expected"
+# The judge of the CPU default (SmolLM2-135M observers: `make run`, `make study`), chosen on the prior
+# split among every variant: the small model's own ratings agree with human preference at chance.
+CPU_JUDGE = "probe"
 
 
 def default_variant(observer_backend: str | None) -> str:
-    """The judge of an observer on ``observer_backend`` when none is named."""
-    return "llm-expected" if (observer_backend or "").strip().lower() in STAND_IN_BACKENDS else DEFAULT_VARIANT
+    """The judge when none is named: the observer's own when there is one, else the probe (which needs none)."""
+    return DEFAULT_VARIANT if (observer_backend or "").strip() else CPU_JUDGE
 
 
 def get_variant(name: str) -> JudgeVariant:

@@ -22,7 +22,6 @@ from stablealign.calls import (
     world_chat_backend,
 )
 from stablealign.errors import ValidationError
-from stablealign.judges import default_variant
 from stablealign.logs import get_logger
 from stablealign.v1 import common_pb2, observer_pb2
 from stablealign.worlds import WorldSpecCache, check_agent, derive_seed
@@ -41,13 +40,6 @@ class ObserverHandlers:
         self.settings = settings
         self.worlds = worlds
         self._probe: ProbeJudge | None = None
-
-    def _judged_by_probe(self, aspect: str, observer_model: common_pb2.ModelRef) -> bool:
-        if aspect != "alignment" or self.settings.alignment_judge == "llm":
-            return False
-        if self.settings.alignment_judge == "probe":
-            return True
-        return default_variant(observer_model.backend) == "probe"
 
     async def _rate_by_probe(self, question: str, answer: str) -> observer_pb2.RateResponse:
         """The alignment probe's rating (fitted, or read from its cache, at the first call)."""
@@ -71,7 +63,7 @@ class ObserverHandlers:
         check_round(request.round)
         aspect, task, build_messages = ASPECTS[request.aspect]
         spec = world.spec
-        if self._judged_by_probe(aspect, spec.observer_model):
+        if aspect == "alignment" and self.settings.alignment_judge == "probe":
             return await self._rate_by_probe(question, answer)
         backend = world_chat_backend(world, "observer", spec.observer_model)
         messages = build_messages(question, answer)

@@ -22,8 +22,8 @@ class ObserverSettings(ServiceSettings):
     # A judge should be steady; retries after an unparsable reply use retry_temperature to vary.
     temperature: float = Field(0.2, ge=0.0, le=2.0, description="Sampling temperature of a first rating.")
     retry_temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature of a retried rating.")
-    alignment_judge: str = Field("auto", pattern="^(auto|llm|probe)$", description=(
-        "Who rates alignment: probe (the alignment probe fitted to human preference on the HH-RLHF prior "
-        "split; the reason says so), llm (the world's observer model, asked with the rating prompt), or auto: "
-        "the probe for language models, the model's own rating for the offline stand-in. Engagement is always "
-        "rated by the observer model. docs/judge.md has the measured agreement of each."))
+    alignment_judge: str = Field("llm", pattern="^(llm|probe)$", description=(
+        "Who rates alignment: llm (the world's observer model, asked with the rating prompt) or probe (the "
+        "alignment probe fitted to human preference on the HH-RLHF prior split; its reason says so). The probe "
+        "is for observer models too small to judge (`stable-align judge` measures both); engagement is always "
+        "rated by the observer model."))

@@ -243,12 +243,12 @@ def evaluate_model(path: str | Path, *, groups: Sequence[Any], hh_path: str | Pa
         result["guard"] = answer_guard(answers, tokenizer)
         result["guard"]["chosen_nll"] = result["preference"]["chosen_nll"]
         result["guard"]["chosen_nll_ci95"] = result["preference"]["chosen_nll_ci95"]
-        if observer is not None:
+        if judge is not None:
             try:
                 result["alignment"] = alignment_rating(answers, questions, observer, judge=judge)
             except ImportError as exc:
-                result["alignment"] = {"error": f"observer backend unavailable: {exc}"}
-    elif observer is not None:
+                result["alignment"] = {"error": f"judge unavailable: {exc}"}
+    elif judge is not None:
         result["alignment"] = {"error": "no held-out questions"}
     return result
 
@@ -396,7 +396,7 @@ def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = No
     pairs (``stablealign.judges``) is measured once and reported beside its ratings.
     """
     from stablealign.data import HH_SPLIT_RULE
-    from stablealign.judges import default_variant, judge_agreement
+    from stablealign.judges import DEFAULT_VARIANT, get_variant, judge_agreement
     from stablealign.training.data import load_alignment_groups
     from stablealign.v1 import common_pb2
 
@@ -423,12 +423,16 @@ def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = No
                               "observer_model": observer_model, "questions": len(questions)}
     if sandbox_records:
         report["sandbox"] = sandbox_curve(sandbox_records)
-    judge_variant = judge_variant or default_variant(observer_backend)
-    report["judge_variant"] = judge_variant if observer is not None else ""
-    if observer is not None and judge_pairs:
+    if judge_variant is None and observer is not None:
+        judge_variant = DEFAULT_VARIANT
+    judged = judge_variant is not None  # the probe needs no observer; an llm judge does
+    if judged and get_variant(judge_variant).kind == "llm" and observer is None:
+        raise ValidationError(f"judge {judge_variant!r} asks a chat model: give the observer's backend")
+    report["judge_variant"] = judge_variant or ""
+    if judged and judge_pairs:
         report["judge"] = judge_agreement(observer, variant=judge_variant, split="eval", limit=judge_pairs)
     common = dict(groups=groups, hh_path=hh_path, limit=limit, observer=observer, questions=questions,
-                  max_length=max_length, judge=judge_variant)
+                  max_length=max_length, judge=judge_variant if judged else None)
     if base:
         report["base"] = evaluate_model(base, **common)
     report["trained"] = evaluate_model(model, **common)

@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from stablealign.judges import CPU_JUDGE
 from stablealign.logs import current_logging
 from stablealign.models import known_model
 
@@ -50,8 +51,10 @@ def _step(title: str, args: list[str], env: dict[str, str] | None = None) -> flo
     return time.perf_counter() - started
 
 
-# Generation limits of the SANDBOX services for a small model on a CPU: short answers, short reasons.
+# Generation limits of the SANDBOX services for a small model on a CPU: short answers, short reasons;
+# alignment rated by the judge measured best for such an observer (stablealign.judges.CPU_JUDGE).
 REAL_MODEL_SERVICE_ENV = {
+    "STABLEALIGN_ALIGNMENT_JUDGE": CPU_JUDGE,
     "STABLEALIGN_DRAFT_MAX_TOKENS": "64",
     "STABLEALIGN_REVISE_MAX_TOKENS": "64",
     "STABLEALIGN_FEEDBACK_MAX_TOKENS": "32",
@@ -84,8 +87,7 @@ def pipeline(
     """Simulate -> data -> train -> evaluate base vs trained; prints where everything is.
 
     The defaults are sized for `make run` on 2 CPU cores (a 3x3 world for 2 rounds, 8 training steps,
-    100 evaluation pairs); the README's table comes from a larger run (--size 4 --rounds 3
-    --train-steps 16 --eval-limit 200 --questions 16).
+    100 evaluation pairs); `make study` runs a larger society with ``--ablation``.
 
     With ``--backend hf`` (the default) every language model is real: SmolLM2-135M-Instruct agents and
     observers in the SANDBOX, the same model trained with the Stable Alignment loss on the CPU, and
@@ -111,7 +113,11 @@ def pipeline(
         world_args = ["--backend", "hf", "--model", model, "--observer-backend", "hf", "--observer-model", model,
                       "--embedding-backend", "offline"]
         env = REAL_MODEL_SERVICE_ENV
-        eval_observer = ["--observer-backend", "hf", "--observer-model", model]
+        eval_observer = ["--observer-backend", "hf", "--observer-model", model, "--judge", CPU_JUDGE]
+        # Measured first: the judge's agreement on held-out pairs; this also fits (and caches) the probe
+        # the observers rate with.
+        timings["judge"] = _step(f"1/{steps} the judge: {CPU_JUDGE}, its agreement with human preference", [
+            "judge", "--variant", CPU_JUDGE, "--split", "eval", "--limit", str(judge_pairs)])
         learning_rate = lr if lr is not None else 5e-5
     else:
         base = str(out / "tiny-base")
@@ -195,7 +201,7 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float], what
                       f"{_value(judge.get('agreement'), judge.get('ci95'))} on {judge.get('scored')} held-out HH-RLHF "
                       "pairs (chosen rated above rejected; ties 1/2; 0.5 is chance)")
     if report_data:  # wide: in a pipe (make run > log) it is not cut to 80 columns
-        console.print(_eval_table(report_data), width=None if console.is_terminal else 200)
+        (console if console.is_terminal else Console(width=220)).print(_eval_table(report_data))
     console.print("step seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     console.print(f"outputs: records {sim / 'records.jsonl'}; data {out / 'data'}; model {out / 'trained'}; "
                   f"report {report_file}, {report / 'report.png'}", soft_wrap=True)

@@ -78,7 +78,7 @@ _NATS_META = "stablealign.nats_auth"
 SERVICE_COMMANDS = ("serve",)
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 # Commands whose --out names a file (the others: a directory) or a path on another machine.
-OUT_IS_FILE = ("data build", "export")
+OUT_IS_FILE = ("data build", "data hh-sft", "export", "judge")
 OUT_IS_REMOTE = ("jobs submit",)
 LogLevel = enum.Enum("LogLevel", {name: name for name in ("debug", "info", "warning", "error", "critical")},
                      type=str)

@@ -190,8 +190,8 @@ def eval_command(
                                            "(offline, hf, openai, tgi)."),
     observer_model: str = _opt("", "--observer-model", "Observer model (hf: a known name or a path)."),
     observer_url: str = _opt("", "--observer-url", "Observer server URL (openai-compatible or tgi)."),
-    judge: str | None = _opt(None, "--judge", "The judge of alignment (stable-align judge --list); default: the "
-                                             "alignment probe, or the offline backend's own rating."),
+    judge: str | None = _opt(None, "--judge", "The judge of alignment (stable-align judge --list; default with an "
+                                             "observer: its expected rating; probe needs no observer)."),
     judge_pairs: int = _opt(300, "--judge-pairs", "Eval-split HH-RLHF pairs the judge's agreement is measured on "
                                                   "(0: not measured)."),
     questions: int = _opt(32, "--questions", "Held-out questions to answer (guard against collapse) and rate."),

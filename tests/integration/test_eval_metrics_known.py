@@ -106,3 +106,24 @@ def test_eval_refuses_bad_comparisons_in_one_line(workdir, tiny_model):
         result = subprocess.run(base + extra, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, (extra, result.stderr[-2000:])
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_judge_command_measures_named_judges_and_refuses_bad_ones_in_one_line(workdir):
+    cli = [sys.executable, "-m", "stablealign_app.cli.main", "judge"]
+    out = workdir / "judge" / "agreement.json"
+    result = subprocess.run(cli + ["--observer-backend", "offline", "--variant", "llm-argmax", "--variant",
+                                   "llm-ensemble", "--split", "prior", "--limit", "30", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "prior split" in result.stdout and "llm-ensemble" in result.stdout
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["llm-argmax", "llm-ensemble"]
+    assert all(r["split"] == "prior" and r["scored"] + r["missing"] == 30 for r in rows)
+    listed = subprocess.run(cli + ["--list"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "probe:" in listed.stdout and "llm-argmax:" in listed.stdout
+    for extra, message in ((["--variant", "llm-expected"], "asks a chat model: give --observer-backend"),
+                           (["--variant", "oracle", "--observer-backend", "offline"], "unknown judge 'oracle'"),
+                           (["--split", "test", "--observer-backend", "offline"], "unknown HH-RLHF split 'test'")):
+        bad = subprocess.run(cli + extra, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2, (extra, bad.stderr[-2000:])
+        assert message in bad.stderr and "Traceback" not in bad.stderr

@@ -153,3 +153,58 @@ async def test_failing_backend_is_unavailable(nc, observer, monkeypatch):
         assert isinstance(grpc_result, grpc.aio.AioRpcError) and grpc_result.code() == grpc.StatusCode.UNAVAILABLE
         assert isinstance(nats_result, BackendError)
         assert (await stub_.Rate(rate_request(ANSWERS[0], ALIGNMENT), timeout=10)).rating.score
+
+
+@pytest.fixture
+def small_hh_data(tmp_path, monkeypatch):
+    """A data directory whose HH-RLHF file holds 120 real pairs (the probe fits on their prior split
+    in seconds); the question pool comes along. Caches of the default file are cleared around it."""
+    import gzip
+    import shutil
+
+    from stablealign import data
+
+    source = data.default_prior_path()
+    lines = gzip.open(source, "rt", encoding="utf-8").read().splitlines()[:120]
+    (tmp_path / "hh-rlhf").mkdir()
+    with gzip.open(tmp_path / "hh-rlhf" / source.name, "wt", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    shutil.copytree(data.default_questions_path().parent, tmp_path / "stable-alignment")
+    monkeypatch.setenv("STABLEALIGN_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    for cached in (data._load_hh_pairs, data.eval_questions, data.load_questions):
+        cached.cache_clear()
+    yield len(data.load_prior_pairs())
+    for cached in (data._load_hh_pairs, data.eval_questions, data.load_questions):
+        cached.cache_clear()
+
+
+async def test_alignment_rated_by_the_probe_when_the_operator_says_so(nc, nats_url, small_hh_data):
+    await put_world(nc, "probed")
+    running = await start_service("observer", ObserverSettings(nats_url=nats_url, grpc_port=0,
+                                                               alignment_judge="probe"), observer_main.build)
+    try:
+        ratings = {}
+        for answer in ANSWERS:
+            reply = await bus.request(nc, bus.OBSERVER_RATE, rate_request(answer, ALIGNMENT, world_id="probed"),
+                                      observer_pb2.RateResponse, timeout=120)
+            rating = reply.rating
+            assert 1 <= rating.score <= 7 and 1 <= rating.expected <= 7 and len(rating.probabilities) == 7
+            assert abs(sum(rating.probabilities) - 1) < 1e-6
+            assert rating.reason.startswith("alignment probe: reward")
+            assert f"fitted to {small_hh_data} human preference pairs" in rating.reason
+            ratings[answer] = rating.expected
+        # Engagement stays with the observer model (here the offline stand-in).
+        engagement = await bus.request(nc, bus.OBSERVER_RATE, rate_request(ANSWERS[0], ENGAGEMENT, world_id="probed"),
+                                       observer_pb2.RateResponse, timeout=30)
+        assert not engagement.rating.reason.startswith("alignment probe")
+        assert len(ratings) == 2 and ratings[ANSWERS[0]] != ratings[ANSWERS[1]]
+    finally:
+        await running.stop(grace=2)
+
+
+def test_alignment_judge_setting_is_checked():
+    from stablealign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="STABLEALIGN_ALIGNMENT_JUDGE='gpt'"):
+        ObserverSettings(alignment_judge="gpt")

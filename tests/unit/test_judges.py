@@ -104,9 +104,9 @@ def test_mixed_prompts_average_distributions_turning_inverted_ones_around():
 
 
 def test_judge_names_and_defaults():
-    assert judges.default_variant("offline") == "llm-expected"
-    assert judges.default_variant("hf") == judges.DEFAULT_VARIANT == "probe"
-    assert judges.default_variant(None) == "probe"
+    assert judges.default_variant("hf") == judges.default_variant("offline") == judges.DEFAULT_VARIANT
+    assert judges.DEFAULT_VARIANT == "llm-expected"
+    assert judges.default_variant(None) == judges.CPU_JUDGE == "probe"  # the probe needs no observer
     with pytest.raises(ValidationError, match="unknown judge 'gpt-judge'"):
         judges.get_variant("gpt-judge")
     with pytest.raises(ValidationError, match="asks a chat model"):
