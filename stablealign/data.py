@@ -86,6 +86,12 @@ def hh_split_of(question: str) -> str:
     return "prior" if bucket < 70 else "eval"
 
 
+def last_human_turn(dialogue: str) -> str:
+    """The human turn a dialogue's final Assistant answer responds to (what a judge shows as the question)."""
+    humans = [content for role, content in split_dialogue(dialogue)[:-1] if role == "Human"]
+    return humans[-1] if humans else ""
+
+
 def dialogue_query(dialogue: str) -> str:
     """The dialogue before its final Assistant turn, written so that the shared prompt format
     reproduces the HH-RLHF text (``Human: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:``)."""

@@ -198,7 +198,7 @@ class JudgePair:
 
 def judge_pairs(split: str = "eval", limit: int | None = None, hh_path: str | Path | None = None) -> list[JudgePair]:
     """HH-RLHF pairs of ``split`` of the default file (or a user's file whole), in file order."""
-    from stablealign.data import HH_SPLITS, load_hh_pairs, split_dialogue
+    from stablealign.data import HH_SPLITS, last_human_turn, load_hh_pairs
 
     if split not in HH_SPLITS:
         raise ValidationError(f"unknown HH-RLHF split {split!r}; valid: {', '.join(HH_SPLITS)}")
@@ -206,12 +206,7 @@ def judge_pairs(split: str = "eval", limit: int | None = None, hh_path: str | Pa
         raise ValidationError("judge pairs must be >= 1")
     pairs = load_hh_pairs(hh_path, split if hh_path is None else None)
     pairs = pairs[:limit] if limit else pairs
-
-    def last_human(dialogue: str) -> str:
-        humans = [content for role, content in split_dialogue(dialogue)[:-1] if role == "Human"]
-        return humans[-1] if humans else ""
-
-    return [JudgePair(last_human(p.chosen_dialogue), p.chosen, p.rejected) for p in pairs]
+    return [JudgePair(last_human_turn(p.chosen_dialogue), p.chosen, p.rejected) for p in pairs]
 
 
 def agreement(chosen: Sequence[float | None], rejected: Sequence[float | None]) -> dict[str, Any]:

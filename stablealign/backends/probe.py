@@ -166,16 +166,11 @@ async def prior_probe(embedder: Embedder, hh_path: str | Path | None = None) -> 
     """The probe fitted on the prior split of the HH-RLHF file (the default file's prior split; a
     user's own file whole, as for agents' priors), from the disk cache when it was fitted before."""
     from stablealign.backends.embeddings import cache_dir, embed_cached
-    from stablealign.data import load_prior_pairs, split_dialogue
+    from stablealign.data import last_human_turn, load_prior_pairs
 
     pairs = load_prior_pairs(hh_path)
-
-    def question_of(dialogue: str) -> str:  # the human turn the final answer responds to
-        humans = [content for role, content in split_dialogue(dialogue)[:-1] if role == "Human"]
-        return humans[-1] if humans else ""
-
-    texts_c = [probe_text(question_of(p.chosen_dialogue), p.chosen) for p in pairs]
-    texts_r = [probe_text(question_of(p.rejected_dialogue), p.rejected) for p in pairs]
+    texts_c = [probe_text(last_human_turn(p.chosen_dialogue), p.chosen) for p in pairs]
+    texts_r = [probe_text(last_human_turn(p.rejected_dialogue), p.rejected) for p in pairs]
     model_id = str(getattr(embedder, "model_id", "") or embedder.model)
     digest = hashlib.sha256("\x00".join(texts_c + texts_r).encode("utf-8")).hexdigest()
     root = cache_dir()

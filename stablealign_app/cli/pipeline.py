@@ -132,7 +132,7 @@ def pipeline(
         "--seed", str(seed), "--out", str(sim)], env)
     timings["data"] = _step(f"3/{steps} mine alignment data from the records", [
         "data", "build", "--records", str(sim / "records.jsonl"), "--out", str(data / "alignment.jsonl"),
-        "--seed", str(seed)])
+        "--holdout", "0.2", "--seed", str(seed)])  # a fifth of the questions: more than one held-out group
     train_args = ["--max-steps", str(train_steps), "--batch-size", str(batch_size), "--grad-accum", "1",
                   "--lr", f"{learning_rate:g}", "--max-length", str(max_length), "--save-steps", str(train_steps),
                   "--seed", str(seed)]
