@@ -4,8 +4,10 @@ Why it exists: a small chat model cannot tell the chosen from the rejected answe
 harmless pair when asked for a 1-7 rating — every prompt, reading and ensemble we tried with
 SmolLM2-135M agrees with the human label about half the time (docs/judge.md) — so ratings that
 train a model would carry no signal. The probe is a linear Bradley-Terry reward on frozen sentence
-embeddings (all-MiniLM-L6-v2 of ``question [SEP] answer``) fitted on the *prior split* of the HH-RLHF
-harmless pairs only; evaluation pairs are never seen (``stablealign.data.HH_SPLIT_RULE``).
+embeddings (all-MiniLM-L6-v2 of ``question [SEP] answer`` and of the answer alone, side by side: the
+pair chosen by cross-validation on the prior split over either alone and over added length) fitted on
+the *prior split* of the HH-RLHF harmless pairs only; evaluation pairs are never seen
+(``stablealign.data.HH_SPLIT_RULE``).
 
 Fitting: features standardised, logistic regression on (chosen - rejected) feature differences in
 both orders, no intercept, solved by Newton's method; the L2 strength is chosen by 5-fold
@@ -43,12 +45,22 @@ NEWTON_STEPS = 25
 SCALE = 7
 # Width of the cumulative-logit rating distribution, in standard deviations of the prior rewards.
 RATING_WIDTH = 0.25
-FIT_VERSION = 2  # bump when the fitting or reading changes: cached probes of another version are re-fitted
+FIT_VERSION = 3  # bump when the fitting or reading changes: cached probes of another version are re-fitted
 
 
-def probe_text(question: str, answer: str) -> str:
-    """The text the probe embeds: the question first, so truncation cuts the answer's tail."""
-    return f"{question.strip()} [SEP] {answer.strip()}"
+def probe_texts(question: str, answer: str) -> tuple[str, str]:
+    """The two texts the probe embeds: the question with the answer (question first, so truncation
+    cuts the answer's tail) and the answer alone."""
+    return f"{question.strip()} [SEP] {answer.strip()}", answer.strip()
+
+
+async def probe_features(embedder: Embedder, items: Sequence[tuple[str, str]], *, cached: bool = False) -> np.ndarray:
+    """The probe's features of (question, answer) items: both texts' embeddings side by side."""
+    from stablealign.backends.embeddings import embed_cached
+
+    texts = [text for q, a in items for text in probe_texts(q, a)]
+    vectors = await (embed_cached(embedder, texts) if cached else embedder.embed(texts))
+    return np.asarray(vectors).reshape(len(items), -1)
 
 
 def _fit_bt(diffs: np.ndarray, l2: float) -> np.ndarray:
@@ -165,14 +177,14 @@ def _cache_key(texts_digest: str, embedding_model: str) -> str:
 async def prior_probe(embedder: Embedder, hh_path: str | Path | None = None) -> AlignmentProbe:
     """The probe fitted on the prior split of the HH-RLHF file (the default file's prior split; a
     user's own file whole, as for agents' priors), from the disk cache when it was fitted before."""
-    from stablealign.backends.embeddings import cache_dir, embed_cached
+    from stablealign.backends.embeddings import cache_dir
     from stablealign.data import last_human_turn, load_prior_pairs
 
     pairs = load_prior_pairs(hh_path)
-    texts_c = [probe_text(last_human_turn(p.chosen_dialogue), p.chosen) for p in pairs]
-    texts_r = [probe_text(last_human_turn(p.rejected_dialogue), p.rejected) for p in pairs]
+    items = [(last_human_turn(p.chosen_dialogue), p.chosen) for p in pairs]
+    items += [(last_human_turn(p.rejected_dialogue), p.rejected) for p in pairs]
     model_id = str(getattr(embedder, "model_id", "") or embedder.model)
-    digest = hashlib.sha256("\x00".join(texts_c + texts_r).encode("utf-8")).hexdigest()
+    digest = hashlib.sha256("\x00".join(q + "\x01" + a for q, a in items).encode("utf-8")).hexdigest()
     root = cache_dir()
     path = root / "probes" / f"{PROBE_NAME}-{_cache_key(digest, model_id)}.npz" if root else None
     if path is not None and path.is_file():
@@ -180,8 +192,8 @@ async def prior_probe(embedder: Embedder, hh_path: str | Path | None = None) -> 
         if probe is not None:
             return probe
         log.warning("probe.cache_unreadable", extra={"path": str(path)})
-    vectors = await embed_cached(embedder, texts_c + texts_r)
-    probe = await asyncio.to_thread(fit_probe, vectors[: len(pairs)], vectors[len(pairs):], embedding_model=model_id)
+    features = await probe_features(embedder, items, cached=True)
+    probe = await asyncio.to_thread(fit_probe, features[: len(pairs)], features[len(pairs):], embedding_model=model_id)
     if path is not None:
         try:
             await asyncio.to_thread(probe.save, path)
@@ -209,9 +221,8 @@ class ProbeJudge:
         probe = await self.probe()
         if not items:
             return []
-        vectors = await self.embedder.embed([probe_text(q, a) for q, a in items])
         rated = []
-        for reward in probe.rewards(vectors):
+        for reward in probe.rewards(await probe_features(self.embedder, items)):
             digits = probe.distribution(float(reward))
             reason = (f"alignment probe: reward {float(reward):+.2f} on a scale fitted to {probe.pairs} human "
                       f"preference pairs (expected rating {digits.expected:.2f})")

@@ -76,22 +76,22 @@ def test_prior_probe_is_fitted_on_the_prior_split_once_then_read_from_the_cache(
     from stablealign.data import load_prior_pairs
 
     monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path))
-    first = asyncio.run(P.prior_probe(HashingEmbedder()))
+    first = asyncio.run(P.prior_probe(HashingEmbedder(dim=32)))
     assert first.pairs == len(load_prior_pairs()) and first.embedding_model == "hashing"
     files = list((tmp_path / "probes").glob("*.npz"))
     assert len(files) == 1
-    again = asyncio.run(P.prior_probe(HashingEmbedder()))
+    again = asyncio.run(P.prior_probe(HashingEmbedder(dim=32)))
     assert np.array_equal(again.weights, first.weights)
     files[0].write_bytes(b"damaged")  # a damaged cache is fitted again and rewritten, never an error
-    refit = asyncio.run(P.prior_probe(HashingEmbedder()))
+    refit = asyncio.run(P.prior_probe(HashingEmbedder(dim=32)))
     assert np.allclose(refit.weights, first.weights) and P.AlignmentProbe.load(files[0]) is not None
     monkeypatch.setenv("STABLEALIGN_CACHE_DIR", "off")
-    assert asyncio.run(P.prior_probe(HashingEmbedder())).pairs == first.pairs
+    assert asyncio.run(P.prior_probe(HashingEmbedder(dim=32))).pairs == first.pairs
 
 
 def test_probe_judge_rates_with_a_reason_that_names_it(tmp_path, monkeypatch):
     monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path))
-    judge = P.ProbeJudge(HashingEmbedder())
+    judge = P.ProbeJudge(HashingEmbedder(dim=32))
     rated = asyncio.run(judge.rate_many([("How do I bake bread?", "Mix flour, water, yeast and salt."),
                                          ("How do I hurt someone?", "I won't help with that.")]))
     assert len(rated) == 2
