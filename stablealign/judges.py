@@ -261,7 +261,8 @@ def judge_agreement(observer: Any | None, *, variant: str = DEFAULT_VARIANT, spl
             await judge.aclose()
 
     result = asyncio.run(measure())
-    model = "" if chosen.kind == "probe" else f"{getattr(observer, 'backend', '')}:{getattr(observer, 'model', '')}"
+    backend, name = getattr(observer, "backend", ""), getattr(observer, "model", "")
+    model = "" if chosen.kind == "probe" else f"{backend}:{name}" if name else backend
     result.update(variant=chosen.name, description=chosen.description, kind=chosen.kind, model=model, split=split,
                   seconds=round(time.perf_counter() - started, 1))
     log.info("judge.agreement", extra={k: result.get(k) for k in ("variant", "split", "pairs", "agreement", "seconds")})

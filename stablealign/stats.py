@@ -34,3 +34,13 @@ def paired_difference(base: Sequence[float | None], trained: Sequence[float | No
     diffs = [t - b for b, t in pairs]
     return {"delta": sum(diffs) / len(diffs), "ci95": bootstrap_ci(diffs, resamples=resamples, seed=seed),
             "items": len(diffs)}
+
+
+def format_figure(value: object, ci: object = None, digits: int = 3) -> str:
+    """``0.637 [0.580, 0.690]``: a figure with its interval as reports print it; ``-`` when there is none."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    text = f"{value:.{digits}f}"
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return text

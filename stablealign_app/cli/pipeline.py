@@ -26,6 +26,7 @@ from rich.table import Table
 from stablealign.judges import CPU_JUDGE
 from stablealign.logs import current_logging
 from stablealign.models import known_model
+from stablealign.stats import format_figure
 
 console = Console()
 
@@ -198,22 +199,13 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float], what
     judge = report_data.get("judge") or {}
     if judge:
         console.print(f"judge ({judge.get('variant')}): agreement with human preference "
-                      f"{_value(judge.get('agreement'), judge.get('ci95'))} on {judge.get('scored')} held-out HH-RLHF "
+                      f"{format_figure(judge.get('agreement'), judge.get('ci95'))} on {judge.get('scored')} held-out HH-RLHF "
                       "pairs (chosen rated above rejected; ties 1/2; 0.5 is chance)")
     if report_data:  # wide: in a pipe (make run > log) it is not cut to 80 columns
         (console if console.is_terminal else Console(width=220)).print(_eval_table(report_data))
     console.print("step seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     console.print(f"outputs: records {sim / 'records.jsonl'}; data {out / 'data'}; model {out / 'trained'}; "
                   f"report {report_file}, {report / 'report.png'}", soft_wrap=True)
-
-
-def _value(value: object, ci: object = None, digits: int = 3) -> str:
-    if not isinstance(value, (int, float)):
-        return "-"
-    text = f"{value:.{digits}f}"
-    if isinstance(ci, list) and len(ci) == 2:
-        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
-    return text
 
 
 def _delta(diff: dict | None, digits: int = 3) -> str:
@@ -257,10 +249,10 @@ def _eval_table(report: dict) -> Table:
         for name in models:
             if part is None:  # reference-normalised: a figure of a model against the base
                 ref = (vs_base.get(name) or {}).get("reference_normalised_accuracy") or {}
-                cells.append(_value(ref.get("accuracy"), ref.get("ci95"), digits) if name != "base" else "-")
+                cells.append(format_figure(ref.get("accuracy"), ref.get("ci95"), digits) if name != "base" else "-")
             else:
                 got = results[name].get(part) or {}
-                cells.append(_value(got.get(field), got.get(ci_key) if ci_key else None, digits)
+                cells.append(format_figure(got.get(field), got.get(ci_key) if ci_key else None, digits)
                              if isinstance(got, dict) else "-")
             if name != "base":
                 cells.append(_delta((vs_base.get(name) or {}).get(diff_key), digits) if diff_key else "")

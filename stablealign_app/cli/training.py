@@ -169,13 +169,6 @@ def _named_paths(values: list[str], flag: str) -> dict[str, str]:
     return named
 
 
-def _figure(value: Any, ci: Any = None, digits: int = 3) -> str:
-    if not isinstance(value, (int, float)):
-        return "-"
-    text = f"{value:.{digits}f}"
-    return text + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
-
-
 def eval_command(
     model: str = _opt(..., "--model", "Trained model directory (or a known model's name)."),
     out: Path = _opt(..., "--out", "Report directory (report.json, report.png)."),
@@ -201,6 +194,7 @@ def eval_command(
 ) -> None:
     """Preference accuracy (raw and reference-normalised), held-out loss, judge-rated alignment with the
     judge's agreement, collapse guard; 95 % intervals; base vs trained (and --compare models)."""
+    from stablealign.stats import format_figure
     from stablealign.training.evaluate import run_eval
 
     try:
@@ -214,7 +208,7 @@ def eval_command(
     judged = report.get("judge") or {}
     if judged:
         typer.echo(f"judge {judged['variant']}: agreement with human preference "
-                   f"{_figure(judged.get('agreement'), judged.get('ci95'))} on {judged.get('scored')} eval-split pairs")
+                   f"{format_figure(judged.get('agreement'), judged.get('ci95'))} on {judged.get('scored')} eval-split pairs")
     names = [n for n in ("base", "trained") if n in report] + list(report.get("compare") or {})
     for name in names:
         m = report[name] if name in ("base", "trained") else report["compare"][name]
@@ -223,7 +217,7 @@ def eval_command(
         ref = ((vs_base or {}).get("reference_normalised_accuracy") or {}).get("accuracy")
         typer.echo(f"{name}: preference accuracy {m['preference']['accuracy']:.3f} ({m['preference']['pairs']} pairs)"
                    + (f"; reference-normalised {ref:.3f}" if isinstance(ref, float) else "")
-                   + f"; held-out loss {_figure(m['heldout']['loss'])}; judge alignment {_figure(align, digits=2)}")
+                   + f"; held-out loss {format_figure(m['heldout']['loss'])}; judge alignment {format_figure(align, digits=2)}")
     typer.echo(f"report: {out / 'report.json'}, plot: {out / 'report.png'}")
 
 
@@ -244,6 +238,7 @@ def judge_command(
     from rich.table import Table
 
     from stablealign import judges
+    from stablealign.stats import format_figure
     from stablealign.v1 import common_pb2
 
     if list_variants:
@@ -269,7 +264,7 @@ def judge_command(
     for column in ("judge", "model", "pairs", "agreement (95 % CI)", "ties", "missing", "seconds"):
         table.add_column(column, justify="left" if column in ("judge", "model") else "right")
     for r in results:
-        table.add_row(r["variant"], r["model"] or "-", str(r["scored"]), _figure(r.get("agreement"), r.get("ci95")),
+        table.add_row(r["variant"], r["model"] or "-", str(r["scored"]), format_figure(r.get("agreement"), r.get("ci95")),
                       str(r["ties"]), str(r["missing"]), f"{r['seconds']:.0f}")
     Console(width=max(Console().width, 110)).print(table)
     for r in results:
