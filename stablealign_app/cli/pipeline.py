@@ -118,7 +118,7 @@ def pipeline(
         # Measured first: the judge's agreement on held-out pairs; this also fits (and caches) the probe
         # the observers rate with.
         timings["judge"] = _step(f"1/{steps} the judge: {CPU_JUDGE}, its agreement with human preference", [
-            "judge", "--variant", CPU_JUDGE, "--split", "eval", "--limit", str(judge_pairs)])
+            "judge", "--variant", CPU_JUDGE, "--split", "eval", "--limit", str(max(judge_pairs, 1))])
         learning_rate = lr if lr is not None else 5e-5
     else:
         base = str(out / "tiny-base")
