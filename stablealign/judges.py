@@ -35,8 +35,6 @@ from stablealign.ratings import RATING_SCALE
 
 log = get_logger(__name__)
 
-JUDGE_KINDS = ("llm", "probe")
-READINGS = ("argmax", "expected")
 DEFAULT_JUDGE_PAIRS = 300
 
 
