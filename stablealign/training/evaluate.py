@@ -58,33 +58,11 @@ def hh_examples(path: str | Path | None, limit: int | None) -> list[tuple[str, s
 def _response_logprobs(model: Any, tokenizer: Any, examples: Sequence[tuple[str, str]], max_length: int,
                        batch_size: int) -> list[tuple[float, int]]:
     """(summed log-likelihood, token count) of each (query, response) over the response's tokens
-    (EOS included, as in training). Batched in order of length, so a batch pads little."""
-    import torch
+    (EOS included, as in training); each dialogue prefix computed once (``scoring``)."""
+    from stablealign.training.scoring import response_logprobs
 
-    from stablealign.training.loss import IGNORE_INDEX, per_response_token_loss
-
-    device = next(model.parameters()).device
-    encoded = [encode_example(tokenizer, q, r, max_length) for q, r in examples]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    values: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        rows = order[start: start + batch_size]
-        width = max(len(encoded[i][0]) for i in rows)
-        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for row, index in enumerate(rows):
-            ids, prompt_len, _ = encoded[index]
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
-            labels[row, prompt_len: len(ids)] = input_ids[row, prompt_len: len(ids)]
-        with torch.no_grad():
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
-            losses = per_response_token_loss(logits, labels.to(device))
-        counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # the tokens each row's loss averages
-        for row, index in enumerate(rows):
-            values[index] = (-float(losses[row]) * counts[row], int(counts[row]))
-    return values
+    encoded = [encode_example(tokenizer, q, r, max_length)[:2] for q, r in examples]
+    return response_logprobs(model, encoded, tokenizer.pad_token_id, token_budget=batch_size * max_length)
 
 
 def preference_accuracy(model: Any, tokenizer: Any, hh_path: str | Path | None = None, *, limit: int | None = None,
