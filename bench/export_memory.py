@@ -4,7 +4,7 @@
                                   [--json FILE]
 
 Why: ``stable-align run`` at 100,489 agents held 1.76 GB while it read the records back to write
-``records.jsonl`` (README, scale table). This benchmark isolates that step. It starts a nats-server
+``records.jsonl`` (docs/benchmarks.md, scale table). This benchmark isolates that step. It starts a nats-server
 with JetStream, publishes N interaction records of one world to ``sandbox.records.<world>`` exactly
 as the world service does (protobuf, ``Nats-Msg-Id: <world>.<round>.<agent>``), optionally adds
 ``--forged`` forged messages, then runs ``stable-align export WORLD --out FILE --nats URL`` as its own

@@ -231,8 +231,8 @@ class ServiceSettings(Settings, StreamSettings, GrpcServerTlsSettings, LLMEndpoi
         "request_timeout_seconds."))
     gc_gen0_threshold: int = Field(20_000, ge=0, description=(
         "Allocations between two young-generation collections of the cycle collector once the process serves "
-        "(gen-1 and gen-2 thresholds stay at 10); 0: the interpreter's default (700). The default cuts the "
-        "collector's CPU in a round by ~3x (bench: `stable-align run` at 200 ms, 0.27 -> 0.09-0.14 s)."))
+        "(gen-1 and gen-2 thresholds stay at 10); 0: the interpreter's default (700). The default keeps most "
+        "of the collector's work out of a round (docs/benchmarks.md)."))
     local_llm_deadline_seconds: float = Field(1500.0, gt=0, description=(
         "The same for models in the agent/observer process (hf), whose calls wait their turn in the batch; "
         "keep it below the world's local_request_timeout_seconds."))

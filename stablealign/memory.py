@@ -20,8 +20,9 @@ once — texts plus one unit-normalised embedding matrix, as one content-address
 ``SANDBOX_MEMORY_POOLS`` stream — and an agent's prior batch only carries the pool id and M
 int32 entry indices. Each process keeps one decoded copy of a pool (``get_pool``), and an
 agent's memory holds a reference to it plus the indices; retrieval gathers the agent's M rows
-by index, so results equal those of a per-agent matrix, at ~0.7 KB per cached agent instead
-of ~120 KB (a 64 x 384 float32 matrix and M decoded strings; ``python -m bench.scale``).
+by index, so results equal those of a per-agent matrix, while a cached agent holds only its
+indices instead of its own float32 matrix and M decoded strings (``python -m bench.scale``;
+figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ async def _raw_batches(js: Any, subject: str, *, idle_timeout: float, batch: int
 
     An ephemeral *pull* consumer: the server sends a batch only when the previous one has been
     handled, so at most ``batch`` messages are in this process at once (an ordered push consumer
-    was measured buffering most of a 30,000-record world while the rows were being written). The
+    buffered most of a large world while the rows were being written). The
     read is bounded: it stops at that last sequence (others may keep publishing) and fails with
     ``UnavailableError`` when nothing arrives for ``idle_timeout`` seconds before it.
     """

@@ -11,8 +11,8 @@ A failure may also ask for a longer wait than the backoff (``wait_at_least``: an
 retried, never reported to the hooks, and propagates at once.
 
 The first attempt runs without tenacity: nearly every operation (a NATS request, an LLM call)
-succeeds at once, and building tenacity's retry state for each cost ~25 us — some 20 times per
-interaction. Only a first attempt that fails retryably hands the remaining attempts to tenacity,
+succeeds at once, and building tenacity's retry state for each was a measurable cost, paid many
+times per interaction (docs/benchmarks.md). Only a first attempt that fails retryably hands the remaining attempts to tenacity,
 with the same waits, hooks and attempt numbers as if it had run them all.
 """
 

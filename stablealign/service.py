@@ -201,14 +201,14 @@ def settle_heap(gen0_threshold: int = 0) -> None:
     apart (0: the interpreter's 700).
 
     Why: what is alive then (imported modules, classes, settings, connections) lives as long as the
-    process, yet every full collection traversed it again — ~150,000 objects in `stable-align run`,
-    0.4-0.9 s of CPU in a 100-agent round (gen-2 collections of ~0.1-0.2 s each, triggered by the
-    round's own allocations). Frozen objects are still freed by reference counting; only the cycle
-    collector skips them. After the freeze a round still triggered ~570 collections (0.27 s of a 1.6-2 s
-    round, measured with ``gc.callbacks``): a request allocates thousands of short-lived containers that
-    reference counting frees anyway, so collecting every 700 allocations mostly scans live in-flight
-    work. At 20,000: 16 collections, 0.09-0.14 s. Cyclic garbage still goes at the next young
-    collection; the older generations keep their thresholds (10), so nothing waits for a rare full pass.
+    process, yet every full collection traversed it again, a large share of a round's CPU (gen-2
+    collections triggered by the round's own allocations). Frozen objects are still freed by reference
+    counting; only the cycle collector skips them. After the freeze a round still triggered hundreds of
+    young collections: a request allocates thousands of short-lived containers that reference counting
+    frees anyway, so collecting every 700 allocations mostly scans live in-flight work; spacing them
+    apart keeps that work out of the rounds (figures: docs/benchmarks.md). Cyclic garbage still goes at
+    the next young collection; the older generations keep their thresholds, so nothing waits for a rare
+    full pass.
     """
     gc.freeze()
     if gen0_threshold > 0:

@@ -2,17 +2,15 @@
 
 A world is refused with a ValidationError (400 / INVALID_ARGUMENT) naming the limit when its
 estimate exceeds ``WorldSettings.max_world_memory_mb``, instead of being accepted and then
-growing a process until it is killed (a 1000 x 1000 world used to reach 5 GB while still
+growing a process until it is killed (a very large world used to exhaust memory while still
 PENDING). The estimate covers all processes of a run together — nats-server, the agent, observer
 and world services and ``stable-align run``'s export of records.jsonl — and is linear:
 
     BASE + agents x (PER_AGENT + 4 x M) + agents x rounds x PER_RECORD + the shared prior pool
 
 The constants are measured by ``python -m bench.scale`` (one-round worlds on the offline backend
-through NATS, peak RSS of all processes summed): 516 MB at 1,024 agents, 753 MB at 10,000 and
-2,449 MB at 100,489, of which 1,762 MB was the records export (~17.5 KB per record). With
-the default limit of 4,096 MB a one-round world of 100,489 agents (317 x 317) is accepted
-(estimate ~2.9 GB) and a 1000 x 1000 world is refused (~23 GB).
+through NATS, peak RSS of all processes summed); the figures they come from, and which worlds the
+default limit accepts, are in docs/benchmarks.md ("Memory estimate of a world").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Prior memories: M HH-RLHF pairs per agent, stored once per world and referenced by index.
 
-The original embedded every agent's prior separately and wrote a file per agent (186 s of
-setup for 100 agents). Here the pairs of all agents are drawn first (seeded by world seed and
+The original embedded every agent's prior separately and wrote a file per agent, so its setup
+grew with every agent (docs/benchmarks.md). Here the pairs of all agents are drawn first (seeded by world seed and
 agent id), the distinct (pair, persona) entries they use become one shared ``MemoryPool``
 (good agents hold the ``chosen`` answers, bad agents the ``rejected`` ones), each distinct
 question is embedded once — through the embedder's on-disk cache, so a later run on the same

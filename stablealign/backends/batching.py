@@ -29,8 +29,8 @@ several newcomers is retried one by one, so one bad prompt does not fail its com
 alone (up to float rounding: batched matmuls may sum in another order, which only matters at an
 exact tie between the top two logits).
 
-Two CPU costs of transformers' stock path are avoided (each measured at roughly a tenth of a
-32-row SmolLM2 step; outputs unchanged): the KV cache grows into spare room instead of being
+Two CPU costs of transformers' stock path are avoided (each a sizeable share of a full batch's
+decoding step, docs/benchmarks.md; outputs unchanged): the KV cache grows into spare room instead of being
 copied by ``torch.cat`` at every step (``_growing_layer_class``), and with a padding mask the
 grouped-query K/V heads stay grouped inside SDPA instead of being copied to every query head
 (``use_grouped_sdpa``; off with ``STABLEALIGN_HF_GROUPED_SDPA=false``).

@@ -100,8 +100,8 @@ def rating_reply(score: int, reason: str) -> str:
 class PriorAnswer:
     """A prior pair; its answers' alignment scores are computed when first asked for.
 
-    Why lazily: scoring all ~3,300 answers of the pool took ~1 s of CPU in every process at its first
-    offline request (in the first round of every world), while a small world only compares the few
+    Why lazily: scoring all answers of the pool cost every process a noticeable CPU pause at its first
+    offline request (in the first round of every world; docs/benchmarks.md), while a small world only compares the few
     entries nearest to its questions. With the cache on, the scores of the whole pool are read from
     it instead (``fill_prior_scores``).
     """
@@ -196,7 +196,7 @@ def _read_scores(path: Path, count: int) -> list[tuple[int, str]] | None:
 
 def fill_prior_scores(entries: Sequence[PriorAnswer]) -> None:
     """Sets every entry's alignment scores, and the heuristics' results for its texts, from the on-disk
-    cache (~10 ms); on a miss computes them all (~1 s for the default pool, once per machine) and stores
+    cache; on a miss computes them all (once per machine: reading is far cheaper than scoring) and stores
     them. A cache that is off, unwritable or damaged (wrong size, a score outside 1..7) leaves the scores
     to be computed when first asked for: never an error."""
     try:

@@ -103,9 +103,9 @@ def make_client(*, base_url: str | None, api_key: str | None, timeout: float,
 def _http_client(timeout: float, max_connections: int) -> Any:
     """The SDK's aiohttp transport when it is available, else its default httpx2 client.
 
-    Measured against the local server: ~1.3 ms of client CPU per call with aiohttp versus 2.3-3.1 ms
-    with the default pool (which scans every pooled connection on each request), i.e. about twice
-    the calls per second per core — what bounds a simulation on a few cores.
+    The aiohttp transport costs far less client CPU per call than the default pool (which scans every
+    pooled connection on each request), and client CPU is what bounds a simulation on a few cores
+    (figures: docs/benchmarks.md).
 
     The pool keeps as many connections alive as the backend runs calls at once: with the
     transport's default (20 kept alive, 100 at most) a round of hundreds of concurrent calls
@@ -280,7 +280,7 @@ class OpenAIChatBackend(ChatBackend):
         With a fixed key: ``DirectChatCompletions`` (openai_http.py), one aiohttp POST and ``json.loads``
         with the client's own URL and headers, raising the SDK's exceptions. Else the SDK's own POST with
         its typed response, without `chat.completions.create`'s recursive TypedDict transform of the
-        params (~2.9 ms of CPU per call, profiled): our body is already plain JSON.
+        params (a large share of a call's CPU, docs/benchmarks.md): our body is already plain JSON.
         """
         try:
             if self._direct is not None:

@@ -1,12 +1,12 @@
 """The openai backend's hot path: one aiohttp POST per chat completion, with the SDK client's settings.
 
-Why: a simulation makes ~10 chat calls per interaction, and on a few cores the client's CPU per
+Why: a simulation makes many chat calls per interaction, and on a few cores the client's CPU per
 call, not the model's latency, bounds a round. Profiled against the local OpenAI-compatible server
-(`tests.support.devservers`), the SDK's generic request machinery costs ~1.9 ms of CPU per
-non-streamed call — building the request (httpx URL merging and parsing, header validation),
-auth hooks, and constructing typed pydantic models of the reply (every logprob entry of a rating) —
-against ~0.6 ms for the same POST and JSON decoding done directly over aiohttp (the HTTP client the
-SDK itself uses here). That is ~13 ms of CPU per interaction, more than the rest of a call path.
+(`tests.support.devservers`), the SDK's generic request machinery — building the request (httpx URL
+merging and parsing, header validation), auth hooks, and constructing typed pydantic models of the
+reply (every logprob entry of a rating) — costs several times the CPU of the same POST and JSON
+decoding done directly over aiohttp (the HTTP client the SDK itself uses here), more than the rest
+of a call path (figures: docs/benchmarks.md).
 
 What stays the SDK's: the URL, the key and the headers come from the ``AsyncOpenAI`` client the
 backend built from ``OPENAI_BASE_URL``/``OPENAI_API_KEY`` (so any OpenAI-compatible server works

@@ -59,7 +59,7 @@ class StableAlignmentConfig:
     group_by_length: bool = _help("Batch groups of similar length together (less padding in the one forward).",
                                   True)
     seed: int = _help("Seed of initialisation-free randomness: data order and response sampling.", 42)
-    gradient_checkpointing: bool = _help("Recompute activations in backward (less memory, ~30 % slower).", False)
+    gradient_checkpointing: bool = _help("Recompute activations in backward (less memory, more compute per step).", False)
     fsdp: str = _help("FSDP sharding: '' (none: DDP when distributed), 'full_shard' or 'shard_grad_op'.", "",
                       FSDP_MODES)
     fsdp_rank0_loading: bool = _help(
