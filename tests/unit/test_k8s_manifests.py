@@ -24,12 +24,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.support.kustomize import configmap_data, container, env_of, find, one, validate
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 TARGETS = {"top": K8S, "base": K8S / "base", "dev": K8S / "overlays" / "dev", "gpu": K8S / "overlays" / "gpu"}
 OVERLAYS = ("top", "dev", "gpu")
 SERVICES = ("agent", "observer", "world", "trainer")
-SCHEMA_VERSION = kubernetes_validate.latest_version()
 KUBECTL = shutil.which("kubectl")
 PROMTOOL = shutil.which("promtool")
 
@@ -41,30 +42,6 @@ def render(target: str) -> tuple[dict, ...]:
     proc = subprocess.run([KUBECTL, "kustomize", str(TARGETS[target])], check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
-
-
-def find(docs, kind: str, name: str | None = None) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-
-
-def one(docs, kind: str, name: str) -> dict:
-    (doc,) = find(docs, kind, name)
-    return doc
-
-
-def container(doc: dict, name: str) -> dict:
-    (c,) = [c for c in doc["spec"]["template"]["spec"]["containers"] if c["name"] == name]
-    return c
-
-
-def env_of(c: dict) -> dict[str, str]:
-    return {e["name"]: e.get("value") for e in c.get("env", [])}
-
-
-def configmap_data(docs, prefix: str) -> dict[str, str]:
-    """Data of the ConfigMap ``prefix`` (kustomize adds a content hash to generated names)."""
-    (cm,) = [d for d in find(docs, "ConfigMap") if re.fullmatch(rf"{prefix}(-[a-z0-9]{{10}})?", d["metadata"]["name"])]
-    return cm["data"]
 
 
 @cache
@@ -86,53 +63,6 @@ def metric_names_in(expr: str) -> set[str]:
                 name = name.removesuffix(suffix)
         names.add(name)
     return names
-
-
-# Custom resources the overlays use, validated against the fields of their CRDs (kubernetes-validate ships
-# only the built-in kinds). KEDA's ScaledObject (keda.sh/v1alpha1, KEDA 2.x CRD): the fields we may set,
-# nothing else (a typo fails, as with the strict built-in schemas); trigger metadata values are strings.
-SCALED_OBJECT_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "ScaledObject"}, "metadata": {"type": "object"},
-        "spec": {"type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
-                 "properties": {
-                     "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
-                                        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                                                       "name": {"type": "string"},
-                                                       "envSourceContainerName": {"type": "string"}}},
-                     **{k: {"type": "integer", "minimum": 0} for k in (
-                         "pollingInterval", "cooldownPeriod", "initialCooldownPeriod", "idleReplicaCount",
-                         "minReplicaCount", "maxReplicaCount")},
-                     "fallback": {"type": "object"},
-                     "advanced": {"type": "object", "additionalProperties": False, "properties": {
-                         "restoreToOriginalReplicaCount": {"type": "boolean"},
-                         "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False,
-                                                           "properties": {"name": {"type": "string"},
-                                                                          "behavior": {"type": "object"}}},
-                         "scalingModifiers": {"type": "object"}}},
-                     "triggers": {"type": "array", "minItems": 1, "items": {
-                         "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
-                         "properties": {"type": {"type": "string"}, "name": {"type": "string"},
-                                        "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                                        "useCachedMetrics": {"type": "boolean"},
-                                        "authenticationRef": {"type": "object"},
-                                        "metadata": {"type": "object",
-                                                     "additionalProperties": {"type": "string"}}}}}}},
-    },
-}
-CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT_SCHEMA}
-
-
-def validate(doc: dict) -> None:
-    """Strict schema validation: the built-in kinds by kubernetes-validate, our custom resources by CRD_SCHEMAS."""
-    schema = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
-    if schema is not None:
-        import jsonschema
-
-        jsonschema.validate(doc, schema)
-    else:
-        kubernetes_validate.validate(doc, SCHEMA_VERSION, strict=True)
 
 
 CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
@@ -435,17 +365,28 @@ def test_gpu_overlay_runs_nats_as_a_three_server_cluster():
         assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
         assert headless["spec"]["selector"].items() <= nats["spec"]["template"]["metadata"]["labels"].items()
         c = container(nats, "nats")
-        args = dict(a.lstrip("-").split("=", 1) for a in c["args"] if a.startswith("--") and "=" in a)
-        assert args["cluster_name"] and args["cluster"] == "nats://0.0.0.0:6222"
-        # A route to every server, by its StatefulSet DNS name under the headless Service.
-        wanted = {f"nats://nats-{i}.{headless['metadata']['name']}:6222" for i in range(3)}
-        assert set(args["routes"].split(",")) == wanted
+        cluster = configmap_data(docs, "nats-auth")["cluster.conf"]
+        assert re.search(r"^\s*name: \S+$", cluster, flags=re.MULTILINE)
+        assert "listen: 0.0.0.0:6222" in cluster
+        # A route to every server, by its StatefulSet DNS name under the headless Service, logged in as the
+        # route user: the URLs (which carry the password) come from variables Kubernetes expands from the Secret.
+        assert "routes: [$NATS_ROUTE_0, $NATS_ROUTE_1, $NATS_ROUTE_2]" in cluster
+        assert "user: route" in cluster and "password: $NATS_ROUTE_PASSWORD" in cluster
+        env = [e["name"] for e in c["env"]]
+        (secret,) = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if e["name"] == "NATS_ROUTE_PASSWORD"]
+        assert secret == {"name": "nats-route", "key": "password"}
+        for i in range(3):
+            (url,) = [e["value"] for e in c["env"] if e["name"] == f"NATS_ROUTE_{i}"]
+            assert url == f"nats://route:$(NATS_ROUTE_PASSWORD)@nats-{i}.{headless['metadata']['name']}:6222"
+            assert env.index("NATS_ROUTE_PASSWORD") < env.index(f"NATS_ROUTE_{i}")  # expanded from earlier ones only
         assert {"name": "cluster", "containerPort": 6222} in c["ports"]
         spread = nats["spec"]["template"]["spec"]["topologySpreadConstraints"][0]
         assert spread["topologyKey"] == "kubernetes.io/hostname"
         policies = json.dumps([d["spec"] for d in find(docs, "NetworkPolicy") if d["metadata"]["name"].startswith("nats")])
         assert '"port": 6222' in policies
-    assert one(render("dev"), "StatefulSet", "nats")["spec"]["replicas"] == 1
+    dev = render("dev")
+    assert one(dev, "StatefulSet", "nats")["spec"]["replicas"] == 1
+    assert not re.search(r"^\s*cluster\s*\{", configmap_data(dev, "nats-auth")["cluster.conf"], flags=re.MULTILINE)
 
 
 @needs_kubectl
