@@ -313,16 +313,126 @@ def _quantity_bytes(text: str) -> int:
     return int(number) * units.get(unit, 1)
 
 
+def _min_replicas(docs, kind: str, name: str) -> int:
+    """The fewest replicas a workload runs: its own count, or its autoscaler's floor where one drives it."""
+    workload = one(docs, kind, name)
+    floors = [d["spec"]["minReplicas"] for d in find(docs, "HorizontalPodAutoscaler")
+              if d["spec"]["scaleTargetRef"]["name"] == name]
+    floors += [d["spec"]["minReplicaCount"] for d in find(docs, "ScaledObject")
+               if d["spec"]["scaleTargetRef"]["name"] == name]
+    return min([workload["spec"].get("replicas", 1), *floors])
+
+
 @needs_kubectl
 @pytest.mark.parametrize("target", list(TARGETS))
-def test_disruption_budgets_for_nats_and_every_service(target):
+def test_disruption_budgets_exactly_where_two_replicas_or_more_run(target):
+    """A budget over a single pod protects nothing (issue 19); every part with two or more gets one."""
     docs = render(target)
+    workloads = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]: d
+                 for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
     budgets = {d["metadata"]["name"]: d["spec"] for d in find(docs, "PodDisruptionBudget")}
-    for name in ("nats", *SERVICES):
-        spec = budgets[name]
+    for name, spec in budgets.items():
         assert spec["selector"] == {"matchLabels": {"app.kubernetes.io/name": name}}, name
         # Never minAvailable = replicas: that budget would block every node drain.
         assert spec == {**spec, "maxUnavailable": 1} and "minAvailable" not in spec, name
+        workload = workloads[name]
+        assert _min_replicas(docs, workload["kind"], workload["metadata"]["name"]) >= 2, (target, name)
+    for name in ("nats", *SERVICES):
+        workload = workloads[name]
+        if _min_replicas(docs, workload["kind"], name) >= 2:
+            assert name in budgets, (target, name)
+    assert set(budgets) == ({"agent", "observer"} if target in ("base",) else
+                            set() if target == "dev" else {"nats", "agent", "observer"}), (target, sorted(budgets))
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_only_the_trainer_mounts_a_service_account_token(target):
+    """Only the trainer calls the Kubernetes API (it submits Jobs); no other pod gets a token that code run
+    in it could use (issue 19): neither an explicit account nor the namespace's default one."""
+    docs = render(target)
+    accounts = {d["metadata"]["name"]: d for d in find(docs, "ServiceAccount")}
+    bound = {s["name"] for b in find(docs, "RoleBinding") for s in b["subjects"] if s["kind"] == "ServiceAccount"}
+    assert bound == {"trainer"}
+    for doc in docs:
+        pod = doc.get("spec", {}).get("template", {}).get("spec") if doc["kind"] in ("Deployment", "StatefulSet") else None
+        if pod is None:
+            continue
+        account = pod.get("serviceAccountName", "default")
+        mounted = pod.get("automountServiceAccountToken",
+                          accounts.get(account, {}).get("automountServiceAccountToken", True))
+        name = doc["metadata"]["name"]
+        assert mounted is (account in bound), (target, name, account)
+        if name in ("agent", "observer", "world", "tgi", "nats"):
+            assert pod.get("automountServiceAccountToken") is False, (target, name)  # whatever the account says
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_every_service_has_a_cpu_limit(target):
+    docs = render(target)
+    for name in SERVICES:
+        resources = container(one(docs, "Deployment", name), name)["resources"]
+        limit = _cpu_millis(resources["limits"]["cpu"])
+        assert limit >= _cpu_millis(resources["requests"]["cpu"]) and limit > 0, (target, name, resources)
+
+
+def _cpu_millis(quantity) -> int:
+    text = str(quantity)
+    return int(text[:-1]) if text.endswith("m") else int(float(text) * 1000)
+
+
+@needs_kubectl
+def test_tgi_runs_unprivileged_without_a_token():
+    for target in ("top", "gpu"):
+        docs = render(target)
+        tgi = one(docs, "Deployment", "tgi")
+        pod = tgi["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "tgi"
+        c = container(tgi, "tgi")
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        # Its writable places are volumes: the model cache, /tmp (also HOME, where libraries cache) and /dev/shm.
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        env = env_of(c)
+        assert {"/data", "/tmp", "/dev/shm"} <= mounts and env["HF_HUB_CACHE"] == "/data" and env["HOME"] == "/tmp"
+        # An unprivileged port (binding 80 needs root); the Service keeps port 80 for http://tgi.
+        (port,) = c["ports"]
+        assert port["containerPort"] >= 1024 and f"--port={port['containerPort']}" in c["args"]
+        (service_port,) = one(docs, "Service", "tgi")["spec"]["ports"]
+        assert service_port["port"] == 80 and service_port["targetPort"] == port["name"]
+        assert tgi["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port["containerPort"])
+        # The network policies name the pod's port (what a policy sees after the Service).
+        for policy in ("tgi", "sandbox-egress-llm", "prometheus"):
+            assert f'"port": {port["containerPort"]}' in json.dumps(one(docs, "NetworkPolicy", policy)["spec"]), policy
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_prometheus_has_no_lifecycle_api(target):
+    """/-/quit and /-/reload would let anyone who reaches port 9090 stop or reload it."""
+    args = container(one(render(target), "Deployment", "prometheus"), "prometheus")["args"]
+    assert not [a for a in args if a.startswith("--web.enable-lifecycle")], args
+
+
+@needs_kubectl
+def test_gpu_overlay_trainer_accepts_only_the_kubernetes_runner():
+    """A local job would run requester-chosen training inside the trainer pod, which holds the token that
+    creates Jobs; on the gpu overlay every job goes to a Job pod without one."""
+    from services.trainer.settings import TrainerSettings
+    from stablealign.config import load_settings
+
+    for target, wanted in (("top", ("kubernetes",)), ("gpu", ("kubernetes",)), ("dev", None)):
+        env = {k: v for k, v in env_of(container(one(render(target), "Deployment", "trainer"), "trainer")).items()
+               if v is not None and k.startswith("STABLEALIGN_")}
+        settings = load_settings(TrainerSettings, {}, environ=env)
+        if wanted is None:
+            assert "local" in settings.runners and settings.runner == "local"
+        else:
+            assert settings.runners == wanted and settings.runner == "kubernetes"
 
 
 def _service_stream_settings(docs) -> list:
