@@ -7,9 +7,12 @@ in either fails as it would at ``kubectl apply``.
 
 from __future__ import annotations
 
+import atexit
 import re
 import shutil
 import subprocess
+import tempfile
+from functools import cache
 from pathlib import Path
 
 import kubernetes_validate
@@ -28,6 +31,37 @@ def render_dir(path: Path) -> tuple[dict, ...]:
     proc = subprocess.run([KUBECTL, "kustomize", str(path)], check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"{path}: {proc.stderr}"
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def kustomization(path: Path) -> dict:
+    """The kustomization.yaml of a folder, parsed."""
+    return yaml.safe_load((path / "kustomization.yaml").read_text())
+
+
+def listed_components(overlay: str) -> list[str]:
+    """The components an overlay lists, by folder name."""
+    return [Path(c).name for c in kustomization(K8S / "overlays" / overlay).get("components", [])]
+
+
+@cache
+def _workdir() -> Path:
+    """One temporary folder per test process for the copies of deploy/, removed at exit."""
+    path = Path(tempfile.mkdtemp(prefix="stablealign-overlays-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+@cache
+def render_variant(overlay: str, components: frozenset[str]) -> tuple[dict, ...]:
+    """The overlay rendered with exactly ``components``, from a private copy of deploy/ (the tree is not touched)."""
+    root = _workdir() / f"{overlay}-{'-'.join(sorted(components)) or 'none'}"
+    if not root.exists():
+        shutil.copytree(DEPLOY, root / "deploy", ignore=shutil.ignore_patterns("docker", "__pycache__"))
+    folder = root / "deploy" / "k8s" / "overlays" / overlay
+    spec = kustomization(folder)
+    spec["components"] = [f"../../components/{c}" for c in sorted(components)]
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return render_dir(folder)
 
 
 def find(docs, kind: str, name: str | None = None) -> list[dict]:

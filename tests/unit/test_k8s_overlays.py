@@ -13,15 +13,22 @@ twice; and what the component's patches, generators and resources say is in the 
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
-from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.support.kustomize import DEPLOY, K8S, KUBECTL, configmap_data, find, pod_spec, render_dir, validation_errors
+from tests.support.kustomize import (
+    K8S,
+    KUBECTL,
+    configmap_data,
+    find,
+    kustomization,
+    listed_components,
+    pod_spec,
+    render_variant,
+    validation_errors,
+)
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (CI installs it): cannot render")
 
@@ -32,32 +39,8 @@ SERVICE_LABEL = ("app.kubernetes.io/component", "service")
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 
 
-def _kustomization(path: Path) -> dict:
-    return yaml.safe_load((path / "kustomization.yaml").read_text())
-
-
-def _listed_components(overlay: str) -> list[str]:
-    return [Path(c).name for c in _kustomization(K8S / "overlays" / overlay).get("components", [])]
-
-
-_WORKDIR = Path(tempfile.mkdtemp(prefix="stablealign-overlays-"))
-
-
-@cache
-def render_variant(overlay: str, components: frozenset[str]) -> tuple[dict, ...]:
-    """The overlay rendered with exactly ``components``, from a private copy of deploy/ (the tree is not touched)."""
-    root = _WORKDIR / f"{overlay}-{'-'.join(sorted(components)) or 'none'}"
-    if not root.exists():
-        shutil.copytree(DEPLOY, root / "deploy", ignore=shutil.ignore_patterns("docker", "__pycache__"))
-    folder = root / "deploy" / "k8s" / "overlays" / overlay
-    spec = _kustomization(folder)
-    spec["components"] = [f"../../components/{c}" for c in sorted(components)]
-    (folder / "kustomization.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    return render_dir(folder)
-
-
 def with_and_without(overlay: str, component: str) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
-    listed = frozenset(_listed_components(overlay))
+    listed = frozenset(listed_components(overlay))
     return render_variant(overlay, listed | {component}), render_variant(overlay, listed - {component})
 
 
@@ -78,7 +61,7 @@ def _component_patch_docs(component: str) -> list[dict]:
     """The strategic-merge patch documents of a component (files and inline), JSON patches left out."""
     folder = K8S / "components" / component
     docs: list[dict] = []
-    for patch in _kustomization(folder).get("patches", []):
+    for patch in kustomization(folder).get("patches", []):
         text = (folder / patch["path"]).read_text() if "path" in patch else patch["patch"]
         docs += [d for d in yaml.safe_load_all(text) if isinstance(d, dict) and "kind" in d]
     return docs
@@ -133,7 +116,7 @@ def test_component_on_overlay_renders_validates_and_keeps_every_variable(overlay
 def test_what_the_component_says_is_in_the_render(overlay, component):
     docs, _ = with_and_without(overlay, component)
     folder = K8S / "components" / component
-    spec = _kustomization(folder)
+    spec = kustomization(folder)
     by_key = {_key(d): d for d in docs}
     # Its resources (files; a folder is a kustomization of its own, rendered by the manifest tests).
     for resource in spec.get("resources", []):
@@ -170,7 +153,7 @@ def test_what_the_component_says_is_in_the_render(overlay, component):
 def test_nats_tls_secures_the_client_port_and_the_cluster_routes(overlay):
     """With components/nats-tls every service speaks TLS to NATS and trusts its CA; where the overlay runs a
     NATS cluster, the routes need the route password and mutual TLS with the same certificate."""
-    listed = frozenset(_listed_components(overlay))
+    listed = frozenset(listed_components(overlay))
     docs = render_variant(overlay, listed | {"nats-tls"})
     fragments = configmap_data(docs, "nats-auth")
     assert 'cert_file: "/etc/nats-certs/tls.crt"' in fragments["tls.conf"]
