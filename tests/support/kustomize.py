@@ -126,7 +126,40 @@ SCALED_OBJECT_SCHEMA = {
                                                      "additionalProperties": {"type": "string"}}}}}}},
     },
 }
-CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT_SCHEMA}
+_ISSUER_REF = {"type": "object", "required": ["name"], "additionalProperties": False,
+               "properties": {"name": {"type": "string"}, "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+                              "group": {"type": "string"}}}
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+# cert-manager (cert-manager.io/v1): the Certificate and Issuer fields we may set.
+CERTIFICATE_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"}, "kind": {"const": "Certificate"}, "metadata": {"type": "object"},
+        "spec": {"type": "object", "required": ["secretName", "issuerRef"], "additionalProperties": False,
+                 "properties": {
+                     "secretName": {"type": "string"}, "commonName": {"type": "string"}, "isCA": {"type": "boolean"},
+                     "dnsNames": _STRINGS, "ipAddresses": _STRINGS, "uris": _STRINGS,
+                     "duration": {"type": "string", "pattern": r"^\d+h$"},
+                     "renewBefore": {"type": "string", "pattern": r"^\d+h$"},
+                     "usages": {"type": "array", "items": {"enum": [
+                         "server auth", "client auth", "digital signature", "key encipherment", "cert sign"]}},
+                     "privateKey": {"type": "object", "additionalProperties": False, "properties": {
+                         "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]}, "size": {"type": "integer"},
+                         "rotationPolicy": {"enum": ["Never", "Always"]}}},
+                     "issuerRef": _ISSUER_REF}}},
+}
+ISSUER_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"}, "kind": {"const": "Issuer"}, "metadata": {"type": "object"},
+        "spec": {"type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
+                 "properties": {"selfSigned": {"type": "object", "additionalProperties": False},
+                                "ca": {"type": "object", "required": ["secretName"], "additionalProperties": False,
+                                       "properties": {"secretName": {"type": "string"}}}}}},
+}
+CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT_SCHEMA,
+               ("cert-manager.io/v1", "Certificate"): CERTIFICATE_SCHEMA,
+               ("cert-manager.io/v1", "Issuer"): ISSUER_SCHEMA}
 
 
 def validate(doc: dict) -> None:

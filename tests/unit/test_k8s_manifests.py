@@ -101,8 +101,11 @@ def test_every_service_has_grpc_probes_metrics_and_drains(target):
         c = container(deployment, name)
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["metrics"] == 9090 and "grpc" in ports, name
+        # With TLS on the API port (components/grpc-tls) the kubelet, which cannot do TLS, probes the
+        # plaintext health-only port.
+        probed = ports["grpc-health"] if "STABLEALIGN_GRPC_TLS_CERT" in env_of(c) else ports["grpc"]
         for probe in ("readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == ports["grpc"], (name, probe)
+            assert c[probe]["grpc"]["port"] == probed, (name, probe)
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9090"
         assert pod["spec"]["terminationGracePeriodSeconds"] > 30  # STABLEALIGN_SHUTDOWN_GRACE_SECONDS=30
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
@@ -161,6 +164,13 @@ def test_trainer_may_run_batch_jobs(target):
     assert one(docs, "ServiceAccount", env["STABLEALIGN_K8S_SERVICE_ACCOUNT"])
 
 
+def _settings_env(c: dict) -> dict[str, str]:
+    """A container's STABLEALIGN_ variables with a plain value, less the gRPC TLS files (mounted from Secrets
+    only in the pod; the settings read them at load): what its settings can be loaded from here."""
+    return {name: value for name, value in env_of(c).items()
+            if value is not None and name.startswith("STABLEALIGN_") and not name.startswith("STABLEALIGN_GRPC_TLS_")}
+
+
 @needs_kubectl
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_the_trainers_roots_are_on_its_mounted_volumes(target):
@@ -170,8 +180,7 @@ def test_the_trainers_roots_are_on_its_mounted_volumes(target):
     from stablealign.config import load_settings
 
     c = container(one(render(target), "Deployment", "trainer"), "trainer")
-    env = {name: value for name, value in env_of(c).items() if value is not None and name.startswith("STABLEALIGN_")}
-    settings = load_settings(TrainerSettings, {}, environ=env)
+    settings = load_settings(TrainerSettings, {}, environ=_settings_env(c))
     mounts = {m["mountPath"]: not m.get("readOnly", False) for m in c["volumeMounts"]}
 
     def mounted(path: str, writable: bool) -> bool:
@@ -426,9 +435,8 @@ def test_gpu_overlay_trainer_accepts_only_the_kubernetes_runner():
     from stablealign.config import load_settings
 
     for target, wanted in (("top", ("kubernetes",)), ("gpu", ("kubernetes",)), ("dev", None)):
-        env = {k: v for k, v in env_of(container(one(render(target), "Deployment", "trainer"), "trainer")).items()
-               if v is not None and k.startswith("STABLEALIGN_")}
-        settings = load_settings(TrainerSettings, {}, environ=env)
+        settings = load_settings(TrainerSettings, {},
+                                 environ=_settings_env(container(one(render(target), "Deployment", "trainer"), "trainer")))
         if wanted is None:
             assert "local" in settings.runners and settings.runner == "local"
         else:

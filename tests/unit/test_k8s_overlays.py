@@ -76,7 +76,7 @@ def _component_env_names(component: str) -> set[str]:
 def test_overlays_and_components_are_discovered():
     """The parametrisation below must not silently become empty (a moved folder would skip every pair)."""
     assert {"dev", "gpu"} <= set(OVERLAYS)
-    assert {"nats-tls", "tgi", "keda", "monitoring", "network-policies"} <= set(COMPONENTS)
+    assert {"nats-tls", "grpc-tls", "tgi", "keda", "monitoring", "network-policies"} <= set(COMPONENTS)
     assert len(PAIRS) == len(OVERLAYS) * len(COMPONENTS)
 
 
