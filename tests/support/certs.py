@@ -115,3 +115,19 @@ def make_secret_layout(directory: Path, common_name: str = "nats") -> Path:
     _write_cert(cert, directory / "tls.crt")
     _write_key(key, directory / "tls.key")
     return directory
+
+
+def make_ca_with_clients(directory: Path, *names: str) -> Path:
+    """A new CA (``ca.crt``), a server certificate for 127.0.0.1/localhost (``tls.crt``, ``tls.key``) and one
+    client certificate per common name (``<name>.crt``, ``<name>.key``): callers told apart by their name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = _ca("stable-align test gRPC CA")
+    _write_cert(ca_cert, directory / "ca.crt")
+    key, cert = _leaf(ca_key, ca_cert, "localhost", server=True)
+    _write_cert(cert, directory / "tls.crt")
+    _write_key(key, directory / "tls.key")
+    for name in names:
+        key, cert = _leaf(ca_key, ca_cert, name, server=False)
+        _write_cert(cert, directory / f"{name}.crt")
+        _write_key(key, directory / f"{name}.key")
+    return directory

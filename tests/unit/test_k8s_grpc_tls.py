@@ -1,7 +1,9 @@
 """The gpu overlay serves gRPC only over mutual TLS, health alone in plaintext (issue 19, item 4).
 
 First what the render says: every service's API port has a certificate, its key and a client CA from a
-cert-manager Certificate signed by the namespace's gRPC CA, and the probes use the health-only port. Then
+cert-manager Certificate signed by the namespace's gRPC CA, every method names the client certificates that
+may call it (tests/unit/test_grpc_authz.py runs that table's enforcement), and the probes use the
+health-only port. Then
 what a server started from exactly those variables does (the Secret's files generated here): a plaintext
 client and a TLS client without a certificate get nothing from the API port; a client with a certificate of
 that CA does; the plaintext port answers health and nothing else.
@@ -57,9 +59,38 @@ def test_every_service_serves_grpc_with_client_certificates_from_the_namespace_c
         assert issuers[spec["issuerRef"]["name"]] == {"ca": {"secretName": "grpc-ca"}}
     ca = certificates["grpc-ca"]
     assert ca["isCA"] is True and "selfSigned" in issuers[ca["issuerRef"]["name"]]
-    # Operators' tools get a client certificate from the same CA.
-    client = certificates["grpc-client-operator"]
-    assert client["usages"] == ["client auth"] and issuers[client["issuerRef"]["name"]] == {"ca": {"secretName": "grpc-ca"}}
+    # Operators' and read-only tools get client certificates from the same CA.
+    for secret in ("grpc-client-operator", "grpc-client-viewer"):
+        client = certificates[secret]
+        assert client["usages"] == ["client auth"]
+        assert issuers[client["issuerRef"]["name"]] == {"ca": {"secretName": "grpc-ca"}}
+
+
+MUTATING = {"CreateWorld", "CancelWorld", "ResumeWorld", "SubmitJob", "CancelJob", "Draft", "Feedback", "Revise", "Rate"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_every_method_names_its_callers_and_only_the_operator_changes_anything(target):
+    """Each service's table lists every method of its gRPC service (a method left out is refused to all, a
+    "*" would open new methods silently) by common names of client certificates the render issues."""
+    import importlib
+
+    from stablealign.tls import GrpcServerTlsSettings
+
+    docs = render_dir(TARGETS[target])
+    issued = {c["spec"]["commonName"] for c in find(docs, "Certificate")
+              if c["spec"].get("usages") == ["client auth"]}
+    assert issued == {"operator", "viewer"}
+    for name in SERVICES:
+        env = env_of(container(one(docs, "Deployment", name), name))
+        table = GrpcServerTlsSettings.model_construct(
+            grpc_method_callers=env["STABLEALIGN_GRPC_METHOD_CALLERS"]).method_callers()
+        (service,) = importlib.import_module(f"stablealign.v1.{name}_pb2").DESCRIPTOR.services_by_name.values()
+        assert set(table) == {m.name for m in service.methods}, name
+        for method, callers in table.items():
+            assert set(callers) <= issued, (name, method)
+            assert set(callers) == ({"operator"} if method in MUTATING else {"operator", "viewer"}), (name, method)
 
 
 def _health_call(channel: grpc.aio.Channel):
@@ -69,6 +100,7 @@ def _health_call(channel: grpc.aio.Channel):
 @needs_kubectl
 async def test_a_server_from_the_rendered_variables_refuses_clients_without_a_certificate(tmp_path):
     from stablealign.config import env_name
+    from stablealign.grpc_authz import authorization_interceptors
     from stablealign.rpc import start_grpc_server
     from stablealign.tls import GrpcServerTlsSettings
 
@@ -80,9 +112,10 @@ async def test_a_server_from_the_rendered_variables_refuses_clients_without_a_ce
         fields[field] = value.replace("/etc/stablealign/grpc-tls", str(secret)) if value.startswith("/") else value
     settings = GrpcServerTlsSettings(**{**fields, "grpc_health_port": 0})  # 50052 moved to a free port
     tls = settings.grpc_server_tls()
-    assert tls is not None and tls.ca is not None
+    assert tls is not None and tls.ca is not None and settings.method_callers()
     server = await start_grpc_server(service="world", registrations=[], host="127.0.0.1", port=0, tls=tls,
-                                     health_port=settings.grpc_health_port)
+                                     health_port=settings.grpc_health_port,
+                                     interceptors=authorization_interceptors("world", settings.method_callers()))
     ca, cert, key = ((secret / f).read_bytes() for f in ("ca.crt", "tls.crt", "tls.key"))
     api = f"localhost:{server.port}"
     try:

@@ -166,9 +166,11 @@ def test_trainer_may_run_batch_jobs(target):
 
 def _settings_env(c: dict) -> dict[str, str]:
     """A container's STABLEALIGN_ variables with a plain value, less the gRPC TLS files (mounted from Secrets
-    only in the pod; the settings read them at load): what its settings can be loaded from here."""
+    only in the pod; the settings read them at load) and the callers' table that needs them: what its
+    settings can be loaded from here (tests/unit/test_k8s_grpc_tls.py loads those with generated files)."""
     return {name: value for name, value in env_of(c).items()
-            if value is not None and name.startswith("STABLEALIGN_") and not name.startswith("STABLEALIGN_GRPC_TLS_")}
+            if value is not None and name.startswith("STABLEALIGN_") and not name.startswith("STABLEALIGN_GRPC_TLS_")
+            and name != "STABLEALIGN_GRPC_METHOD_CALLERS"}
 
 
 @needs_kubectl
