@@ -131,21 +131,24 @@ def test_what_the_component_says_is_in_the_render(overlay, component):
             key, _, source = entry.partition("=")
             source = source or key
             assert data[Path(key).name] == (folder / source).read_text(), (overlay, component, key)
-    # Its strategic-merge patches: deletions gone, every variable, mount and volume they name in place.
+    # Its strategic-merge patches: deletions gone, everything else they say in place (variables, ports, probes,
+    # mounts, volumes).
     for patch in _component_patch_docs(component):
         if patch.get("$patch") == "delete":
             assert _key(patch) not in by_key, f"{overlay} + {component}: {_key(patch)} was to be deleted"
             continue
-        target = by_key[_key(patch)]
-        volumes = {v["name"]: v for v in (pod_spec(target) or {}).get("volumes", [])}
-        for v in (pod_spec(patch) or {}).get("volumes", []):
-            assert volumes.get(v["name"]) == v, (overlay, component, v["name"])
-        for c_patch in _containers(patch):
-            (c,) = [c for c in _containers(target) if c["name"] == c_patch["name"]]
-            for entry in c_patch.get("env", []):
-                assert entry in c.get("env", []), f"{overlay} + {component}: {c['name']} lacks {entry}"
-            for mount in c_patch.get("volumeMounts", []):
-                assert mount in c.get("volumeMounts", []), f"{overlay} + {component}: {c['name']} lacks {mount}"
+        assert _contains(by_key[_key(patch)], patch), f"{overlay} + {component}: {_key(patch)} lacks part of {patch}"
+
+
+def _contains(actual, wanted) -> bool:
+    """Whether a rendered object holds everything a strategic-merge patch says: maps key by key, lists item
+    by item (each wanted item inside some rendered one: env by name and value, ports, mounts, volumes)."""
+    if isinstance(wanted, dict):
+        return isinstance(actual, dict) and all(
+            key.startswith("$") or (key in actual and _contains(actual[key], value)) for key, value in wanted.items())
+    if isinstance(wanted, list):
+        return isinstance(actual, list) and all(any(_contains(a, w) for a in actual) for w in wanted)
+    return actual == wanted
 
 
 @needs_kubectl
