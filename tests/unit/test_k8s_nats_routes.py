@@ -142,3 +142,18 @@ def test_routes_form_with_the_password_and_tls_and_refuse_without_either(tmp_pat
         assert set(_routez(http0)) == {"nats-1"} and set(_routez(http1)) == {"nats-0"}
     finally:
         cluster.stop()
+
+
+def test_the_example_certificate_serves_the_client_port_and_the_routes():
+    """certificate.example.yaml is applied by hand, so no render checks it: the routes' mutual TLS needs the
+    servers' names under the headless Service and client auth besides server auth."""
+    import yaml
+
+    from tests.support.kustomize import K8S, validate
+
+    (doc,) = yaml.safe_load_all((K8S / "components" / "nats-tls" / "certificate.example.yaml").read_text())
+    validate(doc)
+    spec = doc["spec"]
+    assert spec["secretName"] == "nats-tls"
+    assert {"nats", "*.nats-cluster", "*.nats-cluster.stablealign.svc"} <= set(spec["dnsNames"])
+    assert {"server auth", "client auth"} <= set(spec["usages"])
