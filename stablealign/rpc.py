@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +192,7 @@ async def start_grpc_server(
     max_concurrent_rpcs: int | None = None,
     tls: TlsMaterial | None = None,
     health_port: int = -1,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> GrpcServer:
     """Starts a server with the given servicers plus health and reflection.
 
@@ -207,7 +208,8 @@ async def start_grpc_server(
             if problem is not None:
                 raise HealthPortError(problem.errno, problem.strerror) if health_only else problem
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(service)],
+        # ``interceptors`` first (authorization refuses before any handler or error mapping runs).
+        interceptors=[*interceptors, ErrorInterceptor(service)],
         # Beyond this many calls at once new ones get RESOURCE_EXHAUSTED instead of piling up.
         maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[

@@ -24,6 +24,7 @@ from stablealign import bus, streams
 from stablealign.config import ServiceSettings
 from stablealign.discovery import Discovery, start_discovery
 from stablealign.errors import ConfigError
+from stablealign.grpc_authz import authorization_interceptors
 from stablealign.logs import get_logger
 from stablealign.metrics import REQUESTS_IN_FLIGHT, MetricsServer, serve_metrics
 from stablealign.natsauth import NatsClientOptions
@@ -140,7 +141,8 @@ async def start_service(name: str, settings: ServiceSettings,
                 grpc_server = await start_grpc_server(
                     service=name, registrations=parts.grpc, host=settings.grpc_host, port=settings.grpc_port,
                     max_request_bytes=settings.max_request_bytes, max_concurrent_rpcs=settings.max_concurrency,
-                    tls=settings.grpc_server_tls(), health_port=settings.grpc_health_port)
+                    tls=settings.grpc_server_tls(), health_port=settings.grpc_health_port,
+                    interceptors=authorization_interceptors(name, settings.method_callers()))
             except HealthPortError as exc:
                 raise _listen_error("gRPC health", settings.grpc_host, settings.grpc_health_port, "grpc-health",
                                     exc) from None

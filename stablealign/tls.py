@@ -10,12 +10,14 @@ never a silent fall-back to plaintext.
 Server (``STABLEALIGN_<FIELD>``): ``GRPC_TLS_CERT`` + ``GRPC_TLS_KEY`` turn TLS on; ``GRPC_TLS_CLIENT_CA``
 also requires a client certificate signed by that CA (mTLS); ``GRPC_HEALTH_PORT`` serves
 ``grpc.health.v1`` alone in plaintext for probes that cannot speak TLS (the kubelet's ``grpc:`` probe).
-Client: ``GRPC_CA`` (the CA to trust; TLS with the system's roots when only a client certificate is
+``GRPC_METHOD_CALLERS`` (JSON) names per method the client certificates that may call it
+(``stablealign.grpc_authz``). Client: ``GRPC_CA`` (the CA to trust; TLS with the system's roots when only a client certificate is
 set), ``GRPC_CLIENT_CERT`` + ``GRPC_CLIENT_KEY`` (mTLS identity).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -71,6 +73,10 @@ class GrpcServerTlsSettings(BaseModel):
     grpc_health_port: Port = Field(-1, description=(
         "A plaintext port serving only grpc.health.v1, for probes that cannot do TLS (-1: none; 0: a free "
         "port). Only meaningful with TLS on; bound on grpc_host."))
+    grpc_method_callers: str = Field("", description=(
+        "JSON: per gRPC method (short name, e.g. CreateWorld; \"*\" for any other), the client certificates' "
+        "common names allowed to call it (stablealign.grpc_authz). Needs grpc_tls_client_ca. \"\": every client "
+        "certificate may call every method."))
 
     @model_validator(mode="after")
     def _tls_is_complete(self) -> GrpcServerTlsSettings:
@@ -78,8 +84,25 @@ class GrpcServerTlsSettings(BaseModel):
         if self.grpc_tls_client_ca and not self.grpc_tls_cert:
             raise ValueError(f"{env_name('grpc_tls_client_ca')} is set but {env_name('grpc_tls_cert')} and "
                              f"{env_name('grpc_tls_key')} are not: client certificates need TLS")
+        if self.method_callers() and not self.grpc_tls_client_ca:
+            raise ValueError(f"{env_name('grpc_method_callers')} is set but {env_name('grpc_tls_client_ca')} is "
+                             "not: callers are named by their client certificates (mTLS)")
         self.grpc_server_tls()  # every file readable and PEM, now
         return self
+
+    def method_callers(self) -> dict[str, tuple[str, ...]]:
+        """``grpc_method_callers`` parsed: method -> common names; ValueError naming the variable if malformed."""
+        if not self.grpc_method_callers.strip():
+            return {}
+        try:
+            table = json.loads(self.grpc_method_callers)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{env_name('grpc_method_callers')}: not JSON ({exc.msg})") from None
+        if not (isinstance(table, dict) and all(isinstance(names, list) and all(isinstance(n, str) for n in names)
+                                                for names in table.values())):
+            raise ValueError(f"{env_name('grpc_method_callers')}: must be a JSON object of method -> list of "
+                             'certificate common names, e.g. {"CreateWorld": ["operator"]}')
+        return {method: tuple(names) for method, names in table.items()}
 
     def grpc_server_tls(self) -> TlsMaterial | None:
         """The server's certificate, key and client CA (None: plaintext)."""

@@ -68,15 +68,19 @@ def _ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
 
 
 def _leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str, *,
-          server: bool) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+          server: bool, client: bool | None = None) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A certificate for a server (names 127.0.0.1 and localhost) or a client; ``client=True`` on a server
+    certificate allows both (a NATS cluster route is each server's client and server at once)."""
     key = _key()
     now = datetime.datetime.now(datetime.UTC)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
+    if client if client is not None else not server:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     builder = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                                     else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+               .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
     if server:
         builder = builder.add_extension(x509.SubjectAlternativeName([
             x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
@@ -98,3 +102,32 @@ def make_certificates(directory: Path) -> TestCertificates:
         client_key=_write_key(client_key, directory / "client-key.pem"),
         other_ca=_write_cert(other_cert, directory / "other-ca.pem"),
     )
+
+
+def make_secret_layout(directory: Path, common_name: str = "nats") -> Path:
+    """A new CA and one certificate for 127.0.0.1/localhost usable as server and client, as the files of the
+    Kubernetes Secret nats-tls (``tls.crt``, ``tls.key``, ``ca.crt``): what components/nats-tls mounts for
+    the NATS client port and the cluster routes. Each call makes a CA of its own."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = _ca(f"{common_name} test CA")
+    key, cert = _leaf(ca_key, ca_cert, common_name, server=True, client=True)
+    _write_cert(ca_cert, directory / "ca.crt")
+    _write_cert(cert, directory / "tls.crt")
+    _write_key(key, directory / "tls.key")
+    return directory
+
+
+def make_ca_with_clients(directory: Path, *names: str) -> Path:
+    """A new CA (``ca.crt``), a server certificate for 127.0.0.1/localhost (``tls.crt``, ``tls.key``) and one
+    client certificate per common name (``<name>.crt``, ``<name>.key``): callers told apart by their name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = _ca("stable-align test gRPC CA")
+    _write_cert(ca_cert, directory / "ca.crt")
+    key, cert = _leaf(ca_key, ca_cert, "localhost", server=True)
+    _write_cert(cert, directory / "tls.crt")
+    _write_key(key, directory / "tls.key")
+    for name in names:
+        key, cert = _leaf(ca_key, ca_cert, name, server=False)
+        _write_cert(cert, directory / f"{name}.crt")
+        _write_key(key, directory / f"{name}.key")
+    return directory

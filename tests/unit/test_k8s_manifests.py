@@ -24,12 +24,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.support.kustomize import configmap_data, container, env_of, find, one, validate
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 TARGETS = {"top": K8S, "base": K8S / "base", "dev": K8S / "overlays" / "dev", "gpu": K8S / "overlays" / "gpu"}
 OVERLAYS = ("top", "dev", "gpu")
 SERVICES = ("agent", "observer", "world", "trainer")
-SCHEMA_VERSION = kubernetes_validate.latest_version()
 KUBECTL = shutil.which("kubectl")
 PROMTOOL = shutil.which("promtool")
 
@@ -41,30 +42,6 @@ def render(target: str) -> tuple[dict, ...]:
     proc = subprocess.run([KUBECTL, "kustomize", str(TARGETS[target])], check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
-
-
-def find(docs, kind: str, name: str | None = None) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-
-
-def one(docs, kind: str, name: str) -> dict:
-    (doc,) = find(docs, kind, name)
-    return doc
-
-
-def container(doc: dict, name: str) -> dict:
-    (c,) = [c for c in doc["spec"]["template"]["spec"]["containers"] if c["name"] == name]
-    return c
-
-
-def env_of(c: dict) -> dict[str, str]:
-    return {e["name"]: e.get("value") for e in c.get("env", [])}
-
-
-def configmap_data(docs, prefix: str) -> dict[str, str]:
-    """Data of the ConfigMap ``prefix`` (kustomize adds a content hash to generated names)."""
-    (cm,) = [d for d in find(docs, "ConfigMap") if re.fullmatch(rf"{prefix}(-[a-z0-9]{{10}})?", d["metadata"]["name"])]
-    return cm["data"]
 
 
 @cache
@@ -86,53 +63,6 @@ def metric_names_in(expr: str) -> set[str]:
                 name = name.removesuffix(suffix)
         names.add(name)
     return names
-
-
-# Custom resources the overlays use, validated against the fields of their CRDs (kubernetes-validate ships
-# only the built-in kinds). KEDA's ScaledObject (keda.sh/v1alpha1, KEDA 2.x CRD): the fields we may set,
-# nothing else (a typo fails, as with the strict built-in schemas); trigger metadata values are strings.
-SCALED_OBJECT_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "ScaledObject"}, "metadata": {"type": "object"},
-        "spec": {"type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
-                 "properties": {
-                     "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
-                                        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                                                       "name": {"type": "string"},
-                                                       "envSourceContainerName": {"type": "string"}}},
-                     **{k: {"type": "integer", "minimum": 0} for k in (
-                         "pollingInterval", "cooldownPeriod", "initialCooldownPeriod", "idleReplicaCount",
-                         "minReplicaCount", "maxReplicaCount")},
-                     "fallback": {"type": "object"},
-                     "advanced": {"type": "object", "additionalProperties": False, "properties": {
-                         "restoreToOriginalReplicaCount": {"type": "boolean"},
-                         "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False,
-                                                           "properties": {"name": {"type": "string"},
-                                                                          "behavior": {"type": "object"}}},
-                         "scalingModifiers": {"type": "object"}}},
-                     "triggers": {"type": "array", "minItems": 1, "items": {
-                         "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
-                         "properties": {"type": {"type": "string"}, "name": {"type": "string"},
-                                        "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                                        "useCachedMetrics": {"type": "boolean"},
-                                        "authenticationRef": {"type": "object"},
-                                        "metadata": {"type": "object",
-                                                     "additionalProperties": {"type": "string"}}}}}}},
-    },
-}
-CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT_SCHEMA}
-
-
-def validate(doc: dict) -> None:
-    """Strict schema validation: the built-in kinds by kubernetes-validate, our custom resources by CRD_SCHEMAS."""
-    schema = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
-    if schema is not None:
-        import jsonschema
-
-        jsonschema.validate(doc, schema)
-    else:
-        kubernetes_validate.validate(doc, SCHEMA_VERSION, strict=True)
 
 
 CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
@@ -171,8 +101,11 @@ def test_every_service_has_grpc_probes_metrics_and_drains(target):
         c = container(deployment, name)
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["metrics"] == 9090 and "grpc" in ports, name
+        # With TLS on the API port (components/grpc-tls) the kubelet, which cannot do TLS, probes the
+        # plaintext health-only port.
+        probed = ports["grpc-health"] if "STABLEALIGN_GRPC_TLS_CERT" in env_of(c) else ports["grpc"]
         for probe in ("readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == ports["grpc"], (name, probe)
+            assert c[probe]["grpc"]["port"] == probed, (name, probe)
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9090"
         assert pod["spec"]["terminationGracePeriodSeconds"] > 30  # STABLEALIGN_SHUTDOWN_GRACE_SECONDS=30
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
@@ -231,6 +164,15 @@ def test_trainer_may_run_batch_jobs(target):
     assert one(docs, "ServiceAccount", env["STABLEALIGN_K8S_SERVICE_ACCOUNT"])
 
 
+def _settings_env(c: dict) -> dict[str, str]:
+    """A container's STABLEALIGN_ variables with a plain value, less the gRPC TLS files (mounted from Secrets
+    only in the pod; the settings read them at load) and the callers' table that needs them: what its
+    settings can be loaded from here (tests/unit/test_k8s_grpc_tls.py loads those with generated files)."""
+    return {name: value for name, value in env_of(c).items()
+            if value is not None and name.startswith("STABLEALIGN_") and not name.startswith("STABLEALIGN_GRPC_TLS_")
+            and name != "STABLEALIGN_GRPC_METHOD_CALLERS"}
+
+
 @needs_kubectl
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_the_trainers_roots_are_on_its_mounted_volumes(target):
@@ -240,8 +182,7 @@ def test_the_trainers_roots_are_on_its_mounted_volumes(target):
     from stablealign.config import load_settings
 
     c = container(one(render(target), "Deployment", "trainer"), "trainer")
-    env = {name: value for name, value in env_of(c).items() if value is not None and name.startswith("STABLEALIGN_")}
-    settings = load_settings(TrainerSettings, {}, environ=env)
+    settings = load_settings(TrainerSettings, {}, environ=_settings_env(c))
     mounts = {m["mountPath"]: not m.get("readOnly", False) for m in c["volumeMounts"]}
 
     def mounted(path: str, writable: bool) -> bool:
@@ -383,16 +324,125 @@ def _quantity_bytes(text: str) -> int:
     return int(number) * units.get(unit, 1)
 
 
+def _min_replicas(docs, kind: str, name: str) -> int:
+    """The fewest replicas a workload runs: its own count, or its autoscaler's floor where one drives it."""
+    workload = one(docs, kind, name)
+    floors = [d["spec"]["minReplicas"] for d in find(docs, "HorizontalPodAutoscaler")
+              if d["spec"]["scaleTargetRef"]["name"] == name]
+    floors += [d["spec"]["minReplicaCount"] for d in find(docs, "ScaledObject")
+               if d["spec"]["scaleTargetRef"]["name"] == name]
+    return min([workload["spec"].get("replicas", 1), *floors])
+
+
 @needs_kubectl
 @pytest.mark.parametrize("target", list(TARGETS))
-def test_disruption_budgets_for_nats_and_every_service(target):
+def test_disruption_budgets_exactly_where_two_replicas_or_more_run(target):
+    """A budget over a single pod protects nothing (issue 19); every part with two or more gets one."""
     docs = render(target)
+    workloads = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]: d
+                 for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
     budgets = {d["metadata"]["name"]: d["spec"] for d in find(docs, "PodDisruptionBudget")}
-    for name in ("nats", *SERVICES):
-        spec = budgets[name]
+    for name, spec in budgets.items():
         assert spec["selector"] == {"matchLabels": {"app.kubernetes.io/name": name}}, name
         # Never minAvailable = replicas: that budget would block every node drain.
         assert spec == {**spec, "maxUnavailable": 1} and "minAvailable" not in spec, name
+        workload = workloads[name]
+        assert _min_replicas(docs, workload["kind"], workload["metadata"]["name"]) >= 2, (target, name)
+    for name in ("nats", *SERVICES):
+        workload = workloads[name]
+        if _min_replicas(docs, workload["kind"], name) >= 2:
+            assert name in budgets, (target, name)
+    assert set(budgets) == ({"agent", "observer"} if target in ("base",) else
+                            set() if target == "dev" else {"nats", "agent", "observer"}), (target, sorted(budgets))
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_only_the_trainer_mounts_a_service_account_token(target):
+    """Only the trainer calls the Kubernetes API (it submits Jobs); no other pod gets a token that code run
+    in it could use (issue 19): neither an explicit account nor the namespace's default one."""
+    docs = render(target)
+    accounts = {d["metadata"]["name"]: d for d in find(docs, "ServiceAccount")}
+    bound = {s["name"] for b in find(docs, "RoleBinding") for s in b["subjects"] if s["kind"] == "ServiceAccount"}
+    assert bound == {"trainer"}
+    for doc in docs:
+        pod = doc.get("spec", {}).get("template", {}).get("spec") if doc["kind"] in ("Deployment", "StatefulSet") else None
+        if pod is None:
+            continue
+        account = pod.get("serviceAccountName", "default")
+        mounted = pod.get("automountServiceAccountToken",
+                          accounts.get(account, {}).get("automountServiceAccountToken", True))
+        name = doc["metadata"]["name"]
+        assert mounted is (account in bound), (target, name, account)
+        if name in ("agent", "observer", "world", "tgi", "nats"):
+            assert pod.get("automountServiceAccountToken") is False, (target, name)  # whatever the account says
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_every_service_has_a_cpu_limit(target):
+    docs = render(target)
+    for name in SERVICES:
+        resources = container(one(docs, "Deployment", name), name)["resources"]
+        limit = _cpu_millis(resources["limits"]["cpu"])
+        assert limit >= _cpu_millis(resources["requests"]["cpu"]) and limit > 0, (target, name, resources)
+
+
+def _cpu_millis(quantity) -> int:
+    text = str(quantity)
+    return int(text[:-1]) if text.endswith("m") else int(float(text) * 1000)
+
+
+@needs_kubectl
+def test_tgi_runs_unprivileged_without_a_token():
+    for target in ("top", "gpu"):
+        docs = render(target)
+        tgi = one(docs, "Deployment", "tgi")
+        pod = tgi["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "tgi"
+        c = container(tgi, "tgi")
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        # Its writable places are volumes: the model cache, /tmp (also HOME, where libraries cache) and /dev/shm.
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        env = env_of(c)
+        assert {"/data", "/tmp", "/dev/shm"} <= mounts and env["HF_HUB_CACHE"] == "/data" and env["HOME"] == "/tmp"
+        # An unprivileged port (binding 80 needs root); the Service keeps port 80 for http://tgi.
+        (port,) = c["ports"]
+        assert port["containerPort"] >= 1024 and f"--port={port['containerPort']}" in c["args"]
+        (service_port,) = one(docs, "Service", "tgi")["spec"]["ports"]
+        assert service_port["port"] == 80 and service_port["targetPort"] == port["name"]
+        assert tgi["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port["containerPort"])
+        # The network policies name the pod's port (what a policy sees after the Service).
+        for policy in ("tgi", "sandbox-egress-llm", "prometheus"):
+            assert f'"port": {port["containerPort"]}' in json.dumps(one(docs, "NetworkPolicy", policy)["spec"]), policy
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_prometheus_has_no_lifecycle_api(target):
+    """/-/quit and /-/reload would let anyone who reaches port 9090 stop or reload it."""
+    args = container(one(render(target), "Deployment", "prometheus"), "prometheus")["args"]
+    assert not [a for a in args if a.startswith("--web.enable-lifecycle")], args
+
+
+@needs_kubectl
+def test_gpu_overlay_trainer_accepts_only_the_kubernetes_runner():
+    """A local job would run requester-chosen training inside the trainer pod, which holds the token that
+    creates Jobs; on the gpu overlay every job goes to a Job pod without one."""
+    from services.trainer.settings import TrainerSettings
+    from stablealign.config import load_settings
+
+    for target, wanted in (("top", ("kubernetes",)), ("gpu", ("kubernetes",)), ("dev", None)):
+        settings = load_settings(TrainerSettings, {},
+                                 environ=_settings_env(container(one(render(target), "Deployment", "trainer"), "trainer")))
+        if wanted is None:
+            assert "local" in settings.runners and settings.runner == "local"
+        else:
+            assert settings.runners == wanted and settings.runner == "kubernetes"
 
 
 def _service_stream_settings(docs) -> list:
@@ -435,17 +485,28 @@ def test_gpu_overlay_runs_nats_as_a_three_server_cluster():
         assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
         assert headless["spec"]["selector"].items() <= nats["spec"]["template"]["metadata"]["labels"].items()
         c = container(nats, "nats")
-        args = dict(a.lstrip("-").split("=", 1) for a in c["args"] if a.startswith("--") and "=" in a)
-        assert args["cluster_name"] and args["cluster"] == "nats://0.0.0.0:6222"
-        # A route to every server, by its StatefulSet DNS name under the headless Service.
-        wanted = {f"nats://nats-{i}.{headless['metadata']['name']}:6222" for i in range(3)}
-        assert set(args["routes"].split(",")) == wanted
+        cluster = configmap_data(docs, "nats-auth")["cluster.conf"]
+        assert re.search(r"^\s*name: \S+$", cluster, flags=re.MULTILINE)
+        assert "listen: 0.0.0.0:6222" in cluster
+        # A route to every server, by its StatefulSet DNS name under the headless Service, logged in as the
+        # route user: the URLs (which carry the password) come from variables Kubernetes expands from the Secret.
+        assert "routes: [$NATS_ROUTE_0, $NATS_ROUTE_1, $NATS_ROUTE_2]" in cluster
+        assert "user: route" in cluster and "password: $NATS_ROUTE_PASSWORD" in cluster
+        env = [e["name"] for e in c["env"]]
+        (secret,) = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if e["name"] == "NATS_ROUTE_PASSWORD"]
+        assert secret == {"name": "nats-route", "key": "password"}
+        for i in range(3):
+            (url,) = [e["value"] for e in c["env"] if e["name"] == f"NATS_ROUTE_{i}"]
+            assert url == f"nats://route:$(NATS_ROUTE_PASSWORD)@nats-{i}.{headless['metadata']['name']}:6222"
+            assert env.index("NATS_ROUTE_PASSWORD") < env.index(f"NATS_ROUTE_{i}")  # expanded from earlier ones only
         assert {"name": "cluster", "containerPort": 6222} in c["ports"]
         spread = nats["spec"]["template"]["spec"]["topologySpreadConstraints"][0]
         assert spread["topologyKey"] == "kubernetes.io/hostname"
         policies = json.dumps([d["spec"] for d in find(docs, "NetworkPolicy") if d["metadata"]["name"].startswith("nats")])
         assert '"port": 6222' in policies
-    assert one(render("dev"), "StatefulSet", "nats")["spec"]["replicas"] == 1
+    dev = render("dev")
+    assert one(dev, "StatefulSet", "nats")["spec"]["replicas"] == 1
+    assert not re.search(r"^\s*cluster\s*\{", configmap_data(dev, "nats-auth")["cluster.conf"], flags=re.MULTILINE)
 
 
 @needs_kubectl
