@@ -56,6 +56,12 @@ REQUESTS_SHED = Counter(
     "max_request_bytes; busy: max_queued_requests already waiting for a slot).",
     ["service", "method", "reason"],
 )
+ENTRIES_SKIPPED = Counter(
+    "stablealign_entries_skipped_total",
+    "Bucket entries and stream messages a reader skipped because they do not parse as what the bucket or "
+    "stream holds (e.g. a world entry that is not a World of its key), by source (bucket or stream name).",
+    ["source"],
+)
 LLM_REQUESTS = Counter(
     "stablealign_llm_requests_total",
     "LLM backend calls, by backend, operation (chat|embed) and outcome (ok|retry|error).",
