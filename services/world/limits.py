@@ -10,9 +10,11 @@ and world services and ``stable-align run``'s export of records.jsonl — and is
 
 The constants are measured by ``python -m bench.scale`` (one-round worlds on the offline backend
 through NATS, peak RSS of all processes summed): 516 MB at 1,024 agents, 753 MB at 10,000 and
-2,449 MB at 100,489, of which 1,762 MB was the records export (~17.5 KB per record). With
-the default limit of 4,096 MB a one-round world of 100,489 agents (317 x 317) is accepted
-(estimate ~2.9 GB) and a 1000 x 1000 world is refused (~23 GB).
+2,449 MB at 100,489, of which 1,762 MB was the records export (~17.5 KB per record). The
+default limit is the world pod's memory limit (deploy/k8s/base/world.yaml): the estimate of
+all processes together staying below it keeps the world pod's own share below it too. A
+one-round world of about 60,000 agents fits it; a 1000 x 1000 world is refused (~23 GB).
+The same limit bounds the worlds one replica runs at once (``WorldManager.check_room``).
 """
 
 from __future__ import annotations
