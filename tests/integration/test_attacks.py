@@ -160,10 +160,15 @@ async def test_consumers_cannot_write_through_a_deliver_subject(target):
                                     timeout=2)
         assert "error" not in json.loads(created.data)  # accepted: the subject cannot tell a push consumer
         to_records = {"deliver_subject": f"sandbox.records.{VICTIM}", "deliver_policy": "all", "ack_policy": "none"}
-        created = await cli.request(f"$JS.API.CONSUMER.CREATE.KV_{bus.WORLDS_BUCKET}",
-                                    json.dumps({"stream_name": f"KV_{bus.WORLDS_BUCKET}",
-                                                "config": to_records}).encode(), timeout=2)
-        assert "error" not in json.loads(created.data)
+        for role in ("cli", "agent", "observer"):  # the readers of world specs
+            nc = cli if role == "cli" else await bus.connect(secured.url, role, options=secured.options(role),
+                                                             give_up_after=5.0)
+            created = await nc.request(f"$JS.API.CONSUMER.CREATE.KV_{bus.WORLDS_BUCKET}",
+                                       json.dumps({"stream_name": f"KV_{bus.WORLDS_BUCKET}",
+                                                   "config": to_records}).encode(), timeout=2)
+            assert "error" not in json.loads(created.data), role
+            if nc is not cli:
+                await nc.close()
         cycle = {**to_records, "name": "spy", "filter_subject": f"sandbox.records.{VICTIM}"}
         refused_cycle = await cli.request(
             f"$JS.API.CONSUMER.CREATE.{bus.RECORDS_STREAM}.spy.sandbox.records.{VICTIM}",
