@@ -174,6 +174,14 @@ async def test_consumers_cannot_write_through_a_deliver_subject(target):
             f"$JS.API.CONSUMER.CREATE.{bus.RECORDS_STREAM}.spy.sandbox.records.{VICTIM}",
             json.dumps({"stream_name": bus.RECORDS_STREAM, "config": cycle}).encode(), timeout=2)
         assert "forms a cycle" in json.loads(refused_cycle.data)["error"]["description"]
+        # The filtered-create form (what a pull reader with a name uses) takes a deliver subject too: allowing
+        # only that form would not keep push consumers from a reader, so the permissions do not pretend to.
+        filtered = {"name": "spy2", "filter_subject": f"sandbox.records.{VICTIM}", "deliver_policy": "all",
+                    "ack_policy": "none", "deliver_subject": "_INBOX_world.spy"}
+        created = await cli.request(
+            f"$JS.API.CONSUMER.CREATE.{bus.RECORDS_STREAM}.spy2.sandbox.records.{VICTIM}",
+            json.dumps({"stream_name": bus.RECORDS_STREAM, "config": filtered}).encode(), timeout=2)
+        assert json.loads(created.data)["config"]["deliver_subject"] == "_INBOX_world.spy"
         for role in ATTACKERS:
             nc = cli if role == "cli" else await bus.connect(secured.url, role, options=secured.options(role),
                                                              give_up_after=5.0)
