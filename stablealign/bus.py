@@ -14,6 +14,12 @@ works on the request (queued for a slot or running). The requester re-sends as s
 nothing for that long — the replica died or lost NATS — instead of waiting for the whole reply
 deadline, which stays the cap for slow models that do answer.
 
+Replies go to reply inboxes only (``stablealign.reply_subjects``): a request whose reply subject is anything
+else (a stream's or a bucket's subject) is neither served nor answered, only counted and logged, because
+nats-server lets a responder publish to any reply subject it was handed. Work per client is bounded before
+a task exists: a request over ``max_request_bytes``, or one arriving while ``max_queued`` others already wait
+for a slot, is answered at once with an error (413, 503) from the subscription's callback.
+
 Cost per request (what bounds a round on a few cores): replies and heartbeats of every request of a
 connection arrive on one wildcard inbox subscription (``_ReplyInbox``), not a SUB/UNSUB pair and a
 subscription object per request; a request's silence limit and cap are one loop timer, and a
@@ -52,6 +58,7 @@ from stablealign.errors import (
 from stablealign.logs import get_logger
 from stablealign.natsauth import NatsClientOptions
 from stablealign.redaction import redact_text, redact_url
+from stablealign.reply_subjects import is_reply_inbox
 from stablealign.retry import Failure, RetryPolicy, retry_async
 from stablealign.v1 import common_pb2
 
@@ -537,6 +544,8 @@ class RequestServer:
     queue: str
     max_concurrency: int = 256
     max_request_bytes: int = 1 << 20
+    # Requests taken beyond max_concurrency, waiting for a slot: past it a request is answered 503 at once.
+    max_queued: int = 4096
     _semaphore: asyncio.Semaphore = field(init=False)
     _inflight: set[asyncio.Task] = field(default_factory=set, init=False)
     _subs: list = field(default_factory=list, init=False)
@@ -587,12 +596,46 @@ class RequestServer:
 
         async def on_message(msg: Msg) -> None:
             counters.num_requests += 1
+            if msg.reply and not is_reply_inbox(msg.reply):
+                self._refuse(msg, method)
+                return
+            if len(msg.data) > self.max_request_bytes or len(self._inflight) >= self.max_concurrency + self.max_queued:
+                await self._shed(msg, method, counters, count)
+                return
             task = asyncio.create_task(self._handle(msg, request_type, handler, method, counters, count))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
         self._subs.append(await self.nc.subscribe(subject, queue=self.queue, cb=on_message,
                                                   pending_msgs_limit=1_000_000))
+
+    def _refuse(self, msg: Msg, method: str) -> None:
+        """Drops a request whose reply subject is no inbox: no work, no reply, no heartbeat; counted, one log line."""
+        metrics.REPLIES_REFUSED.labels(self.service, "request").inc()
+        log.warning("bus.reply_refused", extra={"service": self.service, "method": method,
+                                                "reply": msg.reply[:200], "bytes": len(msg.data)})
+
+    async def _shed(self, msg: Msg, method: str, counters: EndpointCounters, count: bool) -> None:
+        """Answers a request over the size or queue limit with an error, from the callback: no task for it."""
+        started = time.perf_counter()
+        if len(msg.data) > self.max_request_bytes:
+            reason, error = "too_large", PayloadTooLargeError(
+                f"request of {len(msg.data)} bytes exceeds the limit of {self.max_request_bytes}")
+        else:
+            reason, error = "busy", UnavailableError(
+                f"{self.service} is busy: {len(self._inflight)} requests in flight (max_concurrency "
+                f"{self.max_concurrency} + max_queued {self.max_queued}); try again later")
+        metrics.REQUESTS_SHED.labels(self.service, method, reason).inc()
+        code, text = str(error.code), str(error)
+        counters.num_errors += 1
+        counters.last_error = f"{code}:{text}"
+        if msg.reply:
+            try:
+                await self.nc.publish(msg.reply, b"", headers={ERROR_HEADER: text, ERROR_CODE_HEADER: code})
+            except Exception:  # noqa: BLE001 - the requester is gone or NATS is down
+                log.warning("nats.reply_failed", extra={"service": self.service, "method": method})
+        if count:
+            self._count(method, code, started)
 
     async def _serve_item(self, method: str, request_type: type[M], handler: Handler,
                           data: bytes) -> common_pb2.BatchReply:
@@ -657,9 +700,6 @@ class RequestServer:
         code = "200"
         async with self._semaphore:
             try:
-                if len(msg.data) > self.max_request_bytes:
-                    raise PayloadTooLargeError(
-                        f"request of {len(msg.data)} bytes exceeds the limit of {self.max_request_bytes}")
                 request_msg = request_type()
                 try:
                     request_msg.ParseFromString(msg.data)

@@ -220,6 +220,9 @@ class ServiceSettings(Settings, StreamSettings, GrpcServerTlsSettings, LLMEndpoi
     max_concurrency: int = Field(256, ge=1, description="Requests in flight at once per process (NATS handlers "
                                                         "and gRPC calls).")
     max_request_bytes: int = Field(1 << 20, ge=1, description="Largest request accepted, bytes (gRPC and NATS).")
+    max_queued_requests: int = Field(4096, ge=0, description=(
+        "NATS requests taken beyond max_concurrency, waiting for a slot; one more is answered UNAVAILABLE (503) at "
+        "once, before any work, so a burst from one client cannot grow the process without bound."))
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="Seconds to finish in-flight work after SIGTERM.")
     instance: str = Field("", description="Replica name in logs (and a world's owner).")
     request_liveness_seconds: float = Field(10.0, gt=0, description=(

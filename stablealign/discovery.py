@@ -31,8 +31,9 @@ from nats.micro.service import (
 )
 from nats.nuid import NUID
 
-from stablealign import __version__, bus
+from stablealign import __version__, bus, metrics
 from stablealign.logs import get_logger
+from stablealign.reply_subjects import is_reply_inbox
 
 log = get_logger(__name__)
 
@@ -110,6 +111,11 @@ class Discovery:
 
     async def _reply(self, msg: Msg, document: dict) -> None:
         if not msg.reply:
+            return
+        if not is_reply_inbox(msg.reply):  # e.g. $SRV.INFO with a bucket's subject as its reply: dropped
+            metrics.REPLIES_REFUSED.labels(self.requests.service, "discovery").inc()
+            log.warning("discovery.reply_refused", extra={"service": self.name, "subject": msg.subject,
+                                                          "reply": msg.reply[:200]})
             return
         try:
             await msg.respond(json.dumps(document).encode())

@@ -44,6 +44,24 @@ REQUESTS_JOINED = Counter(
     "instead of starting the work again (a requester's re-send).",
     ["service", "method"],
 )
+REPLIES_REFUSED = Counter(
+    "stablealign_replies_refused_total",
+    "Requests whose reply subject is not a reply inbox (e.g. a stream's or a bucket's subject): not served "
+    "and not answered, by service and kind (request|discovery).",
+    ["service", "kind"],
+)
+REQUESTS_SHED = Counter(
+    "stablealign_requests_shed_total",
+    "Requests answered with an error before any work, by service, method and reason (too_large: over "
+    "max_request_bytes; busy: max_queued_requests already waiting for a slot).",
+    ["service", "method", "reason"],
+)
+ENTRIES_SKIPPED = Counter(
+    "stablealign_entries_skipped_total",
+    "Bucket entries and stream messages a reader skipped because they do not parse as what the bucket or "
+    "stream holds (e.g. a world entry that is not a World of its key), by source (bucket or stream name).",
+    ["source"],
+)
 LLM_REQUESTS = Counter(
     "stablealign_llm_requests_total",
     "LLM backend calls, by backend, operation (chat|embed) and outcome (ok|retry|error).",

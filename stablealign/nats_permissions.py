@@ -13,10 +13,20 @@ world specs); the CLI reads records and calls the world and trainer APIs; the tr
 ``trainer.>`` and its job bucket. JetStream's API is itself subjects (``$JS.API.<verb>.<stream>``),
 so "may create the records stream" is "may publish ``$JS.API.STREAM.CREATE.SANDBOX_RECORDS``".
 
-Replies: a responder answers on the requester's inbox through ``allow_responses`` (only inboxes of
-requests it received), with no limit on the number of messages, because a replica sends heartbeats
-there while it works (``bus.LIVENESS_HEADER``), for up to ``RESPONSE_WINDOW`` after the request
-(longer than the slowest local model call, ``local_llm_deadline_seconds``). Every role subscribes
+Replies: a responder answers through ``allow_responses`` on the reply subject of a request it received,
+with no limit on the number of messages, because a replica sends heartbeats there while it works
+(``bus.LIVENESS_HEADER``), for up to ``RESPONSE_WINDOW`` after the request (longer than the slowest local
+model call, ``local_llm_deadline_seconds``). The server lets it publish to *any* reply subject a request
+names, not only inboxes: ``allow_responses`` is checked after, and wins over, the publish allow and deny
+lists (issue 19: a get with the reply ``$KV.SANDBOX_WORLDS.<id>`` overwrote a world). That a reply goes to an
+inbox is enforced by the responders themselves (``stablealign.reply_subjects``: every other reply subject
+is dropped); the deny lists below guard what a role publishes on its own.
+
+Deny lists (``Role.publish_deny``): every role is denied the protected subjects its allow list does not
+reach — ``$KV.>``, ``$JS.>``, the JetStream API verbs that write, delete or purge (per stream where the
+role owns another), durable consumers (a reader takes ephemeral ones only), and the data subjects of
+records, memories, memory pools and job logs — so a future allow entry that reaches one of them by a
+wildcard is caught by the server (and by a test), not silently granted. Every role subscribes
 only its own reply inboxes, ``_INBOX_<role>.>`` (``natsauth.inbox_prefix_for``: the prefix its clients
 connect with, so its requests', JetStream API calls', fetches' and KV watches' replies land there):
 one role's credentials cannot read the replies addressed to another (an agent's password the CLI's
@@ -78,6 +88,52 @@ def stream_owner(stream: str) -> tuple[str, ...]:
     return (f"{JS_API}.STREAM.CREATE.{stream}", f"{JS_API}.STREAM.UPDATE.{stream}", *stream_reads(stream))
 
 
+# What no role may publish on its own unless its allow list names it: the deny list of each role is the
+# part of this that its allow list does not overlap (``publish_deny``). Generic entries come first; a
+# role that needs one stream's entry of a verb gets the other streams' entries denied instead.
+_STREAMS = (bus.RECORDS_STREAM, bus.MEMORY_STREAM, POOL_STREAM, WORLDS_KV, bus.JOB_LOGS_STREAM, JOBS_KV)
+_WRITE_VERBS = ("STREAM.CREATE", "STREAM.UPDATE", "STREAM.DELETE", "STREAM.PURGE", "STREAM.MSG.DELETE",
+                "STREAM.RESTORE", "STREAM.SNAPSHOT", "STREAM.PEER.REMOVE", "STREAM.LEADER.STEPDOWN")
+PROTECTED_PUBLISH: tuple[str, ...] = (
+    "$KV.>", "$JS.>",
+    *(kv_subjects(bucket) for bucket in (bus.WORLDS_BUCKET, bus.JOBS_BUCKET)),
+    *(f"{JS_API}.{verb}.*" for verb in _WRITE_VERBS),
+    *(f"{JS_API}.{verb}.{stream}" for verb in _WRITE_VERBS for stream in _STREAMS),
+    f"{JS_API}.CONSUMER.DURABLE.CREATE.>", f"{JS_API}.ACCOUNT.PURGE.*", f"{JS_API}.META.>", f"{JS_API}.SERVER.>",
+    bus.RECORDS_SUBJECT.format(world_id=">"), "sandbox.memory.>", "sandbox.pools.>",
+    bus.JOB_LOGS_SUBJECT.format(job_id="*"),
+)
+
+
+def subjects_overlap(a: str, b: str) -> bool:
+    """Whether some subject matches both patterns (``*``: one token, ``>``: one or more trailing tokens)."""
+    left, right = a.split("."), b.split(".")
+    for x, y in zip(left, right, strict=False):
+        if x == ">" or y == ">":
+            return True
+        if x != y and "*" not in (x, y):
+            return False
+    return len(left) == len(right)
+
+
+def subject_covers(general: str, specific: str) -> bool:
+    """Whether every subject matching ``specific`` matches ``general`` too."""
+    gen, spec = general.split("."), specific.split(".")
+    for i, token in enumerate(gen):
+        if token == ">":
+            return len(spec) > i
+        if i >= len(spec) or spec[i] == ">" or (token != "*" and token != spec[i]):
+            return False
+    return len(gen) == len(spec)
+
+
+def publish_deny(allow: Sequence[str]) -> tuple[str, ...]:
+    """The protected subjects that no entry of ``allow`` overlaps (a role's publish deny list), without
+    those another denied entry covers already."""
+    denied = [p for p in PROTECTED_PUBLISH if not any(subjects_overlap(p, a) for a in allow)]
+    return tuple(p for p in denied if not any(q != p and subject_covers(q, p) for q in denied))
+
+
 def inboxes(role: str) -> str:
     """The reply subjects ``role`` may subscribe: its own inbox prefix's (``_INBOX_<role>.>``), no other's."""
     return f"{inbox_prefix_for(role)}.>"
@@ -98,6 +154,10 @@ class Role:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
     responds: bool = False
+
+    @property
+    def publish_deny(self) -> tuple[str, ...]:
+        return publish_deny(self.publish)
 
     @property
     def password_variable(self) -> str:
@@ -233,7 +293,8 @@ def render_authorization(passwords: Mapping[str, str] | None = None,
             f"      user: {_quoted(role.name)}\n"
             f"      password: {_password(password)}\n"
             f"      permissions: {{\n"
-            f"        publish: {{allow: {_subjects(role.publish, '        ')}}}\n"
+            f"        publish: {{allow: {_subjects(role.publish, '        ')}\n"
+            f"        deny: {_subjects(role.publish_deny, '        ')}}}\n"
             f"        subscribe: {{allow: {_subjects(role.subscribe, '        ')}}}{responses}\n"
             f"      }}\n"
             f"    }}")
@@ -278,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(f"{name}={new_password()}" for name in ROLES))
         return 0
     if args.list:
-        print(json.dumps({name: {"publish": list(r.publish), "subscribe": list(r.subscribe),
+        print(json.dumps({name: {"publish": list(r.publish), "publish_deny": list(r.publish_deny),
+                                 "subscribe": list(r.subscribe),
                                  "responds": r.responds, "password_variable": r.password_variable}
                           for name, r in ROLES.items()}, indent=2))
         return 0

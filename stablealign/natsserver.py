@@ -20,6 +20,12 @@ from pathlib import Path
 from stablealign.errors import ConfigError
 from stablealign.metrics import free_port
 
+# The largest message a run publishes is a world's entry in the SANDBOX_WORLDS bucket at the spec's bounds:
+# MAX_SIZE^2 custom labels and one RoundSummary per round for MAX_ROUNDS rounds (a test builds it and checks
+# that it fits). Requests are far smaller (max_request_bytes, checked before any work) and so are records,
+# memory batches and pool chunks; a smaller limit would need fewer round summaries kept per world.
+MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+
 
 def find_nats_server() -> str:
     candidates = [os.environ.get("STABLEALIGN_NATS_SERVER_BIN", ""),
@@ -56,7 +62,7 @@ class EmbeddedNatsServer:
     """Runs ``nats-server -js`` as a child process; usable as a (sync or async) context manager."""
 
     def __init__(self, store_dir: str | Path | None = None, port: int | None = None,
-                 host: str = "127.0.0.1", max_payload: int = 8 * 1024 * 1024, *, config: str = "",
+                 host: str = "127.0.0.1", max_payload: int = MAX_PAYLOAD_BYTES, *, config: str = "",
                  env: Mapping[str, str] | None = None, scheme: str = "nats", die_with_parent: bool = False) -> None:
         """``config``: more nats.conf text, e.g. the ``authorization`` and ``tls`` blocks of
         ``stablealign.nats_permissions.render_config``; ``env``: variables the server sees (the

@@ -57,6 +57,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from stablealign.errors import UnavailableError, ValidationError
+from stablealign.metrics import ENTRIES_SKIPPED
 from stablealign.records import check_record, record_msg_id, record_to_json
 from stablealign.v1 import common_pb2
 from stablealign.worlds import check_world_id
@@ -84,6 +85,8 @@ class ReadStats:
 
     def skip(self, kind: str, example: str) -> None:
         self.skipped[kind] += 1
+        if kind == "malformed":
+            ENTRIES_SKIPPED.labels(RECORDS_STREAM).inc()
         shown = self.examples.setdefault(kind, [])
         if len(shown) < EXAMPLES_PER_KIND:
             shown.append(example)

@@ -128,7 +128,8 @@ async def start_service(name: str, settings: ServiceSettings,
         streams.configure(settings)  # the limits of the streams this process creates
         await bus.ensure_jetstream_of(name, js)
         requests = bus.RequestServer(nc, service=name, queue=name, max_concurrency=settings.max_concurrency,
-                                     max_request_bytes=settings.max_request_bytes)
+                                     max_request_bytes=settings.max_request_bytes,
+                                     max_queued=settings.max_queued_requests)
         # Read at scrape time: the autoscaler's measure of pending work, at no cost on the request path.
         REQUESTS_IN_FLIGHT.labels(name).set_function(lambda: requests.inflight)
         opened.push_async_callback(requests.drain, 0.0)

@@ -16,10 +16,11 @@ import uuid
 from collections.abc import AsyncIterator
 
 import nats.js.errors
+from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from stablealign import bus
+from stablealign import bus, metrics
 from stablealign.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.v1 import trainer_pb2
@@ -88,7 +89,13 @@ class JobStore:
         except nats.js.errors.KeyNotFoundError:  # KeyDeletedError is a subclass
             raise NotFoundError(f"unknown job {job_id!r}") from None
         job = trainer_pb2.Job()
-        job.ParseFromString(entry.value or b"")
+        try:
+            job.ParseFromString(entry.value or b"")
+        except (DecodeError, ValueError):
+            job.Clear()
+        if job.spec.job_id != job_id:  # not a Job of this key: never taken for one
+            metrics.ENTRIES_SKIPPED.labels(bus.JOBS_BUCKET).inc()
+            raise UnavailableError(f"job {job_id}: its stored entry is not a job (revision {entry.revision})")
         return job
 
     async def put(self, job: trainer_pb2.Job) -> trainer_pb2.Job:
@@ -113,11 +120,17 @@ class JobStore:
         except nats.js.errors.NoKeysError:
             return []
         jobs = []
+        skipped: list[str] = []
         for key in keys:
             try:
                 jobs.append(await self.get(key))
             except NotFoundError:
                 continue  # deleted in between
+            except UnavailableError:
+                skipped.append(key[:80])  # not a job: listing goes on with the rest
+        if skipped:
+            log.warning("trainer.entries_skipped", extra={"bucket": bus.JOBS_BUCKET, "skipped": len(skipped),
+                                                          "keys": ", ".join(skipped[:10])})
         jobs.sort(key=lambda j: (j.created_at, j.spec.job_id))
         return jobs
 
@@ -134,7 +147,10 @@ class JobStore:
         except nats.js.errors.NotFoundError:
             return 0.0
         line = trainer_pb2.LogLine()
-        line.ParseFromString(raw.data or b"")
+        try:
+            line.ParseFromString(raw.data or b"")
+        except (DecodeError, ValueError):
+            return 0.0  # not a log line: the re-attached stream starts from the beginning
         return line.time
 
     async def read_logs(self, job_id: str, after_seq: int = 0) -> list[tuple[int, trainer_pb2.LogLine]]:
@@ -143,7 +159,12 @@ class JobStore:
         for seq, msg in await bus.read_subject(self.js, bus.JOB_LOGS_STREAM,
                                                bus.JOB_LOGS_SUBJECT.format(job_id=job_id), after_seq=after_seq):
             line = trainer_pb2.LogLine()
-            line.ParseFromString(msg.data)
+            try:
+                line.ParseFromString(msg.data)
+            except (DecodeError, ValueError):
+                metrics.ENTRIES_SKIPPED.labels(bus.JOB_LOGS_STREAM).inc()
+                log.warning("trainer.log_line_skipped", extra={"job_id": job_id, "seq": seq})
+                continue
             out.append((seq, line))
         return out
 

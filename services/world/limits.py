@@ -11,6 +11,9 @@ and world services and ``stable-align run``'s export of records.jsonl — and is
 The constants are measured by ``python -m bench.scale`` (one-round worlds on the offline backend
 through NATS, peak RSS of all processes summed); the figures they come from, and which worlds the
 default limit accepts, are in docs/benchmarks.md ("Memory estimate of a world").
+The default limit is the world pod's memory limit (deploy/k8s/base/world.yaml): the estimate of
+all processes together staying below it keeps the world pod's own share below it too. The same
+limit bounds the worlds one replica runs at once (``WorldManager.check_room``).
 """
 
 from __future__ import annotations

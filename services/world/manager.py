@@ -14,11 +14,12 @@ import time
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from services.world.limits import BASE_BYTES, MB, estimate_world_bytes
 from services.world.scheduler import WorldRunner
 from services.world.settings import WorldSettings
 from services.world.spec import resolve_spec
 from services.world.store import ACTIVE_STATES, WorldStore
-from stablealign.errors import ConflictError
+from stablealign.errors import ConflictError, UnavailableError
 from stablealign.logs import get_logger
 from stablealign.v1 import world_pb2
 
@@ -46,6 +47,7 @@ class WorldManager:
     async def create(self, spec: world_pb2.WorldSpec) -> world_pb2.World:
         """Validates and resolves the spec, stores the world PENDING and starts it; returns at once."""
         resolved = await asyncio.to_thread(resolve_spec, spec, self.settings)
+        self.check_room(resolved)
         now = time.time()
         world = world_pb2.World(
             spec=resolved,
@@ -114,6 +116,7 @@ class WorldManager:
                 raise ConflictError(f"world {world_id} is still finishing its in-flight interactions; try again")
         if self._closed:
             raise ConflictError(f"world service {self.owner} is shutting down; try another replica")
+        self.check_room(world.spec)
 
         def reopen(w: world_pb2.World) -> None:
             if w.state not in RESUMABLE_STATES:
@@ -145,6 +148,26 @@ class WorldManager:
 
     # --- leadership ---------------------------------------------------------------------------
 
+    def check_room(self, spec: world_pb2.WorldSpec) -> None:
+        """UnavailableError (503) when this replica runs ``max_running_worlds`` worlds already, or when the
+        memory estimates of the worlds it runs and of ``spec`` together exceed ``max_world_memory_mb`` (the
+        processes' base counted once): a burst of CreateWorld calls cannot grow the pod past its limit."""
+        running = [r.spec for r in self.runners.values() if r.world_id != spec.world_id]
+        bound = self.settings.max_running_worlds
+        if bound and len(running) >= bound:
+            raise UnavailableError(f"world service {self.owner} runs {len(running)} worlds, the limit "
+                                   f"max_running_worlds = {bound}; try again later")
+        limit_mb = self.settings.max_world_memory_mb
+        if limit_mb and running:
+            # The pool term (a few MB) is left out: prior_pairs=0.
+            used = sum(estimate_world_bytes(s, 0) - BASE_BYTES for s in running)
+            needed = estimate_world_bytes(spec, 0)
+            if used + needed > limit_mb * MB:
+                raise UnavailableError(
+                    f"world service {self.owner} runs {len(running)} worlds estimated at {used / MB:,.0f} MB; with "
+                    f"this one ({needed / MB:,.0f} MB) that exceeds max_world_memory_mb = {limit_mb:,.0f} MB; "
+                    f"try again later")
+
     def _start(self, world: world_pb2.World) -> WorldRunner:
         world_id = world.spec.world_id
         runner = WorldRunner(world, nc=self.nc, js=self.js, store=self.store, settings=self.settings)
@@ -165,6 +188,10 @@ class WorldManager:
             world_id = world.spec.world_id
             if self._closed or world.state not in ACTIVE_STATES or world_id in self.runners:
                 continue
+            try:
+                self.check_room(world.spec)
+            except UnavailableError:
+                continue  # full here: another replica takes it over, or this one on a later pass
             acquired = await self.store.try_acquire(world_id, self.owner, self.settings.lease_seconds)
             if acquired is None or world_id in self.runners or self._closed:
                 continue

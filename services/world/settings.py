@@ -60,9 +60,14 @@ class WorldSettings(ServiceSettings):
         "for agents and observers older than batching (they do not answer '<subject>.batch')."))
     prior_publish_chunk: int = Field(64, ge=1, description="Prior memory batches published at once while seeding "
                                                            "a world.")
-    max_world_memory_mb: float = Field(4096.0, ge=0, description=(
+    max_world_memory_mb: float = Field(2048.0, ge=0, description=(
         "CreateWorld refuses a world whose estimated memory (all processes together, services/world/limits.py) "
-        "exceeds this many MB; the default admits one round of 100,000 agents (0: no limit)."))
+        "exceeds this many MB, and a replica starts or resumes no world while the estimates of the worlds it runs "
+        "would exceed it together (UNAVAILABLE, try later); the default is the world pod's memory limit in "
+        "deploy/k8s/base/world.yaml (2Gi) and admits one round of about 60,000 agents (0: no limit)."))
+    max_running_worlds: int = Field(8, ge=0, description=(
+        "Worlds one replica runs at once; CreateWorld and ResumeWorld past it answer UNAVAILABLE (503) and the "
+        "resume scan leaves further orphaned worlds to other replicas (0: no bound)."))
     # Files a world spec may name (prior_path, questions_path): only under these directories.
     world_data_roots: tuple[str, ...] = Field(default_factory=lambda: (str(data_dir()),), description=(
         "Directories whose files a world spec may name as prior_path or questions_path, comma-separated "

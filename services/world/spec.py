@@ -16,6 +16,7 @@ from services.world.settings import WorldSettings
 from stablealign import data
 from stablealign.backends import BACKENDS, default_chat_model, default_embedding_model
 from stablealign.backends.embeddings import HASHING_MODEL
+from stablealign.bus import MAX_BATCH_ITEMS
 from stablealign.config import env_name
 from stablealign.confine import confined_path
 from stablealign.endpoints import resolve_endpoint
@@ -26,6 +27,8 @@ from stablealign.worlds import check_world_id
 
 MAX_SIZE = 1000
 MAX_ROUNDS = 100_000
+# An interaction's k feedback requests go out as one batch (bus.request_batch), which holds at most this many.
+MAX_PARTNERS = MAX_BATCH_ITEMS
 DEFAULT_PARTNERS = 4
 DEFAULT_PRIOR_SIZE = 50
 # Cosine-distance thresholds of retrieval. The original's 0.3 was tuned for OpenAI (ada-002)
@@ -116,8 +119,8 @@ def resolve_spec(
         raise ValidationError(
             f"global_partner_probability must be in [0, 1], got {out.global_partner_probability}"
         )
-    if out.partners < 0:
-        raise ValidationError(f"partners must be >= 0 (0: {DEFAULT_PARTNERS}), got {out.partners}")
+    if not 0 <= out.partners <= MAX_PARTNERS:
+        raise ValidationError(f"partners must be in 0..{MAX_PARTNERS} (0: {DEFAULT_PARTNERS}), got {out.partners}")
     out.partners = out.partners or DEFAULT_PARTNERS
     if out.concurrency < 0:
         raise ValidationError(f"concurrency must be >= 0 (0: all agents of a round), got {out.concurrency}")

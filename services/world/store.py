@@ -5,6 +5,12 @@ a mutation is re-applied to the latest value when another writer got in first. T
 makes one leader per world safe — a replica takes a world over only if its write lands on the
 revision it read — and what lets CancelWorld, received by any replica, reach the owner: the
 owner's next write sees state CANCELLED.
+
+An entry that is not a World of its own key (bytes that do not parse, or a World naming another id:
+whatever landed in the bucket by mistake or by an attack) is never taken for one: ``get`` of that key
+fails with UnavailableError naming it, and ``list`` (CLI listing, the resume scan) skips it, counts it
+(``stablealign_entries_skipped_total``) and names the skipped keys in one log line, so one bad entry
+cannot stop listing or resuming every other world.
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ from collections.abc import Callable
 
 import nats.errors
 import nats.js.errors
+from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from stablealign import bus
+from stablealign import bus, metrics
 from stablealign.errors import ConflictError, NotFoundError, UnavailableError
 from stablealign.logs import get_logger
 from stablealign.v1 import world_pb2
@@ -34,6 +41,17 @@ class LeaseLostError(ConflictError):
 
 
 Mutation = Callable[[world_pb2.World], None]
+SKIPPED_NAMED = 10  # keys named in the one log line of a listing that skipped entries
+
+
+def parse_world(key: str, value: bytes | None) -> world_pb2.World | None:
+    """The World stored under ``key``, or None when the entry is not one (undecodable, or another id)."""
+    world = world_pb2.World()
+    try:
+        world.ParseFromString(value or b"")
+    except (DecodeError, ValueError):
+        return None
+    return world if world.spec.world_id == key else None
 
 
 class WorldStore:
@@ -68,15 +86,20 @@ class WorldStore:
             entry = await kv.get(world_id)
         except nats.js.errors.KeyNotFoundError:
             raise NotFoundError(f"unknown world {world_id}") from None
-        world = world_pb2.World()
-        world.ParseFromString(entry.value or b"")
+        world = parse_world(world_id, entry.value)
+        if world is None:
+            metrics.ENTRIES_SKIPPED.labels(bus.WORLDS_BUCKET).inc()
+            log.warning("world.entry_unreadable", extra={"world_id": world_id, "revision": entry.revision})
+            raise UnavailableError(f"world {world_id}: its stored entry is not a world (revision {entry.revision})")
         return world, int(entry.revision or 0)
 
     async def list(self, timeout: float = 10.0) -> list[world_pb2.World]:
-        """Every world in the bucket (one watcher pass, not one get per key), by creation time."""
+        """Every world in the bucket (one watcher pass, not one get per key), by creation time; entries that
+        are not worlds are skipped (counted, named in one log line)."""
         kv = await self.kv()
         watcher = await kv.watchall(ignore_deletes=True)
         worlds: list[world_pb2.World] = []
+        skipped: list[str] = []
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -89,13 +112,19 @@ class WorldStore:
                     raise UnavailableError("timed out listing worlds") from None
                 if entry is None:
                     break
-                world = world_pb2.World()
-                world.ParseFromString(entry.value or b"")
-                worlds.append(world)
+                world = parse_world(entry.key, entry.value)
+                if world is None:
+                    skipped.append(f"{entry.key[:80]}@{entry.revision}")
+                else:
+                    worlds.append(world)
                 if not entry.delta:  # nothing pending: that was the last key
                     break
         finally:
             await watcher.stop()
+        if skipped:
+            metrics.ENTRIES_SKIPPED.labels(bus.WORLDS_BUCKET).inc(len(skipped))
+            log.warning("world.entries_skipped", extra={"bucket": bus.WORLDS_BUCKET, "skipped": len(skipped),
+                                                        "keys": ", ".join(skipped[:SKIPPED_NAMED])})
         worlds.sort(key=lambda w: (w.created_at, w.spec.world_id))
         return worlds
 

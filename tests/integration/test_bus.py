@@ -199,3 +199,71 @@ async def test_a_resent_batch_joins_the_items_in_flight(nc):
                                       liveness=None)
     assert [r.spec.world_id for r in results] == ["x", "y"]
     assert get.calls == 2
+
+
+async def test_a_reply_subject_that_is_no_inbox_gets_nothing(nc, caplog):
+    """A request naming a stream's or a bucket's subject as its reply is neither served nor answered there:
+    no reply, no error reply, no heartbeat reaches that subject; the drop is counted and logged once."""
+    from stablealign import metrics
+
+    server = bus.RequestServer(nc, service="t-refuse", queue="t")
+    served: list[str] = []
+
+    async def get(req: world_pb2.GetWorldRequest) -> world_pb2.World:
+        served.append(req.world_id)
+        await asyncio.sleep(0.3)  # long enough for heartbeats at a 0.2 s liveness
+        return world_pb2.World(spec=world_pb2.WorldSpec(world_id=req.world_id))
+
+    await server.add("t.refuse", world_pb2.GetWorldRequest, get, "Get")
+    landed: list[str] = []
+
+    async def collect(msg) -> None:
+        landed.append(msg.subject)
+
+    sub = await nc.subscribe("sandbox.records.>", cb=collect)
+    sub_kv = await nc.subscribe("$KV.>", cb=collect)
+    refused = metrics.REPLIES_REFUSED.labels("t-refuse", "request")
+    before = refused._value.get()
+    payload = world_pb2.GetWorldRequest(world_id="w1").SerializeToString()
+    for reply in ("sandbox.records.x", "$KV.SANDBOX_WORLDS.victim", "_INBOX", "_INBOXES.x", "_INBOX_.x"):
+        await nc.publish("t.refuse", payload, reply=reply, headers={bus.LIVENESS_HEADER: "0.2"})
+    await nc.publish("t.refuse", b"\xff", reply="sandbox.records.y")  # malformed too: no error reply there
+    await nc.flush()
+    await asyncio.sleep(0.6)
+    assert landed == [] and served == []
+    assert refused._value.get() - before == 6
+    said = [r for r in caplog.records if r.getMessage() == "bus.reply_refused"]
+    assert {r.reply for r in said} >= {"sandbox.records.x", "$KV.SANDBOX_WORLDS.victim"}
+    # An inbox still gets its reply.
+    reply = await bus.request(nc, "t.refuse", world_pb2.GetWorldRequest(world_id="w2"), world_pb2.World, timeout=2)
+    assert reply.spec.world_id == "w2" and served == ["w2"]
+    await sub.unsubscribe()
+    await sub_kv.unsubscribe()
+
+
+async def test_a_burst_past_the_queue_is_answered_busy_at_once(nc):
+    """With one slot and one queued, a burst of eight gets six 503 replies before any work; the two taken are
+    served, the replica keeps serving, and it never held more than two requests."""
+    server = bus.RequestServer(nc, service="t-busy", queue="t", max_concurrency=1, max_queued=1)
+    release = asyncio.Event()
+    peak = [0]
+
+    async def get(req: world_pb2.GetWorldRequest) -> world_pb2.World:
+        peak[0] = max(peak[0], server.inflight)
+        await release.wait()
+        return world_pb2.World(spec=world_pb2.WorldSpec(world_id=req.world_id))
+
+    await server.add("t.busy", world_pb2.GetWorldRequest, get, "Get")
+    calls = [asyncio.ensure_future(bus.request(nc, "t.busy", world_pb2.GetWorldRequest(world_id=f"w{i}"),
+                                               world_pb2.World, timeout=5, attempts=1, liveness=None))
+             for i in range(8)]
+    done, _ = await asyncio.wait(calls, timeout=2.0, return_when=asyncio.ALL_COMPLETED)
+    busy = [c for c in done if isinstance(c.exception(), UnavailableError)]
+    assert len(busy) == 6 and all("busy" in str(c.exception()) for c in busy)
+    assert server.inflight == 2
+    release.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert sum(isinstance(r, world_pb2.World) for r in results) == 2
+    assert peak[0] <= 2
+    reply = await bus.request(nc, "t.busy", world_pb2.GetWorldRequest(world_id="after"), world_pb2.World, timeout=2)
+    assert reply.spec.world_id == "after"

@@ -266,3 +266,25 @@ async def test_job_inputs_are_confined_to_the_roots_and_images_to_the_allow_list
         assert len(await trainer_client.list_jobs(nats_url)) == 3
     finally:
         await service.stop(grace=2)
+
+
+async def test_job_entries_and_log_lines_that_do_not_parse_are_skipped(nc, caplog):
+    """What a misdirected write left in the jobs bucket or the log stream does not break listing or logs."""
+    from stablealign import bus
+    from stablealign.errors import UnavailableError
+
+    store = await JobStore.open(nc.jetstream())
+    good = trainer_pb2.Job(spec=trainer_pb2.JobSpec(job_id="job-good"), state=trainer_pb2.JOB_STATE_QUEUED,
+                           created_at=1.0)
+    await store.create(good)
+    await store.kv.put("job-json", b'{"type": "io.nats.micro.v1.ping_response"}')
+    await store.kv.put("job-copy", good.SerializeToString())  # a Job, but of another id
+    assert [j.spec.job_id for j in await store.list()] == ["job-good"]
+    (said,) = [r for r in caplog.records if r.getMessage() == "trainer.entries_skipped"]
+    assert said.skipped == 2
+    with pytest.raises(UnavailableError, match="not a job"):
+        await store.get("job-json")
+    await store.append_log("job-good", "first")
+    await nc.jetstream().publish(bus.JOB_LOGS_SUBJECT.format(job_id="job-good"), b"\xff\xff\xff")
+    await store.append_log("job-good", "second")
+    assert [line.line for _, line in await store.read_logs("job-good")] == ["first", "second"]

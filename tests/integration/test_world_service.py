@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from services.world import grid
 from stablealign import bus
 from stablealign.config import load_settings
-from stablealign.errors import ConflictError, NotFoundError, ValidationError
+from stablealign.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
 from stablealign.records import record_to_json, stable_view
 from stablealign.service import RunningService, start_service
 from stablealign.v1 import common_pb2, world_pb2, world_pb2_grpc
@@ -413,6 +413,35 @@ async def test_leadership_is_taken_over_only_when_stale(nc):
         await store.create(world)
     with pytest.raises(NotFoundError):
         await store.get("nobody")
+
+
+async def test_entries_that_are_not_worlds_are_skipped_not_fatal(nc, caplog):
+    """A JSON document, an empty value and another world's bytes under a key (what a misdirected reply wrote
+    before replies went to inboxes only) do not stop the listing nor the resume scan: each is skipped, counted
+    and named in one log line; a get of such a key says what is wrong with it."""
+    from services.world.store import WorldStore
+
+    store = WorldStore(nc.jetstream())
+    now = time.time()
+    good = world_pb2.World(spec=small_spec("good"), state=world_pb2.WORLD_STATE_COMPLETED, created_at=now,
+                           updated_at=now)
+    await store.create(good)
+    kv = await store.kv()
+    await kv.put("json", b'{"type": "io.nats.micro.v1.info_response", "name": "stablealign-world"}')
+    await kv.put("empty", b"")
+    await kv.put("copied", good.SerializeToString())  # a World, but of another id
+    skipped = REGISTRY.get_sample_value("stablealign_entries_skipped_total", {"source": bus.WORLDS_BUCKET}) or 0.0
+    caplog.clear()
+    worlds = await store.list()
+    assert [w.spec.world_id for w in worlds] == ["good"]
+    after = REGISTRY.get_sample_value("stablealign_entries_skipped_total", {"source": bus.WORLDS_BUCKET})
+    assert after - skipped == 3
+    (said,) = [r for r in caplog.records if r.getMessage() == "world.entries_skipped"]
+    assert said.skipped == 3 and all(key in said.keys for key in ("json@", "empty@", "copied@"))
+    for key in ("json", "empty", "copied"):
+        with pytest.raises(UnavailableError, match="not a world"):
+            await store.get(key)
+    assert (await store.get("good"))[0] == good
 
 
 async def test_prior_setup_of_100_agents_is_fast(nc):

@@ -24,6 +24,8 @@ from stablealign.nats_permissions import (
     new_password,
     render_authorization,
     render_config,
+    subject_covers,
+    subjects_overlap,
 )
 from stablealign.natsauth import NatsClientOptions
 from stablealign.natsserver import find_nats_server
@@ -103,6 +105,39 @@ def test_the_cli_reads_records_and_calls_the_apis_the_trainer_keeps_to_trainer()
     trainer_writes = [p for p in ROLES["trainer"].publish if not p.startswith(("$JS.", "$KV."))]
     assert trainer_writes == ["trainer.>"]
     assert not may_publish("trainer", "sandbox.records.w1")
+
+
+def test_subject_overlap_and_cover():
+    assert subjects_overlap("$KV.>", "$KV.SANDBOX_WORLDS.>") and subjects_overlap("a.*.c", "a.b.*")
+    assert not subjects_overlap("a.b", "a.b.>") and not subjects_overlap("a.*", "b.*")
+    assert subjects_overlap("trainer.>", "trainer.jobs.*.log") and not subjects_overlap("a.b.c", "a.b")
+    assert subject_covers("$KV.>", "$KV.X.>") and subject_covers("a.*", "a.b") and not subject_covers("a.b", "a.*")
+    assert not subject_covers("a.*", "a.>") and not subject_covers("a.>", "a")
+
+
+def denies(role: str, subject: str) -> bool:
+    return any(matches(pattern, subject) for pattern in ROLES[role].publish_deny)
+
+
+def test_every_role_is_denied_what_it_does_not_own_and_nothing_it_needs():
+    """The deny lists never meet the allow lists (the server would refuse what a service needs: deny wins), and
+    they name the buckets, streams and JetStream writes outside each role's own."""
+    for name, role in ROLES.items():
+        clash = [(d, a) for d in role.publish_deny for a in role.publish if subjects_overlap(d, a)]
+        assert clash == [], name
+        assert denies(name, f"$JS.API.CONSUMER.DURABLE.CREATE.{bus.RECORDS_STREAM}.spy"), name
+        assert denies(name, f"$JS.API.STREAM.DELETE.{bus.RECORDS_STREAM}"), name
+        assert denies(name, f"$JS.API.STREAM.PURGE.KV_{bus.WORLDS_BUCKET}"), name
+    for name in ("agent", "observer", "cli"):
+        for subject in (f"$KV.{bus.WORLDS_BUCKET}.w1", f"$KV.{bus.JOBS_BUCKET}.j1", "$KV.OTHER.x",
+                        "sandbox.records.w1", "sandbox.memory.w1.0", "sandbox.pools.p", "trainer.jobs.j1.log",
+                        f"$JS.API.STREAM.CREATE.{bus.RECORDS_STREAM}", "$JS.API.STREAM.UPDATE.ANY"):
+            assert denies(name, subject), (name, subject)
+    assert denies("world", f"$KV.{bus.JOBS_BUCKET}.j1") and denies("world", "trainer.jobs.j1.log")
+    assert denies("world", f"$JS.API.STREAM.CREATE.{bus.JOB_LOGS_STREAM}")
+    assert not denies("world", f"$KV.{bus.WORLDS_BUCKET}.w1") and not denies("world", "sandbox.records.w1")
+    assert denies("trainer", f"$KV.{bus.WORLDS_BUCKET}.w1") and denies("trainer", "sandbox.records.w1")
+    assert not denies("trainer", f"$KV.{bus.JOBS_BUCKET}.j1")
 
 
 def test_each_role_subscribes_only_its_own_reply_inboxes():
