@@ -499,12 +499,13 @@ def _save_checkpoint(accelerator: Any, cfg: StableAlignmentConfig, out: Path, st
     path = out / CHECKPOINTS / f"step-{step:08d}"
     model, optimizer, scheduler = parts
     accelerator.wait_for_everyone()
-    ckpt.save_state(path, accelerator.unwrap_model(model), optimizer, scheduler, rank=accelerator.process_index,
-                    main=accelerator.is_main_process, distributed=accelerator.num_processes > 1)
+    layout = ckpt.save_state(path, accelerator.unwrap_model(model), optimizer, scheduler,
+                             rank=accelerator.process_index, main=accelerator.is_main_process,
+                             distributed=accelerator.num_processes > 1)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json_atomic(path / STATE_FILE, {
-            "format": ckpt.FORMAT, "step": step, "epoch": epoch, "total_steps": total_steps, "seed": cfg.seed,
+            "format": ckpt.FORMAT, "layout": layout, "step": step, "epoch": epoch, "total_steps": total_steps, "seed": cfg.seed,
             "world_size": accelerator.num_processes, "steps_per_epoch": plan.steps_per_epoch,
             # position in the data: the next step starts at this micro-batch of its epoch
             "sampler": {"epoch": step // plan.steps_per_epoch,

@@ -88,10 +88,12 @@ def test_torchrun_two_processes_fsdp_on_cpu(tmp_path):
         line for line in result.stderr.splitlines() if line.startswith("{") and '"train.model_loaded"' in line])}
     assert loaded == {(0, "checkpoint"), (1, "meta")}, result.stderr[-4000:]
     checkpoint = out / "checkpoints" / "step-00000002"
-    # Full tensors gathered from the shards, one RNG file per rank, nothing pickled.
+    # Each rank's own shards and RNG, nothing pickled.
     assert {p.name for p in checkpoint.iterdir()} == {
-        "model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng-rank00000.json",
+        "model-rank00000.safetensors", "model-rank00001.safetensors", "optimizer-rank00000.safetensors",
+        "optimizer-rank00001.safetensors", "optimizer.json", "scheduler.json", "rng-rank00000.json",
         "rng-rank00001.json", "trainer_state.json"}
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["layout"] == "sharded"
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
 
@@ -109,7 +111,7 @@ def test_torchrun_two_processes_fsdp_on_cpu(tmp_path):
     for r, s in zip(rows, single_rows):
         assert r["loss"] == pytest.approx(s["loss"], abs=1e-5)
 
-    # Resumed from step 1 on both ranks (rank 0 reads the checkpoint, FSDP shards it): the same model.
+    # Resumed from step 1, each rank from its own shards: the same model.
     shutil.rmtree(checkpoint)
     (out / "model.safetensors").unlink()
     command[command.index("--master_port") + 1] = str(free_port())
