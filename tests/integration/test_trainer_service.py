@@ -191,6 +191,16 @@ async def test_jobs_train_cancel_and_survive_a_restart(nats_url, tmp_path, tiny_
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=long.spec.job_id))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            # Submitted again (same id, same spec), a cancelled job runs again in its own directory.
+            again = await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=long.spec))
+            assert again.state == trainer_pb2.JOB_STATE_QUEUED and again.spec == long.spec
+            assert "resubmitted" in again.message
+            await wait_for(stub, long.spec.job_id, states=(trainer_pb2.JOB_STATE_RUNNING,), timeout=30)
+            cancelled = await stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=long.spec.job_id), timeout=60)
+            assert cancelled.state == trainer_pb2.JOB_STATE_CANCELLED
+            # A succeeded job submitted again is only the retried request: it stays as it was.
+            assert (await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=done.spec))).state == \
+                trainer_pb2.JOB_STATE_SUCCEEDED
             before = {j.spec.job_id: j.state for j in (await stub.ListJobs(trainer_pb2.ListJobsRequest())).jobs}
 
         # 4. A job left RUNNING by a crashed service (its process is gone), then a restart.
