@@ -516,12 +516,14 @@ def _wait_gone(pid: str | None, timeout: float) -> float:
 
 def trainer_service_row(workdir: Path, *, kill_after: int = 9, timeout: float = 400) -> Row:
     """kill -9 of the trainer service mid-job (its job's process group is left alone, as in a crash);
-    restarted, it fails the job and stops the orphan; the job submitted again resumes from the checkpoint."""
+    restarted, it fails the job and stops the orphan; the job submitted again (same id) resumes from the checkpoint
+    in its own output directory."""
     steps, save = int(TRAIN_ARGS["max_steps"]), int(TRAIN_ARGS["save_steps"])
     row = Row(fault="kill -9 trainer service, restart, resubmit", expected=f"{steps} steps")
     started = time.monotonic()
     model, data = _prepare_training(workdir)
-    # The job's model, data and output live in the row's directory: the trainer's roots (issue 10.5).
+    # The job's model, data and output live in the row's directory: the trainer's roots (issue 10.5); each job
+    # writes to <root>/<job_id> (issue 19).
     roots = {f"STABLEALIGN_TRAINER_{name}": str(workdir) for name in ("DATA_ROOTS", "MODEL_ROOTS", "OUTPUT_ROOT")}
     cluster = Cluster(workdir, llm_url="http://127.0.0.1:9/v1", env=roots)
     orphan = None
@@ -530,35 +532,35 @@ def trainer_service_row(workdir: Path, *, kill_after: int = 9, timeout: float = 
         cluster.serve("trainer", "trainer-0")
         args = [f"--arg={k}={v}" for k, v in TRAIN_ARGS.items()]
 
-        def submit(job_id: str, out: Path) -> None:
-            _cli("jobs", "submit", "--job-id", job_id, "--model", str(model), "--data", str(data), "--out", str(out),
+        def submit(job_id: str) -> Path:
+            _cli("jobs", "submit", "--job-id", job_id, "--model", str(model), "--data", str(data),
                  "--runner", "local", *args, "--nats", cluster.url, timeout=120)
+            return workdir / job_id
 
-        submit("unbroken", workdir / "unbroken")
+        unbroken = submit("unbroken")
         done = _wait_job(cluster.url, "unbroken", timeout, ("SUCCEEDED", "FAILED", "CANCELLED"))
         if done.get("state") != "JOB_STATE_SUCCEEDED":
             raise RuntimeError(f"the uninterrupted job ended {done.get('state')}: {done.get('message')}")
-        broken = workdir / "broken"
-        submit("broken-1", broken)
+        broken = submit("broken")
         deadline = time.monotonic() + timeout
         while max(_log_steps(broken), default=0) < kill_after and time.monotonic() < deadline:
             time.sleep(0.01)
         killed_at = max(_log_steps(broken), default=0)
-        orphan = _job(cluster.url, "broken-1").get("handle")
+        orphan = _job(cluster.url, "broken").get("handle")
         injected = time.time()
         cluster.kill9("trainer-0")
         time.sleep(2.0)
         cluster.serve("trainer", "trainer-0")
-        first = _wait_job(cluster.url, "broken-1", 120, ("SUCCEEDED", "FAILED", "CANCELLED"))
+        first = _wait_job(cluster.url, "broken", 120, ("SUCCEEDED", "FAILED", "CANCELLED"))
         first_state = first.get("state", "?").replace("JOB_STATE_", "")
         if killed_at >= steps or first_state == "SUCCEEDED":
             row.note = f"the job was not interrupted (killed at step {killed_at}, ended {first_state})"
             return row
         # The restarted trainer SIGTERMs the orphaned training process group; wait until it is gone before
-        # the same output directory gets a new job (seconds it took: in the note).
+        # the job runs again in its output directory (seconds it took: in the note).
         gone_after = _wait_gone(orphan, 30.0)
         reached = max(_log_steps(broken), default=0)  # the orphan may have trained on meanwhile
-        submit("broken-2", broken)
+        submit("broken")  # the same job again: FAILED -> QUEUED, resuming its own checkpoint
         first_new = None
         checkpoint = (reached // save) * save
         state, asked = "?", 0.0
@@ -566,7 +568,7 @@ def trainer_service_row(workdir: Path, *, kill_after: int = 9, timeout: float = 
             if first_new is None and max(_log_steps(broken), default=0) > reached:  # progress past the orphan
                 first_new = time.time()
             if time.monotonic() - asked > 2.0:
-                state = _wait_job(cluster.url, "broken-2", 30, ()).get("state", "").replace("JOB_STATE_", "")
+                state = _wait_job(cluster.url, "broken", 30, ()).get("state", "").replace("JOB_STATE_", "")
                 asked = time.monotonic()
                 if state in ("SUCCEEDED", "FAILED", "CANCELLED"):
                     break
@@ -575,7 +577,7 @@ def trainer_service_row(workdir: Path, *, kill_after: int = 9, timeout: float = 
 
         logged = _log_steps(broken)
         row.got, row.distinct, row.duplicated = len(logged), len(set(logged)), len(logged) - len(set(logged))
-        a = load_file(str(workdir / "unbroken" / "model.safetensors"))
+        a = load_file(str(unbroken / "model.safetensors"))
         b = load_file(str(broken / "model.safetensors")) if (broken / "model.safetensors").exists() else {}
         diff = max((float((a[k] - b[k]).abs().max()) for k in a if k in b), default=float("inf"))
         same = diff < 1e-6 and set(a) == set(b)
@@ -584,7 +586,7 @@ def trainer_service_row(workdir: Path, *, kill_after: int = 9, timeout: float = 
         row.note = (f"service killed at step {killed_at}: job {first_state} ({first.get('message', '')[:40]}); "
                     f"orphaned training process reached step {reached}, gone {gone_after:.1f}s after the restart; "
                     f"resubmitted, resumed from checkpoint step {checkpoint}; "
-                    f"second job {state}; max abs diff {diff:.1e}")
+                    f"resubmitted job {state}; max abs diff {diff:.1e}")
         row.ok = same and logged == list(range(1, steps + 1)) and state == "SUCCEEDED"
         return row
     finally:
@@ -643,7 +645,8 @@ What each row does, and what makes it pass:
 - **kill -9 trainer service, restart, resubmit**: the same through the trainer service (`stable-align serve
   trainer`, `stable-align jobs submit --runner local`): the service is killed mid-job and started again
   2 s later; it marks the job FAILED ("trainer restarted") and stops the orphaned training process; the
-  job submitted again with the same output directory resumes from its last checkpoint.
+  same job submitted again (same id and spec) runs in its own output directory and resumes from its last
+  checkpoint.
 
 Settings of the world rows (service environment): """
 

@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+from stablealign.redaction import scrub_secrets
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
 
@@ -38,7 +40,8 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
+        # The keys this process holds never reach a line, whatever an exception or a field quoted.
+        return scrub_secrets(json.dumps(payload, default=str))
 
 
 def human(key: str, value: object) -> str:
@@ -61,7 +64,7 @@ class ConsoleFormatter(logging.Formatter):
             line += f"  {fields}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return scrub_secrets(line)
 
 
 class StderrHandler(logging.StreamHandler):

@@ -7,10 +7,19 @@ given ("Incorrect API key provided: sk-..."). Anything that is logged or sent ba
 ``redact_text`` first, so a secret never leaves the process that holds it.
 
 What stays: scheme, host, port and path — an operator still sees *which* endpoint failed.
+
+Known secrets are the values of ``SECRET_ENV_VARS`` and of every variable an endpoint of
+``STABLEALIGN_LLM_ENDPOINTS`` names as its ``key_env``, read when a message is redacted: an
+operator adds endpoints and keys without a code change, and a server that echoes a key of any shape
+(a 401 body quoting the ``Authorization`` header) must not carry it into a world's error or a log
+line. The log formatters (``stablealign.logs``) scrub the same values from every line, tracebacks
+included.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -22,6 +31,9 @@ SECRET_QUERY_KEYS = frozenset({"key", "api_key", "apikey", "token", "access_toke
                                "secret", "sig", "signature", "x_api_key", "code"})
 # Environment variables whose values are secrets wherever they appear in a message.
 SECRET_ENV_VARS = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# The endpoints' variable (``stablealign.endpoints.ENDPOINTS_ENV``; that module imports this one).
+ENDPOINTS_ENV = "STABLEALIGN_LLM_ENDPOINTS"
+_MIN_SECRET_CHARS = 4  # shorter values would mask ordinary words
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
 # Bearer tokens and the usual API-key shapes (OpenAI sk-..., Hugging Face hf_...).
 _TOKENS = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{6,}|\b(?:sk|hf|rk|pk)[-_][A-Za-z0-9_-]{8,}")
@@ -54,14 +66,40 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def redact_text(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """``text`` with every URL redacted (``redact_url``), bearer tokens and key-shaped words masked,
-    and the given ``secrets`` — plus the values of ``SECRET_ENV_VARS`` in this process — removed."""
+@functools.lru_cache(maxsize=8)
+def endpoint_key_vars(raw: str) -> tuple[str, ...]:
+    """The ``key_env`` names in a ``STABLEALIGN_LLM_ENDPOINTS`` value, read leniently (a bad value is
+    ``stablealign.endpoints``' error to report, not a reason to leak a key here)."""
+    try:
+        value = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return ()
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    names = (item.get("key_env") for item in items if isinstance(item, dict))
+    return tuple(dict.fromkeys(n.strip() for n in names if isinstance(n, str) and n.strip()))
+
+
+def known_secrets(extra: Iterable[str | None] = ()) -> list[str]:
+    """``extra`` and the secret values this process holds in its environment, longest first."""
+    names = (*SECRET_ENV_VARS, *endpoint_key_vars(os.environ.get(ENDPOINTS_ENV, "")))
+    values = [*extra, *(os.environ.get(name) for name in names)]
+    return sorted({v for v in values if v and len(v) >= _MIN_SECRET_CHARS}, key=len, reverse=True)
+
+
+def scrub_secrets(text: str, extra: Iterable[str | None] = ()) -> str:
+    """``text`` with every known secret (``known_secrets``) replaced by ``***``; nothing else touched."""
     if not text:
         return text
-    out = _URL.sub(lambda m: redact_url(m.group(0)), text)
-    out = _TOKENS.sub(lambda m: (m.group(1) or "") + MASK, out)
-    known = [s for s in (*secrets, *(os.environ.get(name) for name in SECRET_ENV_VARS)) if s and len(s) >= 4]
-    for secret in sorted(set(known), key=len, reverse=True):
-        out = out.replace(secret, MASK)
-    return out
+    for secret in known_secrets(extra):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def redact_text(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with every URL redacted (``redact_url``), bearer tokens and key-shaped words masked,
+    and the given ``secrets`` — plus every secret this process holds (``known_secrets``) — removed."""
+    if not text:
+        return text
+    out = scrub_secrets(text, secrets)  # first: a key may look like a URL's user-info or a token
+    out = _URL.sub(lambda m: redact_url(m.group(0)), out)
+    return _TOKENS.sub(lambda m: (m.group(1) or "") + MASK, out)

@@ -9,6 +9,10 @@ local processes are stopped and their jobs go back to QUEUED (the next start run
 the trainer resumes from the last checkpoint in the output directory); Kubernetes jobs keep
 running in the cluster and are re-attached on start. After a crash, jobs RUNNING under a local
 process that died with the service are marked FAILED ("trainer restarted").
+
+A FAILED or CANCELLED job submitted again with the same spec (same id) is queued again: it runs in
+its own output directory, so the training resumes from that job's last checkpoint. This is how a
+broken job continues; a new job cannot name another job's directory (``services.trainer.inputs``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ JOB_SECONDS = Histogram("stablealign_trainer_job_duration_seconds", "Wall time o
 JOB_LOG_LINES = Counter("stablealign_trainer_job_log_lines_total", "Job log lines stored, by runner.", ["runner"])
 
 REQUEUED_MESSAGE = "requeued: the trainer service stopped; the job runs again (resuming its checkpoint) on start"
+RESUBMITTED_MESSAGE = "resubmitted: the job runs again, resuming from the last checkpoint in its output directory"
+# States a job may be submitted again from (a SUCCEEDED job is returned as it is: its retried request).
+RESUBMITTABLE = frozenset({trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED})
 
 
 class Reporter:
@@ -106,6 +113,8 @@ class Scheduler:
             with contextlib.suppress(NotFoundError):
                 existing = await self.store.get(spec.job_id)
                 if self._same_request(existing.spec, spec):
+                    if existing.state in RESUBMITTABLE:
+                        return await self._resubmit(spec.job_id)
                     return existing  # a retried request (e.g. the NATS reply was lost)
                 raise ConflictError(f"job {spec.job_id} exists already with another spec")
         else:
@@ -120,6 +129,24 @@ class Scheduler:
                                          "data": spec.data, "out": spec.output_dir})
         await self.store.append_log(spec.job_id, f"job {spec.job_id} queued on runner {spec.runner}")
         self._enqueue(spec.job_id, spec.runner)
+        return job
+
+    async def _resubmit(self, job_id: str) -> trainer_pb2.Job:
+        """Queues a FAILED or CANCELLED job again (its output directory, and so its checkpoints, unchanged)."""
+        async with self.store.lock(job_id):
+            job = await self.store.get(job_id)
+            if job.state not in RESUBMITTABLE:
+                return job
+            job.state = trainer_pb2.JOB_STATE_QUEUED
+            job.message = RESUBMITTED_MESSAGE
+            job.handle = ""
+            job.exit_code = 0
+            job.started_at = job.finished_at = 0.0
+            await self.store.put(job)
+        JOBS_SUBMITTED.labels(job.spec.runner).inc()
+        log.info("job.resubmitted", extra={"job_id": job_id, "runner": job.spec.runner, "out": job.spec.output_dir})
+        await self.store.append_log(job_id, RESUBMITTED_MESSAGE)
+        self._enqueue(job_id, job.spec.runner)
         return job
 
     def _same_request(self, stored: trainer_pb2.JobSpec, submitted: trainer_pb2.JobSpec) -> bool:

@@ -41,8 +41,8 @@ class TrainerSettings(ServiceSettings):
         "Local jobs running at once (each is a whole training process: usually 1 per machine)."))
     max_parallel_k8s_jobs: int = Field(16, ge=1, description=(
         "Kubernetes jobs watched at once (the cluster schedules them; this only bounds our watchers)."))
-    work_dir: str = Field("runs/trainer", description="Local runner: default parent of job output directories "
-                                                      "(<work_dir>/<job_id>).")
+    work_dir: str = Field("runs/trainer", description="Local runner: the parent of job output directories "
+                                                      "(<work_dir>/<job_id>) unless trainer_output_root is set.")
     python: str = Field("", description="Local runner: Python interpreter for training processes "
                                         "(\"\" = the service's own).")
     cancel_grace_seconds: float = Field(10.0, ge=0, description=(
@@ -59,9 +59,14 @@ class TrainerSettings(ServiceSettings):
     trainer_model_roots: tuple[str, ...] = Field(("models", "runs"), description=(
         "Local runner: directories a job's model must be in (work_dir counts too: a job's output may be the "
         "next job's model)."))
-    trainer_output_root: str = Field("runs", description=(
-        "Local runner: the directory a job's output_dir must be in (work_dir counts too). Kubernetes jobs' paths "
-        "must stay inside the training volume (/workspace)."))
+    trainer_output_root: str = Field("", description=(
+        "Local runner: the parent of job output directories; each job writes to <root>/<job_id> (a job may only "
+        "name a path inside it). Empty: work_dir. Kubernetes jobs write to /workspace/runs/<job_id>."))
+    trainer_max_gpus: int = Field(8, ge=1, description=(
+        "Most GPUs per node a job may ask for (torchrun --nproc_per_node; a Kubernetes pod's nvidia.com/gpu)."))
+    k8s_allowed_namespaces: tuple[str, ...] = Field((), description=(
+        "Namespaces a Kubernetes job may name besides k8s_namespace (always allowed), comma-separated. Default: "
+        "k8s_namespace only (the training service account's Role is granted there)."))
     # Kubernetes runner.
     k8s_namespace: str = "stablealign"
     k8s_image: str = "stablealign-trainer:latest"

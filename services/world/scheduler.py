@@ -29,6 +29,7 @@ from services.world.budget import FailureBudget, reason
 from services.world.interaction import InteractionDeps, InteractionProgress, run_interaction
 from services.world.prior import prepare_questions, seed_prior
 from services.world.settings import WorldSettings
+from services.world.spec import confined_files
 from services.world.store import LeaseLostError, WorldStore
 from stablealign import data
 from stablealign.errors import StableAlignError
@@ -286,7 +287,8 @@ class WorldRunner:
         return pool, deps, vectors
 
     async def _run(self) -> None:
-        spec = self.spec
+        # The stored spec's files, confined again and resolved: what is opened below is the checked path.
+        spec = self.spec = confined_files(self.spec, self.settings)
         questions: asyncio.Task | None = None
         if self.world.state == world_pb2.WORLD_STATE_PENDING:
             from stablealign.backends import get_embedder

@@ -80,6 +80,28 @@ def _embedding_model(ref: common_pb2.ModelRef, settings: WorldSettings) -> commo
     return out
 
 
+SPEC_FILES = ("prior_path", "questions_path")
+
+
+def confined_files(spec: world_pb2.WorldSpec, settings: WorldSettings) -> world_pb2.WorldSpec:
+    """A copy of ``spec`` whose file paths are the resolved paths inside ``world_data_roots``
+    (ValidationError naming the field otherwise).
+
+    Files only from the operator's directories: a spec must not publish any readable file as questions.
+    The resolved path is what is stored and later opened, never the request's string resolved again
+    (a symlink swapped in between would point elsewhere by then). The world's runner calls this again
+    on the stored spec before it opens anything: the bucket is not the only writer it trusts.
+    """
+    out = world_pb2.WorldSpec()
+    out.CopyFrom(spec)
+    for field in SPEC_FILES:
+        if getattr(out, field):
+            resolved = confined_path(getattr(out, field), settings.world_data_roots, field,
+                                     setting=env_name("world_data_roots"))
+            setattr(out, field, str(resolved))
+    return out
+
+
 def resolve_spec(
     spec: world_pb2.WorldSpec, settings: WorldSettings | None = None, *, check_files: bool = True
 ) -> world_pb2.WorldSpec:
@@ -156,11 +178,7 @@ def resolve_spec(
                        ("embedding_model", out.embedding_model)):
         if not (field == "embedding_model" and ref.model == HASHING_MODEL):
             resolve_endpoint(ref.backend, ref.url, field=field)
-    # Files only from the operator's directories: a spec must not publish any readable file as questions.
-    for field in ("prior_path", "questions_path"):
-        if getattr(out, field):
-            confined_path(getattr(out, field), settings.world_data_roots, field,
-                          setting=env_name("world_data_roots"))
+    out = confined_files(out, settings)
     if not out.retrieval_threshold:
         out.retrieval_threshold = (DEFAULT_RETRIEVAL_THRESHOLD if out.embedding_model.backend == "openai"
                                    else LOCAL_EMBEDDING_RETRIEVAL_THRESHOLD)

@@ -8,10 +8,12 @@ responses of a group in one forward pass and a per-group reduction, which the Tr
   consumes micro-batches ``s * grad_accum ...`` of its epoch, rank r taking its slice of each. So
   the position in the data is a function of the step alone, and a job killed after checkpoint k
   resumes at step k + 1 with the same batches, the same sampled responses (the collator seeds per
-  group) and — with model, optimizer, scheduler and RNG restored by ``accelerator.save_state`` —
-  the same parameters and losses as an unbroken run.
+  group) and — with model, optimizer, scheduler and RNG restored from the checkpoint — the same
+  parameters and losses as an unbroken run.
 - A checkpoint is complete once its ``trainer_state.json`` exists (written last, atomically); on
   resume ``train_log.jsonl`` is cut back to the checkpoint's step so no line is duplicated.
+- A checkpoint is safetensors and JSON only, never pickle (``stablealign.training.checkpoint``):
+  an output directory is writable by more than the trainer, and resuming must not run code from it.
 - FSDP wraps the model's decoder-layer class found from the model itself (``_no_split_modules`` or
   the class repeated in its ``ModuleList`` of layers), not a hard-coded ``LlamaDecoderLayer``.
 - With FSDP only rank 0 reads the base model (``fsdp_rank0_loading``): the other ranks build its
@@ -28,13 +30,10 @@ responses of a group in one forward pass and a per-group reduction, which the Tr
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import math
 import os
-import pickle
-import random
 import shutil
 import sys
 import time
@@ -46,6 +45,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
+from stablealign.training import checkpoint as ckpt
 from stablealign.training.config import StableAlignmentConfig
 
 log = get_logger(__name__)
@@ -232,32 +232,38 @@ def group_length(group: Any) -> int:
 # --- checkpoints ----------------------------------------------------------------------------------
 
 
+def _checkpoint_step(path: Path) -> int:
+    try:
+        return int(path.name.split("-")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _resumable(path: Path) -> bool:
+    """A complete checkpoint in this trainer's format: its trainer_state.json parses and names ``ckpt.FORMAT``.
+
+    Anything else (an accelerate checkpoint with pickled state, a half-written or planted folder) is
+    skipped with a log line and never opened further.
+    """
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    ok = isinstance(state, dict) and state.get("format") == ckpt.FORMAT and isinstance(state.get("step"), int)
+    if not ok:
+        log.warning("train.checkpoint_ignored", extra={"path": str(path),
+                                                       "reason": f"not a {ckpt.FORMAT} checkpoint (never unpickled)"})
+    return ok
+
+
 def last_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step (one whose trainer_state.json exists)."""
+    """The complete, resumable checkpoint with the highest step (see ``_resumable``)."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return None
-    done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def _rng_state() -> dict[str, str]:
-    import numpy as np
-    import torch
-
-    blob = pickle.dumps({"python": random.getstate(), "numpy": np.random.get_state(),
-                         "torch": torch.get_rng_state()})
-    return {"pickle_base64": base64.b64encode(blob).decode("ascii")}
-
-
-def _restore_rng(state: dict[str, str]) -> None:
-    import numpy as np
-    import torch
-
-    data = pickle.loads(base64.b64decode(state["pickle_base64"]))  # our own file: trusted
-    random.setstate(data["python"])
-    np.random.set_state(data["numpy"])
-    torch.set_rng_state(data["torch"])
+    done = sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and _checkpoint_step(p) >= 0),
+                  key=_checkpoint_step, reverse=True)
+    return next((p for p in done if _resumable(p)), None)
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -378,7 +384,6 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = _scheduler(cfg, optimizer, total_steps)  # stepped by us once per optimizer step
-    accelerator.register_for_checkpointing(scheduler)
 
     start_step = 0
     checkpoint = last_checkpoint(out) if cfg.resume else None
@@ -387,8 +392,8 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
         if state.get("world_size") != accelerator.num_processes:
             log.warning("train.resume_world_changed", extra={"was": state.get("world_size"),
                                                               "now": accelerator.num_processes})
-        accelerator.load_state(str(checkpoint))
-        _restore_rng(state["rng"])
+        ckpt.load_state(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler,
+                        rank=accelerator.process_index, main=main, distributed=accelerator.num_processes > 1)
         start_step = int(state["step"])
         log.info("train.resumed", extra={"checkpoint": str(checkpoint), "step": start_step})
     if main:
@@ -479,7 +484,7 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
             accelerator.wait_for_everyone()
             return TrainResult(out, step, total_steps, last_loss, start_step, stopped_early=True)
         if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
-            _save_checkpoint(accelerator, cfg, out, step, epoch, total_steps, plan)
+            _save_checkpoint(accelerator, cfg, out, step, epoch, total_steps, plan, (model, optimizer, scheduler))
     progress.close()
     if collator.truncated and main:
         log.warning("train.truncated", extra={"examples": collator.truncated, "max_length": cfg.max_length})
@@ -490,19 +495,22 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
 
 
 def _save_checkpoint(accelerator: Any, cfg: StableAlignmentConfig, out: Path, step: int, epoch: int,
-                     total_steps: int, plan: DataPlan) -> None:
+                     total_steps: int, plan: DataPlan, parts: tuple[Any, Any, Any]) -> None:
     path = out / CHECKPOINTS / f"step-{step:08d}"
+    model, optimizer, scheduler = parts
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
+    layout = ckpt.save_state(path, accelerator.unwrap_model(model), optimizer, scheduler,
+                             rank=accelerator.process_index, main=accelerator.is_main_process,
+                             distributed=accelerator.num_processes > 1)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json_atomic(path / STATE_FILE, {
-            "step": step, "epoch": epoch, "total_steps": total_steps, "seed": cfg.seed,
+            "format": ckpt.FORMAT, "layout": layout, "step": step, "epoch": epoch, "total_steps": total_steps, "seed": cfg.seed,
             "world_size": accelerator.num_processes, "steps_per_epoch": plan.steps_per_epoch,
             # position in the data: the next step starts at this micro-batch of its epoch
             "sampler": {"epoch": step // plan.steps_per_epoch,
                         "micro_batch": (step % plan.steps_per_epoch) * plan.grad_accum},
-            "rng": _rng_state(), "time": time.time(),
+            "rng": [ckpt.rng_file(r) for r in range(accelerator.num_processes)], "time": time.time(),
         })
         if cfg.save_total_limit:
             done = sorted((p for p in (out / CHECKPOINTS).glob("step-*") if (p / STATE_FILE).is_file()),

@@ -67,7 +67,9 @@ def _parse_args(items: list[str]) -> dict[str, str]:
 def submit(
     model: str = typer.Option(..., "--model", help="Base model directory (for kubernetes: a path on the training PVC)."),
     data: str = typer.Option(..., "--data", help="Alignment data JSONL file."),
-    out: str = typer.Option("", "--out", help="Output directory (default: chosen by the trainer)."),
+    out: str = typer.Option("", "--out", help=(
+        "A path inside the job's own output directory (<root>/<job_id>, chosen by the trainer; default: that "
+        "directory).")),
     runner: str = typer.Option("", "--runner", help="local | kubernetes (default: the trainer's)."),
     gpus: int = typer.Option(0, "--gpus", help="GPUs per node (torchrun --nproc_per_node)."),
     nodes: int = typer.Option(0, "--nodes", help=(

@@ -109,7 +109,8 @@ def data_hh_sft(
 def train_command(
     config: dict[str, Any],
     stop_after: int | None = typer.Option(None, "--stop-after", hidden=True, help=STOP_AFTER_HELP),
-    submit: bool = _opt(False, "--submit", "Send the job to a running trainer service instead."),
+    submit: bool = _opt(False, "--submit", "Send the job to a running trainer service instead (--out is then a "
+                                           "path inside the job's own directory on the trainer)."),
     trainer_nats: str | None = _opt(None, "--trainer-nats", "NATS URL of the trainer service (with --submit)."),
     runner: str = _opt("local", "--runner", "Runner of a submitted job: local | kubernetes."),
 ) -> None:

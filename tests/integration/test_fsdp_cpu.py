@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 # openers (transformers reads weights through them) to append "<RANK> <path>" to $SA_OPENS_LOG.
 OPEN_RECORDER = """
 import os
+import shutil
 import safetensors
 
 _open = safetensors.safe_open
@@ -86,8 +88,12 @@ def test_torchrun_two_processes_fsdp_on_cpu(tmp_path):
         line for line in result.stderr.splitlines() if line.startswith("{") and '"train.model_loaded"' in line])}
     assert loaded == {(0, "checkpoint"), (1, "meta")}, result.stderr[-4000:]
     checkpoint = out / "checkpoints" / "step-00000002"
-    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # sharded state, one part per rank
-    assert (checkpoint / "random_states_1.pkl").is_file()
+    # Each rank's own shards and RNG, nothing pickled.
+    assert {p.name for p in checkpoint.iterdir()} == {
+        "model-rank00000.safetensors", "model-rank00001.safetensors", "optimizer-rank00000.safetensors",
+        "optimizer-rank00001.safetensors", "optimizer.json", "scheduler.json", "rng-rank00000.json",
+        "rng-rank00001.json", "trainer_state.json"}
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["layout"] == "sharded"
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
 
@@ -104,6 +110,17 @@ def test_torchrun_two_processes_fsdp_on_cpu(tmp_path):
     single_rows = [json.loads(line) for line in (single / "train_log.jsonl").read_text().splitlines()]
     for r, s in zip(rows, single_rows):
         assert r["loss"] == pytest.approx(s["loss"], abs=1e-5)
+
+    # Resumed from step 1, each rank from its own shards: the same model.
+    shutil.rmtree(checkpoint)
+    (out / "model.safetensors").unlink()
+    command[command.index("--master_port") + 1] = str(free_port())
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert '"train.resumed"' in result.stderr and '"step": 1' in result.stderr
+    resumed = load_file(str(out / "model.safetensors"))
+    assert max(float((a[k] - resumed[k]).abs().max()) for k in a) < 1e-6
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
 
     # The old path, every rank reading the checkpoint itself, trains the same weights.
     old = tmp_path / "every-rank"

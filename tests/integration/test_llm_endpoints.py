@@ -12,12 +12,15 @@ import logging
 import time
 
 import pytest
+from aiohttp import web
 
 from stablealign import bus
 from stablealign.backends import close_backends, make_chat_backend
 from stablealign.backends.base import ChatMessage, ChatRequest
 from stablealign.backends.openai_backend import OpenAIChatBackend
-from stablealign.errors import ConflictError, LLMRequestError, ValidationError
+from stablealign.errors import BackendError, ConflictError, LLMRequestError, ValidationError
+from stablealign.logs import ConsoleFormatter, JsonFormatter
+from stablealign.redaction import redact_text
 from stablealign.retry import RetryPolicy
 from stablealign.v1 import agent_pb2, common_pb2, world_pb2
 from tests.integration.test_agent_service import put_world
@@ -177,3 +180,78 @@ async def test_an_hf_model_path_forged_into_a_spec_is_not_loaded_by_the_agent(na
         for service in reversed(services):
             await service.stop(grace=1.0)
         await close_backends()
+
+
+# A custom endpoint's key of no known shape (not sk-/hf_...): only "it is configured" can hide it.
+CUSTOM_KEY = "proxy-Zq81mV0x-custom-key"
+
+
+class KeyEchoingServer:
+    """A real HTTP server on 127.0.0.1 that refuses every request with ``status`` and quotes the key it was
+    sent, bare, in its error body — as some proxies and misconfigured servers do."""
+
+    def __init__(self) -> None:
+        self.status = 401
+        self.keys_seen: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    async def _any(self, request: web.Request) -> web.Response:
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        self.keys_seen.append(key)
+        message = f"the key {key} is not valid for this server"
+        return web.json_response({"error": {"message": message, "type": "invalid_request_error"}, "message": message},
+                                 status=self.status)
+
+    async def __aenter__(self) -> KeyEchoingServer:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._any)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+@pytest.mark.parametrize("backend", ["openai", "tgi"])
+async def test_a_custom_endpoint_key_echoed_by_the_server_is_in_no_error_and_no_log(monkeypatch, caplog, backend):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("CUSTOM_PROXY_KEY", CUSTOM_KEY)
+    request = ChatRequest(messages=[ChatMessage("user", QUESTION)], max_tokens=8)
+    async with KeyEchoingServer() as server:
+        url = server.base_url + ("/v1" if backend == "openai" else "")
+        allow_endpoints(monkeypatch, url, key_env="CUSTOM_PROXY_KEY", backend=backend)
+        client = make_chat_backend(common_pb2.ModelRef(backend=backend, model="m", url=url))
+        client.retry = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02, timeout=5.0)
+        try:
+            for status in (401, 500):
+                server.status = status
+                with pytest.raises(BackendError) as caught:
+                    await client.chat(request)
+                error = caught.value
+                assert server.keys_seen[-1] == CUSTOM_KEY  # the server had the key and quoted it ...
+                chain, cause = [], error.__cause__
+                while cause is not None:
+                    chain.append(str(cause))
+                    cause = cause.__cause__ or cause.__context__
+                assert any(CUSTOM_KEY in text for text in chain), (status, chain)  # ... the raw error holds it
+                assert CUSTOM_KEY not in str(error), (status, str(error))
+                assert ("refused the API key (401)" in str(error)) == (status == 401), str(error)
+                # A log line with the whole traceback (the raw cause included) does not carry it either.
+                record = logging.LogRecord("t", logging.ERROR, __file__, 1, "llm.failed", None,
+                                           (type(error), error, error.__traceback__))
+                record.error = str(error.__cause__)
+                for formatter in (JsonFormatter(), ConsoleFormatter()):
+                    line = formatter.format(record)
+                    assert "llm.failed" in line and CUSTOM_KEY not in line
+        finally:
+            await client.aclose()
+    assert len(server.keys_seen) >= 3  # 401 once (final), 500 retried
+    assert CUSTOM_KEY not in caplog.text
+    assert redact_text(f"x {CUSTOM_KEY} y") == "x *** y"

@@ -39,7 +39,7 @@ async def start_trainer(nats_url: str, work_dir: Path, **overrides) -> RunningSe
         "nats_url": nats_url, "grpc_port": 0, "metrics_port": -1, "instance": "test-trainer",
         "work_dir": str(work_dir), "poll_seconds": 0.2, "cancel_grace_seconds": 5.0, "runners": ("local",),
         "shutdown_grace_seconds": 5.0, "trainer_data_roots": (base,), "trainer_model_roots": (base,),
-        "trainer_output_root": base, **overrides,
+        **overrides,
     }, environ={})
     return await start_service("trainer", settings, main.build)
 
@@ -166,8 +166,10 @@ async def test_jobs_train_cancel_and_survive_a_restart(nats_url, tmp_path, tiny_
 
             # 2. The same over NATS (what `stable-align train --submit` and `jobs submit` use).
             nats_job = await trainer_client.submit_job(nats_url, trainer_pb2.JobSpec(
-                model=str(tiny_model), data=str(data), output_dir=str(tmp_path / "nats-out"), args=args))
-            assert nats_job.spec.job_id and nats_job.spec.output_dir == str(tmp_path / "nats-out")
+                model=str(tiny_model), data=str(data), output_dir="nats-out", args=args))
+            # Inside the job's own directory under the output root (work_dir here), whatever it asked for.
+            assert nats_job.spec.job_id and nats_job.spec.output_dir == str(
+                (tmp_path / "work").resolve() / nats_job.spec.job_id / "nats-out")
             again = await trainer_client.submit_job(nats_url, nats_job.spec)  # a retried request
             assert again.spec.job_id == nats_job.spec.job_id
             done = await wait_for(stub, nats_job.spec.job_id)
@@ -189,6 +191,16 @@ async def test_jobs_train_cancel_and_survive_a_restart(nats_url, tmp_path, tiny_
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=long.spec.job_id))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            # Submitted again (same id, same spec), a cancelled job runs again in its own directory.
+            again = await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=long.spec))
+            assert again.state == trainer_pb2.JOB_STATE_QUEUED and again.spec == long.spec
+            assert "resubmitted" in again.message
+            await wait_for(stub, long.spec.job_id, states=(trainer_pb2.JOB_STATE_RUNNING,), timeout=30)
+            cancelled = await stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=long.spec.job_id), timeout=60)
+            assert cancelled.state == trainer_pb2.JOB_STATE_CANCELLED
+            # A succeeded job submitted again is only the retried request: it stays as it was.
+            assert (await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=done.spec))).state == \
+                trainer_pb2.JOB_STATE_SUCCEEDED
             before = {j.spec.job_id: j.state for j in (await stub.ListJobs(trainer_pb2.ListJobsRequest())).jobs}
 
         # 4. A job left RUNNING by a crashed service (its process is gone), then a restart.
@@ -239,6 +251,10 @@ async def test_job_inputs_are_confined_to_the_roots_and_images_to_the_allow_list
             "model symlink": trainer_pb2.JobSpec(model=str(allowed / "model-link"), data=str(data)),
             "output_dir": trainer_pb2.JobSpec(model=model, data=str(data), output_dir=str(tmp_path / "elsewhere")),
             "output_dir ..": trainer_pb2.JobSpec(model=model, data=str(data), output_dir=str(allowed / "out/../..")),
+            # Another job's directory under the same root: its checkpoints are not this job's to resume.
+            "output_dir of another job": trainer_pb2.JobSpec(model=model, data=str(data),
+                                                             output_dir=str(allowed / "out" / "job-victim")),
+            "output_dir root": trainer_pb2.JobSpec(model=model, data=str(data), output_dir=str(allowed / "out")),
             "image": trainer_pb2.JobSpec(model=model, data=str(data), image="docker.io/someone/miner:latest"),
             "image repo": trainer_pb2.JobSpec(model=model, data=str(data),
                                               image="registry.example/stablealign-trainer-cuda-evil:1"),
@@ -258,9 +274,9 @@ async def test_job_inputs_are_confined_to_the_roots_and_images_to_the_allow_list
             # Inside the roots, with the trainer's own image or an allowed repository's tag: queued.
             for image in ("", "registry.example/stablealign-trainer:1.0", "registry.example/stablealign-trainer-cuda:2"):
                 job = await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=trainer_pb2.JobSpec(
-                    model=model, data=str(data), output_dir=str(allowed / "out" / "a"), image=image,
-                    args={"max_steps": "1"})))
+                    model=model, data=str(data), output_dir="a", image=image, args={"max_steps": "1"})))
                 assert job.spec.data == str(data.resolve())
+                assert job.spec.output_dir == str(allowed.resolve() / "out" / job.spec.job_id / "a")
                 await stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=job.spec.job_id))
         assert await trainer_client.list_jobs(nats_url)  # the refused ones never became jobs
         assert len(await trainer_client.list_jobs(nats_url)) == 3

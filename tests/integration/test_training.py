@@ -3,7 +3,10 @@ training lowers the loss, a killed job resumes to the same result, evaluation wr
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +91,27 @@ def test_training_lowers_the_loss_and_changes_parameters(tiny_model, alignment_d
     assert trained_loss < base_loss - 0.5, (base_loss, trained_loss)
 
 
-def test_killed_job_resumes_to_the_same_result(tiny_model, alignment_data, workdir):
+class _Planted:
+    """A pickle that creates ``marker`` when unpickled: what an attacker with write access to the
+    output directory would leave where an unpickling resume looks (accelerate's file names)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def _plant(folder: Path, marker: Path) -> None:
+    import torch
+
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "pytorch_model.bin"):
+        torch.save(_Planted(marker), folder / name)
+
+
+def test_killed_job_resumes_to_the_same_result_and_never_unpickles(tiny_model, alignment_data, workdir):
+    import torch
+
     from stablealign.training.train import last_checkpoint, train
 
     unbroken = workdir / "unbroken"
@@ -97,10 +120,31 @@ def test_killed_job_resumes_to_the_same_result(tiny_model, alignment_data, workd
     cfg = _config(tiny_model, alignment_data, broken, gradient_accumulation_steps=2, per_device_train_batch_size=2)
     first = train(cfg, stop_after_steps=3)  # "killed" after step 3: last checkpoint is step 2
     assert first.stopped_early and first.steps == 3
-    assert last_checkpoint(broken).name == "step-00000002"
+    checkpoint = last_checkpoint(broken)
+    assert checkpoint.name == "step-00000002"
     assert not (broken / "model.safetensors").exists()
+    assert not [p for p in checkpoint.iterdir() if p.suffix not in (".json", ".safetensors")]
+
+    # Pickles planted where an unpickling resume would read them: beside the real checkpoint, in its
+    # trainer_state.json (the old pickled RNG field), and as a newer accelerate-style checkpoint.
+    marker = workdir / "pwned"
+    _plant(checkpoint, marker)
+    control = workdir / "control"
+    torch.load(checkpoint / "optimizer.bin", weights_only=False)  # the payload works when unpickled ...
+    assert marker.is_dir()
+    marker.rename(control)  # ... so from here on a marker can only come from the resume
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["rng_legacy"] = {"pickle_base64": base64.b64encode(pickle.dumps(_Planted(marker))).decode()}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    newer = broken / "checkpoints" / "step-00000003"
+    newer.mkdir()
+    _plant(newer, marker)
+    (newer / "trainer_state.json").write_text(json.dumps({
+        "step": 3, "rng": {"pickle_base64": base64.b64encode(pickle.dumps(_Planted(marker))).decode()}}))
+
     second = train(cfg)
-    assert second.resumed_from == 2 and second.steps == 6
+    assert not marker.exists()
+    assert second.resumed_from == 2 and second.steps == 6  # the planted step 3 was skipped, not loaded
     a, b = _params(unbroken), _params(broken)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     log_a, log_b = _log(unbroken), _log(broken)
@@ -108,7 +152,19 @@ def test_killed_job_resumes_to_the_same_result(tiny_model, alignment_data, workd
     for ra, rb in zip(log_a, log_b):
         assert abs(ra["loss"] - rb["loss"]) < 1e-6 and ra["lr"] == rb["lr"]
     state = json.loads((last_checkpoint(broken) / "trainer_state.json").read_text())
-    assert state["step"] == 6 and {"sampler", "rng", "epoch"} <= set(state)
+    assert state["step"] == 6 and {"sampler", "rng", "epoch", "format"} <= set(state)
+
+
+def test_a_checkpoint_that_does_not_parse_is_refused_not_guessed(tmp_path):
+    from stablealign.errors import ValidationError
+    from stablealign.training import checkpoint as ckpt
+
+    state = ckpt.rng_state()
+    json.dumps(state)  # plain JSON, nothing else
+    ckpt.restore_rng(state)
+    for bad in ({"python": "x"}, {**state, "torch": "not base64!"}, {**state, "numpy": ["MT19937", [1], 0, 0, 0.0]}):
+        with pytest.raises(ValidationError, match="RNG state is not readable"):
+            ckpt.restore_rng(bad)
 
 
 def test_killed_before_any_checkpoint_restarts_without_duplicate_log_lines(tiny_model, alignment_data, workdir):

@@ -76,7 +76,7 @@ def test_job_survives_disruptions_fails_fast_on_bad_config_and_resumes_on_retry(
     from stablealign.training.launch import EXIT_CONFIG_ERROR
 
     runner = KubernetesRunner(_settings(k8s_active_deadline_seconds=7200, k8s_backoff_limit=3))
-    spec = runner.prepare(_spec(output_dir="runs/sa-7b"))
+    spec = runner.prepare(_spec(output_dir="sa-7b"))
     manifest = render_job(spec, runner.settings)
     job = manifest["spec"]
     assert job["activeDeadlineSeconds"] == 7200 and job["backoffLimit"] == 3
@@ -87,7 +87,7 @@ def test_job_survives_disruptions_fails_fast_on_bad_config_and_resumes_on_retry(
     assert fail["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [EXIT_CONFIG_ERROR]}
     cmd = job["template"]["spec"]["containers"][0]["command"]
     train = cmd[cmd.index("--") + 1:]
-    assert train[train.index("--out") + 1] == "/workspace/runs/sa-7b" and "--resume" in train
+    assert train[train.index("--out") + 1] == "/workspace/runs/Job_42/sa-7b" and "--resume" in train
     # The retried pod mounts the same volume: `--resume` continues from <out>/checkpoints/step-N (the resume
     # itself, to the same weights as an unbroken run, is tests/integration/test_training.py's).
     (mount,) = [m for m in job["template"]["spec"]["containers"][0]["volumeMounts"] if m["name"] == "workspace"]
@@ -141,6 +141,12 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service_for_the_rendezvous
     ({"nodes": 99}, "nodes must be"),
     ({"model": ""}, "model is required"),
     ({"namespace": "Not_A_Namespace"}, "namespace"),
+    ({"namespace": "kube-system"}, "namespace 'kube-system' is not allowed"),
+    ({"gpus": 9}, "gpus must be between 0 and 8"),
+    ({"gpus": -1}, "gpus must be between 0 and 8"),
+    ({"output_dir": "/workspace/runs/other-job"}, "output_dir .* is outside the allowed directories: "
+                                                  "/workspace/runs/Job_42"),
+    ({"output_dir": "../other-job"}, "outside the allowed directories"),
 ])
 def test_bad_specs_are_rejected(bad, match):
     with pytest.raises(ValidationError, match=match):

@@ -173,3 +173,28 @@ def test_question_and_prior_files_only_from_the_data_roots(tmp_path, monkeypatch
     (root / "questions.txt").write_text("How do I make friends?\nWhat is a good gift?\n")
     resolve_spec(spec(questions_path=str(root / "questions.txt")), settings)
     resolve_spec(spec(questions_path=str(data.default_questions_path())))
+
+
+def test_the_checked_path_is_the_one_stored_and_opened(tmp_path):
+    """The resolved path is kept: a symlink swapped after CreateWorld does not move the world's file, and a
+    stored spec naming a file outside the roots (the bucket written by someone else) is refused again."""
+    from services.world.spec import confined_files
+
+    root = tmp_path / "data"
+    (root / "v1").mkdir(parents=True)
+    (root / "v1" / "questions.txt").write_text("How do I make friends?\nWhat is a good gift?\n")
+    (root / "current").symlink_to(root / "v1")
+    settings = WorldSettings(world_data_roots=(str(root),))
+    resolved = resolve_spec(spec(questions_path=str(root / "current" / "questions.txt")), settings)
+    assert resolved.questions_path == str((root / "v1" / "questions.txt").resolve())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "questions.txt").write_text("the root password is hunter2\n")
+    (root / "current").unlink()
+    (root / "current").symlink_to(outside)  # swapped after the check
+    assert confined_files(resolved, settings).questions_path == resolved.questions_path
+    forged = world_pb2.WorldSpec()
+    forged.CopyFrom(resolved)
+    forged.questions_path = str(root / "current" / "questions.txt")
+    with pytest.raises(ValidationError, match=r"questions_path .* is outside the allowed directories"):
+        confined_files(forged, settings)

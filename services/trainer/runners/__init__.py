@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.trainer.settings import TrainerSettings
+from stablealign.config import env_name
 from stablealign.errors import ConfigError, ValidationError
 from stablealign.training.cli import config_options
 from stablealign.training.config import StableAlignmentConfig
@@ -143,6 +145,14 @@ def train_flags(args: Mapping[str, str]) -> list[str]:
     except ConfigError as exc:
         raise ValidationError(f"training arguments: {exc}") from None
     return flags
+
+
+def check_gpus(gpus: int, settings: TrainerSettings) -> None:
+    """A job's GPUs per node within what the operator allows (``trainer_max_gpus``): a requester must not be
+    able to ask a node for more than the operator sized the pool (or this machine) for."""
+    if gpus < 0 or gpus > settings.trainer_max_gpus:
+        raise ValidationError(f"gpus must be between 0 and {settings.trainer_max_gpus} "
+                              f"({env_name('trainer_max_gpus')}), got {gpus}")
 
 
 def metrics_from_json(text: str) -> dict[str, float]:

@@ -35,6 +35,7 @@ from services.trainer.runners import (
     Runner,
     RunResult,
     canonical_arg,
+    check_gpus,
     metrics_from_json,
     metrics_from_progress,
     train_module_argv,
@@ -49,6 +50,7 @@ log = get_logger(__name__)
 
 CONTAINER = "trainer"
 WORKSPACE = "/workspace"
+JOBS_DIR = "runs"  # job output directories on the training volume: /workspace/runs/<job_id>
 METRICS_PORT = 9090
 _PLACEHOLDER = re.compile(r"\$\{([A-Z_]+)\}")
 _DNS_LABEL = re.compile(r"[^a-z0-9-]+")
@@ -201,6 +203,16 @@ def _pod_path(path: str, field: str) -> str:
     return confined_pod_path(path, WORKSPACE, field)
 
 
+def job_pod_output_dir(requested: str, job_id: str) -> str:
+    """The job's own directory on the training volume, ``/workspace/runs/<job_id>``, or a path inside it
+    (relative paths are taken under it): the pod resumes from the checkpoints there, so it must hold only
+    this job's files (``services.trainer.inputs.job_output_dir`` is the local runner's twin)."""
+    if not job_id or "/" in job_id or job_id in (".", ".."):
+        raise ValidationError(f"job_id {job_id!r} cannot name an output directory")
+    own = f"{WORKSPACE}/{JOBS_DIR}/{job_id}"
+    return confined_pod_path(requested.strip() or own, own, "output_dir")
+
+
 def _parse_log_line(raw: str) -> tuple[float, str]:
     """``2024-01-01T00:00:00.123456789Z text`` (timestamps=true) -> (unix time, text)."""
     stamp, _, text = raw.partition(" ")
@@ -271,22 +283,25 @@ class KubernetesRunner(Runner):
         spec = trainer_pb2.JobSpec.FromString(spec.SerializeToString())
         spec.model = _pod_path(spec.model, "model")
         spec.data = _pod_path(spec.data, "data")
-        spec.output_dir = _pod_path(spec.output_dir or f"runs/{spec.job_id}", "output_dir")
-        if spec.gpus < 0:
-            raise ValidationError("gpus must be >= 0")
+        spec.output_dir = job_pod_output_dir(spec.output_dir, spec.job_id)
+        check_gpus(spec.gpus, self.settings)
         if spec.nodes < 0 or spec.nodes > self.settings.k8s_max_nodes:
             raise ValidationError(f"nodes must be between 1 and {self.settings.k8s_max_nodes} "
                                   f"(STABLEALIGN_K8S_MAX_NODES), got {spec.nodes}")
         for key, value in spec.args.items():
             if canonical_arg(key) == "resume" and str(value).strip().lower() in ("0", "false", "no", "off"):
                 raise ValidationError("resume=false: a Kubernetes job always resumes from the last checkpoint in its "
-                                      "output_dir (a retried pod must not start over); give a new output_dir instead")
+                                      "output_dir (a retried pod must not start over); submit a new job instead")
         spec.gpus = max(1, spec.gpus)
         spec.nodes = max(1, spec.nodes)
         spec.namespace = spec.namespace or self.settings.k8s_namespace
         spec.image = spec.image or self.settings.k8s_image
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", spec.namespace):
-            raise ValidationError(f"namespace {spec.namespace!r} is not a valid Kubernetes namespace")
+            raise ValidationError(f"namespace {spec.namespace[:100]!r} is not a valid Kubernetes namespace")
+        allowed = tuple(dict.fromkeys((self.settings.k8s_namespace, *self.settings.k8s_allowed_namespaces)))
+        if spec.namespace not in allowed:
+            raise ValidationError(f"namespace {spec.namespace!r} is not allowed for training jobs "
+                                  f"(STABLEALIGN_K8S_ALLOWED_NAMESPACES; allowed: {', '.join(allowed)})")
         render_objects(spec, self.settings)  # unknown args, a broken template: fail now, not in the cluster
         return spec
 

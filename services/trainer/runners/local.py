@@ -21,7 +21,15 @@ from pathlib import Path
 
 import services
 from services.trainer.inputs import local_paths
-from services.trainer.runners import JobReporter, Runner, RunResult, metrics_from_json, train_flags, train_module_argv
+from services.trainer.runners import (
+    JobReporter,
+    Runner,
+    RunResult,
+    check_gpus,
+    metrics_from_json,
+    train_flags,
+    train_module_argv,
+)
 from services.trainer.settings import TrainerSettings
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
@@ -97,8 +105,7 @@ class LocalRunner(Runner):
             raise ValidationError(f"data file {spec.data!r} does not exist on the trainer's machine")
         if spec.nodes > 1:
             raise ValidationError("the local runner runs on one node; use runner 'kubernetes' for nodes > 1")
-        if spec.gpus < 0:
-            raise ValidationError("gpus must be >= 0")
+        check_gpus(spec.gpus, self.settings)
         train_flags(spec.args)  # raises on an unknown name or a bad value
         spec.model, spec.data, spec.output_dir = str(model), str(data), str(out)
         return spec
