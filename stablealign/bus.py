@@ -627,15 +627,21 @@ class RequestServer:
                 f"{self.max_concurrency} + max_queued {self.max_queued}); try again later")
         metrics.REQUESTS_SHED.labels(self.service, method, reason).inc()
         code, text = str(error.code), str(error)
-        counters.num_errors += 1
-        counters.last_error = f"{code}:{text}"
+        await self._send_error(msg, method, counters, code, text)
+        if count:
+            self._count(method, code, started)
+
+    async def _send_error(self, msg: Msg, method: str, counters: EndpointCounters | None, code: str,
+                          text: str) -> None:
+        """Counts the error on the endpoint and answers it, if the request asked for an answer."""
+        if counters is not None:
+            counters.num_errors += 1
+            counters.last_error = f"{code}:{text}"
         if msg.reply:
             try:
                 await self.nc.publish(msg.reply, b"", headers={ERROR_HEADER: text, ERROR_CODE_HEADER: code})
             except Exception:  # noqa: BLE001 - the requester is gone or NATS is down
                 log.warning("nats.reply_failed", extra={"service": self.service, "method": method})
-        if count:
-            self._count(method, code, started)
 
     async def _serve_item(self, method: str, request_type: type[M], handler: Handler,
                           data: bytes) -> common_pb2.BatchReply:
@@ -713,14 +719,7 @@ class RequestServer:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
                 code, text = self._error_reply(exc, method)
-                if counters is not None:
-                    counters.num_errors += 1
-                    counters.last_error = f"{code}:{text}"
-                if msg.reply:
-                    try:
-                        await self.nc.publish(msg.reply, b"", headers={ERROR_HEADER: text, ERROR_CODE_HEADER: code})
-                    except Exception:  # noqa: BLE001 - the requester is gone or NATS is down
-                        log.warning("nats.reply_failed", extra={"service": self.service, "method": method})
+                await self._send_error(msg, method, counters, code, text)
             finally:
                 if counters is not None:
                     counters.processing_ns += time.perf_counter_ns() - started_ns
