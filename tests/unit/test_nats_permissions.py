@@ -222,6 +222,7 @@ def test_the_tls_component_mounts_what_its_config_names():
     patch = yaml.safe_load((component / "nats-tls-patch.yaml").read_text())
     (mount,) = _container(patch)["volumeMounts"]
     assert f'cert_file: "{mount["mountPath"]}/tls.crt"' in tls and f'key_file: "{mount["mountPath"]}/tls.key"' in tls
-    services = yaml.safe_load((component / "services-tls-patch.yaml").read_text())
-    values = {op["value"]["name"]: op["value"].get("value") for op in services if "env" in op["path"]}
-    assert values == {"STABLEALIGN_NATS_URL": "tls://nats:4222", "STABLEALIGN_NATS_CA": "/etc/nats-ca/ca.crt"}
+    for deployment in yaml.safe_load_all((component / "services-tls-patch.yaml").read_text()):
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        values = {env["name"]: env.get("value") for env in container["env"]}
+        assert values == {"STABLEALIGN_NATS_URL": "tls://nats:4222", "STABLEALIGN_NATS_CA": "/etc/nats-ca/ca.crt"}
