@@ -18,16 +18,18 @@ import abc
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from stablealign import metrics
+from stablealign.backends.limiter import AdaptiveLimit, ConcurrencyLimiter, limit_settings
 from stablealign.errors import BackendError, LLMRequestError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.redaction import redact_text, redact_url
-from stablealign.retry import Failure, RetryPolicy, retry_async
+from stablealign.retry import AttemptTimeoutError, Failure, RetryPolicy, retry_async
 
 log = get_logger(__name__)
 
@@ -170,6 +172,29 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, seconds)
 
 
+def make_limiter(backend: str, endpoint: str, max_concurrency: int, *, adaptive: bool) -> ConcurrencyLimiter:
+    """The limit of calls in flight to one endpoint: learned from its latency for a remote server
+    (``adaptive``, unless ``STABLEALIGN_LLM_LIMIT_ADAPTIVE=false``), else ``max_concurrency``."""
+    limit = None
+    if adaptive:
+        settings = limit_settings()
+        if settings.adaptive:
+            limit = AdaptiveLimit(max_concurrency, initial=settings.initial, tolerance=settings.tolerance,
+                                  backoff=settings.backoff)
+    return ConcurrencyLimiter(max_concurrency, limit=limit, backend=backend, endpoint=endpoint)
+
+
+# Replies that one call's attempts already got, by what they answered: a retry after a later failure (the
+# follow-up of a rating) sends only what failed, never again what was answered.
+_ANSWERED: ContextVar[dict[str, Any] | None] = ContextVar("llm_answered", default=None)
+
+
+def answered() -> dict[str, Any]:
+    """The current call's replies kept across its attempts (a throwaway dict outside ``rate``)."""
+    memo = _ANSWERED.get()
+    return {} if memo is None else memo
+
+
 class ChatBackend(abc.ABC):
     """A chat model. ``chat`` is safe to call from many tasks at once."""
 
@@ -178,12 +203,15 @@ class ChatBackend(abc.ABC):
     rates_from_probabilities: bool = False
 
     def __init__(self, model: str, *, max_concurrency: int = 64, retry: RetryPolicy | None = None,
-                 max_retry_after: float = MAX_RETRY_AFTER_SECONDS) -> None:
+                 max_retry_after: float = MAX_RETRY_AFTER_SECONDS, adaptive: bool = False,
+                 endpoint: str = "") -> None:
         self.model = model
         self.retry = retry or RetryPolicy()
         # A server's Retry-After is honoured up to this many seconds (a longer one waits this long).
         self.max_retry_after = max_retry_after
-        self._semaphore = asyncio.Semaphore(max_concurrency)
+        # Where the calls go (redacted), for errors and the limit's gauge; "" for an in-process model.
+        self.endpoint = redact_url(endpoint).rstrip("/") if endpoint else ""
+        self.limiter = make_limiter(self.name, self.endpoint, max_concurrency, adaptive=adaptive)
 
     @abc.abstractmethod
     async def _chat_once(self, request: ChatRequest) -> Completion:
@@ -196,9 +224,29 @@ class ChatBackend(abc.ABC):
                                  attempt_once: Callable[[ChatRequest], Awaitable[Completion]]) -> Completion:
         """``attempt_once`` under the concurrency limit, per-attempt timeout, retries and accounting."""
         started = time.perf_counter()
+        limiter, timeout = self.limiter, self.retry.timeout
 
         async def once(attempt: int) -> tuple[Completion, int]:
-            return await attempt_once(request), attempt
+            # A place under the limit per attempt (none is held while backing off), and the attempt's timeout
+            # from when it has one: waiting for a place is not the server being slow.
+            slot = await limiter.acquire()
+            deadline = asyncio.timeout(timeout)
+            try:
+                async with deadline:
+                    completion = await attempt_once(request)
+            except TimeoutError as exc:
+                limiter.release(slot, overloaded=True)
+                if deadline.expired():
+                    raise AttemptTimeoutError(f"attempt {attempt} timed out after {timeout:g}s") from exc
+                raise
+            except RetryableBackendError:
+                limiter.release(slot, overloaded=True)
+                raise
+            except BaseException:
+                limiter.release(slot)
+                raise
+            limiter.release(slot, tokens=completion.completion_tokens, kind=request.task)
+            return completion, attempt
 
         def on_failure(failure: Failure) -> None:
             metrics.LLM_REQUESTS.labels(self.name, "chat", "retry").inc()
@@ -211,11 +259,10 @@ class ChatBackend(abc.ABC):
             return BackendError(f"{self.name}: gave up after {failure.attempts} attempts: {failure.error}")
 
         try:
-            async with self._semaphore:
-                result, attempts = await retry_async(
-                    once, self.retry, on_failure=on_failure, give_up=give_up,
-                    retryable=lambda exc: isinstance(exc, (TimeoutError, RetryableBackendError)),
-                    wait_at_least=self._retry_after)
+            result, attempts = await retry_async(
+                once, self._retry_unbounded, on_failure=on_failure, give_up=give_up,
+                retryable=lambda exc: isinstance(exc, (TimeoutError, RetryableBackendError)),
+                wait_at_least=self._retry_after)
         except (BackendError, ValidationError):  # final (a retry cannot fix a bad request), or gave up
             metrics.LLM_REQUESTS.labels(self.name, "chat", "error").inc()
             raise
@@ -229,6 +276,11 @@ class ChatBackend(abc.ABC):
         metrics.LLM_TOKENS.labels(self.name, "completion").inc(result.completion_tokens)
         return Completion(result.text, result.model or self.model, result.prompt_tokens,
                           result.completion_tokens, latency, attempts)
+
+    @property
+    def _retry_unbounded(self) -> RetryPolicy:
+        """The retry policy without its per-attempt timeout, which ``once`` applies after the wait for a place."""
+        return replace(self.retry, timeout=None)
 
     def _retry_after(self, error: Exception) -> float | None:
         """The server-directed wait of a failure (Retry-After), capped at ``max_retry_after``."""
@@ -257,7 +309,11 @@ class ChatBackend(abc.ABC):
             holder.append(rated)
             return rated.completion
 
-        completion = await self._call_with_retries(request, once)
+        token = _ANSWERED.set({})  # what this rating's attempts got already (``answered``)
+        try:
+            completion = await self._call_with_retries(request, once)
+        finally:
+            _ANSWERED.reset(token)
         return RatedCompletion(completion, holder[-1].digits)
 
     async def aclose(self) -> None:
