@@ -94,12 +94,13 @@ def make_chat_backend(ref: common_pb2.ModelRef, *, max_concurrency: int = 64) ->
 
         assert endpoint is not None
         return OpenAIChatBackend(model, base_url=endpoint.url, api_key=endpoint.api_key(),
-                                 max_concurrency=max_concurrency)
+                                 max_concurrency=max_concurrency, timeout=REMOTE_TIMEOUT_SECONDS)
     if backend == "tgi":
         from stablealign.backends.tgi import TGIChatBackend
 
         assert endpoint is not None
-        return TGIChatBackend(endpoint.url, model, api_key=endpoint.api_key(), max_concurrency=max_concurrency)
+        return TGIChatBackend(endpoint.url, model, api_key=endpoint.api_key(), max_concurrency=max_concurrency,
+                              timeout=REMOTE_TIMEOUT_SECONDS)
     from stablealign.backends.hf import HFChatBackend
     from stablealign.models import confined_model_path
 
@@ -152,6 +153,11 @@ def _cache() -> dict[str, dict[tuple[str, str, str], Any]]:
 # (400-600 calls) is in flight at once; beyond it calls wait their turn in the backend (bounded).
 REMOTE_MAX_CONCURRENCY = 1024
 LOCAL_BACKENDS = frozenset({"hf"})
+# How long one attempt at a remote backend may go without a byte of its reply before it is given up and sent
+# again: longer than a step's llm_deadline_seconds (90 s of time without progress), so that a reply that is slow
+# but coming (a long generation at a server that decodes one request at a time) is not cut and asked again, work
+# done twice; the step's deadline is what gives up on a hung model.
+REMOTE_TIMEOUT_SECONDS = 180.0
 
 
 def default_max_concurrency(backend: str | None = None) -> int:

@@ -47,7 +47,7 @@ class LimitSettings(Settings):
     adaptive: bool = Field(True, description=(
         "Learn each remote endpoint's concurrency from its latency; false: a fixed limit of "
         "STABLEALIGN_LLM_MAX_CONCURRENCY calls in flight."))
-    initial: int = Field(4, ge=1, description="Calls in flight at first, before anything is learned.")
+    initial: int = Field(2, ge=1, description="Calls in flight at first, before anything is learned.")
     tolerance: float = Field(1.5, gt=1.0, description=(
         "Latency per token up to this many times the lowest seen for that kind of call counts as no queueing "
         "(the limit may grow); above it the limit shrinks."))

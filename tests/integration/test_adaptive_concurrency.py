@@ -78,7 +78,7 @@ async def test_against_a_server_that_serves_many_at_once_the_limit_grows():
         finally:
             await chat.aclose()
     assert len(replies) == calls and server.requests_total == calls
-    assert chat.limiter.allowed >= 16 and server.max_in_flight >= 16  # from the 4 it started with
+    assert chat.limiter.allowed >= 16 and server.max_in_flight >= 16  # from the 2 it started with
 
 
 async def test_rate_limits_shrink_the_limit_and_the_calls_still_complete():
@@ -91,7 +91,7 @@ async def test_rate_limits_shrink_the_limit_and_the_calls_still_complete():
             replies = await asyncio.gather(*(chat.chat(ask(n)) for n in range(3)))
         finally:
             await chat.aclose()
-    assert grown > 4 and chat.limiter.allowed < grown
+    assert grown > 2 and chat.limiter.allowed < grown
     assert len(replies) == 3 and server.requests_total == 40 + 3 + 3  # the three 429s, each retried once
 
 

@@ -157,3 +157,41 @@ def test_a_world_runs_against_the_llamacpp_server(llamacpp_url, tmp_path):
                f"{observer.count(None)}/{len(observer)}, partner ratings null {partners.count(None)}/{len(partners)}")
     print(summary)
     (tmp_path / "summary.txt").write_text(summary)
+
+
+@pytest.mark.timeout(1800)
+def test_a_world_with_the_defaults_completes_with_every_rating_present(llamacpp_url, tmp_path):
+    """Issue 18 item 4: with every setting at its default — no cap on calls in flight, the default token
+    budgets, deadlines and request timeouts — a world against a server that decodes one request at a time
+    completes. The backend's adaptive limit keeps one or two calls at the server and the rest waiting their
+    turn, which is not counted as a hung model; nothing is asked twice. (The 2x2x1 world took about a minute
+    of server time per interaction here; `stable-align run --size 4 --rounds 2` is the issue's larger one.)"""
+    out = tmp_path / "world"
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("STABLEALIGN_") or key in ("STABLEALIGN_MODELS_DIR", "STABLEALIGN_DATA_DIR")}
+    env.update({"STABLEALIGN_LOG_LEVEL": "WARNING", "STABLEALIGN_GRPC_PORT": "-1", "STABLEALIGN_METRICS_PORT": "-1"})
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "stablealign_app.cli.main", "run", "--size", "2", "--rounds", "1",
+         "--backend", "openai", "--url", llamacpp_url, "--model", ALIAS, "--embedding-backend", "offline",
+         "--seed", "1", "--timeout", "1500", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=1700)
+    wall = time.monotonic() - started
+    assert result.returncode == 0, f"exit {result.returncode}\nstderr:\n{result.stderr[-5000:]}"
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line.strip()]
+    assert sorted(r["agent_id"] for r in rows) == [0, 1, 2, 3]
+    for row in rows:
+        assert row["draft_answer"].strip() and row["revised_answer"].strip()
+        assert len(row["target_id"]) >= 2 and len(row["rating"]) == len(row["target_id"])  # k partners each
+        scores = [row[f"gen_{aspect}_score_{stage}"] for aspect in ("moral", "engagement")
+                  for stage in ("before", "after")]
+        assert all(isinstance(s, int) and 1 <= s <= 7 for s in scores + row["rating"]), row  # none missing
+        assert all(isinstance(row[f"gen_{aspect}_reason_{stage}"], str) for aspect in ("moral", "engagement")
+                   for stage in ("before", "after"))
+    faults = json.loads((out / "world.json").read_text())["faults"]
+    # Nothing redone: no interaction tried again, no request re-sent, no LLM call sent again after a timeout.
+    assert faults["interaction_retries"] == 0 and faults["request_resends"] == 0, faults
+    assert faults["llm_retries"] == 0, faults
+    summary = f"2x2x1 world with the defaults on llama.cpp: {len(rows)} records in {wall:.0f} s; faults {faults}"
+    print(summary)
+    (tmp_path / "summary.txt").write_text(summary)
