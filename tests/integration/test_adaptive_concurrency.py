@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from aiohttp import web
 
 from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy
 from stablealign.backends.openai_backend import OpenAIChatBackend
 from stablealign.calls import within_deadline
+from stablealign.errors import UnavailableError
 from stablealign.metrics import LLM_CONCURRENCY_LIMIT
 from tests.support.devservers import FakeOpenAIServer
 
@@ -122,3 +124,26 @@ async def test_a_retry_after_a_failed_follow_up_does_not_ask_the_answered_rating
     assert rated.completion.text == "I would rather not judge this answer." and rated.completion.attempts == 2
     follow_ups = ["only the number" in body["messages"][-1]["content"] for body in server.chat_bodies]
     assert follow_ups == [False, True, True]  # the rating once; only the failed follow-up again
+
+
+async def test_a_streamed_reply_is_progress_and_a_silent_one_is_not():
+    """A reply that takes 1.2 s in all, a chunk every 0.1 s: streamed, each chunk restarts the 0.5 s deadline;
+    not streamed, the same 1.2 s are 1.2 s without progress."""
+    async with FakeOpenAIServer(reply=" ".join(["word"] * 12)) as server:
+        server.token_delay_seconds = 0.1
+        streamed = OpenAIChatBackend("fake-gpt", base_url=server.base_url, stream=True, timeout=30.0,
+                                     retry=RetryPolicy(attempts=1, timeout=30.0))
+        try:
+            reply = await within_deadline(streamed.chat(ask(1)), deadline=0.5, step="revise", backend=streamed)
+        finally:
+            await streamed.aclose()
+        assert reply.text.split() == ["word"] * 12
+        server.token_delay_seconds, server.latency_seconds = 0.0, 1.2
+        silent = backend(server.base_url)
+        try:
+            with pytest.raises(UnavailableError, match=r"^revise: model openai:fake-gpt at http://127\.0\.0\.1:\d+/v1 "
+                                                       r"made no progress for 0\.5s"):
+                await within_deadline(silent.chat(ask(2)), deadline=0.5, step="revise", backend=silent)
+        finally:
+            await silent.aclose()
+    assert server.requests_total == 2
