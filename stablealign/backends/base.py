@@ -279,8 +279,12 @@ class ChatBackend(abc.ABC):
 
     @property
     def _retry_unbounded(self) -> RetryPolicy:
-        """The retry policy without its per-attempt timeout, which ``once`` applies after the wait for a place."""
-        return replace(self.retry, timeout=None)
+        """The retry policy without its per-attempt timeout, which ``once`` applies after the wait for a place
+        (made once per policy: a call's path is hot)."""
+        cached = self.__dict__.get("_unbounded")
+        if cached is None or cached[0] is not self.retry:
+            cached = self.__dict__["_unbounded"] = (self.retry, replace(self.retry, timeout=None))
+        return cached[1]
 
     def _retry_after(self, error: Exception) -> float | None:
         """The server-directed wait of a failure (Retry-After), capped at ``max_retry_after``."""

@@ -129,3 +129,47 @@ def test_settings_come_from_the_environment(monkeypatch):
     assert isinstance(settings, LimitSettings) and settings.initial == 2 and settings.tolerance == 2.5
     with pytest.raises(ValueError):
         AdaptiveLimit(0)
+
+
+async def test_the_limiter_admits_first_come_first_served_and_a_cancelled_waiter_loses_nothing():
+    import asyncio
+
+    from stablealign.backends.limiter import ConcurrencyLimiter
+
+    limiter = ConcurrencyLimiter(2, backend="test", endpoint="http://127.0.0.1:1/v1")
+    first, second = await limiter.acquire(), await limiter.acquire()
+    order: list[int] = []
+
+    async def wait(n: int) -> None:
+        slot = await limiter.acquire()
+        order.append(n)
+        limiter.release(slot)
+
+    waiters = [asyncio.create_task(wait(n)) for n in range(4)]
+    await asyncio.sleep(0)
+    assert limiter.in_flight == 2 and not order
+    waiters[1].cancel()  # gives up while waiting: never admitted, holds nothing
+    limiter.release(first)
+    await asyncio.sleep(0)
+    limiter.release(second, tokens=3, kind="draft")  # fixed limit: a sample changes nothing
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert order == [0, 2, 3] and limiter.in_flight == 0 and limiter.allowed == 2
+    limiter.release(first)  # a slot is given back once
+    assert limiter.in_flight == 0
+
+
+async def test_a_waiter_cancelled_just_as_it_was_admitted_gives_its_place_on():
+    import asyncio
+
+    from stablealign.backends.limiter import ConcurrencyLimiter
+
+    limiter = ConcurrencyLimiter(1)
+    held = await limiter.acquire()
+    late = asyncio.create_task(limiter.acquire())
+    after = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    limiter.release(held)  # hands the place to ``late``...
+    late.cancel()  # ...which is cancelled before it runs: the place goes to ``after``
+    await asyncio.gather(late, return_exceptions=True)
+    slot = await after
+    assert limiter.in_flight == 1 and slot.in_flight == 1
