@@ -86,6 +86,12 @@ def progressed() -> None:
         current.progressed()
 
 
+def expired() -> bool:
+    """Whether the current call's deadline has passed (its cancellation is that of a call without progress)."""
+    current = _CLOCK.get()
+    return current is not None and current.timeout.expired()
+
+
 @contextmanager
 def waiting() -> Iterator[None]:
     """Time in this block (waiting for a slot) does not count against the current call's deadline."""

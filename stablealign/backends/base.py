@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from stablealign import metrics
+from stablealign import metrics, progress
 from stablealign.backends.limiter import AdaptiveLimit, ConcurrencyLimiter, limit_settings
 from stablealign.errors import BackendError, LLMRequestError, ValidationError
 from stablealign.logs import get_logger
@@ -241,6 +241,10 @@ class ChatBackend(abc.ABC):
                 raise
             except RetryableBackendError:
                 limiter.release(slot, overloaded=True)
+                raise
+            except asyncio.CancelledError:
+                # Cancelled by the step's deadline (no progress): the server is not keeping up, as for a timeout.
+                limiter.release(slot, overloaded=progress.expired())
                 raise
             except BaseException:
                 limiter.release(slot)

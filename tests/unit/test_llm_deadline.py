@@ -125,3 +125,23 @@ async def test_the_error_says_what_which_endpoint_and_how_long():
     assert re.search(r"; 0\.[5-7]s since the call began, 0\.[23]s of it waiting for a place under the backend's "
                      r"concurrency limit\)", second), second
     assert backend.answered == 0 and backend.limiter.in_flight == 0
+
+
+async def test_a_call_cancelled_at_its_deadline_lowers_an_adaptive_limit():
+    class HungRemote(HungBackend):
+        def __init__(self) -> None:
+            ChatBackend.__init__(self, "gpt-hung", retry=RetryPolicy(attempts=1, timeout=None), adaptive=True,
+                                 endpoint="http://127.0.0.1:9/v1")
+            self.started = self.cancelled = 0
+
+    backend = HungRemote()
+    before = backend.limiter.adaptive.limit
+    with pytest.raises(UnavailableError):
+        await within_deadline(backend.chat(ChatRequest(messages=[ChatMessage("user", "hi")])), deadline=0.1,
+                              step="draft", backend=backend)
+    assert backend.limiter.adaptive.limit < before and backend.limiter.in_flight == 0
+    task = asyncio.create_task(backend.chat(ChatRequest(messages=[ChatMessage("user", "hi")])))
+    await asyncio.sleep(0.05)
+    task.cancel()  # cancelled by someone else (a world stopping): says nothing of the server
+    await asyncio.gather(task, return_exceptions=True)
+    assert backend.limiter.adaptive.epoch == 1 and backend.limiter.in_flight == 0
