@@ -147,10 +147,12 @@ def _cache() -> dict[str, dict[tuple[str, str, str], Any]]:
     return cache
 
 
-# Calls in flight per remote backend (openai, tgi) and process unless $STABLEALIGN_LLM_MAX_CONCURRENCY says
-# otherwise: a world keeps up to WorldSettings.max_interaction_concurrency (1024) interactions in flight and
-# its widest step fans out k partner feedbacks each, so a whole round of a 100-agent world with 4-6 partners
-# (400-600 calls) is in flight at once; beyond it calls wait their turn in the backend (bounded).
+# The most calls in flight per remote backend (openai, tgi) and process unless $STABLEALIGN_LLM_MAX_CONCURRENCY
+# says otherwise — the bound of the endpoint's adaptive limit (limiter.py), which starts small and grows only
+# while the server's latency shows it keeps up: a world keeps up to WorldSettings.max_interaction_concurrency
+# (1024) interactions in flight and its widest step fans out k partner feedbacks each, so a whole round of a
+# 100-agent world with 4-6 partners (400-600 calls) may be in flight at once; beyond the limit calls wait their
+# turn in the backend.
 REMOTE_MAX_CONCURRENCY = 1024
 LOCAL_BACKENDS = frozenset({"hf"})
 # How long one attempt at a remote backend may go without a byte of its reply before it is given up and sent
@@ -167,7 +169,8 @@ def default_max_concurrency(backend: str | None = None) -> int:
     the backend can serve. A world runs up to min(its concurrency or its size, the world service's
     max_interaction_concurrency) interactions at once; their widest step is the feedback (k partners in
     parallel, plus the two "before" ratings at the observer), so a remote API backend (``openai``,
-    ``tgi``, and ``offline``) gets ``REMOTE_MAX_CONCURRENCY`` (1024): a whole round of a 100-agent world
+    ``tgi``, and ``offline``) gets ``REMOTE_MAX_CONCURRENCY`` (1024; for ``openai`` and ``tgi`` the bound of
+    an adaptive limit learned from the server's latency, ``limiter.py``): a whole round of a 100-agent world
     with 4-6 partners in flight, 5,000 calls/s at 200 ms; beyond it calls queue in the backend. A local
     model (``hf``) gets its continuous batcher's capacity: two batches (``max_batch`` rows decoding and as
     many waiting to be admitted); more would only queue inside the batcher. ``None``: a remote backend.

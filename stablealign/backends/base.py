@@ -1,7 +1,9 @@
 """One async interface for every LLM backend: chat completions and embeddings.
 
 Concrete backends implement ``_chat_once`` (one attempt, no retries); the base class adds what
-every backend needs and that the original script lacked: a per-backend concurrency limit,
+every backend needs and that the original script lacked: a per-backend concurrency limit (for a
+remote server, learned from its latency: ``limiter.py``; a place is taken per attempt, and waiting
+for one is not time without progress for the step's deadline, ``stablealign.progress``),
 retries with exponential backoff and full jitter on 429/5xx/timeouts (``stablealign.retry``; a
 server's ``Retry-After`` makes the wait at least that long, up to ``max_retry_after``), and
 token/latency accounting into Prometheus.
