@@ -13,7 +13,10 @@ Latency is compared per kind of call (``ChatRequest.task``: a draft is not a rat
 generated token (plus a few for the prompt), so that a long reply is not read as a slow server.
 Like TCP's congestion window, the limit doubles per round trip until the first sign of queueing
 (slow start), then grows by about one per round trip; it decreases at most once per round trip:
-a sample from a call that started before the last decrease says nothing new.
+a sample from a call that started before the last decrease says nothing new. Every few dozen round
+trips one call is sent alone (a probe) and its latency becomes the floor of its kind: a floor taken
+while calls queued (a cold server's slow first replies) or a server that became slower for good
+does not hold the limit wrong for ever.
 
 ``AdaptiveLimit`` holds the dynamics (no clock, no asyncio: fed latencies, it is deterministic);
 ``ConcurrencyLimiter`` admits calls in FIFO order under it, and reports the limit as the gauge
@@ -37,6 +40,9 @@ from stablealign.config import Settings, load_settings
 ENV_PREFIX = "STABLEALIGN_LLM_LIMIT_"
 # A call's latency is compared per (generated tokens + this): the prompt costs something too.
 PROMPT_TOKEN_EQUIVALENT = 4
+# A probe (one call alone, to measure the unloaded latency again) after this many limits' worth of answers:
+# about every this many round trips, as Netflix's Vegas limit does.
+PROBE_EVERY = 30
 
 
 class LimitSettings(Settings):
@@ -70,13 +76,17 @@ class AdaptiveLimit:
         self.tolerance = tolerance
         self.backoff = backoff
         self.limit = float(min(max(initial, min_limit), max_limit))
-        self.epoch = 0  # decreases so far: a call remembers the epoch it started in
+        self.epoch = 0  # decreases (and probes) so far: a call remembers the epoch it started in
         self.slow_start = True
         self.floors: dict[str, float] = {}  # the lowest latency per token seen, per kind of call
+        self.probing = False
+        self._until_probe = PROBE_EVERY * self.limit
 
     @property
     def allowed(self) -> int:
         """Calls that may be in flight now."""
+        if self.probing:
+            return self.min_limit
         return max(self.min_limit, min(self.max_limit, math.floor(self.limit + 1e-9)))
 
     def success(self, latency: float, *, tokens: int = 0, kind: str = "", epoch: int | None = None,
@@ -86,6 +96,12 @@ class AdaptiveLimit:
         if not math.isfinite(latency) or latency < 0:
             return
         cost = latency / (max(0, tokens) + PROMPT_TOKEN_EQUIVALENT)
+        if self.probing:
+            if epoch == self.epoch and in_flight is not None and in_flight <= self.min_limit:
+                self.floors[kind] = cost  # sent alone: the unloaded latency, measured afresh (lower or higher)
+                self.probing = False
+                self._until_probe = PROBE_EVERY * self.limit
+            return  # the other answers of a probe come from calls queued before it: they say nothing new
         floor = self.floors.get(kind)
         if floor is None or cost < floor:
             self.floors[kind] = floor = cost
@@ -97,6 +113,12 @@ class AdaptiveLimit:
             self._decrease(epoch)
         elif in_flight is None or in_flight >= self.allowed / 2:  # only a limit in use is worth raising
             self.limit = min(float(self.max_limit), self.limit + (1.0 if self.slow_start else 1.0 / self.limit))
+        self._until_probe -= 1
+        if self._until_probe <= 0 and self.allowed > self.min_limit:
+            # Every so often, one call alone: a floor taken while calls queued (the first replies of a cold server
+            # came slowly, and all since waited behind others) would otherwise hold the limit too high for ever.
+            self.probing = True
+            self.epoch += 1
 
     def dropped(self, *, epoch: int | None = None) -> None:
         """A call that started in ``epoch`` failed in a way that says the server is overloaded (a timeout,

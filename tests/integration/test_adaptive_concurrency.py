@@ -56,7 +56,8 @@ def backend(url: str) -> OpenAIChatBackend:
 
 
 async def test_against_a_one_at_a_time_server_the_limit_settles_at_one_or_two_and_nothing_times_out():
-    calls, service, deadline = 60, 0.05, 0.5
+    # A service time well above the client's own time per call on a loaded machine (tens of ms at worst).
+    calls, service, deadline = 40, 0.2, 1.0
     async with OneAtATimeServer(service) as server:
         chat = backend(server.base_url)
         server.limiter = chat.limiter
