@@ -12,6 +12,7 @@ import is a failed set-up, not a reason to skip. One server per session (bench/l
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from bench.llamacpp_server import LlamaCppServer  # noqa: E402
 from stablealign import rating_prompts as prompts  # noqa: E402
 from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy  # noqa: E402
 from stablealign.backends.openai_backend import TOP_LOGPROBS, OpenAIChatBackend  # noqa: E402
+from stablealign.calls import within_deadline  # noqa: E402
 from stablealign.models import gguf_path, pull  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -126,6 +128,27 @@ async def test_ratings_come_from_real_token_probabilities(llamacpp_url):
     for r in rated:
         if r.digits is None:  # the model wrote no digit 1..7: the text is left for the caller to parse
             assert not re.search(r"(?<![\d.,])[1-7](?![\d]|[.,]\d)", r.completion.text)
+
+
+async def test_calls_queued_for_the_server_outlive_a_deadline_shorter_than_the_queue(llamacpp_url):
+    """Forty calls at once to a server that decodes one at a time: the backend's adaptive limit learns that
+    from the latency and keeps the rest waiting their turn, which the deadline does not count."""
+    chat = OpenAIChatBackend(ALIAS, base_url=llamacpp_url, max_concurrency=1024, timeout=120.0)
+    questions = [f"Name one use of the number {n}." for n in range(40)]
+    deadline = 4.0  # a call and the one ahead of it at the server take about a second
+    started = time.monotonic()
+    try:
+        replies = await asyncio.gather(*(
+            within_deadline(chat.chat(ChatRequest([ChatMessage("user", q)], max_tokens=24, temperature=0.0,
+                                                  task="draft")), deadline=deadline, step="draft", backend=chat)
+            for q in questions))
+    finally:
+        await chat.aclose()
+    wall = time.monotonic() - started
+    assert wall > deadline  # the queue was longer than the deadline
+    assert all(r.text.strip() and r.attempts == 1 for r in replies)  # every call answered, none sent twice
+    assert chat.limiter.adaptive is not None and chat.limiter.adaptive.epoch >= 1  # it saw the queue grow
+    print(f"40 calls to llama.cpp in {wall:.1f} s (deadline {deadline:g} s), limit now {chat.limiter.allowed}")
 
 
 @pytest.mark.timeout(1200)
