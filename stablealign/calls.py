@@ -1,6 +1,7 @@
 """What the LLM-calling services (agent, observer) share around one request: input checks, the
 accounting of the model calls behind one reply (retries of unparsable replies included), and the
-deadline of one model call (a hung LLM is reported in seconds, naming the step and the model)."""
+deadline of one model call: time without progress (a hung LLM is reported in seconds, naming the
+step, the model and its endpoint)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from stablealign import progress
 from stablealign.errors import ConfigError, ConflictError, UnavailableError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.ratings import RATING_SCALE, check_rating_fields, parse_rating
@@ -30,27 +32,37 @@ def llm_deadline(settings: Any, backend: Any) -> float:
 
 async def within_deadline(call: Awaitable[T], *, deadline: float | None, step: str, backend: Any,
                           context: Mapping[str, Any] | None = None) -> T:
-    """``await call``, for at most ``deadline`` seconds (None: no limit).
+    """``await call``, until it has gone ``deadline`` seconds without progress (None: no limit).
 
-    Past it the call is cancelled — its HTTP request closed, the backend's retries with it — and
-    UnavailableError (503) names the step and the model: a hung LLM is reported once, in seconds,
-    rather than after every retry of every layer above has timed out.
+    Time the call waits for a place under its backend's concurrency limit does not count, and each
+    streamed token starts the clock again (``stablealign.progress``): a call that takes its turn
+    behind others at a one-request-at-a-time server is not a hung model. Past the deadline the call is
+    cancelled — its HTTP request closed, the backend's retries with it — and UnavailableError (503)
+    names the step, the model and its endpoint: a hung LLM is reported once, in seconds, rather than
+    after every retry of every layer above has timed out.
     """
     if deadline is None:
         return await call
     timer = asyncio.timeout(deadline)
     try:
         async with timer:
-            return await call
+            with progress.clock(deadline, timer) as clock:
+                return await call
     except TimeoutError:
         if not timer.expired():
             raise  # the call's own timeout, not ours
-    model = f"{getattr(backend, 'name', '?')}:{getattr(backend, 'model', '') or '?'}"
-    log.warning("llm.deadline_exceeded", extra={"step": step, "backend": getattr(backend, "name", "?"),
-                                                "model": getattr(backend, "model", ""), "deadline_s": deadline,
-                                                **(context or {})})
-    raise UnavailableError(f"{step}: model {model} gave no answer within {deadline:g}s "
-                           f"(llm_deadline_seconds); the call was cancelled")
+    name, model = getattr(backend, "name", "?"), getattr(backend, "model", "") or "?"
+    endpoint = getattr(backend, "endpoint", "")
+    log.warning("llm.deadline_exceeded", extra={"step": step, "backend": name, "model": model,
+                                                "endpoint": endpoint, "deadline_s": deadline,
+                                                "elapsed_s": round(clock.elapsed, 1),
+                                                "waited_s": round(clock.paused_seconds, 1), **(context or {})})
+    where = f" at {endpoint}" if endpoint else ""
+    waited = (f", {clock.paused_seconds:.1f}s of it waiting for a place under the backend's concurrency limit"
+              if clock.paused_seconds >= 0.05 else "")
+    raise UnavailableError(f"{step}: model {name}:{model}{where} made no progress for {deadline:g}s "
+                           f"(llm_deadline_seconds; {clock.elapsed:.1f}s since the call began{waited}); "
+                           f"the call was cancelled")
 
 
 @dataclass

@@ -229,9 +229,10 @@ class ServiceSettings(Settings, StreamSettings, GrpcServerTlsSettings, LLMEndpoi
         "A NATS request this process sends is sent again when the replica on it has sent no heartbeat for this "
         "long (it died); a live replica sends one every quarter of it, however long its model takes."))
     llm_deadline_seconds: float = Field(90.0, gt=0, description=(
-        "Longest one LLM call of an agent/observer step may take (backend retries included): past it the call "
-        "is cancelled and the step answers UNAVAILABLE naming the step and the model. Keep it below the world's "
-        "request_timeout_seconds."))
+        "Longest one LLM call of an agent/observer step may go without progress (backend retries included; time "
+        "waiting for a place under the backend's concurrency limit not counted, a streamed token restarts it): "
+        "past it the call is cancelled and the step answers UNAVAILABLE naming the step, the model and its "
+        "endpoint. Keep it below the world's request_timeout_seconds."))
     gc_gen0_threshold: int = Field(20_000, ge=0, description=(
         "Allocations between two young-generation collections of the cycle collector once the process serves "
         "(gen-1 and gen-2 thresholds stay at 10); 0: the interpreter's default (700). The default keeps most "

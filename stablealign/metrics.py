@@ -73,6 +73,12 @@ LLM_SECONDS = Histogram(
     ["backend", "operation"],
     buckets=LATENCY_BUCKETS,
 )
+LLM_CONCURRENCY_LIMIT = Gauge(
+    "stablealign_llm_concurrency_limit",
+    "Calls this process lets be in flight at once to an LLM endpoint, by backend and endpoint (its URL, "
+    "redacted): learned from the endpoint's latency for remote backends (backends/limiter.py), fixed otherwise.",
+    ["backend", "endpoint"],
+)
 LLM_TOKENS = Counter(
     "stablealign_llm_tokens_total",
     "Tokens processed by LLM backends, by kind (prompt|completion).",

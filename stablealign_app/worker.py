@@ -35,7 +35,8 @@ WORKER_SERVICES = ("agent", "observer")
 # ``requests_served``: the NATS requests its replicas answered, which shows the worker took its share.
 WORKER_COUNTERS = {"requests_joined": ("stablealign_requests_joined_total", {}),
                    "answers_rejected": ("stablealign_agent_answers_rejected_total", {}),
-                   "requests_served": ("stablealign_requests_total", {"transport": "nats"})}
+                   "requests_served": ("stablealign_requests_total", {"transport": "nats"}),
+                   "llm_retries": ("stablealign_llm_requests_total", {"outcome": "retry"})}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

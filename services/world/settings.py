@@ -21,9 +21,13 @@ LOCAL_BACKENDS = frozenset({"hf"})
 
 
 class WorldSettings(ServiceSettings):
-    request_timeout_seconds: float = Field(120.0, gt=0, description=(
+    request_timeout_seconds: float = Field(1800.0, gt=0, description=(
         "Seconds to wait for one agent/observer reply before the bus sends it again, for remote LLM backends "
-        "(openai, tgi, offline). A re-send to a replica still working on it joins that work."))
+        "(openai, tgi, offline), while the replica on it sends heartbeats (a silent one is left after "
+        "request_liveness_seconds). Its model calls may wait their turn under the backend's adaptive concurrency "
+        "limit (a one-request-at-a-time server takes a round's calls one by one), and a hung model is caught by "
+        "the replica's llm_deadline_seconds of time without progress: this is a backstop. A re-send to a replica "
+        "still working on it joins that work."))
     local_request_timeout_seconds: float = Field(1800.0, gt=0, description=(
         "The same for models in the agent/observer process (hf): on a CPU a reply waits its turn in the model's "
         "batch and may take minutes, so only a replica that is gone should make it time out."))

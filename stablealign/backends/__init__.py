@@ -94,12 +94,13 @@ def make_chat_backend(ref: common_pb2.ModelRef, *, max_concurrency: int = 64) ->
 
         assert endpoint is not None
         return OpenAIChatBackend(model, base_url=endpoint.url, api_key=endpoint.api_key(),
-                                 max_concurrency=max_concurrency)
+                                 max_concurrency=max_concurrency, timeout=REMOTE_TIMEOUT_SECONDS)
     if backend == "tgi":
         from stablealign.backends.tgi import TGIChatBackend
 
         assert endpoint is not None
-        return TGIChatBackend(endpoint.url, model, api_key=endpoint.api_key(), max_concurrency=max_concurrency)
+        return TGIChatBackend(endpoint.url, model, api_key=endpoint.api_key(), max_concurrency=max_concurrency,
+                              timeout=REMOTE_TIMEOUT_SECONDS)
     from stablealign.backends.hf import HFChatBackend
     from stablealign.models import confined_model_path
 
@@ -146,12 +147,19 @@ def _cache() -> dict[str, dict[tuple[str, str, str], Any]]:
     return cache
 
 
-# Calls in flight per remote backend (openai, tgi) and process unless $STABLEALIGN_LLM_MAX_CONCURRENCY says
-# otherwise: a world keeps up to WorldSettings.max_interaction_concurrency (1024) interactions in flight and
-# its widest step fans out k partner feedbacks each, so a whole round of a 100-agent world with 4-6 partners
-# (400-600 calls) is in flight at once; beyond it calls wait their turn in the backend (bounded).
+# The most calls in flight per remote backend (openai, tgi) and process unless $STABLEALIGN_LLM_MAX_CONCURRENCY
+# says otherwise — the bound of the endpoint's adaptive limit (limiter.py), which starts small and grows only
+# while the server's latency shows it keeps up: a world keeps up to WorldSettings.max_interaction_concurrency
+# (1024) interactions in flight and its widest step fans out k partner feedbacks each, so a whole round of a
+# 100-agent world with 4-6 partners (400-600 calls) may be in flight at once; beyond the limit calls wait their
+# turn in the backend.
 REMOTE_MAX_CONCURRENCY = 1024
 LOCAL_BACKENDS = frozenset({"hf"})
+# How long one attempt at a remote backend may go without a byte of its reply before it is given up and sent
+# again: longer than a step's llm_deadline_seconds (90 s of time without progress), so that a reply that is slow
+# but coming (a long generation at a server that decodes one request at a time) is not cut and asked again, work
+# done twice; the step's deadline is what gives up on a hung model.
+REMOTE_TIMEOUT_SECONDS = 180.0
 
 
 def default_max_concurrency(backend: str | None = None) -> int:
@@ -161,7 +169,8 @@ def default_max_concurrency(backend: str | None = None) -> int:
     the backend can serve. A world runs up to min(its concurrency or its size, the world service's
     max_interaction_concurrency) interactions at once; their widest step is the feedback (k partners in
     parallel, plus the two "before" ratings at the observer), so a remote API backend (``openai``,
-    ``tgi``, and ``offline``) gets ``REMOTE_MAX_CONCURRENCY`` (1024): a whole round of a 100-agent world
+    ``tgi``, and ``offline``) gets ``REMOTE_MAX_CONCURRENCY`` (1024; for ``openai`` and ``tgi`` the bound of
+    an adaptive limit learned from the server's latency, ``limiter.py``): a whole round of a 100-agent world
     with 4-6 partners in flight, 5,000 calls/s at 200 ms; beyond it calls queue in the backend. A local
     model (``hf``) gets its continuous batcher's capacity: two batches (``max_batch`` rows decoding and as
     many waiting to be admitted); more would only queue inside the batcher. ``None``: a remote backend.

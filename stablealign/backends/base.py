@@ -1,7 +1,9 @@
 """One async interface for every LLM backend: chat completions and embeddings.
 
 Concrete backends implement ``_chat_once`` (one attempt, no retries); the base class adds what
-every backend needs and that the original script lacked: a per-backend concurrency limit,
+every backend needs and that the original script lacked: a per-backend concurrency limit (for a
+remote server, learned from its latency: ``limiter.py``; a place is taken per attempt, and waiting
+for one is not time without progress for the step's deadline, ``stablealign.progress``),
 retries with exponential backoff and full jitter on 429/5xx/timeouts (``stablealign.retry``; a
 server's ``Retry-After`` makes the wait at least that long, up to ``max_retry_after``), and
 token/latency accounting into Prometheus.
@@ -18,16 +20,18 @@ import abc
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from stablealign import metrics
+from stablealign import metrics, progress
+from stablealign.backends.limiter import AdaptiveLimit, ConcurrencyLimiter, limit_settings
 from stablealign.errors import BackendError, LLMRequestError, ValidationError
 from stablealign.logs import get_logger
 from stablealign.redaction import redact_text, redact_url
-from stablealign.retry import Failure, RetryPolicy, retry_async
+from stablealign.retry import AttemptTimeoutError, Failure, RetryPolicy, retry_async
 
 log = get_logger(__name__)
 
@@ -170,6 +174,29 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, seconds)
 
 
+def make_limiter(backend: str, endpoint: str, max_concurrency: int, *, adaptive: bool) -> ConcurrencyLimiter:
+    """The limit of calls in flight to one endpoint: learned from its latency for a remote server
+    (``adaptive``, unless ``STABLEALIGN_LLM_LIMIT_ADAPTIVE=false``), else ``max_concurrency``."""
+    limit = None
+    if adaptive:
+        settings = limit_settings()
+        if settings.adaptive:
+            limit = AdaptiveLimit(max_concurrency, initial=settings.initial, tolerance=settings.tolerance,
+                                  backoff=settings.backoff)
+    return ConcurrencyLimiter(max_concurrency, limit=limit, backend=backend, endpoint=endpoint)
+
+
+# Replies that one call's attempts already got, by what they answered: a retry after a later failure (the
+# follow-up of a rating) sends only what failed, never again what was answered.
+_ANSWERED: ContextVar[dict[str, Any] | None] = ContextVar("llm_answered", default=None)
+
+
+def answered() -> dict[str, Any]:
+    """The current call's replies kept across its attempts (a throwaway dict outside ``rate``)."""
+    memo = _ANSWERED.get()
+    return {} if memo is None else memo
+
+
 class ChatBackend(abc.ABC):
     """A chat model. ``chat`` is safe to call from many tasks at once."""
 
@@ -178,12 +205,15 @@ class ChatBackend(abc.ABC):
     rates_from_probabilities: bool = False
 
     def __init__(self, model: str, *, max_concurrency: int = 64, retry: RetryPolicy | None = None,
-                 max_retry_after: float = MAX_RETRY_AFTER_SECONDS) -> None:
+                 max_retry_after: float = MAX_RETRY_AFTER_SECONDS, adaptive: bool = False,
+                 endpoint: str = "") -> None:
         self.model = model
         self.retry = retry or RetryPolicy()
         # A server's Retry-After is honoured up to this many seconds (a longer one waits this long).
         self.max_retry_after = max_retry_after
-        self._semaphore = asyncio.Semaphore(max_concurrency)
+        # Where the calls go (redacted), for errors and the limit's gauge; "" for an in-process model.
+        self.endpoint = redact_url(endpoint).rstrip("/") if endpoint else ""
+        self.limiter = make_limiter(self.name, self.endpoint, max_concurrency, adaptive=adaptive)
 
     @abc.abstractmethod
     async def _chat_once(self, request: ChatRequest) -> Completion:
@@ -196,9 +226,33 @@ class ChatBackend(abc.ABC):
                                  attempt_once: Callable[[ChatRequest], Awaitable[Completion]]) -> Completion:
         """``attempt_once`` under the concurrency limit, per-attempt timeout, retries and accounting."""
         started = time.perf_counter()
+        limiter, timeout = self.limiter, self.retry.timeout
 
         async def once(attempt: int) -> tuple[Completion, int]:
-            return await attempt_once(request), attempt
+            # A place under the limit per attempt (none is held while backing off), and the attempt's timeout
+            # from when it has one: waiting for a place is not the server being slow.
+            slot = await limiter.acquire()
+            deadline = asyncio.timeout(timeout)
+            try:
+                async with deadline:
+                    completion = await attempt_once(request)
+            except TimeoutError as exc:
+                limiter.release(slot, overloaded=True)
+                if deadline.expired():
+                    raise AttemptTimeoutError(f"attempt {attempt} timed out after {timeout:g}s") from exc
+                raise
+            except RetryableBackendError:
+                limiter.release(slot, overloaded=True)
+                raise
+            except asyncio.CancelledError:
+                # Cancelled by the step's deadline (no progress): the server is not keeping up, as for a timeout.
+                limiter.release(slot, overloaded=progress.expired())
+                raise
+            except BaseException:
+                limiter.release(slot)
+                raise
+            limiter.release(slot, tokens=completion.completion_tokens, kind=request.task)
+            return completion, attempt
 
         def on_failure(failure: Failure) -> None:
             metrics.LLM_REQUESTS.labels(self.name, "chat", "retry").inc()
@@ -211,11 +265,10 @@ class ChatBackend(abc.ABC):
             return BackendError(f"{self.name}: gave up after {failure.attempts} attempts: {failure.error}")
 
         try:
-            async with self._semaphore:
-                result, attempts = await retry_async(
-                    once, self.retry, on_failure=on_failure, give_up=give_up,
-                    retryable=lambda exc: isinstance(exc, (TimeoutError, RetryableBackendError)),
-                    wait_at_least=self._retry_after)
+            result, attempts = await retry_async(
+                once, self._retry_unbounded, on_failure=on_failure, give_up=give_up,
+                retryable=lambda exc: isinstance(exc, (TimeoutError, RetryableBackendError)),
+                wait_at_least=self._retry_after)
         except (BackendError, ValidationError):  # final (a retry cannot fix a bad request), or gave up
             metrics.LLM_REQUESTS.labels(self.name, "chat", "error").inc()
             raise
@@ -229,6 +282,15 @@ class ChatBackend(abc.ABC):
         metrics.LLM_TOKENS.labels(self.name, "completion").inc(result.completion_tokens)
         return Completion(result.text, result.model or self.model, result.prompt_tokens,
                           result.completion_tokens, latency, attempts)
+
+    @property
+    def _retry_unbounded(self) -> RetryPolicy:
+        """The retry policy without its per-attempt timeout, which ``once`` applies after the wait for a place
+        (made once per policy: a call's path is hot)."""
+        cached = self.__dict__.get("_unbounded")
+        if cached is None or cached[0] is not self.retry:
+            cached = self.__dict__["_unbounded"] = (self.retry, replace(self.retry, timeout=None))
+        return cached[1]
 
     def _retry_after(self, error: Exception) -> float | None:
         """The server-directed wait of a failure (Retry-After), capped at ``max_retry_after``."""
@@ -257,7 +319,11 @@ class ChatBackend(abc.ABC):
             holder.append(rated)
             return rated.completion
 
-        completion = await self._call_with_retries(request, once)
+        token = _ANSWERED.set({})  # what this rating's attempts got already (``answered``)
+        try:
+            completion = await self._call_with_retries(request, once)
+        finally:
+            _ANSWERED.reset(token)
         return RatedCompletion(completion, holder[-1].digits)
 
     async def aclose(self) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 import openai
 from openai.types.chat import ChatCompletion
 
-from stablealign import metrics
+from stablealign import metrics, progress
 from stablealign.backends.base import (
     MAX_RETRY_AFTER_SECONDS,
     RETRYABLE_4XX,
@@ -45,6 +45,7 @@ from stablealign.backends.base import (
     RatedCompletion,
     RetryableBackendError,
     RetryPolicy,
+    answered,
     normalise_rows,
     parse_retry_after,
     refused,
@@ -252,13 +253,15 @@ class OpenAIChatBackend(ChatBackend):
     def __init__(self, model: str = DEFAULT_CHAT_MODEL, *, base_url: str | None = None, api_key: str | None = None,
                  stream: bool = False, timeout: float = 60.0, max_concurrency: int = 64,
                  retry: RetryPolicy | None = None, max_retry_after: float = MAX_RETRY_AFTER_SECONDS) -> None:
+        client = make_client(base_url=base_url, api_key=api_key, timeout=timeout, max_connections=max_concurrency)
+        # A remote server: calls in flight adapt to what it sustains (backends/limiter.py), up to max_concurrency.
         super().__init__(model or DEFAULT_CHAT_MODEL, max_concurrency=max_concurrency,
-                         retry=retry or RetryPolicy(timeout=timeout + 5.0), max_retry_after=max_retry_after)
+                         retry=retry or RetryPolicy(timeout=timeout + 5.0), max_retry_after=max_retry_after,
+                         adaptive=True, endpoint=str(client.base_url))
         self.stream = stream
         # Until a reply shows otherwise the server is taken to return log-probabilities.
         self.logprobs_supported = True
-        self.client = make_client(base_url=base_url, api_key=api_key, timeout=timeout,
-                                  max_connections=max_concurrency)
+        self.client = client
         # Non-streamed calls: one lean POST with this client's URL, key and headers (openai_http.py:
         # ~0.6 instead of ~1.9 ms of CPU per call); clients with other kinds of auth stay on the SDK.
         self._direct = (DirectChatCompletions(self.client, timeout=timeout, max_connections=max_concurrency)
@@ -322,13 +325,18 @@ class OpenAIChatBackend(ChatBackend):
         body = self._body(request)
         # A bool and at most 20: what OpenAI, the SDK's types and llama.cpp's server accept.
         body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
-        try:
-            response = await self._post(body)
-        except BackendError as exc:
-            if not _mentions_logprobs(exc):
-                raise
-            self._no_logprobs(str(exc))
-            return RatedCompletion(await self._chat_once(request))
+        # An attempt after a failed follow-up (``_ask_for_the_digit``) re-uses the reply it follows up.
+        kept = answered()
+        response = kept.get("rating")
+        if response is None:
+            try:
+                response = await self._post(body)
+            except BackendError as exc:
+                if not _mentions_logprobs(exc):
+                    raise
+                self._no_logprobs(str(exc))
+                return RatedCompletion(await self._chat_once(request))
+            kept["rating"] = response
         choice = response.choices[0]
         content = choice.logprobs.content if choice.logprobs is not None else None
         completion = self._completion(response, body["messages"])
@@ -384,6 +392,7 @@ class OpenAIChatBackend(ChatBackend):
         usage = None
         try:
             async for chunk in stream:
+                progress.progressed()  # each chunk is progress: the call's deadline starts again
                 model = chunk.model or model
                 if chunk.usage is not None:
                     usage = chunk.usage

@@ -24,6 +24,7 @@ import text_generation.client
 from text_generation import AsyncClient
 from text_generation import errors as tgi_errors
 
+from stablealign import progress
 from stablealign.backends.base import (
     MAX_RETRY_AFTER_SECONDS,
     RETRYABLE_4XX,
@@ -128,8 +129,10 @@ class TGIChatBackend(ChatBackend):
                  max_retry_after: float = MAX_RETRY_AFTER_SECONDS, api_key: str | None = None) -> None:
         if not url or not url.startswith(("http://", "https://")):
             raise ConfigError(f"tgi backend needs the server's http(s) URL, got {url!r}")
+        # A remote server: calls in flight adapt to what it sustains (backends/limiter.py), up to max_concurrency.
         super().__init__(model or DEFAULT_TGI_MODEL, max_concurrency=max_concurrency,
-                         retry=retry or RetryPolicy(timeout=timeout + 5.0), max_retry_after=max_retry_after)
+                         retry=retry or RetryPolicy(timeout=timeout + 5.0), max_retry_after=max_retry_after,
+                         adaptive=True, endpoint=url)
         self.url = url.rstrip("/")
         self.stream = stream
         # The client builds a session per call; ClientTimeout takes float seconds despite the hint.
@@ -176,6 +179,7 @@ class TGIChatBackend(ChatBackend):
         final_text: str | None = None
         generated: int | None = None
         async for event in self.client.generate_stream(prompt, **parameters):
+            progress.progressed()  # each token is progress: the call's deadline starts again
             if not event.token.special:
                 parts.append(event.token.text)
             if event.generated_text is not None:

@@ -111,15 +111,17 @@ def say_skipped(stats: ReadStats) -> None:
 
 def embedded_fault_counts(workers: dict[str, float] | None = None) -> dict[str, float]:
     """What the embedded services counted during the run: redone interactions, re-sent requests
-    (timeouts, no responders), re-sent requests that joined work in flight, answers asked again;
-    ``workers``: what the stack's worker processes counted (added to this process's own)."""
+    (timeouts, no responders), re-sent requests that joined work in flight, answers asked again, LLM
+    calls tried again after a failure (a timeout, 429, 5xx); ``workers``: what the stack's worker
+    processes counted (added to this process's own)."""
     from stablealign import metrics
 
     counts = {"interaction_retries": metrics.counter_value("stablealign_world_interactions_total", outcome="retry"),
             "request_resends": metrics.counter_value("stablealign_bus_request_retries_total"),
             "request_timeouts": metrics.counter_value("stablealign_bus_request_retries_total", reason="timeout"),
             "requests_joined": metrics.counter_value("stablealign_requests_joined_total"),
-            "answers_rejected": metrics.counter_value("stablealign_agent_answers_rejected_total")}
+            "answers_rejected": metrics.counter_value("stablealign_agent_answers_rejected_total"),
+            "llm_retries": metrics.counter_value("stablealign_llm_requests_total", outcome="retry")}
     for key, value in (workers or {}).items():
         if key in counts:
             counts[key] += value

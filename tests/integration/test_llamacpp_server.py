@@ -12,6 +12,7 @@ import is a failed set-up, not a reason to skip. One server per session (bench/l
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from bench.llamacpp_server import LlamaCppServer  # noqa: E402
 from stablealign import rating_prompts as prompts  # noqa: E402
 from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy  # noqa: E402
 from stablealign.backends.openai_backend import TOP_LOGPROBS, OpenAIChatBackend  # noqa: E402
+from stablealign.calls import within_deadline  # noqa: E402
 from stablealign.models import gguf_path, pull  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -128,6 +130,27 @@ async def test_ratings_come_from_real_token_probabilities(llamacpp_url):
             assert not re.search(r"(?<![\d.,])[1-7](?![\d]|[.,]\d)", r.completion.text)
 
 
+async def test_calls_queued_for_the_server_outlive_a_deadline_shorter_than_the_queue(llamacpp_url):
+    """Forty calls at once to a server that decodes one at a time: the backend's adaptive limit learns that
+    from the latency and keeps the rest waiting their turn, which the deadline does not count."""
+    chat = OpenAIChatBackend(ALIAS, base_url=llamacpp_url, max_concurrency=1024, timeout=120.0)
+    questions = [f"Name one use of the number {n}." for n in range(40)]
+    deadline = 4.0  # a call and the one ahead of it at the server take about a second
+    started = time.monotonic()
+    try:
+        replies = await asyncio.gather(*(
+            within_deadline(chat.chat(ChatRequest([ChatMessage("user", q)], max_tokens=24, temperature=0.0,
+                                                  task="draft")), deadline=deadline, step="draft", backend=chat)
+            for q in questions))
+    finally:
+        await chat.aclose()
+    wall = time.monotonic() - started
+    assert wall > deadline  # the queue was longer than the deadline
+    assert all(r.text.strip() and r.attempts == 1 for r in replies)  # every call answered, none sent twice
+    assert chat.limiter.adaptive is not None and chat.limiter.adaptive.epoch >= 1  # it saw the queue grow
+    print(f"40 calls to llama.cpp in {wall:.1f} s (deadline {deadline:g} s), limit now {chat.limiter.allowed}")
+
+
 @pytest.mark.timeout(1200)
 def test_a_world_runs_against_the_llamacpp_server(llamacpp_url, tmp_path):
     out = tmp_path / "world"
@@ -155,5 +178,43 @@ def test_a_world_runs_against_the_llamacpp_server(llamacpp_url, tmp_path):
     assert faults["interaction_retries"] == 0 and faults["request_timeouts"] == 0, faults
     summary = (f"2x2x1 world on llama.cpp: {len(rows)} records in {wall:.0f} s; observer ratings null "
                f"{observer.count(None)}/{len(observer)}, partner ratings null {partners.count(None)}/{len(partners)}")
+    print(summary)
+    (tmp_path / "summary.txt").write_text(summary)
+
+
+@pytest.mark.timeout(1800)
+def test_a_world_with_the_defaults_completes_with_every_rating_present(llamacpp_url, tmp_path):
+    """Issue 18 item 4: with every setting at its default — no cap on calls in flight, the default token
+    budgets, deadlines and request timeouts — a world against a server that decodes one request at a time
+    completes. The backend's adaptive limit keeps one or two calls at the server and the rest waiting their
+    turn, which is not counted as a hung model; nothing is asked twice. (The 2x2x1 world took about a minute
+    of server time per interaction here; `stable-align run --size 4 --rounds 2` is the issue's larger one.)"""
+    out = tmp_path / "world"
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("STABLEALIGN_") or key in ("STABLEALIGN_MODELS_DIR", "STABLEALIGN_DATA_DIR")}
+    env.update({"STABLEALIGN_LOG_LEVEL": "WARNING", "STABLEALIGN_GRPC_PORT": "-1", "STABLEALIGN_METRICS_PORT": "-1"})
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "stablealign_app.cli.main", "run", "--size", "2", "--rounds", "1",
+         "--backend", "openai", "--url", llamacpp_url, "--model", ALIAS, "--embedding-backend", "offline",
+         "--seed", "1", "--timeout", "1500", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=1700)
+    wall = time.monotonic() - started
+    assert result.returncode == 0, f"exit {result.returncode}\nstderr:\n{result.stderr[-5000:]}"
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line.strip()]
+    assert sorted(r["agent_id"] for r in rows) == [0, 1, 2, 3]
+    for row in rows:
+        assert row["draft_answer"].strip() and row["revised_answer"].strip()
+        assert len(row["target_id"]) >= 2 and len(row["rating"]) == len(row["target_id"])  # k partners each
+        scores = [row[f"gen_{aspect}_score_{stage}"] for aspect in ("moral", "engagement")
+                  for stage in ("before", "after")]
+        assert all(isinstance(s, int) and 1 <= s <= 7 for s in scores + row["rating"]), row  # none missing
+        assert all(isinstance(row[f"gen_{aspect}_reason_{stage}"], str) for aspect in ("moral", "engagement")
+                   for stage in ("before", "after"))
+    faults = json.loads((out / "world.json").read_text())["faults"]
+    # Nothing redone: no interaction tried again, no request re-sent, no LLM call sent again after a timeout.
+    assert faults["interaction_retries"] == 0 and faults["request_resends"] == 0, faults
+    assert faults["llm_retries"] == 0, faults
+    summary = f"2x2x1 world with the defaults on llama.cpp: {len(rows)} records in {wall:.0f} s; faults {faults}"
     print(summary)
     (tmp_path / "summary.txt").write_text(summary)

@@ -254,6 +254,8 @@ class FakeOpenAIServer(_FakeServer):
         self.logprobs = logprobs
         # Scripted (token, logprob) alternatives at every generated digit 1..7 (None: around the digit).
         self.digit_top_logprobs = digit_top_logprobs
+        # Seconds between two streamed chunks of a chat completion (a model decoding token by token).
+        self.token_delay_seconds = 0.0
         # The last ``keep_bodies`` chat request bodies, for tests that check what a client sent.
         self.chat_bodies: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep_bodies)
 
@@ -360,6 +362,8 @@ class FakeOpenAIServer(_FakeServer):
 
         await response.write(chunk({"role": "assistant", "content": ""}, None))
         for piece in _tokens(text):
+            if self.token_delay_seconds > 0:
+                await asyncio.sleep(self.token_delay_seconds)
             await response.write(chunk({"content": piece}, None))
         await response.write(chunk({}, finish))
         if (body.get("stream_options") or {}).get("include_usage"):

@@ -129,7 +129,9 @@ async def test_concurrency_limit_from_the_environment(monkeypatch):
     monkeypatch.setenv("STABLEALIGN_LLM_MAX_CONCURRENCY", "300")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     backend = get_chat_backend(ref("openai", model="concurrency-test"))
-    assert backend._semaphore._value == 300
+    # The bound of the adaptive limit, which starts small and learns the endpoint's capacity (limiter.py).
+    assert backend.limiter.max_limit == 300 and backend.limiter.adaptive is not None
+    assert backend.limiter.allowed == 2
     await close_backends()
     monkeypatch.setenv("STABLEALIGN_LLM_MAX_CONCURRENCY", "zero")
     with pytest.raises(ConfigError, match="expected an integer"):
