@@ -81,8 +81,9 @@ LLM_CONCURRENCY_LIMIT = Gauge(
 )
 LLM_TOKENS = Counter(
     "stablealign_llm_tokens_total",
-    "Tokens processed by LLM backends, by kind (prompt|completion).",
-    ["backend", "kind"],
+    "Tokens processed by LLM backends, by kind (prompt|completion) and task (draft, feedback, revise, "
+    "rate_alignment, rate_engagement, chat): what each step of an interaction costs.",
+    ["backend", "kind", "task"],
 )
 
 

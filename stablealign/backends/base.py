@@ -278,8 +278,8 @@ class ChatBackend(abc.ABC):
         latency = time.perf_counter() - started
         metrics.LLM_REQUESTS.labels(self.name, "chat", "ok").inc()
         metrics.LLM_SECONDS.labels(self.name, "chat").observe(latency)
-        metrics.LLM_TOKENS.labels(self.name, "prompt").inc(result.prompt_tokens)
-        metrics.LLM_TOKENS.labels(self.name, "completion").inc(result.completion_tokens)
+        metrics.LLM_TOKENS.labels(self.name, "prompt", request.task).inc(result.prompt_tokens)
+        metrics.LLM_TOKENS.labels(self.name, "completion", request.task).inc(result.completion_tokens)
         return Completion(result.text, result.model or self.model, result.prompt_tokens,
                           result.completion_tokens, latency, attempts)
 

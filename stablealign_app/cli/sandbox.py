@@ -128,6 +128,21 @@ def embedded_fault_counts(workers: dict[str, float] | None = None) -> dict[str, 
     return counts
 
 
+def embedded_token_counts() -> dict[str, dict[str, int]]:
+    """Tokens the services of this process sent to and got from their LLMs, by task (draft, feedback,
+    revise, rate_alignment, rate_engagement): what each step of an interaction costs. Worker processes
+    count their own (not included)."""
+    from prometheus_client import REGISTRY
+
+    tokens: dict[str, dict[str, int]] = {}
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == "stablealign_llm_tokens_total":
+                task = tokens.setdefault(sample.labels.get("task", ""), {"prompt": 0, "completion": 0})
+                task[sample.labels["kind"]] = task.get(sample.labels["kind"], 0) + int(sample.value)
+    return tokens
+
+
 def build_spec(*, size: int, rounds: int, setting: str, backend: str, seed: int, model: str, url: str,
                observer_backend: str, observer_model: str, observer_url: str, embedding_backend: str,
                embedding_model: str, partners: int, radius: float, global_partner_probability: float,
@@ -182,6 +197,7 @@ async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, 
             if stack:  # the services ran in this process and its workers: their counters are ours to read
                 await stack.stop_workers()
                 summary["faults"] = embedded_fault_counts(stack.worker_counters)
+                summary["llm_tokens"] = embedded_token_counts()
                 summary["workers"] = {"processes": stack.workers,
                                       "requests_served": stack.worker_counters.get("requests_served", 0.0)}
             (out / "world.json").write_text(json.dumps(summary, indent=2))

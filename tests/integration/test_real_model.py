@@ -122,6 +122,12 @@ def test_a_real_model_world_completes_with_no_retries(tmp_path, smollm2):
     world = json.loads((out / "world.json").read_text())
     assert world["faults"]["interaction_retries"] == 0 and world["faults"]["request_resends"] == 0
     assert world["rating_coverage"]["observer"]["missing"] == 0 and world["rating_coverage"]["partners"]["missing"] == 0
+    # What each step cost, counted where the backend answered: the record totals are their sum.
+    tokens = world["llm_tokens"]
+    assert {"draft", "feedback", "revise", "rate_alignment", "rate_engagement"} <= set(tokens)
+    assert 0 < tokens["draft"]["completion"] <= 4 * 24 and tokens["feedback"]["prompt"] > tokens["draft"]["prompt"]
+    assert sum(t["prompt"] + t["completion"] for t in tokens.values()) == sum(
+        r["prompt_tokens"] + r["completion_tokens"] for r in rows)
     for row in rows:
         assert (row["agent_model"], row["agent_backend"], row["observer_model"]) == (NAME, "hf", NAME)
         assert row["draft_answer"].strip() and row["revised_answer"].strip()
