@@ -181,7 +181,8 @@ def fake_openai_server(latency_ms: float):
         fake.wait(timeout=10)
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to each process still running, then a kill for any still there after 30 s."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -214,9 +215,9 @@ def run_ours(root: str | None, latency_ms: float, size: int, rounds: int) -> Sim
                 server.url, bench_spec(size, rounds, root is None), cpu_procs["agent"], cpu_procs))
             steady = cpu.pop("steady")
             after = _stats(root) if root else {"requests_by_path": {}}
-            _stop(procs)
+            stop_processes(procs)
     finally:
-        _stop(procs)
+        stop_processes(procs)
     agents = size * size
     if world.state != world_pb2.WORLD_STATE_COMPLETED:
         raise RuntimeError(f"world ended {world_pb2.WorldState.Name(world.state)}: {world.error}")
