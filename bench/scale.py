@@ -40,7 +40,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.simulation import _stop  # SIGTERM, then kill after 30 s
+from bench.simulation import stop_processes  # SIGTERM, then kill after 30 s
 from stablealign import bus
 from stablealign.natsserver import EmbeddedNatsServer
 
@@ -193,7 +193,7 @@ def run_size(size: int, rounds: int, embedding: str, *, source: Path | None, wor
             if cli.returncode != 0:
                 result_error = output.decode(errors="replace")[-2000:]
         finally:
-            _stop(procs)
+            stop_processes(procs)
             for log in logs:
                 log.close()
     summary = json.loads((out / "world.json").read_text()) if (out / "world.json").is_file() else {}

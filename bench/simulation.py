@@ -48,11 +48,11 @@ from pathlib import Path
 import psutil
 
 from bench import original_sandbox
+from services.world.client import WorldClient
 from stablealign import bus
 from stablealign.metrics import free_port
 from stablealign.natsserver import EmbeddedNatsServer
 from stablealign.v1 import common_pb2, world_pb2
-from stablealign_app.embedded import create_world, fetch_records, wait_for_world
 
 # The question's embedding is computed before the round (scheduler.QuestionVectors), off the path.
 CRITICAL_PATH = ("draft", "feedback ∥ ratings before", "revise", "ratings after")
@@ -134,7 +134,8 @@ async def _run_world(nats_url: str, spec: world_pb2.WorldSpec, agent_proc: psuti
     nc = await bus.connect(nats_url, name="bench")
     try:
         cpu_before = {name: _cpu(proc) for name, proc in cpu_procs.items()}
-        world = await create_world(nc, spec)
+        client = WorldClient(nc)
+        world = await client.create_world(spec)
         rss_by_round: list[float] = []
         cpu_by_round: list[dict[str, float]] = []  # each process's CPU seconds when a round was seen complete
         peak = [0.0]
@@ -150,11 +151,12 @@ async def _run_world(nats_url: str, spec: world_pb2.WorldSpec, agent_proc: psuti
                     cpu_by_round.append(now)
 
         # Polled often enough that a round's CPU is read within ~50 ms of its end.
-        world = await wait_for_world(nc, world.spec.world_id, timeout=1800, on_progress=on_progress, poll_seconds=0.05)
+        world = await client.wait_for_world(world.spec.world_id, timeout=1800, on_progress=on_progress,
+                                            poll_seconds=0.05)
         cpu = {name: _cpu(proc) - cpu_before[name] for name, proc in cpu_procs.items()}
         cpu["steady"] = ({name: cpu_by_round[-1][name] - cpu_by_round[0][name] for name in cpu_procs}  # type: ignore
                          if len(cpu_by_round) > 1 else {})
-        records = await fetch_records(nc, world.spec.world_id)
+        records = await client.read_records(world.spec.world_id)
         return world, [peak[0], *rss_by_round], records, cpu
     finally:
         await nc.close()
@@ -179,7 +181,8 @@ def fake_openai_server(latency_ms: float):
         fake.wait(timeout=10)
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to each process still running, then a kill for any still there after 30 s."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -212,9 +215,9 @@ def run_ours(root: str | None, latency_ms: float, size: int, rounds: int) -> Sim
                 server.url, bench_spec(size, rounds, root is None), cpu_procs["agent"], cpu_procs))
             steady = cpu.pop("steady")
             after = _stats(root) if root else {"requests_by_path": {}}
-            _stop(procs)
+            stop_processes(procs)
     finally:
-        _stop(procs)
+        stop_processes(procs)
     agents = size * size
     if world.state != world_pb2.WORLD_STATE_COMPLETED:
         raise RuntimeError(f"world ended {world_pb2.WorldState.Name(world.state)}: {world.error}")

@@ -352,34 +352,3 @@ def _put_in_order(streamed: Path, ordered: Path, path: Path, keys: array, offset
             source.seek(offsets[i])
             target.write(source.read(lengths[i]))
     os.replace(ordered, path)
-
-
-async def world_bounds(nc: Any, world_id: str, *, timeout: float = 5.0) -> tuple[int, int] | None:
-    """(size, rounds) of a world, so that readers other than the world service bound agent ids and
-    rounds: from the world service (``sandbox.world.get``), else from the SANDBOX_WORLDS bucket that
-    holds every world's spec (``export`` after the services are gone), else None (not bounded).
-
-    A plain request, not ``bus.request``: no world service running is a normal case for ``export``,
-    not a retry worth a warning."""
-    import nats.errors
-
-    from stablealign import bus
-    from stablealign.v1 import world_pb2
-
-    world = world_pb2.World()
-    payload = world_pb2.GetWorldRequest(world_id=world_id).SerializeToString()
-    try:
-        reply = await nc.request(bus.WORLD_GET, payload, timeout=timeout)
-        if bus.ERROR_CODE_HEADER in (reply.headers or {}):
-            raise LookupError(world_id)
-        world.ParseFromString(reply.data)
-    except (TimeoutError, LookupError, DecodeError, nats.errors.Error):
-        try:
-            kv = await nc.jetstream(timeout=timeout).key_value(bus.WORLDS_BUCKET)
-            entry = await kv.get(world_id)
-            world.ParseFromString(entry.value or b"")
-        except Exception:  # noqa: BLE001 - no bucket, no key, no permission, not a World: unbounded
-            return None
-    if world.spec.world_id != world_id or world.spec.size <= 0 or world.spec.rounds <= 0:
-        return None
-    return world.spec.size, world.spec.rounds

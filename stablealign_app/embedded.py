@@ -1,10 +1,10 @@
-"""Client-side orchestration of a SANDBOX run: used by `stable-align run`, the pipeline and benchmarks.
+"""The embedded stack of a SANDBOX run: used by `stable-align run`, the pipeline and benchmarks.
 
-Without a NATS URL it brings up an embedded stack — a nats-server child process plus the agent,
+Without a NATS URL `run` brings up an embedded stack — a nats-server child process plus the agent,
 observer and world services inside this event loop — so one command runs a whole society. With
-a URL it only talks to services that are already running; either way the world is created and
-followed through the same NATS API, and the records are read back from the SANDBOX_RECORDS
-stream, so both paths write the same ``records.jsonl``.
+a URL it only talks to services that are already running; either way the world is created,
+followed and read back through the same client (``services/world/client.py``: the NATS API and the
+SANDBOX_RECORDS stream), so both paths write the same ``records.jsonl``.
 """
 
 from __future__ import annotations
@@ -14,28 +14,21 @@ import contextlib
 import importlib
 import json
 import os
-import secrets
 import signal
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from nats.aio.client import Client as NATS
-
-from stablealign import bus, endpoints, models, natsauth, record_stream
+from stablealign import endpoints, models, natsauth
 from stablealign.config import load_settings
 from stablealign.data import data_dir
-from stablealign.errors import ConfigError, ConflictError, UnavailableError, ValidationError
+from stablealign.errors import ConfigError, ValidationError
 from stablealign.logs import current_logging, get_logger
 from stablealign.natsauth import NatsClientOptions
 from stablealign.natsserver import EmbeddedNatsServer
-from stablealign.retry import Failure, RetryPolicy, retry_async
 from stablealign.service import RunningService, close_process_backends, settle_heap, start_service
-from stablealign.v1 import common_pb2, world_pb2
-from stablealign.worlds import FINAL_STATES
+from stablealign.v1 import world_pb2
 
 SANDBOX_SERVICES = ("agent", "observer", "world")
 log = get_logger(__name__)
@@ -240,119 +233,3 @@ def embedded_stack_for(spec: world_pb2.WorldSpec, workers: int = AUTO_WORKERS) -
             roots.append(str(Path(path).expanduser().resolve().parent))
     return EmbeddedStack(overrides={"world": {"world_data_roots": tuple(dict.fromkeys(roots))}},
                          workers=run_workers(spec, workers), worker_args=worker_args)
-
-
-async def create_world(nc: NATS, spec: world_pb2.WorldSpec, timeout: float = 120.0) -> world_pb2.World:
-    """Creates a world; safe to retry: the id is chosen here, so a request that timed out but was
-    served makes the retry find the same world instead of starting a second one."""
-    spec_with_id = world_pb2.WorldSpec()
-    spec_with_id.CopyFrom(spec)
-    if not spec_with_id.world_id:
-        spec_with_id.world_id = f"w-{secrets.token_hex(6)}"
-    request = world_pb2.CreateWorldRequest(spec=spec_with_id)
-
-    async def create(attempt: int) -> world_pb2.World | None:
-        try:
-            return await bus.request(nc, bus.WORLD_CREATE, request, world_pb2.World, timeout=timeout, attempts=1)
-        except ConflictError:
-            if attempt == 1:
-                raise  # the id was taken before we asked: a real conflict
-            return None  # our own earlier attempt created it
-
-    # Three tries, one after the other; only "unavailable" (no reply) is tried again.
-    policy = RetryPolicy(attempts=3, base_delay=0.0, timeout=None, jitter="none")
-    world = await retry_async(create, policy, retryable=lambda exc: isinstance(exc, UnavailableError))
-    return world if world is not None else await get_world(nc, spec_with_id.world_id)
-
-
-async def get_world(nc: NATS, world_id: str, timeout: float = 10.0) -> world_pb2.World:
-    return await bus.request(nc, bus.WORLD_GET, world_pb2.GetWorldRequest(world_id=world_id), world_pb2.World,
-                             timeout=timeout)
-
-
-async def list_worlds(nc: NATS, timeout: float = 10.0) -> list[world_pb2.World]:
-    reply = await bus.request(nc, bus.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse,
-                              timeout=timeout)
-    return list(reply.worlds)
-
-
-# How long ``wait_for_world`` keeps asking while no world service answers (a restart, a replica being
-# replaced) before it gives up on the world.
-WORLD_OUTAGE_SECONDS = 600.0
-
-
-async def wait_for_world(nc: NATS, world_id: str, *, timeout: float,
-                         on_progress: Callable[[world_pb2.World], None] | None = None,
-                         poll_seconds: float = 0.1,
-                         outage_seconds: float = WORLD_OUTAGE_SECONDS) -> world_pb2.World:
-    """Polls the world until it reaches a final state; raises UnavailableError after ``timeout``.
-
-    Every ``poll_seconds`` (a GetWorld request, one KV read at the world service): a small world is done
-    in seconds, and a coarser poll added its whole period to the command's wall time.
-
-    It follows the world, not the process it first talked to: the world's state lives in the
-    SANDBOX_WORLDS bucket and a world service that starts resumes it, so while none answers
-    (UnavailableError: no responders, timeouts) the poll is retried, through ``retry.py``, for up to
-    ``outage_seconds`` in a row. Only a final state, ``timeout`` or such an outage ends the wait.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        world = await _get_world_through_outages(nc, world_id, min(outage_seconds, deadline - time.monotonic()))
-        if on_progress:
-            on_progress(world)
-        if world.state in FINAL_STATES:
-            return world
-        if time.monotonic() > deadline:
-            raise UnavailableError(f"world {world_id} did not finish within {timeout:.0f}s "
-                                   f"({world.records_published} records so far)")
-        await asyncio.sleep(poll_seconds)
-
-
-async def _get_world_through_outages(nc: NATS, world_id: str, budget: float) -> world_pb2.World:
-    """``get_world``, asked again while no world service answers, for at most ``budget`` seconds."""
-    give_up_at = time.monotonic() + max(budget, 0.0)
-    failures: list[Failure] = []
-
-    def on_failure(failure: Failure) -> None:
-        if not failures:
-            log.warning("world.unreachable", extra={"world_id": world_id, "error": str(failure.error),
-                                                    "budget_s": round(budget, 1)})
-        failures.append(failure)
-
-    # Waits 0.5, 1, 2, 2... s (full jitter) between polls; the budget, not a count, ends it.
-    policy = RetryPolicy(attempts=1_000_000, base_delay=0.5, max_delay=2.0, timeout=None, jitter="full")
-    try:
-        world = await retry_async(
-            lambda _attempt: get_world(nc, world_id), policy, on_failure=on_failure,
-            retryable=lambda exc: isinstance(exc, UnavailableError) and time.monotonic() < give_up_at)
-    except UnavailableError as exc:
-        raise UnavailableError(f"world {world_id}: no world service answered for {budget:.0f}s ({exc})") from exc
-    if failures:
-        log.info("world.reachable_again", extra={"world_id": world_id, "polls_failed": len(failures)})
-    return world
-
-
-async def fetch_records(nc: NATS, world_id: str, *, size: int | None = None,
-                        rounds: int | None = None) -> list[common_pb2.InteractionRecord]:
-    """The world's trusted records from the stream (``stablealign.record_stream``), ordered by (round,
-    agent) whatever the publish order; skipped messages are logged in one line. Holds them all: for
-    benchmarks and tests; ``export_records`` writes a file in bounded memory."""
-    records, stats = await record_stream.read_world_records(nc.jetstream(timeout=10.0), world_id, size=size,
-                                                            rounds=rounds)
-    if stats.skipped_total:
-        log.warning("records.skipped", extra={"world_id": world_id, "summary": stats.summary()})
-    return records
-
-
-async def export_records(nc: NATS, world_id: str, path: str | Path, *, spec: world_pb2.WorldSpec | None = None,
-                         on_row: Callable[[dict], None] | None = None) -> record_stream.ExportResult:
-    """Writes the world's trusted records to ``path`` (JSONL, (round, agent) order) as they are read.
-
-    Agent ids and rounds are bounded by ``spec`` when the caller has it (``run``), else by the
-    world service's answer when one gives it (``export``); the result's ``stats`` say what was
-    skipped — the caller prints ``stats.summary()``.
-    """
-    bounds = (spec.size, spec.rounds) if spec is not None else await record_stream.world_bounds(nc, world_id)
-    size, rounds = bounds if bounds else (None, None)
-    return await record_stream.export_world_records(nc.jetstream(timeout=10.0), world_id, path, size=size,
-                                                    rounds=rounds, on_row=on_row)

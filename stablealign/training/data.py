@@ -63,16 +63,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
 from stablealign.ratings import RATING_SCALE, show_value
 from stablealign.records import check_unicode, decode_line, feedback_texts, iter_json_lines, validate_record
 from stablealign.training.template import format_critic_query, format_realignment_query
-
-if TYPE_CHECKING:  # record_stream needs a NATS client; data files are read without one
-    from stablealign.record_stream import ReadStats
 
 log = get_logger(__name__)
 
@@ -441,25 +438,6 @@ def read_inputs(path: str | Path) -> tuple[list[dict[str, Any]], list[AlignmentG
             raise ValidationError(f"{path}:{line}: neither an interaction record (draft_answer, ...) "
                                   f"nor an alignment group (query, responses, scores)")
     return records, groups
-
-
-async def read_stream_records(nats_url: str, world_id: str, *,
-                              timeout: float = 30.0) -> tuple[list[dict[str, Any]], ReadStats]:
-    """The trusted records of one world from the SANDBOX_RECORDS JetStream stream, as JSON rows in
-    (round, agent) order, and what was skipped (``stablealign.record_stream``: one record per
-    (round, agent), the one carrying the world's message id; malformed, foreign and duplicate
-    messages skipped and counted, never trained on). Agent ids and rounds are bounded by the world's
-    spec when a world service answers. ``timeout``: how long the read may hear nothing."""
-    from stablealign import bus, record_stream
-
-    nc = await bus.connect(nats_url, name="stable-align-data", give_up_after=bus.CLIENT_GIVE_UP_SECONDS)
-    try:
-        bounds = await record_stream.world_bounds(nc, world_id)
-        size, rounds = bounds if bounds else (None, None)
-        return await record_stream.read_world_rows(nc.jetstream(), world_id, size=size, rounds=rounds,
-                                                   idle_timeout=timeout)
-    finally:
-        await nc.close()
 
 
 # --- the whole build --------------------------------------------------------------------------

@@ -12,12 +12,8 @@ from __future__ import annotations
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stablealign import bus
+from services.world.client import WorldClient
 from stablealign.v1 import world_pb2
-from stablealign_app.embedded import wait_for_world
-
-# The service may wait a few seconds for a just-cancelled runner to finish its in-flight interactions.
-RESUME_TIMEOUT_SECONDS = 30.0
 
 
 def _state(world: world_pb2.World) -> str:
@@ -31,11 +27,10 @@ def worlds_resume(
     timeout: float = typer.Option(3600.0, "--timeout", help="With --wait: give up after this many seconds."),
 ) -> None:
     """Resume a FAILED or CANCELLED world from its records (no record is redone or duplicated)."""
-    from stablealign_app.cli.sandbox import _call, console, out_console, round_table
+    from stablealign_app.cli.sandbox import call_world, console, out_console, round_table
 
-    async def resume(nc) -> world_pb2.World:
-        world = await bus.request(nc, bus.WORLD_RESUME, world_pb2.ResumeWorldRequest(world_id=world_id),
-                                  world_pb2.World, timeout=RESUME_TIMEOUT_SECONDS)
+    async def resume(client: WorldClient) -> world_pb2.World:
+        world = await client.resume_world(world_id)
         total = world.spec.size ** 2 * world.spec.rounds
         out_console.print(f"world {world_id}: {_state(world)} ({world.records_published}/{total} records, "
                           f"{world.completed_rounds}/{world.spec.rounds} rounds)", soft_wrap=True)
@@ -44,10 +39,10 @@ def worlds_resume(
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:
             task = progress.add_task(f"world {world_id}", total=total)
-            return await wait_for_world(nc, world_id, timeout=timeout,
-                                        on_progress=lambda w: progress.update(task, completed=w.records_published))
+            return await client.wait_for_world(
+                world_id, timeout=timeout, on_progress=lambda w: progress.update(task, completed=w.records_published))
 
-    world = _call(nats, resume)
+    world = call_world(nats, resume)
     if not wait:
         return
     out_console.print(round_table(world))

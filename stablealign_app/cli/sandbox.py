@@ -8,11 +8,13 @@ failed or NATS could not be reached (within ``bus.CLIENT_GIVE_UP_SECONDS``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 from google.protobuf.json_format import MessageToDict
@@ -21,27 +23,19 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from stablealign import bus
+from services.world.client import WorldClient, connected
 from stablealign.errors import StableAlignError
 from stablealign.logs import get_logger
 from stablealign.record_stream import ReadStats, TrustedRecords
 from stablealign.records import record_to_json
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign_app.cli.rules import exit_code
-from stablealign_app.embedded import (
-    AUTO_WORKERS,
-    create_world,
-    embedded_stack_for,
-    export_records,
-    get_world,
-    list_worlds,
-    wait_for_world,
-)
+from stablealign_app.embedded import AUTO_WORKERS, embedded_stack_for
 
 console = Console(stderr=True)  # the progress bar
 out_console = Console()  # what a person reads
 log = get_logger(__name__)
-CONNECT_GIVE_UP_SECONDS = bus.CLIENT_GIVE_UP_SECONDS
+T = TypeVar("T")
 
 
 class Backend(str, Enum):
@@ -168,11 +162,10 @@ async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, 
     stack = None if nats_url else await embedded_stack_for(spec, workers).start()
     url = nats_url or stack.url
     try:
-        nc = await bus.connect(url, name="stablealign-cli", give_up_after=CONNECT_GIVE_UP_SECONDS,
-                               options=stack.client_options if stack else None)
-        try:
+        async with connected(url, options=stack.client_options if stack else None) as nc:
+            client = WorldClient(nc)
             started = time.perf_counter()
-            world = await create_world(nc, spec)
+            world = await client.create_world(spec)
             if spec.agent_model.backend == "offline" and nats_url:  # embedded: the backend says so itself
                 log.warning("backend: offline — deterministic answers from the HH-RLHF pool and heuristic "
                             "ratings, not a language model")
@@ -181,13 +174,14 @@ async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, 
                           TimeElapsedColumn(), console=console, disable=quiet or not console.is_terminal,
                           transient=False) as progress:
                 task = progress.add_task(f"world {world.spec.world_id}", total=total)
-                world = await wait_for_world(nc, world.spec.world_id, timeout=timeout,
-                                             on_progress=lambda w: progress.update(task, completed=w.records_published))
+                world = await client.wait_for_world(
+                    world.spec.world_id, timeout=timeout,
+                    on_progress=lambda w: progress.update(task, completed=w.records_published))
             elapsed = time.perf_counter() - started
             out.mkdir(parents=True, exist_ok=True)
             coverage = RatingCoverage()
-            exported = await export_records(nc, world.spec.world_id, out / "records.jsonl", spec=world.spec,
-                                            on_row=coverage.add)
+            exported = await client.export_records(world.spec.world_id, out / "records.jsonl", spec=world.spec,
+                                                   on_row=coverage.add)
             say_skipped(exported.stats)
             summary = MessageToDict(world, preserving_proto_field_name=True)
             summary["wall_seconds"] = elapsed
@@ -201,8 +195,6 @@ async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, 
                 summary["workers"] = {"processes": stack.workers,
                                       "requests_served": stack.worker_counters.get("requests_served", 0.0)}
             (out / "world.json").write_text(json.dumps(summary, indent=2))
-        finally:
-            await nc.close()
     finally:
         if stack:
             await stack.stop()
@@ -271,17 +263,17 @@ def _nats_option():
     return typer.Option("nats://127.0.0.1:4222", "--nats", help="NATS server URL.")
 
 
-async def _with_nc(url: str, fn):
-    nc = await bus.connect(url, name="stablealign-cli", give_up_after=CONNECT_GIVE_UP_SECONDS)
-    try:
-        return await fn(nc)
-    finally:
-        await nc.close()
+async def with_world_client(url: str, fn: Callable[[WorldClient], Awaitable[T]]) -> T:
+    """``fn`` with a world client on a connection of its own to ``url`` (closed after)."""
+    async with connected(url) as nc:
+        return await fn(WorldClient(nc))
 
 
-def _call(url: str, fn):
+def call_world(url: str, fn: Callable[[WorldClient], Awaitable[T]]) -> T:
+    """What a `worlds`/`watch`/`export` command runs: ``fn`` with a world client; an error of the
+    client (unreachable NATS, unknown world...) is one ``error: ...`` line and its exit code."""
     try:
-        return asyncio.run(_with_nc(url, fn))
+        return asyncio.run(with_world_client(url, fn))
     except StableAlignError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exit_code(exc, 1)) from None
@@ -290,7 +282,7 @@ def _call(url: str, fn):
 @worlds_app.command("list")
 def worlds_list(nats: str = _nats_option()) -> None:
     """All worlds with state and progress."""
-    worlds = _call(nats, list_worlds)
+    worlds = call_world(nats, lambda client: client.list_worlds())
     table = Table("world", "state", "size", "rounds", "done", "records")
     for w in worlds:
         table.add_row(w.spec.world_id, world_pb2.WorldState.Name(w.state).removeprefix("WORLD_STATE_"),
@@ -302,7 +294,7 @@ def worlds_list(nats: str = _nats_option()) -> None:
 def worlds_show(world_id: str, nats: str = _nats_option(),
                 as_json: bool = typer.Option(False, "--json", help="Print the world as JSON.")) -> None:
     """One world's spec, state and per-round means."""
-    world = _call(nats, lambda nc: get_world(nc, world_id))
+    world = call_world(nats, lambda client: client.get_world(world_id))
     if as_json:
         print(json.dumps(MessageToDict(world, preserving_proto_field_name=True), indent=2))
         return
@@ -316,7 +308,7 @@ def export(world_id: str, out: Path = typer.Option(..., "--out", help="JSONL fil
 
     Only records carrying the world's message id are written, one per (round, agent); malformed,
     foreign and duplicate messages are skipped and counted in one ``warning: skipped ...`` line."""
-    exported = _call(nats, lambda nc: export_records(nc, world_id, out))
+    exported = call_world(nats, lambda client: client.export_records(world_id, out))
     say_skipped(exported.stats)
     out_console.print(f"{exported.records} records -> {out}", soft_wrap=True)
 
@@ -326,45 +318,30 @@ def watch(world_id: str, nats: str = _nats_option(),
           replay: bool = typer.Option(False, "--replay", help="Show records published before too.")) -> None:
     """Live table of a world's interactions as they are published."""
 
-    async def follow(nc) -> None:
+    async def follow(client: WorldClient) -> None:
         table = Table("round", "agent", "label", "align before", "align after", "partners", "question", expand=True)
         seen = 0
-        done = asyncio.Event()
 
         def add(record: common_pb2.InteractionRecord) -> None:
-            nonlocal seen
             row = record_to_json(record)
             table.add_row(str(row["iteration"]), str(row["agent_id"]), row["label"],
                           str(row["gen_moral_score_before"]), str(row["gen_moral_score_after"]),
                           ",".join(map(str, row["target_id"])), row["question"][:60])
-            seen += 1
-            if limit and seen >= limit:
-                done.set()
 
         with Live(table, console=Console(), refresh_per_second=4):
-            js = nc.jetstream()
-            subject = bus.RECORDS_SUBJECT.format(world_id=world_id)
-            from nats.js.api import DeliverPolicy
-
-            sub = await js.subscribe(subject, ordered_consumer=True,
-                                     deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.NEW)
             trusted = TrustedRecords(world_id)  # the readers' rule: forged or broken messages are not shown
             try:
-                while not done.is_set():
-                    try:
-                        msg = await sub.next_msg(timeout=1.0)
-                    except Exception:  # noqa: BLE001 - a timeout: keep following
-                        continue
-                    kept = trusted.admit(msg.metadata.sequence.stream, msg.data,
-                                         (msg.headers or {}).get(bus.MSG_ID_HEADER))
-                    if kept is not None:
-                        add(kept)
+                async with contextlib.aclosing(client.follow_records(trusted, replay=replay)) as records:
+                    async for record in records:
+                        add(record)
+                        seen += 1
+                        if limit and seen >= limit:
+                            break
             finally:
-                await sub.unsubscribe()
                 say_skipped(trusted.stats)
 
     try:
-        _call(nats, follow)
+        call_world(nats, follow)
     except KeyboardInterrupt:
         pass
 

@@ -53,6 +53,7 @@ def data_build(
                                                "rating where the record has one, else its 1-7 rating) or rating."),
 ) -> None:
     """Mine Alignment Imitation, Self-Critic and Realignment groups; print counts, score histograms, ties."""
+    from services.world.client import read_record_rows
     from stablealign.training import data as data_mod
 
     try:
@@ -64,7 +65,7 @@ def data_build(
             rows, groups = data_mod.read_inputs(records)
         read = None
         if nats and world:
-            stream_rows, read = asyncio.run(data_mod.read_stream_records(nats, world))
+            stream_rows, read = asyncio.run(read_record_rows(nats, world))
             rows += stream_rows
             if read.summary():  # what was not trained on, and why (malformed, foreign, duplicate)
                 typer.echo(f"warning: {read.summary()}", err=True)

@@ -111,11 +111,11 @@ async def test_heartbeats_keep_a_slow_request_without_resends(nc):
 
 async def test_following_a_world_gives_up_after_the_outage_budget(nc):
     """No world service at all: the follower keeps asking for ``outage_seconds``, then says so."""
-    from stablealign_app.embedded import wait_for_world
+    from services.world.client import WorldClient
 
     started = time.monotonic()
     with pytest.raises(UnavailableError, match="world gone: no world service answered for 2s"):
-        await wait_for_world(nc, "gone", timeout=60, outage_seconds=2.0)
+        await WorldClient(nc).wait_for_world("gone", timeout=60, outage_seconds=2.0)
     assert 2.0 <= time.monotonic() - started < 15.0
 
 

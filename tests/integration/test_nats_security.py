@@ -24,6 +24,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 
+from services.world.client import WorldClient
 from stablealign import bus
 from stablealign.config import load_settings
 from stablealign.errors import ConfigError
@@ -32,7 +33,6 @@ from stablealign.natsauth import NatsClientOptions, NotAuthorizedError
 from stablealign.natsserver import EmbeddedNatsServer
 from stablealign.service import RunningService, start_service
 from stablealign.v1 import common_pb2, world_pb2
-from stablealign_app.embedded import create_world, wait_for_world
 from tests.support.certs import make_certificates
 
 pytestmark = pytest.mark.timeout(60)
@@ -242,8 +242,9 @@ async def test_a_world_runs_with_one_restricted_user_per_service(secured, tmp_pa
             spec = world_pb2.WorldSpec(world_id="secured", size=2, rounds=1, seed=1, setting="half_half",
                                        prior_size=5, agent_model=common_pb2.ModelRef(backend="offline"),
                                        observer_model=common_pb2.ModelRef(backend="offline"), embedding_model=HASHING)
-            await create_world(nc, spec)
-            world = await wait_for_world(nc, "secured", timeout=30.0)
+            worlds = WorldClient(nc)
+            await worlds.create_world(spec)
+            world = await worlds.wait_for_world("secured", timeout=30.0)
             assert world.state == world_pb2.WORLD_STATE_COMPLETED, world.error
             assert world.records_published == 4
             # Every step of the world ran within the permissions: no publish or subscribe was refused.

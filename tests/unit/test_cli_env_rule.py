@@ -185,13 +185,13 @@ def test_run(monkeypatch, tmp_path):
 def _record_nats(monkeypatch, seen: list[Any], result: Any = None):
     from stablealign_app.cli import sandbox
 
-    async def with_nc(url, fn):
+    async def with_world_client(url, fn):
         seen.append(url)
         if isinstance(result, Exception):
             raise result
         return result
 
-    monkeypatch.setattr(sandbox, "_with_nc", with_nc)
+    monkeypatch.setattr(sandbox, "with_world_client", with_world_client)
 
 
 @pytest.mark.parametrize("args, result, code", [
@@ -214,7 +214,7 @@ def test_watch_and_export_read_their_own(monkeypatch, tmp_path):
     seen: list[str] = []
     out = tmp_path / "records.jsonl"
     exported = ExportResult(path=out, records=0, stats=ReadStats(subject="sandbox.records.w1"))
-    monkeypatch.setattr(sandbox, "_call", lambda url, fn: seen.append(url) or exported)
+    monkeypatch.setattr(sandbox, "call_world", lambda url, fn: seen.append(url) or exported)
     result = invoke(["export", "w1"], STABLEALIGN_EXPORT_OUT=str(out))
     assert result.exit_code == 0 and str(out) in result.output
     assert seen == ["nats://127.0.0.1:4222"]

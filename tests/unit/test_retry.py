@@ -278,10 +278,10 @@ async def test_backend_does_not_retry_cancellation():
 
 
 async def test_create_world_retries_unavailable_and_finds_its_own_world(monkeypatch):
+    from services.world.client import WorldClient
     from stablealign import bus
     from stablealign.errors import ConflictError, UnavailableError
     from stablealign.v1 import world_pb2
-    from stablealign_app import embedded
 
     replies: list[BaseException | world_pb2.World] = [UnavailableError("no reply"), ConflictError("exists")]
     subjects: list[str] = []
@@ -296,18 +296,18 @@ async def test_create_world_retries_unavailable_and_finds_its_own_world(monkeypa
         return reply
 
     monkeypatch.setattr(bus, "request", fake_request)
-    world = await embedded.create_world(None, world_pb2.WorldSpec(world_id="w-mine"))
+    world = await WorldClient(None).create_world(world_pb2.WorldSpec(world_id="w-mine"))
     assert world.spec.world_id == "w-mine"
     assert subjects == [bus.WORLD_CREATE, bus.WORLD_CREATE, bus.WORLD_GET]
 
     subjects.clear()
     replies[:] = [ConflictError("taken")]  # on the first try a conflict is a real one
     with pytest.raises(ConflictError):
-        await embedded.create_world(None, world_pb2.WorldSpec(world_id="w-taken"))
+        await WorldClient(None).create_world(world_pb2.WorldSpec(world_id="w-taken"))
     assert subjects == [bus.WORLD_CREATE]
 
     subjects.clear()
     replies[:] = [UnavailableError(f"no reply {i}") for i in range(5)]
     with pytest.raises(UnavailableError, match="no reply 2"):
-        await embedded.create_world(None, world_pb2.WorldSpec(world_id="w-down"))
+        await WorldClient(None).create_world(world_pb2.WorldSpec(world_id="w-down"))
     assert subjects == [bus.WORLD_CREATE] * 3
