@@ -49,10 +49,11 @@ import psutil
 
 from bench import original_sandbox
 from services.world.client import WorldClient
+from services.world.spec import build_spec
 from stablealign import bus
 from stablealign.metrics import free_port
 from stablealign.natsserver import EmbeddedNatsServer
-from stablealign.v1 import common_pb2, world_pb2
+from stablealign.v1 import world_pb2
 
 # The question's embedding is computed before the round (scheduler.QuestionVectors), off the path.
 CRITICAL_PATH = ("draft", "feedback ∥ ratings before", "revise", "ratings after")
@@ -113,14 +114,11 @@ def _stats(base: str) -> dict:
 
 
 def bench_spec(size: int, rounds: int, offline: bool) -> world_pb2.WorldSpec:
-    if offline:  # the zero-latency LLM: deterministic, in-process in the agent/observer services
-        chat = common_pb2.ModelRef(backend="offline")
-        embedding = common_pb2.ModelRef(backend="offline", model="hashing")
-    else:
-        chat = common_pb2.ModelRef(backend="openai", model="fake-gpt")
-        embedding = common_pb2.ModelRef(backend="openai", model="fake-embedding")
-    return world_pb2.WorldSpec(size=size, rounds=rounds, setting="half_half", seed=1, agent_model=chat,
-                               observer_model=chat, embedding_model=embedding, prior_size=50)
+    """What ``stable-align run --size S --rounds R`` sends (services.world.spec.build_spec, every other field
+    its default), with the zero-latency LLM in-process (offline, hashing embedder) or the fake server."""
+    if offline:  # deterministic, in-process in the agent/observer services
+        return build_spec(size=size, rounds=rounds, backend="offline", embedding_model="hashing")
+    return build_spec(size=size, rounds=rounds, backend="openai", model="fake-gpt", embedding_model="fake-embedding")
 
 
 def _cpu(proc: psutil.Process) -> float:

@@ -1,4 +1,9 @@
-"""Validation of a WorldSpec and resolution of every default, once, at CreateWorld.
+"""The world spec declared once (SPEC_FIELDS), its validation and the resolution of every default,
+once, at CreateWorld.
+
+Each field's option (name, flag, type, default, help), WorldSpec field and bounds are one SpecField:
+``stable-align run``'s and ``pipeline``'s options, :func:`build_spec` (run's options -> WorldSpec, also
+the bench's), and the bounds and defaults CreateWorld applies over gRPC and NATS all come from it.
 
 The resolved spec is what goes into the SANDBOX_WORLDS bucket: the agent and observer services
 read radius, models, retrieval settings and one label per agent from it without knowing any
@@ -9,6 +14,8 @@ defaults changed in between.
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
+from typing import Any
 
 from services.world import grid
 from services.world.limits import check_world_memory
@@ -29,13 +36,179 @@ MAX_SIZE = 1000
 MAX_ROUNDS = 100_000
 # An interaction's k feedback requests go out as one batch (bus.request_batch), which holds at most this many.
 MAX_PARTNERS = MAX_BATCH_ITEMS
-DEFAULT_PARTNERS = 4
-DEFAULT_PRIOR_SIZE = 50
 # Cosine-distance thresholds of retrieval. The original's 0.3 was tuned for OpenAI (ada-002)
 # embeddings; all-MiniLM-L6-v2 (and the hashing embedder) place related questions much further
 # apart (top-1 similarity of a pool question to 50 priors: median 0.39, 90th percentile 0.54), so
 # 0.3 would retrieve almost nothing and agents could not learn from their memories.
 LOCAL_EMBEDDING_RETRIEVAL_THRESHOLD = 0.75
+
+
+@dataclass(frozen=True)
+class SpecField:
+    """One field of a world spec, declared once: the option of ``stable-align run`` that sets it (name,
+    flag, type, default, help), the WorldSpec field it fills, and the bounds CreateWorld checks.
+
+    ``stable-align run`` and ``pipeline`` generate their options from these (``stablealign_app.cli.
+    spec_options``), :func:`build_spec` turns option values into a WorldSpec, the bench builds its specs
+    with it, and :func:`resolve_spec` checks the bounds and fills the defaults from it — so a default or a
+    bound changed here changes every one of them.
+    """
+
+    name: str  # the option's parameter (and build_spec's keyword)
+    kind: type  # int | float | str (list: no command-line form)
+    default: Any  # what a spec gets when nobody chooses (the option's default)
+    help: str
+    proto: str  # the WorldSpec field it fills: "size", "agent_model.backend"
+    flag: str = ""  # the option's flag ("": --name-with-dashes)
+    option: bool = True  # False: only through the API (CreateWorld), no flag of `run`
+    choices: tuple[str, ...] = ()  # the option's allowed values (checked by the command line)
+    minimum: float | None = None  # bounds CreateWorld checks (inclusive)
+    maximum: float | None = None
+    unset: Any = None  # the wire value meaning "not chosen" (None: every value is a choice)
+    unset_means: str = ""  # what the service makes of it; "": the default above
+    inherit: str = ""  # an option whose value this one takes when left empty (observer_model <- model)
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def filled_by_service(self) -> bool:
+        """The service puts ``default`` where the wire holds ``unset`` (0 partners: 4)."""
+        return self.unset is not None and not self.unset_means
+
+    def bounds(self) -> str:
+        """``in 1..1000`` / ``in [0, 1]`` / ``>= 0``, and what the unset value means: ``(0: 4)``."""
+        lo, hi = self.minimum, self.maximum
+        if lo is not None and hi is not None:
+            text = f"in {lo}..{hi}" if self.kind is int else f"in [{lo:g}, {hi:g}]"
+        else:
+            text = f">= {lo:g}" if lo is not None else f"<= {hi:g}"
+        if self.unset is not None:
+            text += f" ({self.unset:g}: {self.unset_means or self.default})"
+        return text
+
+    def within(self, value: Any) -> bool:
+        """Inside the bounds (NaN never is); the unset value always is."""
+        if self.unset is not None and value == self.unset:
+            return True
+        return (self.minimum is None or value >= self.minimum) and (self.maximum is None or value <= self.maximum)
+
+
+_CHOSEN_SETTINGS = tuple(s for s in grid.SETTINGS if s != "custom")  # custom needs labels: API only
+
+# Every WorldSpec field, in the order of `stable-align run --help`.
+SPEC_FIELDS: tuple[SpecField, ...] = (
+    SpecField("size", int, 3, "Grid side S: S x S agents.", "size", minimum=1, maximum=MAX_SIZE),
+    SpecField("rounds", int, 2, "Rounds; each gives every agent one interaction.", "rounds",
+              minimum=1, maximum=MAX_ROUNDS),
+    SpecField("setting", str, grid.DEFAULT_SETTING, "Initial personas.", "setting", choices=_CHOSEN_SETTINGS,
+              unset="", unset_means=f"{grid.DEFAULT_SETTING}, or custom when labels are given"),
+    SpecField("labels", list, (), "One persona per agent, row by row (setting custom).", "labels", option=False),
+    SpecField("backend", str, "offline", "LLM backend of the agents (and observers).", "agent_model.backend",
+              choices=BACKENDS, unset="", unset_means="the world service's agent_backend"),
+    SpecField("seed", int, 1, "World seed: personas, questions, partners, sampling.", "seed"),
+    SpecField("model", str, "", "Chat model (openai), a known model name or local path (hf: "
+              "smollm2-135m-instruct), label (tgi).", "agent_model.model"),
+    SpecField("url", str, "", "TGI server URL (tgi) or OpenAI-compatible base URL (openai).", "agent_model.url"),
+    SpecField("observer_backend", str, "", "Observer backend (default: --backend).", "observer_model.backend",
+              inherit="backend"),
+    SpecField("observer_model", str, "", "Observer model (default: --model).", "observer_model.model",
+              inherit="model"),
+    SpecField("observer_url", str, "", "Observer server URL (default: --url).", "observer_model.url",
+              inherit="url"),
+    SpecField("embedding_backend", str, "", "offline (all-MiniLM-L6-v2) or openai.", "embedding_model.backend"),
+    SpecField("embedding_model", str, "", "Embedding model; 'hashing' = fast, no model.", "embedding_model.model"),
+    SpecField("embedding_url", str, "", "Embedding server URL (openai; run: --url when both backends are openai).",
+              "embedding_model.url", option=False),
+    SpecField("partners", int, 4, "Feedback partners per draft, k = min(partners, #neighbours).", "partners",
+              minimum=0, maximum=MAX_PARTNERS, unset=0),
+    SpecField("radius", float, 0.0, "Neighbour radius; 0 = S // 2.", "radius", minimum=0.0, unset=0.0,
+              unset_means="S // 2"),
+    SpecField("global_partner_probability", float, 0.0, "Chance a partner comes from anywhere.",
+              "global_partner_probability", flag="--global-prob", minimum=0.0, maximum=1.0),
+    SpecField("concurrency", int, 0, "Interactions at once; 0 = a whole round.", "concurrency", minimum=0,
+              unset=0, unset_means="all agents of a round"),
+    SpecField("prior_size", int, 50, "Prior memories per agent.", "prior_size", minimum=0, unset=-1),
+    SpecField("prior", str, "", "Prior file (HH-RLHF jsonl[.gz]); default ../shared/data.", "prior_path"),
+    SpecField("questions", str, "", "Question pool file; default ../shared/data.", "questions_path"),
+    SpecField("world_id", str, "", "World id (default: generated).", "world_id"),
+    SpecField("retrieval_k", int, DEFAULT_RETRIEVAL_K, "Memories retrieved per draft.", "retrieval_k",
+              option=False, minimum=0, unset=0),
+    SpecField("retrieval_threshold", float, 0.0, "Cosine-distance threshold of retrieval.", "retrieval_threshold",
+              option=False, minimum=0.0, maximum=2.0, unset=0.0,
+              unset_means=f"{DEFAULT_RETRIEVAL_THRESHOLD} for openai embeddings, "
+                          f"{LOCAL_EMBEDDING_RETRIEVAL_THRESHOLD} for local ones"),
+)
+FIELDS: dict[str, SpecField] = {f.name: f for f in SPEC_FIELDS}
+OPTION_FIELDS: tuple[SpecField, ...] = tuple(f for f in SPEC_FIELDS if f.option)
+
+
+def spec_value(spec: world_pb2.WorldSpec, path: str) -> Any:
+    """The value at a dotted WorldSpec path (``agent_model.backend``)."""
+    value: Any = spec
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_bounds(spec: world_pb2.WorldSpec) -> None:
+    """ValidationError naming the first field outside its bounds (SPEC_FIELDS order)."""
+    for field in SPEC_FIELDS:
+        if field.minimum is None and field.maximum is None:
+            continue
+        value = spec_value(spec, field.proto)
+        if not field.within(value):
+            raise ValidationError(f"{field.proto} must be {field.bounds()}, got {value}")
+
+
+def fill_defaults(spec: world_pb2.WorldSpec) -> None:
+    """Puts each field's default where the wire holds its unset value (or an optional field is absent)."""
+    for field in SPEC_FIELDS:
+        if not field.filled_by_service or "." in field.proto:
+            continue
+        absent = _optional(field.proto) and not spec.HasField(field.proto)
+        if absent or getattr(spec, field.proto) == field.unset:
+            setattr(spec, field.proto, field.default)
+
+
+def _optional(proto: str) -> bool:
+    return world_pb2.WorldSpec.DESCRIPTOR.fields_by_name[proto].has_presence
+
+
+def build_spec(**values: Any) -> world_pb2.WorldSpec:
+    """The WorldSpec that ``stable-align run`` sends for these option values (by field name; a field not
+    given takes its default). An empty observer option takes the agent's (``inherit``); the embedder is
+    the backend's own where it has one (OpenAI, from the same server), else offline (all-MiniLM-L6-v2)."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"build_spec: {unknown} are not world-spec fields")
+    # An API-only field not given stays unset on the wire: the service resolves it.
+    chosen = {f.name: values.get(f.name) for f in SPEC_FIELDS}
+    for field in OPTION_FIELDS:
+        if chosen[field.name] is None:
+            chosen[field.name] = field.default
+    for field in SPEC_FIELDS:
+        if field.inherit and not chosen[field.name]:
+            chosen[field.name] = chosen[field.inherit]
+    if not chosen["embedding_backend"]:
+        chosen["embedding_backend"] = "openai" if chosen["backend"] == "openai" else "offline"
+    if chosen["embedding_url"] is None and chosen["embedding_backend"] == "openai" == chosen["backend"]:
+        chosen["embedding_url"] = chosen["url"]
+    spec = world_pb2.WorldSpec()
+    for field in SPEC_FIELDS:
+        value = chosen[field.name]
+        if value is None:
+            continue
+        *parents, leaf = field.proto.split(".")
+        target = spec
+        for part in parents:
+            target = getattr(target, part)
+        if field.kind is list:
+            getattr(target, leaf).extend(value)
+        else:
+            setattr(target, leaf, value)
+    return spec
 
 
 def new_world_id() -> str:
@@ -107,10 +280,10 @@ def resolve_spec(
 ) -> world_pb2.WorldSpec:
     """A copy of ``spec`` with every default filled in; ValidationError names the bad field.
 
-    Defaults: world_id generated; setting half_half (custom when only labels are given);
-    radius S // 2; partners 4; prior_size 50; retrieval_k 3, threshold 0.3 (OpenAI embeddings) or 0.75 (local); backends and models
-    from the service settings. ``check_files`` also opens the prior and question files so that
-    a wrong path fails CreateWorld rather than the world later.
+    Bounds and defaults are those of SPEC_FIELDS (what each unset value means is its ``unset_means``);
+    the world id is generated, backends and models come from the service settings. ``check_files``
+    also opens the prior and question files so that a wrong path fails CreateWorld rather than the
+    world later.
     """
     settings = settings or WorldSettings()
     out = world_pb2.WorldSpec()
@@ -119,12 +292,10 @@ def resolve_spec(
         out.world_id = new_world_id()
     else:
         check_world_id(out.world_id)
-    if not 1 <= out.size <= MAX_SIZE:
-        raise ValidationError(f"size must be in 1..{MAX_SIZE}, got {out.size}")
-    if not 1 <= out.rounds <= MAX_ROUNDS:
-        raise ValidationError(f"rounds must be in 1..{MAX_ROUNDS}, got {out.rounds}")
+    check_bounds(out)
+    fill_defaults(out)
     if not out.setting:
-        out.setting = "custom" if len(out.labels) else grid.DEFAULT_SETTING
+        out.setting = "custom" if len(out.labels) else FIELDS["setting"].default
     if out.setting not in grid.SETTINGS:
         raise ValidationError(f"unknown setting {out.setting!r}; expected one of {', '.join(grid.SETTINGS)}")
     labels = grid.make_labels(out.setting, out.size, out.seed, list(out.labels))
@@ -133,30 +304,8 @@ def resolve_spec(
         raise ValidationError(f"labels are only allowed with setting custom (setting is {out.setting!r})")
     del out.labels[:]
     out.labels.extend(labels)
-    if not out.radius >= 0:  # also rejects NaN
-        raise ValidationError(f"radius must be >= 0, got {out.radius}")
     if out.radius == 0:
         out.radius = grid.default_radius(out.size)
-    if not 0.0 <= out.global_partner_probability <= 1.0:
-        raise ValidationError(
-            f"global_partner_probability must be in [0, 1], got {out.global_partner_probability}"
-        )
-    if not 0 <= out.partners <= MAX_PARTNERS:
-        raise ValidationError(f"partners must be in 0..{MAX_PARTNERS} (0: {DEFAULT_PARTNERS}), got {out.partners}")
-    out.partners = out.partners or DEFAULT_PARTNERS
-    if out.concurrency < 0:
-        raise ValidationError(f"concurrency must be >= 0 (0: all agents of a round), got {out.concurrency}")
-    if out.prior_size < -1:
-        raise ValidationError(f"prior_size must be >= 0 (-1: {DEFAULT_PRIOR_SIZE}), got {out.prior_size}")
-    if not out.HasField("prior_size") or out.prior_size == -1:
-        out.prior_size = DEFAULT_PRIOR_SIZE
-    if out.retrieval_k < 0:
-        raise ValidationError(f"retrieval_k must be >= 0 (0: {DEFAULT_RETRIEVAL_K}), got {out.retrieval_k}")
-    out.retrieval_k = out.retrieval_k or DEFAULT_RETRIEVAL_K
-    if not 0.0 <= out.retrieval_threshold <= 2.0:
-        raise ValidationError(
-            f"retrieval_threshold (a cosine distance) must be in [0, 2], got {out.retrieval_threshold}"
-        )
     out.agent_model.CopyFrom(
         _chat_model(
             out.agent_model, "agent_model", settings.agent_backend, settings.agent_model, settings.agent_url

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -27,6 +28,7 @@ from stablealign.judges import CPU_JUDGE
 from stablealign.logs import current_logging
 from stablealign.models import known_model
 from stablealign.stats import format_figure
+from stablealign_app.cli.spec_options import spec_args, with_spec_options
 
 console = Console()
 
@@ -63,15 +65,18 @@ REAL_MODEL_SERVICE_ENV = {
 }
 
 
+# The world's options are run's (services.world.spec.SPEC_FIELDS), passed on to `run` as given; --seed
+# also seeds the data split and training.
+WORLD_OPTIONS = ("size", "rounds", "partners", "seed")
+
+
+@with_spec_options(WORLD_OPTIONS, help={"seed": "Seed of the world and of training."})
 def pipeline(
+    spec_options: dict[str, Any],
     out: Path = typer.Option(Path("runs/default"), "--out", help="Output directory."),
     backend: str = typer.Option("hf", "--backend", help="hf: a real model for agents, observers and training; "
                                                          "offline: the deterministic stand-in + a tiny random model."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="The real model (hf): a known name or a path."),
-    size: int = typer.Option(3, "--size", help="Grid side of the simulated world."),
-    rounds: int = typer.Option(2, "--rounds", help="Rounds of the simulated world."),
-    partners: int = typer.Option(4, "--partners", help="Feedback partners per draft."),
-    seed: int = typer.Option(1, "--seed", help="Seed of the world and of training."),
     train_steps: int = typer.Option(8, "--train-steps", help="Optimizer steps of the short training."),
     batch_size: int = typer.Option(4, "--batch-size", help="Groups per optimizer step."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: 5e-5 real model, 1e-3 tiny model)."),
@@ -99,6 +104,7 @@ def pipeline(
         typer.echo(f"error: --backend must be hf or offline, got {backend!r}", err=True)
         raise typer.Exit(2)
     out.mkdir(parents=True, exist_ok=True)
+    seed = spec_options["seed"]
     real = backend == "hf"
     sim, data, trained, report = out / "sandbox", out / "data", out / "trained", out / "eval"
     timings: dict[str, float] = {}
@@ -111,8 +117,8 @@ def pipeline(
             typer.echo(f"error: --model {model!r} is neither a known model nor a model directory", err=True)
             raise typer.Exit(2)
         base = model
-        world_args = ["--backend", "hf", "--model", model, "--observer-backend", "hf", "--observer-model", model,
-                      "--embedding-backend", "offline"]
+        world = {"backend": "hf", "model": model, "observer_backend": "hf", "observer_model": model,
+                 "embedding_backend": "offline"}
         env = REAL_MODEL_SERVICE_ENV
         eval_observer = ["--observer-backend", "hf", "--observer-model", model, "--judge", CPU_JUDGE]
         # Measured first: the judge's agreement on held-out pairs; this also fits (and caches) the probe
@@ -124,13 +130,11 @@ def pipeline(
         base = str(out / "tiny-base")
         timings["model"] = _step(f"1/{steps} build a tiny random Llama with a locally trained tokenizer",
                                  ["model", "init-tiny", "--out", base])
-        world_args, env = ["--backend", "offline"], {}
+        world, env = {"backend": "offline"}, {}
         eval_observer = ["--observer-backend", "offline"]
         learning_rate = lr if lr is not None else 1e-3
     timings["simulate"] = _step(f"2/{steps} simulate a society (embedded NATS + agent, observer, world services)", [
-        "run", "--size", str(size), "--rounds", str(rounds), "--partners", str(partners), "--setting", "half_half",
-        *world_args,
-        "--seed", str(seed), "--out", str(sim)], env)
+        "run", *spec_args({**spec_options, "setting": "half_half", **world}), "--out", str(sim)], env)
     timings["data"] = _step(f"3/{steps} mine alignment data from the records", [
         "data", "build", "--records", str(sim / "records.jsonl"), "--out", str(data / "alignment.jsonl"),
         "--holdout", "0.2", "--seed", str(seed)])  # a fifth of the questions: more than one held-out group

@@ -194,7 +194,7 @@ def _relog(which: str) -> Callable[..., Any]:
 def log_options() -> list[Any]:
     """--log-level/--log-format for a command that has none of its own (not passed to its function),
     made by typer itself so that they are options of the same kind as the command's own."""
-    probe = typer.Typer()
+    probe = typer.Typer(add_completion=False)  # the app has no completion options: nor do its commands
 
     @probe.command()
     def command(

@@ -12,9 +12,8 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from enum import Enum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import typer
 from google.protobuf.json_format import MessageToDict
@@ -24,32 +23,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from services.world.client import WorldClient, connected
+from services.world.spec import build_spec
 from stablealign.errors import StableAlignError
 from stablealign.logs import get_logger
 from stablealign.record_stream import ReadStats, TrustedRecords
 from stablealign.records import record_to_json
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign_app.cli.rules import exit_code
+from stablealign_app.cli.spec_options import with_spec_options
 from stablealign_app.embedded import AUTO_WORKERS, embedded_stack_for
 
 console = Console(stderr=True)  # the progress bar
 out_console = Console()  # what a person reads
 log = get_logger(__name__)
 T = TypeVar("T")
-
-
-class Backend(str, Enum):
-    offline = "offline"
-    openai = "openai"
-    tgi = "tgi"
-    hf = "hf"
-
-
-class Setting(str, Enum):
-    all_good = "all_good"
-    all_bad = "all_bad"
-    half_half = "half_half"
-    mixed_half_half = "mixed_half_half"
 
 
 def _opt(default, *names: str, help: str):
@@ -137,24 +124,6 @@ def embedded_token_counts() -> dict[str, dict[str, int]]:
     return tokens
 
 
-def build_spec(*, size: int, rounds: int, setting: str, backend: str, seed: int, model: str, url: str,
-               observer_backend: str, observer_model: str, observer_url: str, embedding_backend: str,
-               embedding_model: str, partners: int, radius: float, global_partner_probability: float,
-               concurrency: int, prior_size: int, prior: str, questions: str, world_id: str) -> world_pb2.WorldSpec:
-    agent_model = common_pb2.ModelRef(backend=backend, model=model or "", url=url or "")
-    observer = common_pb2.ModelRef(backend=observer_backend or backend, model=observer_model or (model or ""),
-                                   url=observer_url or (url or ""))
-    embedding_backend = embedding_backend or ("openai" if backend == "openai" else "offline")
-    # The backend's own embeddings where it has them (OpenAI, from the same server), else all-MiniLM-L6-v2.
-    embedder = common_pb2.ModelRef(backend=embedding_backend, model=embedding_model or "",
-                                   url=(url or "") if embedding_backend == "openai" and backend == "openai" else "")
-    return world_pb2.WorldSpec(
-        world_id=world_id or "", size=size, setting=setting, radius=radius, seed=seed, rounds=rounds,
-        agent_model=agent_model, observer_model=observer, embedding_model=embedder, partners=partners,
-        global_partner_probability=global_partner_probability, concurrency=concurrency, prior_size=prior_size,
-        prior_path=prior or "", questions_path=questions or "")
-
-
 async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, timeout: float,
                     quiet: bool = False, workers: int = AUTO_WORKERS) -> world_pb2.World:
     """Creates the world (on an embedded stack with ``workers`` worker processes unless ``nats_url``),
@@ -204,42 +173,18 @@ async def run_world(spec: world_pb2.WorldSpec, out: Path, nats_url: str | None, 
     return world
 
 
+@with_spec_options()  # --size, --rounds, --setting, ... --world-id: one per world-spec field
 def run(
-    size: int = _opt(3, "--size", help="Grid side S: S x S agents."),
-    rounds: int = _opt(2, "--rounds", help="Rounds; each gives every agent one interaction."),
-    setting: Setting = _opt(Setting.half_half, "--setting", help="Initial personas."),
-    backend: Backend = _opt(Backend.offline, "--backend", help="LLM backend of the agents (and observers)."),
-    seed: int = _opt(1, "--seed", help="World seed: personas, questions, partners, sampling."),
+    spec_options: dict[str, Any],
     out: Path = _opt(Path("runs/latest"), "--out", help="Output directory (records.jsonl, world.json)."),
     nats: str = _opt(None, "--nats", help="Use services already running on this NATS server."),
-    model: str = _opt("", "--model", help="Chat model (openai), a known model name or local path (hf: "
-                                          "smollm2-135m-instruct), label (tgi)."),
-    url: str = _opt("", "--url", help="TGI server URL (tgi) or OpenAI-compatible base URL (openai)."),
-    observer_backend: str = _opt("", "--observer-backend", help="Observer backend (default: --backend)."),
-    observer_model: str = _opt("", "--observer-model", help="Observer model (default: --model)."),
-    observer_url: str = _opt("", "--observer-url", help="Observer server URL (default: --url)."),
-    embedding_backend: str = _opt("", "--embedding-backend", help="offline (all-MiniLM-L6-v2) or openai."),
-    embedding_model: str = _opt("", "--embedding-model", help="Embedding model; 'hashing' = fast, no model."),
-    partners: int = _opt(4, "--partners", help="Feedback partners per draft, k = min(partners, #neighbours)."),
-    radius: float = _opt(0.0, "--radius", help="Neighbour radius; 0 = S // 2."),
-    global_partner_probability: float = _opt(0.0, "--global-prob", help="Chance a partner comes from anywhere."),
-    concurrency: int = _opt(0, "--concurrency", help="Interactions at once; 0 = a whole round."),
-    prior_size: int = _opt(50, "--prior-size", help="Prior memories per agent."),
-    prior: str = _opt("", "--prior", help="Prior file (HH-RLHF jsonl[.gz]); default ../shared/data."),
-    questions: str = _opt("", "--questions", help="Question pool file; default ../shared/data."),
-    world_id: str = _opt("", "--world-id", help="World id (default: generated)."),
     timeout: float = _opt(3600.0, "--timeout", help="Give up after this many seconds."),
     workers: int = _opt(AUTO_WORKERS, "--workers", help="Worker processes serving more agent and observer "
                         "replicas beside this one (embedded stack only); -1 = one per core beyond the first "
                         "(at most 4; none for fewer than 200 interactions or the hf backend), 0 = none."),
 ) -> None:
     """Simulate a world and write DIR/records.jsonl (the original's field names) and DIR/world.json."""
-    spec = build_spec(size=size, rounds=rounds, setting=setting.value, backend=backend.value, seed=seed,
-                      model=model, url=url, observer_backend=observer_backend, observer_model=observer_model,
-                      observer_url=observer_url, embedding_backend=embedding_backend,
-                      embedding_model=embedding_model, partners=partners, radius=radius,
-                      global_partner_probability=global_partner_probability, concurrency=concurrency,
-                      prior_size=prior_size, prior=prior, questions=questions, world_id=world_id)
+    spec = build_spec(**spec_options)
     try:
         world = asyncio.run(run_world(spec, out, nats, timeout, workers=workers))
     except StableAlignError as exc:
