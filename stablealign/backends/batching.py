@@ -98,6 +98,11 @@ class GenerationRequest:
     temperature: float = 0.0  # 0: greedy
     seed: int | None = None  # sampling seed; None: a hash of the prompt ids
     stop: tuple[str, ...] = STOP_SEQUENCES  # text that ends the completion (EOS ids always do)
+    # A rating and its reason in one prefill: the first new token is the likeliest of ``choose`` (their
+    # log-probabilities come back in ``Generation.choices``), then ``then`` is fed as written, then the
+    # completion goes on as usual. These forced tokens are not part of the returned tokens or text.
+    choose: tuple[int, ...] = ()
+    then: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ class Generation:
     text: str  # the new tokens decoded without special tokens; not cut at the stop string
     prompt_tokens: int  # after cutting an over-long prompt
     finish_reason: str  # "eos" | "stop" | "length"
+    choices: dict[int, float] | None = None  # log P(token | prompt) of each ``choose`` token, if asked
+    forced_tokens: int = 0  # the chosen token and ``then``, fed before ``token_ids``
 
 
 @dataclass(eq=False)
@@ -131,6 +138,9 @@ class _Row:
     generator: Any  # torch.Generator, or None when greedy
     generated: list[int] = field(default_factory=list)
     next_position: int = 0  # position id of the token fed at the next step
+    forced: int = 0  # leading tokens of ``generated`` the request fixed (``choose``/``then``)
+    pending: list[int] = field(default_factory=list)  # ``then`` tokens still to feed
+    choices: dict[int, float] | None = None
 
     @property
     def request(self) -> GenerationRequest:
@@ -235,7 +245,8 @@ class BatchingEngine:
         if request.max_new_tokens < 1:
             raise BackendError("hf: max_new_tokens must be >= 1")
         loop = asyncio.get_running_loop()
-        job = _Job("generate", self._clip(request.prompt_ids, request.max_new_tokens), loop,
+        forced = 1 + len(request.then) if request.choose else 0
+        job = _Job("generate", self._clip(request.prompt_ids, request.max_new_tokens + forced), loop,
                    loop.create_future(), request=request)
         self._submit(job)
         return await job.future
@@ -427,8 +438,15 @@ class BatchingEngine:
                 seed = request.seed if request.seed is not None else default_seed(job.prompt)
                 generator.manual_seed(int(seed) % (2 ** 63))
             row = _Row(job, generator, next_position=len(job.prompt))
-            token = self._pick(logits[i:i + 1], [row])[0]
-            if not self._advance(row, token):
+            if request.choose:
+                logprobs = torch.log_softmax(logits[i], dim=-1)
+                row.choices = {int(t): float(logprobs[t]) for t in request.choose}
+                token = max(row.choices, key=row.choices.__getitem__)  # ties: the first, as DigitDistribution
+                row.pending = [int(t) for t in request.then]
+                forced = True
+            else:
+                token, forced = self._pick(logits[i:i + 1], [row])[0], False
+            if not self._advance(row, token, forced=forced):
                 kept.append(i)
                 new_rows.append(row)
         if not new_rows:
@@ -487,7 +505,8 @@ class BatchingEngine:
         finished = []
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             row.next_position += 1
-            if self._advance(row, token):
+            forced = bool(row.pending)
+            if self._advance(row, row.pending.pop(0) if forced else token, forced=forced):
                 finished.append(i)
         self._drop(finished)
 
@@ -534,24 +553,29 @@ class BatchingEngine:
             chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator))
         return [int(t) for t in chosen]
 
-    def _advance(self, row: _Row, token: int) -> bool:
-        """Appends ``token`` to the row; if that ends it, settles its future and returns True."""
+    def _advance(self, row: _Row, token: int, *, forced: bool = False) -> bool:
+        """Appends ``token`` to the row; if that ends it, settles its future and returns True. A forced
+        token (the request's ``choose``/``then``) never ends a row: the completion starts after it."""
         row.generated.append(token)
+        if forced:
+            row.forced += 1
+            return False
         request = row.request
         reason = ""
         if token in self.eos_ids:
             reason = "eos"
         elif request.stop and self._hit_stop(row):
             reason = "stop"
-        elif len(row.generated) >= request.max_new_tokens:
+        elif len(row.generated) - row.forced >= request.max_new_tokens:
             reason = "length"
         elif row.job.cancelled:
             reason = "cancelled"
         if not reason:
             return False
         if reason != "cancelled":
-            text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
-            self._resolve(row.job, Generation(tuple(row.generated), text, len(row.job.prompt), reason))
+            own = row.generated[row.forced:]
+            text = self.tokenizer.decode(own, skip_special_tokens=True)
+            self._resolve(row.job, Generation(tuple(own), text, len(row.job.prompt), reason, row.choices, row.forced))
         return True
 
     def _hit_stop(self, row: _Row) -> bool:
@@ -561,7 +585,7 @@ class BatchingEngine:
         if not stops:
             return False
         span = max(len(s.encode("utf-8")) for s in stops) + 2
-        tail = self.tokenizer.decode(row.generated[-span:], skip_special_tokens=True)
+        tail = self.tokenizer.decode(row.generated[row.forced:][-span:], skip_special_tokens=True)
         return any(stop in tail for stop in stops)
 
 

@@ -15,7 +15,9 @@ whatever else is being decoded beside it.
 Ratings are read from probabilities (``rates_from_probabilities``): after the prompt and the
 reply prefix ``Rating: ``, the next-token log-probabilities of the digits 1..scale give a
 ``DigitDistribution`` whose argmax is the rating; the reason is then generated after
-``Rating: <n> ### Reason:``. A small model that cannot keep to the reply format still rates.
+``Rating: <n> ### Reason:``. A small model that cannot keep to the reply format still rates. The
+digit and the reason come from one request to the engine (``GenerationRequest.choose``/``then``):
+the prompt is prefilled once, the likeliest digit and the mark are fed, the reason follows.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class RatingPrompt:
     chat_text: str  # the chat prompt alone (generation prompt added)
     separator: str  # what the template writes between the generation prompt and the reply
     chat_tokens: int
+    mark_ids: list[int]  # the reason mark's tokens, fed after the digit
 
 
 class HFChatBackend(ChatBackend):
@@ -190,7 +193,13 @@ class HFChatBackend(ChatBackend):
                 if len(full) == len(ids) + 1 and full[:len(ids)] == ids:
                     digit_ids[digit] = full[-1]
             if len(digit_ids) == scale and len(set(digit_ids.values())) == scale:
-                return RatingPrompt(ids, digit_ids, chat_text, separator, len(self._encode(chat_text)))
+                # The mark as the tokenizer writes it after a digit: "Rating: 5 ### Reason:" minus "Rating: 5".
+                digit = next(iter(digit_ids))
+                with_digit = self._encode(base + prefix + digit_text.format(digit))
+                marked = self._encode(base + prefix + digit_text.format(digit) + REASON_MARK)
+                mark_ids = (marked[len(with_digit):] if marked[:len(with_digit)] == with_digit
+                            else list(self._tokenizer(REASON_MARK, add_special_tokens=False)["input_ids"]))
+                return RatingPrompt(ids, digit_ids, chat_text, separator, len(self._encode(chat_text)), mark_ids)
         return None
 
     # ------------------------------------------------------------------ serving
@@ -225,22 +234,27 @@ class HFChatBackend(ChatBackend):
         if prompt is None:  # digits are not single tokens here: a plain reply, parsed by the caller
             log.warning("backend.hf_rating_digits_unavailable", extra={"model": self.model})
             return RatedCompletion(await self._chat_once(request))
-        logprobs = await engine.next_token_logprobs(prompt.ids, list(prompt.digit_ids.values()))
-        digits = DigitDistribution.from_logprobs({d: logprobs[t] for d, t in prompt.digit_ids.items()}, scale)
+        choose = tuple(prompt.digit_ids.values())
+        if not request.rating_reason:
+            logprobs = await engine.next_token_logprobs(prompt.ids, choose)
+            digits = DigitDistribution.from_logprobs({d: logprobs[t] for d, t in prompt.digit_ids.items()}, scale)
+            if digits is None:
+                return RatedCompletion(await self._chat_once(request))
+            return RatedCompletion(Completion(text=f"{RATING_PREFIX}{digits.score}", model=self.model,
+                                              prompt_tokens=len(prompt.ids), completion_tokens=1), digits)
+        # One prefill for both: the digit is read at the rating's position, then the likeliest digit and
+        # the reason mark are fed and the reason is generated after them (module docstring).
+        generation = await engine.generate(GenerationRequest(
+            prompt.ids, self._max_new(request), temperature=request.temperature,
+            seed=self._seed(request, prompt.chat_text), stop=STOP_SEQUENCES, choose=choose,
+            then=tuple(prompt.mark_ids)))
+        digits = DigitDistribution.from_logprobs(
+            {d: (generation.choices or {}).get(t, float("-inf")) for d, t in prompt.digit_ids.items()}, scale)
         if digits is None:
             return RatedCompletion(await self._chat_once(request))
-        score = digits.score
-        if not request.rating_reason:
-            return RatedCompletion(Completion(text=f"{RATING_PREFIX}{score}", model=self.model,
-                                              prompt_tokens=len(prompt.ids), completion_tokens=1), digits)
-        scaffold = f"{RATING_PREFIX}{score}{REASON_MARK}"
-        reason_ids = await asyncio.to_thread(self._encode, prompt.chat_text + prompt.separator + scaffold)
-        generation = await engine.generate(GenerationRequest(
-            reason_ids, self._max_new(request), temperature=request.temperature,
-            seed=self._seed(request, prompt.chat_text), stop=STOP_SEQUENCES))
-        reason = cut_at_stop(generation.text)
-        text = f"{scaffold} {reason}"
-        written = len(reason_ids) - prompt.chat_tokens  # the scaffold's tokens, as if the model wrote them
+        scaffold = f"{RATING_PREFIX}{digits.score}{REASON_MARK}"
+        text = f"{scaffold} {cut_at_stop(generation.text)}"
+        written = len(prompt.ids) - prompt.chat_tokens + generation.forced_tokens  # scaffold, as if written
         return RatedCompletion(Completion(text=text, model=self.model, prompt_tokens=prompt.chat_tokens,
                                           completion_tokens=max(0, written) + len(generation.token_ids)), digits)
 

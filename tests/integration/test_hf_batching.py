@@ -221,6 +221,39 @@ async def test_next_token_logprobs_batched_match_the_model(tiny, make_engine):
         assert all(abs(got[t] - float(expected[t])) < 1e-4 for t in wanted)
 
 
+async def test_a_chosen_token_then_forced_tokens_continue_as_if_prompted(tiny, make_engine):
+    """``choose``/``then``: the choice is the likeliest of ``choose`` at the prompt's end (with the same
+    log-probabilities as ``next_token_logprobs``), and what follows is the completion of the prompt with
+    the chosen and forced tokens appended, all from one prefill."""
+    model, tokenizer = tiny
+    prompts = tiny_prompts(tokenizer, 4)
+    choose, then = tuple(range(40, 47)), (50, 51, 52)
+    engine = make_engine()
+    results = await asyncio.gather(*(engine.generate(GenerationRequest(p, 6, stop=(), choose=choose, then=then))
+                                     for p in prompts))
+    for prompt, result in zip(prompts, results, strict=True):
+        logprobs = await engine.next_token_logprobs(prompt, choose)
+        assert result.choices is not None and set(result.choices) == set(choose)
+        assert all(abs(result.choices[t] - logprobs[t]) < 1e-4 for t in choose)
+        picked = max(choose, key=logprobs.__getitem__)
+        plain = await engine.generate(GenerationRequest([*prompt, picked, *then], 6, stop=()))
+        assert result.token_ids == plain.token_ids and result.text == plain.text
+        assert result.forced_tokens == 1 + len(then) and len(result.token_ids) == 6  # forced tokens not counted
+
+    class CountingModel:
+        def __init__(self) -> None:
+            self.config, self.generation_config, self.prefills = model.config, model.generation_config, 0
+
+        def __call__(self, **kwargs):
+            self.prefills += kwargs["input_ids"].shape[1] > 1
+            return model(**kwargs)
+
+    counting = CountingModel()
+    engine = make_engine(model=counting)
+    await engine.generate(GenerationRequest(prompts[0], 4, stop=(), choose=choose, then=then))
+    assert counting.prefills == 1
+
+
 class FlakyModel:
     """The tiny model, failing any forward whose input holds ``poison`` (or every decode step, if set)."""
 
