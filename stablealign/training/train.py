@@ -43,6 +43,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from stablealign.config import LaunchSettings, ProcessSettings, TrainingProcessSettings, load_settings
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
 from stablealign.training import checkpoint as ckpt
@@ -119,11 +120,11 @@ def decoder_layer_classes(model: Any) -> list[str]:
 
 def fsdp_active(cfg: StableAlignmentConfig) -> bool:
     """Whether this run shards with FSDP: asked for, several processes, and a device FSDP runs on here
-    (CUDA, or the CPU with gloo unless ``STABLEALIGN_FSDP_CPU=0`` asks for DDP there)."""
+    (CUDA, or the CPU with gloo unless ``STABLEALIGN_FSDP_CPU=false`` asks for DDP there)."""
     import torch
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    on_device = torch.cuda.is_available() or os.environ.get("STABLEALIGN_FSDP_CPU", "1") == "1"
+    distributed = load_settings(LaunchSettings).world_size > 1
+    on_device = torch.cuda.is_available() or load_settings(TrainingProcessSettings).fsdp_cpu
     return bool(cfg.fsdp) and distributed and on_device
 
 
@@ -147,7 +148,7 @@ def load_base_model(model_dir: Path, *, empty: bool) -> Any:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    log.info("train.model_loaded", extra={"rank": int(os.environ.get("RANK", "0")), "path": str(model_dir),
+    log.info("train.model_loaded", extra={"rank": load_settings(LaunchSettings).rank, "path": str(model_dir),
                                           "source": "meta" if empty else "checkpoint"})
     return model
 
@@ -299,7 +300,7 @@ def _accelerator(cfg: StableAlignmentConfig, layer_classes: list[str], *, rank0_
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
     from accelerate.state import PartialState
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = load_settings(LaunchSettings).world_size > 1
     plugin = None
     if cfg.fsdp and distributed:
         plugin = FullyShardedDataParallelPlugin(
@@ -321,7 +322,7 @@ def _accelerator(cfg: StableAlignmentConfig, layer_classes: list[str], *, rank0_
     PartialState(cpu=cpu)  # initialises the process group (gloo on CPU, nccl on CUDA) before the plugin
     accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=mixed_precision(cfg.bf16), fsdp_plugin=plugin)
-    if plugin is not None and cpu and os.environ.get("STABLEALIGN_FSDP_CPU", "1") == "1":
+    if plugin is not None and cpu and load_settings(TrainingProcessSettings).fsdp_cpu:
         # accelerate only turns the FSDP plugin on for accelerator devices (MULTI_CPU silently becomes
         # DDP); torch's FSDP itself runs on CPU with gloo, so switch the state over by hand.
         from accelerate.utils import DistributedType
@@ -362,7 +363,7 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
         tokenizer.pad_token = tokenizer.eos_token
     # Rank 0 reads the weights; with FSDP the others get them from it (module docstring).
     rank0_loading = cfg.fsdp_rank0_loading and fsdp_active(cfg)
-    model = load_base_model(model_dir, empty=rank0_loading and int(os.environ.get("RANK", "0")) != 0)
+    model = load_base_model(model_dir, empty=rank0_loading and load_settings(LaunchSettings).rank != 0)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -404,7 +405,7 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
         from stablealign.metrics import start_metrics_server
 
         # In a pod the port must be reachable by Prometheus: the same bind setting as the services.
-        port = start_metrics_server(cfg.metrics_port, os.environ.get("STABLEALIGN_METRICS_HOST", "127.0.0.1"))
+        port = start_metrics_server(cfg.metrics_port, load_settings(ProcessSettings).metrics_host)
         log.info("train.metrics", extra={"port": port})
     log.info("train.start", extra={"groups": len(groups), "total_steps": total_steps, "start_step": start_step,
                                    "processes": accelerator.num_processes, "precision": mixed_precision(cfg.bf16),
@@ -416,7 +417,7 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
     # A trainer job (local runner or Kubernetes pod: STABLEALIGN_JOB_ID is set) prints each logged
     # step as one JSON line on stdout instead: the runner reads those lines as the job's metrics.
     show_bar = main and sys.stderr.isatty()
-    job_rows = bool(os.environ.get("STABLEALIGN_JOB_ID"))
+    job_rows = bool(load_settings(TrainingProcessSettings).job_id)
     progress = tqdm(total=total_steps, initial=start_step, disable=not show_bar, desc="stable-align train",
                     dynamic_ncols=True)
     last_loss: float | None = None
