@@ -199,17 +199,13 @@ Port = Annotated[int, Field(ge=-1, le=65535)]
 
 
 class ProcessSettings(Settings):
-    """What any process of the product reads, a service or not (a training job, a worker): its log lines,
-    its /metrics address and its cycle collector. ``stablealign.process.setup_process`` applies them."""
+    """What any process of the product reads, a service or not (a training job, a worker): its log lines and
+    its /metrics address (``stablealign.process.setup_process`` applies the first)."""
 
     log_level: str = "INFO"
     log_format: Literal["json", "console", "auto"] = Field(
         "auto", description="json | console | auto (json in a Kubernetes pod, human lines elsewhere).")
     metrics_host: str = Field("127.0.0.1", description="/metrics bind address.")
-    gc_gen0_threshold: int = Field(20_000, ge=0, description=(
-        "Allocations between two young-generation collections of the cycle collector once the process serves "
-        "(gen-1 and gen-2 thresholds stay at 10); 0: the interpreter's default (700). The default keeps most "
-        "of the collector's work out of a round (docs/benchmarks.md)."))
 
 
 class PathSettings(Settings):
@@ -301,6 +297,10 @@ class ServiceSettings(ProcessSettings, NatsClientSettings, StreamSettings, GrpcS
         "Longest one LLM call of an agent/observer step may take (backend retries included): past it the call "
         "is cancelled and the step answers UNAVAILABLE naming the step and the model. Keep it below the world's "
         "request_timeout_seconds."))
+    gc_gen0_threshold: int = Field(20_000, ge=0, description=(
+        "Allocations between two young-generation collections of the cycle collector once the process serves "
+        "(gen-1 and gen-2 thresholds stay at 10); 0: the interpreter's default (700). The default keeps most "
+        "of the collector's work out of a round (docs/benchmarks.md)."))
     local_llm_deadline_seconds: float = Field(1500.0, gt=0, description=(
         "The same for models in the agent/observer process (hf), whose calls wait their turn in the batch; "
         "keep it below the world's local_request_timeout_seconds."))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 
-from stablealign.config import ProcessSettings, load_settings
+from stablealign.config import ProcessSettings, ServiceSettings, load_settings
 from stablealign.errors import ConfigError
 from stablealign.logs import setup_logging
 
@@ -42,12 +42,14 @@ def setup_process(settings: ProcessSettings | None = None, *, log_level: str | N
     ``settings``, else ``ProcessSettings`` from the environment.
 
     At start (``serving`` false): the root logger; ``lock`` as in ``stablealign.logs.setup_logging`` (the
-    command line's choice holds against later calls). Once the process's services run (``serving``): the
-    cycle collector (``settle_heap`` with ``gc_gen0_threshold``), logging left as it is. A bad level is a
-    ConfigError naming ``STABLEALIGN_LOG_LEVEL``.
+    command line's choice holds against later calls). Once the process's services run (``serving``, with
+    a service's ``settings``): the cycle collector (``settle_heap`` with ``gc_gen0_threshold``), logging left
+    as it is. A bad level is a ConfigError naming ``STABLEALIGN_LOG_LEVEL``.
     """
     if serving:
-        settle_heap((settings or load_settings(ProcessSettings)).gc_gen0_threshold)
+        if not isinstance(settings, ServiceSettings):
+            raise TypeError("setup_process(serving=True) takes the settings of a service it runs")
+        settle_heap(settings.gc_gen0_threshold)
         return
     if log_level is None or log_format is None:
         settings = settings or load_settings(ProcessSettings)

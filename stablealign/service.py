@@ -27,7 +27,7 @@ from stablealign.grpc_authz import authorization_interceptors
 from stablealign.logs import get_logger
 from stablealign.metrics import REQUESTS_IN_FLIGHT, MetricsServer, serve_metrics
 from stablealign.natsauth import NatsClientOptions
-from stablealign.process import setup_process
+from stablealign.process import settle_heap, setup_process  # noqa: F401 - settle_heap re-exported (embedded stack)
 from stablealign.redaction import redact_url
 from stablealign.rpc import GrpcServer, HealthPortError, start_grpc_server
 

@@ -26,15 +26,14 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from stablealign import bus, endpoints, models, natsauth, record_stream
-from stablealign.config import NatsClientSettings, env_name, load_settings
+from stablealign.config import load_settings
 from stablealign.data import data_dir
 from stablealign.errors import ConfigError, ConflictError, UnavailableError, ValidationError
 from stablealign.logs import current_logging, get_logger
 from stablealign.natsauth import NatsClientOptions
 from stablealign.natsserver import EmbeddedNatsServer
-from stablealign.process import settle_heap
 from stablealign.retry import Failure, RetryPolicy, retry_async
-from stablealign.service import RunningService, close_process_backends, start_service
+from stablealign.service import RunningService, close_process_backends, settle_heap, start_service
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign.worlds import FINAL_STATES
 
@@ -184,8 +183,7 @@ def remote_nats_settings() -> list[str]:
     environment, or the command's ``--nats-*`` flags) that an embedded stack does not use."""
     given = natsauth.client_options()  # the command's, from its flags and variables
     from_command = [f"STABLEALIGN_NATS_{f.name.upper()}" for f in fields(given) if getattr(given, f.name)]
-    in_env = load_settings(NatsClientSettings)
-    from_env = [env_name(setting) for setting in natsauth.SETTING_NAMES if getattr(in_env, setting).strip()]
+    from_env = natsauth.settings_in_environment()
     return list(dict.fromkeys([*from_command, *from_env]))
 
 

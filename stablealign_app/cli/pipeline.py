@@ -22,11 +22,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from stablealign import timing
 from stablealign.judges import CPU_JUDGE
 from stablealign.logs import current_logging
 from stablealign.models import known_model
 from stablealign.stats import format_figure
-from stablealign.timing import timed
 
 console = Console()
 
@@ -45,7 +45,7 @@ def _step(title: str, args: list[str], env: dict[str, str] | None = None) -> flo
     child_env = {**os.environ, "STABLEALIGN_LOG_LEVEL": level, "STABLEALIGN_LOG_FORMAT": fmt, **(env or {})}
     child_env.pop("STABLEALIGN_NATS_URL", None)  # the pipeline runs on its own embedded stack
     took: dict[str, float] = {}
-    with timed(took, "step"):
+    with timing.timed(took, "step"):
         result = subprocess.run(command, check=False, env=child_env)
     if result.returncode != 0:
         typer.echo(f"error: step failed ({title}): exit {result.returncode}", err=True)
@@ -140,7 +140,7 @@ def pipeline(
     timings["train"] = _train(f"4/{steps}", "the model" if real else "the tiny model", base, data, trained, train_args)
     compare: list[str] = []
     if ablation:
-        with timed(timings, "ablation"):
+        with timing.timed(timings, "ablation"):
             compare = _ablation(out, data, base, train_args, steps)
     timings["eval"] = _step(f"{steps}/{steps} evaluate base vs trained", [
         "eval", "--model", str(trained), "--base", base, *compare, "--data", str(data / "alignment.heldout.jsonl"),

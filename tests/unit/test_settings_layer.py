@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from stablealign import logs
-from stablealign.config import LaunchSettings, PathSettings, ProcessSettings, TrainingProcessSettings, load_settings
+from stablealign.config import LaunchSettings, PathSettings, ServiceSettings, TrainingProcessSettings, load_settings
 from stablealign.errors import ConfigError
 from stablealign.process import setup_process
 
@@ -147,7 +147,7 @@ def test_setup_process_settles_the_collector_once_serving(restored_logging):
     threshold = gc.get_threshold()
     handlers = logging.getLogger().handlers[:]
     try:
-        setup_process(load_settings(ProcessSettings, {"gc_gen0_threshold": 12_345}, environ={}), serving=True)
+        setup_process(load_settings(ServiceSettings, {"gc_gen0_threshold": 12_345}, environ={}), serving=True)
         assert gc.get_threshold()[0] == 12_345 and gc.get_freeze_count() > 0
         assert logging.getLogger().handlers == handlers  # logging untouched
     finally:
