@@ -10,7 +10,6 @@ values; booleans accept true/false/1/0/yes/no/on/off. A bad value fails fast wit
 
 from __future__ import annotations
 
-import os
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -24,6 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from stablealign.endpoints import LLMEndpointSettings
 from stablealign.errors import ConfigError
+from stablealign.settings import process_environ
 from stablealign.streams import StreamSettings
 from stablealign.tls import GrpcServerTlsSettings
 
@@ -68,8 +68,7 @@ class EnvironSource(PydanticBaseSettingsSource):
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         super().__init__(settings_cls)
-        given = _ENVIRON.get()
-        self.environ: Mapping[str, str] = os.environ if given is None else given
+        self.environ: Mapping[str, str] = process_environ(_ENVIRON.get())
         self.prefix = _settings_prefix(settings_cls)
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
@@ -86,7 +85,12 @@ class EnvironSource(PydanticBaseSettingsSource):
 
 
 def _settings_prefix(cls: type[BaseSettings]) -> str:
-    return _PREFIX.get() or cls.model_config.get("env_prefix") or ENV_PREFIX
+    """The prefix given to ``load_settings``, else the class's own ("" for variables that other tools
+    name, such as ``WORLD_SIZE``), else ``STABLEALIGN_``."""
+    for prefix in (_PREFIX.get(), cls.model_config.get("env_prefix")):
+        if prefix is not None:
+            return prefix
+    return ENV_PREFIX
 
 
 _TYPE_TEXT = {
@@ -194,12 +198,71 @@ NatsUrl = Annotated[str, AfterValidator(_nats_url)]
 Port = Annotated[int, Field(ge=-1, le=65535)]
 
 
-class ServiceSettings(Settings, StreamSettings, GrpcServerTlsSettings, LLMEndpointSettings):
-    """What every service process needs; services extend it with their own fields."""
+class ProcessSettings(Settings):
+    """What any process of the product reads, a service or not (a training job, a worker): its log lines and
+    its /metrics address (``stablealign.process.setup_process`` applies the first)."""
 
-    nats_url: NatsUrl = Field("nats://127.0.0.1:4222", description="NATS server URL (nats://, tls://, ws://, wss://).")
-    # NATS credentials and TLS (stablealign.natsauth.NatsClientOptions); the server's users and their
-    # permissions come from stablealign/nats_permissions.py.
+    log_level: str = "INFO"
+    log_format: Literal["json", "console", "auto"] = Field(
+        "auto", description="json | console | auto (json in a Kubernetes pod, human lines elsewhere).")
+    metrics_host: str = Field("127.0.0.1", description="/metrics bind address.")
+
+
+class PathSettings(Settings):
+    """Where the product finds its files and programs; each default is resolved by its reader (the
+    repository's folders), so "" means "the default"."""
+
+    data_dir: str = Field("", description="SANDBOX data (stablealign.data); default: shared/data beside the "
+                                          "repository or the working directory.")
+    cache_dir: str = Field("", description="Embedding vector cache; off/0/false/no/none: no cache; default: "
+                                           "$XDG_CACHE_HOME/stablealign or ~/.cache/stablealign.")
+    models_dir: str = Field("", description="Where `stable-align model pull` puts models; default: models/ at "
+                                            "the repository root.")
+    model_roots: str = Field("", description="Directories whose models a request may name, comma-separated "
+                                             "(default: models_dir).")
+    nats_server_bin: str = Field("", description="The nats-server program (default: beside Python, then $PATH).")
+
+
+class BackendSettings(Settings):
+    """The LLM backends' own defaults, read when a backend is built."""
+
+    openai_chat_model: str = Field("", description="Chat model of the openai backend when a request names none.")
+    llm_max_concurrency: int | None = Field(None, ge=1, description=(
+        "Calls one backend admits at once; default: what the backend can serve (stablealign.backends)."))
+
+
+class TrainingProcessSettings(Settings):
+    """What a training process reads besides its config: how it was started."""
+
+    fsdp_cpu: bool = Field(True, description="Without a GPU, shard the model with FSDP on the CPU (gloo) when "
+                                             "launched with several processes; false: plain data parallel.")
+    job_id: str = Field("", description="Set by the trainer service for the runs it starts: progress goes out "
+                                        "as job rows.")
+
+
+class HostSettings(Settings):
+    """Variables that other tools set, read under their own names (no prefix)."""
+
+    model_config = SettingsConfigDict(env_prefix="")
+
+    kubernetes_service_host: str = Field("", description="Set in a Kubernetes pod: log lines default to JSON.")
+    xdg_cache_home: str = Field("", description="The user's cache folder (XDG).")
+    openai_base_url: str = Field("", description="The OpenAI SDK's server URL.")
+
+
+class LaunchSettings(Settings):
+    """A distributed launcher's variables (torchrun, accelerate), under their own names."""
+
+    model_config = SettingsConfigDict(env_prefix="")
+
+    world_size: int = Field(1, ge=1, description="Processes in the training run.")
+    rank: int = Field(0, ge=0, description="This process's rank.")
+
+
+class NatsClientSettings(Settings):
+    """A NATS client's credentials and TLS (``stablealign.natsauth.NatsClientOptions``), part of every
+    service's settings; the server's users and their permissions come from stablealign/nats_permissions.py."""
+
     nats_user: str = Field("", description="NATS user (one per role: world, agent, observer, trainer, cli).")
     nats_password: str = Field("", repr=False, description="Password of the NATS user (prefer the _FILE variant).")
     nats_password_file: str = Field("", description="File holding the NATS user's password (e.g. a mounted Secret).")
@@ -210,13 +273,15 @@ class ServiceSettings(Settings, StreamSettings, GrpcServerTlsSettings, LLMEndpoi
     nats_inbox_prefix: str = Field("", description=(
         "Prefix of this client's reply subjects; \"\": _INBOX_<nats_user> (the only inboxes the server lets that "
         "user subscribe), _INBOX without a user. Set it for a .creds user or a server that allows only _INBOX."))
+
+
+class ServiceSettings(ProcessSettings, NatsClientSettings, StreamSettings, GrpcServerTlsSettings, LLMEndpointSettings):
+    """What every service process needs; services extend it with their own fields."""
+
+    nats_url: NatsUrl = Field("nats://127.0.0.1:4222", description="NATS server URL (nats://, tls://, ws://, wss://).")
     grpc_port: Port = Field(0, description="gRPC port; 0: pick a free port (logged); -1: no gRPC server.")
     grpc_host: str = Field("127.0.0.1", description="gRPC bind address.")
     metrics_port: Port = Field(-1, description="Prometheus /metrics port; -1: no /metrics server; 0: a free port.")
-    metrics_host: str = Field("127.0.0.1", description="/metrics bind address.")
-    log_level: str = "INFO"
-    log_format: Literal["json", "console", "auto"] = Field(
-        "auto", description="json | console | auto (json in a Kubernetes pod, human lines elsewhere).")
     max_concurrency: int = Field(256, ge=1, description="Requests in flight at once per process (NATS handlers "
                                                         "and gRPC calls).")
     max_request_bytes: int = Field(1 << 20, ge=1, description="Largest request accepted, bytes (gRPC and NATS).")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
 import zlib
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from stablealign.config import PathSettings, load_settings
 from stablealign.errors import ValidationError
 
 _TURN = re.compile(r"\n\n(Human|Assistant):\s?")
@@ -24,7 +24,7 @@ _TURN = re.compile(r"\n\n(Human|Assistant):\s?")
 
 def data_dir() -> Path:
     """``$STABLEALIGN_DATA_DIR``, else ``../shared/data`` next to the repository, else next to the cwd."""
-    env = os.environ.get("STABLEALIGN_DATA_DIR")
+    env = load_settings(PathSettings).data_dir
     if env:
         return Path(env)
     repo_root = Path(__file__).resolve().parent.parent

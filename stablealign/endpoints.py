@@ -28,7 +28,6 @@ ConfigError naming the variable.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from stablealign.errors import ConfigError, ValidationError
 from stablealign.redaction import redact_url
+from stablealign.settings import process_environ
 
 ENDPOINTS_ENV = "STABLEALIGN_LLM_ENDPOINTS"
 BACKENDS_ENV = "STABLEALIGN_LLM_BACKENDS"
@@ -62,7 +62,7 @@ class Endpoint:
     def api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
         if not self.key_env:
             return None
-        return (os.environ if environ is None else environ).get(self.key_env) or None
+        return process_environ(environ).get(self.key_env) or None
 
 
 def canonical_url(url: str) -> str:
@@ -119,13 +119,13 @@ def forget_trusted() -> None:
 
 def openai_default_url(environ: Mapping[str, str] | None = None) -> str:
     """The URL ``OPENAI_API_KEY`` belongs to: ``OPENAI_BASE_URL``, else OpenAI's own API."""
-    env = os.environ if environ is None else environ
+    env = process_environ(environ)
     return (env.get(OPENAI_BASE_URL_ENV) or "").strip() or OPENAI_DEFAULT_URL
 
 
 def openai_key_for(url: str | None, environ: Mapping[str, str] | None = None) -> str | None:
     """``OPENAI_API_KEY`` when ``url`` (None: the SDK's default) is the URL it was configured for, else None."""
-    env = os.environ if environ is None else environ
+    env = process_environ(environ)
     key = env.get(OPENAI_KEY_ENV) or None
     if key is None:
         return None
@@ -170,7 +170,7 @@ def _parse_endpoints(raw: str) -> list[Endpoint]:
 
 def configured_endpoints(environ: Mapping[str, str] | None = None) -> tuple[Endpoint, ...]:
     """The OpenAI SDK's default endpoint, then ``STABLEALIGN_LLM_ENDPOINTS``, then what ``trust`` added."""
-    env = os.environ if environ is None else environ
+    env = process_environ(environ)
     default = Endpoint(name="openai", url=canonical_url(openai_default_url(env)), backend="openai",
                        key_env=OPENAI_KEY_ENV)
     raw = (env.get(ENDPOINTS_ENV) or "").strip()
@@ -181,7 +181,7 @@ def configured_endpoints(environ: Mapping[str, str] | None = None) -> tuple[Endp
 
 def allowed_backends(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """``STABLEALIGN_LLM_BACKENDS`` (comma-separated), default every backend."""
-    raw = ((os.environ if environ is None else environ).get(BACKENDS_ENV) or "").strip()
+    raw = (process_environ(environ).get(BACKENDS_ENV) or "").strip()
     if not raw:
         return ALL_BACKENDS
     names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))

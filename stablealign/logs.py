@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 
+from stablealign.config import HostSettings, load_settings
 from stablealign.redaction import scrub_secrets
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -97,7 +97,7 @@ class StderrHandler(logging.StreamHandler):
 
 def in_container() -> bool:
     """A Kubernetes pod, where log collectors read JSON (the image also sets STABLEALIGN_LOG_FORMAT=json)."""
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    return bool(load_settings(HostSettings).kubernetes_service_host)
 
 
 def resolve_format(fmt: str) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stablealign.config import PathSettings, load_settings
 from stablealign.confine import confined_path
 from stablealign.errors import ConfigError
 from stablealign.logs import get_logger
@@ -81,7 +81,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 
 def models_dir() -> Path:
     """``$STABLEALIGN_MODELS_DIR``, else ``models/`` at the repository root (git-ignored)."""
-    env = os.environ.get(MODELS_DIR_ENV, "").strip()
+    env = load_settings(PathSettings).models_dir.strip()
     if env:
         return Path(env).expanduser()
     return Path(__file__).resolve().parent.parent / "models"
@@ -120,7 +120,7 @@ _TRUSTED_DIRS: list[Path] = []
 def model_roots(environ: dict[str, str] | None = None) -> tuple[Path, ...]:
     """Where a requested hf model may be: ``$STABLEALIGN_MODEL_ROOTS`` (comma-separated), else
     ``models_dir()``; then the directories this process's own user named (``trust_model_dir``)."""
-    raw = ((os.environ if environ is None else environ).get(MODEL_ROOTS_ENV) or "").strip()
+    raw = load_settings(PathSettings, environ=environ).model_roots.strip()
     roots = [Path(item.strip()).expanduser() for item in raw.split(",") if item.strip()] if raw else [models_dir()]
     return (*roots, *_TRUSTED_DIRS)
 

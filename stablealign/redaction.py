@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from collections.abc import Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from stablealign.settings import process_environ
 
 MASK = "***"
 # Query parameters that hold a credential (compared lower-case, '-' as '_').
@@ -81,8 +82,9 @@ def endpoint_key_vars(raw: str) -> tuple[str, ...]:
 
 def known_secrets(extra: Iterable[str | None] = ()) -> list[str]:
     """``extra`` and the secret values this process holds in its environment, longest first."""
-    names = (*SECRET_ENV_VARS, *endpoint_key_vars(os.environ.get(ENDPOINTS_ENV, "")))
-    values = [*extra, *(os.environ.get(name) for name in names)]
+    environ = process_environ()
+    names = (*SECRET_ENV_VARS, *endpoint_key_vars(environ.get(ENDPOINTS_ENV, "")))
+    values = [*extra, *(environ.get(name) for name in names)]
     return sorted({v for v in values if v and len(v) >= _MIN_SECRET_CHARS}, key=len, reverse=True)
 
 

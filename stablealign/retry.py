@@ -148,8 +148,22 @@ async def retry_async(
         on_failure(Failure(1, policy.attempts, first, delay))
     await asyncio.sleep(delay)
 
-    # Attempts 2.. under tenacity, whose own count starts again at 1: ``done`` attempts ran already.
-    done = 1
+    return await _later_attempts(once, policy, is_retryable=is_retryable, waited=waited,
+                                 give_up_with=give_up_with, on_failure=on_failure)
+
+
+async def _later_attempts(
+    once: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    is_retryable: Callable[[BaseException], bool],
+    waited: Callable[[int, BaseException | None], float],
+    give_up_with: Callable[[Failure], T],
+    on_failure: Callable[[Failure], None] | None,
+) -> T:
+    """Attempts 2.. of ``retry_async`` under tenacity, after a first attempt that failed retryably (and its
+    wait), with the same waits, hooks and attempt numbers as if tenacity had run them all."""
+    done = 1  # tenacity's own count starts again at 1: ``done`` attempts ran already
 
     def failure(state: RetryCallState, delay: float | None) -> Failure:
         error = state.outcome.exception() if state.outcome is not None else None

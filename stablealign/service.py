@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gc
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from stablealign.grpc_authz import authorization_interceptors
 from stablealign.logs import get_logger
 from stablealign.metrics import REQUESTS_IN_FLIGHT, MetricsServer, serve_metrics
 from stablealign.natsauth import NatsClientOptions
+from stablealign.process import settle_heap, setup_process  # noqa: F401 - settle_heap re-exported (embedded stack)
 from stablealign.redaction import redact_url
 from stablealign.rpc import GrpcServer, HealthPortError, start_grpc_server
 
@@ -198,27 +198,6 @@ async def _run_stop_hooks(name: str, hooks: list[Callable[[], Awaitable[None]]])
             log.exception("service.stop_hook_failed", extra={"service": name})
 
 
-def settle_heap(gen0_threshold: int = 0) -> None:
-    """Moves every object alive now into the permanent GC generation (``gc.freeze``), once a process has
-    started its services, and spaces the young-generation collections ``gen0_threshold`` allocations
-    apart (0: the interpreter's 700).
-
-    Why: what is alive then (imported modules, classes, settings, connections) lives as long as the
-    process, yet every full collection traversed it again, a large share of a round's CPU (gen-2
-    collections triggered by the round's own allocations). Frozen objects are still freed by reference
-    counting; only the cycle collector skips them. After the freeze a round still triggered hundreds of
-    young collections: a request allocates thousands of short-lived containers that reference counting
-    frees anyway, so collecting every 700 allocations mostly scans live in-flight work; spacing them
-    apart keeps that work out of the rounds (figures: docs/benchmarks.md). Cyclic garbage still goes at
-    the next young collection; the older generations keep their thresholds, so nothing waits for a rare
-    full pass.
-    """
-    gc.freeze()
-    if gen0_threshold > 0:
-        _, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(gen0_threshold, gen1, gen2)
-
-
 async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> tuple[bool, T | None]:
     """``(True, result of work)``, or ``(False, None)`` when ``stop`` is set first: ``work`` is then cancelled
     and its clean-up awaited. For a start that may wait a long time (the first NATS connection is retried
@@ -252,7 +231,7 @@ async def serve_forever(name: str, settings: ServiceSettings,
     if not started:
         log.info("service.stopped_before_ready", extra={"service": name})
         return 0
-    settle_heap(settings.gc_gen0_threshold)
+    setup_process(settings, serving=True)
     await stop.wait()
     await running.stop()
     await close_process_backends()

@@ -176,8 +176,7 @@ def remote_nats_settings() -> list[str]:
     environment, or the command's ``--nats-*`` flags) that an embedded stack does not use."""
     given = natsauth.client_options()  # the command's, from its flags and variables
     from_command = [f"STABLEALIGN_NATS_{f.name.upper()}" for f in fields(given) if getattr(given, f.name)]
-    from_env = [f"STABLEALIGN_{setting.upper()}" for setting in natsauth.SETTING_NAMES
-                if os.environ.get(f"STABLEALIGN_{setting.upper()}", "").strip()]
+    from_env = natsauth.settings_in_environment()
     return list(dict.fromkeys([*from_command, *from_env]))
 
 

@@ -72,7 +72,8 @@ async def _stdin_closed() -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     from stablealign import endpoints, metrics, models
-    from stablealign.service import close_process_backends, settle_heap, unless_stopped
+    from stablealign.process import setup_process
+    from stablealign.service import close_process_backends, unless_stopped
     from stablealign_app.embedded import start_embedded_service
 
     for item in args.trust_url:
@@ -98,7 +99,7 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         started, _ = await unless_stopped(start_all(), stop)
         if started:
-            settle_heap(running[0].context.settings.gc_gen0_threshold if running else 0)
+            setup_process(running[0].context.settings, serving=True)  # one per name asked: never empty
             _say({"ready": True})
             await stop.wait()
     finally:
@@ -113,10 +114,10 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from stablealign.errors import StableAlignError
-    from stablealign.logs import setup_logging
+    from stablealign.process import setup_process
 
     args = parse_args(argv)
-    setup_logging(args.log_level, args.log_format, lock=True)
+    setup_process(log_level=args.log_level, log_format=args.log_format, lock=True)
     # The run's own process has said it already: one "offline backend" notice per run, not one per process.
     logging.getLogger("stablealign.backends.offline").addFilter(lambda record: record.getMessage() != "backend.offline")
     try:

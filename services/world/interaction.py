@@ -49,6 +49,7 @@ from stablealign.errors import BackendError, StableAlignError, UnavailableError,
 from stablealign.memory import append_memory, revision_msg_id
 from stablealign.records import check_record, record_msg_id  # the id readers trust (record_stream)
 from stablealign.retry import RetryPolicy, retry_async
+from stablealign.timing import timed
 from stablealign.v1 import agent_pb2, common_pb2, observer_pb2, world_pb2
 
 T = TypeVar("T")
@@ -160,10 +161,119 @@ class InteractionProgress:
         self.results.clear()
 
 
-async def _timed(coro) -> tuple[Any, float]:
-    started = time.perf_counter()
-    result = await coro
-    return result, time.perf_counter() - started
+@dataclass
+class _Interaction:
+    """The steps of one interaction, each asked through ``progress`` (an earlier attempt's reply is reused)
+    and timed into ``latency``, which becomes the record's ``latency_seconds``."""
+
+    deps: InteractionDeps
+    spec: world_pb2.WorldSpec
+    round_: int
+    agent: int
+    question: str
+    progress: InteractionProgress
+    latency: dict[str, float] = field(default_factory=dict)
+
+    async def embed(self, precomputed: Sequence[float] | np.ndarray | None) -> list[float]:
+        """The question's vector: the one computed before the round (~0 s here), else the embedder's."""
+        embedder = self.deps.embedder
+        with timed(self.latency, "embed"):
+            if precomputed is not None:
+                return np.asarray(precomputed, dtype=np.float32).tolist()
+            embedded = await self.progress.step("embed", lambda: _step("embed", f"embedder {embedder.name}",
+                                                                      embedder.embed([self.question])))
+            return np.asarray(embedded, dtype=np.float32)[0].tolist()
+
+    async def draft(self, embedding: list[float]) -> agent_pb2.DraftResponse:
+        request = agent_pb2.DraftRequest(world_id=self.spec.world_id, agent_id=self.agent, round=self.round_,
+                                         question=self.question, question_embedding=embedding)
+        with timed(self.latency, "draft"):
+            return await self.progress.step("draft", lambda: self.deps.call(
+                bus.AGENT_DRAFT, request, agent_pb2.DraftResponse, backend=self.spec.agent_model.backend,
+                step="draft"))
+
+    async def _rate_both(self, answer: str, stage: str) -> list[observer_pb2.RateResponse]:
+        """Alignment and engagement of ``answer``: one request to the observers (a batch of two)."""
+        aspects = (ALIGNMENT, ENGAGEMENT)
+        requests = [observer_pb2.RateRequest(world_id=self.spec.world_id, agent_id=self.agent, round=self.round_,
+                                             question=self.question, answer=answer, aspect=aspect, stage=stage)
+                    for aspect in aspects]
+        return await self.progress.step_many(
+            [f"rate_{stage}.{aspect}" for aspect in aspects],
+            lambda missing: self.deps.call_many(bus.OBSERVER_RATE, [requests[i] for i in missing],
+                                                observer_pb2.RateResponse, backend=self.spec.observer_model.backend,
+                                                step=f"rate_{stage}"))
+
+    async def feedback_and_rate_before(self, draft: agent_pb2.DraftResponse, partners: Sequence[int]
+                                       ) -> tuple[list[observer_pb2.RateResponse], list[agent_pb2.FeedbackResponse]]:
+        """The partners' feedback on the draft and the draft's two ratings, at once (the ratings need only
+        the draft)."""
+        requests = [agent_pb2.FeedbackRequest(world_id=self.spec.world_id, agent_id=p, round=self.round_,
+                                              question=self.question, answer=draft.answer, author_id=self.agent)
+                    for p in partners]
+        before: dict[str, float] = {}
+
+        async def rate_before() -> list[observer_pb2.RateResponse]:
+            with timed(before, "rate_before"):
+                return await self._rate_both(draft.answer, "before")
+
+        with timed(self.latency, "feedback"):
+            ratings, replies = await asyncio.gather(rate_before(), self.progress.step_many(
+                [f"feedback.{i}.{p}" for i, p in enumerate(partners)],
+                lambda missing: self.deps.call_many(bus.AGENT_FEEDBACK, [requests[i] for i in missing],
+                                                    agent_pb2.FeedbackResponse, backend=self.spec.agent_model.backend,
+                                                    step="feedback")))
+        self.latency.update(before)
+        return ratings, replies
+
+    async def revise(self, draft: agent_pb2.DraftResponse, feedback: list[common_pb2.Feedback]
+                     ) -> agent_pb2.ReviseResponse:
+        request = agent_pb2.ReviseRequest(world_id=self.spec.world_id, agent_id=self.agent, round=self.round_,
+                                          question=self.question, draft_answer=draft.answer, feedback=feedback)
+        with timed(self.latency, "revise"):
+            return await self.progress.step("revise", lambda: self.deps.call(
+                bus.AGENT_REVISE, request, agent_pb2.ReviseResponse, backend=self.spec.agent_model.backend,
+                step="revise"))
+
+    async def rate_after(self, revised: agent_pb2.ReviseResponse) -> list[observer_pb2.RateResponse]:
+        with timed(self.latency, "rate_after"):
+            return await self._rate_both(revised.answer, "after")
+
+
+def _feedback(partners: Sequence[int], replies: Sequence[agent_pb2.FeedbackResponse]) -> list[common_pb2.Feedback]:
+    feedback = []
+    for partner, reply in zip(partners, replies):
+        fb = common_pb2.Feedback()
+        fb.CopyFrom(reply.feedback)
+        fb.partner_id = partner  # the requester knows who it asked, whatever the reply says
+        feedback.append(fb)
+    return feedback
+
+
+def _record(run: _Interaction, draft: agent_pb2.DraftResponse, feedback: list[common_pb2.Feedback],
+            feedback_replies: Sequence[agent_pb2.FeedbackResponse], revised: agent_pb2.ReviseResponse,
+            before: Sequence[observer_pb2.RateResponse], after: Sequence[observer_pb2.RateResponse]
+            ) -> common_pb2.InteractionRecord:
+    """The record of the interaction (without its latencies and time), tokens summed over every reply."""
+    (align_before, engage_before), (align_after, engage_after) = before, after
+    stats = [draft.stats, revised.stats, align_before.stats, engage_before.stats, align_after.stats,
+             engage_after.stats, *(r.stats for r in feedback_replies)]
+    spec = run.spec
+    return common_pb2.InteractionRecord(
+        world_id=spec.world_id, round=run.round_, agent_id=run.agent, label=spec.labels[run.agent],
+        question=run.question, draft_answer=draft.answer, feedback=feedback, revised_answer=revised.answer,
+        alignment_before=align_before.rating, alignment_after=align_after.rating,
+        engagement_before=engage_before.rating, engagement_after=engage_after.rating,
+        agent_model=spec.agent_model, observer_model=spec.observer_model, memories=draft.memories,
+        prompt_tokens=sum(s.prompt_tokens for s in stats), completion_tokens=sum(s.completion_tokens for s in stats),
+    )
+
+
+def _memory(run: _Interaction, revised: agent_pb2.ReviseResponse, embedding: list[float]) -> common_pb2.MemoryBatch:
+    """The revision as the agent's new memory."""
+    return common_pb2.MemoryBatch(entries=[common_pb2.MemoryEntry(
+        question=run.question, answer=revised.answer, question_embedding=embedding, source="revised",
+        round=run.round_)])
 
 
 async def run_interaction(
@@ -183,131 +293,17 @@ async def run_interaction(
     ``progress``: the replies an earlier attempt of this interaction received (reused, not asked again);
     this attempt's replies are added to it."""
     progress = progress if progress is not None else InteractionProgress()
-    step = progress.step
-    world_id = spec.world_id
-    agent_backend = spec.agent_model.backend
-    started = time.perf_counter()
-    latency: dict[str, float] = {}
-
-    t = time.perf_counter()
-    if question_embedding is None:
-        embedded = await step("embed", lambda: _step("embed", f"embedder {deps.embedder.name}",
-                                                    deps.embedder.embed([question])))
-        embedding = np.asarray(embedded, dtype=np.float32)[0].tolist()
-    else:
-        embedding = np.asarray(question_embedding, dtype=np.float32).tolist()
-    latency["embed"] = time.perf_counter() - t  # ~0 when precomputed before the round
-
-    t = time.perf_counter()
-    draft: agent_pb2.DraftResponse = await step("draft", lambda: deps.call(
-        bus.AGENT_DRAFT,
-        agent_pb2.DraftRequest(
-            world_id=world_id, agent_id=agent, round=round_, question=question, question_embedding=embedding
-        ),
-        agent_pb2.DraftResponse,
-        backend=agent_backend,
-        step="draft",
-    ))
-    latency["draft"] = time.perf_counter() - t
-
-    def rate_both(answer: str, stage: str):
-        """Alignment and engagement of ``answer``: one request to the observers (a batch of two)."""
-        aspects = (ALIGNMENT, ENGAGEMENT)
-        requests = [observer_pb2.RateRequest(world_id=world_id, agent_id=agent, round=round_, question=question,
-                                             answer=answer, aspect=aspect, stage=stage) for aspect in aspects]
-        return _timed(progress.step_many(
-            [f"rate_{stage}.{aspect}" for aspect in aspects],
-            lambda missing: deps.call_many(bus.OBSERVER_RATE, [requests[i] for i in missing],
-                                           observer_pb2.RateResponse, backend=spec.observer_model.backend,
-                                           step=f"rate_{stage}")))
-
-    feedback_requests = [
-        agent_pb2.FeedbackRequest(world_id=world_id, agent_id=p, round=round_, question=question,
-                                  answer=draft.answer, author_id=agent)
-        for p in partners
-    ]
-
-    t = time.perf_counter()
-    (ratings_before, t_before), feedback_replies = await asyncio.gather(
-        rate_both(draft.answer, "before"),
-        progress.step_many(
-            [f"feedback.{i}.{p}" for i, p in enumerate(partners)],
-            lambda missing: deps.call_many(bus.AGENT_FEEDBACK, [feedback_requests[i] for i in missing],
-                                           agent_pb2.FeedbackResponse, backend=agent_backend, step="feedback")),
-    )
-    latency["feedback"] = time.perf_counter() - t
-    align_before, engage_before = ratings_before
-    latency["rate_before"] = t_before
-    feedback: list[common_pb2.Feedback] = []
-    for partner, reply in zip(partners, feedback_replies):
-        fb = common_pb2.Feedback()
-        fb.CopyFrom(reply.feedback)
-        fb.partner_id = partner  # the requester knows who it asked, whatever the reply says
-        feedback.append(fb)
-
-    t = time.perf_counter()
-    revised: agent_pb2.ReviseResponse = await step("revise", lambda: deps.call(
-        bus.AGENT_REVISE,
-        agent_pb2.ReviseRequest(
-            world_id=world_id,
-            agent_id=agent,
-            round=round_,
-            question=question,
-            draft_answer=draft.answer,
-            feedback=feedback,
-        ),
-        agent_pb2.ReviseResponse,
-        backend=agent_backend,
-        step="revise",
-    ))
-    latency["revise"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    (align_after, engage_after), _ = await rate_both(revised.answer, "after")
-    latency["rate_after"] = time.perf_counter() - t
-
-    stats = [
-        draft.stats,
-        revised.stats,
-        align_before.stats,
-        engage_before.stats,
-        align_after.stats,
-        engage_after.stats,
-        *(r.stats for r in feedback_replies),
-    ]
-    record = common_pb2.InteractionRecord(
-        world_id=world_id,
-        round=round_,
-        agent_id=agent,
-        label=spec.labels[agent],
-        question=question,
-        draft_answer=draft.answer,
-        feedback=feedback,
-        revised_answer=revised.answer,
-        alignment_before=align_before.rating,
-        alignment_after=align_after.rating,
-        engagement_before=engage_before.rating,
-        engagement_after=engage_after.rating,
-        agent_model=spec.agent_model,
-        observer_model=spec.observer_model,
-        memories=draft.memories,
-        prompt_tokens=sum(s.prompt_tokens for s in stats),
-        completion_tokens=sum(s.completion_tokens for s in stats),
-    )
-
-    memory = common_pb2.MemoryBatch(
-        entries=[
-            common_pb2.MemoryEntry(
-                question=question,
-                answer=revised.answer,
-                question_embedding=embedding,
-                source="revised",
-                round=round_,
-            )
-        ]
-    )
-    latency["total"] = time.perf_counter() - started
-    for key, value in latency.items():
+    run = _Interaction(deps, spec, round_, agent, question, progress)
+    with timed(run.latency, "total"):
+        embedding = await run.embed(question_embedding)
+        draft = await run.draft(embedding)
+        before, feedback_replies = await run.feedback_and_rate_before(draft, partners)
+        feedback = _feedback(partners, feedback_replies)
+        revised = await run.revise(draft, feedback)
+        after = await run.rate_after(revised)
+        record = _record(run, draft, feedback, feedback_replies, revised, before, after)
+        memory = _memory(run, revised, embedding)
+    for key, value in run.latency.items():
         record.latency_seconds[key] = value
     record.created_at = time.time()
     try:

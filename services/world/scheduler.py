@@ -36,6 +36,7 @@ from stablealign.errors import StableAlignError
 from stablealign.logs import get_logger
 from stablealign.record_stream import TrustedRecords, read_trusted
 from stablealign.retry import Failure, RetryPolicy, retry_async
+from stablealign.timing import timed
 from stablealign.v1 import common_pb2, world_pb2
 
 log = get_logger(__name__)
@@ -289,6 +290,21 @@ class WorldRunner:
     async def _run(self) -> None:
         # The stored spec's files, confined again and resolved: what is opened below is the checked path.
         spec = self.spec = confined_files(self.spec, self.settings)
+        done, pool, deps, vectors = await self._start(spec)
+        await self._rounds(spec, done, pool, deps, vectors)
+        if self._stopping.is_set() and not self._cancel.is_set():
+            return  # this replica stops; the world stays RUNNING for the next owner
+        if self._cancel.is_set():
+            await self._write(lambda w: _finish(w, CANCELLED, w.error))
+            log.info("world.cancelled", extra={"world_id": self.world_id, "published": self.published})
+        else:
+            await self._write(lambda w: _finish(w, world_pb2.WORLD_STATE_COMPLETED, ""))
+            log.info("world.completed", extra={"world_id": self.world_id, "published": self.published})
+
+    async def _start(self, spec: world_pb2.WorldSpec) -> tuple[dict[int, dict], Sequence[str], InteractionDeps,
+                                                                QuestionVectors]:
+        """A new world's prior seeded (and its state RUNNING); then, new or resumed, what is published
+        already (by round), the question pool, the interactions' dependencies and the question vectors."""
         questions: asyncio.Task | None = None
         if self.world.state == world_pb2.WORLD_STATE_PENDING:
             from stablealign.backends import get_embedder
@@ -300,15 +316,7 @@ class WorldRunner:
                 questions = asyncio.create_task(self._questions_ready(warm_first_round=True))
         try:
             if self.world.state == world_pb2.WORLD_STATE_PENDING:
-                seconds = await seed_prior(self.js, spec, chunk=self.settings.prior_publish_chunk)
-                metrics.SETUP_SECONDS.observe(seconds)
-
-                def started(world: world_pb2.World) -> None:
-                    if world.state != CANCELLED:
-                        world.state = world_pb2.WORLD_STATE_RUNNING
-                    world.setup_seconds = seconds
-
-                await self._write(started)
+                await self._seed(spec)
             done = await published_scores(self.js, self.world_id, size=spec.size, rounds=spec.rounds)
             self.published = sum(len(v) for v in done.values())
             metrics.set_world_progress(self.world_id, self.published, self.expected_records)
@@ -319,6 +327,23 @@ class WorldRunner:
                 with contextlib.suppress(BaseException):
                     await questions
             raise
+        return done, pool, deps, vectors
+
+    async def _seed(self, spec: world_pb2.WorldSpec) -> None:
+        """The prior's memories published; the world RUNNING (unless cancelled meanwhile)."""
+        seconds = await seed_prior(self.js, spec, chunk=self.settings.prior_publish_chunk)
+        metrics.SETUP_SECONDS.observe(seconds)
+
+        def started(world: world_pb2.World) -> None:
+            if world.state != CANCELLED:
+                world.state = world_pb2.WORLD_STATE_RUNNING
+            world.setup_seconds = seconds
+
+        await self._write(started)
+
+    async def _rounds(self, spec: world_pb2.WorldSpec, done: dict[int, dict], pool: Sequence[str],
+                      deps: InteractionDeps, vectors: QuestionVectors) -> None:
+        """The rounds not completed yet, one after the other, until the last or a halt."""
 
         async def prepared(round_: int, skip: dict) -> dict[str, np.ndarray]:
             agents = [a for a in range(spec.size * spec.size) if a not in skip]
@@ -326,15 +351,8 @@ class WorldRunner:
 
         first = self.world.completed_rounds
         upcoming = asyncio.create_task(prepared(first, done.get(first, {}))) if first < spec.rounds else None
-        log.info(
-            "world.running",
-            extra={
-                "world_id": self.world_id,
-                "owner": self.owner,
-                "from_round": self.world.completed_rounds,
-                "published": self.published,
-            },
-        )
+        log.info("world.running", extra={"world_id": self.world_id, "owner": self.owner,
+                                         "from_round": self.world.completed_rounds, "published": self.published})
         try:
             for round_ in range(self.world.completed_rounds, spec.rounds):
                 if self.halted:
@@ -343,49 +361,45 @@ class WorldRunner:
                 # The next round's question vectors are computed while this round runs.
                 upcoming = (asyncio.create_task(prepared(round_ + 1, done.get(round_ + 1, {})))
                             if round_ + 1 < spec.rounds else None)
-                started_at = time.perf_counter()
-                scores = await self._run_round(deps, pool, round_, done.pop(round_, {}), round_vectors)
+                took: dict[str, float] = {}
+                with timed(took, "round"):
+                    scores = await self._run_round(deps, pool, round_, done.pop(round_, {}), round_vectors)
                 if scores is None:
                     break
-                duration = time.perf_counter() - started_at
-                summary = summarize(round_, scores, duration)
-
-                def completed_round(world: world_pb2.World, summary=summary, round_=round_) -> None:
-                    if world.completed_rounds <= round_:
-                        world.rounds.append(summary)
-                        world.completed_rounds = round_ + 1
-
-                await self._write(completed_round)
-                metrics.ROUND_SECONDS.observe(duration)
-                metrics.ROUNDS_COMPLETED.inc()
-                if summary.HasField("mean_alignment_before"):
-                    metrics.ALIGNMENT_SCORE.labels("before").set(summary.mean_alignment_before)
-                if summary.HasField("mean_alignment_after"):
-                    metrics.ALIGNMENT_SCORE.labels("after").set(summary.mean_alignment_after)
-                log.info(
-                    "world.round_done",
-                    extra={
-                        "world_id": self.world_id,
-                        "round": round_,
-                        "seconds": round(duration, 3),
-                        "alignment_before": round(summary.mean_alignment_before, 3)
-                        if summary.HasField("mean_alignment_before") else None,
-                        "alignment_after": round(summary.mean_alignment_after, 3)
-                        if summary.HasField("mean_alignment_after") else None,
-                        "missing": summary.missing_ratings,
-                    },
-                )
+                await self._round_done(round_, scores, took["round"])
         finally:
             if upcoming is not None:
                 upcoming.cancel()
-        if self._stopping.is_set() and not self._cancel.is_set():
-            return  # this replica stops; the world stays RUNNING for the next owner
-        if self._cancel.is_set():
-            await self._write(lambda w: _finish(w, CANCELLED, w.error))
-            log.info("world.cancelled", extra={"world_id": self.world_id, "published": self.published})
-        else:
-            await self._write(lambda w: _finish(w, world_pb2.WORLD_STATE_COMPLETED, ""))
-            log.info("world.completed", extra={"world_id": self.world_id, "published": self.published})
+
+    async def _round_done(self, round_: int, scores: list[Scores], duration: float) -> None:
+        """The round's summary written to the world, its metrics set and its log line."""
+        summary = summarize(round_, scores, duration)
+
+        def completed_round(world: world_pb2.World) -> None:
+            if world.completed_rounds <= round_:
+                world.rounds.append(summary)
+                world.completed_rounds = round_ + 1
+
+        await self._write(completed_round)
+        metrics.ROUND_SECONDS.observe(duration)
+        metrics.ROUNDS_COMPLETED.inc()
+        if summary.HasField("mean_alignment_before"):
+            metrics.ALIGNMENT_SCORE.labels("before").set(summary.mean_alignment_before)
+        if summary.HasField("mean_alignment_after"):
+            metrics.ALIGNMENT_SCORE.labels("after").set(summary.mean_alignment_after)
+        log.info(
+            "world.round_done",
+            extra={
+                "world_id": self.world_id,
+                "round": round_,
+                "seconds": round(duration, 3),
+                "alignment_before": round(summary.mean_alignment_before, 3)
+                if summary.HasField("mean_alignment_before") else None,
+                "alignment_after": round(summary.mean_alignment_after, 3)
+                if summary.HasField("mean_alignment_after") else None,
+                "missing": summary.missing_ratings,
+            },
+        )
 
     async def _run_round(
         self, deps: InteractionDeps, pool: Sequence[str], round_: int, done: dict[int, Scores],
@@ -453,10 +467,11 @@ class WorldRunner:
         progress = InteractionProgress()
 
         async def once(_attempt: int) -> tuple[common_pb2.InteractionRecord, float]:
-            started = time.perf_counter()
-            record = await run_interaction(deps, spec, round_, agent, question, partners,
-                                           (vectors or {}).get(question), progress=progress)
-            return record, time.perf_counter() - started
+            took: dict[str, float] = {}
+            with timed(took, "interaction"):
+                record = await run_interaction(deps, spec, round_, agent, question, partners,
+                                               (vectors or {}).get(question), progress=progress)
+            return record, took["interaction"]
 
         streak = self.budget.streak()
 

@@ -14,7 +14,6 @@ Embedders: ``openai`` embeddings for the openai backend; ``hashing`` when the mo
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import weakref
 from typing import Any
@@ -29,6 +28,7 @@ from stablealign.backends.base import (
     RetryPolicy,
     normalise_rows,
 )
+from stablealign.config import BackendSettings, load_settings
 from stablealign.endpoints import resolve_endpoint
 from stablealign.errors import ConfigError, ValidationError
 from stablealign.logs import get_logger
@@ -59,7 +59,7 @@ def _backend_name(ref: common_pb2.ModelRef) -> str:
 def default_chat_model(backend: str) -> str:
     """The chat model used when a ModelRef names none (openai: $STABLEALIGN_OPENAI_CHAT_MODEL)."""
     if backend == "openai":
-        return os.environ.get(OPENAI_CHAT_MODEL_ENV) or DEFAULT_CHAT_MODELS["openai"]
+        return load_settings(BackendSettings).openai_chat_model or DEFAULT_CHAT_MODELS["openai"]
     if backend == "hf":
         raise ConfigError("hf backend needs a model path (ModelRef.model = a local save_pretrained directory)")
     return DEFAULT_CHAT_MODELS[backend]
@@ -175,20 +175,14 @@ def default_max_concurrency(backend: str | None = None) -> int:
     model (``hf``) gets its continuous batcher's capacity: two batches (``max_batch`` rows decoding and as
     many waiting to be admitted); more would only queue inside the batcher. ``None``: a remote backend.
     """
-    raw = os.environ.get(MAX_CONCURRENCY_ENV, "").strip()
-    if not raw:
-        if (backend or "").strip().lower() in LOCAL_BACKENDS:
-            from stablealign.backends.batching import engine_settings
+    value = load_settings(BackendSettings).llm_max_concurrency  # ConfigError naming the variable
+    if value is not None:
+        return value
+    if (backend or "").strip().lower() in LOCAL_BACKENDS:
+        from stablealign.backends.batching import engine_settings
 
-            return 2 * engine_settings().max_batch
-        return REMOTE_MAX_CONCURRENCY
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{MAX_CONCURRENCY_ENV}={raw!r}: expected an integer") from None
-    if value < 1:
-        raise ConfigError(f"{MAX_CONCURRENCY_ENV} must be >= 1, got {value}")
-    return value
+        return 2 * engine_settings().max_batch
+    return REMOTE_MAX_CONCURRENCY
 
 
 def get_chat_backend(ref: common_pb2.ModelRef, *, max_concurrency: int | None = None) -> ChatBackend:

@@ -31,6 +31,7 @@ import numpy as np
 
 from stablealign import metrics
 from stablealign.backends.base import Embedder, normalise_rows
+from stablealign.config import HostSettings, PathSettings, load_settings
 from stablealign.errors import ConfigError
 from stablealign.logs import get_logger
 
@@ -108,10 +109,10 @@ _CACHE_OFF = {"0", "off", "none", "false", "no"}
 def cache_dir() -> Path | None:
     """``$STABLEALIGN_CACHE_DIR`` (``off`` disables the cache), else ``$XDG_CACHE_HOME/stablealign``,
     else ``~/.cache/stablealign``."""
-    env = os.environ.get("STABLEALIGN_CACHE_DIR")
-    if env is not None and env.strip():
+    env = load_settings(PathSettings).cache_dir
+    if env.strip():
         return None if env.strip().lower() in _CACHE_OFF else Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    xdg = load_settings(HostSettings).xdg_cache_home.strip()
     return (Path(xdg) if xdg else Path.home() / ".cache") / "stablealign"
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import replace
@@ -51,6 +50,7 @@ from stablealign.backends.base import (
     refused,
 )
 from stablealign.backends.openai_http import DirectChatCompletions, ReplyFields
+from stablealign.config import HostSettings, load_settings
 from stablealign.endpoints import OPENAI_DEFAULT_URL, canonical_url, openai_key_for
 from stablealign.errors import BackendError, ConfigError
 from stablealign.logs import get_logger
@@ -90,7 +90,7 @@ def make_client(*, base_url: str | None, api_key: str | None, timeout: float,
     Without an explicit ``api_key``, ``OPENAI_API_KEY`` is used only when ``base_url`` is the URL that key
     belongs to (``OPENAI_BASE_URL``, or OpenAI's API when that is unset): a key never goes to another server
     because somebody named its URL (``stablealign.endpoints``)."""
-    base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+    base_url = base_url or load_settings(HostSettings).openai_base_url or None
     api_key = api_key or openai_key_for(base_url)
     if api_key is None:
         if base_url is None or canonical_url(base_url) == canonical_url(OPENAI_DEFAULT_URL):

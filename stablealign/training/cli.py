@@ -23,13 +23,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import os
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stablealign.errors import ConfigError, StableAlignError
+from stablealign.errors import StableAlignError
 from stablealign.training.config import StableAlignmentConfig
 
 ENV_PREFIX = "STABLEALIGN_TRAIN_"
@@ -177,13 +176,9 @@ def fail(exc: BaseException) -> typing.NoReturn:
 def _setup_logging() -> None:
     """INFO lines, in the format of ``STABLEALIGN_LOG_FORMAT`` / level of ``STABLEALIGN_LOG_LEVEL`` when set
     (a training job's pod sets the format; a command line that set up logging already keeps its choice)."""
-    from stablealign.logs import setup_logging
+    from stablealign.process import setup_process
 
-    level = os.environ.get("STABLEALIGN_LOG_LEVEL") or "INFO"
-    try:
-        setup_logging(level, os.environ.get("STABLEALIGN_LOG_FORMAT") or "auto")
-    except ValueError:
-        raise ConfigError(f"STABLEALIGN_LOG_LEVEL={level!r} is not a log level") from None
+    setup_process()
 
 
 def run_training(config: dict[str, Any], stop_after: int | None = None) -> None:

@@ -43,8 +43,10 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from stablealign.config import LaunchSettings, ProcessSettings, TrainingProcessSettings, load_settings
 from stablealign.errors import ValidationError
 from stablealign.logs import get_logger
+from stablealign.timing import timed
 from stablealign.training import checkpoint as ckpt
 from stablealign.training.config import StableAlignmentConfig
 
@@ -119,11 +121,11 @@ def decoder_layer_classes(model: Any) -> list[str]:
 
 def fsdp_active(cfg: StableAlignmentConfig) -> bool:
     """Whether this run shards with FSDP: asked for, several processes, and a device FSDP runs on here
-    (CUDA, or the CPU with gloo unless ``STABLEALIGN_FSDP_CPU=0`` asks for DDP there)."""
+    (CUDA, or the CPU with gloo unless ``STABLEALIGN_FSDP_CPU=false`` asks for DDP there)."""
     import torch
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    on_device = torch.cuda.is_available() or os.environ.get("STABLEALIGN_FSDP_CPU", "1") == "1"
+    distributed = load_settings(LaunchSettings).world_size > 1
+    on_device = torch.cuda.is_available() or load_settings(TrainingProcessSettings).fsdp_cpu
     return bool(cfg.fsdp) and distributed and on_device
 
 
@@ -147,7 +149,7 @@ def load_base_model(model_dir: Path, *, empty: bool) -> Any:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    log.info("train.model_loaded", extra={"rank": int(os.environ.get("RANK", "0")), "path": str(model_dir),
+    log.info("train.model_loaded", extra={"rank": load_settings(LaunchSettings).rank, "path": str(model_dir),
                                           "source": "meta" if empty else "checkpoint"})
     return model
 
@@ -299,7 +301,7 @@ def _accelerator(cfg: StableAlignmentConfig, layer_classes: list[str], *, rank0_
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
     from accelerate.state import PartialState
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = load_settings(LaunchSettings).world_size > 1
     plugin = None
     if cfg.fsdp and distributed:
         plugin = FullyShardedDataParallelPlugin(
@@ -321,7 +323,7 @@ def _accelerator(cfg: StableAlignmentConfig, layer_classes: list[str], *, rank0_
     PartialState(cpu=cpu)  # initialises the process group (gloo on CPU, nccl on CUDA) before the plugin
     accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=mixed_precision(cfg.bf16), fsdp_plugin=plugin)
-    if plugin is not None and cpu and os.environ.get("STABLEALIGN_FSDP_CPU", "1") == "1":
+    if plugin is not None and cpu and load_settings(TrainingProcessSettings).fsdp_cpu:
         # accelerate only turns the FSDP plugin on for accelerator devices (MULTI_CPU silently becomes
         # DDP); torch's FSDP itself runs on CPU with gloo, so switch the state over by hand.
         from accelerate.utils import DistributedType
@@ -332,28 +334,47 @@ def _accelerator(cfg: StableAlignmentConfig, layer_classes: list[str], *, rank0_
     return accelerator
 
 
-def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) -> TrainResult:
-    """Runs (or resumes) a training job; returns where the final model is and the last loss.
+@dataclass
+class _Run:
+    """What the steps of one training run share: the config, its data, and the prepared model."""
 
-    ``stop_after_steps`` simulates a preemption for tests: the process stops right after that many
-    steps of *this* run, without a final checkpoint or model, as if it had been killed.
-    """
-    model_dir = check_model_path(cfg.model)
-    from stablealign.training.data import load_alignment_groups
+    cfg: StableAlignmentConfig
+    out: Path
+    groups: list[Any]
+    tokenizer: Any
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    collator: Any
+    plan: DataPlan
+    total_steps: int
 
-    groups = load_alignment_groups(cfg.data, max_chars=cfg.dataloader_max_chars, rating_scale=cfg.rating_scale)
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
+
+@dataclass(frozen=True)
+class _StepResult:
+    """One optimizer step, averaged over its micro-batches and processes."""
+
+    epoch: int
+    loss: float
+    sft: float
+    penalty: float
+    lr: float  # the learning rate the step used
+    seconds: float
+    tokens_per_second: float
+
+
+def _prepare(cfg: StableAlignmentConfig, model_dir: Path, groups: list[Any]) -> _Run:
+    """Tokenizer, model, accelerator, data plan and optimizer of a run; the config saved beside its output."""
     import torch
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     from stablealign.training.collator import AlignmentCollator
-    from stablealign.training.loss import (
-        batch_response_losses,
-        model_takes_logits_to_keep,
-        stable_alignment_loss_parts,
-    )
 
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
@@ -362,13 +383,12 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
         tokenizer.pad_token = tokenizer.eos_token
     # Rank 0 reads the weights; with FSDP the others get them from it (module docstring).
     rank0_loading = cfg.fsdp_rank0_loading and fsdp_active(cfg)
-    model = load_base_model(model_dir, empty=rank0_loading and int(os.environ.get("RANK", "0")) != 0)
+    model = load_base_model(model_dir, empty=rank0_loading and load_settings(LaunchSettings).rank != 0)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     accelerator = _accelerator(cfg, decoder_layer_classes(model), rank0_loading=rank0_loading)
-    main = accelerator.is_main_process
-    if main:
+    if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / CONFIG_FILE)
 
@@ -384,54 +404,62 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = _scheduler(cfg, optimizer, total_steps)  # stepped by us once per optimizer step
+    return _Run(cfg, out, groups, tokenizer, accelerator, model, optimizer, scheduler, collator, plan, total_steps)
 
-    start_step = 0
-    checkpoint = last_checkpoint(out) if cfg.resume else None
+
+def _resume(run: _Run) -> int:
+    """The step to start from: the last checkpoint's (its weights, optimizer and scheduler loaded), else 0."""
+    cfg, accelerator, start_step = run.cfg, run.accelerator, 0
+    checkpoint = last_checkpoint(run.out) if cfg.resume else None
     if checkpoint is not None:
         state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
         if state.get("world_size") != accelerator.num_processes:
             log.warning("train.resume_world_changed", extra={"was": state.get("world_size"),
                                                               "now": accelerator.num_processes})
-        ckpt.load_state(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler,
-                        rank=accelerator.process_index, main=main, distributed=accelerator.num_processes > 1)
+        ckpt.load_state(checkpoint, accelerator.unwrap_model(run.model), run.optimizer, run.scheduler,
+                        rank=accelerator.process_index, main=run.main, distributed=accelerator.num_processes > 1)
         start_step = int(state["step"])
         log.info("train.resumed", extra={"checkpoint": str(checkpoint), "step": start_step})
-    if main:
+    if run.main:
         # Lines logged after the step we start from came from a run that was killed before its next
         # checkpoint (or before any): they are about to be logged again.
-        _truncate_log(out / LOG_FILE, start_step)
-    if cfg.metrics_port >= 0 and main:
+        _truncate_log(run.out / LOG_FILE, start_step)
+    return start_step
+
+
+def _announce(run: _Run, start_step: int) -> None:
+    """The /metrics server (main process, when asked) and the ``train.start`` line."""
+    cfg, accelerator = run.cfg, run.accelerator
+    trainer_metrics()  # registered before the first step: /metrics lists them from the start
+    if cfg.metrics_port >= 0 and run.main:
         from stablealign.metrics import start_metrics_server
 
         # In a pod the port must be reachable by Prometheus: the same bind setting as the services.
-        port = start_metrics_server(cfg.metrics_port, os.environ.get("STABLEALIGN_METRICS_HOST", "127.0.0.1"))
+        port = start_metrics_server(cfg.metrics_port, load_settings(ProcessSettings).metrics_host)
         log.info("train.metrics", extra={"port": port})
-    log.info("train.start", extra={"groups": len(groups), "total_steps": total_steps, "start_step": start_step,
-                                   "processes": accelerator.num_processes, "precision": mixed_precision(cfg.bf16),
-                                   "fsdp": cfg.fsdp or "none", "distributed": str(accelerator.distributed_type),
-                                   "wrapper": type(model).__name__})
+    log.info("train.start", extra={"groups": len(run.groups), "total_steps": run.total_steps,
+                                   "start_step": start_step, "processes": accelerator.num_processes,
+                                   "precision": mixed_precision(cfg.bf16), "fsdp": cfg.fsdp or "none",
+                                   "distributed": str(accelerator.distributed_type),
+                                   "wrapper": type(run.model).__name__})
 
-    metrics = trainer_metrics()
-    # A person gets a bar on a terminal (log lines print above it), else one log line per logged step.
-    # A trainer job (local runner or Kubernetes pod: STABLEALIGN_JOB_ID is set) prints each logged
-    # step as one JSON line on stdout instead: the runner reads those lines as the job's metrics.
-    show_bar = main and sys.stderr.isatty()
-    job_rows = bool(os.environ.get("STABLEALIGN_JOB_ID"))
-    progress = tqdm(total=total_steps, initial=start_step, disable=not show_bar, desc="stable-align train",
-                    dynamic_ncols=True)
-    last_loss: float | None = None
-    step = start_step
-    steps_this_run = 0
-    device = accelerator.device
-    keep_window = model_takes_logits_to_keep(accelerator.unwrap_model(model))
-    while step < total_steps:
-        started = time.perf_counter()
-        epoch, micro_batches = plan.step_batches(step, accelerator.process_index)
-        collator.epoch = epoch
-        sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, sft, penalty, tokens
+
+def _train_step(run: _Run, step: int, keep_window: bool) -> _StepResult:
+    """One optimizer step (``step`` counted from 0): its micro-batches forward and backward, the optimizer
+    and scheduler stepped, the loss parts averaged over micro-batches and processes."""
+    import torch
+
+    from stablealign.training.loss import batch_response_losses, stable_alignment_loss_parts
+
+    cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    took: dict[str, float] = {}
+    with timed(took, "step"):
+        epoch, micro_batches = run.plan.step_batches(step, accelerator.process_index)
+        run.collator.epoch = epoch
+        sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # loss, sft, penalty, tokens
         for indices in micro_batches:
-            batch = collator([(i, groups[i]) for i in indices])
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = run.collator([(i, run.groups[i]) for i in indices])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 response_losses = batch_response_losses(model, batch, logits_to_keep=keep_window)
                 parts = stable_alignment_loss_parts(
@@ -440,55 +468,95 @@ def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) ->
                 accelerator.backward(parts.loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
             sums += torch.stack([parts.loss.detach().double(), parts.sft.detach().double(),
                                  parts.penalty.detach().double(),
                                  batch["attention_mask"].sum().double()])
-        lr_used = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        steps_this_run += 1
+        lr_used = run.scheduler.get_last_lr()[0]
+        run.scheduler.step()
         totals = accelerator.reduce(sums, reduction="sum")
         n_micro = len(micro_batches) * accelerator.num_processes
         loss, sft, penalty = (float(totals[i] / n_micro) for i in range(3))
-        duration = time.perf_counter() - started
-        tokens_per_second = float(totals[3]) / max(duration, 1e-9)
-        last_loss = loss
-        if main:
-            metrics.loss.set(loss)
-            metrics.sft.set(sft)
-            metrics.penalty.set(penalty)
-            metrics.tokens_per_second.set(tokens_per_second)
-            metrics.step_seconds.observe(duration)
-            metrics.steps.inc()
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                row = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
-                       "loss": loss, "loss/sft": sft, "loss/penalty": penalty,
-                       "lr": lr_used, "tokens_per_second": round(tokens_per_second, 2),
-                       "step_seconds": round(duration, 4), "truncated_examples": collator.truncated}
-                with open(out / LOG_FILE, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(row) + "\n")
-                if job_rows:
-                    # A job's log stream carries the same row as one newline-terminated line: a
-                    # progress bar only redraws with carriage returns, which a pod log does not
-                    # deliver until the line ends.
-                    print(json.dumps(row), flush=True)
-                elif not show_bar:
-                    log.info("train.step", extra=row)
+    seconds = took["step"]
+    return _StepResult(epoch, loss, sft, penalty, lr_used, seconds, float(totals[3]) / max(seconds, 1e-9))
+
+
+def _report(run: _Run, step: int, result: _StepResult, *, job_rows: bool, show_bar: bool) -> None:
+    """The step's metrics, and every ``logging_steps`` its row: in the run's log file, and as a job's
+    stdout line, or a log line where no bar shows progress (main process only)."""
+    metrics = trainer_metrics()
+    metrics.loss.set(result.loss)
+    metrics.sft.set(result.sft)
+    metrics.penalty.set(result.penalty)
+    metrics.tokens_per_second.set(result.tokens_per_second)
+    metrics.step_seconds.observe(result.seconds)
+    metrics.steps.inc()
+    if step % run.cfg.logging_steps != 0 and step != run.total_steps:
+        return
+    row = {"step": step, "epoch": round(step / run.plan.steps_per_epoch, 4),
+           "loss": result.loss, "loss/sft": result.sft, "loss/penalty": result.penalty,
+           "lr": result.lr, "tokens_per_second": round(result.tokens_per_second, 2),
+           "step_seconds": round(result.seconds, 4), "truncated_examples": run.collator.truncated}
+    with open(run.out / LOG_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+    if job_rows:
+        # A job's log stream carries the same row as one newline-terminated line: a progress bar only
+        # redraws with carriage returns, which a pod log does not deliver until the line ends.
+        print(json.dumps(row), flush=True)
+    elif not show_bar:
+        log.info("train.step", extra=row)
+
+
+def train(cfg: StableAlignmentConfig, *, stop_after_steps: int | None = None) -> TrainResult:
+    """Runs (or resumes) a training job; returns where the final model is and the last loss.
+
+    ``stop_after_steps`` simulates a preemption for tests: the process stops right after that many
+    steps of *this* run, without a final checkpoint or model, as if it had been killed.
+    """
+    model_dir = check_model_path(cfg.model)
+    from stablealign.training.data import load_alignment_groups
+
+    groups = load_alignment_groups(cfg.data, max_chars=cfg.dataloader_max_chars, rating_scale=cfg.rating_scale)
+
+    from tqdm.auto import tqdm
+
+    from stablealign.training.loss import model_takes_logits_to_keep
+
+    run = _prepare(cfg, model_dir, groups)
+    accelerator, out, total_steps = run.accelerator, run.out, run.total_steps
+    start_step = _resume(run)
+    _announce(run, start_step)
+    # A person gets a bar on a terminal (log lines print above it), else one log line per logged step.
+    # A trainer job (local runner or Kubernetes pod: STABLEALIGN_JOB_ID is set) prints each logged
+    # step as one JSON line on stdout instead: the runner reads those lines as the job's metrics.
+    show_bar = run.main and sys.stderr.isatty()
+    job_rows = bool(load_settings(TrainingProcessSettings).job_id)
+    progress = tqdm(total=total_steps, initial=start_step, disable=not show_bar, desc="stable-align train",
+                    dynamic_ncols=True)
+    last_loss: float | None = None
+    step = start_step
+    keep_window = model_takes_logits_to_keep(accelerator.unwrap_model(run.model))
+    while step < total_steps:
+        result = _train_step(run, step, keep_window)
+        step += 1
+        last_loss = result.loss
+        if run.main:
+            _report(run, step, result, job_rows=job_rows, show_bar=show_bar)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
-        if stop_after_steps is not None and steps_this_run >= stop_after_steps and step < total_steps:
+            progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens_per_second:.0f}")
+        if stop_after_steps is not None and step - start_step >= stop_after_steps and step < total_steps:
             progress.close()
             log.warning("train.stopped", extra={"step": step, "reason": "stop_after_steps (simulated preemption)"})
             accelerator.wait_for_everyone()
             return TrainResult(out, step, total_steps, last_loss, start_step, stopped_early=True)
         if (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps:
-            _save_checkpoint(accelerator, cfg, out, step, epoch, total_steps, plan, (model, optimizer, scheduler))
+            _save_checkpoint(accelerator, cfg, out, step, result.epoch, total_steps, run.plan,
+                             (run.model, run.optimizer, run.scheduler))
     progress.close()
-    if collator.truncated and main:
-        log.warning("train.truncated", extra={"examples": collator.truncated, "max_length": cfg.max_length})
-    _save_final(accelerator, model, tokenizer, out, cfg)
+    if run.collator.truncated and run.main:
+        log.warning("train.truncated", extra={"examples": run.collator.truncated, "max_length": cfg.max_length})
+    _save_final(accelerator, run.model, run.tokenizer, out, cfg)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, step, total_steps, last_loss, start_step)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from stablealign.logs import setup_logging
+from stablealign.process import setup_process
 from stablealign_app.cli import serve as serve_cli
 from stablealign_app.cli.rules import LOG_FORMAT_HELP, LOG_LEVEL_HELP, LogFormat, LogLevel, RootGroup
 
@@ -31,7 +31,7 @@ def root(
     log_format: LogFormat = typer.Option(LogFormat.auto, "--log-format", case_sensitive=False, help=LOG_FORMAT_HELP),
 ) -> None:
     """Logging for every command, set up once (a command's own --log-level/--log-format win)."""
-    setup_logging(log_level.value, log_format.value, lock=True)
+    setup_process(log_level=log_level.value, log_format=log_format.value, lock=True)
 
 
 app.command("serve")(serve_cli.serve)

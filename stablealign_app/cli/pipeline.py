@@ -16,7 +16,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from stablealign import timing
 from stablealign.judges import CPU_JUDGE
 from stablealign.logs import current_logging
 from stablealign.models import known_model
@@ -46,12 +46,13 @@ def _step(title: str, args: list[str], env: dict[str, str] | None = None) -> flo
     level, fmt = current_logging()
     child_env = {**os.environ, "STABLEALIGN_LOG_LEVEL": level, "STABLEALIGN_LOG_FORMAT": fmt, **(env or {})}
     child_env.pop("STABLEALIGN_NATS_URL", None)  # the pipeline runs on its own embedded stack
-    started = time.perf_counter()
-    result = subprocess.run(command, check=False, env=child_env)
+    took: dict[str, float] = {}
+    with timing.timed(took, "step"):
+        result = subprocess.run(command, check=False, env=child_env)
     if result.returncode != 0:
         typer.echo(f"error: step failed ({title}): exit {result.returncode}", err=True)
         raise typer.Exit(result.returncode)
-    return time.perf_counter() - started
+    return took["step"]
 
 
 # Generation limits of the SANDBOX services for a small model on a CPU: short answers, short reasons;
@@ -63,6 +64,10 @@ REAL_MODEL_SERVICE_ENV = {
     "STABLEALIGN_FEEDBACK_MAX_TOKENS": "32",
     "STABLEALIGN_MAX_TOKENS": "32",  # observer reasons
 }
+
+JUDGE_PAIRS_HELP = "Eval-split HH-RLHF pairs the judge's agreement with human preference is measured on."
+ABLATION_HELP = ("Also train, on the same steps and seed, SFT-only on the same data (penalty weight 0) and SFT on the "
+                 "HH-RLHF prior split's chosen answers (the human-data reference), and evaluate them beside the trained model.")
 
 
 # The world's options are run's (services.world.spec.SPEC_FIELDS), passed on to `run` as given; --seed
@@ -82,23 +87,18 @@ def pipeline(
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: 5e-5 real model, 1e-3 tiny model)."),
     max_length: int = typer.Option(256, "--max-length", help="Max tokens of prompt + response (training and eval)."),
     eval_limit: int = typer.Option(100, "--eval-limit", help="HH-RLHF eval-split pairs for preference accuracy (of 679)."),
-    questions: int = typer.Option(32, "--questions", help="Held-out questions answered (collapse guard) and rated by "
-                                                          "the judge."),
-    judge_pairs: int = typer.Option(300, "--judge-pairs", help="Eval-split HH-RLHF pairs the judge's agreement with "
-                                                               "human preference is measured on."),
-    ablation: bool = typer.Option(False, "--ablation/--no-ablation", help="Also train, on the same steps and seed, "
-                                  "SFT-only on the same data (penalty weight 0) and SFT on the HH-RLHF prior split's "
-                                  "chosen answers (the human-data reference), and evaluate them beside the trained model."),
+    questions: int = typer.Option(32, "--questions", help="Held-out questions answered (collapse guard) and rated by the judge."),
+    judge_pairs: int = typer.Option(300, "--judge-pairs", help=JUDGE_PAIRS_HELP),
+    ablation: bool = typer.Option(False, "--ablation/--no-ablation", help=ABLATION_HELP),
 ) -> None:
     """Simulate -> data -> train -> evaluate base vs trained; prints where everything is.
 
     The defaults are sized for `make run` on 2 CPU cores (a 3x3 world for 2 rounds, 8 training steps,
     100 evaluation pairs); `make study` runs a larger society with ``--ablation``.
 
-    With ``--backend hf`` (the default) every language model is real: SmolLM2-135M-Instruct agents and
-    observers in the SANDBOX, the same model trained with the Stable Alignment loss on the CPU, and
-    rated by the measured judge. ``--backend offline`` is the one-minute tour with stand-ins.
-    ``--ablation`` adds the paper's comparison (what `make study` runs).
+    With ``--backend hf`` (the default) every language model is real: SmolLM2-135M-Instruct agents and observers in the
+    SANDBOX, the same model trained with the Stable Alignment loss on the CPU, and rated by the measured judge.
+    ``--backend offline`` is the one-minute tour with stand-ins. ``--ablation`` adds the paper's comparison (`make study` runs it).
     """
     if backend not in ("hf", "offline"):
         typer.echo(f"error: --backend must be hf or offline, got {backend!r}", err=True)
@@ -141,28 +141,42 @@ def pipeline(
     train_args = ["--max-steps", str(train_steps), "--batch-size", str(batch_size), "--grad-accum", "1",
                   "--lr", f"{learning_rate:g}", "--max-length", str(max_length), "--save-steps", str(train_steps),
                   "--seed", str(seed)]
-    what = "the model" if real else "the tiny model"
-    timings["train"] = _step(f"4/{steps} Stable Alignment training of {what} (CPU)", [
-        "train", "--model", base, "--data", str(data / "alignment.jsonl"), "--out", str(trained), *train_args])
+    timings["train"] = _train(f"4/{steps}", "the model" if real else "the tiny model", base, data, trained, train_args)
     compare: list[str] = []
     if ablation:
-        started = time.perf_counter()
-        _step(f"5/{steps} ablation: SFT-only on the same data (--ratio 0), same steps and seed", [
-            "train", "--model", base, "--data", str(data / "alignment.jsonl"), "--out", str(out / "sft-only"),
-            "--ratio", "0", *train_args])
-        _step(f"5/{steps} reference: SFT on the HH-RLHF prior split's chosen answers", [
-            "data", "hh-sft", "--out", str(data / "hh-sft.jsonl")])
-        _step(f"5/{steps} reference: SFT on human data, same steps and seed", [
-            "train", "--model", base, "--data", str(data / "hh-sft.jsonl"), "--out", str(out / "hh-sft"), *train_args])
-        timings["ablation"] = time.perf_counter() - started
-        compare = ["--compare", f"sft_only={out / 'sft-only'}", "--compare", f"hh_sft={out / 'hh-sft'}"]
+        with timing.timed(timings, "ablation"):
+            compare = _ablation(out, data, base, train_args, steps)
     timings["eval"] = _step(f"{steps}/{steps} evaluate base vs trained", [
         "eval", "--model", str(trained), "--base", base, *compare, "--data", str(data / "alignment.heldout.jsonl"),
         "--out", str(report), "--limit", str(eval_limit), *eval_observer, "--questions", str(questions),
         "--judge-pairs", str(judge_pairs), "--max-length", str(max_length),
         "--sandbox-records", str(sim / "records.jsonl")])
+    _finish(out, sim, report, timings, model if real else "offline stand-in + tiny random Llama")
+
+
+def _train(number: str, what: str, base: str, data: Path, trained: Path, train_args: list[str]) -> float:
+    """The Stable Alignment training step of the pipeline; its seconds."""
+    return _step(f"{number} Stable Alignment training of {what} (CPU)", [
+        "train", "--model", base, "--data", str(data / "alignment.jsonl"), "--out", str(trained), *train_args])
+
+
+def _finish(out: Path, sim: Path, report: Path, timings: dict[str, float], models: str) -> None:
+    """``timings.json`` beside the run, then the summary on the screen."""
     (out / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2) + "\n")
-    _summary(out, sim, report, timings, model if real else "offline stand-in + tiny random Llama")
+    _summary(out, sim, report, timings, models)
+
+
+def _ablation(out: Path, data: Path, base: str, train_args: list[str], steps: int) -> list[str]:
+    """The paper's comparison: SFT-only on the same data and SFT on human data, same steps and seed; returns
+    the ``eval --compare`` arguments naming them."""
+    _step(f"5/{steps} ablation: SFT-only on the same data (--ratio 0), same steps and seed", [
+        "train", "--model", base, "--data", str(data / "alignment.jsonl"), "--out", str(out / "sft-only"),
+        "--ratio", "0", *train_args])
+    _step(f"5/{steps} reference: SFT on the HH-RLHF prior split's chosen answers", [
+        "data", "hh-sft", "--out", str(data / "hh-sft.jsonl")])
+    _step(f"5/{steps} reference: SFT on human data, same steps and seed", [
+        "train", "--model", base, "--data", str(data / "hh-sft.jsonl"), "--out", str(out / "hh-sft"), *train_args])
+    return ["--compare", f"sft_only={out / 'sft-only'}", "--compare", f"hh_sft={out / 'hh-sft'}"]
 
 
 def _ci(part: dict | None) -> str:

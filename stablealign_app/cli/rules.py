@@ -41,7 +41,8 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from stablealign.logs import current_logging, setup_logging
+from stablealign.logs import current_logging
+from stablealign.process import setup_process
 
 try:  # typer >= 0.2x carries its own copy of click: the command tree is made of its classes
     from typer._click import exceptions as click_exceptions
@@ -185,7 +186,8 @@ def _relog(which: str) -> Callable[..., Any]:
         if value is not None and ctx.get_parameter_source(param.name or "") is ParameterSource.COMMANDLINE:
             value = getattr(value, "value", value)
             level, fmt = current_logging()
-            setup_logging(value if which == "level" else level, value if which == "format" else fmt, lock=True)
+            setup_process(log_level=value if which == "level" else level,
+                          log_format=value if which == "format" else fmt, lock=True)
         return value
 
     return apply

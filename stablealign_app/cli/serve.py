@@ -22,8 +22,9 @@ import typer
 
 from stablealign.config import ServiceSettings, load_settings
 from stablealign.errors import ConfigError
-from stablealign.logs import current_logging, setup_logging
+from stablealign.logs import current_logging
 from stablealign.natsauth import NotAuthorizedError
+from stablealign.process import setup_process
 from stablealign.service import serve_forever
 from stablealign_app.cli.rules import get_current_context, nats_setting_values
 
@@ -89,7 +90,7 @@ def serve(service: ServiceName = typer.Argument(..., help="Which service to run.
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    setup_logging(settings.log_level, settings.log_format, lock=True)
+    setup_process(settings, lock=True)
     try:
         code = asyncio.run(serve_forever(service.value, settings, module.build))
     except ConfigError as exc:  # e.g. a busy port at start: one line, not a traceback

@@ -8,7 +8,7 @@ import pytest
 
 from stablealign.config import ServiceSettings, load_settings
 from stablealign.errors import ConfigError
-from stablealign.service import settle_heap
+from stablealign.process import settle_heap
 
 
 @pytest.fixture

@@ -115,8 +115,8 @@ class LocalRunner(Runner):
         out = Path(spec.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         argv = training_command(spec, self.settings.python or None)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", STABLEALIGN_JOB_ID=spec.job_id,
-                   PYTHONPATH=os.pathsep.join(p for p in (str(project_root()), os.environ.get("PYTHONPATH", "")) if p))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", STABLEALIGN_JOB_ID=spec.job_id)  # the child's environment
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(project_root()), env.get("PYTHONPATH", "")) if p)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
