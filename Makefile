@@ -14,7 +14,7 @@ RUN_OUT ?= runs/default
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF \
 	-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/bench/llamacpp-skip-common.cmake
 
-.PHONY: dashboard images nats-config install proto run study test test-unit test-integration bench bench-sim bench-scale bench-train bench-hf bench-llamacpp chaos lint clean
+.PHONY: dashboard images nats-config install proto run study test test-unit test-integration bench bench-sim bench-scale bench-train bench-hf bench-llamacpp bench-real chaos lint clean
 
 install: $(STAMP) $(PROTO_OUT)/.generated
 
@@ -79,6 +79,11 @@ bench-hf: install
 
 bench-llamacpp: install
 	$(PY) -m bench.llamacpp
+
+# The society on SmolLM2 (3x3 and 8x8 worlds) against the model's own forward passes on this machine;
+# BENCH_REAL_ARGS="--engines --llamacpp --baseline-src DIR" adds the engines and a checkout to compare with.
+bench-real: install
+	$(PY) -m bench.real_model $(BENCH_REAL_ARGS)
 
 # The service and trainer images, tagged as the kustomize overlays name them (deploy/k8s/overlays/*:
 # images:). REGISTRY=ghcr.io/you make images; then docker push both and set images: in your overlay.
