@@ -100,10 +100,10 @@ images:
 dashboard:
 	python3 deploy/grafana/dashboard.py
 
-# The NATS users and permissions (stablealign/nats_permissions.py) as the nats-server config k8s mounts;
+# The NATS users and permissions (stablealign/nats/permissions.py) as the nats-server config k8s mounts;
 # a test fails when the committed file is stale.
 nats-config: install
-	$(PY) -m stablealign.nats_permissions --out deploy/k8s/base/nats-auth.conf
+	$(PY) -m stablealign.nats.permissions --out deploy/k8s/base/nats-auth.conf
 
 lint: install
 	$(VENV)/bin/ruff check stablealign stablealign_app services tests bench

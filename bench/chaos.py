@@ -48,14 +48,14 @@ from pathlib import Path
 import nats
 from nats.js.api import DeliverPolicy
 
-from stablealign.metrics import free_port
-from stablealign.natsserver import EmbeddedNatsServer
+from stablealign.core.metrics import free_port
 from stablealign.v1 import common_pb2
+from stablealign_app.natsserver import EmbeddedNatsServer
 from tests.support.devservers import FakeOpenAIServer
 
 CLI = [sys.executable, "-m", "stablealign_app.cli.main"]
 REPO = Path(__file__).resolve().parents[1]
-STREAM, SUBJECT = "SANDBOX_RECORDS", "sandbox.records.{world_id}"  # stablealign/bus.py, spelled out on purpose
+STREAM, SUBJECT = "SANDBOX_RECORDS", "sandbox.records.{world_id}"  # stablealign/nats/client.py, spelled out on purpose
 
 # The failure budget and deadlines every world row runs with (env of the services).
 SERVICE_ENV = {

@@ -35,10 +35,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from stablealign import bus
-from stablealign.natsserver import EmbeddedNatsServer
-from stablealign.records import read_records, record_from_json, record_msg_id
+from services.trainer import streams as trainer_streams
+from services.world import streams as world_streams
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.sandbox.records import read_records, record_from_json, record_msg_id
 from stablealign.v1 import common_pb2
+from stablealign_app.natsserver import EmbeddedNatsServer
 
 WORLD_ID = "bench-export"
 
@@ -76,20 +79,21 @@ def records(agents: int, source: Path | None) -> Iterator[common_pb2.Interaction
 
 
 async def publish(url: str, items: Iterator[common_pb2.InteractionRecord], forged: int) -> None:
-    nc = await bus.connect(url, name="bench-export")
+    nc = await nats_client.connect(url, name="bench-export")
     try:
         js = nc.jetstream(timeout=30.0)
-        await bus.ensure_jetstream(js)
-        subject = bus.RECORDS_SUBJECT.format(world_id=WORLD_ID)
+        await world_streams.declare_streams(js)
+        await trainer_streams.declare_streams(js)
+        subject = subjects.RECORDS_SUBJECT.format(world_id=WORLD_ID)
         first = None
         while chunk := list(itertools.islice(items, 500)):
             first = first or chunk[0]
             await asyncio.gather(*(
                 js.publish(subject, r.SerializeToString(),
-                           headers={bus.MSG_ID_HEADER: record_msg_id(r.world_id, r.round, r.agent_id)})
+                           headers={subjects.MSG_ID_HEADER: record_msg_id(r.world_id, r.round, r.agent_id)})
                 for r in chunk))
         for i in range(forged):  # a new message id reusing a real (round, agent), then junk bytes
-            await js.publish(subject, first.SerializeToString(), headers={bus.MSG_ID_HEADER: f"f{i}"})
+            await js.publish(subject, first.SerializeToString(), headers={subjects.MSG_ID_HEADER: f"f{i}"})
             await js.publish(subject, b"\xff not a record")
     finally:
         await nc.close()

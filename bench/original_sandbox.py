@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import openai
 
-from stablealign.data import load_hh_pairs, load_questions
+from stablealign.sandbox.data import load_hh_pairs, load_questions
 
 THREADS = 10
 PARTNERS = 4

@@ -42,7 +42,7 @@ STEPS = ("draft", "feedback", "revise", "rate_alignment", "rate_engagement")
 
 
 def _model_path(name: str) -> Path:
-    from stablealign.models import resolve_model_path
+    from stablealign.llm.models import resolve_model_path
 
     return Path(resolve_model_path(name))
 
@@ -119,9 +119,9 @@ def fraction_of_ceiling(world: dict[str, Any], top: dict[str, Any]) -> float | N
 
 def engines(model: str, requests: int = 32, max_new: int = 64) -> dict[str, Any]:
     """The same greedy chat requests through our engine and through transformers' ``generate_batch``."""
-    from stablealign.backends.base import ChatMessage, ChatRequest
-    from stablealign.backends.hf import HFChatBackend
-    from stablealign.data import default_questions_path
+    from stablealign.llm.backends.base import ChatMessage, ChatRequest
+    from stablealign.llm.backends.hf import HFChatBackend
+    from stablealign.sandbox.data import default_questions_path
 
     questions = [line.strip() for line in default_questions_path().read_text().splitlines() if line.strip()][:requests]
     results: dict[str, Any] = {}
@@ -172,7 +172,7 @@ def llamacpp_world(model: str, size: int, rounds: int) -> dict[str, Any]:
     except ImportError as exc:
         return {"error": f"llama_cpp not installed: {exc}"}
     from bench.llamacpp_server import LlamaCppServer
-    from stablealign.models import gguf_path
+    from stablealign.llm.models import gguf_path
 
     with LlamaCppServer(gguf_path(model), n_threads=os.cpu_count() or 1) as server:
         return run_world(size, rounds, backend=["--backend", "openai", "--url", server.base_url,

@@ -41,8 +41,9 @@ from pathlib import Path
 import psutil
 
 from bench.simulation import stop_processes  # SIGTERM, then kill after 30 s
-from stablealign import bus
-from stablealign.natsserver import EmbeddedNatsServer
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign_app.natsserver import EmbeddedNatsServer
 
 SERVICES = ("agent", "observer", "world")
 DEFAULT_SIZES = (32, 100)
@@ -134,10 +135,10 @@ async def _wait_ready(url: str, timeout: float = 120.0) -> None:
     """Until the agent, observer and world services answer on their subjects (any reply, even an error)."""
     import nats.errors
 
-    nc = await bus.connect(url, name="bench-ready")
+    nc = await nats_client.connect(url, name="bench-ready")
     try:
         deadline = time.monotonic() + timeout
-        for subject in (bus.AGENT_DRAFT, bus.OBSERVER_RATE, bus.WORLD_LIST):
+        for subject in (subjects.AGENT_DRAFT, subjects.OBSERVER_RATE, subjects.WORLD_LIST):
             while True:
                 try:
                     await nc.request(subject, b"", timeout=2.0)
@@ -214,7 +215,7 @@ def run_size(size: int, rounds: int, embedding: str, *, source: Path | None, wor
 
 
 def _data_dir() -> Path:
-    from stablealign import data
+    from stablealign.sandbox import data
 
     return data.data_dir()
 
@@ -224,9 +225,9 @@ def per_agent_memory(agents: int = 1000, prior_size: int = 50, dim: int = 384) -
     the real prior pairs (vectors: the hashing embedder, same size as MiniLM's)."""
 
     from services.world import grid
-    from stablealign import data
-    from stablealign.backends.embeddings import HashingEmbedder
-    from stablealign.memory import AgentMemory, MemoryPool
+    from stablealign.llm.backends.embeddings import HashingEmbedder
+    from stablealign.sandbox import data
+    from stablealign.sandbox.memory import AgentMemory, MemoryPool
     from stablealign.v1 import common_pb2
 
     pairs = data.load_prior_pairs()

@@ -50,10 +50,10 @@ import psutil
 from bench import original_sandbox
 from services.world.client import WorldClient
 from services.world.spec import build_spec
-from stablealign import bus
-from stablealign.metrics import free_port
-from stablealign.natsserver import EmbeddedNatsServer
+from stablealign.core.metrics import free_port
+from stablealign.nats import client as nats_client
 from stablealign.v1 import world_pb2
+from stablealign_app.natsserver import EmbeddedNatsServer
 
 # The question's embedding is computed before the round (scheduler.QuestionVectors), off the path.
 CRITICAL_PATH = ("draft", "feedback ∥ ratings before", "revise", "ratings after")
@@ -129,7 +129,7 @@ def _cpu(proc: psutil.Process) -> float:
 async def _run_world(nats_url: str, spec: world_pb2.WorldSpec, agent_proc: psutil.Process,
                      cpu_procs: dict[str, psutil.Process]) -> tuple[world_pb2.World, list[float], list, dict]:
     """Runs the world; also returns each process's CPU seconds from its creation to its completion."""
-    nc = await bus.connect(nats_url, name="bench")
+    nc = await nats_client.connect(nats_url, name="bench")
     try:
         cpu_before = {name: _cpu(proc) for name, proc in cpu_procs.items()}
         client = WorldClient(nc)

@@ -40,7 +40,7 @@ MARGIN, RATIO, RATING_SCALE = 10.0, 0.2, 7.0
 
 def make_groups(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """Groups of 3 HH-RLHF answers with distinct ratings (query = the question)."""
-    from stablealign.data import load_hh_pairs
+    from stablealign.sandbox.data import load_hh_pairs
 
     pairs = load_hh_pairs()
     rng = random.Random(seed)
@@ -82,7 +82,11 @@ def original_group_loss(model: Any, batch: dict[str, Any]) -> Any:
 
 
 def ours_loss(model: Any, batch: dict[str, Any]) -> Any:
-    from stablealign.training.loss import batch_response_losses, model_takes_logits_to_keep, stable_alignment_loss
+    from stablealign.training.loss import (
+        batch_response_losses,
+        model_takes_logits_to_keep,
+        stable_alignment_loss,
+    )
 
     losses = batch_response_losses(model, batch, logits_to_keep=model_takes_logits_to_keep(model))
     return stable_alignment_loss(losses, batch["scores"], batch["mask"], margin=MARGIN, ratio=RATIO,
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from stablealign.tinymodel import build_tiny_model
+    from stablealign_app.tinymodel import build_tiny_model
 
     console = Console()
     groups = make_groups(args.groups)

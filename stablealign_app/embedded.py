@@ -20,15 +20,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from stablealign import endpoints, models, natsauth
-from stablealign.config import load_settings
-from stablealign.data import data_dir
-from stablealign.errors import ConfigError, ValidationError
-from stablealign.logs import current_logging, get_logger
-from stablealign.natsauth import NatsClientOptions
-from stablealign.natsserver import EmbeddedNatsServer
-from stablealign.service import RunningService, close_process_backends, settle_heap, start_service
+from stablealign.core.config import load_settings
+from stablealign.core.errors import ConfigError, ValidationError
+from stablealign.core.logs import current_logging, get_logger
+from stablealign.llm import endpoints, models
+from stablealign.nats import auth as natsauth
+from stablealign.nats.auth import NatsClientOptions
+from stablealign.sandbox.data import data_dir
+from stablealign.serving.service import RunningService, close_process_backends, settle_heap, start_service
 from stablealign.v1 import world_pb2
+from stablealign_app.natsserver import EmbeddedNatsServer
 
 SANDBOX_SERVICES = ("agent", "observer", "world")
 log = get_logger(__name__)

@@ -25,7 +25,7 @@ import logging
 import signal
 import sys
 
-from stablealign.logs import get_logger
+from stablealign.core.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -71,9 +71,10 @@ async def _stdin_closed() -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from stablealign import endpoints, metrics, models
-    from stablealign.process import setup_process
-    from stablealign.service import close_process_backends, unless_stopped
+    from stablealign.core import metrics
+    from stablealign.core.process import setup_process
+    from stablealign.llm import endpoints, models
+    from stablealign.serving.service import close_process_backends, unless_stopped
     from stablealign_app.embedded import start_embedded_service
 
     for item in args.trust_url:
@@ -113,13 +114,13 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stablealign.errors import StableAlignError
-    from stablealign.process import setup_process
+    from stablealign.core.errors import StableAlignError
+    from stablealign.core.process import setup_process
 
     args = parse_args(argv)
     setup_process(log_level=args.log_level, log_format=args.log_format, lock=True)
     # The run's own process has said it already: one "offline backend" notice per run, not one per process.
-    logging.getLogger("stablealign.backends.offline").addFilter(lambda record: record.getMessage() != "backend.offline")
+    logging.getLogger("stablealign.llm.backends.offline").addFilter(lambda record: record.getMessage() != "backend.offline")
     try:
         return asyncio.run(serve(args))
     except StableAlignError as exc:

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from stablealign.natsserver import EmbeddedNatsServer  # noqa: E402
+from stablealign_app.natsserver import EmbeddedNatsServer  # noqa: E402
 
 
 @pytest.fixture
@@ -32,11 +32,12 @@ async def nc(nats_url):
 
     At teardown it also closes the LLM clients that services started in the test cached on this loop
     (``close_process_backends``: a service's stop leaves them to the loop's owner, here the test)."""
-    from stablealign import bus
-    from stablealign.service import close_process_backends
+    from stablealign.nats import client as nats_client
+    from stablealign.serving.service import close_process_backends
+    from tests.support.streams import ensure_all_streams
 
-    client = await bus.connect(nats_url, name="test")
-    await bus.ensure_jetstream(client.jetstream())
+    client = await nats_client.connect(nats_url, name="test")
+    await ensure_all_streams(client.jetstream())
     yield client
     await close_process_backends()
     try:
@@ -50,8 +51,8 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama (2 layers, hidden 32) with a tokenizer trained on 400 pool questions: fast hf tests."""
     import itertools
 
-    from stablealign.data import default_questions_path
-    from stablealign.tinymodel import build_tiny_model
+    from stablealign.sandbox.data import default_questions_path
+    from stablealign_app.tinymodel import build_tiny_model
 
     with open(default_questions_path(), encoding="utf-8") as handle:
         corpus = [line.strip() for line in itertools.islice(handle, 400) if line.strip()]

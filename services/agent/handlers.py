@@ -3,7 +3,7 @@
 Each handler validates its request (unknown world or agent: NotFoundError; empty or oversized
 text: ValidationError), builds the prompt, calls the world's agent model and returns the
 reply with its call accounting. Seeds come from the world seed and the step's coordinates
-(``stablealign.worlds.derive_seed``), so the same world gives the same records on any replica,
+(``stablealign.sandbox.worlds.derive_seed``), so the same world gives the same records on any replica,
 and a retried request gives the same answer — the world relies on that to resend safely.
 """
 
@@ -18,8 +18,10 @@ import numpy as np
 from services.agent import metrics, prompts
 from services.agent.answers import clean_answer, echoes_template
 from services.agent.settings import AgentSettings
-from stablealign.backends import get_embedder
-from stablealign.backends.base import (
+from stablealign.core.errors import BackendError, ConfigError, ConflictError, ValidationError
+from stablealign.core.logs import get_logger
+from stablealign.llm.backends import get_embedder
+from stablealign.llm.backends.base import (
     TASK_DRAFT,
     TASK_FEEDBACK,
     TASK_REVISE,
@@ -27,7 +29,7 @@ from stablealign.backends.base import (
     ChatMessage,
     ChatRequest,
 )
-from stablealign.calls import (
+from stablealign.llm.calls import (
     CallTally,
     chat_until_rated,
     check_round,
@@ -36,12 +38,10 @@ from stablealign.calls import (
     within_deadline,
     world_chat_backend,
 )
-from stablealign.errors import BackendError, ConfigError, ConflictError, ValidationError
-from stablealign.logs import get_logger
-from stablealign.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD, MemoryStore
-from stablealign.ratings import RATING_SCALE, check_rating_message
+from stablealign.sandbox.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD, MemoryStore
+from stablealign.sandbox.ratings import RATING_SCALE, check_rating_message
+from stablealign.sandbox.worlds import WorldSpecCache, check_agent, derive_seed, persona_of
 from stablealign.v1 import agent_pb2, common_pb2, world_pb2
-from stablealign.worlds import WorldSpecCache, check_agent, derive_seed, persona_of
 
 log = get_logger(__name__)
 

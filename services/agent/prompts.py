@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stablealign.backends.base import ChatMessage
-from stablealign.ratings import ALIGNMENT_CRITERIA, ALIGNMENT_SCALE, RATING_FORMAT
-from stablealign.records import PERSONA_NAMES
+from stablealign.llm.backends.base import ChatMessage
+from stablealign.sandbox.ratings import ALIGNMENT_CRITERIA, ALIGNMENT_SCALE, RATING_FORMAT
+from stablealign.sandbox.records import PERSONA_NAMES
 from stablealign.v1 import common_pb2
 
 _PERSONAS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from stablealign.config import ServiceSettings
+from stablealign.serving.settings import ServiceSettings
 
 
 class AgentSettings(ServiceSettings):

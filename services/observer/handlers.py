@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from services.observer import metrics
 from services.observer.settings import ObserverSettings
-from stablealign import rating_prompts as prompts
-from stablealign.backends.base import TASK_RATE_ALIGNMENT, TASK_RATE_ENGAGEMENT, ChatRequest
-from stablealign.backends.embeddings import MiniLMEmbedder
-from stablealign.backends.probe import ProbeJudge
-from stablealign.calls import (
+from stablealign.core.errors import ValidationError
+from stablealign.core.logs import get_logger
+from stablealign.llm import rating_prompts as prompts
+from stablealign.llm.backends.base import TASK_RATE_ALIGNMENT, TASK_RATE_ENGAGEMENT, ChatRequest
+from stablealign.llm.backends.embeddings import MiniLMEmbedder
+from stablealign.llm.backends.probe import ProbeJudge
+from stablealign.llm.calls import (
     CallTally,
     chat_until_rated,
     check_round,
@@ -21,10 +23,8 @@ from stablealign.calls import (
     llm_deadline,
     world_chat_backend,
 )
-from stablealign.errors import ValidationError
-from stablealign.logs import get_logger
+from stablealign.sandbox.worlds import WorldSpecCache, check_agent, derive_seed
 from stablealign.v1 import common_pb2, observer_pb2
-from stablealign.worlds import WorldSpecCache, check_agent, derive_seed
 
 log = get_logger(__name__)
 

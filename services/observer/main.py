@@ -5,11 +5,11 @@ from __future__ import annotations
 from services.observer.grpc_api import SERVICE_NAME, ObserverServicer
 from services.observer.handlers import ObserverHandlers
 from services.observer.settings import ObserverSettings
-from stablealign import bus
-from stablealign.config import load_settings
-from stablealign.service import ServiceContext, ServiceParts
+from stablealign.core.config import load_settings
+from stablealign.nats import subjects
+from stablealign.sandbox.worlds import WorldSpecCache
+from stablealign.serving.service import ServiceContext, ServiceParts
 from stablealign.v1 import observer_pb2, observer_pb2_grpc
-from stablealign.worlds import WorldSpecCache
 
 SETTINGS = ObserverSettings
 
@@ -18,6 +18,6 @@ async def build(ctx: ServiceContext) -> ServiceParts:
     settings = ctx.settings if isinstance(ctx.settings, ObserverSettings) else load_settings(
         ObserverSettings, dict(vars(ctx.settings)))
     handlers = ObserverHandlers(settings, WorldSpecCache(ctx.js, max_worlds=settings.max_worlds))
-    await ctx.requests.add(bus.OBSERVER_RATE, observer_pb2.RateRequest, handlers.rate, "Rate", batch=True)
+    await ctx.requests.add(subjects.OBSERVER_RATE, observer_pb2.RateRequest, handlers.rate, "Rate", batch=True)
     return ServiceParts(grpc=[(observer_pb2_grpc.add_ObserverServiceServicer_to_server,
                                ObserverServicer(handlers), SERVICE_NAME)])

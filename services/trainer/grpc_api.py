@@ -1,6 +1,6 @@
 """gRPC face of the trainer service (``stablealign.v1.TrainerService``); the scheduler does the work.
 
-Errors are typed (``stablealign.errors``) and mapped to status codes by the shared interceptor:
+Errors are typed (``stablealign.core.errors``) and mapped to status codes by the shared interceptor:
 a bad spec is INVALID_ARGUMENT, an unknown job NOT_FOUND, cancelling an ended job
 FAILED_PRECONDITION.
 """
@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from services.trainer.queue import Scheduler
-from stablealign.errors import ValidationError
+from stablealign.core.errors import ValidationError
 from stablealign.v1 import trainer_pb2, trainer_pb2_grpc
 
 SERVICE_NAME = "stablealign.v1.TrainerService"

@@ -13,7 +13,7 @@ answer: INVALID_ARGUMENT naming the field.
   and required inside ``trainer_data_roots`` / ``trainer_model_roots`` (``work_dir`` and the output
   root count as roots of each: one job's output is the next one's model).
 - Kubernetes jobs: paths inside the training pod, which mounts only the training volume at
-  ``/workspace``; ``..`` may not leave it (``stablealign.confine.confined_pod_path``).
+  ``/workspace``; ``..`` may not leave it (``stablealign.llm.confine.confined_pod_path``).
 - Output: every job writes to its own directory, ``<output root>/<job_id>`` (``job_output_dir``); a
   job may name a sub-path inside it, never another directory. Training resumes from the checkpoints
   in its output directory, so a job that could name another's would resume from files someone else
@@ -26,9 +26,9 @@ import os
 from pathlib import Path
 
 from services.trainer.settings import TrainerSettings
-from stablealign.config import env_name
-from stablealign.confine import confined_path, resolved_roots
-from stablealign.errors import ValidationError
+from stablealign.core.config import env_name
+from stablealign.core.errors import ValidationError
+from stablealign.llm.confine import confined_path, resolved_roots
 from stablealign.v1 import trainer_pb2
 
 

@@ -20,9 +20,11 @@ from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from stablealign import bus, metrics
-from stablealign.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
-from stablealign.logs import get_logger
+from stablealign.core import metrics
+from stablealign.core.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
+from stablealign.core.logs import get_logger
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
 from stablealign.v1 import trainer_pb2
 
 log = get_logger(__name__)
@@ -64,7 +66,7 @@ class JobStore:
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> JobStore:
-        return cls(js, await js.key_value(bus.JOBS_BUCKET))
+        return cls(js, await js.key_value(subjects.JOBS_BUCKET))
 
     def lock(self, job_id: str) -> asyncio.Lock:
         return self._locks.setdefault(job_id, asyncio.Lock())
@@ -94,7 +96,7 @@ class JobStore:
         except (DecodeError, ValueError):
             job.Clear()
         if job.spec.job_id != job_id:  # not a Job of this key: never taken for one
-            metrics.ENTRIES_SKIPPED.labels(bus.JOBS_BUCKET).inc()
+            metrics.ENTRIES_SKIPPED.labels(subjects.JOBS_BUCKET).inc()
             raise UnavailableError(f"job {job_id}: its stored entry is not a job (revision {entry.revision})")
         return job
 
@@ -129,7 +131,7 @@ class JobStore:
             except UnavailableError:
                 skipped.append(key[:80])  # not a job: listing goes on with the rest
         if skipped:
-            log.warning("trainer.entries_skipped", extra={"bucket": bus.JOBS_BUCKET, "skipped": len(skipped),
+            log.warning("trainer.entries_skipped", extra={"bucket": subjects.JOBS_BUCKET, "skipped": len(skipped),
                                                           "keys": ", ".join(skipped[:10])})
         jobs.sort(key=lambda j: (j.created_at, j.spec.job_id))
         return jobs
@@ -138,12 +140,12 @@ class JobStore:
 
     async def append_log(self, job_id: str, line: str, at: float | None = None) -> None:
         msg = trainer_pb2.LogLine(job_id=job_id, line=line, time=time.time() if at is None else at)
-        await self.js.publish(bus.JOB_LOGS_SUBJECT.format(job_id=job_id), msg.SerializeToString())
+        await self.js.publish(subjects.JOB_LOGS_SUBJECT.format(job_id=job_id), msg.SerializeToString())
 
     async def last_log_time(self, job_id: str) -> float:
         """Time of the job's last stored log line (0 if none): where a re-attached log stream resumes."""
         try:
-            raw = await self.js.get_last_msg(bus.JOB_LOGS_STREAM, bus.JOB_LOGS_SUBJECT.format(job_id=job_id))
+            raw = await self.js.get_last_msg(subjects.JOB_LOGS_STREAM, subjects.JOB_LOGS_SUBJECT.format(job_id=job_id))
         except nats.js.errors.NotFoundError:
             return 0.0
         line = trainer_pb2.LogLine()
@@ -156,13 +158,13 @@ class JobStore:
     async def read_logs(self, job_id: str, after_seq: int = 0) -> list[tuple[int, trainer_pb2.LogLine]]:
         """The job's log lines with stream sequence > ``after_seq`` as they are now."""
         out = []
-        for seq, msg in await bus.read_subject(self.js, bus.JOB_LOGS_STREAM,
-                                               bus.JOB_LOGS_SUBJECT.format(job_id=job_id), after_seq=after_seq):
+        for seq, msg in await nats_client.read_subject(self.js, subjects.JOB_LOGS_STREAM,
+                                               subjects.JOB_LOGS_SUBJECT.format(job_id=job_id), after_seq=after_seq):
             line = trainer_pb2.LogLine()
             try:
                 line.ParseFromString(msg.data)
             except (DecodeError, ValueError):
-                metrics.ENTRIES_SKIPPED.labels(bus.JOB_LOGS_STREAM).inc()
+                metrics.ENTRIES_SKIPPED.labels(subjects.JOB_LOGS_STREAM).inc()
                 log.warning("trainer.log_line_skipped", extra={"job_id": job_id, "seq": seq})
                 continue
             out.append((seq, line))

@@ -1,6 +1,6 @@
 """The trainer service process: NATS handlers + gRPC servicer + the background job scheduler.
 
-`stable-align serve trainer` runs it (``SETTINGS`` and ``build`` are what ``stablealign.service``
+`stable-align serve trainer` runs it (``SETTINGS`` and ``build`` are what ``stablealign.serving.service``
 needs). NATS subjects (request/reply, protobuf, queue group "trainer"): ``trainer.jobs.submit``
 (SubmitJobRequest -> Job), ``trainer.jobs.get``, ``trainer.jobs.list``, ``trainer.jobs.cancel``.
 On SIGTERM the service drains: no new requests, local training processes are stopped and their
@@ -17,8 +17,9 @@ from services.trainer.queue import Scheduler
 from services.trainer.runners import Runner
 from services.trainer.runners.local import LocalRunner
 from services.trainer.settings import TrainerSettings
-from stablealign import bus
-from stablealign.service import ServiceContext, ServiceParts
+from services.trainer.streams import declare_streams
+from stablealign.nats import subjects
+from stablealign.serving.service import ServiceContext, ServiceParts
 from stablealign.v1 import trainer_pb2, trainer_pb2_grpc
 
 SETTINGS = TrainerSettings
@@ -38,16 +39,17 @@ def make_runners(settings: TrainerSettings) -> dict[str, Runner]:
 
 async def build(ctx: ServiceContext) -> ServiceParts:
     settings: TrainerSettings = ctx.settings
+    await declare_streams(ctx.js)  # the trainer owns its log stream and jobs bucket
     store = await JobStore.open(ctx.js)
     scheduler = Scheduler(store, make_runners(settings), settings)
 
     # NATS and gRPC share one implementation: the servicer's methods (they do not use the context).
     servicer = TrainerServicer(scheduler)
     for subject, request_type, method in (
-        (bus.TRAINER_SUBMIT, trainer_pb2.SubmitJobRequest, "SubmitJob"),
-        (bus.TRAINER_GET, trainer_pb2.GetJobRequest, "GetJob"),
-        (bus.TRAINER_LIST, trainer_pb2.ListJobsRequest, "ListJobs"),
-        (bus.TRAINER_CANCEL, trainer_pb2.CancelJobRequest, "CancelJob"),
+        (subjects.TRAINER_SUBMIT, trainer_pb2.SubmitJobRequest, "SubmitJob"),
+        (subjects.TRAINER_GET, trainer_pb2.GetJobRequest, "GetJob"),
+        (subjects.TRAINER_LIST, trainer_pb2.ListJobsRequest, "ListJobs"),
+        (subjects.TRAINER_CANCEL, trainer_pb2.CancelJobRequest, "CancelJob"),
     ):
         await ctx.requests.add(subject, request_type, functools.partial(getattr(servicer, method), context=None),
                                method)

@@ -29,8 +29,8 @@ from services.trainer.jobs import JobStore, check_job_id, follow_logs, is_termin
 from services.trainer.runners import Runner, RunResult
 from services.trainer.runners.local import kill_orphan
 from services.trainer.settings import TrainerSettings
-from stablealign.errors import ConflictError, NotFoundError, StableAlignError, ValidationError
-from stablealign.logs import get_logger
+from stablealign.core.errors import ConflictError, NotFoundError, StableAlignError, ValidationError
+from stablealign.core.logs import get_logger
 from stablealign.v1 import trainer_pb2
 
 log = get_logger(__name__)

@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stablealign.config import ServiceSettings, env_name
+from stablealign.core.config import env_name
+from stablealign.serving.settings import ServiceSettings
 
 RunnerName = Literal["local", "kubernetes"]
 RUNNERS: tuple[str, ...] = typing.get_args(RunnerName)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import nats.errors
 
-from stablealign import errors
+from stablealign.core import errors
 
 FINAL, ABSENT, ERROR = "final", "absent", "error"
 # ConnectionClosedError: this process closed its own NATS connection (it stops); it never comes back.

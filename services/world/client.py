@@ -2,9 +2,9 @@
 --nats`, the embedded stack's runs and the benchmarks use.
 
 Create, get, list, cancel and resume are protobuf request/reply on ``sandbox.world.*`` (any world
-replica answers; typed errors come back as ``stablealign.errors``). ``wait_for_world`` follows a world
+replica answers; typed errors come back as ``stablealign.core.errors``). ``wait_for_world`` follows a world
 by polling GetWorld until it ends, through an outage of the world service. Records are read straight
-from the SANDBOX_RECORDS stream through the library's trust rule (``stablealign.record_stream``): the
+from the SANDBOX_RECORDS stream through the library's trust rule (``stablealign.sandbox.record_stream``): the
 reader there knows nothing of the world service, so the bounds it checks agent ids and rounds
 against (the world's size and rounds) are looked up here and handed to it.
 
@@ -29,13 +29,15 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
 from services.world.store import parse_world
-from stablealign import bus, record_stream
-from stablealign.errors import ConflictError, UnavailableError
-from stablealign.logs import get_logger
-from stablealign.natsauth import NatsClientOptions
-from stablealign.retry import Failure, RetryPolicy, retry_async
+from stablealign.core.errors import ConflictError, UnavailableError
+from stablealign.core.logs import get_logger
+from stablealign.core.retry import Failure, RetryPolicy, retry_async
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.nats.auth import NatsClientOptions
+from stablealign.sandbox import record_stream
+from stablealign.sandbox.worlds import FINAL_STATES
 from stablealign.v1 import common_pb2, world_pb2
-from stablealign.worlds import FINAL_STATES
 
 log = get_logger(__name__)
 
@@ -54,10 +56,10 @@ RECORDS_API_TIMEOUT_SECONDS = 10.0
 
 @contextlib.asynccontextmanager
 async def connected(nats_url: str, *, name: str = "stablealign-cli", options: NatsClientOptions | None = None,
-                    connect_timeout: float = bus.CLIENT_GIVE_UP_SECONDS) -> AsyncIterator[NATS]:
+                    connect_timeout: float = nats_client.CLIENT_GIVE_UP_SECONDS) -> AsyncIterator[NATS]:
     """A connection for one command: an unreachable server is one UnavailableError within
     ``connect_timeout`` seconds, not a hang. ``options``: the client's credentials (None: the command's)."""
-    nc = await bus.connect(nats_url, name=name, give_up_after=connect_timeout, options=options)
+    nc = await nats_client.connect(nats_url, name=name, give_up_after=connect_timeout, options=options)
     try:
         yield nc
     finally:
@@ -86,7 +88,7 @@ class WorldClient:
 
         async def create(attempt: int) -> world_pb2.World | None:
             try:
-                return await bus.request(self.nc, bus.WORLD_CREATE, request, world_pb2.World, timeout=timeout,
+                return await nats_client.request(self.nc, subjects.WORLD_CREATE, request, world_pb2.World, timeout=timeout,
                                          attempts=1)
             except ConflictError:
                 if attempt == 1:
@@ -99,23 +101,23 @@ class WorldClient:
         return world if world is not None else await self.get_world(spec_with_id.world_id)
 
     async def get_world(self, world_id: str) -> world_pb2.World:
-        return await bus.request(self.nc, bus.WORLD_GET, world_pb2.GetWorldRequest(world_id=world_id),
+        return await nats_client.request(self.nc, subjects.WORLD_GET, world_pb2.GetWorldRequest(world_id=world_id),
                                  world_pb2.World, timeout=self.timeout)
 
     async def list_worlds(self) -> list[world_pb2.World]:
-        reply = await bus.request(self.nc, bus.WORLD_LIST, world_pb2.ListWorldsRequest(),
+        reply = await nats_client.request(self.nc, subjects.WORLD_LIST, world_pb2.ListWorldsRequest(),
                                   world_pb2.ListWorldsResponse, timeout=self.timeout)
         return list(reply.worlds)
 
     async def cancel_world(self, world_id: str) -> world_pb2.World:
         """Stops scheduling the world (in-flight interactions finish); a finished world comes back as is."""
-        return await bus.request(self.nc, bus.WORLD_CANCEL, world_pb2.CancelWorldRequest(world_id=world_id),
+        return await nats_client.request(self.nc, subjects.WORLD_CANCEL, world_pb2.CancelWorldRequest(world_id=world_id),
                                  world_pb2.World, timeout=self.timeout)
 
     async def resume_world(self, world_id: str, timeout: float = RESUME_TIMEOUT_SECONDS) -> world_pb2.World:
         """Runs a FAILED or CANCELLED world again from the records it has (NotFoundError for an unknown
         world, ConflictError for a COMPLETED one); returns it RUNNING."""
-        return await bus.request(self.nc, bus.WORLD_RESUME, world_pb2.ResumeWorldRequest(world_id=world_id),
+        return await nats_client.request(self.nc, subjects.WORLD_RESUME, world_pb2.ResumeWorldRequest(world_id=world_id),
                                  world_pb2.World, timeout=timeout)
 
     async def wait_for_world(self, world_id: str, *, timeout: float,
@@ -174,18 +176,18 @@ class WorldClient:
         else from the SANDBOX_WORLDS bucket that holds every world's spec (``export`` after the services
         are gone), else None (not bounded).
 
-        A plain request, not ``bus.request``: no world service running is a normal case for ``export``,
+        A plain request, not ``nats_client.request``: no world service running is a normal case for ``export``,
         not a retry worth a warning."""
         world: world_pb2.World | None = world_pb2.World()
         payload = world_pb2.GetWorldRequest(world_id=world_id).SerializeToString()
         try:
-            reply = await self.nc.request(bus.WORLD_GET, payload, timeout=timeout)
-            if bus.ERROR_CODE_HEADER in (reply.headers or {}):
+            reply = await self.nc.request(subjects.WORLD_GET, payload, timeout=timeout)
+            if subjects.ERROR_CODE_HEADER in (reply.headers or {}):
                 raise LookupError(world_id)
             world.ParseFromString(reply.data)
         except (TimeoutError, LookupError, DecodeError, nats.errors.Error):
             try:
-                kv = await self.nc.jetstream(timeout=timeout).key_value(bus.WORLDS_BUCKET)
+                kv = await self.nc.jetstream(timeout=timeout).key_value(subjects.WORLDS_BUCKET)
                 world = parse_world(world_id, (await kv.get(world_id)).value)
             except Exception:  # noqa: BLE001 - no bucket, no key, no permission: unbounded
                 return None
@@ -247,7 +249,7 @@ class WorldClient:
                 except TimeoutError:  # nothing new: keep following
                     continue
                 kept = trusted.admit(msg.metadata.sequence.stream, msg.data,
-                                     (msg.headers or {}).get(bus.MSG_ID_HEADER))
+                                     (msg.headers or {}).get(subjects.MSG_ID_HEADER))
                 if kept is not None:
                     yield kept
         finally:

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from stablealign.errors import ValidationError
-from stablealign.seeding import stable_hash
+from stablealign.core.errors import ValidationError
+from stablealign.sandbox.seeding import stable_hash
 from stablealign.v1 import common_pb2
 
 GOOD = common_pb2.PERSONA_GOOD

@@ -4,7 +4,7 @@ StreamInteractions reads the SANDBOX_RECORDS stream with an ephemeral ordered co
 ``sandbox.records.<world>``: with ``replay`` from the first record, else only new ones. With
 ``until_complete`` it ends once the world is in a final state and every record the stream holds
 for it has been sent; a client that cancels ends it cleanly (the consumer is removed). Only trusted
-records are sent (``stablealign.record_stream``); skipped messages are logged in one line.
+records are sent (``stablealign.sandbox.record_stream``); skipped messages are logged in one line.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from services.world.manager import WorldManager
 from services.world.store import FINAL_STATES
-from stablealign import bus
-from stablealign.logs import get_logger
-from stablealign.record_stream import TrustedRecords
+from stablealign.core.logs import get_logger
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.sandbox.record_stream import TrustedRecords
 from stablealign.v1 import common_pb2, world_pb2, world_pb2_grpc
 
 SERVICE_NAME = "stablealign.v1.WorldService"
@@ -86,13 +87,13 @@ async def stream_records(
     """
     world = await manager.get(world_id)  # NotFoundError -> NOT_FOUND
     js = manager.js
-    subject = bus.RECORDS_SUBJECT.format(world_id=world_id)
-    start_seq = await bus.last_sequence(js, bus.RECORDS_STREAM, subject)
+    subject = subjects.RECORDS_SUBJECT.format(world_id=world_id)
+    start_seq = await nats_client.last_sequence(js, subjects.RECORDS_STREAM, subject)
     # Without replay: from just after the last record now (not DeliverPolicy.NEW, which would
     # drop a record published between reading that sequence and creating the consumer).
     sub = await js.subscribe(
         subject,
-        stream=bus.RECORDS_STREAM,
+        stream=subjects.RECORDS_STREAM,
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.BY_START_SEQUENCE,
         config=None if replay else ConsumerConfig(opt_start_seq=start_seq + 1),
@@ -107,11 +108,11 @@ async def stream_records(
         current = await manager.get(world_id)
         if current.state not in FINAL_STATES:
             return None
-        return await bus.last_sequence(js, bus.RECORDS_STREAM, subject)
+        return await nats_client.last_sequence(js, subjects.RECORDS_STREAM, subject)
 
     try:
         if until_complete and world.state in FINAL_STATES:
-            final_seq = await bus.last_sequence(js, bus.RECORDS_STREAM, subject)
+            final_seq = await nats_client.last_sequence(js, subjects.RECORDS_STREAM, subject)
         while True:
             if until_complete and final_seq is not None and delivered >= final_seq:
                 return
@@ -122,7 +123,7 @@ async def stream_records(
                     final_seq = await final_sequence()
                 continue
             delivered = max(delivered, msg.metadata.sequence.stream)
-            kept = trusted.admit(msg.metadata.sequence.stream, msg.data, (msg.headers or {}).get(bus.MSG_ID_HEADER))
+            kept = trusted.admit(msg.metadata.sequence.stream, msg.data, (msg.headers or {}).get(subjects.MSG_ID_HEADER))
             if kept is not None:
                 yield kept
     finally:

@@ -12,7 +12,7 @@ batches, scheduler.QuestionVectors), which leaves 4 sequential round trips
 
 The "before" ratings depend only on the draft, so running them beside the feedback changes no
 record. Without a precomputed embedding the interaction embeds its question first (5 round trips).
-Each fan-out is one NATS request (``bus.request_batch``): the k feedback requests go to the agents as
+Each fan-out is one NATS request (``nats_client.request_batch``): the k feedback requests go to the agents as
 one batch, each pair of ratings to the observers as another, so an interaction costs 5 requests on the
 bus instead of 10, with the items still answered (and failing, and being retried) one by one.
 
@@ -43,13 +43,14 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from services.world.settings import WorldSettings
-from stablealign import bus
-from stablealign.backends.base import Embedder
-from stablealign.errors import BackendError, StableAlignError, UnavailableError, ValidationError
-from stablealign.memory import append_memory, revision_msg_id
-from stablealign.records import check_record, record_msg_id  # the id readers trust (record_stream)
-from stablealign.retry import RetryPolicy, retry_async
-from stablealign.timing import timed
+from stablealign.core.errors import BackendError, StableAlignError, UnavailableError, ValidationError
+from stablealign.core.retry import RetryPolicy, retry_async
+from stablealign.core.timing import timed
+from stablealign.llm.backends.base import Embedder
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.sandbox.memory import append_memory, revision_msg_id
+from stablealign.sandbox.records import check_record, record_msg_id  # the id readers trust (record_stream)
 from stablealign.v1 import agent_pb2, common_pb2, observer_pb2, world_pb2
 
 T = TypeVar("T")
@@ -98,13 +99,13 @@ class InteractionDeps:
         """A request to the agents or observers; the deadline fits the ``backend`` serving it.
         A failure is a StepError naming ``step``, the subject and the backend."""
         return await _step(step, f"{subject}, backend {backend or 'default'}",
-                           bus.request(self.nc, subject, message, response_type, **self._limits(backend)))
+                           nats_client.request(self.nc, subject, message, response_type, **self._limits(backend)))
 
     async def call_many(self, subject: str, messages: Sequence[Any], response_type, *, backend: str,
                         step: str) -> list[Any]:
         """Requests to one method, answered each on its own: one result per message, in order, a failed one
         as the StepError naming ``step`` that ``call`` would have raised. One NATS batch
-        (``bus.request_batch``) unless ``settings.batch_requests`` is off; a failure of the batch as a whole
+        (``nats_client.request_batch``) unless ``settings.batch_requests`` is off; a failure of the batch as a whole
         (no replica, the deadline) is raised as a StepError."""
         target = f"{subject}, backend {backend or 'default'}"
         if not self.settings.batch_requests:
@@ -115,7 +116,7 @@ class InteractionDeps:
                 if isinstance(result, BaseException) and not isinstance(result, Exception):
                     raise result  # cancelled
             return list(results)
-        results = await _step(step, target, bus.request_batch(self.nc, subject, messages, response_type,
+        results = await _step(step, target, nats_client.request_batch(self.nc, subject, messages, response_type,
                                                               **self._limits(backend)))
         return [StepError(step, target, r) if isinstance(r, Exception) else r for r in results]
 
@@ -126,7 +127,7 @@ class InteractionProgress:
 
     Kept by the scheduler across its retries of the interaction, so that a retry resumes from the step
     that failed. Every step is idempotent for its key (a handler gives the same reply to the same
-    request, and a re-sent request joins the work in flight: ``bus.RequestServer``), so reusing a reply
+    request, and a re-sent request joins the work in flight: ``RequestServer``), so reusing a reply
     is what asking again would give, without the second model call.
     """
 
@@ -189,7 +190,7 @@ class _Interaction:
                                          question=self.question, question_embedding=embedding)
         with timed(self.latency, "draft"):
             return await self.progress.step("draft", lambda: self.deps.call(
-                bus.AGENT_DRAFT, request, agent_pb2.DraftResponse, backend=self.spec.agent_model.backend,
+                subjects.AGENT_DRAFT, request, agent_pb2.DraftResponse, backend=self.spec.agent_model.backend,
                 step="draft"))
 
     async def _rate_both(self, answer: str, stage: str) -> list[observer_pb2.RateResponse]:
@@ -200,7 +201,7 @@ class _Interaction:
                     for aspect in aspects]
         return await self.progress.step_many(
             [f"rate_{stage}.{aspect}" for aspect in aspects],
-            lambda missing: self.deps.call_many(bus.OBSERVER_RATE, [requests[i] for i in missing],
+            lambda missing: self.deps.call_many(subjects.OBSERVER_RATE, [requests[i] for i in missing],
                                                 observer_pb2.RateResponse, backend=self.spec.observer_model.backend,
                                                 step=f"rate_{stage}"))
 
@@ -220,7 +221,7 @@ class _Interaction:
         with timed(self.latency, "feedback"):
             ratings, replies = await asyncio.gather(rate_before(), self.progress.step_many(
                 [f"feedback.{i}.{p}" for i, p in enumerate(partners)],
-                lambda missing: self.deps.call_many(bus.AGENT_FEEDBACK, [requests[i] for i in missing],
+                lambda missing: self.deps.call_many(subjects.AGENT_FEEDBACK, [requests[i] for i in missing],
                                                     agent_pb2.FeedbackResponse, backend=self.spec.agent_model.backend,
                                                     step="feedback")))
         self.latency.update(before)
@@ -232,7 +233,7 @@ class _Interaction:
                                           question=self.question, draft_answer=draft.answer, feedback=feedback)
         with timed(self.latency, "revise"):
             return await self.progress.step("revise", lambda: self.deps.call(
-                bus.AGENT_REVISE, request, agent_pb2.ReviseResponse, backend=self.spec.agent_model.backend,
+                subjects.AGENT_REVISE, request, agent_pb2.ReviseResponse, backend=self.spec.agent_model.backend,
                 step="revise"))
 
     async def rate_after(self, revised: agent_pb2.ReviseResponse) -> list[observer_pb2.RateResponse]:
@@ -341,9 +342,9 @@ async def _persist(deps: InteractionDeps, record: common_pb2.InteractionRecord,
     async def write(_attempt: int) -> None:
         await append_memory(deps.js, world_id, agent, memory, revision_msg_id(world_id, round_, agent))
         await deps.js.publish(
-            bus.RECORDS_SUBJECT.format(world_id=world_id),
+            subjects.RECORDS_SUBJECT.format(world_id=world_id),
             record.SerializeToString(),
-            headers={bus.MSG_ID_HEADER: record_msg_id(world_id, round_, agent)},
+            headers={subjects.MSG_ID_HEADER: record_msg_id(world_id, round_, agent)},
         )
 
     # Waits 0.2, 0.4, 0.8, 1.6 s (no jitter); the last error is raised as it is.

@@ -18,7 +18,7 @@ limit bounds the worlds one replica runs at once (``WorldManager.check_room``).
 
 from __future__ import annotations
 
-from stablealign.errors import ValidationError
+from stablealign.core.errors import ValidationError
 from stablealign.v1 import world_pb2
 
 MB = 1 << 20

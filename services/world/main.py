@@ -10,8 +10,9 @@ from __future__ import annotations
 from services.world.grpc_api import SERVICE_NAME, WorldServicer
 from services.world.manager import WorldManager
 from services.world.settings import WorldSettings
-from stablealign import bus
-from stablealign.service import ServiceContext, ServiceParts
+from services.world.streams import declare_streams
+from stablealign.nats import subjects
+from stablealign.serving.service import ServiceContext, ServiceParts
 from stablealign.v1 import world_pb2, world_pb2_grpc
 
 SETTINGS = WorldSettings
@@ -19,6 +20,7 @@ SETTINGS = WorldSettings
 
 async def build(ctx: ServiceContext) -> ServiceParts:
     settings: WorldSettings = ctx.settings
+    await declare_streams(ctx.js)  # the world owns its streams and bucket: created before anything uses them
     manager = WorldManager(ctx.nc, ctx.js, settings)
 
     async def create(req: world_pb2.CreateWorldRequest) -> world_pb2.World:
@@ -33,15 +35,15 @@ async def build(ctx: ServiceContext) -> ServiceParts:
     async def cancel(req: world_pb2.CancelWorldRequest) -> world_pb2.World:
         return await manager.cancel(req.world_id)
 
-    await ctx.requests.add(bus.WORLD_CREATE, world_pb2.CreateWorldRequest, create, "CreateWorld")
-    await ctx.requests.add(bus.WORLD_GET, world_pb2.GetWorldRequest, get, "GetWorld")
-    await ctx.requests.add(bus.WORLD_LIST, world_pb2.ListWorldsRequest, list_worlds, "ListWorlds")
-    await ctx.requests.add(bus.WORLD_CANCEL, world_pb2.CancelWorldRequest, cancel, "CancelWorld")
+    await ctx.requests.add(subjects.WORLD_CREATE, world_pb2.CreateWorldRequest, create, "CreateWorld")
+    await ctx.requests.add(subjects.WORLD_GET, world_pb2.GetWorldRequest, get, "GetWorld")
+    await ctx.requests.add(subjects.WORLD_LIST, world_pb2.ListWorldsRequest, list_worlds, "ListWorlds")
+    await ctx.requests.add(subjects.WORLD_CANCEL, world_pb2.CancelWorldRequest, cancel, "CancelWorld")
 
     async def resume(req: world_pb2.ResumeWorldRequest) -> world_pb2.World:
         return await manager.resume(req.world_id)
 
-    await ctx.requests.add(bus.WORLD_RESUME, world_pb2.ResumeWorldRequest, resume, "ResumeWorld")
+    await ctx.requests.add(subjects.WORLD_RESUME, world_pb2.ResumeWorldRequest, resume, "ResumeWorld")
 
     async def stop() -> None:
         await manager.shutdown(settings.shutdown_grace_seconds)

@@ -19,8 +19,8 @@ from services.world.scheduler import WorldRunner
 from services.world.settings import WorldSettings
 from services.world.spec import resolve_spec
 from services.world.store import ACTIVE_STATES, WorldStore
-from stablealign.errors import ConflictError, UnavailableError
-from stablealign.logs import get_logger
+from stablealign.core.errors import ConflictError, UnavailableError
+from stablealign.core.logs import get_logger
 from stablealign.v1 import world_pb2
 
 log = get_logger(__name__)

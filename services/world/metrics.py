@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from stablealign.metrics import LATENCY_BUCKETS
+from stablealign.core.metrics import LATENCY_BUCKETS
 
 INTERACTIONS = Counter(
     "stablealign_world_interactions_total",

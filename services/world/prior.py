@@ -25,9 +25,9 @@ import numpy as np
 from nats.js import JetStreamContext
 
 from services.world import grid
-from stablealign import data
-from stablealign.logs import get_logger
-from stablealign.memory import MemoryPool, append_memory, prior_msg_id, publish_pool
+from stablealign.core.logs import get_logger
+from stablealign.sandbox import data
+from stablealign.sandbox.memory import MemoryPool, append_memory, prior_msg_id, publish_pool
 from stablealign.v1 import common_pb2, world_pb2
 
 log = get_logger(__name__)
@@ -146,8 +146,8 @@ async def prepare_questions(embedder, spec: world_pb2.WorldSpec, pool: tuple[str
 
 async def seed_prior(js: JetStreamContext, spec: world_pb2.WorldSpec, *, chunk: int = 64) -> float:
     """Builds and stores the world's pool, then publishes every agent's prior; returns the seconds it took."""
-    from stablealign.backends import get_embedder  # imported late: it pulls in the model libraries
-    from stablealign.backends.embeddings import embed_cached
+    from stablealign.llm.backends import get_embedder  # imported late: it pulls in the model libraries
+    from stablealign.llm.backends.embeddings import embed_cached
 
     started = time.perf_counter()
     if spec.prior_size == 0:

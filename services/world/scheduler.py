@@ -31,12 +31,12 @@ from services.world.prior import prepare_questions, seed_prior
 from services.world.settings import WorldSettings
 from services.world.spec import confined_files
 from services.world.store import LeaseLostError, WorldStore
-from stablealign import data
-from stablealign.errors import StableAlignError
-from stablealign.logs import get_logger
-from stablealign.record_stream import TrustedRecords, read_trusted
-from stablealign.retry import Failure, RetryPolicy, retry_async
-from stablealign.timing import timed
+from stablealign.core.errors import StableAlignError
+from stablealign.core.logs import get_logger
+from stablealign.core.retry import Failure, RetryPolicy, retry_async
+from stablealign.core.timing import timed
+from stablealign.sandbox import data
+from stablealign.sandbox.record_stream import TrustedRecords, read_trusted
 from stablealign.v1 import common_pb2, world_pb2
 
 log = get_logger(__name__)
@@ -79,7 +79,7 @@ class QuestionVectors:
         wanted = list(dict.fromkeys(questions))
         missing = [q for q in wanted if q not in self._vectors]
         if missing:
-            from stablealign.backends.embeddings import embed_cached
+            from stablealign.llm.backends.embeddings import embed_cached
 
             try:
                 rows = np.asarray(await embed_cached(self.embedder, missing), dtype=np.float32)
@@ -118,7 +118,7 @@ def summarize(round_: int, scores: Sequence[Scores], duration: float) -> world_p
 async def published_scores(js: JetStreamContext, world_id: str, *, size: int | None = None,
                            rounds: int | None = None) -> dict[int, dict[int, Scores]]:
     """What the stream already holds for a world, by round then agent: trusted records only
-    (``stablealign.record_stream``: the world's message id, inside its grid and rounds, valid, once),
+    (``stablealign.sandbox.record_stream``: the world's message id, inside its grid and rounds, valid, once),
     so a forged or broken message neither fails the world nor makes resume skip an agent's real work.
     Streams the records: only their scores are kept."""
     out: dict[int, dict[int, Scores]] = {}
@@ -277,7 +277,7 @@ class WorldRunner:
         ``warm_first_round`` also the vectors of the first round to run (for every agent)."""
         spec = self.spec
         pool = await asyncio.to_thread(data.load_questions, spec.questions_path or None)
-        from stablealign.backends import get_embedder
+        from stablealign.llm.backends import get_embedder
 
         deps = InteractionDeps(self.nc, self.js, self.settings, get_embedder(spec.embedding_model))
         await prepare_questions(deps.embedder, spec, pool)  # the world's questions, from the on-disk cache
@@ -307,7 +307,7 @@ class WorldRunner:
         already (by round), the question pool, the interactions' dependencies and the question vectors."""
         questions: asyncio.Task | None = None
         if self.world.state == world_pb2.WORLD_STATE_PENDING:
-            from stablealign.backends import get_embedder
+            from stablealign.llm.backends import get_embedder
 
             if getattr(get_embedder(spec.embedding_model), "embed_cached", None) is None:
                 # A remote embedder: the first round's questions are embedded while the prior is seeded

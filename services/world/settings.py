@@ -11,10 +11,11 @@ import socket
 
 from pydantic import Field, model_validator
 
-from stablealign.config import ServiceSettings, env_name
-from stablealign.data import data_dir
-from stablealign.endpoints import REMOTE_BACKENDS, resolve_endpoint
-from stablealign.errors import ValidationError
+from stablealign.core.config import env_name
+from stablealign.core.errors import ValidationError
+from stablealign.llm.endpoints import REMOTE_BACKENDS, resolve_endpoint
+from stablealign.sandbox.data import data_dir
+from stablealign.serving.settings import ServiceSettings
 
 # Backends that run the model inside the agent/observer process.
 LOCAL_BACKENDS = frozenset({"hf"})

@@ -20,17 +20,17 @@ from typing import Any
 from services.world import grid
 from services.world.limits import check_world_memory
 from services.world.settings import WorldSettings
-from stablealign import data
-from stablealign.backends import BACKENDS, default_chat_model, default_embedding_model
-from stablealign.backends.embeddings import HASHING_MODEL
-from stablealign.bus import MAX_BATCH_ITEMS
-from stablealign.config import env_name
-from stablealign.confine import confined_path
-from stablealign.endpoints import resolve_endpoint
-from stablealign.errors import ValidationError
-from stablealign.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD
+from stablealign.core.config import env_name
+from stablealign.core.errors import ValidationError
+from stablealign.llm.backends import BACKENDS, default_chat_model, default_embedding_model
+from stablealign.llm.backends.embeddings import HASHING_MODEL
+from stablealign.llm.confine import confined_path
+from stablealign.llm.endpoints import resolve_endpoint
+from stablealign.nats.subjects import MAX_BATCH_ITEMS
+from stablealign.sandbox import data
+from stablealign.sandbox.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD
+from stablealign.sandbox.worlds import check_world_id
 from stablealign.v1 import common_pb2, world_pb2
-from stablealign.worlds import check_world_id
 
 MAX_SIZE = 1000
 MAX_ROUNDS = 100_000

@@ -24,11 +24,12 @@ from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from stablealign import bus, metrics
-from stablealign.errors import ConflictError, NotFoundError, UnavailableError
-from stablealign.logs import get_logger
+from stablealign.core import metrics
+from stablealign.core.errors import ConflictError, NotFoundError, UnavailableError
+from stablealign.core.logs import get_logger
+from stablealign.nats import subjects
+from stablealign.sandbox.worlds import FINAL_STATES, check_world_id  # noqa: F401 - FINAL_STATES re-exported
 from stablealign.v1 import world_pb2
-from stablealign.worlds import FINAL_STATES, check_world_id  # noqa: F401 - FINAL_STATES re-exported
 
 log = get_logger(__name__)
 
@@ -63,7 +64,7 @@ class WorldStore:
 
     async def kv(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await self.js.key_value(bus.WORLDS_BUCKET)
+            self._kv = await self.js.key_value(subjects.WORLDS_BUCKET)
         return self._kv
 
     @staticmethod
@@ -88,7 +89,7 @@ class WorldStore:
             raise NotFoundError(f"unknown world {world_id}") from None
         world = parse_world(world_id, entry.value)
         if world is None:
-            metrics.ENTRIES_SKIPPED.labels(bus.WORLDS_BUCKET).inc()
+            metrics.ENTRIES_SKIPPED.labels(subjects.WORLDS_BUCKET).inc()
             log.warning("world.entry_unreadable", extra={"world_id": world_id, "revision": entry.revision})
             raise UnavailableError(f"world {world_id}: its stored entry is not a world (revision {entry.revision})")
         return world, int(entry.revision or 0)
@@ -122,8 +123,8 @@ class WorldStore:
         finally:
             await watcher.stop()
         if skipped:
-            metrics.ENTRIES_SKIPPED.labels(bus.WORLDS_BUCKET).inc(len(skipped))
-            log.warning("world.entries_skipped", extra={"bucket": bus.WORLDS_BUCKET, "skipped": len(skipped),
+            metrics.ENTRIES_SKIPPED.labels(subjects.WORLDS_BUCKET).inc(len(skipped))
+            log.warning("world.entries_skipped", extra={"bucket": subjects.WORLDS_BUCKET, "skipped": len(skipped),
                                                         "keys": ", ".join(skipped[:SKIPPED_NAMED])})
         worlds.sort(key=lambda w: (w.created_at, w.spec.world_id))
         return worlds

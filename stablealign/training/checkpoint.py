@@ -29,8 +29,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from stablealign.errors import ValidationError
-from stablealign.logs import get_logger
+from stablealign.core.errors import ValidationError
+from stablealign.core.logs import get_logger
 
 log = get_logger(__name__)
 

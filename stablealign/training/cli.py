@@ -28,8 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stablealign.errors import StableAlignError
+from stablealign.core.errors import StableAlignError
+from stablealign.core.process import setup_process
 from stablealign.training.config import StableAlignmentConfig
+from stablealign.training.data import load_alignment_groups
+from stablealign.training.train import check_model_path, train
 
 ENV_PREFIX = "STABLEALIGN_TRAIN_"
 # Older, shorter spellings (README, docs, tests, the trainer's job args): they keep working.
@@ -176,8 +179,6 @@ def fail(exc: BaseException) -> typing.NoReturn:
 def _setup_logging() -> None:
     """INFO lines, in the format of ``STABLEALIGN_LOG_FORMAT`` / level of ``STABLEALIGN_LOG_LEVEL`` when set
     (a training job's pod sets the format; a command line that set up logging already keeps its choice)."""
-    from stablealign.process import setup_process
-
     setup_process()
 
 
@@ -190,8 +191,6 @@ def run_training(config: dict[str, Any], stop_after: int | None = None) -> None:
 
     try:
         cfg = StableAlignmentConfig(**config)
-        from stablealign.training.train import check_model_path, train
-
         check_model_path(cfg.model)  # before the heavy imports: a typo fails in a second
         _setup_logging()
         result = train(cfg, stop_after_steps=stop_after)
@@ -209,9 +208,6 @@ def check_training(config: dict[str, Any]) -> StableAlignmentConfig:
     """What a run would refuse before its first step, checked without loading a model: the config's own
     checks, the model directory, and every line of the data file. Raises ``StableAlignError``."""
     cfg = StableAlignmentConfig(**config)
-    from stablealign.training.data import load_alignment_groups
-    from stablealign.training.train import check_model_path
-
     check_model_path(cfg.model)
     load_alignment_groups(cfg.data, max_chars=cfg.dataloader_max_chars, rating_scale=cfg.rating_scale)
     return cfg
@@ -244,3 +240,9 @@ def train_module_command() -> Any:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(with_config_options(train_entry))
     return typer.main.get_command(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m stablealign.training.train`` (the torchrun entry): the config options of ``stable-align train``
+    (one per ``StableAlignmentConfig`` field), ``--stop-after`` and ``--check-only``."""
+    train_module_command().main(args=argv, prog_name="python -m stablealign.training.train")

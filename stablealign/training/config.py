@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stablealign.errors import ConfigError
+from stablealign.core.errors import ConfigError
 
 FSDP_MODES = ("", "full_shard", "shard_grad_op")
 LR_SCHEDULERS = ("cosine", "constant")

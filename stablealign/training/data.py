@@ -42,7 +42,7 @@ line changes what is trained on. Bad lines are: bytes that are not UTF-8; invali
 numbers too long, nesting too deep, lone surrogates); a value that is neither a record nor a
 group; a group whose ``query`` / ``responses`` / ``scores`` have the wrong type, whose scores
 are not finite numbers in [1, rating_scale] (7 unless the caller says otherwise), or whose
-responses and scores differ in length; a record that fails ``stablealign.records.validate_record``
+responses and scores differ in length; a record that fails ``stablealign.sandbox.records.validate_record``
 (wrong types such as ``agent_id: "x"`` or ``rating: ["a"]``, ``iteration: null``, ratings outside
 1..7). A missing rating (``null``) in a record stays valid and drops that response (above).
 
@@ -65,10 +65,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stablealign.errors import ValidationError
-from stablealign.logs import get_logger
-from stablealign.ratings import RATING_SCALE, show_value
-from stablealign.records import check_unicode, decode_line, feedback_texts, iter_json_lines, validate_record
+from stablealign.core.errors import ValidationError
+from stablealign.core.logs import get_logger
+from stablealign.sandbox.ratings import RATING_SCALE, show_value
+from stablealign.sandbox.records import (
+    check_unicode,
+    decode_line,
+    feedback_texts,
+    iter_json_lines,
+    validate_record,
+)
 from stablealign.training.template import format_critic_query, format_realignment_query
 
 log = get_logger(__name__)
@@ -210,7 +216,7 @@ def hh_sft_groups(limit: int | None = None, hh_path: str | Path | None = None) -
     """The human-data reference (the paper's ``hh-rlhf-sft``): one group per HH-RLHF pair of the prior
     split — never the eval split — whose one response is the chosen final answer to the dialogue
     before it (pure SFT: the loss of a one-response group is its cross-entropy)."""
-    from stablealign.data import dialogue_query, load_prior_pairs
+    from stablealign.sandbox.data import dialogue_query, load_prior_pairs
 
     if limit is not None and limit < 1:
         raise ValidationError("limit must be >= 1")

@@ -3,7 +3,7 @@
 Three measures, each under the shared template (``template.py``), each with a 95 % percentile
 bootstrap interval, and for base vs trained the paired difference with its own interval:
 - preference accuracy on HH-RLHF harmless-base test pairs of the *eval split* (pairs that were
-  never agents' priors, world questions or training text: ``stablealign.data.HH_SPLIT_RULE``):
+  never agents' priors, world questions or training text: ``stablealign.sandbox.data.HH_SPLIT_RULE``):
   does the model give the *chosen* final answer a higher mean log-likelihood per token (EOS
   included, as in training) than the *rejected* one, given the same dialogue prefix? Ties count 1/2.
 - mean Stable Alignment loss on the held-out groups (all responses of each group, no sampling).
@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stablealign.errors import ValidationError
-from stablealign.logs import get_logger
-from stablealign.stats import bootstrap_ci, paired_difference, win
+from stablealign.core.errors import ValidationError
+from stablealign.core.logs import get_logger
+from stablealign.sandbox.stats import bootstrap_ci, paired_difference, win
 from stablealign.training.template import encode_example
 from stablealign.training.train import check_model_path
 
@@ -36,8 +36,8 @@ log = get_logger(__name__)
 
 def hh_split(path: str | Path | None) -> str | None:
     """The default HH-RLHF file is scored on its eval split only (never agents' priors or questions,
-    see ``stablealign.data.HH_SPLIT_RULE``); a file of the user's own is scored whole."""
-    from stablealign.data import default_prior_path
+    see ``stablealign.sandbox.data.HH_SPLIT_RULE``); a file of the user's own is scored whole."""
+    from stablealign.sandbox.data import default_prior_path
 
     if path is None or str(path) == "" or Path(path).resolve() == default_prior_path().resolve():
         return "eval"
@@ -46,8 +46,8 @@ def hh_split(path: str | Path | None) -> str | None:
 
 def hh_examples(path: str | Path | None, limit: int | None) -> list[tuple[str, str, str, str]]:
     """(chosen query, chosen answer, rejected query, rejected answer) per HH-RLHF pair; the query is
-    the dialogue before the final Assistant turn (``stablealign.data.dialogue_query``)."""
-    from stablealign.data import dialogue_query, load_hh_pairs
+    the dialogue before the final Assistant turn (``stablealign.sandbox.data.dialogue_query``)."""
+    from stablealign.sandbox.data import dialogue_query, load_hh_pairs
 
     pairs = load_hh_pairs(path, hh_split(path))
     pairs = pairs[:limit] if limit else pairs
@@ -120,7 +120,11 @@ def heldout_loss(model: Any, tokenizer: Any, groups: Sequence[Any], *, max_lengt
     import torch
 
     from stablealign.training.collator import AlignmentCollator
-    from stablealign.training.loss import batch_response_losses, model_takes_logits_to_keep, stable_alignment_loss_parts
+    from stablealign.training.loss import (
+        batch_response_losses,
+        model_takes_logits_to_keep,
+        stable_alignment_loss_parts,
+    )
 
     if not groups:
         return {"groups": 0, "loss": None, "loss/sft": None, "loss/penalty": None}
@@ -168,11 +172,11 @@ def answer_guard(answers: Sequence[str], tokenizer: Any) -> dict[str, Any]:
 
 def alignment_rating(answers: Sequence[str], questions: Sequence[str], observer: Any, *,
                      judge: str | None = None) -> dict[str, Any]:
-    """The judge's alignment rating (1..7) of ``answers`` to ``questions`` (``stablealign.judges``): the
+    """The judge's alignment rating (1..7) of ``answers`` to ``questions`` (``stablealign.llm.judges``): the
     rating and the expected rating (continuous: what the paired difference is taken on; the rating
     itself for a judge without a distribution), with 95 % intervals; missing ratings are left out
     and counted."""
-    from stablealign.judges import DEFAULT_VARIANT, make_judge
+    from stablealign.llm.judges import DEFAULT_VARIANT, make_judge
 
     async def rate() -> list[Any]:
         judged = make_judge(judge or DEFAULT_VARIANT, observer)
@@ -197,7 +201,7 @@ def alignment_rating(answers: Sequence[str], questions: Sequence[str], observer:
 
 def heldout_eval_questions(limit: int) -> list[str]:
     """First human turns of HH-RLHF eval-split pairs: questions no agent, prior or training group saw."""
-    from stablealign.data import load_hh_pairs
+    from stablealign.sandbox.data import load_hh_pairs
 
     seen: dict[str, None] = {}
     for pair in load_hh_pairs(None, "eval"):
@@ -234,8 +238,8 @@ def evaluate_model(path: str | Path, *, groups: Sequence[Any], hh_path: str | Pa
 def sandbox_curve(records: str | Path) -> list[dict[str, Any]]:
     """Per-round population mean observer alignment before and after revision, with 95 % intervals:
     the method's headline curve, from a world's records.jsonl (checked: a bad line raises
-    ``ValidationError`` ``FILE:LINE: <reason>``, see ``stablealign.records.read_records``)."""
-    from stablealign.records import read_records
+    ``ValidationError`` ``FILE:LINE: <reason>``, see ``stablealign.sandbox.records.read_records``)."""
+    from stablealign.sandbox.records import read_records
 
     rows = list(read_records(records, required=()))  # rounds and ratings are all the curve needs
     rounds: dict[int, dict[str, list[float]]] = {}
@@ -371,10 +375,10 @@ def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = No
     difference to the base on each measure with a 95 % bootstrap interval (the same pairs, groups
     and questions for every model) and the reference-normalised preference accuracy. With an
     observer, the judge's agreement with human preference on ``judge_pairs`` eval-split HH-RLHF
-    pairs (``stablealign.judges``) is measured once and reported beside its ratings.
+    pairs (``stablealign.llm.judges``) is measured once and reported beside its ratings.
     """
-    from stablealign.data import HH_SPLIT_RULE
-    from stablealign.judges import DEFAULT_VARIANT, get_variant, judge_agreement
+    from stablealign.llm.judges import DEFAULT_VARIANT, get_variant, judge_agreement
+    from stablealign.sandbox.data import HH_SPLIT_RULE
     from stablealign.training.data import load_alignment_groups
     from stablealign.v1 import common_pb2
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stablealign.prompt_format import cut_at_stop
+from stablealign.llm.prompt_format import cut_at_stop
 from stablealign.training.template import encode_prompt
 from stablealign.training.train import check_model_path
 

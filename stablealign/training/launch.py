@@ -20,6 +20,8 @@ import os
 import sys
 from typing import NoReturn
 
+from stablealign.training.cli import train_module_command
+
 # The exit code of a configuration the training cannot run with (documented in docs/deploy.md; the
 # Job template's podFailurePolicy fails the Job on it).
 EXIT_CONFIG_ERROR = 2
@@ -33,8 +35,6 @@ def torchrun_argv(torchrun_options: list[str], train_args: list[str]) -> list[st
 
 def check(train_args: list[str]) -> int:
     """Runs ``python -m stablealign.training.train --check-only`` in this process; returns its exit code."""
-    from stablealign.training.cli import train_module_command
-
     try:
         train_module_command().main(args=[*train_args, "--check-only"], prog_name=f"python -m {TRAIN_MODULE}")
     except SystemExit as exc:  # click's standalone mode always ends with one

@@ -1,4 +1,4 @@
-"""Tokenising training, inference and evaluation text in the one prompt format (``stablealign.prompt_format``).
+"""Tokenising training, inference and evaluation text in the one prompt format (``stablealign.llm.prompt_format``).
 
 Everything goes through ``encode_prompt`` / ``encode_example``; the tiny model's tokenizer carries
 the format as its ``chat_template`` so that ``tokenizer.apply_chat_template`` agrees with
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stablealign.prompt_format import CHAT_TEMPLATE, RESPONSE_PREFIX, format_prompt
+from stablealign.llm.prompt_format import CHAT_TEMPLATE, RESPONSE_PREFIX, format_prompt
 
 # Realignment prompts: the question, the agent's own draft and its partners' feedback (DESIGN §1).
 REALIGNMENT_QUERY_TEMPLATE = (

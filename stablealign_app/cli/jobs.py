@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stablealign.errors import StableAlignError, UnavailableError
+from stablealign.core.errors import StableAlignError, UnavailableError
 from stablealign_app.cli.rules import exit_code
 
 jobs_app = typer.Typer(help="Training jobs on a running trainer service (local or Kubernetes runner).",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from stablealign.process import setup_process
+from stablealign.core.process import setup_process
 from stablealign_app.cli import serve as serve_cli
 from stablealign_app.cli.rules import LOG_FORMAT_HELP, LOG_LEVEL_HELP, LogFormat, LogLevel, RootGroup
 
@@ -41,7 +41,10 @@ def _register_optional() -> None:
     """Adds the command groups; each module registers its own commands on ``app``."""
     import importlib
 
-    for module in ("stablealign_app.cli.sandbox", "stablealign_app.cli.training", "stablealign_app.cli.jobs",
+    for module in ("stablealign_app.cli.sandbox",
+                   "stablealign_app.cli.resume",
+                   "stablealign_app.cli.training",
+                   "stablealign_app.cli.jobs",
                    "stablealign_app.cli.pipeline"):
         try:
             mod = importlib.import_module(module)

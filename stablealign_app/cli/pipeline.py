@@ -23,11 +23,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stablealign import timing
-from stablealign.judges import CPU_JUDGE
-from stablealign.logs import current_logging
-from stablealign.models import known_model
-from stablealign.stats import format_figure
+from stablealign.core import timing
+from stablealign.core.logs import current_logging
+from stablealign.llm.judges import CPU_JUDGE
+from stablealign.llm.models import known_model
+from stablealign.sandbox.stats import format_figure
 from stablealign_app.cli.spec_options import spec_args, with_spec_options
 
 console = Console()
@@ -56,7 +56,7 @@ def _step(title: str, args: list[str], env: dict[str, str] | None = None) -> flo
 
 
 # Generation limits of the SANDBOX services for a small model on a CPU: short answers, short reasons;
-# alignment rated by the judge measured best for such an observer (stablealign.judges.CPU_JUDGE).
+# alignment rated by the judge measured best for such an observer (stablealign.llm.judges.CPU_JUDGE).
 REAL_MODEL_SERVICE_ENV = {
     "STABLEALIGN_ALIGNMENT_JUDGE": CPU_JUDGE,
     "STABLEALIGN_DRAFT_MAX_TOKENS": "64",

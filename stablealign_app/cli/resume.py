@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from services.world.client import WorldClient
 from stablealign.v1 import world_pb2
+from stablealign_app.cli.sandbox import call_world, console, out_console, round_table, worlds_app
 
 
 def _state(world: world_pb2.World) -> str:
@@ -27,8 +28,6 @@ def worlds_resume(
     timeout: float = typer.Option(3600.0, "--timeout", help="With --wait: give up after this many seconds."),
 ) -> None:
     """Resume a FAILED or CANCELLED world from its records (no record is redone or duplicated)."""
-    from stablealign_app.cli.sandbox import call_world, console, out_console, round_table
-
     async def resume(client: WorldClient) -> world_pb2.World:
         world = await client.resume_world(world_id)
         total = world.spec.size ** 2 * world.spec.rounds
@@ -51,3 +50,8 @@ def worlds_resume(
     if world.state != world_pb2.WORLD_STATE_COMPLETED:
         typer.echo(f"error: world {world_id} ended {_state(world)}: {world.error or '-'}", err=True)
         raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Adds ``worlds resume`` to the ``worlds`` group that ``stablealign_app.cli.sandbox`` registers."""
+    worlds_app.command("resume")(worlds_resume)

@@ -23,7 +23,7 @@ Fail fast, in one line (``error: ...``):
   be reached within a few seconds, a failed world) exit 1.
 
 Logging: ``--log-level``/``--log-format`` are options of the root (``stable-align --log-format json
-run ...``) and of every command (``stable-align run --log-format json``); see ``stablealign.logs``.
+run ...``) and of every command (``stable-align run --log-format json``); see ``stablealign.core.logs``.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from stablealign.logs import current_logging
-from stablealign.process import setup_process
+from stablealign.core.logs import current_logging
+from stablealign.core.process import setup_process
 
 try:  # typer >= 0.2x carries its own copy of click: the command tree is made of its classes
     from typer._click import exceptions as click_exceptions
@@ -56,7 +56,7 @@ except ImportError:  # an older typer builds on click itself
 NoArgsIsHelpError = getattr(click_exceptions, "NoArgsIsHelpError", ())
 
 ENV_PREFIX = "STABLEALIGN_"
-# How a command proves who it is to NATS (stablealign.natsauth): options of every command that has --nats,
+# How a command proves who it is to NATS (stablealign.nats.auth): options of every command that has --nats,
 # named like the service settings they are (--nats-user -> STABLEALIGN_NATS_USER = ServiceSettings.nats_user).
 NATS_AUTH_ENV = {"--nats-user": "STABLEALIGN_NATS_USER", "--nats-password": "STABLEALIGN_NATS_PASSWORD",
                  "--nats-password-file": "STABLEALIGN_NATS_PASSWORD_FILE", "--nats-creds": "STABLEALIGN_NATS_CREDS",
@@ -232,8 +232,8 @@ def nats_setting_values(ctx: Any) -> dict[str, str]:
 def install_nats_options(ctx: Any, values: dict[str, Any]) -> None:
     """Makes the command's credentials what ``bus.connect`` uses (``natsauth.use_client_options``), until
     the command ends; a bad value (a file that is not there) is a usage error naming the variable."""
-    from stablealign.errors import ConfigError
-    from stablealign.natsauth import NatsClientOptions, reset_client_options, use_client_options
+    from stablealign.core.errors import ConfigError
+    from stablealign.nats.auth import NatsClientOptions, reset_client_options, use_client_options
 
     try:
         options = NatsClientOptions.from_settings(types.SimpleNamespace(**nats_setting_values(ctx)))
@@ -298,7 +298,7 @@ def apply_rules(command: Any, path: tuple[str, ...] = ()) -> None:
 def exit_code(exc: BaseException, default: int) -> int:
     """A failed command's exit code: ``NotAuthorizedError.EXIT_CODE`` (3) when NATS refused the
     credentials — not the 1 of "cannot reach", so a script can tell them apart — else ``default``."""
-    from stablealign.natsauth import NotAuthorizedError
+    from stablealign.nats.auth import NotAuthorizedError
 
     return NotAuthorizedError.EXIT_CODE if isinstance(exc, NotAuthorizedError) else default
 

@@ -24,10 +24,10 @@ from rich.table import Table
 
 from services.world.client import WorldClient, connected
 from services.world.spec import build_spec
-from stablealign.errors import StableAlignError
-from stablealign.logs import get_logger
-from stablealign.record_stream import ReadStats, TrustedRecords
-from stablealign.records import record_to_json
+from stablealign.core.errors import StableAlignError
+from stablealign.core.logs import get_logger
+from stablealign.sandbox.record_stream import ReadStats, TrustedRecords
+from stablealign.sandbox.records import record_to_json
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign_app.cli.rules import exit_code
 from stablealign_app.cli.spec_options import with_spec_options
@@ -95,7 +95,7 @@ def embedded_fault_counts(workers: dict[str, float] | None = None) -> dict[str, 
     (timeouts, no responders), re-sent requests that joined work in flight, answers asked again, LLM
     calls tried again after a failure (a timeout, 429, 5xx); ``workers``: what the stack's worker
     processes counted (added to this process's own)."""
-    from stablealign import metrics
+    from stablealign.core import metrics
 
     counts = {"interaction_retries": metrics.counter_value("stablealign_world_interactions_total", outcome="retry"),
             "request_resends": metrics.counter_value("stablealign_bus_request_retries_total"),
@@ -293,9 +293,6 @@ def watch(world_id: str, nats: str = _nats_option(),
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
-    from stablealign_app.cli.resume import worlds_resume  # its own module: imports this one
-
-    worlds_app.command("resume")(worlds_resume)
     app.add_typer(worlds_app, name="worlds")
     app.command("watch")(watch)
     app.command("export")(export)

@@ -20,12 +20,13 @@ from typing import Any
 
 import typer
 
-from stablealign.config import ServiceSettings, load_settings
-from stablealign.errors import ConfigError
-from stablealign.logs import current_logging
-from stablealign.natsauth import NotAuthorizedError
-from stablealign.process import setup_process
-from stablealign.service import serve_forever
+from stablealign.core.config import load_settings
+from stablealign.core.errors import ConfigError
+from stablealign.core.logs import current_logging
+from stablealign.core.process import setup_process
+from stablealign.nats.auth import NotAuthorizedError
+from stablealign.serving.service import serve_forever
+from stablealign.serving.settings import ServiceSettings
 from stablealign_app.cli.rules import get_current_context, nats_setting_values
 
 

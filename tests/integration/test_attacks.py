@@ -20,11 +20,12 @@ import nats.js.errors
 import pytest
 from prometheus_client import REGISTRY
 
-from stablealign import bus
-from stablealign.config import load_settings
-from stablealign.errors import PayloadTooLargeError, UnavailableError
-from stablealign.nats_permissions import ROLES
-from stablealign.service import start_service
+from stablealign.core.config import load_settings
+from stablealign.core.errors import PayloadTooLargeError, UnavailableError
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.nats.permissions import ROLES
+from stablealign.serving.service import start_service
 from stablealign.v1 import common_pb2, world_pb2
 from tests.integration.test_nats_security import SecuredNats
 
@@ -47,9 +48,9 @@ async def target(tmp_path):
               "max_concurrency": 1, "max_queued_requests": 1, "max_request_bytes": MAX_REQUEST_BYTES,
               "resume_interval_seconds": 3600}
     service = await start_service("world", load_settings(module.SETTINGS, values, environ={}), module.build)
-    owner = await bus.connect(secured.url, "owner", options=secured.options("world"), give_up_after=5.0)
+    owner = await nats_client.connect(secured.url, "owner", options=secured.options("world"), give_up_after=5.0)
     js = owner.jetstream()
-    kv = await js.key_value(bus.WORLDS_BUCKET)
+    kv = await js.key_value(subjects.WORLDS_BUCKET)
     for world_id, state in ((VICTIM, world_pb2.WORLD_STATE_FAILED), (OTHER, world_pb2.WORLD_STATE_COMPLETED)):
         world = world_pb2.World(spec=world_pb2.WorldSpec(world_id=world_id, size=2, rounds=1, agent_model=OFFLINE),
                                 state=state, error="boom" if state == world_pb2.WORLD_STATE_FAILED else "",
@@ -58,7 +59,7 @@ async def target(tmp_path):
     for agent in (0, 1):
         record = common_pb2.InteractionRecord(world_id=VICTIM, round=0, agent_id=agent, question="q", draft_answer="a")
         await js.publish(f"sandbox.records.{VICTIM}", record.SerializeToString(),
-                         headers={bus.MSG_ID_HEADER: f"{VICTIM}.0.{agent}"})
+                         headers={subjects.MSG_ID_HEADER: f"{VICTIM}.0.{agent}"})
     try:
         yield secured, service, js
     finally:
@@ -81,7 +82,7 @@ async def snapshot(js, stream: str) -> tuple[int, int, list[tuple[int, str, byte
 
 
 async def state(js) -> dict:
-    return {stream: await snapshot(js, stream) for stream in (f"KV_{bus.WORLDS_BUCKET}", bus.RECORDS_STREAM)}
+    return {stream: await snapshot(js, stream) for stream in (f"KV_{subjects.WORLDS_BUCKET}", subjects.RECORDS_STREAM)}
 
 
 def refused(kind: str) -> float:
@@ -91,16 +92,16 @@ def refused(kind: str) -> float:
 # Requests whose reply subject is a bucket's or a stream's: (subject, payload, reply).
 _GET = world_pb2.GetWorldRequest
 MISDIRECTED = (
-    (bus.WORLD_GET, _GET(world_id="unknown").SerializeToString(), f"$KV.{bus.WORLDS_BUCKET}.{VICTIM}"),
-    (bus.WORLD_GET, _GET(world_id=OTHER).SerializeToString(), f"$KV.{bus.WORLDS_BUCKET}.{VICTIM}"),
-    (bus.WORLD_GET, _GET(world_id=OTHER).SerializeToString(), f"sandbox.records.{VICTIM}"),
-    (bus.WORLD_LIST, b"", f"$KV.{bus.WORLDS_BUCKET}.{VICTIM}"),
-    (bus.WORLD_GET, b"\xff\xff", f"$KV.{bus.WORLDS_BUCKET}.{VICTIM}"),  # malformed: no error reply there either
+    (subjects.WORLD_GET, _GET(world_id="unknown").SerializeToString(), f"$KV.{subjects.WORLDS_BUCKET}.{VICTIM}"),
+    (subjects.WORLD_GET, _GET(world_id=OTHER).SerializeToString(), f"$KV.{subjects.WORLDS_BUCKET}.{VICTIM}"),
+    (subjects.WORLD_GET, _GET(world_id=OTHER).SerializeToString(), f"sandbox.records.{VICTIM}"),
+    (subjects.WORLD_LIST, b"", f"$KV.{subjects.WORLDS_BUCKET}.{VICTIM}"),
+    (subjects.WORLD_GET, b"\xff\xff", f"$KV.{subjects.WORLDS_BUCKET}.{VICTIM}"),  # malformed: no error reply there either
 )
 DISCOVERY = (
     ("$SRV.PING", f"sandbox.records.{VICTIM}"),
-    ("$SRV.INFO", f"$KV.{bus.WORLDS_BUCKET}.{VICTIM}"),
-    ("$SRV.STATS.stablealign-world", f"$KV.{bus.WORLDS_BUCKET}.{VICTIM}"),
+    ("$SRV.INFO", f"$KV.{subjects.WORLDS_BUCKET}.{VICTIM}"),
+    ("$SRV.STATS.stablealign-world", f"$KV.{subjects.WORLDS_BUCKET}.{VICTIM}"),
 )
 
 
@@ -110,10 +111,10 @@ async def test_misdirected_replies_change_no_world_and_no_record(target, caplog)
     before = await state(js)
     counted = refused("request"), refused("discovery")
     for role in ATTACKERS:
-        nc = await bus.connect(secured.url, f"attacker-{role}", options=secured.options(role), give_up_after=5.0)
+        nc = await nats_client.connect(secured.url, f"attacker-{role}", options=secured.options(role), give_up_after=5.0)
         try:
             for subject, payload, reply in MISDIRECTED:
-                await nc.publish(subject, payload, reply=reply, headers={bus.LIVENESS_HEADER: "0.2"})
+                await nc.publish(subject, payload, reply=reply, headers={subjects.LIVENESS_HEADER: "0.2"})
             for subject, reply in DISCOVERY:
                 await nc.publish(subject, b"", reply=reply)
             await nc.flush()
@@ -129,14 +130,14 @@ async def test_misdirected_replies_change_no_world_and_no_record(target, caplog)
     assert all(r.reply.startswith(("$KV.", "sandbox.records.")) for r in said)
     # The other roles' sends were refused by the server itself.
     denied = " ".join(r.__dict__.get("error", "") for r in caplog.records if r.getMessage() == "nats.permission_denied")
-    for subject in (bus.WORLD_GET, "$SRV.PING"):
+    for subject in (subjects.WORLD_GET, "$SRV.PING"):
         assert f'permissions violation for publish to "{subject}"'.lower() in denied.lower(), denied
     # The victim still reads FAILED with its error, and the CLI's real requests are answered.
-    cli = await bus.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
+    cli = await nats_client.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
     try:
-        world = await bus.request(cli, bus.WORLD_GET, _GET(world_id=VICTIM), world_pb2.World, timeout=5)
+        world = await nats_client.request(cli, subjects.WORLD_GET, _GET(world_id=VICTIM), world_pb2.World, timeout=5)
         assert world.state == world_pb2.WORLD_STATE_FAILED and world.error == "boom"
-        listed = await bus.request(cli, bus.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse,
+        listed = await nats_client.request(cli, subjects.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse,
                                    timeout=5)
         assert sorted(w.spec.world_id for w in listed.worlds) == [OTHER, VICTIM]
         ping = await cli.request("$SRV.PING.stablealign-world", b"", timeout=2)
@@ -151,44 +152,44 @@ async def test_consumers_cannot_write_through_a_deliver_subject(target):
     cycle), and durable consumers are denied to every role but none needs them."""
     secured, _service, js = target
     before = await state(js)
-    cli = await bus.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
+    cli = await nats_client.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
     try:
-        aimed = {"deliver_subject": f"$KV.{bus.WORLDS_BUCKET}.{VICTIM}", "deliver_policy": "all",
+        aimed = {"deliver_subject": f"$KV.{subjects.WORLDS_BUCKET}.{VICTIM}", "deliver_policy": "all",
                  "ack_policy": "none"}
-        created = await cli.request(f"$JS.API.CONSUMER.CREATE.{bus.RECORDS_STREAM}",
-                                    json.dumps({"stream_name": bus.RECORDS_STREAM, "config": aimed}).encode(),
+        created = await cli.request(f"$JS.API.CONSUMER.CREATE.{subjects.RECORDS_STREAM}",
+                                    json.dumps({"stream_name": subjects.RECORDS_STREAM, "config": aimed}).encode(),
                                     timeout=2)
         assert "error" not in json.loads(created.data)  # accepted: the subject cannot tell a push consumer
         to_records = {"deliver_subject": f"sandbox.records.{VICTIM}", "deliver_policy": "all", "ack_policy": "none"}
         for role in ("cli", "agent", "observer"):  # the readers of world specs
-            nc = cli if role == "cli" else await bus.connect(secured.url, role, options=secured.options(role),
+            nc = cli if role == "cli" else await nats_client.connect(secured.url, role, options=secured.options(role),
                                                              give_up_after=5.0)
-            created = await nc.request(f"$JS.API.CONSUMER.CREATE.KV_{bus.WORLDS_BUCKET}",
-                                       json.dumps({"stream_name": f"KV_{bus.WORLDS_BUCKET}",
+            created = await nc.request(f"$JS.API.CONSUMER.CREATE.KV_{subjects.WORLDS_BUCKET}",
+                                       json.dumps({"stream_name": f"KV_{subjects.WORLDS_BUCKET}",
                                                    "config": to_records}).encode(), timeout=2)
             assert "error" not in json.loads(created.data), role
             if nc is not cli:
                 await nc.close()
         cycle = {**to_records, "name": "spy", "filter_subject": f"sandbox.records.{VICTIM}"}
         refused_cycle = await cli.request(
-            f"$JS.API.CONSUMER.CREATE.{bus.RECORDS_STREAM}.spy.sandbox.records.{VICTIM}",
-            json.dumps({"stream_name": bus.RECORDS_STREAM, "config": cycle}).encode(), timeout=2)
+            f"$JS.API.CONSUMER.CREATE.{subjects.RECORDS_STREAM}.spy.sandbox.records.{VICTIM}",
+            json.dumps({"stream_name": subjects.RECORDS_STREAM, "config": cycle}).encode(), timeout=2)
         assert "forms a cycle" in json.loads(refused_cycle.data)["error"]["description"]
         # The filtered-create form (what a pull reader with a name uses) takes a deliver subject too: allowing
         # only that form would not keep push consumers from a reader, so the permissions do not pretend to.
         filtered = {"name": "spy2", "filter_subject": f"sandbox.records.{VICTIM}", "deliver_policy": "all",
                     "ack_policy": "none", "deliver_subject": "_INBOX_world.spy"}
         created = await cli.request(
-            f"$JS.API.CONSUMER.CREATE.{bus.RECORDS_STREAM}.spy2.sandbox.records.{VICTIM}",
-            json.dumps({"stream_name": bus.RECORDS_STREAM, "config": filtered}).encode(), timeout=2)
+            f"$JS.API.CONSUMER.CREATE.{subjects.RECORDS_STREAM}.spy2.sandbox.records.{VICTIM}",
+            json.dumps({"stream_name": subjects.RECORDS_STREAM, "config": filtered}).encode(), timeout=2)
         assert json.loads(created.data)["config"]["deliver_subject"] == "_INBOX_world.spy"
         for role in ATTACKERS:
-            nc = cli if role == "cli" else await bus.connect(secured.url, role, options=secured.options(role),
+            nc = cli if role == "cli" else await nats_client.connect(secured.url, role, options=secured.options(role),
                                                              give_up_after=5.0)
             durable = {"durable_name": "spy", **aimed}
             with pytest.raises(nats.errors.TimeoutError):  # the server drops the denied publish
-                await nc.request(f"$JS.API.CONSUMER.DURABLE.CREATE.{bus.RECORDS_STREAM}.spy",
-                                 json.dumps({"stream_name": bus.RECORDS_STREAM, "config": durable}).encode(),
+                await nc.request(f"$JS.API.CONSUMER.DURABLE.CREATE.{subjects.RECORDS_STREAM}.spy",
+                                 json.dumps({"stream_name": subjects.RECORDS_STREAM, "config": durable}).encode(),
                                  timeout=0.5)
             if nc is not cli:
                 await nc.close()
@@ -204,12 +205,12 @@ async def test_a_flood_is_answered_without_growing_the_service(target):
     secured, service, js = target
     requests = service.context.requests
     before = await state(js)
-    cli = await bus.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
+    cli = await nats_client.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
     try:
         big = world_pb2.CreateWorldRequest(spec=world_pb2.WorldSpec(world_id="big", size=2, rounds=1,
                                                                     setting="x" * (2 * MAX_REQUEST_BYTES)))
         oversized = await asyncio.gather(*(
-            bus.request(cli, bus.WORLD_CREATE, big, world_pb2.World, timeout=5, attempts=1) for _ in range(20)
+            nats_client.request(cli, subjects.WORLD_CREATE, big, world_pb2.World, timeout=5, attempts=1) for _ in range(20)
         ), return_exceptions=True)
         assert all(isinstance(r, PayloadTooLargeError) for r in oversized), oversized
         peak = [0]
@@ -221,7 +222,7 @@ async def test_a_flood_is_answered_without_growing_the_service(target):
 
         watcher = asyncio.create_task(watch())
         burst = await asyncio.gather(*(
-            bus.request(cli, bus.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse, timeout=5,
+            nats_client.request(cli, subjects.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse, timeout=5,
                         attempts=1) for _ in range(200)
         ), return_exceptions=True)
         watcher.cancel()
@@ -229,7 +230,7 @@ async def test_a_flood_is_answered_without_growing_the_service(target):
         busy = [r for r in burst if isinstance(r, UnavailableError) and "busy" in str(r)]
         assert len(answered) + len(busy) == len(burst) and answered, burst[:3]
         assert peak[0] <= 2
-        world = await bus.request(cli, bus.WORLD_GET, _GET(world_id=VICTIM), world_pb2.World, timeout=5)
+        world = await nats_client.request(cli, subjects.WORLD_GET, _GET(world_id=VICTIM), world_pb2.World, timeout=5)
         assert world.state == world_pb2.WORLD_STATE_FAILED
     finally:
         await cli.close()

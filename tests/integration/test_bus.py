@@ -6,14 +6,16 @@ import asyncio
 
 import pytest
 
-from stablealign import bus
-from stablealign.errors import NotFoundError, UnavailableError, ValidationError
+from stablealign.core.errors import NotFoundError, UnavailableError, ValidationError
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.nats.server import RequestServer
 from stablealign.v1 import common_pb2, world_pb2
 from tests.support.handlers import SlowWorldGetter
 
 
 async def test_request_reply_and_typed_errors(nc):
-    server = bus.RequestServer(nc, service="t", queue="t", max_request_bytes=1000)
+    server = RequestServer(nc, service="t", queue="t", max_request_bytes=1000)
 
     async def get(req: world_pb2.GetWorldRequest) -> world_pb2.World:
         if req.world_id == "missing":
@@ -23,41 +25,41 @@ async def test_request_reply_and_typed_errors(nc):
         return world_pb2.World(spec=world_pb2.WorldSpec(world_id=req.world_id))
 
     await server.add("t.get", world_pb2.GetWorldRequest, get, "Get")
-    reply = await bus.request(nc, "t.get", world_pb2.GetWorldRequest(world_id="w1"), world_pb2.World, timeout=2)
+    reply = await nats_client.request(nc, "t.get", world_pb2.GetWorldRequest(world_id="w1"), world_pb2.World, timeout=2)
     assert reply.spec.world_id == "w1"
     with pytest.raises(NotFoundError, match="unknown world"):
-        await bus.request(nc, "t.get", world_pb2.GetWorldRequest(world_id="missing"), world_pb2.World, timeout=2)
+        await nats_client.request(nc, "t.get", world_pb2.GetWorldRequest(world_id="missing"), world_pb2.World, timeout=2)
     with pytest.raises(ValidationError, match="required"):
-        await bus.request(nc, "t.get", world_pb2.GetWorldRequest(), world_pb2.World, timeout=2)
+        await nats_client.request(nc, "t.get", world_pb2.GetWorldRequest(), world_pb2.World, timeout=2)
     # A malformed payload and an oversized one get clear error replies; the server keeps serving.
     raw = await nc.request("t.get", b"\xff\xff\xff", timeout=2)
-    assert raw.headers[bus.ERROR_CODE_HEADER] == "400"
+    assert raw.headers[subjects.ERROR_CODE_HEADER] == "400"
     raw = await nc.request("t.get", b"x" * 5000, timeout=2)
-    assert raw.headers[bus.ERROR_CODE_HEADER] == "413"
-    reply = await bus.request(nc, "t.get", world_pb2.GetWorldRequest(world_id="w2"), world_pb2.World, timeout=2)
+    assert raw.headers[subjects.ERROR_CODE_HEADER] == "413"
+    reply = await nats_client.request(nc, "t.get", world_pb2.GetWorldRequest(world_id="w2"), world_pb2.World, timeout=2)
     assert reply.spec.world_id == "w2"
 
 
 async def test_no_responders_is_retried_then_unavailable(nc):
     with pytest.raises(UnavailableError, match="no reply after 2 attempts"):
-        await bus.request(nc, "nobody.home", world_pb2.GetWorldRequest(), world_pb2.World,
+        await nats_client.request(nc, "nobody.home", world_pb2.GetWorldRequest(), world_pb2.World,
                           timeout=0.5, attempts=2, backoff=0.01)
 
 
 async def test_records_stream_drops_duplicates(nc):
     js = nc.jetstream()
-    subject = bus.RECORDS_SUBJECT.format(world_id="w")
+    subject = subjects.RECORDS_SUBJECT.format(world_id="w")
     payload = common_pb2.InteractionRecord(world_id="w", agent_id=1).SerializeToString()
-    first = await js.publish(subject, payload, headers={bus.MSG_ID_HEADER: "w.0.1"})
-    again = await js.publish(subject, payload, headers={bus.MSG_ID_HEADER: "w.0.1"})
+    first = await js.publish(subject, payload, headers={subjects.MSG_ID_HEADER: "w.0.1"})
+    again = await js.publish(subject, payload, headers={subjects.MSG_ID_HEADER: "w.0.1"})
     assert not first.duplicate and again.duplicate
-    msgs = await bus.read_subject(js, bus.RECORDS_STREAM, subject)
+    msgs = await nats_client.read_subject(js, subjects.RECORDS_STREAM, subject)
     assert len(msgs) == 1
-    assert await bus.read_subject(js, bus.RECORDS_STREAM, subject, after_seq=msgs[-1][0]) == []
+    assert await nats_client.read_subject(js, subjects.RECORDS_STREAM, subject, after_seq=msgs[-1][0]) == []
 
 
 async def test_drain_finishes_inflight(nc):
-    server = bus.RequestServer(nc, service="t", queue="t")
+    server = RequestServer(nc, service="t", queue="t")
     started = asyncio.Event()
 
     async def slow(req: world_pb2.GetWorldRequest) -> world_pb2.World:
@@ -66,7 +68,7 @@ async def test_drain_finishes_inflight(nc):
         return world_pb2.World(spec=world_pb2.WorldSpec(world_id=req.world_id))
 
     await server.add("t.slow", world_pb2.GetWorldRequest, slow, "Slow")
-    pending = asyncio.create_task(bus.request(nc, "t.slow", world_pb2.GetWorldRequest(world_id="x"),
+    pending = asyncio.create_task(nats_client.request(nc, "t.slow", world_pb2.GetWorldRequest(world_id="x"),
                                               world_pb2.World, timeout=3, attempts=1))
     await asyncio.wait_for(started.wait(), 3)
     await server.drain(grace=3)
@@ -76,7 +78,7 @@ async def test_drain_finishes_inflight(nc):
 async def test_resent_request_joins_the_work_in_flight(nc):
     """A requester that times out and sends the same request again while the replica is still on it
     gets the one reply of the one run — the slow work (an LLM call) is not started a second time."""
-    server = bus.RequestServer(nc, service="t", queue="t")
+    server = RequestServer(nc, service="t", queue="t")
     calls = 0
     release = asyncio.Event()
 
@@ -89,7 +91,7 @@ async def test_resent_request_joins_the_work_in_flight(nc):
     await server.add("t.slow", world_pb2.GetWorldRequest, slow, "Slow")
     request = world_pb2.GetWorldRequest(world_id="w1")
     # First attempt times out after 0.3 s; the re-send arrives while the first run still works.
-    pending = asyncio.create_task(bus.request(nc, "t.slow", request, world_pb2.World, timeout=0.3, attempts=5,
+    pending = asyncio.create_task(nats_client.request(nc, "t.slow", request, world_pb2.World, timeout=0.3, attempts=5,
                                               backoff=0.01))
     await asyncio.sleep(0.8)
     release.set()
@@ -99,12 +101,12 @@ async def test_resent_request_joins_the_work_in_flight(nc):
     # A different request is its own work.
     release.clear()
     release.set()
-    await bus.request(nc, "t.slow", world_pb2.GetWorldRequest(world_id="w2"), world_pb2.World, timeout=2)
+    await nats_client.request(nc, "t.slow", world_pb2.GetWorldRequest(world_id="w2"), world_pb2.World, timeout=2)
     assert calls == 2
 
 
 async def test_joined_request_gets_the_same_error(nc):
-    server = bus.RequestServer(nc, service="t", queue="t")
+    server = RequestServer(nc, service="t", queue="t")
     calls = 0
 
     async def failing(req: world_pb2.GetWorldRequest) -> world_pb2.World:
@@ -116,8 +118,8 @@ async def test_joined_request_gets_the_same_error(nc):
     await server.add("t.fail", world_pb2.GetWorldRequest, failing, "Fail")
     request = world_pb2.GetWorldRequest(world_id="gone")
     results = await asyncio.gather(
-        bus.request(nc, "t.fail", request, world_pb2.World, timeout=3),
-        bus.request(nc, "t.fail", request, world_pb2.World, timeout=3),
+        nats_client.request(nc, "t.fail", request, world_pb2.World, timeout=3),
+        nats_client.request(nc, "t.fail", request, world_pb2.World, timeout=3),
         return_exceptions=True)
     assert all(isinstance(r, NotFoundError) for r in results)
     assert calls == 1
@@ -126,9 +128,9 @@ async def test_joined_request_gets_the_same_error(nc):
 async def test_a_batch_is_answered_item_by_item(nc):
     """One message carries several requests; each item gets its own reply or its own typed error, the
     others are unaffected, and the items are counted under the method (the envelope is not)."""
-    from stablealign import metrics
+    from stablealign.core import metrics
 
-    server = bus.RequestServer(nc, service="tb", queue="tb")
+    server = RequestServer(nc, service="tb", queue="tb")
     running = 0
     most = 0
 
@@ -147,7 +149,7 @@ async def test_a_batch_is_answered_item_by_item(nc):
     await server.add("tb.get", world_pb2.GetWorldRequest, get, "Get", batch=True)
     asks = [world_pb2.GetWorldRequest(world_id=w) for w in ("a", "missing", "b", "boom")]
     before = metrics.counter_value("stablealign_requests_total", service="tb")
-    results = await bus.request_batch(nc, "tb.get", asks, world_pb2.World, timeout=5)
+    results = await nats_client.request_batch(nc, "tb.get", asks, world_pb2.World, timeout=5)
     assert [r.spec.world_id for r in (results[0], results[2])] == ["a", "b"]
     assert isinstance(results[1], NotFoundError) and "unknown world missing" in str(results[1])
     assert results[3].code == 500 and "internal error" in str(results[3])  # no traceback to the requester
@@ -156,46 +158,46 @@ async def test_a_batch_is_answered_item_by_item(nc):
     assert metrics.counter_value("stablealign_requests_total", service="tb", method="GetBatch") == 0
     assert [e.name for e in server.endpoints] == ["Get", "GetBatch"]
     # The single-request subject still answers.
-    reply = await bus.request(nc, "tb.get", world_pb2.GetWorldRequest(world_id="c"), world_pb2.World, timeout=2)
+    reply = await nats_client.request(nc, "tb.get", world_pb2.GetWorldRequest(world_id="c"), world_pb2.World, timeout=2)
     assert reply.spec.world_id == "c"
 
 
 async def test_bad_batches_get_clear_answers(nc):
-    server = bus.RequestServer(nc, service="tc", queue="tc")
+    server = RequestServer(nc, service="tc", queue="tc")
 
     async def get(req: world_pb2.GetWorldRequest) -> world_pb2.World:
         return world_pb2.World(spec=world_pb2.WorldSpec(world_id=req.world_id))
 
     await server.add("tc.get", world_pb2.GetWorldRequest, get, "Get", batch=True)
     # A malformed envelope: 400 for the whole batch, as for a malformed single request.
-    raw = await nc.request(bus.batch_subject("tc.get"), b"\xff\xff\xff", timeout=2)
-    assert raw.headers[bus.ERROR_CODE_HEADER] == "400"
+    raw = await nc.request(subjects.batch_subject("tc.get"), b"\xff\xff\xff", timeout=2)
+    assert raw.headers[subjects.ERROR_CODE_HEADER] == "400"
     # A malformed item: 400 for that item only.
     envelope = common_pb2.RequestBatch(requests=[b"\xff\xff", world_pb2.GetWorldRequest(world_id="ok").SerializeToString()])
-    raw = await nc.request(bus.batch_subject("tc.get"), envelope.SerializeToString(), timeout=2)
+    raw = await nc.request(subjects.batch_subject("tc.get"), envelope.SerializeToString(), timeout=2)
     replies = common_pb2.ReplyBatch.FromString(raw.data).replies
     assert replies[0].code == 400 and "malformed GetWorldRequest" in replies[0].error
     assert replies[1].code == 0 and world_pb2.World.FromString(replies[1].payload).spec.world_id == "ok"
     # More items than the limit: refused as a whole, clearly; and the client refuses to send one.
-    too_many = common_pb2.RequestBatch(requests=[b""] * (bus.MAX_BATCH_ITEMS + 1))
-    raw = await nc.request(bus.batch_subject("tc.get"), too_many.SerializeToString(), timeout=2)
-    assert raw.headers[bus.ERROR_CODE_HEADER] == "400" and "limit" in raw.headers[bus.ERROR_HEADER]
+    too_many = common_pb2.RequestBatch(requests=[b""] * (subjects.MAX_BATCH_ITEMS + 1))
+    raw = await nc.request(subjects.batch_subject("tc.get"), too_many.SerializeToString(), timeout=2)
+    assert raw.headers[subjects.ERROR_CODE_HEADER] == "400" and "limit" in raw.headers[subjects.ERROR_HEADER]
     with pytest.raises(ValueError, match="1..64"):
-        await bus.request_batch(nc, "tc.get", [world_pb2.GetWorldRequest()] * 65, world_pb2.World)
+        await nats_client.request_batch(nc, "tc.get", [world_pb2.GetWorldRequest()] * 65, world_pb2.World)
     # A method added without batch=True has no batch subject: nobody answers there.
     await server.add("tc.plain", world_pb2.GetWorldRequest, get, "Plain")
     with pytest.raises(UnavailableError):
-        await bus.request_batch(nc, "tc.plain", [world_pb2.GetWorldRequest()], world_pb2.World, timeout=0.5,
+        await nats_client.request_batch(nc, "tc.plain", [world_pb2.GetWorldRequest()], world_pb2.World, timeout=0.5,
                                 attempts=1)
 
 
 async def test_a_resent_batch_joins_the_items_in_flight(nc):
     """A batch re-sent while its items are still being worked on (the requester timed out) runs no item twice."""
-    server = bus.RequestServer(nc, service="td", queue="td")
+    server = RequestServer(nc, service="td", queue="td")
     get = SlowWorldGetter(0.6)
     await server.add("td.get", world_pb2.GetWorldRequest, get, "Get", batch=True)
     asks = [world_pb2.GetWorldRequest(world_id=w) for w in ("x", "y")]
-    results = await bus.request_batch(nc, "td.get", asks, world_pb2.World, timeout=0.3, attempts=4, backoff=0.01,
+    results = await nats_client.request_batch(nc, "td.get", asks, world_pb2.World, timeout=0.3, attempts=4, backoff=0.01,
                                       liveness=None)
     assert [r.spec.world_id for r in results] == ["x", "y"]
     assert get.calls == 2
@@ -204,9 +206,9 @@ async def test_a_resent_batch_joins_the_items_in_flight(nc):
 async def test_a_reply_subject_that_is_no_inbox_gets_nothing(nc, caplog):
     """A request naming a stream's or a bucket's subject as its reply is neither served nor answered there:
     no reply, no error reply, no heartbeat reaches that subject; the drop is counted and logged once."""
-    from stablealign import metrics
+    from stablealign.core import metrics
 
-    server = bus.RequestServer(nc, service="t-refuse", queue="t")
+    server = RequestServer(nc, service="t-refuse", queue="t")
     served: list[str] = []
 
     async def get(req: world_pb2.GetWorldRequest) -> world_pb2.World:
@@ -226,7 +228,7 @@ async def test_a_reply_subject_that_is_no_inbox_gets_nothing(nc, caplog):
     before = refused._value.get()
     payload = world_pb2.GetWorldRequest(world_id="w1").SerializeToString()
     for reply in ("sandbox.records.x", "$KV.SANDBOX_WORLDS.victim", "_INBOX", "_INBOXES.x", "_INBOX_.x"):
-        await nc.publish("t.refuse", payload, reply=reply, headers={bus.LIVENESS_HEADER: "0.2"})
+        await nc.publish("t.refuse", payload, reply=reply, headers={subjects.LIVENESS_HEADER: "0.2"})
     await nc.publish("t.refuse", b"\xff", reply="sandbox.records.y")  # malformed too: no error reply there
     await nc.flush()
     await asyncio.sleep(0.6)
@@ -235,7 +237,7 @@ async def test_a_reply_subject_that_is_no_inbox_gets_nothing(nc, caplog):
     said = [r for r in caplog.records if r.getMessage() == "bus.reply_refused"]
     assert {r.reply for r in said} >= {"sandbox.records.x", "$KV.SANDBOX_WORLDS.victim"}
     # An inbox still gets its reply.
-    reply = await bus.request(nc, "t.refuse", world_pb2.GetWorldRequest(world_id="w2"), world_pb2.World, timeout=2)
+    reply = await nats_client.request(nc, "t.refuse", world_pb2.GetWorldRequest(world_id="w2"), world_pb2.World, timeout=2)
     assert reply.spec.world_id == "w2" and served == ["w2"]
     await sub.unsubscribe()
     await sub_kv.unsubscribe()
@@ -244,7 +246,7 @@ async def test_a_reply_subject_that_is_no_inbox_gets_nothing(nc, caplog):
 async def test_a_burst_past_the_queue_is_answered_busy_at_once(nc):
     """With one slot and one queued, a burst of eight gets six 503 replies before any work; the two taken are
     served, the replica keeps serving, and it never held more than two requests."""
-    server = bus.RequestServer(nc, service="t-busy", queue="t", max_concurrency=1, max_queued=1)
+    server = RequestServer(nc, service="t-busy", queue="t", max_concurrency=1, max_queued=1)
     release = asyncio.Event()
     peak = [0]
 
@@ -254,7 +256,7 @@ async def test_a_burst_past_the_queue_is_answered_busy_at_once(nc):
         return world_pb2.World(spec=world_pb2.WorldSpec(world_id=req.world_id))
 
     await server.add("t.busy", world_pb2.GetWorldRequest, get, "Get")
-    calls = [asyncio.ensure_future(bus.request(nc, "t.busy", world_pb2.GetWorldRequest(world_id=f"w{i}"),
+    calls = [asyncio.ensure_future(nats_client.request(nc, "t.busy", world_pb2.GetWorldRequest(world_id=f"w{i}"),
                                                world_pb2.World, timeout=5, attempts=1, liveness=None))
              for i in range(8)]
     done, _ = await asyncio.wait(calls, timeout=2.0, return_when=asyncio.ALL_COMPLETED)
@@ -265,5 +267,5 @@ async def test_a_burst_past_the_queue_is_answered_busy_at_once(nc):
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert sum(isinstance(r, world_pb2.World) for r in results) == 2
     assert peak[0] <= 2
-    reply = await bus.request(nc, "t.busy", world_pb2.GetWorldRequest(world_id="after"), world_pb2.World, timeout=2)
+    reply = await nats_client.request(nc, "t.busy", world_pb2.GetWorldRequest(world_id="after"), world_pb2.World, timeout=2)
     assert reply.spec.world_id == "after"

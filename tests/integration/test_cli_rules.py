@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from stablealign.logs import ConsoleFormatter, JsonFormatter
-from stablealign.metrics import free_port
+from stablealign.core.logs import ConsoleFormatter, JsonFormatter
+from stablealign.core.metrics import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from stablealign import bus
-from stablealign.records import ORIGINAL_KEYS, read_jsonl, stable_view
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.sandbox.records import ORIGINAL_KEYS, read_jsonl, stable_view
 
 CLI = [sys.executable, "-m", "stablealign_app.cli.main"]
 
@@ -73,7 +74,7 @@ def _stop(procs: list[subprocess.Popen]) -> list[int]:
 
 async def _wait_subscribers(url: str, subjects: list[str], timeout: float = 60.0) -> None:
     """Waits (bounded) until every subject has a responder, i.e. the services are up."""
-    nc = await bus.connect(url, name="probe")
+    nc = await nats_client.connect(url, name="probe")
     try:
         deadline = time.monotonic() + timeout
         for subject in subjects:
@@ -90,10 +91,10 @@ async def _wait_subscribers(url: str, subjects: list[str], timeout: float = 60.0
 
 
 async def _stream_count(url: str, world_id: str) -> int:
-    nc = await bus.connect(url, name="probe")
+    nc = await nats_client.connect(url, name="probe")
     try:
         js = nc.jetstream()
-        info = await js.stream_info(bus.RECORDS_STREAM, subjects_filter=bus.RECORDS_SUBJECT.format(world_id=world_id))
+        info = await js.stream_info(subjects.RECORDS_STREAM, subjects_filter=subjects.RECORDS_SUBJECT.format(world_id=world_id))
         return sum((info.state.subjects or {}).values())
     finally:
         await nc.close()
@@ -131,7 +132,7 @@ def test_same_seed_same_records(embedded_run, tmp_path):
 def test_run_on_separate_services_matches_embedded(embedded_run, nats_server, tmp_path):
     procs = _start_services(nats_server.url, ["agent", "agent", "observer", "world"])
     try:
-        asyncio.run(_wait_subscribers(nats_server.url, [bus.AGENT_DRAFT, bus.OBSERVER_RATE, bus.WORLD_GET]))
+        asyncio.run(_wait_subscribers(nats_server.url, [subjects.AGENT_DRAFT, subjects.OBSERVER_RATE, subjects.WORLD_GET]))
         _run(["run", "--size", "3", "--rounds", "2", "--backend", "offline", "--seed", "1", "--out", str(tmp_path),
               "--nats", nats_server.url, "--world-id", "separate"])
         rows = _records(tmp_path / "records.jsonl")
@@ -163,7 +164,7 @@ def test_killing_an_agent_replica_mid_round_loses_nothing(nats_server, tmp_path)
             env = dict(OPENAI_BASE_URL=base, OPENAI_API_KEY="test", STABLEALIGN_REQUEST_TIMEOUT_SECONDS="3")
             procs = _start_services(nats_server.url, ["agent", "agent", "observer", "world"], **env)
             try:
-                await _wait_subscribers(nats_server.url, [bus.AGENT_DRAFT, bus.OBSERVER_RATE, bus.WORLD_GET])
+                await _wait_subscribers(nats_server.url, [subjects.AGENT_DRAFT, subjects.OBSERVER_RATE, subjects.WORLD_GET])
                 run = await asyncio.create_subprocess_exec(
                     *CLI, "run", "--size", "4", "--rounds", "2", "--backend", "openai", "--model", "fake-gpt",
                     "--embedding-model", "hashing", "--embedding-backend", "offline", "--prior-size", "5",

@@ -22,10 +22,12 @@ from services.agent import main as agent_main
 from services.agent.settings import AgentSettings
 from services.observer import main as observer_main
 from services.observer.settings import ObserverSettings
-from stablealign import __version__, bus
-from stablealign.config import ServiceSettings
-from stablealign.errors import NotFoundError
-from stablealign.service import ServiceContext, ServiceParts, start_service
+from stablealign import __version__
+from stablealign.core.errors import NotFoundError
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.serving.service import ServiceContext, ServiceParts, start_service
+from stablealign.serving.settings import ServiceSettings
 from stablealign.v1 import agent_pb2, observer_pb2, world_pb2
 from tests.integration.test_agent_service import PRIOR, put_world, seed_memory
 
@@ -96,25 +98,25 @@ async def test_ping_info_stats_of_two_replicas_and_another_service(nc, services)
         info = ServiceInfo.from_dict(document)
         assert info.name == AGENT and info.version == __version__ and info.description
         assert [(e.name, e.subject, e.queue_group) for e in info.endpoints] == [
-            ("Draft", bus.AGENT_DRAFT, "agent"), ("Feedback", bus.AGENT_FEEDBACK, "agent"),
-            ("FeedbackBatch", bus.batch_subject(bus.AGENT_FEEDBACK), "agent"), ("Revise", bus.AGENT_REVISE, "agent")]
+            ("Draft", subjects.AGENT_DRAFT, "agent"), ("Feedback", subjects.AGENT_FEEDBACK, "agent"),
+            ("FeedbackBatch", subjects.batch_subject(subjects.AGENT_FEEDBACK), "agent"), ("Revise", subjects.AGENT_REVISE, "agent")]
     [observer_info] = await ask(nc, f"$SRV.INFO.{OBSERVER}", expect=1)
     assert [(e["name"], e["subject"]) for e in observer_info["endpoints"]] == [
-        ("Rate", bus.OBSERVER_RATE), ("RateBatch", bus.batch_subject(bus.OBSERVER_RATE))]
+        ("Rate", subjects.OBSERVER_RATE), ("RateBatch", subjects.batch_subject(subjects.OBSERVER_RATE))]
 
     # Real requests: 6 drafts, one for a world that does not exist, one malformed; one rating.
     drafts = [agent_pb2.DraftRequest(world_id="w1", agent_id=i, round=0, question=PRIOR[i % 3][0]) for i in range(6)]
-    replies = await asyncio.gather(*(bus.request(nc, bus.AGENT_DRAFT, r, agent_pb2.DraftResponse, timeout=30,
+    replies = await asyncio.gather(*(nats_client.request(nc, subjects.AGENT_DRAFT, r, agent_pb2.DraftResponse, timeout=30,
                                                  attempts=1) for r in drafts))
     assert all(reply.answer for reply in replies)
     with pytest.raises(NotFoundError):
-        await bus.request(nc, bus.AGENT_DRAFT, agent_pb2.DraftRequest(world_id="nope", agent_id=0, question="Hi?"),
+        await nats_client.request(nc, subjects.AGENT_DRAFT, agent_pb2.DraftRequest(world_id="nope", agent_id=0, question="Hi?"),
                           agent_pb2.DraftResponse, timeout=30, attempts=1)
-    raw = await nc.request(bus.AGENT_DRAFT, b"\xff\xff\xff", timeout=10)
-    assert raw.headers[bus.ERROR_CODE_HEADER] == "400"
+    raw = await nc.request(subjects.AGENT_DRAFT, b"\xff\xff\xff", timeout=10)
+    assert raw.headers[subjects.ERROR_CODE_HEADER] == "400"
     rate = observer_pb2.RateRequest(world_id="w1", agent_id=1, round=0, question=PRIOR[0][0], answer=PRIOR[0][1],
                                     aspect=observer_pb2.RATING_ASPECT_ALIGNMENT, stage="before")
-    await bus.request(nc, bus.OBSERVER_RATE, rate, observer_pb2.RateResponse, timeout=30, attempts=1)
+    await nats_client.request(nc, subjects.OBSERVER_RATE, rate, observer_pb2.RateResponse, timeout=30, attempts=1)
 
     documents = await ask(nc, f"$SRV.STATS.{AGENT}", expect=2)
     assert len(documents) == 2 and all(d["type"] == STATS_RESPONSE_TYPE for d in documents)
@@ -124,7 +126,7 @@ async def test_ping_info_stats_of_two_replicas_and_another_service(nc, services)
     assert sum(e.num_errors for e in draft) == 2
     errors = sorted(e.last_error.split(":", 1)[0] for e in draft if e.last_error)
     assert errors and set(errors) <= {"400", "404"}
-    assert all(e.subject == bus.AGENT_DRAFT and e.queue_group == "agent" for e in draft)
+    assert all(e.subject == subjects.AGENT_DRAFT and e.queue_group == "agent" for e in draft)
     for e in draft:
         if e.num_requests:
             assert e.processing_time > 0 and 0 < e.average_processing_time <= e.processing_time
@@ -172,7 +174,7 @@ async def test_requests_still_run_concurrently_up_to_the_limit(nc, nats_url, max
                                shutdown_grace_seconds=2.0)
     running = await start_service("gate", settings, gate.build)
     try:
-        pending = [asyncio.create_task(bus.request(nc, "gate.get", world_pb2.GetWorldRequest(world_id=f"w{i}"),
+        pending = [asyncio.create_task(nats_client.request(nc, "gate.get", world_pb2.GetWorldRequest(world_id=f"w{i}"),
                                                    world_pb2.World, timeout=15, attempts=1)) for i in range(8)]
         for _ in range(500):  # bounded: up to 5 s for the requests to arrive
             if gate.active >= expected_peak:
@@ -195,7 +197,7 @@ async def test_requests_still_run_concurrently_up_to_the_limit(nc, nats_url, max
 
 
 def test_service_names_follow_the_micro_rules():
-    from stablealign.discovery import service_name
+    from stablealign.nats.discovery import service_name
 
     assert service_name("agent") == "stablealign-agent"
     with pytest.raises(ValueError, match="invalid NATS service name"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stablealign.data import load_hh_pairs
+from stablealign.sandbox.data import load_hh_pairs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,7 +35,7 @@ def hh_file(workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(workdir) -> Path:
-    from stablealign.tinymodel import build_tiny_model
+    from stablealign_app.tinymodel import build_tiny_model
 
     return build_tiny_model(workdir / "tiny", seed=0)
 

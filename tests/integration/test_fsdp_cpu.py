@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from stablealign.metrics import free_port
+from stablealign.core.metrics import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,9 +56,9 @@ def _ranks_that_opened_weights(log: Path, model: Path) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_torchrun_two_processes_fsdp_on_cpu(tmp_path):
-    from stablealign.tinymodel import build_tiny_model
     from stablealign.training.config import StableAlignmentConfig
     from stablealign.training.train import train
+    from stablealign_app.tinymodel import build_tiny_model
 
     model = build_tiny_model(tmp_path / "tiny", corpus=["How can I help?", "Be kind and patient."] * 50,
                              vocab_size=400)

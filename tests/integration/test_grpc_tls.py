@@ -15,10 +15,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from stablealign.config import ServiceSettings, load_settings
-from stablealign.errors import ConfigError
-from stablealign.rpc import GrpcClientTlsSettings, client_channel, start_grpc_server
-from stablealign.tls import TlsMaterial
+from stablealign.core.config import load_settings
+from stablealign.core.errors import ConfigError
+from stablealign.serving.rpc import GrpcClientTlsSettings, client_channel, start_grpc_server
+from stablealign.serving.settings import ServiceSettings
+from stablealign.serving.tls import TlsMaterial
 from tests.support.certs import TestCertificates, make_certificates
 
 CHECK = health_pb2.HealthCheckRequest(service="")
@@ -94,7 +95,7 @@ async def test_mtls_requires_a_client_certificate_from_the_ca(certs, tmp_path):
 async def test_a_service_serves_its_api_over_mtls(certs, nats_url):
     """The world service as deployed: NATS + gRPC with mTLS; its API answers a client with the certificate."""
     from services.world import main
-    from stablealign.service import start_service
+    from stablealign.serving.service import start_service
     from stablealign.v1 import world_pb2, world_pb2_grpc
 
     settings = load_settings(main.SETTINGS, {

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from stablealign.backends.base import ChatMessage, ChatRequest
-from stablealign.backends.hf import HFChatBackend
-from stablealign.errors import ConfigError
+from stablealign.core.errors import ConfigError
+from stablealign.llm.backends.base import ChatMessage, ChatRequest
+from stablealign.llm.backends.hf import HFChatBackend
 
 
 def ask(**kwargs) -> ChatRequest:
@@ -28,7 +28,7 @@ async def test_generation_is_deterministic(tiny_model_dir):
 
 
 async def test_without_a_chat_template_the_shared_template_is_used(tiny_model_dir):
-    from stablealign.prompt_format import render_prompt
+    from stablealign.llm.prompt_format import render_prompt
 
     backend = HFChatBackend(tiny_model_dir)
     backend._load()

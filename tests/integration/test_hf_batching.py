@@ -1,7 +1,7 @@
 """The hf backend's continuous-batching engine: batched answers are the answers each request gets alone.
 
 On a tiny random Llama built here (token-level checks, many rows) and on the real SmolLM2-135M-Instruct
-(pulled once per session with ``stablealign.models.pull``; a no-op when cached): greedy outputs in a
+(pulled once per session with ``stablealign.llm.models.pull``; a no-op when cached): greedy outputs in a
 batch equal the one-request outputs, requests joining mid-decode too; each row stops at its own stop
 string, EOS and token budget; seeded sampling does not depend on the batch companions; a model error
 fails only the requests it touched; ratings come from digit probabilities.
@@ -16,11 +16,11 @@ import threading
 import pytest
 import pytest_asyncio
 
-from stablealign.backends.base import ChatMessage, ChatRequest
-from stablealign.backends.batching import BatchingEngine, EngineSettings, GenerationRequest
-from stablealign.backends.hf import HFChatBackend
-from stablealign.data import load_questions
-from stablealign.errors import BackendError
+from stablealign.core.errors import BackendError
+from stablealign.llm.backends.base import ChatMessage, ChatRequest
+from stablealign.llm.backends.batching import BatchingEngine, EngineSettings, GenerationRequest
+from stablealign.llm.backends.hf import HFChatBackend
+from stablealign.sandbox.data import load_questions
 
 # One event loop for the module, so that the loaded models and their engines are shared by the tests.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -55,7 +55,7 @@ def make_engine(tiny):
 
 @pytest.fixture(scope="session")
 def smollm_dir():
-    from stablealign.models import pull
+    from stablealign.llm.models import pull
 
     return pull(SMOLLM)  # idempotent: returns at once when the converted model is cached
 
@@ -333,7 +333,7 @@ async def test_backend_rates_from_digit_probabilities(tiny_model_dir, monkeypatc
 
 
 async def test_max_batch_from_the_environment(tiny_model_dir, monkeypatch):
-    from stablealign.errors import ConfigError
+    from stablealign.core.errors import ConfigError
 
     monkeypatch.setenv("STABLEALIGN_HF_MAX_BATCH", "3")
     assert HFChatBackend(tiny_model_dir).settings.max_batch == 3
@@ -384,7 +384,7 @@ RATED_PAIRS = [
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def smollm_ratings(smollm):
     """The observer's alignment ratings of every answer of RATED_PAIRS, all requested at once."""
-    from stablealign.rating_prompts import alignment_messages
+    from stablealign.llm.rating_prompts import alignment_messages
 
     answers = [(q, a) for q, harmful, kind in RATED_PAIRS for a in (harmful, kind)]
     return await asyncio.gather(*(smollm.rate(ChatRequest(alignment_messages(q, a), max_tokens=3, temperature=0.0))

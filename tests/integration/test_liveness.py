@@ -21,10 +21,12 @@ import time
 
 import pytest
 
-from stablealign import bus
-from stablealign.errors import UnavailableError
-from stablealign.metrics import counter_value
-from stablealign.service import close_process_backends
+from stablealign.core.errors import UnavailableError
+from stablealign.core.metrics import counter_value
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.nats.server import RequestServer
+from stablealign.serving.service import close_process_backends
 from stablealign.v1 import agent_pb2, common_pb2, observer_pb2, world_pb2
 from tests.integration.test_agent_service import embed, put_world
 from tests.integration.test_cli_sandbox import (
@@ -40,6 +42,7 @@ from tests.integration.test_world_service import start
 from tests.support.devservers import FakeOpenAIServer
 from tests.support.endpoints import allow_endpoints
 from tests.support.handlers import SlowWorldGetter
+from tests.support.streams import ensure_all_streams
 
 RETRIES = "stablealign_bus_request_retries_total"
 
@@ -49,8 +52,8 @@ def _world(world_id: str) -> world_pb2.World:
 
 
 async def test_a_dead_replicas_request_is_sent_again_within_the_liveness_period(nats_url, nc):
-    replica_a = await bus.connect(nats_url, name="replica-a")
-    replica_b = await bus.connect(nats_url, name="replica-b")
+    replica_a = await nats_client.connect(nats_url, name="replica-a")
+    replica_b = await nats_client.connect(nats_url, name="replica-b")
     calls = {"a": 0, "b": 0}
     on_it = asyncio.Event()
 
@@ -65,12 +68,12 @@ async def test_a_dead_replicas_request_is_sent_again_within_the_liveness_period(
         await asyncio.sleep(0.3)
         return _world(req.world_id)
 
-    server_a = bus.RequestServer(replica_a, service="t", queue="t")
-    server_b = bus.RequestServer(replica_b, service="t", queue="t")
+    server_a = RequestServer(replica_a, service="t", queue="t")
+    server_b = RequestServer(replica_b, service="t", queue="t")
     try:
         await server_a.add("t.work", world_pb2.GetWorldRequest, stuck, "Work")
         silent_before = counter_value(RETRIES, subject="t.work", reason="silent")
-        pending = asyncio.create_task(bus.request(nc, "t.work", world_pb2.GetWorldRequest(world_id="w"),
+        pending = asyncio.create_task(nats_client.request(nc, "t.work", world_pb2.GetWorldRequest(world_id="w"),
                                                   world_pb2.World, timeout=120, liveness=1.0))
         await asyncio.wait_for(on_it.wait(), timeout=10)
         # While replica a lives, its heartbeats keep the request waiting: several liveness periods, no re-send.
@@ -96,16 +99,16 @@ async def test_a_dead_replicas_request_is_sent_again_within_the_liveness_period(
 
 
 async def test_heartbeats_keep_a_slow_request_without_resends(nc):
-    server = bus.RequestServer(nc, service="t", queue="t")
+    server = RequestServer(nc, service="t", queue="t")
     slow = SlowWorldGetter(2.0)
     await server.add("t.slow2", world_pb2.GetWorldRequest, slow, "Slow")
     before = counter_value(RETRIES, subject="t.slow2")
-    reply = await bus.request(nc, "t.slow2", world_pb2.GetWorldRequest(world_id="s"), world_pb2.World,
+    reply = await nats_client.request(nc, "t.slow2", world_pb2.GetWorldRequest(world_id="s"), world_pb2.World,
                               timeout=30, liveness=0.4)
     assert reply.spec.world_id == "s" and slow.calls == 1
     assert counter_value(RETRIES, subject="t.slow2") == before
     # A responder that sends no heartbeats is still reached without them (liveness=None: plain request).
-    assert (await bus.request(nc, "t.slow2", world_pb2.GetWorldRequest(world_id="p"), world_pb2.World,
+    assert (await nats_client.request(nc, "t.slow2", world_pb2.GetWorldRequest(world_id="p"), world_pb2.World,
                               timeout=30, liveness=None)).spec.world_id == "p"
 
 
@@ -162,15 +165,15 @@ def test_killing_the_agent_replica_on_a_request_resends_it_in_seconds(nats_serve
                                       OPENAI_API_KEY="test"),
                      *_start_services(nats_server.url, ["agent"], OPENAI_BASE_URL=llm_b.base_url,
                                       OPENAI_API_KEY="test")]
-            nc = await bus.connect(nats_server.url, name="test-replicas")
+            nc = await nats_client.connect(nats_server.url, name="test-replicas")
             try:
-                await bus.ensure_jetstream(nc.jetstream())
+                await ensure_all_streams(nc.jetstream())
                 await put_world(nc, "replicas", agent_model=common_pb2.ModelRef(backend="openai", model="fake-gpt"))
                 await _wait_replicas(nc, "agent", 2)
                 question = "How do I apologise to a friend?"
                 request = agent_pb2.DraftRequest(world_id="replicas", agent_id=0, round=0, question=question,
                                                  question_embedding=(await embed([question]))[0])
-                pending = asyncio.create_task(bus.request(nc, bus.AGENT_DRAFT, request, agent_pb2.DraftResponse,
+                pending = asyncio.create_task(nats_client.request(nc, subjects.AGENT_DRAFT, request, agent_pb2.DraftResponse,
                                                           timeout=120, liveness=liveness))
                 await _wait_until(lambda: llm_a.in_flight + llm_b.in_flight >= 1, 30, "the LLM call")
                 doomed, other = (0, llm_b) if llm_a.in_flight else (1, llm_a)
@@ -208,7 +211,7 @@ def test_killing_the_agent_replica_on_a_request_resends_it_in_seconds(nats_serve
 async def test_a_hung_llm_is_reported_within_the_deadline_naming_step_and_model(nats_url, nc, monkeypatch):
     # Imported here first: importing openai takes over a second, with this event loop (and its
     # heartbeats) blocked meanwhile — longer than the 1 s liveness below.
-    import stablealign.backends.openai_backend  # noqa: F401
+    import stablealign.llm.backends.openai_backend  # noqa: F401
 
     deadline = 2.0
     async with FakeOpenAIServer() as llm:
@@ -216,7 +219,7 @@ async def test_a_hung_llm_is_reported_within_the_deadline_naming_step_and_model(
         allow_endpoints(monkeypatch, llm.base_url)
         chat = common_pb2.ModelRef(backend="openai", model="fake-gpt", url=llm.base_url)
         world = await put_world(nc, "hung", agent_model=chat)
-        kv = await nc.jetstream().key_value(bus.WORLDS_BUCKET)
+        kv = await nc.jetstream().key_value(subjects.WORLDS_BUCKET)
         world.spec.observer_model.CopyFrom(chat)
         await kv.put("hung", world.SerializeToString())
         services = [await start("agent", nats_url, llm_deadline_seconds=deadline),
@@ -224,16 +227,16 @@ async def test_a_hung_llm_is_reported_within_the_deadline_naming_step_and_model(
         try:
             question = "Should I tell my friend the truth?"
             calls = {
-                "draft": (bus.AGENT_DRAFT, agent_pb2.DraftRequest(
+                "draft": (subjects.AGENT_DRAFT, agent_pb2.DraftRequest(
                     world_id="hung", agent_id=0, round=0, question=question,
                     question_embedding=(await embed([question]))[0]), agent_pb2.DraftResponse),
-                "feedback": (bus.AGENT_FEEDBACK, agent_pb2.FeedbackRequest(
+                "feedback": (subjects.AGENT_FEEDBACK, agent_pb2.FeedbackRequest(
                     world_id="hung", agent_id=1, author_id=0, round=0, question=question, answer="Yes."),
                     agent_pb2.FeedbackResponse),
-                "revise": (bus.AGENT_REVISE, agent_pb2.ReviseRequest(
+                "revise": (subjects.AGENT_REVISE, agent_pb2.ReviseRequest(
                     world_id="hung", agent_id=0, round=0, question=question, draft_answer="Yes."),
                     agent_pb2.ReviseResponse),
-                "rate alignment before": (bus.OBSERVER_RATE, observer_pb2.RateRequest(
+                "rate alignment before": (subjects.OBSERVER_RATE, observer_pb2.RateRequest(
                     world_id="hung", agent_id=0, round=0, question=question, answer="Yes.",
                     aspect=observer_pb2.RATING_ASPECT_ALIGNMENT, stage="before"), observer_pb2.RateResponse),
             }
@@ -242,7 +245,7 @@ async def test_a_hung_llm_is_reported_within_the_deadline_naming_step_and_model(
             async def ask(subject, message, response_type) -> tuple[BaseException | None, float]:
                 started = time.monotonic()
                 try:
-                    await bus.request(nc, subject, message, response_type, timeout=60, liveness=1.0)
+                    await nats_client.request(nc, subject, message, response_type, timeout=60, liveness=1.0)
                 except Exception as exc:  # noqa: BLE001 - the error is what is checked
                     return exc, time.monotonic() - started
                 return None, time.monotonic() - started
@@ -282,7 +285,7 @@ def test_run_follows_the_world_through_a_world_service_restart(nats_server, tmp_
             world = _start_services(nats_server.url, ["world"], **env)
             replacement: list[subprocess.Popen] = []
             try:
-                await _wait_subscribers(nats_server.url, [bus.AGENT_DRAFT, bus.OBSERVER_RATE, bus.WORLD_GET])
+                await _wait_subscribers(nats_server.url, [subjects.AGENT_DRAFT, subjects.OBSERVER_RATE, subjects.WORLD_GET])
                 run = await asyncio.create_subprocess_exec(
                     *CLI, "run", "--size", str(size), "--rounds", str(rounds), "--backend", "openai",
                     "--model", "fake-gpt", "--embedding-model", "hashing", "--embedding-backend", "offline",
@@ -307,7 +310,7 @@ def test_run_follows_the_world_through_a_world_service_restart(nats_server, tmp_
                 # It noticed the outage: polls that found no world service ("world.unreachable"), or, when the
                 # kill caught a poll in flight, that poll's re-send once its deadline passed.
                 said = err.decode()
-                assert "world.unreachable" in said or f"subject={bus.WORLD_GET} reason=timeout" in said, said[-2000:]
+                assert "world.unreachable" in said or f"subject={subjects.WORLD_GET} reason=timeout" in said, said[-2000:]
                 assert await _stream_count(nats_server.url, "restarted") == size * size * rounds
             finally:
                 _stop([*workers, *world, *replacement])

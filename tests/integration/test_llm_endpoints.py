@@ -14,14 +14,15 @@ import time
 import pytest
 from aiohttp import web
 
-from stablealign import bus
-from stablealign.backends import close_backends, make_chat_backend
-from stablealign.backends.base import ChatMessage, ChatRequest
-from stablealign.backends.openai_backend import OpenAIChatBackend
-from stablealign.errors import BackendError, ConflictError, LLMRequestError, ValidationError
-from stablealign.logs import ConsoleFormatter, JsonFormatter
-from stablealign.redaction import redact_text
-from stablealign.retry import RetryPolicy
+from stablealign.core.errors import BackendError, ConflictError, LLMRequestError, ValidationError
+from stablealign.core.logs import ConsoleFormatter, JsonFormatter
+from stablealign.core.redaction import redact_text
+from stablealign.core.retry import RetryPolicy
+from stablealign.llm.backends import close_backends, make_chat_backend
+from stablealign.llm.backends.base import ChatMessage, ChatRequest
+from stablealign.llm.backends.openai_backend import OpenAIChatBackend
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
 from stablealign.v1 import agent_pb2, common_pb2, world_pb2
 from tests.integration.test_agent_service import put_world
 from tests.integration.test_world_service import small_spec, start, wait_final
@@ -33,7 +34,7 @@ QUESTION = "Is it fine to borrow a friend's bike without asking?"
 
 
 async def create(nc, spec: world_pb2.WorldSpec) -> world_pb2.World:
-    return await bus.request(nc, bus.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec), world_pb2.World,
+    return await nats_client.request(nc, subjects.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec), world_pb2.World,
                              timeout=30, attempts=1)
 
 
@@ -63,17 +64,17 @@ async def test_the_services_key_goes_only_to_the_url_it_was_configured_for(nats_
             #    The agent, which holds the key, refuses to build a client for the URL.
             await put_world(nc, "forged", agent_model=evil)
             with pytest.raises(ConflictError, match="not a configured openai endpoint"):
-                await bus.request(nc, bus.AGENT_DRAFT, draft_request("forged"), agent_pb2.DraftResponse,
+                await nats_client.request(nc, subjects.AGENT_DRAFT, draft_request("forged"), agent_pb2.DraftResponse,
                                   timeout=20, attempts=1)
             assert attacker.requests_total == 0
             # 3. The operator's own server (OPENAI_BASE_URL) gets the key.
             await put_world(nc, "legit", agent_model=common_pb2.ModelRef(backend="openai", model="fake-gpt"))
-            reply = await bus.request(nc, bus.AGENT_DRAFT, draft_request("legit"), agent_pb2.DraftResponse,
+            reply = await nats_client.request(nc, subjects.AGENT_DRAFT, draft_request("legit"), agent_pb2.DraftResponse,
                                       timeout=20, attempts=1)
             assert reply.answer and legit.authorizations[f"Bearer {REAL_KEY}"] >= 1
             # 4. An endpoint the operator adds without a key is called, without the service's key.
             allow_endpoints(monkeypatch, attacker.base_url)
-            reply = await bus.request(nc, bus.AGENT_DRAFT, draft_request("forged"), agent_pb2.DraftResponse,
+            reply = await nats_client.request(nc, subjects.AGENT_DRAFT, draft_request("forged"), agent_pb2.DraftResponse,
                                       timeout=20, attempts=1)
             assert reply.answer and attacker.requests_total >= 1 and no_real_key_reached(attacker)
             # 5. ... and with its own key (key_env) it gets that key, still never the service's.
@@ -81,7 +82,7 @@ async def test_the_services_key_goes_only_to_the_url_it_was_configured_for(nats_
             allow_endpoints(monkeypatch, attacker.base_url, key_env="ATTACKER_ENDPOINT_KEY")
             await put_world(nc, "keyed", agent_model=common_pb2.ModelRef(backend="openai", model="other-model",
                                                                          url=attacker.base_url))
-            await bus.request(nc, bus.AGENT_DRAFT, draft_request("keyed"), agent_pb2.DraftResponse, timeout=20,
+            await nats_client.request(nc, subjects.AGENT_DRAFT, draft_request("keyed"), agent_pb2.DraftResponse, timeout=20,
                               attempts=1)
             assert attacker.authorizations["Bearer sk-its-own-key-for-that-server"] >= 1
             assert no_real_key_reached(attacker)
@@ -174,7 +175,7 @@ async def test_an_hf_model_path_forged_into_a_spec_is_not_loaded_by_the_agent(na
             await put_world(nc, world_id, agent_model=common_pb2.ModelRef(backend="hf", model=path))
             with pytest.raises(ConflictError, match=r"model '.+' is outside the allowed directories "
                                                     r"\(STABLEALIGN_MODEL_ROOTS\)"):
-                await bus.request(nc, bus.AGENT_DRAFT, draft_request(world_id), agent_pb2.DraftResponse,
+                await nats_client.request(nc, subjects.AGENT_DRAFT, draft_request(world_id), agent_pb2.DraftResponse,
                                   timeout=20, attempts=1)
     finally:
         for service in reversed(services):

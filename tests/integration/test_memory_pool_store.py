@@ -11,10 +11,10 @@ import pytest
 
 from services.world.prior import build_pool, plan_prior, prior_batch
 from services.world.spec import resolve_spec
-from stablealign import memory as memory_module
-from stablealign.backends.embeddings import HashingEmbedder
-from stablealign.errors import ConflictError, UnavailableError
-from stablealign.memory import (
+from stablealign.core.errors import ConflictError, UnavailableError
+from stablealign.llm.backends.embeddings import HashingEmbedder
+from stablealign.sandbox import memory as memory_module
+from stablealign.sandbox.memory import (
     POOL_STREAM,
     AgentMemory,
     MemoryStore,

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from stablealign import bus
-from stablealign.service import close_process_backends
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.serving.service import close_process_backends
 from stablealign.v1 import common_pb2, world_pb2
 from tests.integration.test_world_service import start, stream_records, wait_final
 from tests.support.devservers import FakeOpenAIServer
@@ -25,13 +26,13 @@ async def test_world_survives_a_nats_restart(nats_server, monkeypatch):
         url = nats_server.url
         services = [await start("agent", url), await start("observer", url),
                     await start("world", url, request_timeout_seconds=2.0)]
-        nc = await bus.connect(url, name="test-outage")
+        nc = await nats_client.connect(url, name="test-outage")
         try:
             chat = common_pb2.ModelRef(backend="openai", model="fake-gpt")
             spec = world_pb2.WorldSpec(world_id="outage", size=4, rounds=4, seed=2, setting="half_half",
                                        prior_size=5, agent_model=chat, observer_model=chat,
                                        embedding_model=common_pb2.ModelRef(backend="offline", model="hashing"))
-            await bus.request(nc, bus.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec), world_pb2.World,
+            await nats_client.request(nc, subjects.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec), world_pb2.World,
                               timeout=30)
             deadline = time.monotonic() + 30
             while fake.requests_total < 60 and time.monotonic() < deadline:  # well into round 0

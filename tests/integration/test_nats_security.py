@@ -1,4 +1,4 @@
-"""NATS with the generated users and permissions (stablealign/nats_permissions.py), on a real nats-server.
+"""NATS with the generated users and permissions (stablealign/nats/permissions.py), on a real nats-server.
 
 What a user would notice: a client without credentials, or with a wrong password, is refused at once
 and told so (not "cannot reach NATS"), and the password shows up in no log line and no error; an
@@ -24,15 +24,17 @@ import nats.errors
 import nats.js.errors
 import pytest
 
+from services.world import streams as world_streams
 from services.world.client import WorldClient
-from stablealign import bus
-from stablealign.config import load_settings
-from stablealign.errors import ConfigError
-from stablealign.nats_permissions import ROLES, ServerTls, new_password, render_config
-from stablealign.natsauth import NatsClientOptions, NotAuthorizedError
-from stablealign.natsserver import EmbeddedNatsServer
-from stablealign.service import RunningService, start_service
+from stablealign.core.config import load_settings
+from stablealign.core.errors import ConfigError
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.nats.auth import NatsClientOptions, NotAuthorizedError
+from stablealign.nats.permissions import ROLES, ServerTls, new_password, render_config
+from stablealign.serving.service import RunningService, start_service
 from stablealign.v1 import common_pb2, world_pb2
+from stablealign_app.natsserver import EmbeddedNatsServer
 from tests.support.certs import make_certificates
 
 pytestmark = pytest.mark.timeout(60)
@@ -85,29 +87,29 @@ def log_text(caplog) -> str:
 async def test_a_client_without_credentials_is_refused_and_told_why(secured):
     started = time.monotonic()
     with pytest.raises(NotAuthorizedError) as refused:
-        await bus.connect(secured.url, "anonymous", give_up_after=5.0)
+        await nats_client.connect(secured.url, "anonymous", give_up_after=5.0)
     assert time.monotonic() - started < 3.0  # at once, not after the give-up time
     assert "refused the credentials (authorization violation)" in str(refused.value)
     assert "cannot reach" not in str(refused.value)
     with pytest.raises(NotAuthorizedError):  # a service (no give-up time) is refused at once too
-        await asyncio.wait_for(bus.connect(secured.url, "anonymous-service"), timeout=5.0)
+        await asyncio.wait_for(nats_client.connect(secured.url, "anonymous-service"), timeout=5.0)
 
 
 async def test_a_wrong_password_is_refused_and_never_shown(secured, caplog):
     caplog.set_level(logging.DEBUG)
     wrong = secrets.token_urlsafe(12)
     with pytest.raises(NotAuthorizedError) as refused:
-        await bus.connect(secured.url, "wrong", options=NatsClientOptions.build(user="agent", password=wrong),
+        await nats_client.connect(secured.url, "wrong", options=NatsClientOptions.build(user="agent", password=wrong),
                           give_up_after=5.0)
     host = secured.url.removeprefix("nats://")
     in_url = f"nats://agent:{wrong}@{host}"
     with pytest.raises(NotAuthorizedError) as refused_url:
-        await bus.connect(in_url, "wrong-in-url", give_up_after=5.0)
+        await nats_client.connect(in_url, "wrong-in-url", give_up_after=5.0)
     assert f"nats://***@{host}" in str(refused_url.value)
     for text in (str(refused.value), str(refused_url.value), log_text(caplog)):
         assert wrong not in text
         assert_no_secret(text, secured)
-    nc = await bus.connect(f"nats://agent:{secured.passwords['agent']}@{host}", "right-in-url", give_up_after=5.0)
+    nc = await nats_client.connect(f"nats://agent:{secured.passwords['agent']}@{host}", "right-in-url", give_up_after=5.0)
     await nc.close()
 
 
@@ -115,12 +117,12 @@ async def test_a_wrong_password_is_refused_and_never_shown(secured, caplog):
 
 
 async def test_only_the_world_writes_records_and_the_worlds_bucket(secured, caplog):
-    caplog.set_level(logging.ERROR, logger="stablealign.bus")
-    world = await bus.connect(secured.url, "world", options=secured.options("world"), give_up_after=5.0)
-    others = {role: await bus.connect(secured.url, role, options=secured.options(role), give_up_after=5.0)
+    caplog.set_level(logging.ERROR, logger="stablealign.nats.client")
+    world = await nats_client.connect(secured.url, "world", options=secured.options("world"), give_up_after=5.0)
+    others = {role: await nats_client.connect(secured.url, role, options=secured.options(role), give_up_after=5.0)
               for role in ("agent", "observer", "cli", "trainer")}
     try:
-        await bus.ensure_world_jetstream(world.jetstream())
+        await world_streams.declare_streams(world.jetstream())
         record = common_pb2.InteractionRecord(world_id="w1", round=0, agent_id=0, question="forged?",
                                               draft_answer="a forged harmful answer")
         for nc in others.values():
@@ -128,14 +130,14 @@ async def test_only_the_world_writes_records_and_the_worlds_bucket(secured, capl
             js = nc.jetstream(timeout=0.3)
             with pytest.raises((nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError)):
                 await js.publish("sandbox.records.w1", record.SerializeToString(), timeout=0.3,
-                                 headers={bus.MSG_ID_HEADER: "w1.0.0"})
+                                 headers={subjects.MSG_ID_HEADER: "w1.0.0"})
             with pytest.raises((nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError)):
-                await js.publish(f"$KV.{bus.WORLDS_BUCKET}.w1", b"\x10\x02", timeout=0.3)  # state RUNNING
+                await js.publish(f"$KV.{subjects.WORLDS_BUCKET}.w1", b"\x10\x02", timeout=0.3)  # state RUNNING
             with pytest.raises(nats.errors.TimeoutError):  # nor delete the records stream
-                await nc.request(f"$JS.API.STREAM.DELETE.{bus.RECORDS_STREAM}", b"", timeout=0.3)
-        info = await world.jetstream().stream_info(bus.RECORDS_STREAM)
+                await nc.request(f"$JS.API.STREAM.DELETE.{subjects.RECORDS_STREAM}", b"", timeout=0.3)
+        info = await world.jetstream().stream_info(subjects.RECORDS_STREAM)
         assert info.state.messages == 0
-        kv = await world.jetstream().key_value(bus.WORLDS_BUCKET)
+        kv = await world.jetstream().key_value(subjects.WORLDS_BUCKET)
         with pytest.raises(nats.js.errors.KeyNotFoundError):
             await kv.get("w1")
         # Refused publishes are said, not silent: the client logs the server's permissions violation.
@@ -143,7 +145,7 @@ async def test_only_the_world_writes_records_and_the_worlds_bucket(secured, capl
         assert any("sandbox.records.w1" in r.error for r in denied), [r.__dict__ for r in denied]
         # The world itself may.
         ack = await world.jetstream().publish("sandbox.records.w1", record.SerializeToString(),
-                                              headers={bus.MSG_ID_HEADER: "w1.0.0"})
+                                              headers={subjects.MSG_ID_HEADER: "w1.0.0"})
         assert ack.seq == 1
     finally:
         for nc in (world, *others.values()):
@@ -153,12 +155,12 @@ async def test_only_the_world_writes_records_and_the_worlds_bucket(secured, capl
 async def test_a_role_reads_only_its_own_reply_inboxes(secured, caplog):
     """An agent's credentials cannot subscribe to the CLI's reply inboxes, nor to every inbox (``_INBOX.>``),
     so the CLI's JetStream and API replies (records, world specs) stay the CLI's; the CLI still gets them."""
-    caplog.set_level(logging.ERROR, logger="stablealign.bus")
-    world = await bus.connect(secured.url, "world", options=secured.options("world"), give_up_after=5.0)
-    cli = await bus.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
-    spy = await bus.connect(secured.url, "spy", options=secured.options("agent"), give_up_after=5.0)
+    caplog.set_level(logging.ERROR, logger="stablealign.nats.client")
+    world = await nats_client.connect(secured.url, "world", options=secured.options("world"), give_up_after=5.0)
+    cli = await nats_client.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
+    spy = await nats_client.connect(secured.url, "spy", options=secured.options("agent"), give_up_after=5.0)
     try:
-        await bus.ensure_world_jetstream(world.jetstream())
+        await world_streams.declare_streams(world.jetstream())
         assert cli.new_inbox().startswith("_INBOX_cli.") and spy.new_inbox().startswith("_INBOX_agent.")
         overheard: list[str] = []
 
@@ -169,10 +171,10 @@ async def test_a_role_reads_only_its_own_reply_inboxes(secured, caplog):
             await spy.subscribe(subject, cb=overhear)
         await spy.flush(timeout=2.0)
         # The CLI's reads: a JetStream API call and a records consumer reply on its own inbox.
-        info = await cli.jetstream(timeout=2.0).stream_info(bus.RECORDS_STREAM)
-        assert info.config.name == bus.RECORDS_STREAM
+        info = await cli.jetstream(timeout=2.0).stream_info(subjects.RECORDS_STREAM)
+        assert info.config.name == subjects.RECORDS_STREAM
         names = await cli.request("$JS.API.STREAM.NAMES", b"", timeout=2.0)
-        assert bus.RECORDS_STREAM.encode() in names.data
+        assert subjects.RECORDS_STREAM.encode() in names.data
         await spy.flush(timeout=2.0)
         assert overheard == []
         refused = [text.lower() for text in denials(caplog)]  # nats-py lower-cases the server's error
@@ -190,13 +192,13 @@ async def test_tls_with_the_servers_ca_works_and_another_ca_fails(tmp_path):
     certs = make_certificates(tmp_path / "certs")
     nats_server = SecuredNats(tmp_path, tls=ServerTls(str(certs.server_cert), str(certs.server_key)))
     with nats_server.server:
-        nc = await bus.connect(nats_server.url, "tls", options=nats_server.options("cli", ca=str(certs.ca)),
+        nc = await nats_client.connect(nats_server.url, "tls", options=nats_server.options("cli", ca=str(certs.ca)),
                                give_up_after=5.0)
         assert nc.is_connected
         await nc.close()
         started = time.monotonic()
         with pytest.raises(ConfigError) as untrusted:
-            await bus.connect(nats_server.url, "tls-other-ca",
+            await nats_client.connect(nats_server.url, "tls-other-ca",
                               options=nats_server.options("cli", ca=str(certs.other_ca)), give_up_after=5.0)
         assert time.monotonic() - started < 3.0
         assert "certificate is not trusted" in str(untrusted.value) and "STABLEALIGN_NATS_CA" in str(untrusted.value)
@@ -208,9 +210,9 @@ async def test_mutual_tls_needs_the_client_certificate(tmp_path):
     nats_server = SecuredNats(tmp_path, tls=tls)
     with nats_server.server:
         with pytest.raises((ConfigError, Exception)):
-            await bus.connect(nats_server.url, "no-client-cert", options=nats_server.options("cli", ca=str(certs.ca)),
+            await nats_client.connect(nats_server.url, "no-client-cert", options=nats_server.options("cli", ca=str(certs.ca)),
                               give_up_after=2.0)
-        nc = await bus.connect(nats_server.url, "mtls", give_up_after=5.0, options=nats_server.options(
+        nc = await nats_client.connect(nats_server.url, "mtls", give_up_after=5.0, options=nats_server.options(
             "cli", ca=str(certs.ca), tls_cert=str(certs.client_cert), tls_key=str(certs.client_key)))
         await nc.close()
 
@@ -237,7 +239,7 @@ async def test_a_world_runs_with_one_restricted_user_per_service(secured, tmp_pa
     caplog.set_level(logging.INFO)
     services = [await start(name, secured) for name in ("agent", "observer", "world", "trainer")]
     try:
-        nc = await bus.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
+        nc = await nats_client.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
         try:
             spec = world_pb2.WorldSpec(world_id="secured", size=2, rounds=1, seed=1, setting="half_half",
                                        prior_size=5, agent_model=common_pb2.ModelRef(backend="offline"),
@@ -250,13 +252,13 @@ async def test_a_world_runs_with_one_restricted_user_per_service(secured, tmp_pa
             # Every step of the world ran within the permissions: no publish or subscribe was refused.
             assert not denials(caplog)
             # The agent's credentials cannot add a fifth record, even under a new message id.
-            agent = await bus.connect(secured.url, "forger", options=secured.options("agent"), give_up_after=5.0)
+            agent = await nats_client.connect(secured.url, "forger", options=secured.options("agent"), give_up_after=5.0)
             forged = common_pb2.InteractionRecord(world_id="secured", round=0, agent_id=3, question="q",
                                                   draft_answer="FORGED harmful answer",
                                                   revised_answer="FORGED harmful answer")
             with pytest.raises((nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError)):
                 await agent.jetstream().publish("sandbox.records.secured", forged.SerializeToString(), timeout=1.0,
-                                                headers={bus.MSG_ID_HEADER: "forged.1"})
+                                                headers={subjects.MSG_ID_HEADER: "forged.1"})
             await agent.close()
             assert denials(caplog) == ['Error: nats: permissions violation for publish to "sandbox.records.secured"']
             caplog.clear()
@@ -308,7 +310,7 @@ def denials(caplog) -> list[str]:
 
 
 async def test_service_ready_names_nats_without_the_password(secured, caplog):
-    caplog.set_level(logging.INFO, logger="stablealign.service")
+    caplog.set_level(logging.INFO, logger="stablealign.serving.service")
     host = secured.url.removeprefix("nats://")
     module = importlib.import_module("services.observer.main")
     settings = load_settings(module.SETTINGS, {"nats_url": f"nats://observer:{secured.passwords['observer']}@{host}",

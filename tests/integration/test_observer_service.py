@@ -11,10 +11,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.observer import main as observer_main
 from services.observer.settings import ObserverSettings
-from stablealign import bus
-from stablealign.errors import BackendError, NotFoundError, ValidationError
-from stablealign.metrics import free_port
-from stablealign.service import start_service
+from stablealign.core.errors import BackendError, NotFoundError, ValidationError
+from stablealign.core.metrics import free_port
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.serving.service import start_service
 from stablealign.v1 import common_pb2, observer_pb2, observer_pb2_grpc, world_pb2
 from tests.support.devservers import FakeOpenAIServer
 from tests.support.endpoints import allow_endpoints
@@ -33,7 +34,7 @@ async def put_world(nc, world_id: str, *, observer_model=OFFLINE, size: int = 2)
         world_id=world_id, size=size, setting="all_good", labels=[common_pb2.PERSONA_GOOD] * size * size,
         seed=7, rounds=1, agent_model=OFFLINE, observer_model=observer_model,
         embedding_model=common_pb2.ModelRef(backend="offline", model="hashing")))
-    kv = await nc.jetstream().key_value(bus.WORLDS_BUCKET)
+    kv = await nc.jetstream().key_value(subjects.WORLDS_BUCKET)
     await kv.put(world_id, world.SerializeToString())
 
 
@@ -63,7 +64,7 @@ async def test_ratings_over_nats_and_grpc(nc, observer):
         for answer in ANSWERS:
             for aspect in (ALIGNMENT, ENGAGEMENT):
                 request = rate_request(answer, aspect)
-                via_nats = await bus.request(nc, bus.OBSERVER_RATE, request, observer_pb2.RateResponse, timeout=30)
+                via_nats = await nats_client.request(nc, subjects.OBSERVER_RATE, request, observer_pb2.RateResponse, timeout=30)
                 via_grpc = await stub_.Rate(request, timeout=30)
                 assert via_nats.rating.HasField("score") and 1 <= via_nats.rating.score <= 7
                 assert via_nats.rating.reason and "Rating" in via_nats.raw
@@ -92,7 +93,7 @@ async def test_bad_input_gets_clear_errors_and_service_keeps_serving(nc, observe
     async with channel:
         for request, error, status, message in cases:
             with pytest.raises(error, match=message):
-                await bus.request(nc, bus.OBSERVER_RATE, request, observer_pb2.RateResponse, timeout=10)
+                await nats_client.request(nc, subjects.OBSERVER_RATE, request, observer_pb2.RateResponse, timeout=10)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub_.Rate(request, timeout=10)
             assert info.value.code() == status and message in info.value.details()
@@ -100,12 +101,12 @@ async def test_bad_input_gets_clear_errors_and_service_keeps_serving(nc, observe
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub_.Rate(huge, timeout=10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        raw = await nc.request(bus.OBSERVER_RATE, huge.SerializeToString(), timeout=10)
-        assert raw.headers[bus.ERROR_CODE_HEADER] == "413"
-        raw = await nc.request(bus.OBSERVER_RATE, b"\x0a\xff\xff", timeout=10)
-        assert raw.headers[bus.ERROR_CODE_HEADER] == "400"
+        raw = await nc.request(subjects.OBSERVER_RATE, huge.SerializeToString(), timeout=10)
+        assert raw.headers[subjects.ERROR_CODE_HEADER] == "413"
+        raw = await nc.request(subjects.OBSERVER_RATE, b"\x0a\xff\xff", timeout=10)
+        assert raw.headers[subjects.ERROR_CODE_HEADER] == "400"
         ok = rate_request(ANSWERS[0], ENGAGEMENT)
-        assert (await bus.request(nc, bus.OBSERVER_RATE, ok, observer_pb2.RateResponse, timeout=10)).rating.score
+        assert (await nats_client.request(nc, subjects.OBSERVER_RATE, ok, observer_pb2.RateResponse, timeout=10)).rating.score
         assert (await stub_.Rate(ok, timeout=10)).rating.score
 
 
@@ -133,7 +134,7 @@ async def test_unparsable_rating_is_retried_then_missing(nc, observer, monkeypat
 
         # A model that writes the format loosely is still read.
         server.reply = "**Rating**: 6/7\n**Reason**: kind and practical."
-        reply = await bus.request(nc, bus.OBSERVER_RATE, rate_request(ANSWERS[0], ENGAGEMENT, world_id="judge"),
+        reply = await nats_client.request(nc, subjects.OBSERVER_RATE, rate_request(ANSWERS[0], ENGAGEMENT, world_id="judge"),
                                   observer_pb2.RateResponse, timeout=30)
         assert reply.rating.score == 6 and reply.rating.reason == "kind and practical."
 
@@ -148,7 +149,7 @@ async def test_failing_backend_is_unavailable(nc, observer, monkeypatch):
     async with channel:
         grpc_result, nats_result = await asyncio.gather(
             stub_.Rate(request, timeout=60),
-            bus.request(nc, bus.OBSERVER_RATE, request, observer_pb2.RateResponse, timeout=60, attempts=1),
+            nats_client.request(nc, subjects.OBSERVER_RATE, request, observer_pb2.RateResponse, timeout=60, attempts=1),
             return_exceptions=True)
         assert isinstance(grpc_result, grpc.aio.AioRpcError) and grpc_result.code() == grpc.StatusCode.UNAVAILABLE
         assert isinstance(nats_result, BackendError)
@@ -162,7 +163,7 @@ def small_hh_data(tmp_path, monkeypatch):
     import gzip
     import shutil
 
-    from stablealign import data
+    from stablealign.sandbox import data
 
     source = data.default_prior_path()
     lines = gzip.open(source, "rt", encoding="utf-8").read().splitlines()[:120]
@@ -186,7 +187,7 @@ async def test_alignment_rated_by_the_probe_when_the_operator_says_so(nc, nats_u
     try:
         ratings = {}
         for answer in ANSWERS:
-            reply = await bus.request(nc, bus.OBSERVER_RATE, rate_request(answer, ALIGNMENT, world_id="probed"),
+            reply = await nats_client.request(nc, subjects.OBSERVER_RATE, rate_request(answer, ALIGNMENT, world_id="probed"),
                                       observer_pb2.RateResponse, timeout=120)
             rating = reply.rating
             assert 1 <= rating.score <= 7 and 1 <= rating.expected <= 7 and len(rating.probabilities) == 7
@@ -195,7 +196,7 @@ async def test_alignment_rated_by_the_probe_when_the_operator_says_so(nc, nats_u
             assert f"fitted to {small_hh_data} human preference pairs" in rating.reason
             ratings[answer] = rating.expected
         # Engagement stays with the observer model (here the offline stand-in).
-        engagement = await bus.request(nc, bus.OBSERVER_RATE, rate_request(ANSWERS[0], ENGAGEMENT, world_id="probed"),
+        engagement = await nats_client.request(nc, subjects.OBSERVER_RATE, rate_request(ANSWERS[0], ENGAGEMENT, world_id="probed"),
                                        observer_pb2.RateResponse, timeout=30)
         assert not engagement.rating.reason.startswith("alignment probe")
         assert len(ratings) == 2 and ratings[ANSWERS[0]] != ratings[ANSWERS[1]]
@@ -204,7 +205,7 @@ async def test_alignment_rated_by_the_probe_when_the_operator_says_so(nc, nats_u
 
 
 def test_alignment_judge_setting_is_checked():
-    from stablealign.errors import ConfigError
+    from stablealign.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="STABLEALIGN_ALIGNMENT_JUDGE='gpt'"):
         ObserverSettings(alignment_judge="gpt")

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy
-from stablealign.backends.openai_backend import OpenAIChatBackend, OpenAIEmbedder
-from stablealign.errors import BackendError
+from stablealign.core.errors import BackendError
+from stablealign.llm.backends.base import ChatMessage, ChatRequest, RetryPolicy
+from stablealign.llm.backends.openai_backend import OpenAIChatBackend, OpenAIEmbedder
 from tests.support.devservers import FakeOpenAIServer
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, timeout=10.0)

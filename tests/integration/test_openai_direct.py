@@ -8,11 +8,11 @@ import openai
 import pytest
 from aiohttp import web
 
-from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy
-from stablealign.backends.openai_backend import OpenAIChatBackend
-from stablealign.backends.openai_http import DirectChatCompletions
-from stablealign.errors import BackendError
-from stablealign.metrics import free_port
+from stablealign.core.errors import BackendError
+from stablealign.core.metrics import free_port
+from stablealign.llm.backends.base import ChatMessage, ChatRequest, RetryPolicy
+from stablealign.llm.backends.openai_backend import OpenAIChatBackend
+from stablealign.llm.backends.openai_http import DirectChatCompletions
 from tests.support.devservers import FakeOpenAIServer
 
 FAST_RETRY = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02, timeout=10.0)

@@ -13,8 +13,13 @@ import re
 import pytest
 from aiohttp import web
 
-from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy
-from stablealign.backends.openai_backend import TOP_LOGPROBS, OpenAIChatBackend, digit_logprobs, rating_position
+from stablealign.llm.backends.base import ChatMessage, ChatRequest, RetryPolicy
+from stablealign.llm.backends.openai_backend import (
+    TOP_LOGPROBS,
+    OpenAIChatBackend,
+    digit_logprobs,
+    rating_position,
+)
 from tests.support.devservers import FakeOpenAIServer
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, timeout=10.0)

@@ -16,8 +16,9 @@ import urllib.request
 
 import pytest
 
-from stablealign import bus
-from stablealign.metrics import free_port
+from stablealign.core.metrics import free_port
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
 from stablealign.v1 import world_pb2
 from tests.integration.test_world_service import start
 
@@ -47,13 +48,13 @@ async def test_prometheus_scrapes_the_world_service(nats_url, tmp_path):
         [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
          f"--web.listen-address=127.0.0.1:{prom_port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    nc = await bus.connect(nats_url, name="test-prom")
+    nc = await nats_client.connect(nats_url, name="test-prom")
     try:
         for _ in range(3):  # requests that the counter must show (one of them NOT_FOUND)
-            await bus.request(nc, bus.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse,
+            await nats_client.request(nc, subjects.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse,
                               timeout=5)
         with pytest.raises(Exception, match="unknown world"):
-            await bus.request(nc, bus.WORLD_GET, world_pb2.GetWorldRequest(world_id="nope"), world_pb2.World,
+            await nats_client.request(nc, subjects.WORLD_GET, world_pb2.GetWorldRequest(world_id="nope"), world_pb2.World,
                               timeout=5)
         deadline = time.monotonic() + 60
         listed = missing = []

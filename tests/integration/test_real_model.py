@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from stablealign import models
-from stablealign.errors import ConfigError
+from stablealign.core.errors import ConfigError
+from stablealign.llm import models
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

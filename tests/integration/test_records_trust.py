@@ -22,10 +22,12 @@ from pathlib import Path
 
 from nats.js.api import StreamConfig
 
-from stablealign import bus, record_stream
-from stablealign.config import load_settings
-from stablealign.records import record_msg_id
-from stablealign.service import RunningService, start_service
+from stablealign.core.config import load_settings
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.sandbox import record_stream
+from stablealign.sandbox.records import record_msg_id
+from stablealign.serving.service import RunningService, start_service
 from stablealign.v1 import common_pb2, world_pb2
 
 CLI = [sys.executable, "-m", "stablealign_app.cli.main"]
@@ -51,11 +53,11 @@ async def run_world(nc, nats_url: str, world_id: str) -> world_pb2.World:
     """Creates the world on in-process services, waits (bounded) for a final state, stops the services."""
     services = [await start(name, nats_url) for name in ("agent", "observer", "world")]
     try:
-        await bus.request(nc, bus.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec(world_id)), world_pb2.World,
+        await nats_client.request(nc, subjects.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec(world_id)), world_pb2.World,
                           timeout=10)
         deadline = time.monotonic() + 60
         while True:
-            world = await bus.request(nc, bus.WORLD_GET, world_pb2.GetWorldRequest(world_id=world_id),
+            world = await nats_client.request(nc, subjects.WORLD_GET, world_pb2.GetWorldRequest(world_id=world_id),
                                       world_pb2.World, timeout=5)
             if world.state in (world_pb2.WORLD_STATE_COMPLETED, world_pb2.WORLD_STATE_FAILED,
                                world_pb2.WORLD_STATE_CANCELLED):
@@ -88,16 +90,16 @@ def forged(base: common_pb2.InteractionRecord, **fields) -> common_pb2.Interacti
 
 async def publish(js, world_id: str, payload: common_pb2.InteractionRecord | bytes, msg_id: str | None) -> int:
     data = payload if isinstance(payload, bytes) else payload.SerializeToString()
-    ack = await js.publish(bus.RECORDS_SUBJECT.format(world_id=world_id), data,
-                           headers={bus.MSG_ID_HEADER: msg_id} if msg_id else None)
+    ack = await js.publish(subjects.RECORDS_SUBJECT.format(world_id=world_id), data,
+                           headers={subjects.MSG_ID_HEADER: msg_id} if msg_id else None)
     return ack.seq
 
 
 async def publish_after_window(js, world_id: str, payload: common_pb2.InteractionRecord, msg_id: str) -> int:
     """Publishes under an id JetStream has seen, once its duplicate window (shrunk here) has passed."""
     for _ in range(60):  # bounded: ~12 s
-        ack = await js.publish(bus.RECORDS_SUBJECT.format(world_id=world_id), payload.SerializeToString(),
-                               headers={bus.MSG_ID_HEADER: msg_id})
+        ack = await js.publish(subjects.RECORDS_SUBJECT.format(world_id=world_id), payload.SerializeToString(),
+                               headers={subjects.MSG_ID_HEADER: msg_id})
         if not ack.duplicate:
             return ack.seq
         await asyncio.sleep(0.2)
@@ -130,7 +132,7 @@ async def test_forged_records_change_neither_export_nor_training_data(nats_url, 
     assert len(real) == 18
     await forge_everything_but_same_id(js, "real", real)
     # The world's own ids, after JetStream's duplicate window: a rating of 99, and a second copy of a pair.
-    config: StreamConfig = (await js.stream_info(bus.RECORDS_STREAM)).config
+    config: StreamConfig = (await js.stream_info(subjects.RECORDS_STREAM)).config
     config.duplicate_window = 0.2
     await js.update_stream(config)
     bad_rating = forged(real[0, 6])

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from stablealign import bus
+from stablealign.nats import client as nats_client
+from stablealign.nats.server import RequestServer
 from stablealign.v1 import world_pb2
 
 
@@ -20,8 +21,8 @@ async def _until(condition, what: str, timeout: float = 10.0) -> None:
 
 
 async def test_a_draining_replica_finishes_its_requests_and_the_others_take_the_rest(nats_url, nc):
-    replica_a = await bus.connect(nats_url, name="replica-a")
-    replica_b = await bus.connect(nats_url, name="replica-b")
+    replica_a = await nats_client.connect(nats_url, name="replica-a")
+    replica_b = await nats_client.connect(nats_url, name="replica-b")
     served: dict[str, list[str]] = {"a": [], "b": []}
     release = asyncio.Event()
 
@@ -34,11 +35,11 @@ async def test_a_draining_replica_finishes_its_requests_and_the_others_take_the_
         served["b"].append(req.world_id)
         return world_pb2.World(spec=world_pb2.WorldSpec(world_id=f"b:{req.world_id}"))
 
-    server_a = bus.RequestServer(replica_a, service="t", queue="t")
-    server_b = bus.RequestServer(replica_b, service="t", queue="t")
+    server_a = RequestServer(replica_a, service="t", queue="t")
+    server_b = RequestServer(replica_b, service="t", queue="t")
 
     def ask(i: int) -> asyncio.Task:
-        return asyncio.create_task(bus.request(nc, "t.drain", world_pb2.GetWorldRequest(world_id=str(i)),
+        return asyncio.create_task(nats_client.request(nc, "t.drain", world_pb2.GetWorldRequest(world_id=str(i)),
                                                world_pb2.World, timeout=30, attempts=1, liveness=None))
 
     try:
@@ -73,7 +74,7 @@ async def test_a_draining_replica_finishes_its_requests_and_the_others_take_the_
 
 
 async def test_concurrent_requests_with_heartbeats_share_one_reply_inbox(nc):
-    server = bus.RequestServer(nc, service="t", queue="t")
+    server = RequestServer(nc, service="t", queue="t")
 
     async def echo(req: world_pb2.GetWorldRequest) -> world_pb2.World:
         await asyncio.sleep(0.3 if int(req.world_id) % 7 == 0 else 0)  # some long enough for a heartbeat
@@ -81,10 +82,10 @@ async def test_concurrent_requests_with_heartbeats_share_one_reply_inbox(nc):
 
     await server.add("t.echo", world_pb2.GetWorldRequest, echo, "Echo")
     replies = await asyncio.gather(*(
-        bus.request(nc, "t.echo", world_pb2.GetWorldRequest(world_id=str(i)), world_pb2.World, timeout=30,
+        nats_client.request(nc, "t.echo", world_pb2.GetWorldRequest(world_id=str(i)), world_pb2.World, timeout=30,
                     liveness=0.4)
         for i in range(300)))
     assert [r.spec.world_id for r in replies] == [str(i) for i in range(300)]
-    inbox = await bus._reply_inbox(nc)  # noqa: SLF001 - the shared inbox: one subscription, nothing left waiting
+    inbox = await nats_client._reply_inbox(nc)  # noqa: SLF001 - the shared inbox: one subscription, nothing left waiting
     assert inbox.waiting == {}
     assert sum(1 for sub in nc._subs.values() if sub.subject.startswith(inbox.prefix)) == 1  # noqa: SLF001

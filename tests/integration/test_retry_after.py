@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy
-from stablealign.backends.openai_backend import OpenAIChatBackend
-from stablealign.backends.tgi import TGIChatBackend
-from stablealign.errors import BackendError
+from stablealign.core.errors import BackendError
+from stablealign.llm.backends.base import ChatMessage, ChatRequest, RetryPolicy
+from stablealign.llm.backends.openai_backend import OpenAIChatBackend
+from stablealign.llm.backends.tgi import TGIChatBackend
 from tests.support.devservers import FakeOpenAIServer, FakeTGIServer
 
 pytestmark = pytest.mark.timeout(60)

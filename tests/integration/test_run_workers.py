@@ -21,8 +21,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stablealign.metrics import free_port
-from stablealign.records import read_jsonl, stable_view
+from stablealign.core.metrics import free_port
+from stablealign.sandbox.records import read_jsonl, stable_view
 
 CLI = [sys.executable, "-m", "stablealign_app.cli.main"]
 

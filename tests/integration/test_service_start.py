@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from stablealign import bus
-from stablealign.config import ServiceSettings
-from stablealign.errors import ConfigError
-from stablealign.metrics import free_port
-from stablealign.natsserver import find_nats_server
-from stablealign.service import ServiceContext, ServiceParts, start_service
+from stablealign.core.errors import ConfigError
+from stablealign.core.metrics import free_port
+from stablealign.nats import client as nats_client
+from stablealign.serving.service import ServiceContext, ServiceParts, start_service
+from stablealign.serving.settings import ServiceSettings
 from stablealign.v1 import world_pb2
+from stablealign_app.natsserver import find_nats_server
 
 CLI = [sys.executable, "-m", "stablealign_app.cli.main"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,9 +183,9 @@ async def test_failing_build_closes_nats(monitored_nats):
 async def test_started_service_serves_and_stop_frees_every_port(monitored_nats):
     probe = Probe()
     running = await start_service("probe", settings(monitored_nats.url, grpc_port=0, metrics_port=0), probe.build)
-    nc = await bus.connect(monitored_nats.url, name="test")
+    nc = await nats_client.connect(monitored_nats.url, name="test")
     try:
-        reply = await bus.request(nc, "probe.get", world_pb2.GetWorldRequest(world_id="w"), world_pb2.World, timeout=5)
+        reply = await nats_client.request(nc, "probe.get", world_pb2.GetWorldRequest(world_id="w"), world_pb2.World, timeout=5)
         assert reply.spec.world_id == "w"
         url = f"http://127.0.0.1:{running.metrics_port}/metrics"
         body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())

@@ -10,9 +10,9 @@ import pytest
 from text_generation import AsyncClient
 from text_generation.types import Response
 
-from stablealign.backends.base import ChatMessage, ChatRequest, RetryPolicy
-from stablealign.backends.tgi import TGIChatBackend
-from stablealign.errors import BackendError, LLMRequestError
+from stablealign.core.errors import BackendError, LLMRequestError
+from stablealign.llm.backends.base import ChatMessage, ChatRequest, RetryPolicy
+from stablealign.llm.backends.tgi import TGIChatBackend
 from tests.support.devservers import FakeTGIServer
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, timeout=10.0)

@@ -21,9 +21,9 @@ import pytest
 
 from services.trainer import client as trainer_client
 from services.trainer.jobs import JobStore
-from stablealign.config import load_settings
-from stablealign.errors import NotFoundError, ValidationError
-from stablealign.service import RunningService, start_service
+from stablealign.core.config import load_settings
+from stablealign.core.errors import NotFoundError, ValidationError
+from stablealign.serving.service import RunningService, start_service
 from stablealign.v1 import trainer_pb2, trainer_pb2_grpc
 
 FINAL = (trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED)
@@ -286,8 +286,8 @@ async def test_job_inputs_are_confined_to_the_roots_and_images_to_the_allow_list
 
 async def test_job_entries_and_log_lines_that_do_not_parse_are_skipped(nc, caplog):
     """What a misdirected write left in the jobs bucket or the log stream does not break listing or logs."""
-    from stablealign import bus
-    from stablealign.errors import UnavailableError
+    from stablealign.core.errors import UnavailableError
+    from stablealign.nats import subjects
 
     store = await JobStore.open(nc.jetstream())
     good = trainer_pb2.Job(spec=trainer_pb2.JobSpec(job_id="job-good"), state=trainer_pb2.JOB_STATE_QUEUED,
@@ -301,6 +301,6 @@ async def test_job_entries_and_log_lines_that_do_not_parse_are_skipped(nc, caplo
     with pytest.raises(UnavailableError, match="not a job"):
         await store.get("job-json")
     await store.append_log("job-good", "first")
-    await nc.jetstream().publish(bus.JOB_LOGS_SUBJECT.format(job_id="job-good"), b"\xff\xff\xff")
+    await nc.jetstream().publish(subjects.JOB_LOGS_SUBJECT.format(job_id="job-good"), b"\xff\xff\xff")
     await store.append_log("job-good", "second")
     assert [line.line for _, line in await store.read_logs("job-good")] == ["first", "second"]

@@ -30,7 +30,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(workdir) -> Path:
-    from stablealign.tinymodel import build_tiny_model
+    from stablealign_app.tinymodel import build_tiny_model
 
     return build_tiny_model(workdir / "tiny", seed=0)
 
@@ -156,7 +156,7 @@ def test_killed_job_resumes_to_the_same_result_and_never_unpickles(tiny_model, a
 
 
 def test_a_checkpoint_that_does_not_parse_is_refused_not_guessed(tmp_path):
-    from stablealign.errors import ValidationError
+    from stablealign.core.errors import ValidationError
     from stablealign.training import checkpoint as ckpt
 
     state = ckpt.rng_state()

@@ -17,9 +17,9 @@ import time
 import pytest
 
 from services.world.client import WorldClient, read_record_rows
-from stablealign import bus
-from stablealign.errors import ConflictError, NotFoundError
-from stablealign.record_stream import TrustedRecords
+from stablealign.core.errors import ConflictError, NotFoundError
+from stablealign.nats import subjects
+from stablealign.sandbox.record_stream import TrustedRecords
 from stablealign.v1 import common_pb2, world_pb2
 from tests.integration.test_world_service import small_spec, start
 
@@ -38,8 +38,8 @@ async def sandbox(nats_url, nc):
 async def forge(nc, world_id: str) -> None:
     """A record of the world on its subject, but under a message id the world never uses."""
     record = common_pb2.InteractionRecord(world_id=world_id, round=0, agent_id=0)
-    await nc.jetstream().publish(bus.RECORDS_SUBJECT.format(world_id=world_id), record.SerializeToString(),
-                                 headers={bus.MSG_ID_HEADER: "forged-0"})
+    await nc.jetstream().publish(subjects.RECORDS_SUBJECT.format(world_id=world_id), record.SerializeToString(),
+                                 headers={subjects.MSG_ID_HEADER: "forged-0"})
 
 
 async def test_a_world_from_create_to_its_records(nats_url, nc, sandbox, tmp_path):

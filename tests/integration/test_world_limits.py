@@ -10,10 +10,11 @@ import pytest
 from services.world.limits import MB, estimate_world_bytes, max_agents
 from services.world.settings import WorldSettings
 from services.world.spec import MAX_PARTNERS, MAX_ROUNDS, MAX_SIZE, resolve_spec
-from stablealign import bus
-from stablealign.config import load_settings
-from stablealign.errors import UnavailableError, ValidationError
-from stablealign.service import start_service
+from stablealign.core.config import load_settings
+from stablealign.core.errors import UnavailableError, ValidationError
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.serving.service import start_service
 from stablealign.v1 import common_pb2, world_pb2, world_pb2_grpc
 
 OFFLINE = common_pb2.ModelRef(backend="offline")
@@ -68,19 +69,19 @@ async def test_a_replica_runs_a_bounded_number_of_worlds(nats_url, nc):
     service = await start_service("world", settings, world_main.build)
     try:
         for world_id in ("one", "two"):  # nobody serves the agents: they stay in flight
-            await bus.request(nc, bus.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec(world_id, 2, rounds=50)),
+            await nats_client.request(nc, subjects.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec(world_id, 2, rounds=50)),
                               world_pb2.World, timeout=30)
         with pytest.raises(UnavailableError, match="max_running_worlds = 2"):
-            await bus.request(nc, bus.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec("three", 2)),
+            await nats_client.request(nc, subjects.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec("three", 2)),
                               world_pb2.World, timeout=30)
-        listed = await bus.request(nc, bus.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse,
+        listed = await nats_client.request(nc, subjects.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse,
                                    timeout=10)
         assert sorted(w.spec.world_id for w in listed.worlds) == ["one", "two"]
-        await bus.request(nc, bus.WORLD_CANCEL, world_pb2.CancelWorldRequest(world_id="one"), world_pb2.World,
+        await nats_client.request(nc, subjects.WORLD_CANCEL, world_pb2.CancelWorldRequest(world_id="one"), world_pb2.World,
                           timeout=10)
         for _ in range(100):
             try:
-                await bus.request(nc, bus.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec("three", 2)),
+                await nats_client.request(nc, subjects.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec("three", 2)),
                                   world_pb2.World, timeout=30)
                 break
             except UnavailableError:
@@ -88,7 +89,7 @@ async def test_a_replica_runs_a_bounded_number_of_worlds(nats_url, nc):
         else:
             raise AssertionError("no place after a cancel")
         for world_id in ("two", "three"):
-            await bus.request(nc, bus.WORLD_CANCEL, world_pb2.CancelWorldRequest(world_id=world_id), world_pb2.World,
+            await nats_client.request(nc, subjects.WORLD_CANCEL, world_pb2.CancelWorldRequest(world_id=world_id), world_pb2.World,
                               timeout=10)
     finally:
         await service.stop(grace=2)
@@ -103,7 +104,7 @@ async def test_world_service_refuses_a_world_over_its_budget(nats_url, nc):
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
     try:
         with pytest.raises(ValidationError, match=r"max_world_memory_mb = 560 MB") as refused:
-            await bus.request(nc, bus.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec("too-big", 60)),
+            await nats_client.request(nc, subjects.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec("too-big", 60)),
                               world_pb2.World, timeout=30)
         assert refused.value.code == 400 and "3,600 agents" in str(refused.value)
         stub = world_pb2_grpc.WorldServiceStub(channel)
@@ -112,13 +113,13 @@ async def test_world_service_refuses_a_world_over_its_budget(nats_url, nc):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "max_world_memory_mb" in err.value.details()
         # Nothing was stored for the refused worlds; a world within the budget is accepted.
-        listed = await bus.request(nc, bus.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse,
+        listed = await nats_client.request(nc, subjects.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse,
                                    timeout=10)
         assert not listed.worlds
-        ok = await bus.request(nc, bus.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec("fits", 3)),
+        ok = await nats_client.request(nc, subjects.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec("fits", 3)),
                                world_pb2.World, timeout=30)
         assert ok.spec.world_id == "fits"
-        await bus.request(nc, bus.WORLD_CANCEL, world_pb2.CancelWorldRequest(world_id="fits"), world_pb2.World,
+        await nats_client.request(nc, subjects.WORLD_CANCEL, world_pb2.CancelWorldRequest(world_id="fits"), world_pb2.World,
                           timeout=10)
     finally:
         await channel.close()
@@ -132,7 +133,7 @@ def test_the_largest_world_entry_fits_the_servers_max_payload():
     import re
     from pathlib import Path
 
-    from stablealign.natsserver import MAX_PAYLOAD_BYTES
+    from stablealign_app.natsserver import MAX_PAYLOAD_BYTES
 
     largest = world_pb2.World(spec=world_pb2.WorldSpec(world_id="w" * 64, size=MAX_SIZE, rounds=MAX_ROUNDS,
                                                        setting="custom", agent_model=OFFLINE, observer_model=OFFLINE,

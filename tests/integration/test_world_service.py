@@ -16,11 +16,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.world import grid
-from stablealign import bus
-from stablealign.config import load_settings
-from stablealign.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
-from stablealign.records import record_to_json, stable_view
-from stablealign.service import RunningService, start_service
+from stablealign.core.config import load_settings
+from stablealign.core.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
+from stablealign.sandbox.records import record_to_json, stable_view
+from stablealign.serving.service import RunningService, start_service
 from stablealign.v1 import common_pb2, world_pb2, world_pb2_grpc
 
 FINAL = (world_pb2.WORLD_STATE_COMPLETED, world_pb2.WORLD_STATE_CANCELLED, world_pb2.WORLD_STATE_FAILED)
@@ -64,8 +65,8 @@ async def workers(nats_url):
 async def wait_final(nc, world_id: str, timeout: float = 30.0) -> world_pb2.World:
     deadline = time.monotonic() + timeout
     while True:
-        world = await bus.request(
-            nc, bus.WORLD_GET, world_pb2.GetWorldRequest(world_id=world_id), world_pb2.World, timeout=5
+        world = await nats_client.request(
+            nc, subjects.WORLD_GET, world_pb2.GetWorldRequest(world_id=world_id), world_pb2.World, timeout=5
         )
         if world.state in FINAL:
             return world
@@ -75,7 +76,7 @@ async def wait_final(nc, world_id: str, timeout: float = 30.0) -> world_pb2.Worl
 
 async def stream_records(nc, world_id: str) -> list[common_pb2.InteractionRecord]:
     js = nc.jetstream()
-    msgs = await bus.read_subject(js, bus.RECORDS_STREAM, bus.RECORDS_SUBJECT.format(world_id=world_id))
+    msgs = await nats_client.read_subject(js, subjects.RECORDS_STREAM, subjects.RECORDS_SUBJECT.format(world_id=world_id))
     out = []
     for _, msg in msgs:
         record = common_pb2.InteractionRecord()
@@ -98,9 +99,9 @@ async def test_world_over_nats_and_grpc(nats_url, nc, workers):
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{world_service.grpc_port}")
     stub = world_pb2_grpc.WorldServiceStub(channel)
     try:
-        created = await bus.request(
+        created = await nats_client.request(
             nc,
-            bus.WORLD_CREATE,
+            subjects.WORLD_CREATE,
             world_pb2.CreateWorldRequest(spec=small_spec("via-nats")),
             world_pb2.World,
             timeout=10,
@@ -193,15 +194,15 @@ async def test_world_over_nats_and_grpc(nats_url, nc, workers):
 
         # Memory: one prior batch + one revision per round for each agent.
         js = nc.jetstream()
-        memory = await bus.read_subject(
-            js, bus.MEMORY_STREAM, bus.MEMORY_SUBJECT.format(world_id="via-nats", agent_id=4)
+        memory = await nats_client.read_subject(
+            js, subjects.MEMORY_STREAM, subjects.MEMORY_SUBJECT.format(world_id="via-nats", agent_id=4)
         )
         assert len(memory) == 3
 
         listed = await stub.ListWorlds(world_pb2.ListWorldsRequest(), timeout=10)
         assert {"via-nats", "via-grpc"} <= {w.spec.world_id for w in listed.worlds}
-        listed = await bus.request(
-            nc, bus.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse, timeout=5
+        listed = await nats_client.request(
+            nc, subjects.WORLD_LIST, world_pb2.ListWorldsRequest(), world_pb2.ListWorldsResponse, timeout=5
         )
         assert len(listed.worlds) == 2
 
@@ -210,8 +211,8 @@ async def test_world_over_nats_and_grpc(nats_url, nc, workers):
             await stub.GetWorld(world_pb2.GetWorldRequest(world_id="nope"), timeout=5)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(NotFoundError, match="unknown world"):
-            await bus.request(
-                nc, bus.WORLD_GET, world_pb2.GetWorldRequest(world_id="nope"), world_pb2.World, timeout=5
+            await nats_client.request(
+                nc, subjects.WORLD_GET, world_pb2.GetWorldRequest(world_id="nope"), world_pb2.World, timeout=5
             )
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in stub.StreamInteractions(
@@ -223,17 +224,17 @@ async def test_world_over_nats_and_grpc(nats_url, nc, workers):
             await stub.CreateWorld(world_pb2.CreateWorldRequest(spec=small_spec("bad", size=0)), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "size" in err.value.details()
         with pytest.raises(ValidationError, match="global_partner_probability"):
-            await bus.request(
+            await nats_client.request(
                 nc,
-                bus.WORLD_CREATE,
+                subjects.WORLD_CREATE,
                 world_pb2.CreateWorldRequest(spec=small_spec("bad", global_partner_probability=2)),
                 world_pb2.World,
                 timeout=5,
             )
         with pytest.raises(ConflictError, match="exists"):
-            await bus.request(
+            await nats_client.request(
                 nc,
-                bus.WORLD_CREATE,
+                subjects.WORLD_CREATE,
                 world_pb2.CreateWorldRequest(spec=small_spec("via-nats")),
                 world_pb2.World,
                 timeout=5,
@@ -253,8 +254,8 @@ async def test_cancel_stops_scheduling(nats_url, nc, workers):
     world_service = await start("world", nats_url)
     try:
         spec = small_spec("to-cancel", size=5, rounds=20, concurrency=1)
-        await bus.request(
-            nc, bus.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec), world_pb2.World, timeout=10
+        await nats_client.request(
+            nc, subjects.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec), world_pb2.World, timeout=10
         )
         deadline = time.monotonic() + 20
         while len(await stream_records(nc, "to-cancel")) < 3:  # running, and past its warm-up
@@ -264,9 +265,9 @@ async def test_cancel_stops_scheduling(nats_url, nc, workers):
         published = REGISTRY.get_sample_value("stablealign_world_records_published", {"world_id": "to-cancel"})
         ratio = REGISTRY.get_sample_value("stablealign_world_progress_ratio", {"world_id": "to-cancel"})
         assert published is not None and published >= 3 and ratio == pytest.approx(published / (25 * 20))
-        cancelled = await bus.request(
+        cancelled = await nats_client.request(
             nc,
-            bus.WORLD_CANCEL,
+            subjects.WORLD_CANCEL,
             world_pb2.CancelWorldRequest(world_id="to-cancel"),
             world_pb2.World,
             timeout=5,
@@ -301,9 +302,9 @@ async def test_failing_interactions_fail_the_world_loudly(nats_url, nc):
         absent_budget_seconds=0,
     )
     try:
-        await bus.request(
+        await nats_client.request(
             nc,
-            bus.WORLD_CREATE,
+            subjects.WORLD_CREATE,
             world_pb2.CreateWorldRequest(spec=small_spec("doomed", rounds=1)),
             world_pb2.World,
             timeout=10,
@@ -329,10 +330,10 @@ async def test_resume_after_the_world_service_stops_mid_run(nats_url, nc, worker
         if len(seen) >= 10:
             enough.set()
 
-    sub = await nc.subscribe(bus.RECORDS_SUBJECT.format(world_id="resumed"), cb=on_record)
+    sub = await nc.subscribe(subjects.RECORDS_SUBJECT.format(world_id="resumed"), cb=on_record)
     try:
-        await bus.request(
-            nc, bus.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec), world_pb2.World, timeout=10
+        await nats_client.request(
+            nc, subjects.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec), world_pb2.World, timeout=10
         )
         await asyncio.wait_for(enough.wait(), timeout=30)
     finally:
@@ -356,12 +357,12 @@ async def test_resume_after_the_world_service_stops_mid_run(nats_url, nc, worker
         # Each agent's memory holds its prior plus exactly one revision per round.
         js = nc.jetstream()
         for agent in (0, 7, 15):
-            memory = await bus.read_subject(
-                js, bus.MEMORY_STREAM, bus.MEMORY_SUBJECT.format(world_id="resumed", agent_id=agent)
+            memory = await nats_client.read_subject(
+                js, subjects.MEMORY_STREAM, subjects.MEMORY_SUBJECT.format(world_id="resumed", agent_id=agent)
             )
             assert len(memory) == 1 + 3
         # And the resumed world wrote the same records as an unbroken run of the same spec.
-        await bus.request(nc, bus.WORLD_CREATE,
+        await nats_client.request(nc, subjects.WORLD_CREATE,
                           world_pb2.CreateWorldRequest(spec=small_spec("unbroken", size=4, rounds=3, concurrency=2)),
                           world_pb2.World, timeout=10)
         assert (await wait_final(nc, "unbroken", timeout=60)).state == world_pb2.WORLD_STATE_COMPLETED
@@ -430,11 +431,11 @@ async def test_entries_that_are_not_worlds_are_skipped_not_fatal(nc, caplog):
     await kv.put("json", b'{"type": "io.nats.micro.v1.info_response", "name": "stablealign-world"}')
     await kv.put("empty", b"")
     await kv.put("copied", good.SerializeToString())  # a World, but of another id
-    skipped = REGISTRY.get_sample_value("stablealign_entries_skipped_total", {"source": bus.WORLDS_BUCKET}) or 0.0
+    skipped = REGISTRY.get_sample_value("stablealign_entries_skipped_total", {"source": subjects.WORLDS_BUCKET}) or 0.0
     caplog.clear()
     worlds = await store.list()
     assert [w.spec.world_id for w in worlds] == ["good"]
-    after = REGISTRY.get_sample_value("stablealign_entries_skipped_total", {"source": bus.WORLDS_BUCKET})
+    after = REGISTRY.get_sample_value("stablealign_entries_skipped_total", {"source": subjects.WORLDS_BUCKET})
     assert after - skipped == 3
     (said,) = [r for r in caplog.records if r.getMessage() == "world.entries_skipped"]
     assert said.skipped == 3 and all(key in said.keys for key in ("json@", "empty@", "copied@"))
@@ -453,20 +454,20 @@ async def test_prior_setup_of_100_agents_is_fast(nc):
     seconds = await seed_prior(nc.jetstream(), spec)
     assert seconds <= 5.0, f"setup of 100 agents took {seconds:.2f}s"
     js = nc.jetstream()
-    info = await js.stream_info(bus.MEMORY_STREAM)
+    info = await js.stream_info(subjects.MEMORY_STREAM)
     assert info.state.messages == 100
-    memory = await bus.read_subject(
-        js, bus.MEMORY_STREAM, bus.MEMORY_SUBJECT.format(world_id="setup-100", agent_id=3)
+    memory = await nats_client.read_subject(
+        js, subjects.MEMORY_STREAM, subjects.MEMORY_SUBJECT.format(world_id="setup-100", agent_id=3)
     )
     batch = common_pb2.MemoryBatch()
     batch.ParseFromString(memory[0][1].data)
     # The prior travels by reference into the world's shared pool (stored once, verified by hash).
     from services.world.prior import expand_batch
-    from stablealign.memory import fetch_pool
+    from stablealign.sandbox.memory import fetch_pool
 
     entries = expand_batch(batch, await fetch_pool(js, batch.pool_id))
     assert len(entries) == 50 and len(entries[0].question_embedding) == 384
     assert {e.source for e in entries} == {"prior"}
     # Again (a resumed PENDING world): every append is dropped as a duplicate.
     await seed_prior(js, spec)
-    assert (await js.stream_info(bus.MEMORY_STREAM)).state.messages == 100
+    assert (await js.stream_info(subjects.MEMORY_STREAM)).state.messages == 100

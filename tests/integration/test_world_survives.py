@@ -22,9 +22,10 @@ import time
 import grpc
 import pytest
 
-from stablealign import bus
-from stablealign.backends.base import RetryPolicy
-from stablealign.errors import ConflictError, NotFoundError
+from stablealign.core.errors import ConflictError, NotFoundError
+from stablealign.llm.backends.base import RetryPolicy
+from stablealign.nats import client as nats_client
+from stablealign.nats import subjects
 from stablealign.v1 import common_pb2, world_pb2, world_pb2_grpc
 from tests.integration.test_world_service import small_spec, start, stream_records, wait_final
 from tests.support.devservers import FakeOpenAIServer
@@ -36,17 +37,17 @@ CLI = [sys.executable, "-m", "stablealign_app.cli.main"]
 
 
 async def create(nc, spec: world_pb2.WorldSpec) -> world_pb2.World:
-    return await bus.request(nc, bus.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec), world_pb2.World,
+    return await nats_client.request(nc, subjects.WORLD_CREATE, world_pb2.CreateWorldRequest(spec=spec), world_pb2.World,
                              timeout=10)
 
 
 async def get(nc, world_id: str) -> world_pb2.World:
-    return await bus.request(nc, bus.WORLD_GET, world_pb2.GetWorldRequest(world_id=world_id), world_pb2.World,
+    return await nats_client.request(nc, subjects.WORLD_GET, world_pb2.GetWorldRequest(world_id=world_id), world_pb2.World,
                              timeout=5)
 
 
 async def resume(nc, world_id: str) -> world_pb2.World:
-    return await bus.request(nc, bus.WORLD_RESUME, world_pb2.ResumeWorldRequest(world_id=world_id),
+    return await nats_client.request(nc, subjects.WORLD_RESUME, world_pb2.ResumeWorldRequest(world_id=world_id),
                              world_pb2.World, timeout=30)
 
 
@@ -65,8 +66,8 @@ async def assert_exact(nc, world_id: str, size: int, rounds: int) -> None:
     assert set(pairs) == {(r, a) for r in range(rounds) for a in range(size * size)}
     js = nc.jetstream()
     for agent in (0, size * size - 1):
-        memory = await bus.read_subject(js, bus.MEMORY_STREAM,
-                                        bus.MEMORY_SUBJECT.format(world_id=world_id, agent_id=agent))
+        memory = await nats_client.read_subject(js, subjects.MEMORY_STREAM,
+                                        subjects.MEMORY_SUBJECT.format(world_id=world_id, agent_id=agent))
         assert len(memory) == 1 + rounds
 
 
@@ -95,8 +96,8 @@ async def test_a_world_waits_for_its_only_observer_to_come_back(nats_url, nc):
         at_stop = await stop_when(nc, "observer-restart", 3, observer)
         assert at_stop < 32, "the world finished before its observer could be stopped"
         # Gone for a few seconds: the world keeps RUNNING and says what it waits for (a request the
-        # stopping replica dropped is noticed after bus.LIVENESS_SECONDS of silence).
-        deadline = time.monotonic() + bus.LIVENESS_SECONDS + 20
+        # stopping replica dropped is noticed after subjects.LIVENESS_SECONDS of silence).
+        deadline = time.monotonic() + subjects.LIVENESS_SECONDS + 20
         while "sandbox.observer.rate" not in (world := await get(nc, "observer-restart")).waiting:
             assert time.monotonic() < deadline, world
             await asyncio.sleep(0.1)
@@ -120,7 +121,7 @@ async def test_a_world_waits_for_its_only_observer_to_come_back(nats_url, nc):
 async def test_a_world_completes_while_its_llm_fails_60_percent_of_calls(nats_url, nc, monkeypatch):
     # The backend's own retries as deployed (5 attempts: 7.8 % of calls still fail, and so about half of
     # the interaction tries), with waits of milliseconds instead of seconds to keep the test short.
-    from stablealign.backends import openai_backend
+    from stablealign.llm.backends import openai_backend
 
     fast = functools.partial(RetryPolicy, attempts=5, base_delay=0.01, max_delay=0.05)
     monkeypatch.setattr(openai_backend, "RetryPolicy", fast)
@@ -140,7 +141,7 @@ async def test_a_world_completes_while_its_llm_fails_60_percent_of_calls(nats_ur
         finally:
             for service in (world_service, observer, agent):
                 await service.stop(grace=1.0)
-            from stablealign.backends import close_backends
+            from stablealign.llm.backends import close_backends
 
             await close_backends()  # the services in this loop shared one openai client
     statuses = [status for _, _, status in llm.request_log]
@@ -212,7 +213,7 @@ async def test_a_cancelled_world_resumes_from_the_command_line(nats_url, nc):
         await create(nc, small_spec("cancel-then-resume", size=3, rounds=2, concurrency=1))
         for at_least in (3, 6):
             await wait_records(nc, "cancel-then-resume", at_least)
-            cancelled = await bus.request(nc, bus.WORLD_CANCEL,
+            cancelled = await nats_client.request(nc, subjects.WORLD_CANCEL,
                                           world_pb2.CancelWorldRequest(world_id="cancel-then-resume"),
                                           world_pb2.World, timeout=5)
             assert cancelled.state == world_pb2.WORLD_STATE_CANCELLED

@@ -7,7 +7,7 @@ chosen latency — all without network access or a GPU. These are real aiohttp s
 over HTTP exactly as they would to the real services.
 
 Replies are deterministic. A prompt that asks for ``Rating: ... ### Reason: ...`` gets one,
-scored with ``stablealign.backends.heuristics`` on the answer being judged (found in the
+scored with ``stablealign.llm.backends.heuristics`` on the answer being judged (found in the
 agent/observer prompt wording ``answered: '...'``), else from a hash; anything else gets an
 answer text derived from the prompt. Failure injection: the first ``len(fail_statuses)``
 requests fail with those statuses (429 and 503 with ``Retry-After: <retry_after>``, "0" unless set),
@@ -42,7 +42,7 @@ from typing import Any, Self
 import numpy as np
 from aiohttp import web
 
-from stablealign.backends.heuristics import alignment_score, engagement_score
+from stablealign.llm.backends.heuristics import alignment_score, engagement_score
 
 _QUESTION = re.compile(r"For the question '(.*?)', ", re.DOTALL)
 _ANSWER = re.compile(r"answered(?: like)?: '(.*)'\s*(?:\n|$)", re.DOTALL)
@@ -405,7 +405,7 @@ class FakeOpenAIServer(_FakeServer):
         return response
 
     def _vector(self, text: str) -> np.ndarray:
-        from stablealign.backends.embeddings import HashingEmbedder
+        from stablealign.llm.backends.embeddings import HashingEmbedder
 
         if getattr(self, "_embedder", None) is None:
             self._embedder = HashingEmbedder(self.embedding_dim)

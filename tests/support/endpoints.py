@@ -1,6 +1,6 @@
 """Allowing LLM endpoints in tests: what an operator does with ``STABLEALIGN_LLM_ENDPOINTS``.
 
-Services build LLM clients only for configured endpoints (``stablealign.endpoints``), so a test that
+Services build LLM clients only for configured endpoints (``stablealign.llm.endpoints``), so a test that
 points a world at a local fake server configures it first, exactly as a deployment would.
 """
 
@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from stablealign.endpoints import ENDPOINTS_ENV
+from stablealign.llm.endpoints import ENDPOINTS_ENV
 
 
 def endpoints_json(*urls: str, key_env: str = "", backend: str = "") -> str:

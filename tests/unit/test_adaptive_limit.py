@@ -6,7 +6,12 @@ import heapq
 
 import pytest
 
-from stablealign.backends.limiter import PROMPT_TOKEN_EQUIVALENT, AdaptiveLimit, LimitSettings, limit_settings
+from stablealign.llm.backends.limiter import (
+    PROMPT_TOKEN_EQUIVALENT,
+    AdaptiveLimit,
+    LimitSettings,
+    limit_settings,
+)
 
 
 def run_saturated(limit: AdaptiveLimit, *, service: float, parallel: int | None, samples: int,
@@ -150,7 +155,7 @@ def test_settings_come_from_the_environment(monkeypatch):
 async def test_the_limiter_admits_first_come_first_served_and_a_cancelled_waiter_loses_nothing():
     import asyncio
 
-    from stablealign.backends.limiter import ConcurrencyLimiter
+    from stablealign.llm.backends.limiter import ConcurrencyLimiter
 
     limiter = ConcurrencyLimiter(2, backend="test", endpoint="http://127.0.0.1:1/v1")
     first, second = await limiter.acquire(), await limiter.acquire()
@@ -177,7 +182,7 @@ async def test_the_limiter_admits_first_come_first_served_and_a_cancelled_waiter
 async def test_a_waiter_cancelled_just_as_it_was_admitted_gives_its_place_on():
     import asyncio
 
-    from stablealign.backends.limiter import ConcurrencyLimiter
+    from stablealign.llm.backends.limiter import ConcurrencyLimiter
 
     limiter = ConcurrencyLimiter(1)
     held = await limiter.acquire()

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from stablealign.errors import ValidationError
+from stablealign.core.errors import ValidationError
 from stablealign.training import data as D
 
 

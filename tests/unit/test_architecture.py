@@ -115,13 +115,16 @@ def _modules_of(folder: Path) -> set[str]:
 
 
 def test_the_readme_layout_and_architecture_doc_match_the_tree():
-    """Every module of the library and every service named in both; every path the README names exists."""
+    """Every room and module of the library and every service named in both; every path the README names exists."""
     readme = _layout_block((REPO / "README.md").read_text(encoding="utf-8"), "## What is where")
     architecture = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
     words_readme = set(re.findall(r"[A-Za-z_][\w]*", readme))
     words_arch = set(re.findall(r"[A-Za-z_][\w]*", architecture))
-    expected = (_modules_of(REPO / "stablealign") | _modules_of(REPO / "stablealign" / "training")
-                | _modules_of(REPO / "stablealign_app") | _modules_of(REPO / "services"))
+    rooms = [folder for folder in sorted((REPO / "stablealign").iterdir())
+             if (folder / "__init__.py").exists() and folder.name != "v1"]
+    assert {"core", "nats", "serving", "llm", "sandbox", "training"} <= {room.name for room in rooms}
+    expected = (_modules_of(REPO / "stablealign") | _modules_of(REPO / "stablealign_app") | _modules_of(REPO / "services")
+                | {module for room in rooms for module in _modules_of(room)})
     assert not expected - words_readme, f"README layout misses {sorted(expected - words_readme)}"
     assert not expected - words_arch, f"docs/architecture.md misses {sorted(expected - words_arch)}"
     missing, parent = [], REPO

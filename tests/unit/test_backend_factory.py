@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from stablealign.backends import (
+from stablealign.core.errors import ConfigError, ValidationError
+from stablealign.llm.backends import (
     close_backends,
     get_chat_backend,
     get_embedder,
     make_chat_backend,
     make_embedder,
 )
-from stablealign.backends.base import ChatMessage
-from stablealign.backends.embeddings import HashingEmbedder, MiniLMEmbedder
-from stablealign.backends.hf import HFChatBackend
-from stablealign.backends.offline import OfflineChatBackend
-from stablealign.backends.openai_backend import OpenAIChatBackend, OpenAIEmbedder
-from stablealign.backends.tgi import TGIChatBackend
-from stablealign.errors import ConfigError, ValidationError
-from stablealign.models import forget_trusted_models, trust_model_dir
-from stablealign.prompt_format import STOP_SEQUENCES, cut_at_stop, render_prompt
+from stablealign.llm.backends.base import ChatMessage
+from stablealign.llm.backends.embeddings import HashingEmbedder, MiniLMEmbedder
+from stablealign.llm.backends.hf import HFChatBackend
+from stablealign.llm.backends.offline import OfflineChatBackend
+from stablealign.llm.backends.openai_backend import OpenAIChatBackend, OpenAIEmbedder
+from stablealign.llm.backends.tgi import TGIChatBackend
+from stablealign.llm.models import forget_trusted_models, trust_model_dir
+from stablealign.llm.prompt_format import STOP_SEQUENCES, cut_at_stop, render_prompt
 from stablealign.v1 import common_pb2
 from tests.support.endpoints import allow_endpoints
 
@@ -121,7 +121,7 @@ def test_template_matches_the_trainer_format():
 
 
 async def test_concurrency_limit_from_the_environment(monkeypatch):
-    from stablealign.backends import default_max_concurrency
+    from stablealign.llm.backends import default_max_concurrency
 
     monkeypatch.delenv("STABLEALIGN_LLM_MAX_CONCURRENCY", raising=False)
     assert default_max_concurrency() == 1024 and default_max_concurrency("openai") == 1024

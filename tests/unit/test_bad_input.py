@@ -1,6 +1,6 @@
 """Bad input gets one clear line, never a traceback (issue 9, item 6).
 
-Records files (``stablealign.records.read_records``; ``stable-align data build --records``, ``eval
+Records files (``stablealign.sandbox.records.read_records``; ``stable-align data build --records``, ``eval
 --sandbox-records``) and groups files (``stablealign.training.data``: our JSONL and the original's
 ``sandbox_v*.json``) reject every malformed line with ``ValidationError`` ``FILE:LINE: <reason>``;
 the command line prints it as one ``error: ...`` line and exits 2. Ratings arriving at the services
@@ -23,16 +23,30 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from stablealign import bus
-from stablealign.backends.base import ChatBackend, ChatMessage, ChatRequest, Completion, DigitDistribution, RatedCompletion
-from stablealign.calls import CallTally, chat_until_rated
-from stablealign.errors import NotFoundError, ValidationError
-from stablealign.ratings import check_rating_fields, check_score, parse_rating
-from stablealign.records import check_record, read_jsonl, read_records, record_from_json, validate_record
+from stablealign.core.errors import NotFoundError, ValidationError
+from stablealign.llm.backends.base import (
+    ChatBackend,
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    DigitDistribution,
+    RatedCompletion,
+)
+from stablealign.llm.calls import CallTally, chat_until_rated
+from stablealign.nats import subjects
+from stablealign.nats.server import RequestServer
+from stablealign.sandbox.ratings import check_rating_fields, check_score, parse_rating
+from stablealign.sandbox.records import (
+    check_record,
+    read_jsonl,
+    read_records,
+    record_from_json,
+    validate_record,
+)
+from stablealign.sandbox.worlds import check_world_id
 from stablealign.training import data as D
 from stablealign.training.evaluate import sandbox_curve
 from stablealign.v1 import agent_pb2, common_pb2, observer_pb2, world_pb2
-from stablealign.worlds import check_world_id
 
 ROOT = Path(__file__).resolve().parents[2]
 PROPERTY = settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -230,7 +244,7 @@ def test_originals_json_array_names_the_line(tmp_path):
 
 
 def test_hh_rlhf_prior_file_with_bad_bytes(tmp_path):
-    from stablealign.data import load_hh_pairs, load_questions
+    from stablealign.sandbox.data import load_hh_pairs, load_questions
 
     pair = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
     path = write_lines(tmp_path / "prior.jsonl", [pair, b"\xff", pair])
@@ -527,10 +541,10 @@ def aio_loop():
 
 
 def dispatch(aio_loop, request_type, handler, method: str, data: bytes) -> tuple[int, bytes]:
-    """Runs the NATS dispatch of ``bus.RequestServer`` on one raw message: (status code, reply bytes).
+    """Runs the NATS dispatch of ``RequestServer`` on one raw message: (status code, reply bytes).
     ``_handle`` must never raise: every failure has to become an error reply."""
     nc = FakeNC()
-    server = bus.RequestServer(nc=nc, service="test", queue="test")
+    server = RequestServer(nc=nc, service="test", queue="test")
     msg = FakeMsg(data)
     aio_loop.run_until_complete(asyncio.wait_for(server._handle(msg, request_type, handler, method), timeout=30))
     if msg.responses:
@@ -538,8 +552,8 @@ def dispatch(aio_loop, request_type, handler, method: str, data: bytes) -> tuple
         return 200, msg.responses[0]
     [(subject, payload, headers)] = nc.published
     assert subject == msg.reply and payload == b""
-    assert headers[bus.ERROR_HEADER] and "Traceback" not in headers[bus.ERROR_HEADER]
-    return int(headers[bus.ERROR_CODE_HEADER]), b""
+    assert headers[subjects.ERROR_HEADER] and "Traceback" not in headers[subjects.ERROR_HEADER]
+    return int(headers[subjects.ERROR_CODE_HEADER]), b""
 
 
 def request_bytes(method: str, draw_world: str, agent: int, round_: int, text: str) -> bytes:
@@ -591,7 +605,7 @@ def test_nats_handlers_answer_undecodable_bytes_with_400(services, aio_loop, met
 def dispatch_batch(aio_loop, request_type, handler, method: str, data: bytes) -> tuple[int, list[int]]:
     """The NATS dispatch of a batch (``RequestServer.batch_handler``) on one raw envelope: (status code of the
     envelope, the code of each item's reply: 200 for a reply)."""
-    server = bus.RequestServer(nc=FakeNC(), service="test", queue="test")
+    server = RequestServer(nc=FakeNC(), service="test", queue="test")
     code, reply = dispatch(aio_loop, common_pb2.RequestBatch, server.batch_handler(method, request_type, handler),
                            f"{method}Batch", data)
     if code != 200:
@@ -665,9 +679,9 @@ def test_revise_error_reply_names_the_bad_rating(services, aio_loop):
     request = agent_pb2.ReviseRequest(world_id=WORLD_ID, agent_id=4, round=0, question="Hi?", draft_answer="Hey.",
                                       feedback=[common_pb2.Feedback(partner_id=1, rating=99, reason="x")])
     nc, msg = FakeNC(), FakeMsg(request.SerializeToString())
-    server = bus.RequestServer(nc=nc, service="test", queue="test")
+    server = RequestServer(nc=nc, service="test", queue="test")
     request_type, handler = services["Revise"]
     aio_loop.run_until_complete(server._handle(msg, request_type, handler, "Revise"))
     headers = nc.published[0][2]
-    assert headers[bus.ERROR_CODE_HEADER] == "400"
-    assert headers[bus.ERROR_HEADER] == "feedback of partner 1: rating 99 is outside 1..7 (leave it unset when missing)"
+    assert headers[subjects.ERROR_CODE_HEADER] == "400"
+    assert headers[subjects.ERROR_HEADER] == "feedback of partner 1: rating 99 is outside 1..7 (leave it unset when missing)"

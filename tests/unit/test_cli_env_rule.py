@@ -24,8 +24,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from stablealign.config import ServiceSettings
-from stablealign.errors import StableAlignError
+from stablealign.core.errors import StableAlignError
+from stablealign.serving.settings import ServiceSettings
 from stablealign_app.cli.main import app
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,7 +75,7 @@ def restore_logging(monkeypatch):
     """The commands set up the root logger (and lock it): later tests get the logging they had."""
     import logging
 
-    from stablealign import logs
+    from stablealign.core import logs
 
     root = logging.getLogger()
     handlers = root.handlers[:]
@@ -208,7 +208,7 @@ def test_world_commands_read_the_shared_nats_url(monkeypatch, args, result, code
 
 
 def test_watch_and_export_read_their_own(monkeypatch, tmp_path):
-    from stablealign.record_stream import ExportResult, ReadStats
+    from stablealign.sandbox.record_stream import ExportResult, ReadStats
     from stablealign_app.cli import sandbox
 
     seen: list[str] = []
@@ -326,7 +326,8 @@ def test_generate(monkeypatch):
 
 
 def test_model_pull_and_init_tiny(monkeypatch, tmp_path):
-    from stablealign import models, tinymodel
+    from stablealign.llm import models
+    from stablealign_app import tinymodel
 
     seen: list[Any] = []
     monkeypatch.setattr(models, "pull", lambda name, out, force=False: seen.append((name, out, force)) or out)
@@ -436,7 +437,7 @@ def test_pipeline(monkeypatch, tmp_path):
 
 
 def test_root_log_options_read_the_shared_variables(monkeypatch):
-    from stablealign import logs
+    from stablealign.core import logs
 
     assert invoke(["--help"], STABLEALIGN_LOG_LEVEL="warning", STABLEALIGN_LOG_FORMAT="json").exit_code == 0
     result = invoke(["jobs", "list"], STABLEALIGN_LOG_LEVEL="chatty")
@@ -487,7 +488,7 @@ def test_every_command_that_connects_takes_the_nats_credentials():
 
 def test_a_command_connects_with_the_credentials_of_its_flags_and_variables(monkeypatch, tmp_path):
     import services.trainer.client as client
-    from stablealign import natsauth
+    from stablealign.nats import auth as natsauth
 
     seen: list[natsauth.NatsClientOptions] = []
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from stablealign.prompt_format import format_example, format_prompt
+from stablealign.llm.prompt_format import format_example, format_prompt
 from stablealign.training.collator import AlignmentCollator, best_index, sample_responses
 from stablealign.training.data import AlignmentGroup
 from stablealign.training.loss import IGNORE_INDEX
@@ -16,7 +16,7 @@ from stablealign.training.template import encode_prompt, encode_response
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from stablealign.tinymodel import train_tokenizer
+    from stablealign_app.tinymodel import train_tokenizer
 
     corpus = ["How can I help my neighbour?", "Be kind and patient.", "Ignore them.", "Rating: 5 ### Reason: ok"] * 20
     return train_tokenizer(corpus, vocab_size=320)

@@ -8,9 +8,10 @@ from services.agent.settings import AgentSettings
 from services.observer.settings import ObserverSettings
 from services.trainer.settings import TrainerSettings
 from services.world.settings import WorldSettings
-from stablealign.backends.batching import EngineSettings, engine_settings
-from stablealign.config import ServiceSettings, Settings, load_settings
-from stablealign.errors import ConfigError
+from stablealign.core.config import Settings, load_settings
+from stablealign.core.errors import ConfigError
+from stablealign.llm.backends.batching import EngineSettings, engine_settings
+from stablealign.serving.settings import ServiceSettings
 
 
 class DemoSettings(ServiceSettings):

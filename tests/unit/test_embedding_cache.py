@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stablealign.backends import embeddings
-from stablealign.backends.embeddings import MiniLMEmbedder, VectorStore, embed_cached, vector_store
+from stablealign.llm.backends import embeddings
+from stablealign.llm.backends.embeddings import MiniLMEmbedder, VectorStore, embed_cached, vector_store
 
 TEXTS = ["How do I pick a lock?", "What is the capital of France?", "How do I pick a lock?", "Is lying ever ok?"]
 
@@ -102,7 +102,7 @@ async def test_a_world_embeds_its_questions_up_front_once(cache):
     in-memory hit; a hashing embedder (no disk cache) is left alone."""
     from services.world import grid
     from services.world.prior import prepare_questions, world_questions
-    from stablealign.backends.embeddings import HashingEmbedder
+    from stablealign.llm.backends.embeddings import HashingEmbedder
     from stablealign.v1 import world_pb2
 
     pool = tuple(f"question {i}?" for i in range(50))

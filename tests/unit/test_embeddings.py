@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stablealign.backends.embeddings import HashingEmbedder, MiniLMEmbedder
-from stablealign.errors import ConfigError
+from stablealign.core.errors import ConfigError
+from stablealign.llm.backends.embeddings import HashingEmbedder, MiniLMEmbedder
 
 SIMILAR = ("What's the best way to murder someone?", "How can I kill a person without being caught?")
 UNRELATED = "What is a good recipe for banana bread?"
@@ -44,8 +44,8 @@ async def test_minilm_coalesces_concurrent_calls_into_batches():
 
     import numpy as np
 
-    from stablealign.backends.embeddings import MiniLMEmbedder
-    from stablealign.data import load_questions
+    from stablealign.llm.backends.embeddings import MiniLMEmbedder
+    from stablealign.sandbox.data import load_questions
 
     embedder = MiniLMEmbedder()
     questions = list(load_questions())[:60]

@@ -76,7 +76,7 @@ def test_differences_pair_every_measure_and_name_the_reference_normalised_accura
 
 
 def test_figures_print_with_their_interval_or_a_dash():
-    from stablealign.stats import format_figure
+    from stablealign.sandbox.stats import format_figure
 
     assert format_figure(0.6371, [0.58, 0.6904]) == "0.637 [0.580, 0.690]"
     assert format_figure(4.25, None, 2) == "4.25"

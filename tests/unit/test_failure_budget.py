@@ -11,10 +11,16 @@ import pytest
 from services.world.budget import ABSENT, ERROR, FINAL, FailureBudget, failure_kind
 from services.world.interaction import StepError
 from services.world.settings import WorldSettings
-from stablealign.backends.base import parse_retry_after
-from stablealign.config import load_settings
-from stablealign.errors import BackendError, ConflictError, NotFoundError, UnavailableError, ValidationError
-from stablealign.retry import RetryPolicy, retry_async
+from stablealign.core.config import load_settings
+from stablealign.core.errors import (
+    BackendError,
+    ConflictError,
+    NotFoundError,
+    UnavailableError,
+    ValidationError,
+)
+from stablealign.core.retry import RetryPolicy, retry_async
+from stablealign.llm.backends.base import parse_retry_after
 
 NO_RESPONDERS = StepError("rate_before", "sandbox.observer.rate, backend offline",
                           UnavailableError("sandbox.observer.rate: no reply after 3 attempts (NoRespondersError)"))

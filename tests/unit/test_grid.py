@@ -7,7 +7,7 @@ import math
 import pytest
 
 from services.world import grid
-from stablealign.errors import ValidationError
+from stablealign.core.errors import ValidationError
 
 GOOD, BAD = grid.GOOD, grid.BAD
 

@@ -11,9 +11,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from stablealign.grpc_authz import AuthorizationInterceptor, allowed_callers, authorization_interceptors
-from stablealign.rpc import start_grpc_server
-from stablealign.tls import TlsMaterial
+from stablealign.serving.grpc_authz import (
+    AuthorizationInterceptor,
+    allowed_callers,
+    authorization_interceptors,
+)
+from stablealign.serving.rpc import start_grpc_server
+from stablealign.serving.tls import TlsMaterial
 from stablealign.v1 import common_pb2, world_pb2, world_pb2_grpc
 from tests.support.certs import make_ca_with_clients
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.world.settings import WorldSettings
-from stablealign import data
+from stablealign.sandbox import data
 from stablealign.training.evaluate import bootstrap_ci, hh_examples, paired_difference, sandbox_curve
 
 

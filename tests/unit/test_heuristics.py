@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import statistics
 
-from stablealign.backends.heuristics import alignment_score, content_words, engagement_score
-from stablealign.data import load_hh_pairs
+from stablealign.llm.backends.heuristics import alignment_score, content_words, engagement_score
+from stablealign.sandbox.data import load_hh_pairs
 
 
 def test_alignment_orders_harmful_below_neutral_below_caring():

@@ -166,7 +166,7 @@ importlib.import_module("stablealign_app.cli.main")
 import stablealign.training.train, stablealign.training.evaluate, stablealign.training.launch  # noqa: E401 - the training Jobs
 from services.trainer.runners.kubernetes import KubernetesRunner  # noqa: F401 - the gpu overlay's runner
 # The world's default embedder (offline = all-MiniLM-L6-v2 in-process) must load here.
-from stablealign.backends import make_embedder
+from stablealign.llm.backends import make_embedder
 from stablealign.v1 import common_pb2
 embedder = make_embedder(common_pb2.ModelRef(backend="offline"))
 import asyncio

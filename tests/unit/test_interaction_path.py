@@ -11,7 +11,7 @@ import pytest
 
 from services.world import interaction, scheduler
 from services.world.settings import WorldSettings
-from stablealign import bus
+from stablealign.nats import subjects
 from stablealign.v1 import agent_pb2, common_pb2, observer_pb2, world_pb2
 
 STEP_SECONDS = 0.2  # each fake call's latency; waves are told apart by start times 0.2 s apart
@@ -43,9 +43,9 @@ class FakeDeps(interaction.InteractionDeps):
     async def call(self, subject, message, response_type, *, backend, step):
         self.calls.append((subject, time.monotonic(), message))
         await asyncio.sleep(STEP_SECONDS)
-        if subject == bus.OBSERVER_RATE:
+        if subject == subjects.OBSERVER_RATE:
             return observer_pb2.RateResponse(rating=common_pb2.Rating(score=4))
-        if subject == bus.AGENT_FEEDBACK:
+        if subject == subjects.AGENT_FEEDBACK:
             return agent_pb2.FeedbackResponse(feedback=common_pb2.Feedback(rating=5, text="ok"))
         return response_type(answer=f"{step} answer")
 
@@ -83,12 +83,12 @@ async def test_a_precomputed_embedding_leaves_four_sequential_llm_steps(no_write
                                                question_embedding=np.asarray(vector, dtype=np.float32))
     elapsed = time.monotonic() - started
     assert embedder.calls == []  # nothing embedded on the path
-    draft = [m for s, _, m in deps.calls if s == bus.AGENT_DRAFT]
+    draft = [m for s, _, m in deps.calls if s == subjects.AGENT_DRAFT]
     assert len(draft) == 1 and list(draft[0].question_embedding) == pytest.approx(vector)
     # draft | 4 feedbacks + 2 "before" ratings | revise | 2 "after" ratings: 4 waves, 10 calls
     assert _waves([t for _, t, _ in deps.calls], started) == [1, 6, 1, 2]
-    subjects = [s for s, _, _ in deps.calls]
-    assert subjects.count(bus.AGENT_FEEDBACK) == 4 and subjects.count(bus.OBSERVER_RATE) == 4
+    sent = [s for s, _, _ in deps.calls]
+    assert sent.count(subjects.AGENT_FEEDBACK) == 4 and sent.count(subjects.OBSERVER_RATE) == 4
     assert 4 * STEP_SECONDS <= elapsed < 4 * STEP_SECONDS + 0.5 * STEP_SECONDS + 1.0  # generous: loaded CI
     assert record.latency_seconds["embed"] < STEP_SECONDS / 2
     assert [f.partner_id for f in record.feedback] == [1, 3, 5, 7]
@@ -102,7 +102,7 @@ async def test_without_a_vector_the_interaction_embeds_its_question_first(no_wri
     assert embedder.calls == [["Is it fine?"]]
     # the embedding is one more wave before the draft
     assert _waves([t for _, t, _ in deps.calls], started - STEP_SECONDS) == [1, 4, 1, 2]
-    draft = next(m for s, _, m in deps.calls if s == bus.AGENT_DRAFT)
+    draft = next(m for s, _, m in deps.calls if s == subjects.AGENT_DRAFT)
     assert list(draft.question_embedding) == pytest.approx([0.5] * 4)
 
 

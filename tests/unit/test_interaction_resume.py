@@ -9,8 +9,8 @@ import pytest
 from services.world import interaction, scheduler
 from services.world.settings import WorldSettings
 from services.world.store import WorldStore
-from stablealign import bus
-from stablealign.errors import UnavailableError
+from stablealign.core.errors import UnavailableError
+from stablealign.nats import subjects
 from stablealign.v1 import agent_pb2, common_pb2, observer_pb2, world_pb2
 
 
@@ -26,17 +26,17 @@ class FlakyDeps(interaction.InteractionDeps):
         self.answered: dict[str, int] = {}
 
     async def call(self, subject, message, response_type, *, backend, step):
-        name = step if subject != bus.OBSERVER_RATE else f"{step}.{message.aspect}"
-        if subject == bus.AGENT_FEEDBACK:
+        name = step if subject != subjects.OBSERVER_RATE else f"{step}.{message.aspect}"
+        if subject == subjects.AGENT_FEEDBACK:
             name = f"feedback.{message.agent_id}"
         self.asked.append(name)
         if name in self.fail:
             self.fail.discard(name)
             raise interaction.StepError(step, subject, UnavailableError(f"{name} unavailable"))
         answers = self.answered[name] = self.answered.get(name, 0) + 1  # a second answer would differ
-        if subject == bus.OBSERVER_RATE:
+        if subject == subjects.OBSERVER_RATE:
             return observer_pb2.RateResponse(rating=common_pb2.Rating(score=3 + answers, reason="r"))
-        if subject == bus.AGENT_FEEDBACK:
+        if subject == subjects.AGENT_FEEDBACK:
             return agent_pb2.FeedbackResponse(feedback=common_pb2.Feedback(rating=5, text=f"ok {answers}"))
         return response_type(answer=f"{step} answer {answers}")
 

@@ -8,10 +8,10 @@ import asyncio
 
 import pytest
 
-from stablealign import judges
-from stablealign.backends.base import ChatBackend, ChatRequest, Completion, DigitDistribution
-from stablealign.errors import ValidationError
-from stablealign.stats import win
+from stablealign.core.errors import ValidationError
+from stablealign.llm import judges
+from stablealign.llm.backends.base import ChatBackend, ChatRequest, Completion, DigitDistribution
+from stablealign.sandbox.stats import win
 
 
 class LengthJudgeBackend(ChatBackend):
@@ -61,7 +61,7 @@ def test_a_judge_rating_by_length_gets_what_length_alone_gives():
 
 
 def test_judge_pairs_come_from_the_split_asked_for_with_the_last_human_turn():
-    from stablealign.data import hh_split_of, load_hh_pairs
+    from stablealign.sandbox.data import hh_split_of, load_hh_pairs
 
     eval_pairs = judges.judge_pairs("eval", 50)
     assert len(eval_pairs) == 50

@@ -76,7 +76,7 @@ def test_every_method_names_its_callers_and_only_the_operator_changes_anything(t
     "*" would open new methods silently) by common names of client certificates the render issues."""
     import importlib
 
-    from stablealign.tls import GrpcServerTlsSettings
+    from stablealign.serving.tls import GrpcServerTlsSettings
 
     docs = render_dir(TARGETS[target])
     issued = {c["spec"]["commonName"] for c in find(docs, "Certificate")
@@ -99,10 +99,10 @@ def _health_call(channel: grpc.aio.Channel):
 
 @needs_kubectl
 async def test_a_server_from_the_rendered_variables_refuses_clients_without_a_certificate(tmp_path):
-    from stablealign.config import env_name
-    from stablealign.grpc_authz import authorization_interceptors
-    from stablealign.rpc import start_grpc_server
-    from stablealign.tls import GrpcServerTlsSettings
+    from stablealign.core.config import env_name
+    from stablealign.serving.grpc_authz import authorization_interceptors
+    from stablealign.serving.rpc import start_grpc_server
+    from stablealign.serving.tls import GrpcServerTlsSettings
 
     world = env_of(container(one(render_dir(TARGETS["gpu"]), "Deployment", "world"), "world"))
     secret = make_secret_layout(tmp_path / "secret")  # tls.crt, tls.key, ca.crt: the Secret's keys

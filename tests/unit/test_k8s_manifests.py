@@ -179,7 +179,7 @@ def test_the_trainers_roots_are_on_its_mounted_volumes(target):
     """A local job's data, model and output paths must be inside the trainer's roots: roots relative to the
     working directory would be on the image's read-only filesystem, where no job can write or find a file."""
     from services.trainer.settings import TrainerSettings
-    from stablealign.config import load_settings
+    from stablealign.core.config import load_settings
 
     c = container(one(render(target), "Deployment", "trainer"), "trainer")
     settings = load_settings(TrainerSettings, {}, environ=_settings_env(c))
@@ -297,7 +297,7 @@ def test_every_stablealign_variable_is_a_setting_of_its_service(target):
     """A typo in an env name would be silently ignored by the service: every one must be a settings field."""
     import importlib
 
-    from stablealign.config import env_name
+    from stablealign.core.config import env_name
 
     docs = render(target)
     for name in SERVICES:
@@ -434,7 +434,7 @@ def test_gpu_overlay_trainer_accepts_only_the_kubernetes_runner():
     """A local job would run requester-chosen training inside the trainer pod, which holds the token that
     creates Jobs; on the gpu overlay every job goes to a Job pod without one."""
     from services.trainer.settings import TrainerSettings
-    from stablealign.config import load_settings
+    from stablealign.core.config import load_settings
 
     for target, wanted in (("top", ("kubernetes",)), ("gpu", ("kubernetes",)), ("dev", None)):
         settings = load_settings(TrainerSettings, {},
@@ -447,7 +447,7 @@ def test_gpu_overlay_trainer_accepts_only_the_kubernetes_runner():
 
 def _service_stream_settings(docs) -> list:
     """The stream settings each service runs with (its env over the typed defaults)."""
-    from stablealign.streams import StreamSettings
+    from stablealign.nats.streams import StreamSettings
 
     settings = []
     for name in SERVICES:

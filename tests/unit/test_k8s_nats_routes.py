@@ -44,7 +44,7 @@ class Cluster:
     """Writes and starts servers from the rendered gpu + nats-tls ConfigMaps; stops them all at the end."""
 
     def __init__(self, tmp: Path) -> None:
-        from stablealign.natsserver import find_nats_server
+        from stablealign_app.natsserver import find_nats_server
 
         docs = render_variant("gpu", frozenset(listed_components("gpu")) | {"nats-tls"})
         self.nats_conf = configmap_data(docs, "nats-config")["nats.conf"]

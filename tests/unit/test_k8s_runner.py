@@ -17,7 +17,7 @@ from aiohttp import web
 
 from services.trainer.runners.kubernetes import KubernetesRunner, job_name, render_job
 from services.trainer.settings import TrainerSettings
-from stablealign.errors import ValidationError
+from stablealign.core.errors import ValidationError
 from stablealign.v1 import trainer_pb2
 
 NS = "stablealign"

@@ -1,4 +1,4 @@
-"""The deadline of one LLM call (stablealign.calls): a hung model is cancelled and reported by step and model."""
+"""The deadline of one LLM call (stablealign.llm.calls): a hung model is cancelled and reported by step and model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 
 from services.agent.settings import AgentSettings
 from services.observer.settings import ObserverSettings
-from stablealign.backends.base import ChatBackend, ChatMessage, ChatRequest, Completion, RetryPolicy
-from stablealign.calls import CallTally, chat_until_rated, llm_deadline, within_deadline
-from stablealign.errors import UnavailableError
+from stablealign.core.errors import UnavailableError
+from stablealign.llm.backends.base import ChatBackend, ChatMessage, ChatRequest, Completion, RetryPolicy
+from stablealign.llm.calls import CallTally, chat_until_rated, llm_deadline, within_deadline
 
 
 class HungBackend(ChatBackend):
@@ -86,7 +86,7 @@ class TakesTurns(ChatBackend):
         self.answered = 0
 
     async def _chat_once(self, request: ChatRequest) -> Completion:
-        from stablealign import progress
+        from stablealign.llm import progress
 
         for _ in range(self.chunks):
             await asyncio.sleep(self.service / self.chunks)

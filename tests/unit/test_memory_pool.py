@@ -9,9 +9,9 @@ import pytest
 from services.world import grid
 from services.world.prior import build_pool, expand_batch, plan_prior, prior_batch
 from services.world.spec import resolve_spec
-from stablealign.backends.embeddings import HashingEmbedder
-from stablealign.errors import ConflictError, ValidationError
-from stablealign.memory import AgentMemory, MemoryPool
+from stablealign.core.errors import ConflictError, ValidationError
+from stablealign.llm.backends.embeddings import HashingEmbedder
+from stablealign.sandbox.memory import AgentMemory, MemoryPool
 from stablealign.v1 import common_pb2, world_pb2
 
 HASHING = common_pb2.ModelRef(backend="offline", model="hashing")

@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
-from stablealign.errors import ValidationError
-from stablealign.memory import AgentMemory
+from stablealign.core.errors import ValidationError
+from stablealign.sandbox.memory import AgentMemory
 from stablealign.v1 import common_pb2
 
 
@@ -122,7 +122,7 @@ def test_snapshot_survives_growth():
 
 def test_memories_of_the_current_round_and_later_are_hidden():
     """A redone draft (after a crash) must not see the revision its first attempt already stored."""
-    from stablealign.memory import AgentMemory
+    from stablealign.sandbox.memory import AgentMemory
     from stablealign.v1 import common_pb2
 
     memory = AgentMemory(capacity=1)

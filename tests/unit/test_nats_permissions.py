@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stablealign import bus
-from stablealign.errors import ConfigError
-from stablealign.nats_permissions import (
+from stablealign.core.errors import ConfigError
+from stablealign.nats import subjects
+from stablealign.nats.auth import NatsClientOptions
+from stablealign.nats.permissions import (
     ROLES,
     ServerTls,
     check_password,
@@ -27,8 +28,7 @@ from stablealign.nats_permissions import (
     subject_covers,
     subjects_overlap,
 )
-from stablealign.natsauth import NatsClientOptions
-from stablealign.natsserver import find_nats_server
+from stablealign_app.natsserver import find_nats_server
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "deploy" / "k8s" / "base"
@@ -72,35 +72,35 @@ def test_nats_server_accepts_the_generated_configuration(tmp_path):
 
 
 def test_only_the_world_writes_records_memories_and_world_state():
-    writes = ["sandbox.records.w1", "sandbox.memory.w1.0", "sandbox.pools.abc.0", f"$KV.{bus.WORLDS_BUCKET}.w1",
-              f"$JS.API.STREAM.CREATE.{bus.RECORDS_STREAM}", f"$JS.API.STREAM.UPDATE.{bus.RECORDS_STREAM}",
-              f"$JS.API.STREAM.DELETE.{bus.RECORDS_STREAM}", f"$JS.API.STREAM.PURGE.{bus.RECORDS_STREAM}",
-              f"$JS.API.STREAM.MSG.DELETE.{bus.RECORDS_STREAM}", f"$JS.API.STREAM.CREATE.KV_{bus.WORLDS_BUCKET}"]
+    writes = ["sandbox.records.w1", "sandbox.memory.w1.0", "sandbox.pools.abc.0", f"$KV.{subjects.WORLDS_BUCKET}.w1",
+              f"$JS.API.STREAM.CREATE.{subjects.RECORDS_STREAM}", f"$JS.API.STREAM.UPDATE.{subjects.RECORDS_STREAM}",
+              f"$JS.API.STREAM.DELETE.{subjects.RECORDS_STREAM}", f"$JS.API.STREAM.PURGE.{subjects.RECORDS_STREAM}",
+              f"$JS.API.STREAM.MSG.DELETE.{subjects.RECORDS_STREAM}", f"$JS.API.STREAM.CREATE.KV_{subjects.WORLDS_BUCKET}"]
     for subject in writes:
         allowed = {role for role in ROLES if may_publish(role, subject)}
         assert allowed <= {"world"}, (subject, allowed)
     for subject in writes[:5]:
         assert may_publish("world", subject), subject
     # Nobody deletes or purges a stream through these users.
-    assert not any(may_publish(role, f"$JS.API.STREAM.DELETE.{bus.RECORDS_STREAM}") for role in ROLES)
+    assert not any(may_publish(role, f"$JS.API.STREAM.DELETE.{subjects.RECORDS_STREAM}") for role in ROLES)
 
 
 def test_agents_and_observers_only_answer_their_own_subjects():
     assert ROLES["agent"].responds and ROLES["observer"].responds and not ROLES["cli"].responds
-    for role, own in (("agent", bus.AGENT_DRAFT), ("observer", bus.OBSERVER_RATE)):
+    for role, own in (("agent", subjects.AGENT_DRAFT), ("observer", subjects.OBSERVER_RATE)):
         assert own in ROLES[role].subscribe
-        for subject in (bus.AGENT_DRAFT, bus.OBSERVER_RATE, bus.WORLD_CREATE, bus.TRAINER_SUBMIT):
+        for subject in (subjects.AGENT_DRAFT, subjects.OBSERVER_RATE, subjects.WORLD_CREATE, subjects.TRAINER_SUBMIT):
             assert not may_publish(role, subject), (role, subject)  # they send no requests
-        assert not any(matches(p, bus.WORLD_CREATE) for p in ROLES[role].subscribe)
-    assert not any(matches(p, bus.AGENT_DRAFT) for p in ROLES["observer"].subscribe)
+        assert not any(matches(p, subjects.WORLD_CREATE) for p in ROLES[role].subscribe)
+    assert not any(matches(p, subjects.AGENT_DRAFT) for p in ROLES["observer"].subscribe)
 
 
 def test_the_cli_reads_records_and_calls_the_apis_the_trainer_keeps_to_trainer():
-    for subject in (bus.WORLD_CREATE, bus.WORLD_RESUME, bus.TRAINER_SUBMIT, bus.TRAINER_LIST,
-                    f"$JS.API.CONSUMER.CREATE.{bus.RECORDS_STREAM}.x.sandbox.records.w1",
-                    f"$JS.API.DIRECT.GET.{bus.RECORDS_STREAM}"):
+    for subject in (subjects.WORLD_CREATE, subjects.WORLD_RESUME, subjects.TRAINER_SUBMIT, subjects.TRAINER_LIST,
+                    f"$JS.API.CONSUMER.CREATE.{subjects.RECORDS_STREAM}.x.sandbox.records.w1",
+                    f"$JS.API.DIRECT.GET.{subjects.RECORDS_STREAM}"):
         assert may_publish("cli", subject), subject
-    for subject in ("trainer.jobs.j1.log", bus.AGENT_DRAFT, "sandbox.records.w1"):
+    for subject in ("trainer.jobs.j1.log", subjects.AGENT_DRAFT, "sandbox.records.w1"):
         assert not may_publish("cli", subject), subject
     trainer_writes = [p for p in ROLES["trainer"].publish if not p.startswith(("$JS.", "$KV."))]
     assert trainer_writes == ["trainer.>"]
@@ -125,19 +125,19 @@ def test_every_role_is_denied_what_it_does_not_own_and_nothing_it_needs():
     for name, role in ROLES.items():
         clash = [(d, a) for d in role.publish_deny for a in role.publish if subjects_overlap(d, a)]
         assert clash == [], name
-        assert denies(name, f"$JS.API.CONSUMER.DURABLE.CREATE.{bus.RECORDS_STREAM}.spy"), name
-        assert denies(name, f"$JS.API.STREAM.DELETE.{bus.RECORDS_STREAM}"), name
-        assert denies(name, f"$JS.API.STREAM.PURGE.KV_{bus.WORLDS_BUCKET}"), name
+        assert denies(name, f"$JS.API.CONSUMER.DURABLE.CREATE.{subjects.RECORDS_STREAM}.spy"), name
+        assert denies(name, f"$JS.API.STREAM.DELETE.{subjects.RECORDS_STREAM}"), name
+        assert denies(name, f"$JS.API.STREAM.PURGE.KV_{subjects.WORLDS_BUCKET}"), name
     for name in ("agent", "observer", "cli"):
-        for subject in (f"$KV.{bus.WORLDS_BUCKET}.w1", f"$KV.{bus.JOBS_BUCKET}.j1", "$KV.OTHER.x",
+        for subject in (f"$KV.{subjects.WORLDS_BUCKET}.w1", f"$KV.{subjects.JOBS_BUCKET}.j1", "$KV.OTHER.x",
                         "sandbox.records.w1", "sandbox.memory.w1.0", "sandbox.pools.p", "trainer.jobs.j1.log",
-                        f"$JS.API.STREAM.CREATE.{bus.RECORDS_STREAM}", "$JS.API.STREAM.UPDATE.ANY"):
+                        f"$JS.API.STREAM.CREATE.{subjects.RECORDS_STREAM}", "$JS.API.STREAM.UPDATE.ANY"):
             assert denies(name, subject), (name, subject)
-    assert denies("world", f"$KV.{bus.JOBS_BUCKET}.j1") and denies("world", "trainer.jobs.j1.log")
-    assert denies("world", f"$JS.API.STREAM.CREATE.{bus.JOB_LOGS_STREAM}")
-    assert not denies("world", f"$KV.{bus.WORLDS_BUCKET}.w1") and not denies("world", "sandbox.records.w1")
-    assert denies("trainer", f"$KV.{bus.WORLDS_BUCKET}.w1") and denies("trainer", "sandbox.records.w1")
-    assert not denies("trainer", f"$KV.{bus.JOBS_BUCKET}.j1")
+    assert denies("world", f"$KV.{subjects.JOBS_BUCKET}.j1") and denies("world", "trainer.jobs.j1.log")
+    assert denies("world", f"$JS.API.STREAM.CREATE.{subjects.JOB_LOGS_STREAM}")
+    assert not denies("world", f"$KV.{subjects.WORLDS_BUCKET}.w1") and not denies("world", "sandbox.records.w1")
+    assert denies("trainer", f"$KV.{subjects.WORLDS_BUCKET}.w1") and denies("trainer", "sandbox.records.w1")
+    assert not denies("trainer", f"$KV.{subjects.JOBS_BUCKET}.j1")
 
 
 def test_each_role_subscribes_only_its_own_reply_inboxes():

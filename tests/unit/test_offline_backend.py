@@ -8,11 +8,11 @@ import statistics
 
 import pytest
 
-from stablealign.backends.base import ChatMessage, ChatRequest
-from stablealign.backends.heuristics import alignment_score
-from stablealign.backends.offline import OFFLINE_MODEL, OfflineChatBackend
-from stablealign.data import load_questions
-from stablealign.errors import ValidationError
+from stablealign.core.errors import ValidationError
+from stablealign.llm.backends.base import ChatMessage, ChatRequest
+from stablealign.llm.backends.heuristics import alignment_score
+from stablealign.llm.backends.offline import OFFLINE_MODEL, OfflineChatBackend
+from stablealign.sandbox.data import load_questions
 
 RATING = re.compile(r"^Rating: ([1-7]) ### Reason: (.+)$", re.DOTALL)
 QUESTIONS = load_questions()[:20]
@@ -122,9 +122,9 @@ async def test_plain_chat_is_marked_offline(backend):
 
 
 def test_reasons_use_critical_words_only_for_low_scores():
-    from stablealign.backends.heuristics import alignment_score as score_of
-    from stablealign.backends.offline import CRITICAL_REASON
-    from stablealign.data import load_hh_pairs
+    from stablealign.llm.backends.heuristics import alignment_score as score_of
+    from stablealign.llm.backends.offline import CRITICAL_REASON
+    from stablealign.sandbox.data import load_hh_pairs
 
     for pair in load_hh_pairs()[:300]:
         for text in (pair.chosen, pair.rejected):
@@ -162,7 +162,7 @@ async def test_a_half_bad_society_becomes_more_aligned_through_memory(backend):
 # --- the prior answers' alignment scores, cached across runs -----------------------------------------------
 
 def _answers() -> list:
-    from stablealign.backends.offline import PriorAnswer
+    from stablealign.llm.backends.offline import PriorAnswer
 
     return [PriorAnswer("How do I pick a lock?", "I can't help with breaking into a home; call a locksmith.",
                         "Use a tension wrench and a pick to steal from them."),
@@ -182,7 +182,7 @@ def _stored(path) -> list:
 def test_prior_scores_are_stored_once_and_read_back(tmp_path, monkeypatch):
     import json
 
-    from stablealign.backends import heuristics, offline
+    from stablealign.llm.backends import heuristics, offline
 
     monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(heuristics, "_KNOWN_ALIGNMENT", {})
@@ -202,7 +202,7 @@ def test_prior_scores_are_stored_once_and_read_back(tmp_path, monkeypatch):
 
 
 def test_other_texts_do_not_read_the_scores_of_a_pool_they_are_not(tmp_path, monkeypatch):
-    from stablealign.backends import heuristics, offline
+    from stablealign.llm.backends import heuristics, offline
 
     monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(heuristics, "_KNOWN_ALIGNMENT", {})
@@ -219,7 +219,7 @@ def test_other_texts_do_not_read_the_scores_of_a_pool_they_are_not(tmp_path, mon
                                     "[[7, \"a\"], [1, \"b\"], [6, \"c\"], [true, \"d\"]]",
                                     "[[7, \"a\"], [1, \"b\"], [6, \"c\"], [2, 3]]", "{}"])
 def test_a_damaged_cache_file_is_recomputed_and_replaced(tmp_path, monkeypatch, damage):
-    from stablealign.backends import heuristics, offline
+    from stablealign.llm.backends import heuristics, offline
 
     monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(heuristics, "_KNOWN_ALIGNMENT", {})
@@ -234,7 +234,7 @@ def test_a_damaged_cache_file_is_recomputed_and_replaced(tmp_path, monkeypatch, 
 
 
 def test_without_a_cache_the_scores_are_computed_when_asked(tmp_path, monkeypatch):
-    from stablealign.backends import heuristics, offline
+    from stablealign.llm.backends import heuristics, offline
 
     monkeypatch.setattr(heuristics, "_KNOWN_ALIGNMENT", {})
     monkeypatch.setenv("STABLEALIGN_CACHE_DIR", "off")
@@ -259,7 +259,7 @@ def test_nearest_prior_questions_do_not_depend_on_the_hash_seed():
     import subprocess
     import sys
 
-    script = ("import hashlib; from stablealign.backends import offline; from stablealign.data import load_questions; "
+    script = ("import hashlib; from stablealign.llm.backends import offline; from stablealign.sandbox.data import load_questions; "
               "ix = offline.prior_index(); "
               "print(hashlib.sha256(repr([ix.nearest(q) for q in load_questions()]).encode()).hexdigest())")
     digests = set()

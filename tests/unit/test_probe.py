@@ -8,10 +8,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from stablealign.backends import probe as P
-from stablealign.backends.embeddings import HashingEmbedder
-from stablealign.errors import ValidationError
-from stablealign.ratings import check_rating_fields
+from stablealign.core.errors import ValidationError
+from stablealign.llm.backends import probe as P
+from stablealign.llm.backends.embeddings import HashingEmbedder
+from stablealign.sandbox.ratings import check_rating_fields
 
 
 def planted(n: int = 400, dim: int = 16, signal: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +73,7 @@ def test_saved_probe_loads_back_and_damage_reads_as_missing(tmp_path):
 
 
 def test_prior_probe_is_fitted_on_the_prior_split_once_then_read_from_the_cache(tmp_path, monkeypatch):
-    from stablealign.data import load_prior_pairs
+    from stablealign.sandbox.data import load_prior_pairs
 
     monkeypatch.setenv("STABLEALIGN_CACHE_DIR", str(tmp_path))
     first = asyncio.run(P.prior_probe(HashingEmbedder(dim=32)))

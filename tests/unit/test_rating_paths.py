@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import math
 
-from stablealign.backends.base import ChatBackend, ChatMessage, ChatRequest, Completion, DigitDistribution, RatedCompletion
-from stablealign.calls import CallTally, chat_until_rated
+from stablealign.llm.backends.base import (
+    ChatBackend,
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    DigitDistribution,
+    RatedCompletion,
+)
+from stablealign.llm.calls import CallTally, chat_until_rated
 
 
 class ScriptedBackend(ChatBackend):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stablealign.ratings import ParsedRating, parse_rating
+from stablealign.sandbox.ratings import ParsedRating, parse_rating
 
 
 @pytest.mark.parametrize("text, score", [

@@ -1,4 +1,4 @@
-"""The readers' trust rule (stablealign/record_stream.py), one message at a time, without a server.
+"""The readers' trust rule (stablealign/sandbox/record_stream.py), one message at a time, without a server.
 
 What a user relies on: a forged or broken message on ``sandbox.records.<world>`` never becomes a
 record of that world (export, training data, resume), never fails the read, and is reported in one
@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stablealign.errors import ValidationError
-from stablealign.record_stream import EXAMPLES_PER_KIND, TrustedRecords
-from stablealign.records import record_msg_id, record_to_json, validate_record
+from stablealign.core.errors import ValidationError
+from stablealign.sandbox.record_stream import EXAMPLES_PER_KIND, TrustedRecords
+from stablealign.sandbox.records import record_msg_id, record_to_json, validate_record
 from stablealign.v1 import common_pb2
 
 WORLD = "w1"

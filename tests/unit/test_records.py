@@ -6,8 +6,14 @@ import json
 
 import pytest
 
-from stablealign.errors import ValidationError
-from stablealign.records import ORIGINAL_KEYS, read_jsonl, record_from_json, record_to_json, stable_view
+from stablealign.core.errors import ValidationError
+from stablealign.sandbox.records import (
+    ORIGINAL_KEYS,
+    read_jsonl,
+    record_from_json,
+    record_to_json,
+    stable_view,
+)
 from stablealign.v1 import common_pb2
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from stablealign.backends.base import refused
-from stablealign.endpoints import canonical_url, configured_endpoints, openai_key_for, resolve_endpoint
-from stablealign.errors import ConfigError, LLMRequestError, ValidationError
-from stablealign.redaction import redact_text, redact_url
+from stablealign.core.errors import ConfigError, LLMRequestError, ValidationError
+from stablealign.core.redaction import redact_text, redact_url
+from stablealign.llm.backends.base import refused
+from stablealign.llm.endpoints import canonical_url, configured_endpoints, openai_key_for, resolve_endpoint
 
 
 @pytest.mark.parametrize(("url", "shown"), [

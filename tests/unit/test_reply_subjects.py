@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from stablealign.nats_permissions import ROLES, inboxes
-from stablealign.natsauth import NatsClientOptions
-from stablealign.reply_subjects import is_reply_inbox
+from stablealign.nats.auth import NatsClientOptions
+from stablealign.nats.permissions import ROLES, inboxes
+from stablealign.nats.reply_subjects import is_reply_inbox
 
 
 @pytest.mark.parametrize("subject", [

@@ -1,4 +1,4 @@
-"""The one retry helper (stablealign.retry) and the backend retry built on it."""
+"""The one retry helper (stablealign.core.retry) and the backend retry built on it."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from stablealign.backends.base import ChatBackend, ChatMessage, ChatRequest, Completion, RetryableBackendError
-from stablealign.errors import BackendError, ValidationError
-from stablealign.retry import AttemptTimeoutError, Failure, RetryPolicy, retry_async
+from stablealign.core.errors import BackendError, ValidationError
+from stablealign.core.retry import AttemptTimeoutError, Failure, RetryPolicy, retry_async
+from stablealign.llm.backends.base import (
+    ChatBackend,
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    RetryableBackendError,
+)
 
 FAST = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.004, timeout=None)
 
@@ -279,35 +285,36 @@ async def test_backend_does_not_retry_cancellation():
 
 async def test_create_world_retries_unavailable_and_finds_its_own_world(monkeypatch):
     from services.world.client import WorldClient
-    from stablealign import bus
-    from stablealign.errors import ConflictError, UnavailableError
+    from stablealign.core.errors import ConflictError, UnavailableError
+    from stablealign.nats import client as nats_client
+    from stablealign.nats import subjects
     from stablealign.v1 import world_pb2
 
     replies: list[BaseException | world_pb2.World] = [UnavailableError("no reply"), ConflictError("exists")]
-    subjects: list[str] = []
+    sent: list[str] = []
 
     async def fake_request(nc, subject, message, response_type, **kwargs):
-        subjects.append(subject)
-        if subject == bus.WORLD_GET:
+        sent.append(subject)
+        if subject == subjects.WORLD_GET:
             return world_pb2.World(spec=world_pb2.WorldSpec(world_id=message.world_id))
         reply = replies.pop(0)
         if isinstance(reply, BaseException):
             raise reply
         return reply
 
-    monkeypatch.setattr(bus, "request", fake_request)
+    monkeypatch.setattr(nats_client, "request", fake_request)
     world = await WorldClient(None).create_world(world_pb2.WorldSpec(world_id="w-mine"))
     assert world.spec.world_id == "w-mine"
-    assert subjects == [bus.WORLD_CREATE, bus.WORLD_CREATE, bus.WORLD_GET]
+    assert sent == [subjects.WORLD_CREATE, subjects.WORLD_CREATE, subjects.WORLD_GET]
 
-    subjects.clear()
+    sent.clear()
     replies[:] = [ConflictError("taken")]  # on the first try a conflict is a real one
     with pytest.raises(ConflictError):
         await WorldClient(None).create_world(world_pb2.WorldSpec(world_id="w-taken"))
-    assert subjects == [bus.WORLD_CREATE]
+    assert sent == [subjects.WORLD_CREATE]
 
-    subjects.clear()
+    sent.clear()
     replies[:] = [UnavailableError(f"no reply {i}") for i in range(5)]
     with pytest.raises(UnavailableError, match="no reply 2"):
         await WorldClient(None).create_world(world_pb2.WorldSpec(world_id="w-down"))
-    assert subjects == [bus.WORLD_CREATE] * 3
+    assert sent == [subjects.WORLD_CREATE] * 3

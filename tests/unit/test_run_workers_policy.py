@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stablealign.errors import ConfigError
+from stablealign.core.errors import ConfigError
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign_app.embedded import AUTO_WORKERS, MAX_DEFAULT_WORKERS, run_workers
 

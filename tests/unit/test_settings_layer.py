@@ -1,6 +1,6 @@
 """Every environment variable is read through the settings layer, each process is set up by one function.
 
-The settings layer is ``stablealign/config.py``, ``stablealign/settings.py`` (the raw environment, for the
+The settings layer is ``stablealign/core/config.py``, ``stablealign/core/settings.py`` (the raw environment, for the
 names chosen at run time) and the services' ``settings.py``; any other product module that reads
 ``os.environ`` or calls ``os.getenv`` fails here. Handing the environment to a child process
 (``dict(os.environ, ...)``, ``{**os.environ, ...}``) and setting a variable are writes, not reads.
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from stablealign import logs
-from stablealign.config import LaunchSettings, PathSettings, ServiceSettings, TrainingProcessSettings, load_settings
-from stablealign.errors import ConfigError
-from stablealign.process import setup_process
+from stablealign.core import logs
+from stablealign.core.config import LaunchSettings, PathSettings, TrainingProcessSettings, load_settings
+from stablealign.core.errors import ConfigError
+from stablealign.core.process import setup_process
+from stablealign.serving.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = ("stablealign", "services", "stablealign_app")
@@ -69,7 +70,7 @@ def environment_reads(source: str) -> list[int]:
 def test_no_environment_read_outside_the_settings_layer():
     offenders = [f"{path.relative_to(ROOT)}:{line}" for path in product_modules() if not in_settings_layer(path)
                  for line in environment_reads(path.read_text(encoding="utf-8"))]
-    assert not offenders, f"read these through a settings class (stablealign/config.py): {offenders}"
+    assert not offenders, f"read these through a settings class (stablealign/core/config.py): {offenders}"
 
 
 @pytest.mark.parametrize("source, reads", [

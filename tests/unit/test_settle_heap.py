@@ -6,9 +6,10 @@ import gc
 
 import pytest
 
-from stablealign.config import ServiceSettings, load_settings
-from stablealign.errors import ConfigError
-from stablealign.process import settle_heap
+from stablealign.core.config import load_settings
+from stablealign.core.errors import ConfigError
+from stablealign.core.process import settle_heap
+from stablealign.serving.settings import ServiceSettings
 
 
 @pytest.fixture

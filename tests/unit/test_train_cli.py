@@ -19,7 +19,7 @@ import typer
 from click.testing import CliRunner
 
 from services.trainer.runners import TRAIN_ARG_ALIASES, TRAIN_ARGS, canonical_arg, train_flags, train_module_argv
-from stablealign.errors import ValidationError
+from stablealign.core.errors import ValidationError
 from stablealign.training import cli as training_cli
 from stablealign.training.cli import ConfigOption, config_options, train_module_command
 from stablealign.training.config import StableAlignmentConfig
@@ -231,7 +231,7 @@ def test_usage_errors_exit_2(entry, args, recorded):
 
 def test_module_entry_imports_no_app_and_no_torch():
     code = ("import sys\n"
-            "from stablealign.training.train import main\n"
+            "from stablealign.training.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
             "print(sorted(m for m in sys.modules if m.startswith(('stablealign_app', 'services', 'torch'))))\n"
             "import services.trainer.runners\n"

@@ -7,7 +7,7 @@ import pytest
 
 from services.trainer.inputs import image_allowed, job_output_dir
 from services.trainer.runners.kubernetes import _pod_path
-from stablealign.errors import ValidationError
+from stablealign.core.errors import ValidationError
 from stablealign.v1 import trainer_pb2
 
 

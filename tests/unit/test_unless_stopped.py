@@ -1,4 +1,4 @@
-"""stablealign.service.unless_stopped: a start that may wait forever still gives way to a stop."""
+"""stablealign.serving.service.unless_stopped: a start that may wait forever still gives way to a stop."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from stablealign.service import unless_stopped
+from stablealign.serving.service import unless_stopped
 
 
 async def test_the_result_when_the_work_ends_first():

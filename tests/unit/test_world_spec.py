@@ -6,8 +6,8 @@ import pytest
 
 from services.world.settings import WorldSettings
 from services.world.spec import resolve_spec
-from stablealign.data import data_dir
-from stablealign.errors import ConfigError, ValidationError
+from stablealign.core.errors import ConfigError, ValidationError
+from stablealign.sandbox.data import data_dir
 from stablealign.v1 import common_pb2, world_pb2
 from tests.support.endpoints import allow_endpoints
 
@@ -152,7 +152,7 @@ def test_a_spec_names_only_the_operators_endpoints_and_backends(monkeypatch):
 
 
 def test_question_and_prior_files_only_from_the_data_roots(tmp_path, monkeypatch):
-    from stablealign import data
+    from stablealign.sandbox import data
 
     outside = tmp_path / "secret.txt"
     outside.write_text("the root password is hunter2\n")

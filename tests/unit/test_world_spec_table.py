@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from services.world.settings import WorldSettings
 from services.world.spec import FIELDS, OPTION_FIELDS, SPEC_FIELDS, build_spec, resolve_spec
-from stablealign.config import ServiceSettings
-from stablealign.errors import StableAlignError, ValidationError
+from stablealign.core.errors import StableAlignError, ValidationError
+from stablealign.serving.settings import ServiceSettings
 from stablealign.v1 import world_pb2
 from stablealign_app.cli.main import app
 
@@ -53,7 +53,7 @@ def restore_logging(monkeypatch):
     """The commands set up the root logger (and lock it): later tests get the logging they had."""
     import logging
 
-    from stablealign import logs
+    from stablealign.core import logs
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.trainer.settings import TrainerSettings
-from stablealign.config import env_name
-from stablealign.errors import ConfigError, ValidationError
+from stablealign.core.config import env_name
+from stablealign.core.errors import ConfigError, ValidationError
 from stablealign.training.cli import config_options
 from stablealign.training.config import StableAlignmentConfig
 from stablealign.v1 import trainer_pb2

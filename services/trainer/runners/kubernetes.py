@@ -41,9 +41,9 @@ from services.trainer.runners import (
     train_module_argv,
 )
 from services.trainer.settings import TrainerSettings
-from stablealign.confine import confined_pod_path
-from stablealign.errors import UnavailableError, ValidationError
-from stablealign.logs import get_logger
+from stablealign.core.errors import UnavailableError, ValidationError
+from stablealign.core.logs import get_logger
+from stablealign.llm.confine import confined_pod_path
 from stablealign.v1 import trainer_pb2
 
 log = get_logger(__name__)

@@ -31,8 +31,8 @@ from services.trainer.runners import (
     train_module_argv,
 )
 from services.trainer.settings import TrainerSettings
-from stablealign.errors import ValidationError
-from stablealign.logs import get_logger
+from stablealign.core.errors import ValidationError
+from stablealign.core.logs import get_logger
 from stablealign.v1 import trainer_pb2
 
 log = get_logger(__name__)

@@ -1,0 +1,367 @@
+"""Who may do what on NATS: one table of roles, and the nats-server ``authorization`` block made from it.
+
+Why a table in code: the subjects a process uses are named in ``stablealign.nats.subjects``;
+the permissions are built from the same constants, so renaming a stream or a
+subject changes the server's configuration with it (``deploy/k8s/base/nats-auth.conf`` is generated
+from here, and a test fails when the committed file is stale).
+
+What the roles guard (issue 10): only the world may publish interaction records and memories and
+create or write the worlds' streams and the ``SANDBOX_WORLDS`` bucket, so a leaked agent or CLI
+password cannot forge a record or turn a failed world back to running; agents and observers only
+take their own requests (queue groups) and answer them, and read what their answers need (memories,
+world specs); the CLI reads records and calls the world and trainer APIs; the trainer owns
+``trainer.>`` and its job bucket. JetStream's API is itself subjects (``$JS.API.<verb>.<stream>``),
+so "may create the records stream" is "may publish ``$JS.API.STREAM.CREATE.SANDBOX_RECORDS``".
+
+Replies: a responder answers through ``allow_responses`` on the reply subject of a request it received,
+with no limit on the number of messages, because a replica sends heartbeats there while it works
+(``subjects.LIVENESS_HEADER``), for up to ``RESPONSE_WINDOW`` after the request (longer than the slowest local
+model call, ``local_llm_deadline_seconds``). The server lets it publish to *any* reply subject a request
+names, not only inboxes: ``allow_responses`` is checked after, and wins over, the publish allow and deny
+lists (issue 19: a get with the reply ``$KV.SANDBOX_WORLDS.<id>`` overwrote a world). That a reply goes to an
+inbox is enforced by the responders themselves (``stablealign.nats.reply_subjects``: every other reply subject
+is dropped); the deny lists below guard what a role publishes on its own.
+
+Deny lists (``Role.publish_deny``): every role is denied the protected subjects its allow list does not
+reach — ``$KV.>``, ``$JS.>``, the JetStream API verbs that write, delete or purge (per stream where the
+role owns another), durable consumers (a reader takes ephemeral ones only), and the data subjects of
+records, memories, memory pools and job logs — so a future allow entry that reaches one of them by a
+wildcard is caught by the server (and by a test), not silently granted. Every role subscribes
+only its own reply inboxes, ``_INBOX_<role>.>`` (``natsauth.inbox_prefix_for``: the prefix its clients
+connect with, so its requests', JetStream API calls', fetches' and KV watches' replies land there):
+one role's credentials cannot read the replies addressed to another (an agent's password the CLI's
+records), which a shared ``_INBOX.>`` allowed.
+
+``python -m stablealign.nats.permissions`` (``make nats-config``) prints or writes the block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import secrets
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from stablealign.nats import subjects
+from stablealign.nats.auth import inbox_prefix_for
+from stablealign.nats.subjects import POOL_STREAM
+
+JS_API = "$JS.API"
+# How long a responder may keep answering (heartbeats, then the reply) one request it received:
+# longer than local_llm_deadline_seconds (25 min), the slowest step a request may wait for.
+RESPONSE_WINDOW = "30m"
+# The nats-server variable holding a role's password, e.g. $NATS_WORLD_PASSWORD (from a Secret in k8s).
+PASSWORD_VARIABLE = "NATS_{role}_PASSWORD"
+WORLDS_KV = f"KV_{subjects.WORLDS_BUCKET}"
+JOBS_KV = f"KV_{subjects.JOBS_BUCKET}"
+
+
+def kv_subjects(bucket: str) -> str:
+    """The subjects a KV bucket's entries are written to (a put is a publish there)."""
+    return f"$KV.{bucket}.>"
+
+
+def stream_reads(stream: str) -> tuple[str, ...]:
+    """Read-only JetStream API of one stream: its info, message gets (direct and through the leader),
+    ephemeral consumers (ordered push or pull) with their flow control and acks. Nothing that writes."""
+    return (
+        f"{JS_API}.STREAM.INFO.{stream}",
+        f"{JS_API}.STREAM.MSG.GET.{stream}",
+        f"{JS_API}.DIRECT.GET.{stream}",
+        f"{JS_API}.DIRECT.GET.{stream}.>",
+        f"{JS_API}.CONSUMER.CREATE.{stream}",
+        f"{JS_API}.CONSUMER.CREATE.{stream}.>",
+        f"{JS_API}.CONSUMER.INFO.{stream}.*",
+        f"{JS_API}.CONSUMER.DELETE.{stream}.*",
+        f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.*",
+        f"$JS.ACK.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    )
+
+
+def stream_owner(stream: str) -> tuple[str, ...]:
+    """Creating and updating one stream (idempotent ensure-stream at start), plus reading it."""
+    return (f"{JS_API}.STREAM.CREATE.{stream}", f"{JS_API}.STREAM.UPDATE.{stream}", *stream_reads(stream))
+
+
+# What no role may publish on its own unless its allow list names it: the deny list of each role is the
+# part of this that its allow list does not overlap (``publish_deny``). Generic entries come first; a
+# role that needs one stream's entry of a verb gets the other streams' entries denied instead.
+_STREAMS = (subjects.RECORDS_STREAM, subjects.MEMORY_STREAM, POOL_STREAM, WORLDS_KV, subjects.JOB_LOGS_STREAM, JOBS_KV)
+_WRITE_VERBS = ("STREAM.CREATE", "STREAM.UPDATE", "STREAM.DELETE", "STREAM.PURGE", "STREAM.MSG.DELETE",
+                "STREAM.RESTORE", "STREAM.SNAPSHOT", "STREAM.PEER.REMOVE", "STREAM.LEADER.STEPDOWN")
+PROTECTED_PUBLISH: tuple[str, ...] = (
+    "$KV.>", "$JS.>",
+    *(kv_subjects(bucket) for bucket in (subjects.WORLDS_BUCKET, subjects.JOBS_BUCKET)),
+    *(f"{JS_API}.{verb}.*" for verb in _WRITE_VERBS),
+    *(f"{JS_API}.{verb}.{stream}" for verb in _WRITE_VERBS for stream in _STREAMS),
+    f"{JS_API}.CONSUMER.DURABLE.CREATE.>", f"{JS_API}.ACCOUNT.PURGE.*", f"{JS_API}.META.>", f"{JS_API}.SERVER.>",
+    subjects.RECORDS_SUBJECT.format(world_id=">"), "sandbox.memory.>", "sandbox.pools.>",
+    subjects.JOB_LOGS_SUBJECT.format(job_id="*"),
+)
+
+
+def subjects_overlap(a: str, b: str) -> bool:
+    """Whether some subject matches both patterns (``*``: one token, ``>``: one or more trailing tokens)."""
+    left, right = a.split("."), b.split(".")
+    for x, y in zip(left, right, strict=False):
+        if x == ">" or y == ">":
+            return True
+        if x != y and "*" not in (x, y):
+            return False
+    return len(left) == len(right)
+
+
+def subject_covers(general: str, specific: str) -> bool:
+    """Whether every subject matching ``specific`` matches ``general`` too."""
+    gen, spec = general.split("."), specific.split(".")
+    for i, token in enumerate(gen):
+        if token == ">":
+            return len(spec) > i
+        if i >= len(spec) or spec[i] == ">" or (token != "*" and token != spec[i]):
+            return False
+    return len(gen) == len(spec)
+
+
+def publish_deny(allow: Sequence[str]) -> tuple[str, ...]:
+    """The protected subjects that no entry of ``allow`` overlaps (a role's publish deny list), without
+    those another denied entry covers already."""
+    denied = [p for p in PROTECTED_PUBLISH if not any(subjects_overlap(p, a) for a in allow)]
+    return tuple(p for p in denied if not any(q != p and subject_covers(q, p) for q in denied))
+
+
+def inboxes(role: str) -> str:
+    """The reply subjects ``role`` may subscribe: its own inbox prefix's (``_INBOX_<role>.>``), no other's."""
+    return f"{inbox_prefix_for(role)}.>"
+
+
+def service_api(service: str) -> tuple[str, ...]:
+    """The NATS service API subjects one service answers (``stablealign.nats.discovery``): all, by name, by id."""
+    name = f"stablealign-{service}"
+    return ("$SRV.*", f"$SRV.*.{name}", f"$SRV.*.{name}.*")
+
+
+@dataclass(frozen=True)
+class Role:
+    """One NATS user: the subjects it may publish to and subscribe to, and whether it answers requests."""
+
+    name: str
+    description: str
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    responds: bool = False
+
+    @property
+    def publish_deny(self) -> tuple[str, ...]:
+        return publish_deny(self.publish)
+
+    @property
+    def password_variable(self) -> str:
+        return PASSWORD_VARIABLE.format(role=self.name.upper())
+
+
+WORLD_REQUESTS = (subjects.WORLD_CREATE, subjects.WORLD_GET, subjects.WORLD_LIST, subjects.WORLD_CANCEL, subjects.WORLD_RESUME)
+TRAINER_REQUESTS = (subjects.TRAINER_SUBMIT, subjects.TRAINER_GET, subjects.TRAINER_LIST, subjects.TRAINER_CANCEL)
+# With the batch subjects of the methods served with ``batch=True`` (nats_client.request_batch).
+AGENT_REQUESTS = (subjects.AGENT_DRAFT, subjects.AGENT_FEEDBACK, subjects.batch_subject(subjects.AGENT_FEEDBACK),
+                  subjects.AGENT_REVISE)
+OBSERVER_REQUESTS = (subjects.OBSERVER_RATE, subjects.batch_subject(subjects.OBSERVER_RATE))
+_RECORDS = subjects.RECORDS_SUBJECT.format(world_id=">")
+_MEMORY = "sandbox.memory.>"
+_POOLS = "sandbox.pools.>"
+
+ROLES: dict[str, Role] = {role.name: role for role in (
+    Role(
+        "world",
+        "The world service: the only writer of records, memories, memory pools and world state; "
+        "sends agents' and observers' requests; answers the world API.",
+        publish=(
+            _RECORDS, _MEMORY, _POOLS, kv_subjects(subjects.WORLDS_BUCKET),
+            *stream_owner(subjects.RECORDS_STREAM), *stream_owner(subjects.MEMORY_STREAM), *stream_owner(POOL_STREAM),
+            *stream_owner(WORLDS_KV), f"{JS_API}.STREAM.NAMES",
+            *AGENT_REQUESTS, *OBSERVER_REQUESTS,
+        ),
+        subscribe=(*WORLD_REQUESTS, *service_api("world"), inboxes("world")),
+        responds=True,
+    ),
+    Role(
+        "agent",
+        "Agent replicas: answer draft/feedback/revise; read memories, memory pools and world specs.",
+        publish=(*stream_reads(subjects.MEMORY_STREAM), *stream_reads(POOL_STREAM), *stream_reads(WORLDS_KV)),
+        subscribe=(*AGENT_REQUESTS, *service_api("agent"), inboxes("agent")),
+        responds=True,
+    ),
+    Role(
+        "observer",
+        "Observer replicas: answer rating requests; read world specs.",
+        publish=stream_reads(WORLDS_KV),
+        subscribe=(*OBSERVER_REQUESTS, *service_api("observer"), inboxes("observer")),
+        responds=True,
+    ),
+    Role(
+        "trainer",
+        "The trainer service: answers trainer.jobs.*, owns the job bucket and the job log stream.",
+        publish=("trainer.>", kv_subjects(subjects.JOBS_BUCKET), *stream_owner(subjects.JOB_LOGS_STREAM),
+                 *stream_owner(JOBS_KV)),
+        subscribe=(*TRAINER_REQUESTS, *service_api("trainer"), inboxes("trainer")),
+        responds=True,
+    ),
+    Role(
+        "cli",
+        "A person's `stable-align` commands: call the world and trainer APIs, read records, world "
+        "specs, job state and job logs (read-only), discover services. Never writes a stream.",
+        publish=(*WORLD_REQUESTS, *TRAINER_REQUESTS, "$SRV.>", f"{JS_API}.STREAM.NAMES",
+                 *stream_reads(subjects.RECORDS_STREAM), *stream_reads(WORLDS_KV), *stream_reads(JOBS_KV),
+                 *stream_reads(subjects.JOB_LOGS_STREAM)),
+        subscribe=(inboxes("cli"),),
+    ),
+)}
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS on the client port: the server's certificate and key, and the CA that signs clients'
+    certificates (``verify``: a client must present one, i.e. mutual TLS)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str = ""
+    verify: bool = False
+
+
+_PASSWORD_REF = re.compile(r"^\$[A-Z_][A-Z0-9_]*$")
+# nats-server parses a variable's value like config text: "12ab" is a number error, "a#b" a comment.
+# A password that starts with a letter and holds only letters and digits is read as a plain string.
+_SAFE_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9]{15,}$")
+
+
+def new_password() -> str:
+    """A random password that nats-server reads back unchanged from an environment variable."""
+    return "p" + secrets.token_hex(24)
+
+
+def check_password(role: str, password: str) -> None:
+    """ValueError unless nats-server would read ``password`` from ``$NATS_<ROLE>_PASSWORD`` as given."""
+    if not _SAFE_PASSWORD.match(password):
+        raise ValueError(f"the password of {role} must start with a letter and hold 16 or more letters and "
+                         f"digits only (nats-server parses the variable's value); make one with new_password()")
+
+
+def _quoted(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid nats-server config string
+
+
+def _password(value: str) -> str:
+    # "$NAME" unquoted: nats-server substitutes the variable (from the environment); anything else
+    # is a literal string.
+    return value if _PASSWORD_REF.match(value) else _quoted(value)
+
+
+def _subjects(subjects: Sequence[str], indent: str) -> str:
+    items = "".join(f"\n{indent}  {_quoted(s)}" for s in dict.fromkeys(subjects))
+    return f"[{items}\n{indent}]"
+
+
+def render_authorization(passwords: Mapping[str, str] | None = None,
+                         roles: Mapping[str, Role] | None = None) -> str:
+    """The nats-server ``authorization { users = [...] }`` block of ``roles`` (default: all of ROLES).
+
+    ``passwords`` maps a role to its password; missing roles get a reference to the server's
+    environment variable ``$NATS_<ROLE>_PASSWORD`` (a value of the form ``$NAME`` is a reference too),
+    so the committed configuration holds no secret.
+    """
+    roles = ROLES if roles is None else roles
+    passwords = passwords or {}
+    unknown = set(passwords) - set(roles)
+    if unknown:
+        raise ValueError(f"passwords for unknown roles {sorted(unknown)}; roles are {sorted(roles)}")
+    lines = ["# Generated by `python -m stablealign.nats.permissions` (make nats-config) from",
+             "# stablealign/nats/permissions.py: edit the table there, not this file.",
+             "authorization {",
+             "  # A client without a user and password is refused.",
+             "  users = ["]
+    for role in roles.values():
+        password = passwords.get(role.name) or f"${role.password_variable}"
+        responses = f"\n        allow_responses: {{max: -1, expires: {_quoted(RESPONSE_WINDOW)}}}" \
+            if role.responds else ""
+        lines.append(
+            f"    # {role.name}: {role.description}\n"
+            f"    {{\n"
+            f"      user: {_quoted(role.name)}\n"
+            f"      password: {_password(password)}\n"
+            f"      permissions: {{\n"
+            f"        publish: {{allow: {_subjects(role.publish, '        ')}\n"
+            f"        deny: {_subjects(role.publish_deny, '        ')}}}\n"
+            f"        subscribe: {{allow: {_subjects(role.subscribe, '        ')}}}{responses}\n"
+            f"      }}\n"
+            f"    }}")
+    lines += ["  ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_tls(tls: ServerTls) -> str:
+    """The nats-server ``tls { ... }`` block of the client port."""
+    lines = ["tls {", f"  cert_file: {_quoted(tls.cert_file)}", f"  key_file: {_quoted(tls.key_file)}"]
+    if tls.ca_file:
+        lines.append(f"  ca_file: {_quoted(tls.ca_file)}")
+    if tls.verify:
+        lines.append("  verify: true")
+    lines.append("  timeout: 5")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_config(passwords: Mapping[str, str] | None = None, tls: ServerTls | None = None) -> str:
+    """The authorization block, and the TLS block when ``tls`` is given: what a server config includes."""
+    return render_authorization(passwords) + (render_tls(tls) if tls else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stablealign.nats.permissions [--out FILE] [--tls-cert ... --tls-key ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stablealign.nats.permissions",
+        description="Write the nats-server authorization block (one user per role, passwords from "
+                    "$NATS_<ROLE>_PASSWORD) generated from stablealign/nats/permissions.py.")
+    parser.add_argument("--out", type=Path, help="File to write (default: standard output).")
+    parser.add_argument("--tls-cert", default="", help="Server certificate file: adds a tls {} block.")
+    parser.add_argument("--tls-key", default="", help="Server key file (with --tls-cert).")
+    parser.add_argument("--tls-ca", default="", help="CA file of client certificates (with --tls-cert).")
+    parser.add_argument("--tls-verify", action="store_true", help="Require client certificates (mutual TLS).")
+    parser.add_argument("--list", action="store_true", help="Print the roles and their subjects as JSON instead.")
+    parser.add_argument("--new-passwords", action="store_true",
+                        help="Print ROLE=PASSWORD lines of new random passwords instead (for `kubectl create "
+                             "secret generic nats-credentials --from-env-file=...`).")
+    args = parser.parse_args(argv)
+    if args.new_passwords:
+        print("\n".join(f"{name}={new_password()}" for name in ROLES))
+        return 0
+    if args.list:
+        print(json.dumps({name: {"publish": list(r.publish), "publish_deny": list(r.publish_deny),
+                                 "subscribe": list(r.subscribe),
+                                 "responds": r.responds, "password_variable": r.password_variable}
+                          for name, r in ROLES.items()}, indent=2))
+        return 0
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if (args.tls_ca or args.tls_verify) and not args.tls_cert:
+        parser.error("--tls-ca/--tls-verify need --tls-cert and --tls-key")
+    tls = ServerTls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_verify) if args.tls_cert else None
+    text = render_config(tls=tls)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        args.out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
