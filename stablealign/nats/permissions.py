@@ -1,8 +1,8 @@
 """Who may do what on NATS: one table of roles, and the nats-server ``authorization`` block made from it.
 
-Why a table in code: the subjects a process uses are named in ``stablealign.nats.subjects``;
-the permissions are built from the same constants, so renaming a stream or a
-subject changes the server's configuration with it (``deploy/k8s/base/nats-auth.conf`` is generated
+Why a table in code: the subjects a process uses are named in ``stablealign.nats.subjects``; the
+permissions are built from the same constants, so renaming a stream or a subject changes the server's
+configuration with it (``deploy/k8s/base/nats-auth.conf`` is generated
 from here, and a test fails when the committed file is stale).
 
 What the roles guard (issue 10): only the world may publish interaction records and memories and
