@@ -14,7 +14,7 @@ RUN_OUT ?= runs/default
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF \
 	-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/bench/llamacpp-skip-common.cmake
 
-.PHONY: dashboard images nats-config install proto run study test test-unit test-integration bench bench-sim bench-scale bench-train bench-hf bench-llamacpp bench-real chaos lint clean
+.PHONY: dashboard images nats-config install proto run study test test-unit test-integration bench bench-sim bench-scale bench-train bench-hf bench-llamacpp bench-real chaos attack lint clean
 
 install: $(STAMP) $(PROTO_OUT)/.generated
 
@@ -70,6 +70,11 @@ bench-scale: install
 # records counted by an independent reader; BENCH_CHAOS_ARGS=--write-docs rewrites docs/reliability.md.
 chaos: install
 	$(PY) -m bench.chaos $(BENCH_CHAOS_ARGS)
+
+# Every attack route of docs/security-attacks.md, as each role, against a real nats-server with the generated
+# authorization block and real services on loopback (also part of `make test`).
+attack: install
+	$(PY) -m pytest -q tests/integration/test_attacks.py tests/unit/test_grpc_authz.py tests/unit/test_k8s_nats_routes.py $(PYTEST_ARGS)
 
 bench-train: install
 	$(PY) -m bench.training
