@@ -15,7 +15,6 @@ for most of them that a flag wins over it and that the old shared names change n
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typer.testing import CliRunner
 from stablealign.core.errors import StableAlignError
 from stablealign.serving.settings import ServiceSettings
 from stablealign_app.cli.main import app
+from tests.support.cli import clean_env, restore_logging  # noqa: F401 (autouse fixtures)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,31 +62,6 @@ def options(command: Any) -> list[Any]:
     return [p for p in command.params if getattr(p, "param_type_name", "") == "option" and p.name != "help"]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    """No STABLEALIGN_* of the test process's environment reaches a command."""
-    for name in list(os.environ):
-        if name.startswith("STABLEALIGN_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture(autouse=True)
-def restore_logging(monkeypatch):
-    """The commands set up the root logger (and lock it): later tests get the logging they had."""
-    import logging
-
-    from stablealign.core import logs
-
-    root = logging.getLogger()
-    handlers = root.handlers[:]
-    levels = {name: logging.getLogger(name).level for name in ("", "httpx", "httpcore", "openai", "urllib3",
-                                                               "filelock", "asyncio", "nats")}
-    monkeypatch.setattr(logs, "_locked", logs._locked)
-    monkeypatch.setattr(logs, "_current", logs._current)
-    yield
-    root.handlers[:] = handlers
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
 
 
 def invoke(args: list[str], **env: str):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import enum
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from stablealign.core.errors import StableAlignError, ValidationError
 from stablealign.serving.settings import ServiceSettings
 from stablealign.v1 import world_pb2
 from stablealign_app.cli.main import app
+from tests.support.cli import clean_env, restore_logging  # noqa: F401 (autouse fixtures)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,28 +40,6 @@ PIPELINE_NAMESAKES = {
 PIPELINE_SPEC_OPTIONS = {"size", "rounds", "partners", "seed"}
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    """No STABLEALIGN_* of the test process's environment reaches a command."""
-    for name in list(os.environ):
-        if name.startswith("STABLEALIGN_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture(autouse=True)
-def restore_logging(monkeypatch):
-    """The commands set up the root logger (and lock it): later tests get the logging they had."""
-    import logging
-
-    from stablealign.core import logs
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    monkeypatch.setattr(logs, "_locked", logs._locked)
-    monkeypatch.setattr(logs, "_current", logs._current)
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def command(name: str) -> Any:
