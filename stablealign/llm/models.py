@@ -84,7 +84,7 @@ def models_dir() -> Path:
     env = load_settings(PathSettings).models_dir.strip()
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "models"
+    return Path(__file__).resolve().parents[2] / "models"  # stablealign/llm/models.py -> the repository
 
 
 def known_model(name: str) -> KnownModel | None:

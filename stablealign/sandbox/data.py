@@ -27,7 +27,7 @@ def data_dir() -> Path:
     env = load_settings(PathSettings).data_dir
     if env:
         return Path(env)
-    repo_root = Path(__file__).resolve().parent.parent
+    repo_root = Path(__file__).resolve().parents[2]  # stablealign/sandbox/data.py -> the repository
     for candidate in (repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
                       Path.cwd() / "shared" / "data"):
         if candidate.is_dir():
