@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from stablealign.core.errors import BackendError
 from stablealign.llm.backends.base import ChatMessage, ChatRequest
-from stablealign.llm.backends.batching import BatchingEngine, EngineSettings, GenerationRequest
+from stablealign.llm.backends.batching import BatchingEngine, EngineSettings, GenerationRequest, ends_in_loop
 from stablealign.llm.backends.hf import HFChatBackend
 from stablealign.sandbox.data import load_questions
 
@@ -40,10 +40,12 @@ def tiny(tiny_model_dir):
 
 @pytest.fixture
 def make_engine(tiny):
-    """Engines on the tiny model, closed after the test."""
+    """Engines on the tiny model, closed after the test; loop stopping off unless asked for (a random
+    model repeats itself at once, and most tests compare whole completions)."""
     engines: list[BatchingEngine] = []
 
     def make(model=None, **settings) -> BatchingEngine:
+        settings.setdefault("loop_repeats", 0)
         engine = BatchingEngine(model or tiny[0], tiny[1], settings=EngineSettings(**settings))
         engines.append(engine)
         return engine
@@ -192,6 +194,43 @@ async def test_seeded_sampling_does_not_depend_on_the_batch(tiny, make_engine):
     assert len(others) > 1  # the seed matters
     unseeded = GenerationRequest(prompts[0], 8, temperature=1.0, stop=())
     assert (await engine.generate(unseeded)).token_ids == (await engine.generate(unseeded)).token_ids
+
+
+async def test_sampled_tokens_follow_the_model_distribution(tiny, make_engine):
+    _, tokenizer = tiny
+    prompt = tiny_prompts(tokenizer, 1)[0]
+    engine = make_engine()
+    draws = await asyncio.gather(*(engine.generate(GenerationRequest(prompt, 1, temperature=1.0, seed=s, stop=()))
+                                   for s in range(400)))
+    counts: dict[int, int] = {}
+    for draw in draws:
+        counts[draw.token_ids[0]] = counts.get(draw.token_ids[0], 0) + 1
+    logprobs = await engine.next_token_logprobs(prompt, range(len(tokenizer)))
+    kept = sorted(logprobs, key=logprobs.__getitem__, reverse=True)[:engine.top_k or None]  # the model's top_k
+    total = sum(math.exp(logprobs[t]) for t in kept)
+    assert set(counts) <= set(kept)
+    for token in sorted(counts, key=counts.__getitem__, reverse=True)[:3]:  # within 4.5 standard errors
+        p = math.exp(logprobs[token]) / total
+        assert abs(counts[token] / 400 - p) <= 4.5 * math.sqrt(p * (1 - p) / 400), (token, counts[token], p)
+
+
+async def test_a_completion_that_loops_ends_after_its_third_copy(tiny, make_engine):
+    _, tokenizer = tiny
+    prompts = tiny_prompts(tokenizer, 4)
+    free, stopping = make_engine(), make_engine(loop_repeats=3, loop_min_span=4, loop_max_span=32)
+    requests = [GenerationRequest(p, 150, stop=()) for p in prompts]
+    unlimited = [await free.generate(r) for r in requests]
+    stopped = await asyncio.gather(*(stopping.generate(r) for r in requests))
+    looped = 0
+    for whole, cut in zip(unlimited, stopped, strict=True):
+        assert whole.token_ids[:len(cut.token_ids)] == cut.token_ids  # the same completion, ended early
+        if cut.finish_reason == "repetition":
+            looped += 1
+            assert len(cut.token_ids) < len(whole.token_ids)
+            assert ends_in_loop(cut.token_ids, 0, 3, 4, 32) and not ends_in_loop(cut.token_ids[:-1], 0, 3, 4, 32)
+        else:
+            assert cut == whole
+    assert looped >= 1  # the random model repeats itself on these prompts
 
 
 async def test_over_long_prompts_keep_their_end(tiny, make_engine):

@@ -82,6 +82,13 @@ class EngineSettings(Settings):
     # transformers' sdpa copies grouped-query K/V heads to every query head when there is a mask.
     grouped_sdpa: bool = Field(True, description="On a CPU, attention with a padding mask keeps grouped-query "
                                                  "K/V heads grouped inside SDPA.")
+    # A small model that starts repeating itself goes on until its token budget; what follows the
+    # third copy carries nothing that the first two did not, and decoding it is the slowest work there is.
+    loop_repeats: int = Field(3, ge=0, description=(
+        "A completion ends once its last tokens are this many consecutive copies of one span of "
+        "loop_min_span..loop_max_span tokens (finish reason \"repetition\"); 0 turns this off."))
+    loop_min_span: int = Field(4, ge=1, description="Shortest repeated span that ends a completion.")
+    loop_max_span: int = Field(32, ge=1, description="Longest repeated span looked for.")
 
 
 def engine_settings(**overrides: Any) -> EngineSettings:
@@ -112,7 +119,7 @@ class Generation:
     token_ids: tuple[int, ...]  # new tokens, the final EOS included when there was one
     text: str  # the new tokens decoded without special tokens; not cut at the stop string
     prompt_tokens: int  # after cutting an over-long prompt
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" | "repetition"
     choices: dict[int, float] | None = None  # log P(token | prompt) of each ``choose`` token, if asked
     forced_tokens: int = 0  # the chosen token and ``then``, fed before ``token_ids``
 
@@ -532,25 +539,27 @@ class BatchingEngine:
         self._rows, self._cache, self._mask = [], None, None
 
     def _pick(self, logits: Any, rows: list[_Row]) -> list[int]:
-        """Next token per row: argmax for greedy rows, a draw from each row's own generator else."""
+        """Next token per row: argmax for greedy rows, a draw from each row's own generator else.
+
+        The sampled rows are filtered and normalised together; each draws one uniform number from
+        its own generator and takes the token where the cumulative distribution passes it, so a
+        row's tokens depend on its seed and logits only, whatever else is in the batch.
+        """
         import torch
 
         chosen = logits.argmax(dim=-1).tolist()
-        for i, row in enumerate(rows):
-            if row.generator is None:
-                continue
-            scores = logits[i] / max(row.request.temperature, 1e-5)
-            if 0 < self.top_k < scores.shape[-1]:
-                kth = torch.topk(scores, self.top_k).values[-1]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-            if self.top_p < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p  # keep the smallest set reaching top_p
-                probs = probs.clone()
-                probs[order[outside]] = 0.0
-                probs = probs / probs.sum()
-            chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+        sampled = [i for i, row in enumerate(rows) if row.generator is not None]
+        if not sampled:
+            return [int(t) for t in chosen]
+        temperatures = torch.tensor([max(rows[i].request.temperature, 1e-5) for i in sampled],
+                                    dtype=logits.dtype, device=logits.device)
+        probs, ids = sampling_candidates(logits[sampled] / temperatures[:, None], self.top_k, self.top_p)
+        cdf = probs.cumsum(dim=-1)
+        uniforms = torch.cat([torch.rand(1, generator=rows[i].generator, device=logits.device) for i in sampled])
+        draws = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(1).to(cdf.dtype), right=True)
+        tokens = ids.gather(1, draws.clamp(max=cdf.shape[-1] - 1)).squeeze(1)
+        for i, token in zip(sampled, tokens.tolist(), strict=True):
+            chosen[i] = token
         return [int(t) for t in chosen]
 
     def _advance(self, row: _Row, token: int, *, forced: bool = False) -> bool:
@@ -568,6 +577,10 @@ class BatchingEngine:
             reason = "stop"
         elif len(row.generated) - row.forced >= request.max_new_tokens:
             reason = "length"
+        elif self.settings.loop_repeats and ends_in_loop(
+                row.generated, row.forced, self.settings.loop_repeats, self.settings.loop_min_span,
+                self.settings.loop_max_span):
+            reason = "repetition"
         elif row.job.cancelled:
             reason = "cancelled"
         if not reason:
@@ -587,6 +600,36 @@ class BatchingEngine:
         span = max(len(s.encode("utf-8")) for s in stops) + 2
         tail = self.tokenizer.decode(row.generated[row.forced:][-span:], skip_special_tokens=True)
         return any(stop in tail for stop in stops)
+
+
+def sampling_candidates(scores: Any, top_k: int, top_p: float) -> tuple[Any, Any]:
+    """The tokens a sampled row may draw and their probabilities, [rows, candidates] each: the ``top_k``
+    best-scoring tokens (0: all), then the smallest set of them whose probability reaches ``top_p``
+    (the others get probability 0), renormalised."""
+    import torch
+
+    if 0 < top_k < scores.shape[-1]:
+        scores, ids = torch.topk(scores, top_k, dim=-1)  # sorted, best first
+    else:
+        ids = torch.arange(scores.shape[-1], device=scores.device).expand(scores.shape[0], -1)
+    probs = torch.softmax(scores, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs, ids
+
+
+def ends_in_loop(tokens: Sequence[int], start: int, repeats: int, min_span: int, max_span: int) -> bool:
+    """Whether ``tokens[start:]`` ends in ``repeats`` consecutive copies of one span of ``min_span`` to
+    ``max_span`` tokens (checked each step, so only spans the last token completes are looked at)."""
+    own = len(tokens) - start
+    for span in range(min_span, min(max_span, own // repeats) + 1):
+        tail = tokens[len(tokens) - span:]
+        if all(tokens[len(tokens) - (k + 1) * span:len(tokens) - k * span] == tail for k in range(1, repeats)):
+            return True
+    return False
 
 
 class _AfterForwardError(Exception):
