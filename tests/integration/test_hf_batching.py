@@ -40,12 +40,14 @@ def tiny(tiny_model_dir):
 
 @pytest.fixture
 def make_engine(tiny):
-    """Engines on the tiny model, closed after the test; loop stopping off unless asked for (a random
-    model repeats itself at once, and most tests compare whole completions)."""
+    """Engines on the tiny model, closed after the test; loop stopping and the bf16 prefill off unless
+    asked for (a random model repeats itself at once, and most tests compare whole completions with
+    the float32 model's)."""
     engines: list[BatchingEngine] = []
 
     def make(model=None, **settings) -> BatchingEngine:
         settings.setdefault("loop_repeats", 0)
+        settings.setdefault("prefill_dtype", "float32")  # token-exact comparisons with the float32 model
         engine = BatchingEngine(model or tiny[0], tiny[1], settings=EngineSettings(**settings))
         engines.append(engine)
         return engine
@@ -386,6 +388,34 @@ async def test_max_batch_from_the_environment(tiny_model_dir, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- SmolLM2
+
+
+async def test_smollm_prefill_in_bf16_reads_prompts_as_float32_does(smollm_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(smollm_dir, local_files_only=True).eval()
+    exact = BatchingEngine(model, tokenizer, settings=EngineSettings(prefill_dtype="float32"))
+    fast = BatchingEngine(model, tokenizer, settings=EngineSettings(prefill_dtype="bfloat16"))
+    try:
+        assert fast.stats()["prefill_bf16_active"] and not exact.stats()["prefill_bf16_active"]
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+                   for q in load_questions()[:8]]
+        vocab = range(len(tokenizer))
+        for read in await asyncio.gather(*(e.next_token_logprobs(p, vocab) for p in prompts for e in (exact, fast))):
+            assert math.isclose(sum(math.exp(v) for v in read.values()), 1.0, abs_tol=1e-3)
+        pairs = await asyncio.gather(*(asyncio.gather(exact.next_token_logprobs(p, vocab),
+                                                      fast.next_token_logprobs(p, vocab)) for p in prompts))
+        for a, b in pairs:  # the same next-token distribution to within a few per cent; the same best token
+            pa, pb = torch.tensor(list(a.values())).exp(), torch.tensor(list(b.values())).exp()
+            assert 0.5 * float((pa - pb).abs().sum()) < 0.08 and int(pa.argmax()) == int(pb.argmax())
+        greedy = [GenerationRequest(p, 24) for p in prompts]
+        first = [(await exact.generate(r)).token_ids[0] for r in greedy]
+        assert [g.token_ids[0] for g in await asyncio.gather(*(fast.generate(r) for r in greedy))] == first
+    finally:
+        exact.close()
+        fast.close()
 
 
 async def test_smollm_batched_greedy_equals_single(smollm):

@@ -82,6 +82,11 @@ class EngineSettings(Settings):
     # transformers' sdpa copies grouped-query K/V heads to every query head when there is a mask.
     grouped_sdpa: bool = Field(True, description="On a CPU, attention with a padding mask keeps grouped-query "
                                                  "K/V heads grouped inside SDPA.")
+    # Reading a prompt is one large matrix product per layer, where a CPU's native bf16 runs about
+    # twice as fast as float32; one new token per row is not, and stays in float32 (docs/benchmarks.md).
+    prefill_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16)$", description=(
+        "Precision of prompt reading on a CPU: bfloat16, float32, or auto (bfloat16 where the CPU has "
+        "native bf16 instructions). Decoding is float32 either way; the cache is converted after the prefill."))
     # A small model that starts repeating itself goes on until its token budget; what follows the
     # third copy carries nothing that the first two did not, and decoding it is the slowest work there is.
     loop_repeats: int = Field(3, ge=0, description=(
@@ -204,6 +209,7 @@ class BatchingEngine:
         self.max_rows_seen = 0
         self.grouped_sdpa = (self.settings.grouped_sdpa and str(device).startswith("cpu")
                              and use_grouped_sdpa(model))
+        self.prefill_model = prefill_copy(model, self.settings.prefill_dtype, device)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -219,7 +225,8 @@ class BatchingEngine:
     def stats(self) -> dict[str, Any]:
         """Settings and counters, for logs."""
         return {**self.settings.model_dump(), "steps": self.steps, "max_rows_seen": self.max_rows_seen,
-                "step_join_active": self._step_join, "grouped_sdpa_active": self.grouped_sdpa}
+                "step_join_active": self._step_join, "grouped_sdpa_active": self.grouped_sdpa,
+                "prefill_bf16_active": self.prefill_model is not self.model}
 
     # ------------------------------------------------------------------ submitting (any thread)
 
@@ -395,9 +402,10 @@ class BatchingEngine:
             cache.layers = [_growing_layer_class()() for _ in cache.layers]
         return cache
 
-    def _forward(self, input_ids: Any, mask: Any, positions: Any, cache: Any, cache_position: Any) -> Any:
+    def _forward(self, input_ids: Any, mask: Any, positions: Any, cache: Any, cache_position: Any,
+                 model: Any = None) -> Any:
         """Next-token logits (float32, [rows, vocab]) of the last position of each row."""
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        out = (model or self.model)(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          cache_position=cache_position, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float()
 
@@ -421,7 +429,11 @@ class BatchingEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         cache = self._new_cache()
-        logits = self._forward(ids, mask, positions, cache, torch.arange(width, device=self.device))
+        logits = self._forward(ids, mask, positions, cache, torch.arange(width, device=self.device),
+                               model=self.prefill_model)
+        if self.prefill_model is not self.model:
+            for layer in _layers(cache):  # decoding appends float32 keys and values
+                layer.keys, layer.values = layer.keys.float(), layer.values.float()
         try:
             self._start(jobs, logits, cache, mask)
         except Exception as exc:  # an engine bug, not the model's: these jobs fail, the batch goes on
@@ -600,6 +612,30 @@ class BatchingEngine:
         span = max(len(s.encode("utf-8")) for s in stops) + 2
         tail = self.tokenizer.decode(row.generated[row.forced:][-span:], skip_special_tokens=True)
         return any(stop in tail for stop in stops)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX), per oneDNN."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def prefill_copy(model: Any, dtype: str, device: str) -> Any:
+    """The model that reads prompts: ``model`` itself, or a bfloat16 copy of it (see ``prefill_dtype``)."""
+    import copy
+
+    import torch
+
+    on_cpu = str(device).startswith("cpu")
+    if not on_cpu or not isinstance(model, torch.nn.Module) or next(model.parameters()).dtype != torch.float32:
+        return model
+    if dtype == "float32" or (dtype == "auto" and not native_bf16()):
+        return model
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
 
 
 def sampling_candidates(scores: Any, top_k: int, top_p: float) -> tuple[Any, Any]:
