@@ -22,6 +22,10 @@ lists (issue 19: a get with the reply ``$KV.SANDBOX_WORLDS.<id>`` overwrote a wo
 inbox is enforced by the responders themselves (``stablealign.nats.reply_subjects``: every other reply subject
 is dropped); the deny lists below guard what a role publishes on its own.
 
+The JetStream API answers to the reply subject its request names, unchecked too, so a read right is a
+right to have the server write that answer into any stream of the account: open, and only closed by
+putting the streams in accounts of their own (docs/security-attacks.md, note 5).
+
 Consumers (issue 19): a consumer's deliver subject is in the create request's payload, which no
 permission sees, so whoever may create a consumer may have the server publish a stream's messages to
 any subject — into another stream or bucket — past its own deny list. The roles that only read (cli,

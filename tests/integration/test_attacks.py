@@ -199,6 +199,28 @@ async def test_an_owner_creates_consumers_only_on_its_own_bucket(target, caplog)
     assert await owners.state() == before
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "open (docs/security-attacks.md): nats-server sends a JetStream API answer to whatever reply subject the request "
+    "names, with no permission check, so a role's read rights on one stream write into another; closing it needs "
+    "the streams in an account of their own (service imports map replies back to the asker's account)"))
+async def test_jetstream_api_answers_go_to_no_stream(target):
+    """The same route as a misdirected service reply, through the JetStream API that every reader may call: a
+    message get of the other world's entry with the victim's key as its reply (the answer, JSON, replaces the
+    victim's entry) and the records stream's info with the victim's records as its reply, sent as the CLI."""
+    secured, _service, owners = target
+    before = await owners.state()
+    cli = await nats_client.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
+    try:
+        await cli.publish(f"$JS.API.STREAM.MSG.GET.KV_{subjects.WORLDS_BUCKET}",
+                          json.dumps({"last_by_subj": f"$KV.{subjects.WORLDS_BUCKET}.{OTHER}"}).encode(), reply=TARGETS[0])
+        await cli.publish(f"$JS.API.STREAM.INFO.{subjects.RECORDS_STREAM}", b"", reply=TARGETS[1])
+        await cli.flush()
+        await asyncio.sleep(0.5)
+    finally:
+        await cli.close()
+    assert await owners.state() == before
+
+
 async def test_a_flood_is_answered_without_growing_the_service(target):
     """Oversized requests get 413 and a burst past one slot and one queued gets 503, all at once, from the
     subscription callback; the service never holds more than two and keeps serving; nothing is written."""
