@@ -152,12 +152,15 @@ async def read_batches(js: JetStreamContext, stream: str, subject: str, *, after
     async with DirectReader(js, stream, batch=batch) as reader:
         progress_at = time.monotonic()
         while seq < end:
-            got = [m for m in await reader.get_batch(subject, seq + 1) if seq < m.seq <= end]
+            raw = await reader.get_batch(subject, seq + 1)
+            got = [m for m in raw if seq < m.seq <= end]
             if got:
                 seq = got[-1].seq
                 progress_at = time.monotonic()
                 yield got
                 continue
+            if (raw and raw[0].seq > end) or (not raw and await last_sequence(js, stream, subject) <= seq):
+                return  # the rest up to the end was removed meanwhile (age or size limits): nothing is left
             if time.monotonic() - progress_at > idle_timeout:
                 raise UnavailableError(f"timed out reading {subject} from {stream}: nothing for "
                                        f"{idle_timeout:.0f}s after sequence {seq} of {end}")
@@ -176,16 +179,27 @@ async def read_subject(js: JetStreamContext, stream: str, subject: str, *, after
 
 
 async def follow(js: JetStreamContext, stream: str, subject: str, *, after_seq: int = 0, poll_seconds: float = 0.5,
-                 batch: int = DIRECT_BATCH) -> AsyncIterator[StoredMsg | None]:
+                 batch: int = DIRECT_BATCH, outage_seconds: float = 60.0) -> AsyncIterator[StoredMsg | None]:
     """The messages of ``subject`` after ``after_seq`` as they are stored, until the caller stops.
 
     Yields None each time it has caught up and waited ``poll_seconds`` with nothing new, so that a caller can
-    check whether to stop (a world's final state) without a clock of its own.
+    check whether to stop (a world's final state) without a clock of its own. A stream that does not answer
+    (a NATS restart) is asked again every ``poll_seconds``; after ``outage_seconds`` of nothing but failures
+    the UnavailableError is the caller's.
     """
     seq = after_seq
     async with DirectReader(js, stream, batch=batch) as reader:
+        failing_since: float | None = None
         while True:
-            got = [m for m in await reader.get_batch(subject, seq + 1) if m.seq > seq]
+            try:
+                got = [m for m in await reader.get_batch(subject, seq + 1) if m.seq > seq]
+            except UnavailableError:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > outage_seconds:
+                    raise
+                got = []
+            else:
+                failing_since = None
             for msg in got:
                 seq = msg.seq
                 yield msg

@@ -2,7 +2,8 @@
 
 What a reader would notice: every message of its subject, in order, a batch at a time, none of another
 subject's; a read bounded at the subject's last message when it began while others keep publishing; a follow
-that sees what is published after it started and says when it has caught up; and a stream that does not serve
+that sees what is published after it started, says when it has caught up and rides out a NATS restart; a read
+whose last messages were removed meanwhile ends instead of waiting for them; and a stream that does not serve
 direct gets is one clear error, not a hang.
 """
 
@@ -67,6 +68,35 @@ async def test_follow_sees_new_messages_and_says_when_it_has_caught_up(js):
             if b"new" in got:
                 break
     assert b"before" not in got and got[-1] == b"new" and got[0] is None
+
+
+async def test_a_read_whose_last_messages_were_removed_ends(js):
+    for i in range(5):
+        await js.publish("reads.mine", f"m{i}".encode())
+    end = await direct.last_sequence(js, "READS", "reads.mine")
+    await js.delete_msg("READS", end)  # e.g. an age limit, between the start of a read and its end
+    batches = [b async for b in direct.read_batches(js, "READS", "reads.mine", up_to=end, batch=2, idle_timeout=5)]
+    got = [m.data for b in batches for m in b]
+    assert got == [b"m0", b"m1", b"m2", b"m3"]
+
+
+async def test_follow_rides_out_a_nats_restart(nats_server, js):
+    await js.publish("reads.mine", b"before")
+    seen: list[bytes] = []
+    restarting: asyncio.Task | None = None
+    reader = direct.follow(js, "READS", "reads.mine", poll_seconds=0.05, outage_seconds=30)
+    async with contextlib.aclosing(reader) as live:
+        async for msg in live:  # the follow keeps asking while the server is down
+            if msg is not None:
+                seen.append(msg.data)
+                if msg.data == b"after":
+                    break
+            elif restarting is None:
+                restarting = asyncio.create_task(asyncio.to_thread(nats_server.restart))
+            elif restarting.done() and seen == [b"before"]:
+                await restarting
+                await js.publish("reads.mine", b"after", timeout=10)
+    assert seen == [b"before", b"after"]
 
 
 async def test_a_stream_without_direct_gets_is_a_clear_error(js):
