@@ -26,14 +26,13 @@ from typing import Any
 import nats.errors
 from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
-from nats.js.api import DeliverPolicy
 
 from services.world.store import parse_world
 from stablealign.core.errors import ConflictError, UnavailableError
 from stablealign.core.logs import get_logger
 from stablealign.core.retry import Failure, RetryPolicy, retry_async
 from stablealign.nats import client as nats_client
-from stablealign.nats import subjects
+from stablealign.nats import direct, subjects
 from stablealign.nats.auth import NatsClientOptions
 from stablealign.sandbox import record_stream
 from stablealign.sandbox.worlds import FINAL_STATES
@@ -235,26 +234,20 @@ class WorldClient:
                                                    idle_timeout=idle_timeout)
 
     async def follow_records(self, trusted: record_stream.TrustedRecords, *, replay: bool = False,
-                             poll_seconds: float = 1.0) -> AsyncIterator[common_pb2.InteractionRecord]:
+                             poll_seconds: float = 0.25) -> AsyncIterator[common_pb2.InteractionRecord]:
         """The world's trusted records as they are published (with ``replay``, those before too), until
-        the caller stops; what was skipped is counted in ``trusted.stats``. Close it (``aclosing``) to
-        remove the consumer at once."""
-        sub = await self.nc.jetstream().subscribe(
-            trusted.subject, ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.NEW)
-        try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=poll_seconds)
-                except TimeoutError:  # nothing new: keep following
+        the caller stops; what was skipped is counted in ``trusted.stats``. Read with batched direct gets,
+        asked again every ``poll_seconds`` once caught up (no consumer: the CLI's user may not create one)."""
+        js = self._js()
+        start = 0 if replay else await nats_client.last_sequence(js, subjects.RECORDS_STREAM, trusted.subject)
+        async with contextlib.aclosing(direct.follow(js, subjects.RECORDS_STREAM, trusted.subject, after_seq=start,
+                                                     poll_seconds=poll_seconds)) as messages:
+            async for msg in messages:
+                if msg is None:  # caught up: nothing new yet
                     continue
-                kept = trusted.admit(msg.metadata.sequence.stream, msg.data,
-                                     (msg.headers or {}).get(subjects.MSG_ID_HEADER))
+                kept = trusted.admit(msg.seq, msg.data, msg.headers.get(subjects.MSG_ID_HEADER))
                 if kept is not None:
                     yield kept
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
 
 async def read_record_rows(nats_url: str, world_id: str, *, idle_timeout: float = record_stream.IDLE_TIMEOUT_SECONDS,

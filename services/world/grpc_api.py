@@ -1,7 +1,8 @@
 """gRPC WorldService: the same operations as the NATS subjects, plus StreamInteractions.
 
-StreamInteractions reads the SANDBOX_RECORDS stream with an ephemeral ordered consumer on
-``sandbox.records.<world>``: with ``replay`` from the first record, else only new ones. With
+StreamInteractions reads ``sandbox.records.<world>`` from the SANDBOX_RECORDS stream with batched direct
+gets (``stablealign.nats.direct.follow``, no consumer): with ``replay`` from the first record, else only
+new ones, asked again every ``idle_poll_seconds`` once caught up. With
 ``until_complete`` it ends once the world is in a final state and every record the stream holds
 for it has been sent; a client that cancels ends it cleanly (the consumer is removed). Only trusted
 records are sent (``stablealign.sandbox.record_stream``); skipped messages are logged in one line.
@@ -13,14 +14,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-import nats.errors
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from services.world.manager import WorldManager
 from services.world.store import FINAL_STATES
 from stablealign.core.logs import get_logger
 from stablealign.nats import client as nats_client
-from stablealign.nats import subjects
+from stablealign.nats import direct, subjects
 from stablealign.sandbox.record_stream import TrustedRecords
 from stablealign.v1 import common_pb2, world_pb2, world_pb2_grpc
 
@@ -88,17 +87,9 @@ async def stream_records(
     world = await manager.get(world_id)  # NotFoundError -> NOT_FOUND
     js = manager.js
     subject = subjects.RECORDS_SUBJECT.format(world_id=world_id)
-    start_seq = await nats_client.last_sequence(js, subjects.RECORDS_STREAM, subject)
-    # Without replay: from just after the last record now (not DeliverPolicy.NEW, which would
-    # drop a record published between reading that sequence and creating the consumer).
-    sub = await js.subscribe(
-        subject,
-        stream=subjects.RECORDS_STREAM,
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.BY_START_SEQUENCE,
-        config=None if replay else ConsumerConfig(opt_start_seq=start_seq + 1),
-    )
-    delivered = 0 if replay else start_seq
+    # Without replay: from just after the last record now (a record published between reading that
+    # sequence and the first get is still sent).
+    delivered = 0 if replay else await nats_client.last_sequence(js, subjects.RECORDS_STREAM, subject)
     # The readers' rule: only records with the world's message id, once each; the rest skipped.
     trusted = TrustedRecords(world_id, size=world.spec.size or None, rounds=world.spec.rounds or None)
     final_seq: int | None = None
@@ -110,26 +101,24 @@ async def stream_records(
             return None
         return await nats_client.last_sequence(js, subjects.RECORDS_STREAM, subject)
 
+    messages = direct.follow(js, subjects.RECORDS_STREAM, subject, after_seq=delivered, poll_seconds=idle_poll_seconds)
     try:
         if until_complete and world.state in FINAL_STATES:
             final_seq = await nats_client.last_sequence(js, subjects.RECORDS_STREAM, subject)
-        while True:
-            if until_complete and final_seq is not None and delivered >= final_seq:
-                return
-            try:
-                msg = await sub.next_msg(timeout=idle_poll_seconds)
-            except nats.errors.TimeoutError:
+        while not (until_complete and final_seq is not None and delivered >= final_seq):
+            msg = await anext(messages)
+            if msg is None:  # caught up and waited: nothing new
                 if until_complete and final_seq is None:
                     final_seq = await final_sequence()
                 continue
-            delivered = max(delivered, msg.metadata.sequence.stream)
-            kept = trusted.admit(msg.metadata.sequence.stream, msg.data, (msg.headers or {}).get(subjects.MSG_ID_HEADER))
+            delivered = max(delivered, msg.seq)
+            kept = trusted.admit(msg.seq, msg.data, msg.headers.get(subjects.MSG_ID_HEADER))
             if kept is not None:
                 yield kept
     finally:
         if trusted.stats.skipped_total:
             log.warning("world.records_skipped", extra={"world_id": world_id, "summary": trusted.stats.summary()})
         try:
-            await asyncio.shield(sub.unsubscribe())
-        except Exception:  # noqa: BLE001 - connection closing or consumer already gone
+            await asyncio.shield(messages.aclose())
+        except Exception:  # noqa: BLE001 - connection closing: the inbox subscription goes with it
             pass

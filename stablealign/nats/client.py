@@ -1,4 +1,5 @@
-"""The NATS client side: connect, protobuf request/reply with retries and heartbeats, JetStream reads.
+"""The NATS client side: connect, protobuf request/reply with retries and heartbeats. JetStream reads
+are ``stablealign.nats.direct`` (no consumer); ``read_subject`` and ``last_sequence`` are named here too.
 
 The request server is ``stablealign.nats.server``; the names of streams, subjects and headers are in
 ``stablealign.nats.subjects``. ``request`` turns the server's service-error headers
@@ -24,7 +25,6 @@ import contextlib
 import itertools
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -34,8 +34,6 @@ import nats.js.errors
 from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 
 from stablealign.core import metrics
 from stablealign.core.errors import StableAlignError, UnavailableError, error_from_code
@@ -44,6 +42,8 @@ from stablealign.core.redaction import redact_text, redact_url
 from stablealign.core.retry import Failure, RetryPolicy, retry_async
 from stablealign.nats import auth as natsauth
 from stablealign.nats.auth import NatsClientOptions
+from stablealign.nats.direct import last_sequence as last_sequence
+from stablealign.nats.direct import read_subject as read_subject
 from stablealign.nats.subjects import (
     ERROR_CODE_HEADER,
     ERROR_HEADER,
@@ -377,52 +377,3 @@ async def _request_with_heartbeats(nc: NATS, subject: str, payload: bytes, *, ti
     finally:
         inbox.waiting.pop(reply_subject, None)
         timer[0].cancel()
-
-
-
-async def last_sequence(js: JetStreamContext, stream: str, subject: str) -> int:
-    """Stream sequence of the last message on ``subject`` (0 if none)."""
-    try:
-        msg = await js.get_last_msg(stream, subject)
-    except nats.js.errors.NotFoundError:
-        return 0
-    return int(msg.seq or 0)
-
-
-async def read_subject(js: JetStreamContext, stream: str, subject: str, *, after_seq: int = 0,
-                       timeout: float = 10.0) -> list[tuple[int, Msg]]:
-    """Reads the messages of ``subject`` with stream sequence > ``after_seq``, in order.
-
-    Uses an ephemeral ordered consumer and stops at the subject's last sequence as it was when
-    the read began, so the read is bounded even while others keep publishing.
-    """
-    last = await last_sequence(js, stream, subject)
-    if last <= after_seq:
-        return []
-    sub = await js.subscribe(
-        subject, stream=stream, ordered_consumer=True,
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after_seq else DeliverPolicy.ALL,
-        config=None if not after_seq else _start_config(after_seq + 1),
-    )
-    out: list[tuple[int, Msg]] = []
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise UnavailableError(f"timed out reading {subject} from {stream}")
-            msg = await sub.next_msg(timeout=remaining)
-            seq = msg.metadata.sequence.stream
-            out.append((seq, msg))
-            if seq >= last:
-                return out
-    except nats.errors.TimeoutError as exc:
-        raise UnavailableError(f"timed out reading {subject} from {stream}") from exc
-    finally:
-        await sub.unsubscribe()
-
-
-def _start_config(start_seq: int):
-    from nats.js.api import ConsumerConfig
-
-    return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)

@@ -22,11 +22,23 @@ lists (issue 19: a get with the reply ``$KV.SANDBOX_WORLDS.<id>`` overwrote a wo
 inbox is enforced by the responders themselves (``stablealign.nats.reply_subjects``: every other reply subject
 is dropped); the deny lists below guard what a role publishes on its own.
 
+The JetStream API answers to the reply subject its request names, unchecked too, so a read right is a
+right to have the server write that answer into any stream of the account: open, and only closed by
+putting the streams in accounts of their own (docs/security-attacks.md, note 5).
+
+Consumers (issue 19): a consumer's deliver subject is in the create request's payload, which no
+permission sees, so whoever may create a consumer may have the server publish a stream's messages to
+any subject — into another stream or bucket — past its own deny list. The roles that only read (cli,
+agent, observer) therefore get no consumer at all: they read with message gets and batched direct gets
+(``stablealign.nats.direct``). The world and the trainer keep ephemeral consumers on their own bucket
+only (nats-py's watch and key listing of a bucket), which they may write anyway.
+
 Deny lists (``Role.publish_deny``): every role is denied the protected subjects its allow list does not
 reach — ``$KV.>``, ``$JS.>``, the JetStream API verbs that write, delete or purge (per stream where the
-role owns another), durable consumers (a reader takes ephemeral ones only), and the data subjects of
-records, memories, memory pools and job logs — so a future allow entry that reaches one of them by a
-wildcard is caught by the server (and by a test), not silently granted. Every role subscribes
+role owns another), consumers (every verb for a reader; other streams' creates for an owner; durable
+ones for everyone), and the data subjects of records, memories, memory pools and job logs — so a
+future allow entry that reaches one of them by a wildcard is caught by the server (and by a test), not
+silently granted. Every role subscribes
 only its own reply inboxes, ``_INBOX_<role>.>`` (``natsauth.inbox_prefix_for``: the prefix its clients
 connect with, so its requests', JetStream API calls', fetches' and KV watches' replies land there):
 one role's credentials cannot read the replies addressed to another (an agent's password the CLI's
@@ -66,13 +78,23 @@ def kv_subjects(bucket: str) -> str:
 
 
 def stream_reads(stream: str) -> tuple[str, ...]:
-    """Read-only JetStream API of one stream: its info, message gets (direct and through the leader),
-    ephemeral consumers (ordered push or pull) with their flow control and acks. Nothing that writes."""
+    """Read-only JetStream API of one stream: its info and message gets, direct (batched, any replica:
+    ``stablealign.nats.direct``) and through the leader. Nothing that writes, and no consumer: a consumer's
+    deliver subject is in the request's payload, which a permission cannot see, so a right to create one
+    is a right to make the server publish the stream anywhere (issue 19)."""
     return (
         f"{JS_API}.STREAM.INFO.{stream}",
         f"{JS_API}.STREAM.MSG.GET.{stream}",
         f"{JS_API}.DIRECT.GET.{stream}",
         f"{JS_API}.DIRECT.GET.{stream}.>",
+    )
+
+
+def stream_consumers(stream: str) -> tuple[str, ...]:
+    """Ephemeral consumers on one stream, with their flow control and acks: only for a service on a stream it
+    owns and may write anyway, where its own code picks the consumer's configuration (a bucket's watch or
+    key listing in nats-py)."""
+    return (
         f"{JS_API}.CONSUMER.CREATE.{stream}",
         f"{JS_API}.CONSUMER.CREATE.{stream}.>",
         f"{JS_API}.CONSUMER.INFO.{stream}.*",
@@ -99,6 +121,7 @@ PROTECTED_PUBLISH: tuple[str, ...] = (
     *(kv_subjects(bucket) for bucket in (subjects.WORLDS_BUCKET, subjects.JOBS_BUCKET)),
     *(f"{JS_API}.{verb}.*" for verb in _WRITE_VERBS),
     *(f"{JS_API}.{verb}.{stream}" for verb in _WRITE_VERBS for stream in _STREAMS),
+    f"{JS_API}.CONSUMER.>", *(f"{JS_API}.CONSUMER.CREATE.{stream}{tail}" for stream in _STREAMS for tail in ("", ".>")),
     f"{JS_API}.CONSUMER.DURABLE.CREATE.>", f"{JS_API}.ACCOUNT.PURGE.*", f"{JS_API}.META.>", f"{JS_API}.SERVER.>",
     subjects.RECORDS_SUBJECT.format(world_id=">"), "sandbox.memory.>", "sandbox.pools.>",
     subjects.JOB_LOGS_SUBJECT.format(job_id="*"),
@@ -182,7 +205,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         publish=(
             _RECORDS, _MEMORY, _POOLS, kv_subjects(subjects.WORLDS_BUCKET),
             *stream_owner(subjects.RECORDS_STREAM), *stream_owner(subjects.MEMORY_STREAM), *stream_owner(POOL_STREAM),
-            *stream_owner(WORLDS_KV), f"{JS_API}.STREAM.NAMES",
+            *stream_owner(WORLDS_KV), *stream_consumers(WORLDS_KV),  # listing worlds: a watch of the bucket
             *AGENT_REQUESTS, *OBSERVER_REQUESTS,
         ),
         subscribe=(*WORLD_REQUESTS, *service_api("world"), inboxes("world")),
@@ -206,7 +229,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         "trainer",
         "The trainer service: answers trainer.jobs.*, owns the job bucket and the job log stream.",
         publish=("trainer.>", kv_subjects(subjects.JOBS_BUCKET), *stream_owner(subjects.JOB_LOGS_STREAM),
-                 *stream_owner(JOBS_KV)),
+                 *stream_owner(JOBS_KV), *stream_consumers(JOBS_KV)),  # listing jobs: the bucket's keys
         subscribe=(*TRAINER_REQUESTS, *service_api("trainer"), inboxes("trainer")),
         responds=True,
     ),
@@ -214,7 +237,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         "cli",
         "A person's `stable-align` commands: call the world and trainer APIs, read records, world "
         "specs, job state and job logs (read-only), discover services. Never writes a stream.",
-        publish=(*WORLD_REQUESTS, *TRAINER_REQUESTS, "$SRV.>", f"{JS_API}.STREAM.NAMES",
+        publish=(*WORLD_REQUESTS, *TRAINER_REQUESTS, "$SRV.>",
                  *stream_reads(subjects.RECORDS_STREAM), *stream_reads(WORLDS_KV), *stream_reads(JOBS_KV),
                  *stream_reads(subjects.JOB_LOGS_STREAM)),
         subscribe=(inboxes("cli"),),

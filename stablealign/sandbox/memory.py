@@ -594,7 +594,7 @@ class MemoryStore:
         One "next message on this subject from sequence n" get per new batch, plus the one that
         finds none — so a hit with nothing new costs a single request (leader-served, hence
         read-after-write consistent with the world's append), and a hit after one round's
-        revision two. A long backlog (an agent not seen for many rounds) is read with a consumer.
+        revision two. A long backlog (an agent not seen for many rounds) is read in batched direct gets.
         """
         applied = 0
         while True:

@@ -31,8 +31,8 @@ world has not published yet is indistinguishable from the real one (and JetStrea
 the real one as a re-send). Only publish permissions close that: the world's NATS user alone may
 publish ``sandbox.records.>`` (issue 10, NATS security).
 
-**Bounded memory.** Messages are read with an ephemeral pull consumer, a batch at a time, up to the
-subject's last sequence at the start (a bounded read even while the world keeps publishing) and
+**Bounded memory.** Messages are read with batched direct gets (no consumer: issue 19), a batch at a time,
+up to the subject's last sequence at the start (a bounded read even while the world keeps publishing) and
 checked in a worker thread (the event loop stays free). The reader keeps only the set of (round, agent) keys it has
 kept; ``export_world_records`` writes each row to disk as it is read and keeps a (key, offset,
 length) index of 24 bytes per record, then puts the file in (round, agent) order by copying lines
@@ -56,7 +56,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from stablealign.core.errors import UnavailableError, ValidationError
+from stablealign.core.errors import ValidationError
 from stablealign.core.metrics import ENTRIES_SKIPPED
 from stablealign.sandbox.records import check_record, record_msg_id, record_to_json
 from stablealign.sandbox.worlds import check_world_id
@@ -210,54 +210,15 @@ def record_key(record: common_pb2.InteractionRecord) -> tuple[int, int]:
 async def _raw_batches(js: Any, subject: str, *, idle_timeout: float, batch: int) -> AsyncIterator[list[Raw]]:
     """The subject's messages up to its last sequence at the start, ``batch`` at a time.
 
-    An ephemeral *pull* consumer: the server sends a batch only when the previous one has been
-    handled, so at most ``batch`` messages are in this process at once (an ordered push consumer
-    buffered most of a large world while the rows were being written). The
-    read is bounded: it stops at that last sequence (others may keep publishing) and fails with
-    ``UnavailableError`` when nothing arrives for ``idle_timeout`` seconds before it.
+    Batched direct gets (``stablealign.nats.direct``), no consumer: a reader's NATS user may not create
+    one (issue 19), and at most ``batch`` messages are in this process at once. The read is bounded: it
+    stops at that last sequence (others may keep publishing) and fails with ``UnavailableError`` when
+    nothing arrives for ``idle_timeout`` seconds before it.
     """
-    import nats.errors
-    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+    from stablealign.nats import direct
 
-    from stablealign.nats import client as nats_client
-
-    last = await nats_client.last_sequence(js, RECORDS_STREAM, subject)
-    if last <= 0:
-        return
-    config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, filter_subject=subject,
-                            inactive_threshold=max(60.0, 2 * idle_timeout), mem_storage=True, num_replicas=1)
-    sub = await js.pull_subscribe(subject, durable=None, stream=RECORDS_STREAM, config=config)
-    try:
-        seq = 0
-        while seq < last:
-            try:
-                msgs = await sub.fetch(batch, timeout=idle_timeout)
-            except nats.errors.TimeoutError as exc:
-                raise UnavailableError(f"timed out reading {subject} from {RECORDS_STREAM}: nothing for "
-                                       f"{idle_timeout:.0f}s after sequence {seq} of {last}") from exc
-            out: list[Raw] = []
-            for msg in msgs:
-                seq = msg.metadata.sequence.stream
-                if seq > last:  # published after the read began: not part of this read
-                    break
-                out.append((seq, msg.data, (msg.headers or {}).get(MSG_ID_HEADER)))
-            if out:
-                yield out
-    finally:
-        await asyncio.shield(_drop_consumer(js, sub))
-
-
-async def _drop_consumer(js: Any, sub: Any) -> None:
-    """Deletes the read's ephemeral consumer now (it would otherwise linger for its inactive threshold)."""
-    try:
-        info = await sub.consumer_info()
-        await js.delete_consumer(RECORDS_STREAM, info.name)
-    except Exception:  # noqa: BLE001 - connection closing or consumer already gone: the threshold removes it
-        pass
-    try:
-        await sub.unsubscribe()
-    except Exception:  # noqa: BLE001
-        pass
+    async for got in direct.read_batches(js, RECORDS_STREAM, subject, batch=batch, idle_timeout=idle_timeout):
+        yield [(m.seq, m.data, m.headers.get(MSG_ID_HEADER)) for m in got]
 
 
 async def read_trusted(js: Any, trusted: TrustedRecords, *, idle_timeout: float = IDLE_TIMEOUT_SECONDS,

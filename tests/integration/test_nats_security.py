@@ -170,11 +170,12 @@ async def test_a_role_reads_only_its_own_reply_inboxes(secured, caplog):
         for subject in ("_INBOX.>", "_INBOX_cli.>", "*.>", ">"):
             await spy.subscribe(subject, cb=overhear)
         await spy.flush(timeout=2.0)
-        # The CLI's reads: a JetStream API call and a records consumer reply on its own inbox.
+        # The CLI's reads: a JetStream API call and a batched direct get reply on its own inbox.
         info = await cli.jetstream(timeout=2.0).stream_info(subjects.RECORDS_STREAM)
         assert info.config.name == subjects.RECORDS_STREAM
-        names = await cli.request("$JS.API.STREAM.NAMES", b"", timeout=2.0)
-        assert subjects.RECORDS_STREAM.encode() in names.data
+        await world.jetstream().publish("sandbox.records.w1", b"r", headers={subjects.MSG_ID_HEADER: "w1.0.0"})
+        read = await nats_client.read_subject(cli.jetstream(timeout=2.0), subjects.RECORDS_STREAM, "sandbox.records.w1")
+        assert [(seq, msg.data) for seq, msg in read] == [(1, b"r")]
         await spy.flush(timeout=2.0)
         assert overheard == []
         refused = [text.lower() for text in denials(caplog)]  # nats-py lower-cases the server's error

@@ -97,14 +97,28 @@ def test_agents_and_observers_only_answer_their_own_subjects():
 
 def test_the_cli_reads_records_and_calls_the_apis_the_trainer_keeps_to_trainer():
     for subject in (subjects.WORLD_CREATE, subjects.WORLD_RESUME, subjects.TRAINER_SUBMIT, subjects.TRAINER_LIST,
-                    f"$JS.API.CONSUMER.CREATE.{subjects.RECORDS_STREAM}.x.sandbox.records.w1",
-                    f"$JS.API.DIRECT.GET.{subjects.RECORDS_STREAM}"):
+                    f"$JS.API.DIRECT.GET.{subjects.RECORDS_STREAM}", f"$JS.API.STREAM.MSG.GET.{subjects.JOB_LOGS_STREAM}"):
         assert may_publish("cli", subject), subject
     for subject in ("trainer.jobs.j1.log", subjects.AGENT_DRAFT, "sandbox.records.w1"):
         assert not may_publish("cli", subject), subject
     trainer_writes = [p for p in ROLES["trainer"].publish if not p.startswith(("$JS.", "$KV."))]
     assert trainer_writes == ["trainer.>"]
     assert not may_publish("trainer", "sandbox.records.w1")
+
+
+def test_readers_create_no_consumer_and_owners_only_on_their_own_bucket():
+    """A consumer's deliver subject is out of a permission's sight (issue 19): the roles that read get none,
+    the world and the trainer one kind, on the bucket they own, which they list with nats-py's watch."""
+    streams = (subjects.RECORDS_STREAM, subjects.MEMORY_STREAM, subjects.POOL_STREAM, subjects.JOB_LOGS_STREAM,
+               f"KV_{subjects.WORLDS_BUCKET}", f"KV_{subjects.JOBS_BUCKET}")
+    creates = [f"$JS.API.CONSUMER.CREATE.{s}{tail}" for s in streams for tail in ("", ".spy", ".spy.x.>")]
+    for name in ("cli", "agent", "observer"):
+        assert not any(may_publish(name, s) or "CONSUMER" in p for s in creates for p in ROLES[name].publish), name
+        assert all(denies(name, s) for s in creates), name
+    for name, own in (("world", f"KV_{subjects.WORLDS_BUCKET}"), ("trainer", f"KV_{subjects.JOBS_BUCKET}")):
+        allowed = {s for s in creates if may_publish(name, s)}
+        assert allowed == {s for s in creates if s.split(".")[4] == own}, name
+        assert all(denies(name, s) for s in creates if s not in allowed), name
 
 
 def test_subject_overlap_and_cover():
