@@ -5,8 +5,9 @@
 
 Measured in one run:
 
-- **the ceiling**: the model's own forward passes in this process (transformers, float32, as the
-  ``hf`` backend loads it) — prefill tokens/s over a batch of prompts, and decode tokens/s at the
+- **the ceiling**: the model's own forward passes in this process (transformers, as the ``hf``
+  backend runs it) — prefill tokens/s over a batch of prompts, in float32 and at the engine's prefill
+  precision (bf16 where the CPU has it; that one is the ceiling), and float32 decode tokens/s at the
   batch sizes a round produces (1, 8, 32, 64 rows, one new token per row over a cached context);
 - **the society**: ``stable-align run --size S --rounds R --backend hf`` with every other setting at
   its default, one child process per world: interactions per minute, tokens per second, the tokens
@@ -52,15 +53,21 @@ def ceiling(model: str, *, context: int = 256, prefill_rows: int = 8, steps: int
     import torch
     from transformers import AutoModelForCausalLM
 
+    from stablealign.llm.backends.batching import engine_settings, prefill_copy
+
     net = AutoModelForCausalLM.from_pretrained(_model_path(model), local_files_only=True).eval()
+    reader = prefill_copy(net, engine_settings().prefill_dtype, "cpu")
     vocab = net.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, vocab - 1, (max(prefill_rows, *DECODE_BATCHES), context), generator=generator)
     with torch.no_grad():
-        net(input_ids=ids[:2, :32])  # warm-up
-        started = time.perf_counter()
-        net(input_ids=ids[:prefill_rows], use_cache=False)
-        prefill = prefill_rows * context / (time.perf_counter() - started)
+        prefills: dict[str, float] = {}
+        for name, forward in {"float32": net, "engine": reader}.items():
+            forward(input_ids=ids[:2, :32])  # warm-up
+            started = time.perf_counter()
+            forward(input_ids=ids[:prefill_rows], use_cache=False)
+            prefills[name] = prefill_rows * context / (time.perf_counter() - started)
+        prefill = prefills["engine"]
         decode: dict[int, float] = {}
         for rows in DECODE_BATCHES:
             cache = net(input_ids=ids[:rows], use_cache=True).past_key_values
@@ -70,8 +77,9 @@ def ceiling(model: str, *, context: int = 256, prefill_rows: int = 8, steps: int
                 out = net(input_ids=token, past_key_values=cache, use_cache=True)
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             decode[rows] = rows * steps / (time.perf_counter() - started)
-    return {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode, "context": context,
-            "threads": torch.get_num_threads()}
+    return {"prefill_tokens_per_s": prefill, "prefill_float32_tokens_per_s": prefills["float32"],
+            "prefill_dtype": "bfloat16" if reader is not net else "float32", "decode_tokens_per_s": decode,
+            "context": context, "threads": torch.get_num_threads()}
 
 
 def run_world(size: int, rounds: int, *, backend: list[str], src: Path | None = None,
@@ -207,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {_load()}  cpus: {os.cpu_count()}")
     top = ceiling(args.model)
     print(f"ceiling ({top['threads']} threads, context {top['context']}): prefill "
-          f"{top['prefill_tokens_per_s']:.0f} tokens/s; decode "
+          f"{top['prefill_tokens_per_s']:.0f} tokens/s ({top['prefill_dtype']}; float32 "
+          f"{top['prefill_float32_tokens_per_s']:.0f}); decode (float32) "
           + ", ".join(f"{rows} rows {tps:.0f}" for rows, tps in top["decode_tokens_per_s"].items()) + " tokens/s")
     report: dict[str, Any] = {"ceiling": top, "worlds": {}, "baseline": {}}
     hf = ["--backend", "hf", "--model", args.model]

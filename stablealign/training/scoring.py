@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from stablealign.core.batches import by_token_budget
+
 # Padded tokens per forward: bounds the memory of a batch whatever the lengths.
 DEFAULT_TOKEN_BUDGET = 4096
 # Output-head rows per log-softmax: a [rows, vocabulary] float32 block at a time.
@@ -36,21 +38,6 @@ def _head_logprobs(head: Any, hidden: Any, targets: Any) -> Any:
     return out
 
 
-def _by_budget(items: Sequence[Any], length: Any, budget: int) -> list[list[Any]]:
-    """``items`` (in order of increasing ``length``) cut so that each batch, padded to its longest
-    item, holds at most ``budget`` tokens (an item over it goes alone)."""
-    batches: list[list[Any]] = []
-    current: list[Any] = []
-    for item in items:
-        if current and (len(current) + 1) * length(item) > budget:
-            batches.append(current)
-            current = []
-        current.append(item)
-    if current:
-        batches.append(current)
-    return batches
-
-
 def response_logprobs(model: Any, encoded: Sequence[tuple[list[int], int]], pad_id: int, *,
                       token_budget: int = DEFAULT_TOKEN_BUDGET) -> list[tuple[float, int]]:
     """(summed log-likelihood, token count) of each row's response, for rows ``(ids, prompt_length)``:
@@ -64,7 +51,7 @@ def response_logprobs(model: Any, encoded: Sequence[tuple[list[int], int]], pad_
     for index, (ids, prompt_len) in enumerate(encoded):
         rows_of.setdefault(tuple(ids[:max(1, prompt_len)]), []).append(index)
     values: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    for batch in _by_budget(sorted(rows_of, key=len), len, token_budget):
+    for batch in by_token_budget(sorted(rows_of, key=len), len, token_budget):
         _score_batch(decoder, head, batch, rows_of, encoded, pad_id, values, token_budget)
     return values
 
@@ -104,7 +91,7 @@ def _score_batch(decoder: Any, head: Any, prompts: Sequence[tuple[int, ...]],
             ids, prompt_len = encoded[row[1]]
             return ids[max(1, prompt_len):]
 
-        for part in _by_budget(rows, lambda row: len(response(row)), token_budget):
+        for part in by_token_budget(rows, lambda row: len(response(row)), token_budget):
             responses = [response(row) for row in part]
             length = max(len(r) for r in responses)
             prompt_of_row = torch.tensor([b for b, _ in part], device=device)
@@ -141,12 +128,7 @@ def _full_forward_logprobs(model: Any, encoded: Sequence[tuple[list[int], int]],
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     values: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    start = 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and (end - start + 1) * len(encoded[order[end]][0]) <= token_budget:
-            end += 1
-        rows = order[start:end]
+    for rows in by_token_budget(order, lambda i: len(encoded[i][0]), token_budget):
         width = max(len(encoded[i][0]) for i in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
@@ -163,5 +145,4 @@ def _full_forward_logprobs(model: Any, encoded: Sequence[tuple[list[int], int]],
             targets = torch.tensor(ids[prompt_len:], device=device)
             picked = logprobs[row, prompt_len - 1: len(ids) - 1].gather(1, targets[:, None])
             values[index] = (float(picked.sum()), len(ids) - prompt_len)
-        start = end
     return values

@@ -58,6 +58,7 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from stablealign.core.batches import by_token_budget
 from stablealign.core.config import Settings, load_settings
 from stablealign.core.errors import BackendError
 from stablealign.core.logs import get_logger
@@ -356,18 +357,8 @@ class BatchingEngine:
 
     def _chunks(self, jobs: list[_Job]) -> list[list[_Job]]:
         """Prefill groups of similar lengths within the padded-token budget."""
-        ordered = sorted(jobs, key=lambda j: len(j.prompt))
-        chunks: list[list[_Job]] = []
-        current: list[_Job] = []
-        for job in ordered:
-            longest = max([len(job.prompt)] + [len(j.prompt) for j in current])
-            if current and longest * (len(current) + 1) > self.settings.prefill_tokens:
-                chunks.append(current)
-                current = []
-            current.append(job)
-        if current:
-            chunks.append(current)
-        return chunks
+        return by_token_budget(sorted(jobs, key=lambda j: len(j.prompt)), lambda j: len(j.prompt),
+                               self.settings.prefill_tokens)
 
     def _join(self, jobs: list[_Job]) -> None:
         for chunk in self._chunks(jobs):
