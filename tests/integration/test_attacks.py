@@ -28,7 +28,7 @@ from stablealign.nats.permissions import ROLES
 from stablealign.serving.service import start_service
 from stablealign.v1 import world_pb2
 from tests.integration.test_nats_security import SecuredNats
-from tests.support.attacks import OTHER, OWNER, TARGETS, VICTIM, Owners, denials, refused_publish
+from tests.support.attacks import OTHER, OWNER, TARGETS, VICTIM, Owners, denials, refused_publish, send_misdirected
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,15 +87,7 @@ async def test_misdirected_replies_change_no_world_and_no_record(target, caplog)
     counted = refused("request"), refused("discovery")
     for role in ATTACKERS:
         nc = await nats_client.connect(secured.url, f"attacker-{role}", options=secured.options(role), give_up_after=5.0)
-        try:
-            for subject, payload, reply in MISDIRECTED:
-                await nc.publish(subject, payload, reply=reply, headers={subjects.LIVENESS_HEADER: "0.2"})
-            for subject, reply in DISCOVERY:
-                await nc.publish(subject, b"", reply=reply)
-            await nc.flush()
-        finally:
-            await asyncio.sleep(0.6)  # past a few heartbeat periods of the 0.2 s liveness asked for
-            await nc.close()
+        await send_misdirected(nc, MISDIRECTED, DISCOVERY)
     assert await owners.state() == before
     # Only the CLI may send these at all; the world service dropped each one of its, counted and said.
     assert refused("request") - counted[0] == len(MISDIRECTED)

@@ -35,7 +35,7 @@ from stablealign.serving.service import RunningService, start_service
 from stablealign.v1 import trainer_pb2, trainer_pb2_grpc
 from tests.integration.test_nats_security import SecuredNats
 from tests.integration.test_trainer_service import write_groups
-from tests.support.attacks import JOB_OTHER, JOB_VICTIM, TARGETS, Owners, denials, refused_publish
+from tests.support.attacks import JOB_OTHER, JOB_VICTIM, TARGETS, Owners, denials, refused_publish, send_misdirected
 from tests.support.certs import make_ca_with_clients
 
 pytestmark = pytest.mark.timeout(120)
@@ -176,16 +176,7 @@ async def test_misdirected_trainer_replies_change_no_job_and_no_record(target, c
     routes = misdirected(target.valid)
     counted = refused_replies("request"), refused_replies("discovery")
     for role in ("cli", *NOT_THE_TRAINERS):
-        nc = await target.connect(role)
-        try:
-            for subject, payload, reply in routes:
-                await nc.publish(subject, payload, reply=reply, headers={subjects.LIVENESS_HEADER: "0.2"})
-            for subject, reply in DISCOVERY:
-                await nc.publish(subject, b"", reply=reply)
-            await nc.flush()
-        finally:
-            await asyncio.sleep(0.6)  # past a few heartbeat periods of the 0.2 s liveness asked for
-            await nc.close()
+        await send_misdirected(await target.connect(role), routes, DISCOVERY)
     assert await target.owners.state() == before
     # The CLI's sends reached the trainer, which dropped each one; the other roles' the server refused.
     assert refused_replies("request") - counted[0] == len(routes)

@@ -11,7 +11,9 @@ last sequence, each sequence's subject and bytes); ``Owners.consumers`` counts e
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import nats.js.errors
@@ -124,3 +126,19 @@ class Owners:
                 await nc.close()
             except Exception as exc:  # noqa: BLE001 - the server is going away with the test
                 logging.getLogger(__name__).debug("close: %s", exc)
+
+
+async def send_misdirected(nc: NATS, routes: Sequence[tuple[str, bytes, str]],
+                           discovery: Sequence[tuple[str, str]]) -> None:
+    """Sends each request of ``routes`` (subject, payload, forged reply) asking for 0.2 s heartbeats, and
+    each ``$SRV`` ping of ``discovery`` (subject, forged reply), then waits past a few heartbeat periods
+    (so that any reply or heartbeat that was going to be sent has been) and closes ``nc``."""
+    try:
+        for subject, payload, reply in routes:
+            await nc.publish(subject, payload, reply=reply, headers={subjects.LIVENESS_HEADER: "0.2"})
+        for subject, reply in discovery:
+            await nc.publish(subject, b"", reply=reply)
+        await nc.flush()
+    finally:
+        await asyncio.sleep(0.6)
+        await nc.close()
