@@ -37,6 +37,11 @@ ACTIVE_STATES = (world_pb2.WORLD_STATE_PENDING, world_pb2.WORLD_STATE_RUNNING)
 CAS_ATTEMPTS = 20
 
 
+# After the watcher's end-of-snapshot marker, how long a listing waits for the keys it has not seen yet
+# (written while the watcher started) before it takes what it has.
+SNAPSHOT_GRACE_SECONDS = 1.0
+
+
 class LeaseLostError(ConflictError):
     """Another replica owns the world now; this one must stop running it."""
 
@@ -96,38 +101,45 @@ class WorldStore:
 
     async def list(self, timeout: float = 10.0) -> list[world_pb2.World]:
         """Every world in the bucket (one watcher pass, not one get per key), by creation time; entries that
-        are not worlds are skipped (counted, named in one log line)."""
+        are not worlds are skipped (counted, named in one log line).
+
+        The pass ends once every key the bucket held when the listing began has come by, not at the
+        watcher's first "nothing pending": a world written while the watcher starts can have its old entry
+        removed before delivery and its new one not yet counted, and would be missing from the list."""
         kv = await self.kv()
-        watcher = await kv.watchall(ignore_deletes=True)
-        worlds: list[world_pb2.World] = []
+        prefix = f"$KV.{subjects.WORLDS_BUCKET}."
+        info = await self.js.stream_info(f"KV_{subjects.WORLDS_BUCKET}", subjects_filter=f"{prefix}>")
+        waiting = {subject[len(prefix):] for subject in (info.state.subjects or {})}
+        watcher = await kv.watchall()
+        worlds: dict[str, world_pb2.World] = {}
         skipped: list[str] = []
         deadline = time.monotonic() + timeout
+        snapshot_done = False
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise UnavailableError("timed out listing worlds")
+            while waiting:
                 try:
-                    entry = await watcher.updates(timeout=remaining)
+                    entry = await watcher.updates(timeout=max(deadline - time.monotonic(), 0.001))
                 except nats.errors.TimeoutError:
+                    if snapshot_done:  # what is still awaited is a message the watcher does not deliver
+                        break
                     raise UnavailableError("timed out listing worlds") from None
-                if entry is None:
-                    break
-                world = parse_world(entry.key, entry.value)
-                if world is None:
+                if entry is None:  # the watcher's end-of-snapshot marker: what is awaited is moments away
+                    snapshot_done, deadline = True, min(deadline, time.monotonic() + SNAPSHOT_GRACE_SECONDS)
+                    continue
+                waiting.discard(entry.key)
+                if entry.operation is not None:  # a delete or a purge
+                    worlds.pop(entry.key, None)
+                elif (world := parse_world(entry.key, entry.value)) is None:
                     skipped.append(f"{entry.key[:80]}@{entry.revision}")
                 else:
-                    worlds.append(world)
-                if not entry.delta:  # nothing pending: that was the last key
-                    break
+                    worlds[entry.key] = world
         finally:
             await watcher.stop()
         if skipped:
             metrics.ENTRIES_SKIPPED.labels(subjects.WORLDS_BUCKET).inc(len(skipped))
             log.warning("world.entries_skipped", extra={"bucket": subjects.WORLDS_BUCKET, "skipped": len(skipped),
                                                         "keys": ", ".join(skipped[:SKIPPED_NAMED])})
-        worlds.sort(key=lambda w: (w.created_at, w.spec.world_id))
-        return worlds
+        return sorted(worlds.values(), key=lambda w: (w.created_at, w.spec.world_id))
 
     async def update(self, world_id: str, mutate: Mutation) -> world_pb2.World:
         """Applies ``mutate`` to the latest World and writes it if nobody wrote in between.

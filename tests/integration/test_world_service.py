@@ -416,6 +416,40 @@ async def test_leadership_is_taken_over_only_when_stale(nc):
         await store.get("nobody")
 
 
+async def test_a_listing_holds_every_world_while_worlds_are_being_written(nc):
+    """Worlds heartbeat into the bucket all the time; a listing that started while one was written must
+    still hold it (it once ended at the watcher's first "nothing pending" and could miss it); a deleted
+    world is not listed."""
+    from services.world.store import WorldStore
+
+    store = WorldStore(nc.jetstream())
+    ids = [f"busy{i}" for i in range(6)]
+    now = time.time()
+    for world_id in [*ids, "gone"]:
+        await store.create(world_pb2.World(spec=small_spec(world_id), state=world_pb2.WORLD_STATE_RUNNING,
+                                           created_at=now, updated_at=now))
+    kv = await store.kv()
+    await kv.delete("gone")
+    writing = True
+
+    async def heartbeats() -> int:
+        beats = 0
+        while writing and beats < 5_000:
+            for world_id in ids:
+                await store.update(world_id, lambda w: setattr(w, "updated_at", time.time()))
+                beats += 1
+        return beats
+
+    writer = asyncio.create_task(heartbeats())
+    try:
+        for _ in range(30):
+            listed = sorted(w.spec.world_id for w in await store.list(timeout=10))
+            assert listed == ids
+    finally:
+        writing = False
+        assert await asyncio.wait_for(writer, 30) > 0
+
+
 async def test_entries_that_are_not_worlds_are_skipped_not_fatal(nc, caplog):
     """A JSON document, an empty value and another world's bytes under a key (what a misdirected reply wrote
     before replies went to inboxes only) do not stop the listing nor the resume scan: each is skipped, counted
