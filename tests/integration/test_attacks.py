@@ -18,7 +18,6 @@ import logging
 
 import nats.errors
 import pytest
-from prometheus_client import REGISTRY
 
 from stablealign.core.config import load_settings
 from stablealign.core.errors import PayloadTooLargeError, UnavailableError
@@ -28,7 +27,10 @@ from stablealign.nats.permissions import ROLES
 from stablealign.serving.service import start_service
 from stablealign.v1 import world_pb2
 from tests.integration.test_nats_security import SecuredNats
-from tests.support.attacks import OTHER, OWNER, TARGETS, VICTIM, Owners, denials, refused_publish, send_misdirected
+from tests.support.attacks import (
+    OTHER, OWNER, TARGETS, VICTIM,
+    Owners, denials, refused_publish, replies_refused, send_misdirected,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,9 +62,6 @@ async def target(tmp_path):
         secured.server.stop()
 
 
-def refused(kind: str) -> float:
-    return REGISTRY.get_sample_value("stablealign_replies_refused_total", {"service": "world", "kind": kind}) or 0.0
-
 
 # Requests whose reply subject is a bucket's or a stream's: (subject, payload, reply).
 _GET = world_pb2.GetWorldRequest
@@ -84,14 +83,14 @@ async def test_misdirected_replies_change_no_world_and_no_record(target, caplog)
     secured, _service, owners = target
     caplog.set_level(logging.WARNING)
     before = await owners.state()
-    counted = refused("request"), refused("discovery")
+    counted = replies_refused("world", "request"), replies_refused("world", "discovery")
     for role in ATTACKERS:
         nc = await nats_client.connect(secured.url, f"attacker-{role}", options=secured.options(role), give_up_after=5.0)
         await send_misdirected(nc, MISDIRECTED, DISCOVERY)
     assert await owners.state() == before
     # Only the CLI may send these at all; the world service dropped each one of its, counted and said.
-    assert refused("request") - counted[0] == len(MISDIRECTED)
-    assert refused("discovery") - counted[1] == len(DISCOVERY)
+    assert replies_refused("world", "request") - counted[0] == len(MISDIRECTED)
+    assert replies_refused("world", "discovery") - counted[1] == len(DISCOVERY)
     said = [r for r in caplog.records if r.getMessage() in ("bus.reply_refused", "discovery.reply_refused")]
     assert len(said) == len(MISDIRECTED) + len(DISCOVERY)
     assert all(r.reply.startswith(("$KV.", "sandbox.records.")) for r in said)

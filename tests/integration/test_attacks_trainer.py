@@ -24,7 +24,6 @@ import nats.errors
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import REGISTRY
 
 from services.trainer import main as trainer_main
 from stablealign.core.config import load_settings
@@ -35,7 +34,16 @@ from stablealign.serving.service import RunningService, start_service
 from stablealign.v1 import trainer_pb2, trainer_pb2_grpc
 from tests.integration.test_nats_security import SecuredNats
 from tests.integration.test_trainer_service import write_groups
-from tests.support.attacks import JOB_OTHER, JOB_VICTIM, TARGETS, Owners, denials, refused_publish, send_misdirected
+from tests.support.attacks import (
+    JOB_OTHER,
+    JOB_VICTIM,
+    TARGETS,
+    Owners,
+    denials,
+    refused_publish,
+    replies_refused,
+    send_misdirected,
+)
 from tests.support.certs import make_ca_with_clients
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,9 +128,6 @@ async def target(tmp_path):
         secured.server.stop()
 
 
-def refused_replies(kind: str) -> float:
-    return REGISTRY.get_sample_value("stablealign_replies_refused_total", {"service": "trainer", "kind": kind}) or 0.0
-
 
 def submit(spec: trainer_pb2.JobSpec) -> bytes:
     return trainer_pb2.SubmitJobRequest(spec=spec).SerializeToString()
@@ -174,13 +179,13 @@ async def test_misdirected_trainer_replies_change_no_job_and_no_record(target, c
     caplog.set_level(logging.WARNING)
     before = await target.owners.state()
     routes = misdirected(target.valid)
-    counted = refused_replies("request"), refused_replies("discovery")
+    counted = replies_refused("trainer", "request"), replies_refused("trainer", "discovery")
     for role in ("cli", *NOT_THE_TRAINERS):
         await send_misdirected(await target.connect(role), routes, DISCOVERY)
     assert await target.owners.state() == before
     # The CLI's sends reached the trainer, which dropped each one; the other roles' the server refused.
-    assert refused_replies("request") - counted[0] == len(routes)
-    assert refused_replies("discovery") - counted[1] == len(DISCOVERY)
+    assert replies_refused("trainer", "request") - counted[0] == len(routes)
+    assert replies_refused("trainer", "discovery") - counted[1] == len(DISCOVERY)
     said = [r for r in caplog.records if r.getMessage() in ("bus.reply_refused", "discovery.reply_refused")]
     assert len(said) == len(routes) + len(DISCOVERY) and all(r.reply in TARGETS for r in said)
     cli = await target.connect("cli")

@@ -142,3 +142,11 @@ async def send_misdirected(nc: NATS, routes: Sequence[tuple[str, bytes, str]],
     finally:
         await asyncio.sleep(0.6)
         await nc.close()
+
+
+def replies_refused(service: str, kind: str) -> float:
+    """How many replies ``service`` has dropped for a reply subject outside the inboxes (``kind``:
+    "request" or "discovery"), from its Prometheus counter."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("stablealign_replies_refused_total", {"service": service, "kind": kind}) or 0.0
