@@ -28,8 +28,15 @@ from stablealign.serving.service import start_service
 from stablealign.v1 import world_pb2
 from tests.integration.test_nats_security import SecuredNats
 from tests.support.attacks import (
-    OTHER, OWNER, TARGETS, VICTIM,
-    Owners, denials, refused_publish, replies_refused, send_misdirected,
+    OTHER,
+    OWNER,
+    TARGETS,
+    VICTIM,
+    Owners,
+    denials,
+    refused_publish,
+    replies_refused,
+    send_misdirected,
 )
 
 pytestmark = pytest.mark.timeout(120)
