@@ -651,10 +651,12 @@ def sampling_candidates(scores: Any, top_k: int, top_p: float) -> tuple[Any, Any
 def ends_in_loop(tokens: Sequence[int], start: int, repeats: int, min_span: int, max_span: int) -> bool:
     """Whether ``tokens[start:]`` ends in ``repeats`` consecutive copies of one span of ``min_span`` to
     ``max_span`` tokens (checked each step, so only spans the last token completes are looked at)."""
-    own = len(tokens) - start
-    for span in range(min_span, min(max_span, own // repeats) + 1):
-        tail = tokens[len(tokens) - span:]
-        if all(tokens[len(tokens) - (k + 1) * span:len(tokens) - k * span] == tail for k in range(1, repeats)):
+    end = len(tokens)
+    for span in range(min_span, min(max_span, (end - start) // repeats) + 1):
+        if tokens[end - 1] != tokens[end - 1 - span]:  # most spans fail here, before any slice is copied
+            continue
+        tail = tokens[end - span:]
+        if all(tokens[end - (k + 1) * span:end - k * span] == tail for k in range(1, repeats)):
             return True
     return False
 
