@@ -44,7 +44,7 @@ run: install
 # interactions), with the paper's ablation (SFT-only on the same data) and the human-data reference
 # (SFT on the HH-RLHF prior split), evaluated on 500 held-out pairs and 32 held-out questions.
 STUDY_OUT ?= runs/study
-STUDY_ARGS ?= --size 8 --rounds 4 --train-steps 32 --eval-limit 500 --questions 32 --ablation
+STUDY_ARGS ?= --size 8 --rounds 4 --train-steps 64 --eval-limit 679 --questions 64 --ablation
 study: install
 	$(VENV)/bin/stable-align pipeline --out $(STUDY_OUT) $(STUDY_ARGS)
 

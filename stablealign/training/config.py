@@ -50,7 +50,8 @@ class StableAlignmentConfig:
                                    LR_SCHEDULERS)
     warmup_ratio: float = _help("Fraction of the steps with a linear warm-up.", 0.03)
     max_grad_norm: float = _help("Gradient clipping norm (0: none).", 1.0)
-    bf16: bool = _help("bf16 mixed precision where the device supports it (CUDA); fp32 elsewhere.", True)
+    bf16: bool = _help("bf16 mixed precision where the device computes bf16 natively (CUDA, AVX512-BF16/AMX CPUs); "
+                       "fp32 elsewhere.", True)
     margin: float = _help("Margin constant of the ranking penalty.", 10.0)
     ratio: float = _help("Weight of the ranking penalty.", 0.2)
     rating_scale: float = _help("Span of the ratings (7 for 1-7).", 7.0)

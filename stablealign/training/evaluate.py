@@ -86,6 +86,7 @@ def preference_accuracy(model: Any, tokenizer: Any, hh_path: str | Path | None =
             "mean_logprob_rejected": sum(mean_r) / len(examples),
             "chosen_nll": sum(nll) / len(nll), "chosen_nll_ci95": bootstrap_ci(nll), "chosen_nll_items": nll,
             "logprob_chosen": [lp for lp, _ in chosen], "logprob_rejected": [lp for lp, _ in rejected],
+            "tokens_chosen": [n for _, n in chosen], "tokens_rejected": [n for _, n in rejected],
             "items": wins}
 
 
@@ -99,7 +100,8 @@ def reference_normalised_accuracy(base: dict[str, Any], trained: dict[str, Any])
     The accuracy of DPO's implicit reward (RewardBench, TRL): per pair, the trained model's gain in
     summed log-likelihood on the chosen answer against its gain on the rejected one; ties 1/2. A
     model compared with itself scores exactly 1/2. ``base`` and ``trained`` are
-    ``preference_accuracy`` results on the same pairs; the interval is a bootstrap over pairs.
+    ``preference_accuracy`` results on the same pairs; the interval is a bootstrap over pairs. With the
+    pairs' token counts, ``per_token`` holds the same on the mean gain per token.
     """
     keys = ("logprob_chosen", "logprob_rejected")
     if not all(isinstance(part.get(k), list) for part in (base, trained) for k in keys):
@@ -107,8 +109,22 @@ def reference_normalised_accuracy(base: dict[str, Any], trained: dict[str, Any])
     b_c, b_r, t_c, t_r = base[keys[0]], base[keys[1]], trained[keys[0]], trained[keys[1]]
     if not len(b_c) == len(t_c) == len(b_r) == len(t_r) or not b_c:
         return None
-    wins = [win(tc - bc, tr - br, LOGPROB_TIE) for bc, br, tc, tr in zip(b_c, b_r, t_c, t_r)]
-    margins = [(tc - bc) - (tr - br) for bc, br, tc, tr in zip(b_c, b_r, t_c, t_r)]
+    result = _gain_accuracy([tc - bc for bc, tc in zip(b_c, t_c)], [tr - br for br, tr in zip(b_r, t_r)])
+    n_c, n_r = trained.get("tokens_chosen"), trained.get("tokens_rejected")
+    if isinstance(n_c, list) and isinstance(n_r, list) and len(n_c) == len(n_r) == len(b_c):
+        # Per token: a summed gain grows with the answer's length, and rejected HH-RLHF answers are the
+        # longer ones; the mean gain per token asks the same question without that lean.
+        result["per_token"] = _gain_accuracy(
+            [(tc - bc) / max(n, 1) for bc, tc, n in zip(b_c, t_c, n_c)],
+            [(tr - br) / max(n, 1) for br, tr, n in zip(b_r, t_r, n_r)], tie=LOGPROB_TIE / 100)
+    return result
+
+
+def _gain_accuracy(gain_chosen: Sequence[float], gain_rejected: Sequence[float], tie: float = LOGPROB_TIE,
+                   ) -> dict[str, Any]:
+    """How often the chosen answer gained more than the rejected one (ties 1/2), and by how much."""
+    wins = [win(c, r, tie) for c, r in zip(gain_chosen, gain_rejected)]
+    margins = [c - r for c, r in zip(gain_chosen, gain_rejected)]
     return {"accuracy": sum(wins) / len(wins), "ci95": bootstrap_ci(wins), "pairs": len(wins),
             "mean_margin": sum(margins) / len(margins), "mean_margin_ci95": bootstrap_ci(margins),
             "ties": sum(w == 0.5 for w in wins), "items": wins}
@@ -362,6 +378,20 @@ def differences(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def trained_versus(base: dict[str, Any], trained: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``trained`` - ``other``, paired over the same items: two trainings of one base side by side (the
+    paper's Stable Alignment vs SFT-only), on each measure and on each one's reference-normalised
+    accuracy against the base (summed and per token)."""
+    result = differences(other, trained)
+    ref_trained = reference_normalised_accuracy(base.get("preference") or {}, trained.get("preference") or {}) or {}
+    ref_other = reference_normalised_accuracy(base.get("preference") or {}, other.get("preference") or {}) or {}
+    result["reference_normalised_accuracy"] = paired_difference(ref_other.get("items") or [],
+                                                                ref_trained.get("items") or [])
+    result["reference_normalised_per_token"] = paired_difference(
+        (ref_other.get("per_token") or {}).get("items") or [], (ref_trained.get("per_token") or {}).get("items") or [])
+    return result
+
+
 def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = None, base: str | Path | None = None,
              hh_path: str | Path | None = None, limit: int | None = None, observer_backend: str | None = None,
              observer_model: str = "", observer_url: str = "", questions_limit: int = 32,
@@ -425,6 +455,8 @@ def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = No
         if compare:
             report["compare_difference"] = {name: differences(report["base"], result)
                                             for name, result in report["compare"].items()}
+            report["trained_versus"] = {name: trained_versus(report["base"], report["trained"], result)
+                                        for name, result in report["compare"].items()}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     plot_report(report, check_model_path(str(model)) / "train_log.jsonl", out / "report.png")
     log.info("eval.done", extra={"out": str(out)})

@@ -22,7 +22,9 @@ responses of a group in one forward pass and a per-group reduction, which the Tr
   where accelerate's ``cpu_ram_efficient_loading`` broadcasts rank 0's full state dict into each
   rank's shards. A node then holds one host copy of the model at start-up, not one per GPU
   (8 x 27 GB for LLaMA-7B in float32 before), and the other ranks never open a weights file.
-- bf16 autocast only where CUDA supports it; fp32 elsewhere (CPU bf16 is slow and not what we test).
+- bf16 autocast where the device multiplies bf16 natively: CUDA with bf16, or a CPU with AVX512-BF16/AMX
+  outside FSDP (weights, gradients and the optimizer stay float32); fp32 elsewhere, where bf16 is emulated
+  and slower than fp32.
 
 ``python -m stablealign.training.train --model ... --data ... --out ...`` is the torchrun entry point;
 ``stable-align train`` is the same command.
@@ -154,10 +156,19 @@ def load_base_model(model_dir: Path, *, empty: bool) -> Any:
     return model
 
 
-def mixed_precision(bf16: bool) -> str:
+def mixed_precision(bf16: bool, *, fsdp: bool = False) -> str:
+    """accelerate's ``mixed_precision`` for a run asking for bf16: "bf16" where the device computes it
+    natively, "no" where bf16 would be emulated. On CPU, FSDP stays float32: its sharded mixed-precision
+    path is CUDA's."""
     import torch
 
-    return "bf16" if bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if not bf16:
+        return "no"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    from stablealign.llm.backends.batching import native_bf16
+
+    return "bf16" if native_bf16() and not fsdp else "no"
 
 
 def check_model_path(path: str) -> Path:
@@ -299,7 +310,7 @@ def _accelerator(cfg: StableAlignmentConfig, layer_classes: list[str], *, rank0_
     """The accelerate ``Accelerator`` of a run; ``rank0_loading``: rank 0 alone holds the base weights and
     FSDP broadcasts them into the other ranks' shards (``cpu_ram_efficient_loading``)."""
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
-    from accelerate.state import PartialState
+    from accelerate.state import AcceleratorState, PartialState
 
     distributed = load_settings(LaunchSettings).world_size > 1
     plugin = None
@@ -321,8 +332,13 @@ def _accelerator(cfg: StableAlignmentConfig, layer_classes: list[str], *, rank0_
 
     cpu = not torch.cuda.is_available()  # accelerate only starts a gloo process group when told "cpu"
     PartialState(cpu=cpu)  # initialises the process group (gloo on CPU, nccl on CUDA) before the plugin
+    precision = mixed_precision(cfg.bf16, fsdp=plugin is not None)
+    if not distributed:
+        # accelerate keeps one precision per process; a process that trains again (the trainer's
+        # in-process jobs, the tests), maybe with another one, starts its accelerator state afresh.
+        AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=mixed_precision(cfg.bf16), fsdp_plugin=plugin)
+                              mixed_precision=precision, fsdp_plugin=plugin)
     if plugin is not None and cpu and load_settings(TrainingProcessSettings).fsdp_cpu:
         # accelerate only turns the FSDP plugin on for accelerator devices (MULTI_CPU silently becomes
         # DDP); torch's FSDP itself runs on CPU with gloo, so switch the state over by hand.
@@ -439,7 +455,7 @@ def _announce(run: _Run, start_step: int) -> None:
         log.info("train.metrics", extra={"port": port})
     log.info("train.start", extra={"groups": len(run.groups), "total_steps": run.total_steps,
                                    "start_step": start_step, "processes": accelerator.num_processes,
-                                   "precision": mixed_precision(cfg.bf16), "fsdp": cfg.fsdp or "none",
+                                   "precision": accelerator.mixed_precision, "fsdp": cfg.fsdp or "none",
                                    "distributed": str(accelerator.distributed_type),
                                    "wrapper": type(run.model).__name__})
 

@@ -221,6 +221,11 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float], what
                       "pairs (chosen rated above rejected; ties 1/2; 0.5 is chance)")
     if report_data:  # wide: in a pipe (make run > log) it is not cut to 80 columns
         (console if console.is_terminal else Console(width=220)).print(_eval_table(report_data))
+    for name, diff in (report_data.get("trained_versus") or {}).items():
+        console.print(f"trained - {name}, paired: reference-normalised "
+                      f"{_delta(diff.get('reference_normalised_accuracy')) or '-'}, per token "
+                      f"{_delta(diff.get('reference_normalised_per_token')) or '-'}; judge alignment "
+                      f"{_delta(diff.get('alignment'), 2) or '-'}; held-out loss {_delta(diff.get('heldout_loss')) or '-'}")
     console.print("step seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     console.print(f"outputs: records {sim / 'records.jsonl'}; data {out / 'data'}; model {out / 'trained'}; "
                   f"report {report_file}, {report / 'report.png'}", soft_wrap=True)
@@ -254,7 +259,8 @@ def _eval_table(report: dict) -> Table:
     # (label, part, field, its interval, difference key, digits)
     rows = ((f"HH-RLHF preference accuracy ({pairs} held-out pairs)", "preference", "accuracy", "ci95",
              "preference_accuracy", 3),
-            ("reference-normalised accuracy vs base (0.5: no change)", None, None, None, None, 3),
+            ("reference-normalised accuracy vs base (0.5: no change)", None, "summed", None, None, 3),
+            ("  the same per token (length-normalised)", None, "per_token", None, None, 3),
             (f"held-out Stable Alignment loss ({groups} groups)", "heldout", "loss", "ci95", "heldout_loss", 3),
             ("  of which ranking penalty", "heldout", "loss/penalty", None, None, 3),
             (f"judge alignment of answers, expected 1-7 ({questions} questions{judged})", "alignment",
@@ -267,6 +273,7 @@ def _eval_table(report: dict) -> Table:
         for name in models:
             if part is None:  # reference-normalised: a figure of a model against the base
                 ref = (vs_base.get(name) or {}).get("reference_normalised_accuracy") or {}
+                ref = ref if field == "summed" else ref.get(field) or {}
                 cells.append(format_figure(ref.get("accuracy"), ref.get("ci95"), digits) if name != "base" else "-")
             else:
                 got = results[name].get(part) or {}

@@ -93,6 +93,9 @@ def test_eval_report_holds_every_measure_the_judge_and_compared_models(workdir, 
     assert ref["pairs"] == 24 and 0 <= ref["accuracy"] <= 1
     # The same model compared twice reads the same against the base.
     assert report["compare_difference"]["again"]["reference_normalised_accuracy"]["items"] == ref["items"]
+    assert ref["per_token"]["pairs"] == 24
+    versus = report["trained_versus"]["again"]  # the model against itself: no difference, paired
+    assert versus["reference_normalised_accuracy"]["delta"] == versus["reference_normalised_per_token"]["delta"] == 0
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

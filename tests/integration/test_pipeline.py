@@ -34,7 +34,8 @@ def test_offline_pipeline_with_ablation_reports_every_model_beside_the_judge(tmp
     summary = result.stdout
     assert "judge (llm-expected): agreement with human preference" in summary
     for text in ("reference-normalised accuracy vs base", "sft_only - base", "hh_sft - base",
-                 "guard: held-out NLL of chosen answers", "guard: share of repeated text", "judge agreement"):
+                 "guard: held-out NLL of chosen answers", "guard: share of repeated text", "judge agreement",
+                 "the same per token", "trained - sft_only, paired: reference-normalised"):
         assert text in summary, text
     hh_sft = (out / "data" / "hh-sft.jsonl").read_text().splitlines()
     assert len(hh_sft) > 1000 and all(len(json.loads(line)["responses"]) == 1 for line in hh_sft[:20])

@@ -30,6 +30,31 @@ def test_gains_on_chosen_above_gains_on_rejected_count_as_wins():
     assert trained["logprob_chosen"][3] < trained["logprob_rejected"][3]
 
 
+def test_per_token_gains_take_the_length_lean_out_of_the_summed_ones():
+    # A long rejected answer (40 tokens) gains more in sum, less per token, than a short chosen one (5).
+    base = {**pref([-10.0, -10.0], [-50.0, -10.0]), "tokens_chosen": [5, 5], "tokens_rejected": [40, 5]}
+    trained = {**pref([-9.0, -9.0], [-48.0, -9.0]), "tokens_chosen": [5, 5], "tokens_rejected": [40, 5]}
+    result = E.reference_normalised_accuracy(base, trained)
+    assert result["items"] == [0.0, 0.5]  # summed: +1 against +2, then a tie
+    per_token = result["per_token"]
+    assert per_token["items"] == [1.0, 0.5] and per_token["accuracy"] == pytest.approx(0.75)
+    assert per_token["mean_margin"] == pytest.approx((1 / 5 - 2 / 40) / 2)
+    assert "per_token" not in E.reference_normalised_accuracy(pref([-1.0], [-2.0]), pref([-1.0], [-3.0]))
+
+
+def test_two_trainings_of_one_base_compare_paired_on_their_gains():
+    base = {"preference": {**pref([-10.0] * 4, [-10.0] * 4), "tokens_chosen": [4] * 4, "tokens_rejected": [4] * 4}}
+    # gains (chosen, rejected): stable alignment wins 3 pairs of 4, sft-only 1 of 4
+    stable = {"preference": {**pref([-8.0, -8.0, -8.0, -12.0], [-9.0, -9.0, -9.0, -9.0]),
+                             "tokens_chosen": [4] * 4, "tokens_rejected": [4] * 4}}
+    sft = {"preference": {**pref([-8.0, -12.0, -12.0, -12.0], [-9.0, -9.0, -9.0, -9.0]),
+                          "tokens_chosen": [4] * 4, "tokens_rejected": [4] * 4}}
+    versus = E.trained_versus(base, stable, sft)
+    assert versus["reference_normalised_accuracy"]["delta"] == pytest.approx(0.75 - 0.25)
+    assert versus["reference_normalised_per_token"]["delta"] == pytest.approx(0.5)
+    assert E.trained_versus(base, sft, sft)["reference_normalised_accuracy"]["delta"] == 0.0
+
+
 def test_reference_normalised_needs_the_same_pairs():
     assert E.reference_normalised_accuracy(pref([-1.0], [-2.0]), pref([-1.0, -2.0], [-2.0, -1.0])) is None
     assert E.reference_normalised_accuracy({}, pref([-1.0], [-2.0])) is None

@@ -289,3 +289,20 @@ def test_job_args_keep_the_old_flags_and_are_checked():
                         ({"lr": "-1"}, "learning_rate must be > 0"), ({"warmup_ratio": "1"}, r"warmup_ratio must")]:
         with pytest.raises(ValidationError, match=match):
             train_flags(args)
+
+
+@pytest.mark.parametrize("bf16,cuda,native,fsdp,expected", [
+    (True, False, True, False, "bf16"),  # a CPU that multiplies bf16 natively: autocast
+    (True, False, False, False, "no"),  # emulated bf16 is slower than float32
+    (True, False, True, True, "no"),  # FSDP on CPU stays float32
+    (False, False, True, False, "no"),
+])
+def test_bf16_only_where_the_cpu_computes_it(monkeypatch, bf16, cuda, native, fsdp, expected):
+    import torch
+
+    from stablealign.llm.backends import batching
+    from stablealign.training.train import mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(batching, "native_bf16", lambda: native)
+    assert mixed_precision(bf16, fsdp=fsdp) == expected
