@@ -1,7 +1,8 @@
 """Real-model throughput of the society, against what the model itself can do on this machine.
 
     python -m bench.real_model [--model smollm2-135m-instruct] [--sizes 3,8] [--rounds 1]
-                               [--engines] [--llamacpp] [--baseline-src DIR] [--json FILE]
+                               [--engines] [--llamacpp] [--training] [--baseline-src DIR]
+                               [--json FILE]
 
 Measured in one run:
 
@@ -19,7 +20,9 @@ Measured in one run:
 - with ``--engines``, 32 chat requests through our batching engine (``HFChatBackend``, all in flight)
   and through transformers' own continuous batching (``generate_batch``), greedy, same prompts;
 - with ``--llamacpp``, the smallest world through llama.cpp's OpenAI-compatible server on the
-  model's GGUF (``openai`` backend), where ``llama_cpp`` is installed.
+  model's GGUF (``openai`` backend), where ``llama_cpp`` is installed;
+- with ``--training``, our trainer's tokens/s on the model in float32 and in bf16 autocast, against a
+  ceiling of a third of the prefill rate at the same precision.
 
 A busy machine skews every figure: the 1-minute load average is printed before and after.
 """
@@ -187,6 +190,40 @@ def llamacpp_world(model: str, size: int, rounds: int) -> dict[str, Any]:
                                                 "--model", server.alias])
 
 
+def training(model: str, *, steps: int = 5, batch: int = 4, max_length: int = 256) -> dict[str, Any]:
+    """Our trainer (``stable-align train``) on the model, float32 and bf16 autocast, each in a child
+    process on the same groups (HH-RLHF answers, 3 a group): the real tokens a second of its steps
+    (the first step, warm-up, left out), from its ``train_log.jsonl``."""
+    import random
+
+    from stablealign.sandbox.data import load_hh_pairs
+
+    pairs, rng = load_hh_pairs(), random.Random(0)
+    groups = [{"query": pairs[i].question, "responses": [pairs[i].chosen, pairs[i].rejected, pairs[i + 7].chosen],
+               "scores": rng.sample(range(1, 8), 3)} for i in range(steps * batch)]
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "groups.jsonl"
+        data.write_text("".join(json.dumps(g) + "\n" for g in groups))
+        for name, flag in (("float32", "--no-bf16"), ("bf16", "--bf16")):
+            out = Path(tmp) / name
+            command = [sys.executable, "-m", "stablealign.training.train", "--model", str(_model_path(model)),
+                       "--data", str(data), "--out", str(out), "--max-steps", str(steps), "--batch-size", str(batch),
+                       "--grad-accum", "1", "--max-length", str(max_length), "--save-steps", "0", "--num-comp", "3",
+                       "--no-group-by-length", flag]
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
+            log = out / "train_log.jsonl"
+            if done.returncode != 0 or not log.is_file():
+                result[name] = {"error": done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
+                continue
+            rows = [json.loads(line) for line in log.read_text().splitlines()][1:]
+            rates = [row["tokens_per_second"] for row in rows]
+            result[name] = {"tokens_per_s": sum(rates) / max(len(rates), 1), "steps": len(rates),
+                            "precision": "bf16" if '"precision": "bf16"' in done.stderr or "precision=bf16" in
+                            done.stderr else "no"}
+    return result
+
+
 def _load() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
@@ -201,6 +238,20 @@ def _row(name: str, world: dict[str, Any], top: dict[str, Any], base: dict[str, 
             f" {world['tokens_per_s']:>8.1f} {world['generated_per_s']:>8.1f} {frac:>8.1%} {ratio:>7}")
 
 
+def _print_training(figures: dict[str, Any], top: dict[str, Any]) -> None:
+    """A training step costs about three forwards (forward, and a backward of two matrix products each):
+    the ceiling is a third of the prefill rate at the step's precision."""
+    print("\ntraining (our trainer, 4 groups of 3 responses a step, max length 256; ceiling = prefill rate / 3):")
+    ceilings = {"float32": top["prefill_float32_tokens_per_s"] / 3, "bf16": top["prefill_tokens_per_s"] / 3}
+    for name, got in figures.items():
+        if "error" in got:
+            print(f"  {name:<8} failed: {got['error']}")
+            continue
+        ratio = got["tokens_per_s"] / figures["float32"]["tokens_per_s"] if "error" not in figures["float32"] else 0
+        print(f"  {name:<8} {got['tokens_per_s']:7.1f} tokens/s ({got['precision']}), {ratio:.2f}x float32, "
+              f"{got['tokens_per_s'] / ceilings[name]:.0%} of its ceiling {ceilings[name]:.0f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -208,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--engines", action="store_true", help="our engine vs transformers' continuous batching")
     parser.add_argument("--llamacpp", action="store_true", help="the smallest world through llama.cpp's server")
+    parser.add_argument("--training", action="store_true", help="our trainer, float32 and bf16, against the ceiling")
     parser.add_argument("--baseline-src", type=Path, default=None, help="a checkout to compare with")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -228,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         report["llamacpp"] = llamacpp_world(args.model, min(sizes), args.rounds)
     if args.engines:
         report["engines"] = engines(args.model)
+    if args.training:
+        report["training"] = training(args.model)
     print(f"\n{'world':<34} {'rec':>4} {'seconds':>8} {'inter/min':>9} {'tok/s':>8} {'gen/s':>8} "
           f"{'ceiling':>8} {'vs base':>7}")
     for size in sizes:
@@ -249,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<16} " + (f"failed: {figures['error']}" if "error" in figures else
                                      f"{figures['tokens']} tokens in {figures['seconds']:.1f} s = "
                                      f"{figures['tokens_per_s']:.1f} tokens/s"))
+    if "training" in report:
+        _print_training(report["training"], top)
     print(f"\nload average after: {_load()}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))

@@ -108,7 +108,7 @@ class WorldStore:
         removed before delivery and its new one not yet counted, and would be missing from the list."""
         kv = await self.kv()
         prefix = f"$KV.{subjects.WORLDS_BUCKET}."
-        info = await self.js.stream_info(f"KV_{subjects.WORLDS_BUCKET}", subjects_filter=f"{prefix}>")
+        info = await self.js.stream_info(subjects.kv_stream(subjects.WORLDS_BUCKET), subjects_filter=f"{prefix}>")
         waiting = {subject[len(prefix):] for subject in (info.state.subjects or {})}
         watcher = await kv.watchall()
         worlds: dict[str, world_pb2.World] = {}

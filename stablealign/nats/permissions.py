@@ -68,8 +68,8 @@ JS_API = "$JS.API"
 RESPONSE_WINDOW = "30m"
 # The nats-server variable holding a role's password, e.g. $NATS_WORLD_PASSWORD (from a Secret in k8s).
 PASSWORD_VARIABLE = "NATS_{role}_PASSWORD"
-WORLDS_KV = f"KV_{subjects.WORLDS_BUCKET}"
-JOBS_KV = f"KV_{subjects.JOBS_BUCKET}"
+WORLDS_KV = subjects.kv_stream(subjects.WORLDS_BUCKET)
+JOBS_KV = subjects.kv_stream(subjects.JOBS_BUCKET)
 
 
 def kv_subjects(bucket: str) -> str:

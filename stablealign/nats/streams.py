@@ -159,7 +159,7 @@ async def ensure_bucket(js: JetStreamContext, bucket: str) -> None:
         except nats.js.errors.BadRequestError:
             pass  # another process created it in between
         return
-    info = await js.stream_info(f"KV_{bucket}")
+    info = await js.stream_info(subjects.kv_stream(bucket))
     update = bucket_update(info.config, bucket, limits)
     if update is not None:
         await js.update_stream(update)

@@ -57,6 +57,11 @@ POOL_STREAM = "SANDBOX_MEMORY_POOLS"
 POOL_SUBJECT = "sandbox.pools.{pool_id}.{chunk}"
 
 
+def kv_stream(bucket: str) -> str:
+    """The stream a KV bucket is stored in (JetStream's naming): what stream info and permissions name."""
+    return f"KV_{bucket}"
+
+
 def batch_subject(subject: str) -> str:
     """The subject that answers batches of ``subject``'s requests."""
     return subject + BATCH_SUFFIX
