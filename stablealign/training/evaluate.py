@@ -27,6 +27,7 @@ from typing import Any
 
 from stablealign.core.errors import ValidationError
 from stablealign.core.logs import get_logger
+from stablealign.core.timing import timed
 from stablealign.sandbox.stats import bootstrap_ci, paired_difference, win
 from stablealign.training.template import encode_example
 from stablealign.training.train import check_model_path
@@ -234,20 +235,27 @@ def evaluate_model(path: str | Path, *, groups: Sequence[Any], hh_path: str | Pa
 
     model, tokenizer = load_model(path)
     result: dict[str, Any] = {"model": str(path)}
-    result["preference"] = preference_accuracy(model, tokenizer, hh_path, limit=limit, max_length=max_length)
-    result["heldout"] = heldout_loss(model, tokenizer, groups, max_length=max_length)
+    seconds: dict[str, float] = {}
+    with timed(seconds, "preference"):
+        result["preference"] = preference_accuracy(model, tokenizer, hh_path, limit=limit, max_length=max_length)
+    with timed(seconds, "heldout"):
+        result["heldout"] = heldout_loss(model, tokenizer, groups, max_length=max_length)
     if questions:
-        answers = generate(model, tokenizer, list(questions), max_new_tokens=max_new_tokens)
+        with timed(seconds, "answers"):
+            answers = generate(model, tokenizer, list(questions), max_new_tokens=max_new_tokens)
         result["guard"] = answer_guard(answers, tokenizer)
         result["guard"]["chosen_nll"] = result["preference"]["chosen_nll"]
         result["guard"]["chosen_nll_ci95"] = result["preference"]["chosen_nll_ci95"]
         if judge is not None:
             try:
-                result["alignment"] = alignment_rating(answers, questions, observer, judge=judge)
+                with timed(seconds, "judge"):
+                    result["alignment"] = alignment_rating(answers, questions, observer, judge=judge)
             except ImportError as exc:
                 result["alignment"] = {"error": f"judge unavailable: {exc}"}
     elif judge is not None:
         result["alignment"] = {"error": "no held-out questions"}
+    result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    log.info("eval.model_done", extra={"model": str(path), **{f"{k}_seconds": v for k, v in result["seconds"].items()}})
     return result
 
 
