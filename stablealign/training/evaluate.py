@@ -375,24 +375,29 @@ DIFFERENCES = (  # name in the report -> (part of a model's result, its per-item
 )
 
 
+def paired_measures(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``other`` - ``base`` on every measure of ``DIFFERENCES``, paired over the same items."""
+    return {name: paired_difference((base.get(part) or {}).get(key) or [], (other.get(part) or {}).get(key) or [])
+            for name, part, key in DIFFERENCES}
+
+
 def differences(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     """``other`` - ``base`` on every measure, paired over the same items, and the reference-normalised
     preference accuracy of ``other`` against ``base``."""
-    result: dict[str, Any] = {
-        name: paired_difference((base.get(part) or {}).get(key) or [], (other.get(part) or {}).get(key) or [])
-        for name, part, key in DIFFERENCES}
+    result = paired_measures(base, other)
     result["reference_normalised_accuracy"] = reference_normalised_accuracy(base.get("preference") or {},
                                                                             other.get("preference") or {})
     return result
 
 
-def trained_versus(base: dict[str, Any], trained: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+def trained_versus(trained: dict[str, Any], other: dict[str, Any], trained_vs_base: dict[str, Any],
+                   other_vs_base: dict[str, Any]) -> dict[str, Any]:
     """``trained`` - ``other``, paired over the same items: two trainings of one base side by side (the
     paper's Stable Alignment vs SFT-only), on each measure and on each one's reference-normalised
-    accuracy against the base (summed and per token)."""
-    result = differences(other, trained)
-    ref_trained = reference_normalised_accuracy(base.get("preference") or {}, trained.get("preference") or {}) or {}
-    ref_other = reference_normalised_accuracy(base.get("preference") or {}, other.get("preference") or {}) or {}
+    accuracy against the base (summed and per token), read from their ``differences`` to the base."""
+    result = paired_measures(other, trained)
+    ref_trained = trained_vs_base.get("reference_normalised_accuracy") or {}
+    ref_other = other_vs_base.get("reference_normalised_accuracy") or {}
     result["reference_normalised_accuracy"] = paired_difference(ref_other.get("items") or [],
                                                                 ref_trained.get("items") or [])
     result["reference_normalised_per_token"] = paired_difference(
@@ -463,8 +468,9 @@ def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = No
         if compare:
             report["compare_difference"] = {name: differences(report["base"], result)
                                             for name, result in report["compare"].items()}
-            report["trained_versus"] = {name: trained_versus(report["base"], report["trained"], result)
-                                        for name, result in report["compare"].items()}
+            report["trained_versus"] = {
+                name: trained_versus(report["trained"], result, report["difference"], report["compare_difference"][name])
+                for name, result in report["compare"].items()}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     plot_report(report, check_model_path(str(model)) / "train_log.jsonl", out / "report.png")
     log.info("eval.done", extra={"out": str(out)})

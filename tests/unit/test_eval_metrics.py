@@ -49,10 +49,11 @@ def test_two_trainings_of_one_base_compare_paired_on_their_gains():
                              "tokens_chosen": [4] * 4, "tokens_rejected": [4] * 4}}
     sft = {"preference": {**pref([-8.0, -12.0, -12.0, -12.0], [-9.0, -9.0, -9.0, -9.0]),
                           "tokens_chosen": [4] * 4, "tokens_rejected": [4] * 4}}
-    versus = E.trained_versus(base, stable, sft)
+    stable_vs_base, sft_vs_base = E.differences(base, stable), E.differences(base, sft)
+    versus = E.trained_versus(stable, sft, stable_vs_base, sft_vs_base)
     assert versus["reference_normalised_accuracy"]["delta"] == pytest.approx(0.75 - 0.25)
     assert versus["reference_normalised_per_token"]["delta"] == pytest.approx(0.5)
-    assert E.trained_versus(base, sft, sft)["reference_normalised_accuracy"]["delta"] == 0.0
+    assert E.trained_versus(sft, sft, sft_vs_base, sft_vs_base)["reference_normalised_accuracy"]["delta"] == 0.0
 
 
 def test_reference_normalised_needs_the_same_pairs():
