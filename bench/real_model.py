@@ -211,7 +211,8 @@ def training(model: str, *, steps: int = 5, batch: int = 4, max_length: int = 25
                        "--data", str(data), "--out", str(out), "--max-steps", str(steps), "--batch-size", str(batch),
                        "--grad-accum", "1", "--max-length", str(max_length), "--save-steps", "0", "--num-comp", "3",
                        "--no-group-by-length", flag]
-            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800,
+                                  env={**os.environ, "STABLEALIGN_LOG_FORMAT": "json"})
             log = out / "train_log.jsonl"
             if done.returncode != 0 or not log.is_file():
                 result[name] = {"error": done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
@@ -219,8 +220,7 @@ def training(model: str, *, steps: int = 5, batch: int = 4, max_length: int = 25
             rows = [json.loads(line) for line in log.read_text().splitlines()][1:]
             rates = [row["tokens_per_second"] for row in rows]
             result[name] = {"tokens_per_s": sum(rates) / max(len(rates), 1), "steps": len(rates),
-                            "precision": "bf16" if '"precision": "bf16"' in done.stderr or "precision=bf16" in
-                            done.stderr else "no"}
+                            "precision": "bf16" if '"precision": "bf16"' in done.stderr else "no"}
     return result
 
 
