@@ -23,6 +23,14 @@ share of tied groups.
   ranking term of the loss would have nothing to rank; the draft, answered to the same prompt and
   rated lower by the observer, is the natural negative.
 
+Responses that loop (``repetition.loops``: more than ``max_repeated`` of their word 3-grams repeat an
+earlier one) are demoted before the mix (``demote_loops``): scored 1, the rating scale's floor, so that
+the SFT term never imitates them and the ranking term of the loss pushes them below the group's other
+responses. Why: the small judge can rate a loop highly, and a model fine-tuned on its own greedy loops
+loops more. A loop whose group has no other response above 1 is dropped instead (it must not tie for
+best), and so is a group left without a response that does not loop. ``--max-repeated 1`` keeps every
+response as the judge rated it. ``data build`` reports how many were demoted and dropped.
+
 Handling of imperfect input (documented, tested):
 - a missing rating (``null``: the observer's answer could not be parsed) drops that response —
   never a made-up number; a group left with no response is not emitted; a group left with one
@@ -61,7 +69,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +83,7 @@ from stablealign.sandbox.records import (
     iter_json_lines,
     validate_record,
 )
+from stablealign.training.repetition import DEFAULT_MAX_REPEATED, loops
 from stablealign.training.template import format_critic_query, format_realignment_query
 
 log = get_logger(__name__)
@@ -257,6 +266,32 @@ def parse_mix(text: str) -> dict[str, float]:
     if len(weights) != 3 or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
         raise ValidationError(f"mix {text!r}: expected three non-negative numbers like 5:1:1, not all 0")
     return dict(zip(KINDS, weights))
+
+
+def demote_loops(groups: Iterable[AlignmentGroup],
+                 max_repeated: float = DEFAULT_MAX_REPEATED) -> tuple[list[AlignmentGroup], dict[str, Any]]:
+    """Groups with their looping responses scored 1 (module docstring), and the counts: responses
+    demoted, loops dropped (no other response above 1), groups dropped (nothing left that does not loop)."""
+    if not 0 <= max_repeated <= 1 or not math.isfinite(max_repeated):
+        raise ValidationError(f"max_repeated {max_repeated}: expected a share in [0, 1]")
+    counts: Counter = Counter()
+    out: list[AlignmentGroup] = []
+    for group in groups:
+        looping = [loops(r, max_repeated) for r in group.responses]
+        if not any(looping):
+            out.append(group)
+            continue
+        kept = [(r, s) for r, s, bad in zip(group.responses, group.scores, looping) if not bad]
+        if not kept:
+            counts["groups_dropped"] += 1
+            continue
+        floor = float(min(s for _, s in kept) <= 1)  # 1: a loop scored 1 would tie for best
+        pairs = [(r, 1.0) if bad else (r, s) for r, s, bad in zip(group.responses, group.scores, looping)
+                 if not (bad and floor)]
+        counts["loops_dropped" if floor else "demoted"] += sum(looping)
+        out.append(replace(group, responses=tuple(r for r, _ in pairs), scores=tuple(s for _, s in pairs)))
+    return out, {"max_repeated": max_repeated, "demoted": counts["demoted"], "loops_dropped": counts["loops_dropped"],
+                 "groups_dropped": counts["groups_dropped"]}
 
 
 def dedupe(groups: Iterable[AlignmentGroup]) -> list[AlignmentGroup]:
@@ -476,11 +511,13 @@ def _ties(groups: Sequence[AlignmentGroup]) -> dict[str, Any]:
 
 def build_alignment_data(records: Sequence[Mapping[str, Any]], groups: Sequence[AlignmentGroup] = (), *,
                          mix_ratio: str = DEFAULT_MIX, holdout: float = 0.1, seed: int = 0,
-                         scores: str = DEFAULT_SCORE_SOURCE) -> BuildResult:
-    """mine -> dedupe -> mix (seeded) -> split by question (seeded); with counts for the report."""
+                         scores: str = DEFAULT_SCORE_SOURCE,
+                         max_repeated: float = DEFAULT_MAX_REPEATED) -> BuildResult:
+    """mine -> demote loops -> dedupe -> mix (seeded) -> split by question (seeded); with counts for the report."""
     weights = parse_mix(mix_ratio)
     mined = mine_records(records, scores=scores) + list(groups)
-    unique = dedupe(mined)
+    guarded, looping = demote_loops(mined, max_repeated)
+    unique = dedupe(guarded)
     mixed = mix(unique, weights, random.Random(seed))
     train, heldout = split_holdout(mixed, holdout, random.Random(seed + 1))
     kinds = sorted({g.kind for g in mined}, key=lambda k: (KINDS + (k,)).index(k))
@@ -494,6 +531,7 @@ def build_alignment_data(records: Sequence[Mapping[str, Any]], groups: Sequence[
         "total": {"mined": len(mined), "unique": len(unique), "mixed": len(mixed), "train": len(train),
                   "heldout": len(heldout)},
         "dropped_null_ratings": _count_null_ratings(records),
+        "loops": looping,
         "ties": {"train": _ties(train), "heldout": _ties(heldout)},
     }
     return BuildResult(train, heldout, stats)
@@ -557,5 +595,10 @@ def print_stats(stats: Mapping[str, Any]) -> None:
         console.print(f"tied groups (every response scored the same; nothing to rank): {ties['tied']} of "
                       f"{ties['multi_response']} training groups with 2+ responses ({100 * ties['tied_share']:.0f} %), "
                       f"scores: {stats.get('scores', 'rating')}")
+    looping = stats.get("loops") or {}
+    if any(looping.get(k) for k in ("demoted", "loops_dropped", "groups_dropped")):
+        console.print(f"looping responses (over {looping['max_repeated']:g} of their 3-grams repeated): "
+                      f"{looping['demoted']} scored 1, {looping['loops_dropped']} dropped; "
+                      f"{looping['groups_dropped']} groups with nothing else dropped")
     if stats.get("dropped_null_ratings"):
         console.print(f"missing ratings (null) dropped: {stats['dropped_null_ratings']}")

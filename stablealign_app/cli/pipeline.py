@@ -214,6 +214,11 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float], what
         console.print(f"alignment data: {total.get('train', '?')} training groups, {total.get('heldout', '?')} "
                       "held out (" + ", ".join(f"{kind} {row.get('train', 0)}" for kind, row in kinds.items()) + ")"
                       + tied)
+        looping = stats.get("loops") or {}
+        if looping:
+            console.print(f"looping responses (over {looping.get('max_repeated')} of 3-grams repeated): "
+                          f"{looping.get('demoted')} scored 1, {looping.get('loops_dropped')} dropped, "
+                          f"{looping.get('groups_dropped')} groups of loops only dropped")
     judge = report_data.get("judge") or {}
     if judge:
         console.print(f"judge ({judge.get('variant')}): agreement with human preference "
@@ -225,7 +230,10 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float], what
         console.print(f"trained - {name}, paired: reference-normalised "
                       f"{_delta(diff.get('reference_normalised_accuracy')) or '-'}, per token "
                       f"{_delta(diff.get('reference_normalised_per_token')) or '-'}; judge alignment "
-                      f"{_delta(diff.get('alignment'), 2) or '-'}; held-out loss {_delta(diff.get('heldout_loss')) or '-'}")
+                      f"{_delta(diff.get('alignment'), 2) or '-'}, "
+                      f"loops rated 1 {_delta(diff.get('alignment_guarded'), 2) or '-'}; "
+                      f"repeated text {_delta(diff.get('repeated_share')) or '-'}; "
+                      f"held-out loss {_delta(diff.get('heldout_loss')) or '-'}")
     console.print("step seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     console.print(f"outputs: records {sim / 'records.jsonl'}; data {out / 'data'}; model {out / 'trained'}; "
                   f"report {report_file}, {report / 'report.png'}", soft_wrap=True)
@@ -265,6 +273,7 @@ def _eval_table(report: dict) -> Table:
             ("  of which ranking penalty", "heldout", "loss/penalty", None, None, 3),
             (f"judge alignment of answers, expected 1-7 ({questions} questions{judged})", "alignment",
              "expected_mean", "expected_ci95", "alignment", 2),
+            ("  the same, answers that loop rated 1", "alignment", "guarded_mean", "guarded_ci95", "alignment_guarded", 2),
             ("guard: held-out NLL of chosen answers", "preference", "chosen_nll", "chosen_nll_ci95", "chosen_nll", 3),
             ("guard: answer length, tokens", "guard", "length_tokens", "length_ci95", "answer_length", 1),
             ("guard: share of repeated text", "guard", "repeated_share", "repeated_ci95", "repeated_share", 3))

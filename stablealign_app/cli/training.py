@@ -20,6 +20,7 @@ import typer
 from stablealign.core.errors import StableAlignError, UnavailableError
 from stablealign.training import cli as training_cli
 from stablealign.training.cli import STOP_AFTER_HELP, with_config_options
+from stablealign.training.repetition import DEFAULT_MAX_REPEATED
 from stablealign_app.cli.rules import exit_code
 
 data_app = typer.Typer(help="Alignment data from SANDBOX records.", no_args_is_help=True)
@@ -51,6 +52,9 @@ def data_build(
     seed: int = _opt(0, "--seed", "Seed of the mix sampling and of the split."),
     scores: str = _opt("expected", "--scores", "Which number scores a response: expected (the judge's expected "
                                                "rating where the record has one, else its 1-7 rating) or rating."),
+    max_repeated: float = _opt(DEFAULT_MAX_REPEATED, "--max-repeated",
+                               "Responses with more of their word 3-grams repeated than this share loop: scored 1 "
+                               "(never imitated), or dropped where they would tie for best; 1 keeps every response."),
 ) -> None:
     """Mine Alignment Imitation, Self-Critic and Realignment groups; print counts, score histograms, ties."""
     from services.world.client import read_record_rows
@@ -70,7 +74,7 @@ def data_build(
             if read.summary():  # what was not trained on, and why (malformed, foreign, duplicate)
                 typer.echo(f"warning: {read.summary()}", err=True)
         result = data_mod.build_alignment_data(rows, groups, mix_ratio=mix, holdout=holdout, seed=seed,
-                                               scores=scores)
+                                               scores=scores, max_repeated=max_repeated)
         if read is not None:
             result.stats["records_read"] = read.as_dict()
         if not result.train:

@@ -10,6 +10,7 @@ import pytest
 
 from stablealign.core.errors import ValidationError
 from stablealign.training import data as D
+from stablealign.training.repetition import loops
 
 
 def record(i: int, *, before=3, after=6, ratings=(4, 5), question=None) -> dict:
@@ -190,3 +191,52 @@ def test_build_reports_the_share_of_tied_groups():
     assert by_rating.stats["scores"] == "rating"
     histogram = D.build_alignment_data(rows, mix_ratio="1:0:0", holdout=0.0).stats["kinds"]["imitation"]["score_histogram"]
     assert histogram == {"1": 30, "2": 5, "3": 5}  # 1.5 and 2.5 rounded half up
+
+
+LOOP = "The answer is not. " * 8
+
+
+def test_looping_responses_are_scored_1_and_never_imitated():
+    row = record(0, before=6, after=3, ratings=(5, 6))
+    row["draft_answer"] = LOOP  # the judge rated the loop 6, the honest revision 3
+    imitation = D.mine_record(row)[0]
+    [demoted], counts = D.demote_loops([imitation])
+    assert demoted.responses == imitation.responses and demoted.scores == (1.0, 3.0)
+    assert counts == {"max_repeated": 0.3, "demoted": 1, "loops_dropped": 0, "groups_dropped": 0}
+    [kept], _ = D.demote_loops([imitation], max_repeated=1.0)  # 1 keeps every response as rated
+    assert kept.scores == (6.0, 3.0)
+
+
+def test_a_loop_that_would_tie_for_best_is_dropped_and_a_group_of_loops_too():
+    tie = D.AlignmentGroup("q", (LOOP, "Be kind."), (7.0, 1.0), "imitation")
+    only_loops = D.AlignmentGroup("q2", (LOOP, LOOP + "again"), (7.0, 6.0), "imitation")
+    clean = D.AlignmentGroup("q3", ("Be kind.", "Ignore them."), (5.0, 2.0), "imitation")
+    out, counts = D.demote_loops([tie, only_loops, clean])
+    assert [g.responses for g in out] == [("Be kind.",), ("Be kind.", "Ignore them.")]
+    assert out[1] is clean
+    assert counts == {"max_repeated": 0.3, "demoted": 0, "loops_dropped": 1, "groups_dropped": 1}
+    with pytest.raises(ValidationError, match="max_repeated"):
+        D.demote_loops([clean], max_repeated=1.5)
+
+
+def test_build_and_cli_report_looping_responses(tmp_path):
+    from typer.testing import CliRunner
+
+    from stablealign_app.cli.main import app
+
+    rows = [record(i) for i in range(10)]
+    for row in rows[:4]:
+        row["revised_answer"] = LOOP
+    stats = D.build_alignment_data(rows, mix_ratio="1:0:0", holdout=0.0).stats
+    assert stats["loops"]["demoted"] == 8  # counted as mined: each looping revision is in an imitation and a realignment group
+    records = _write(tmp_path, "records.jsonl", rows)
+    out = tmp_path / "alignment.jsonl"
+    result = CliRunner().invoke(app, ["data", "build", "--records", str(records), "--out", str(out), "--mix", "1:0:0",
+                                      "--holdout", "0"])
+    assert result.exit_code == 0, result.output
+    assert "looping responses" in result.output and "8 scored 1" in result.output
+    trained_on = D.load_alignment_groups(out)
+    assert all(max(g.scores) > 1 and not loops(g.responses[g.scores.index(max(g.scores))]) for g in trained_on)
+    off = CliRunner().invoke(app, ["data", "build", "--records", str(records), "--out", str(out), "--mix", "1:0:0",
+                                   "--holdout", "0", "--max-repeated", "1"])
+    assert off.exit_code == 0 and "looping responses" not in off.output
