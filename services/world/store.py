@@ -107,7 +107,7 @@ class WorldStore:
         watcher's first "nothing pending": a world written while the watcher starts can have its old entry
         removed before delivery and its new one not yet counted, and would be missing from the list."""
         kv = await self.kv()
-        prefix = f"$KV.{subjects.WORLDS_BUCKET}."
+        prefix = subjects.kv_key_prefix(subjects.WORLDS_BUCKET)
         info = await self.js.stream_info(subjects.kv_stream(subjects.WORLDS_BUCKET), subjects_filter=f"{prefix}>")
         waiting = {subject[len(prefix):] for subject in (info.state.subjects or {})}
         watcher = await kv.watchall()

@@ -74,7 +74,7 @@ JOBS_KV = subjects.kv_stream(subjects.JOBS_BUCKET)
 
 def kv_subjects(bucket: str) -> str:
     """The subjects a KV bucket's entries are written to (a put is a publish there)."""
-    return f"$KV.{bucket}.>"
+    return subjects.kv_key_prefix(bucket) + ">"
 
 
 def stream_reads(stream: str) -> tuple[str, ...]:

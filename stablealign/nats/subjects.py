@@ -62,6 +62,12 @@ def kv_stream(bucket: str) -> str:
     return f"KV_{bucket}"
 
 
+def kv_key_prefix(bucket: str) -> str:
+    """The subject prefix of a KV bucket's keys (JetStream's naming): a put of ``key`` is a publish on
+    this prefix + ``key``."""
+    return f"$KV.{bucket}."
+
+
 def batch_subject(subject: str) -> str:
     """The subject that answers batches of ``subject``'s requests."""
     return subject + BATCH_SUFFIX
