@@ -227,15 +227,17 @@ def heldout_eval_questions(limit: int) -> list[str]:
 
 def evaluate_model(path: str | Path, *, groups: Sequence[Any], hh_path: str | Path | None, limit: int | None,
                    observer: Any, questions: Sequence[str], max_length: int, judge: str | None = None,
-                   max_new_tokens: int = 64) -> dict[str, Any]:
+                   max_new_tokens: int = 64, bf16: bool = False) -> dict[str, Any]:
     from stablealign.training.generate import generate, load_model
+    from stablealign.training.scoring import scoring_autocast
 
     model, tokenizer = load_model(path)
     result: dict[str, Any] = {"model": str(path)}
     seconds: dict[str, float] = {}
-    with timed(seconds, "preference"):
+    device = next(model.parameters()).device
+    with timed(seconds, "preference"), scoring_autocast(bf16, device):
         result["preference"] = preference_accuracy(model, tokenizer, hh_path, limit=limit, max_length=max_length)
-    with timed(seconds, "heldout"):
+    with timed(seconds, "heldout"), scoring_autocast(bf16, device):
         result["heldout"] = heldout_loss(model, tokenizer, groups, max_length=max_length)
     if questions:
         with timed(seconds, "answers"):
@@ -408,7 +410,7 @@ def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = No
              observer_model: str = "", observer_url: str = "", questions_limit: int = 32,
              max_length: int = 360, sandbox_records: str | Path | None = None,
              compare: Mapping[str, str | Path] | None = None, judge_pairs: int = 300,
-             judge_variant: str | None = None) -> dict[str, Any]:
+             judge_variant: str | None = None, bf16: bool = False) -> dict[str, Any]:
     """Evaluates ``model`` (and ``base``, and each model of ``compare``), writes ``out/report.json``
     and ``out/report.png``.
 
@@ -416,7 +418,9 @@ def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = No
     difference to the base on each measure with a 95 % bootstrap interval (the same pairs, groups
     and questions for every model) and the reference-normalised preference accuracy. With an
     observer, the judge's agreement with human preference on ``judge_pairs`` eval-split HH-RLHF
-    pairs (``stablealign.llm.judges``) is measured once and reported beside its ratings.
+    pairs (``stablealign.llm.judges``) is measured once and reported beside its ratings. ``bf16`` scores
+    every model's log-likelihoods under bf16 autocast where the device computes it natively
+    (``scoring.scoring_autocast``); answers are generated in float32 either way.
     """
     from stablealign.llm.judges import DEFAULT_VARIANT, get_variant, judge_agreement
     from stablealign.sandbox.data import HH_SPLIT_RULE
@@ -443,7 +447,8 @@ def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = No
     report: dict[str, Any] = {"hh": str(hh_path or "default"), "hh_split": split or "all",
                               "hh_split_rule": HH_SPLIT_RULE if split else "", "limit": limit,
                               "heldout_data": str(data or ""), "observer_backend": observer_backend or "",
-                              "observer_model": observer_model, "questions": len(questions)}
+                              "observer_model": observer_model, "questions": len(questions),
+                              "scoring_bf16": bool(bf16)}
     if sandbox_records:
         report["sandbox"] = sandbox_curve(sandbox_records)
     if judge_variant is None and observer is not None:
@@ -455,7 +460,7 @@ def run_eval(model: str | Path, *, out: str | Path, data: str | Path | None = No
     if judged and judge_pairs:
         report["judge"] = judge_agreement(observer, variant=judge_variant, split="eval", limit=judge_pairs)
     common = dict(groups=groups, hh_path=hh_path, limit=limit, observer=observer, questions=questions,
-                  max_length=max_length, judge=judge_variant if judged else None)
+                  max_length=max_length, judge=judge_variant if judged else None, bf16=bf16)
     if base:
         report["base"] = evaluate_model(base, **common)
     report["trained"] = evaluate_model(model, **common)

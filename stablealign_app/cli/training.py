@@ -197,6 +197,8 @@ def eval_command(
     max_length: int = _opt(360, "--max-length", "Max tokens of prompt + response."),
     sandbox_records: Path | None = _opt(None, "--sandbox-records", "A world's records.jsonl: adds the per-round "
                                                                     "alignment curve to the report."),
+    bf16: bool = _opt(False, "--bf16/--no-bf16", "Score log-likelihoods under bf16 autocast where the CPU or GPU "
+                                                 "computes bf16 natively (faster; rounding differs from float32)."),
 ) -> None:
     """Preference accuracy (raw and reference-normalised), held-out loss, judge-rated alignment with the
     judge's agreement, collapse guard; 95 % intervals; base vs trained (and --compare models)."""
@@ -208,7 +210,7 @@ def eval_command(
         report = run_eval(model, out=out, data=data, base=base, hh_path=hh, limit=limit,
                           observer_backend=observer_backend, observer_model=observer_model, observer_url=observer_url,
                           questions_limit=questions, max_length=max_length, sandbox_records=sandbox_records,
-                          compare=_named_paths(compare, "--compare"), judge_pairs=judge_pairs, judge_variant=judge)
+                          compare=_named_paths(compare, "--compare"), judge_pairs=judge_pairs, judge_variant=judge, bf16=bf16)
     except (StableAlignError, FileNotFoundError) as exc:
         _fail(exc)
     judged = report.get("judge") or {}

@@ -48,3 +48,20 @@ def test_shared_prompts_score_as_full_forwards(tiny, budget):
     alone = sum(float(logprobs[t - 1, ids[t]]) for t in range(prompt_len, len(ids)))
     assert plain[0][0] == pytest.approx(alone, abs=1e-4)
     assert all(v < 0 for v, _ in shared)
+
+
+def test_bf16_scoring_rounds_only_where_the_device_computes_bf16(tiny):
+    from stablealign.llm.backends.batching import native_bf16
+
+    model, tokenizer = tiny
+    encoded = rows(tokenizer)
+    exact = scoring.response_logprobs(model, encoded, tokenizer.pad_token_id)
+    with scoring.scoring_autocast(False, "cpu"):
+        assert scoring.response_logprobs(model, encoded, tokenizer.pad_token_id) == exact
+    with scoring.scoring_autocast(True, "cpu"):
+        assert torch.is_autocast_cpu_enabled() == native_bf16()
+        rounded = scoring.response_logprobs(model, encoded, tokenizer.pad_token_id)
+    assert not torch.is_autocast_cpu_enabled()
+    assert [n for _, n in rounded] == [n for _, n in exact]
+    for (a, _), (b, _) in zip(rounded, exact):
+        assert a == pytest.approx(b, abs=0.05 * len(encoded[0][0]))  # bf16 rounding, not another model
