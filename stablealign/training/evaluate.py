@@ -134,33 +134,30 @@ def _gain_accuracy(gain_chosen: Sequence[float], gain_rejected: Sequence[float],
 
 def heldout_loss(model: Any, tokenizer: Any, groups: Sequence[Any], *, max_length: int = 360, batch_size: int = 8,
                  margin: float = 10.0, ratio: float = 0.2, rating_scale: float = 7.0) -> dict[str, Any]:
-    """Mean Stable Alignment loss (and its parts) over ``groups``, every response of each group."""
+    """Mean Stable Alignment loss (and its parts) over ``groups``, every response of each group.
+
+    Each response's token-mean cross-entropy comes from shared-prompt scoring (``scoring``): the
+    responses of a group share its query, so the query is computed once and the output head runs only
+    where a response token is predicted. The values are those of the training step's forward
+    (``loss.batch_response_losses`` on the collated group) up to float rounding."""
     import torch
 
-    from stablealign.training.collator import AlignmentCollator
-    from stablealign.training.loss import (
-        batch_response_losses,
-        model_takes_logits_to_keep,
-        stable_alignment_loss_parts,
-    )
+    from stablealign.training.loss import stable_alignment_loss_parts
 
     if not groups:
         return {"groups": 0, "loss": None, "loss/sft": None, "loss/penalty": None}
-    device = next(model.parameters()).device
-    n_max = max(len(g.responses) for g in groups)
-    collator = AlignmentCollator(tokenizer, max_length=max_length, num_comp=n_max, seed=0)
+    scored = _response_logprobs(model, tokenizer, [(g.query, r) for g in groups for r in g.responses], max_length,
+                                batch_size)
     per_group: list[tuple[float, float, float]] = []
-    window = model_takes_logits_to_keep(model)
-    for start in range(0, len(groups), batch_size):
-        chunk = groups[start: start + batch_size]
-        batch = {k: v.to(device) for k, v in collator(list(chunk)).items()}
-        with torch.no_grad():
-            losses = batch_response_losses(model, batch, logits_to_keep=window)  # the training step's own forward
-            for row in range(len(chunk)):  # one group at a time: per-group values for the interval
-                parts = stable_alignment_loss_parts(losses[row:row + 1], batch["scores"][row:row + 1],
-                                                    batch["mask"][row:row + 1], margin=margin, ratio=ratio,
-                                                    rating_scale=rating_scale)
-                per_group.append(tuple(float(v) for v in parts))
+    at = 0
+    for group in groups:
+        n = len(group.responses)
+        losses = torch.tensor([[-lp / max(count, 1) for lp, count in scored[at:at + n]]], dtype=torch.float64)
+        at += n
+        parts = stable_alignment_loss_parts(losses, torch.tensor([group.scores], dtype=torch.float64),
+                                            torch.ones(1, n, dtype=torch.bool), margin=margin, ratio=ratio,
+                                            rating_scale=rating_scale)
+        per_group.append(tuple(float(v) for v in parts))
     n = len(per_group)
     loss = [g[0] for g in per_group]
     return {"groups": n, "loss": sum(loss) / n, "ci95": bootstrap_ci(loss), "loss/sft": sum(g[1] for g in per_group) / n,

@@ -65,3 +65,26 @@ def test_bf16_scoring_rounds_only_where_the_device_computes_bf16(tiny):
     assert [n for _, n in rounded] == [n for _, n in exact]
     for (a, _), (b, _) in zip(rounded, exact):
         assert a == pytest.approx(b, abs=0.05 * len(encoded[0][0]))  # bf16 rounding, not another model
+
+
+def test_heldout_loss_is_the_training_forwards_loss(tiny):
+    """Shared-prompt scoring of held-out groups gives what the training step computes on the collated groups."""
+    from stablealign.training.collator import AlignmentCollator
+    from stablealign.training.data import AlignmentGroup
+    from stablealign.training.evaluate import heldout_loss
+    from stablealign.training.loss import batch_response_losses, stable_alignment_loss_parts
+
+    model, tokenizer = tiny
+    groups = [AlignmentGroup("How do I bake bread?", ("Knead it and wait.", "No.", "I will not help."), (5.0, 2.0, 3.5)),
+              AlignmentGroup("hi", ("Hello there, how can I help you today?",), (4.0,)),
+              AlignmentGroup("a much longer question about the weather and the sea " * 6, ("Rain.", "Sun."), (3.0, 3.0))]
+    got = heldout_loss(model, tokenizer, groups, max_length=48)
+    collator = AlignmentCollator(tokenizer, max_length=48, num_comp=3, seed=0)
+    expected = []
+    for group in groups:
+        batch = collator([group])
+        with torch.no_grad():
+            losses = batch_response_losses(model, batch, logits_to_keep=False)
+        expected.append(float(stable_alignment_loss_parts(losses, batch["scores"], batch["mask"]).loss))
+    assert got["groups"] == 3 and got["items"] == pytest.approx(expected, rel=1e-4)
+    assert got["loss"] == pytest.approx(sum(expected) / 3, rel=1e-4)
