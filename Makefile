@@ -72,7 +72,7 @@ chaos: install
 	$(PY) -m bench.chaos $(BENCH_CHAOS_ARGS)
 
 # Every attack route of docs/security-attacks.md, as each role, against a real nats-server with the generated
-# authorization block and real services on loopback (also part of `make test`).
+# accounts and users and real services on loopback (also part of `make test`).
 attack: install
 	$(PY) -m pytest -q tests/integration/test_attacks.py tests/integration/test_attacks_trainer.py tests/unit/test_grpc_authz.py tests/unit/test_k8s_nats_routes.py $(PYTEST_ARGS)
 

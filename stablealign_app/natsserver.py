@@ -65,7 +65,7 @@ class EmbeddedNatsServer:
     def __init__(self, store_dir: str | Path | None = None, port: int | None = None,
                  host: str = "127.0.0.1", max_payload: int = MAX_PAYLOAD_BYTES, *, config: str = "",
                  env: Mapping[str, str] | None = None, scheme: str = "nats", die_with_parent: bool = False) -> None:
-        """``config``: more nats.conf text, e.g. the ``authorization`` and ``tls`` blocks of
+        """``config``: more nats.conf text, e.g. the ``accounts`` and ``tls`` blocks of
         ``stablealign.nats.permissions.render_config``; ``env``: variables the server sees (the
         ``$NATS_<ROLE>_PASSWORD`` those blocks reference); ``scheme``: of ``url`` (``tls`` with a tls block).
         ``die_with_parent`` (Linux): the server gets SIGTERM when the thread that spawned it ends, so a command

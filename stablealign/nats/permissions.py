@@ -1,8 +1,8 @@
-"""Who may do what on NATS: one table of roles, and the nats-server ``authorization`` block made from it.
+"""Who may do what on NATS: one table of roles, and the nats-server ``accounts`` block made from it.
 
 Why a table in code: the subjects a process uses are named in ``stablealign.nats.subjects``; the
-permissions are built from the same constants, so renaming a stream or a subject changes the server's
-configuration with it (``deploy/k8s/base/nats-auth.conf`` is generated
+permissions, and what crosses between the accounts, are built from the same constants, so renaming a stream or
+a subject changes the server's configuration with it (``deploy/k8s/base/nats-auth.conf`` is generated
 from here, and a test fails when the committed file is stale).
 
 What the roles guard (issue 10): only the world may publish interaction records and memories and
@@ -19,12 +19,20 @@ with no limit on the number of messages, because a replica sends heartbeats ther
 model call, ``local_llm_deadline_seconds``). The server lets it publish to *any* reply subject a request
 names, not only inboxes: ``allow_responses`` is checked after, and wins over, the publish allow and deny
 lists (issue 19: a get with the reply ``$KV.SANDBOX_WORLDS.<id>`` overwrote a world). That a reply goes to an
-inbox is enforced by the responders themselves (``stablealign.nats.reply_subjects``: every other reply subject
-is dropped); the deny lists below guard what a role publishes on its own.
+inbox (or to the server's own reply subject of a request from the other account) is enforced by the responders
+themselves (``stablealign.nats.reply_subjects``: every other reply subject is dropped); the deny lists below
+guard what a role publishes on its own.
 
-The JetStream API answers to the reply subject its request names, unchecked too, so a read right is a
-right to have the server write that answer into any stream of the account: open, and only closed by
-putting the streams in accounts of their own (docs/security-attacks.md, note 5).
+Accounts (issue 19): the JetStream API answers to the reply subject its request names, unchecked too, so in
+one account a read right would be a right to have the server write that answer into any stream of the account.
+So the streams live in an account of their own, ``STREAMS``, with the two services that write them and keep
+push consumers on their buckets (deliveries of a push consumer do not cross accounts): the world and the
+trainer. The roles that only read (cli, agent, observer) are users of ``CLIENTS``, which has no JetStream. What
+a user of one account may publish that the other answers crosses as a service import under the same subject
+(``crossing``): the JetStream API and the world's and the trainer's request and ``$SRV`` subjects into
+``CLIENTS``, the agents' and observers' request subjects into ``STREAMS``. The server sends every answer of an
+imported request back to the asker's account, where no stream listens, whatever reply subject the asker named.
+Left open: the trainer shares the streams' account with the world (docs/security-attacks.md, note 5).
 
 Consumers (issue 19): a consumer's deliver subject is in the create request's payload, which no
 permission sees, so whoever may create a consumer may have the server publish a stream's messages to
@@ -45,6 +53,7 @@ one role's credentials cannot read the replies addressed to another (an agent's 
 records), which a shared ``_INBOX.>`` allowed.
 
 ``python -m stablealign.nats.permissions`` (``make nats-config``) prints or writes the block.
+An unsecured server (``make run``, the embedded one) has no users and one account; none of this applies there.
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ from stablealign.nats.auth import inbox_prefix_for
 from stablealign.nats.subjects import POOL_STREAM
 
 JS_API = "$JS.API"
+JS_API_ALL = f"{JS_API}.>"
 # How long a responder may keep answering (heartbeats, then the reply) one request it received:
 # longer than local_llm_deadline_seconds (25 min), the slowest step a request may wait for.
 RESPONSE_WINDOW = "30m"
@@ -168,15 +178,27 @@ def service_api(service: str) -> tuple[str, ...]:
     return ("$SRV.*", f"$SRV.*.{name}", f"$SRV.*.{name}.*")
 
 
+# The two accounts (module docstring): the streams' with their owners, and the one of those that only read.
+STREAMS_ACCOUNT = "STREAMS"
+CLIENTS_ACCOUNT = "CLIENTS"
+ACCOUNTS = (STREAMS_ACCOUNT, CLIENTS_ACCOUNT)
+# How long the server keeps the way back of a request that crossed accounts open while its responder is silent.
+# Every silence is shorter: a responder heartbeats a request that asks for it at least every 30 s
+# (``stablealign.nats.server``), and one that does not ask is answered at once or times out sooner.
+CROSSING_SILENCE = "2m"
+
+
 @dataclass(frozen=True)
 class Role:
-    """One NATS user: the subjects it may publish to and subscribe to, and whether it answers requests."""
+    """One NATS user: its account, the subjects it may publish to and subscribe to, and whether it answers
+    requests."""
 
     name: str
     description: str
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
     responds: bool = False
+    account: str = CLIENTS_ACCOUNT
 
     @property
     def publish_deny(self) -> tuple[str, ...]:
@@ -210,6 +232,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         ),
         subscribe=(*WORLD_REQUESTS, *service_api("world"), inboxes("world")),
         responds=True,
+        account=STREAMS_ACCOUNT,
     ),
     Role(
         "agent",
@@ -232,6 +255,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
                  *stream_owner(JOBS_KV), *stream_consumers(JOBS_KV)),  # listing jobs: the bucket's keys
         subscribe=(*TRAINER_REQUESTS, *service_api("trainer"), inboxes("trainer")),
         responds=True,
+        account=STREAMS_ACCOUNT,
     ),
     Role(
         "cli",
@@ -243,6 +267,45 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         subscribe=(inboxes("cli"),),
     ),
 )}
+
+
+def account_roles(account: str, roles: Mapping[str, Role] | None = None) -> tuple[Role, ...]:
+    """The roles (users) of ``account``."""
+    return tuple(r for r in (ROLES if roles is None else roles).values() if r.account == account)
+
+
+def served(account: str, roles: Mapping[str, Role] | None = None) -> tuple[str, ...]:
+    """What ``account`` answers: its responders' request and ``$SRV`` subjects, and, in the streams' account,
+    the read-only API of every stream (its JetStream answers them)."""
+    subjects_ = [s for r in account_roles(account, roles) if r.responds for s in r.subscribe
+                 if not s.startswith(inbox_prefix_for(r.name))]
+    if account == STREAMS_ACCOUNT:
+        subjects_ += [s for stream in _STREAMS for s in stream_reads(stream)]
+    return tuple(dict.fromkeys(subjects_))
+
+
+def crossing(source: str, target: str, roles: Mapping[str, Role] | None = None) -> tuple[str, ...]:
+    """The subjects ``source`` answers that a user of ``target`` may publish: ``source`` exports each as a
+    service and ``target`` imports it, unchanged. Nothing else crosses: no stream's subject, so a write that a
+    user's permissions let through by mistake lands in its own account, where no stream listens."""
+    publish = [p for r in account_roles(target, roles) for p in r.publish]
+    wanted = [s for s in served(source, roles) if any(subjects_overlap(s, p) for p in publish)]
+    # The JetStream API crosses whole or not at all: nats-server answers a message get through an import of
+    # the API's single subjects with "JetStream not enabled for account", through ``$JS.API.>`` with the
+    # message. What a user may call of it is its permissions' to say (``stream_reads``).
+    if any(s.startswith(JS_API + ".") for s in wanted):
+        wanted = [s for s in wanted if not s.startswith(JS_API + ".")] + [JS_API_ALL]
+    return tuple(wanted)
+
+
+def exports(account: str, roles: Mapping[str, Role] | None = None) -> tuple[str, ...]:
+    """The services ``account`` exports: what crosses to any other account."""
+    return tuple(dict.fromkeys(s for other in ACCOUNTS if other != account for s in crossing(account, other, roles)))
+
+
+def imports(account: str, roles: Mapping[str, Role] | None = None) -> tuple[tuple[str, str], ...]:
+    """The services ``account`` imports: (the account answering, subject)."""
+    return tuple((other, s) for other in ACCOUNTS if other != account for s in crossing(other, account, roles))
 
 
 @dataclass(frozen=True)
@@ -289,9 +352,41 @@ def _subjects(subjects: Sequence[str], indent: str) -> str:
     return f"[{items}\n{indent}]"
 
 
+def _render_user(role: Role, password: str) -> str:
+    responses = f"\n          allow_responses: {{max: -1, expires: {_quoted(RESPONSE_WINDOW)}}}" \
+        if role.responds else ""
+    return (f"      # {role.name}: {role.description}\n"
+            f"      {{\n"
+            f"        user: {_quoted(role.name)}\n"
+            f"        password: {_password(password)}\n"
+            f"        permissions: {{\n"
+            f"          publish: {{allow: {_subjects(role.publish, '          ')}\n"
+            f"          deny: {_subjects(role.publish_deny, '          ')}}}\n"
+            f"          subscribe: {{allow: {_subjects(role.subscribe, '          ')}}}{responses}\n"
+            f"        }}\n"
+            f"      }}")
+
+
+def _render_account(account: str, users: Sequence[str], roles: Mapping[str, Role]) -> str:
+    # response_type stream: a request that crosses may be answered by many messages (heartbeats, batched
+    # direct gets, every replica's $SRV answer).
+    exported = "".join(f"\n      {{service: {_quoted(s)}, response_type: stream, "
+                       f"response_threshold: {_quoted(CROSSING_SILENCE)}}}" for s in exports(account, roles))
+    imported = "".join(f"\n      {{service: {{account: {source}, subject: {_quoted(s)}}}}}"
+                       for source, s in imports(account, roles))
+    jetstream = "    jetstream: enabled\n" if account == STREAMS_ACCOUNT else ""
+    return (f"  {account} {{\n"
+            f"{jetstream}"
+            f"    users = [\n" + "\n".join(users) + "\n    ]\n"
+            f"    exports = [{exported}\n    ]\n"
+            f"    imports = [{imported}\n    ]\n"
+            f"  }}")
+
+
 def render_authorization(passwords: Mapping[str, str] | None = None,
                          roles: Mapping[str, Role] | None = None) -> str:
-    """The nats-server ``authorization { users = [...] }`` block of ``roles`` (default: all of ROLES).
+    """The nats-server ``accounts { ... }`` block of ``roles`` (default: all of ROLES): each role a user of
+    its account, each account's exports and imports.
 
     ``passwords`` maps a role to its password; missing roles get a reference to the server's
     environment variable ``$NATS_<ROLE>_PASSWORD`` (a value of the form ``$NAME`` is a reference too),
@@ -304,25 +399,17 @@ def render_authorization(passwords: Mapping[str, str] | None = None,
         raise ValueError(f"passwords for unknown roles {sorted(unknown)}; roles are {sorted(roles)}")
     lines = ["# Generated by `python -m stablealign.nats.permissions` (make nats-config) from",
              "# stablealign/nats/permissions.py: edit the table there, not this file.",
-             "authorization {",
-             "  # A client without a user and password is refused.",
-             "  users = ["]
-    for role in roles.values():
-        password = passwords.get(role.name) or f"${role.password_variable}"
-        responses = f"\n        allow_responses: {{max: -1, expires: {_quoted(RESPONSE_WINDOW)}}}" \
-            if role.responds else ""
-        lines.append(
-            f"    # {role.name}: {role.description}\n"
-            f"    {{\n"
-            f"      user: {_quoted(role.name)}\n"
-            f"      password: {_password(password)}\n"
-            f"      permissions: {{\n"
-            f"        publish: {{allow: {_subjects(role.publish, '        ')}\n"
-            f"        deny: {_subjects(role.publish_deny, '        ')}}}\n"
-            f"        subscribe: {{allow: {_subjects(role.subscribe, '        ')}}}{responses}\n"
-            f"      }}\n"
-            f"    }}")
-    lines += ["  ]", "}"]
+             f"# {STREAMS_ACCOUNT}: every stream and bucket, and the services that write them. {CLIENTS_ACCOUNT}: the",
+             "# users that only read them; they reach the JetStream API (their permissions allow reads only) and",
+             "# the services only through the imports below, so the server answers them into their own account,",
+             "# where no stream listens.",
+             "# A client without a user and password is refused.",
+             "accounts {"]
+    for account in ACCOUNTS:
+        users = [_render_user(role, passwords.get(role.name) or f"${role.password_variable}")
+                 for role in account_roles(account, roles)]
+        lines.append(_render_account(account, users, roles))
+    lines.append("}")
     return "\n".join(lines) + "\n"
 
 
@@ -339,7 +426,7 @@ def render_tls(tls: ServerTls) -> str:
 
 
 def render_config(passwords: Mapping[str, str] | None = None, tls: ServerTls | None = None) -> str:
-    """The authorization block, and the TLS block when ``tls`` is given: what a server config includes."""
+    """The accounts block, and the TLS block when ``tls`` is given: what a server config includes."""
     return render_authorization(passwords) + (render_tls(tls) if tls else "")
 
 
@@ -347,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m stablealign.nats.permissions [--out FILE] [--tls-cert ... --tls-key ...]``."""
     parser = argparse.ArgumentParser(
         prog="python -m stablealign.nats.permissions",
-        description="Write the nats-server authorization block (one user per role, passwords from "
+        description="Write the nats-server accounts block (one user per role, passwords from "
                     "$NATS_<ROLE>_PASSWORD) generated from stablealign/nats/permissions.py.")
     parser.add_argument("--out", type=Path, help="File to write (default: standard output).")
     parser.add_argument("--tls-cert", default="", help="Server certificate file: adds a tls {} block.")

@@ -78,6 +78,9 @@ MISDIRECTED = (
     (subjects.WORLD_GET, _GET(world_id=OTHER).SerializeToString(), f"sandbox.records.{VICTIM}"),
     (subjects.WORLD_LIST, b"", f"$KV.{subjects.WORLDS_BUCKET}.{VICTIM}"),
     (subjects.WORLD_GET, b"\xff\xff", f"$KV.{subjects.WORLDS_BUCKET}.{VICTIM}"),  # malformed: no error reply there either
+    # The asker's account imports the JetStream API: an answer is not a request through that import.
+    (subjects.WORLD_LIST, b"", f"$JS.API.STREAM.PURGE.{subjects.RECORDS_STREAM}"),
+    (subjects.WORLD_GET, _GET(world_id=OTHER).SerializeToString(), f"$JS.API.STREAM.DELETE.KV_{subjects.WORLDS_BUCKET}"),
 )
 DISCOVERY = (
     ("$SRV.PING", f"sandbox.records.{VICTIM}"),
@@ -95,12 +98,12 @@ async def test_misdirected_replies_change_no_world_and_no_record(target, caplog)
         nc = await nats_client.connect(secured.url, f"attacker-{role}", options=secured.options(role), give_up_after=5.0)
         await send_misdirected(nc, MISDIRECTED, DISCOVERY)
     assert await owners.state() == before
-    # Only the CLI may send these at all; the world service dropped each one of its, counted and said.
-    assert replies_refused("world", "request") - counted[0] == len(MISDIRECTED)
-    assert replies_refused("world", "discovery") - counted[1] == len(DISCOVERY)
-    said = [r for r in caplog.records if r.getMessage() in ("bus.reply_refused", "discovery.reply_refused")]
-    assert len(said) == len(MISDIRECTED) + len(DISCOVERY)
-    assert all(r.reply.startswith(("$KV.", "sandbox.records.")) for r in said)
+    # Only the CLI may send these at all, from the readers' account: each reached the world service with the
+    # server's own reply subject, and its answer went back to the forged subject in the CLI's account, where no
+    # stream listens. So the service had nothing to drop (it drops misdirected replies from its own account).
+    assert replies_refused("world", "request") == counted[0]
+    assert replies_refused("world", "discovery") == counted[1]
+    assert not [r for r in caplog.records if r.getMessage() in ("bus.reply_refused", "discovery.reply_refused")]
     # The other roles' sends were refused by the server itself.
     denied = " ".join(r.__dict__.get("error", "") for r in caplog.records if r.getMessage() == "nats.permission_denied")
     for subject in (subjects.WORLD_GET, "$SRV.PING"):
@@ -197,25 +200,79 @@ async def test_an_owner_creates_consumers_only_on_its_own_bucket(target, caplog)
     assert await owners.state() == before
 
 
+async def test_jetstream_api_answers_go_to_no_stream(target, caplog):
+    """The same route as a misdirected service reply, through the JetStream API that every reader may call: as the
+    CLI, a message get of the other world's entry with the victim's key as its reply and the records stream's info
+    with the victim's records as its reply; as an agent, a direct get of the memory stream and a message get of the other world's
+    entry, both with the victim's records as their reply. The readers are in an account of their own, which imports the streams' read API: the
+    server answers each one into the asker's account, where no stream listens, so nothing changes."""
+    secured, _service, owners = target
+    caplog.set_level(logging.ERROR, logger="stablealign.nats.client")
+    before = await owners.state()
+    other_entry = json.dumps({"last_by_subj": f"$KV.{subjects.WORLDS_BUCKET}.{OTHER}"}).encode()
+    cli = await nats_client.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
+    agent = await nats_client.connect(secured.url, "agent", options=secured.options("agent"), give_up_after=5.0)
+    try:
+        await cli.publish(f"$JS.API.STREAM.MSG.GET.KV_{subjects.WORLDS_BUCKET}", other_entry, reply=TARGETS[0])
+        await cli.publish(f"$JS.API.STREAM.INFO.{subjects.RECORDS_STREAM}", b"", reply=TARGETS[1])
+        # The memory stream is empty: the direct get's answer is a "not found" status, a message all the same.
+        await agent.publish(f"$JS.API.DIRECT.GET.{subjects.MEMORY_STREAM}", json.dumps({"seq": 1}).encode(),
+                            reply=TARGETS[1])
+        await agent.publish(f"$JS.API.STREAM.MSG.GET.KV_{subjects.WORLDS_BUCKET}", other_entry, reply=TARGETS[1])
+        for nc in (cli, agent):
+            await nc.flush()
+        await asyncio.sleep(0.5)
+        # The same reads with real inboxes are answered: the route is closed, not the API.
+        answer = await agent.request(f"$JS.API.DIRECT.GET.{subjects.MEMORY_STREAM}", json.dumps({"seq": 1}).encode(),
+                                     timeout=2)
+        assert answer.headers and answer.headers.get("Status") == "404"
+        got = json.loads((await agent.request(f"$JS.API.STREAM.MSG.GET.KV_{subjects.WORLDS_BUCKET}", other_entry,
+                                              timeout=2)).data)
+        assert got.get("message", {}).get("subject") == f"$KV.{subjects.WORLDS_BUCKET}.{OTHER}", got
+        info = json.loads((await cli.request(f"$JS.API.STREAM.INFO.{subjects.RECORDS_STREAM}", b"", timeout=2)).data)
+        assert info["config"]["name"] == subjects.RECORDS_STREAM
+    finally:
+        await cli.close()
+        await agent.close()
+    assert await owners.state() == before
+    assert denials(caplog) == []  # the server took every request: nothing was refused, nothing was written
+
+
 @pytest.mark.xfail(strict=True, reason=(
-    "open (docs/security-attacks.md): nats-server sends a JetStream API answer to whatever reply subject the request "
-    "names, with no permission check, so a role's read rights on one stream write into another; closing it needs "
-    "the streams in an account of their own (service imports map replies back to the asker's account)"))
-async def test_jetstream_api_answers_go_to_no_stream(target):
-    """The same route as a misdirected service reply, through the JetStream API that every reader may call: a
-    message get of the other world's entry with the victim's key as its reply (the answer, JSON, replaces the
-    victim's entry) and the records stream's info with the victim's records as its reply, sent as the CLI."""
+    "open (docs/security-attacks.md, note 5): the trainer shares the streams' account with the world, so a "
+    "JetStream answer to a read of its own stream may name the world's records or bucket as its reply"))
+async def test_the_trainer_cannot_aim_jetstream_answers_at_the_worlds_streams(target):
+    """What the accounts leave open: the trainer's info request on its own job log stream, with the victim's
+    records as its reply, answered inside the streams' account."""
     secured, _service, owners = target
     before = await owners.state()
+    trainer = await nats_client.connect(secured.url, "trainer", options=secured.options("trainer"), give_up_after=5.0)
+    try:
+        await trainer.publish(f"$JS.API.STREAM.INFO.{subjects.JOB_LOGS_STREAM}", b"", reply=TARGETS[1])
+        await trainer.flush()
+        await asyncio.sleep(0.5)
+    finally:
+        await trainer.close()
+    assert await owners.state() == before
+
+
+async def test_a_client_cannot_name_the_servers_reply_subjects(target, caplog):
+    """The responders answer ``_R_.`` replies (the server's, for a request from another account): a client that
+    names one itself is refused by the server, so that reply never reaches the world service."""
+    secured, _service, owners = target
+    caplog.set_level(logging.WARNING)
+    before = await owners.state()
+    counted = replies_refused("world", "request")
     cli = await nats_client.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
     try:
-        await cli.publish(f"$JS.API.STREAM.MSG.GET.KV_{subjects.WORLDS_BUCKET}",
-                          json.dumps({"last_by_subj": f"$KV.{subjects.WORLDS_BUCKET}.{OTHER}"}).encode(), reply=TARGETS[0])
-        await cli.publish(f"$JS.API.STREAM.INFO.{subjects.RECORDS_STREAM}", b"", reply=TARGETS[1])
+        await cli.publish(subjects.WORLD_GET, _GET(world_id=OTHER).SerializeToString(), reply="_R_.forged.x1")
         await cli.flush()
         await asyncio.sleep(0.5)
     finally:
         await cli.close()
+    assert any('permissions violation for publish with reply of "_r_.forged.x1"' in r for r in denials(caplog))
+    assert replies_refused("world", "request") == counted
+    assert not [r for r in caplog.records if r.getMessage() == "bus.reply_refused"]
     assert await owners.state() == before
 
 

@@ -3,8 +3,8 @@ the real trainer service as its own restricted user, and its gRPC API on mutual 
 the gpu overlay deploys (``components/grpc-tls``), certificates made for the test.
 
 What a user would notice: only the CLI's user reaches the trainer's subjects (the others are refused by the
-server); a request naming a bucket's or a stream's subject as its reply is dropped by the service, with no work
-done (a valid SubmitJob so sent makes no job, a CancelJob leaves the job queued); a job's data, model or output
+server); a request naming a bucket's or a stream's subject as its reply changes nothing there (the CLI's user is in
+the readers' account, so the server answers into that account, where no stream listens); a job's data, model or output
 directory outside the configured roots (``..``, an absolute path, a symlink, a planted job directory) is
 INVALID_ARGUMENT over NATS and gRPC alike; an oversized request is refused before it is read; a gRPC caller gets
 only the methods its certificate's name is given. After each route the jobs bucket, the job logs, the worlds
@@ -157,16 +157,23 @@ async def test_only_the_cli_reaches_the_trainers_subjects(target, caplog):
 
 
 def misdirected(valid: trainer_pb2.JobSpec) -> list[tuple[str, bytes, str]]:
-    """Trainer requests whose reply subject is the victim job's entry, the victim world's or its records."""
+    """Trainer requests whose reply subject is the victim job's entry, the victim world's or its records, or the
+    JetStream API that the CLI's account imports. Each is one the CLI may send with a real inbox too, and none
+    changes a job when served (the trainer serves the CLI's: an error, or a copy of a job, as its answer), so
+    any change is the answer's landing."""
     kv_job, kv_world, records = TARGETS[2], TARGETS[0], TARGETS[1]
     get = trainer_pb2.GetJobRequest
+    existing = trainer_pb2.JobSpec()
+    existing.CopyFrom(valid)
+    existing.job_id = JOB_OTHER
     return [
         (subjects.TRAINER_GET, get(job_id="job-unknown").SerializeToString(), kv_job),  # an error reply
         (subjects.TRAINER_GET, get(job_id=JOB_OTHER).SerializeToString(), kv_job),  # another job copied over it
         (subjects.TRAINER_GET, get(job_id=JOB_OTHER).SerializeToString(), kv_world),
         (subjects.TRAINER_LIST, b"", records),
-        (subjects.TRAINER_SUBMIT, submit(valid), kv_job),  # real work if served: a new job
-        (subjects.TRAINER_CANCEL, trainer_pb2.CancelJobRequest(job_id=JOB_VICTIM).SerializeToString(), kv_job),
+        (subjects.TRAINER_LIST, b"", f"$JS.API.STREAM.PURGE.KV_{subjects.JOBS_BUCKET}"),
+        (subjects.TRAINER_SUBMIT, submit(existing), kv_job),  # a conflict: the job exists
+        (subjects.TRAINER_CANCEL, trainer_pb2.CancelJobRequest(job_id=JOB_OTHER).SerializeToString(), kv_job),  # ended
         (subjects.TRAINER_GET, b"\xff\xff", kv_job),  # malformed
     ]
 
@@ -183,11 +190,15 @@ async def test_misdirected_trainer_replies_change_no_job_and_no_record(target, c
     for role in ("cli", *NOT_THE_TRAINERS):
         await send_misdirected(await target.connect(role), routes, DISCOVERY)
     assert await target.owners.state() == before
-    # The CLI's sends reached the trainer, which dropped each one; the other roles' the server refused.
-    assert replies_refused("trainer", "request") - counted[0] == len(routes)
-    assert replies_refused("trainer", "discovery") - counted[1] == len(DISCOVERY)
-    said = [r for r in caplog.records if r.getMessage() in ("bus.reply_refused", "discovery.reply_refused")]
-    assert len(said) == len(routes) + len(DISCOVERY) and all(r.reply in TARGETS for r in said)
+    # The other roles' sends the server refused. The CLI's crossed from the readers' account: the trainer got the
+    # server's own reply subject and answered, into the forged subject of the CLI's account, where no stream
+    # listens; it had nothing to drop.
+    assert replies_refused("trainer", "request") == counted[0]
+    assert replies_refused("trainer", "discovery") == counted[1]
+    assert not [r for r in caplog.records if r.getMessage() in ("bus.reply_refused", "discovery.reply_refused")]
+    refusals = denials(caplog)
+    for subject in (subjects.TRAINER_GET, "$SRV.PING"):
+        assert any(refused_publish(subject) in r for r in refusals), subject
     cli = await target.connect("cli")
     try:
         job = await nats_client.request(cli, subjects.TRAINER_GET, trainer_pb2.GetJobRequest(job_id=JOB_VICTIM),

@@ -5,9 +5,7 @@ with nats-py's own ``nats.micro`` models; requests are still handled concurrentl
 from __future__ import annotations
 
 import asyncio
-import json
 
-import nats.errors
 import pytest
 from nats.micro.service import (
     INFO_RESPONSE_TYPE,
@@ -30,32 +28,9 @@ from stablealign.serving.service import ServiceContext, ServiceParts, start_serv
 from stablealign.serving.settings import ServiceSettings
 from stablealign.v1 import agent_pb2, observer_pb2, world_pb2
 from tests.integration.test_agent_service import PRIOR, put_world, seed_memory
+from tests.support.replies import ask
 
 AGENT, OBSERVER = "stablealign-agent", "stablealign-observer"
-
-
-async def ask(nc, subject: str, expect: int, timeout: float = 5.0, linger: float = 0.3) -> list[dict]:
-    """Sends one request to ``subject`` and collects the JSON replies of every responder: up to
-    ``timeout`` seconds for the ``expect`` replies, then ``linger`` seconds for any extra (bounded)."""
-    loop = asyncio.get_running_loop()
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    replies: list[dict] = []
-    try:
-        await nc.publish(subject, b"", reply=inbox)
-        deadline = loop.time() + timeout
-        for _ in range(expect + 10):
-            wait = (deadline - loop.time()) if len(replies) < expect else linger
-            if wait <= 0:
-                break
-            try:
-                msg = await sub.next_msg(timeout=wait)
-            except nats.errors.TimeoutError:
-                break
-            replies.append(json.loads(msg.data))
-    finally:
-        await sub.unsubscribe()
-    return replies
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from stablealign.serving.service import RunningService, start_service
 from stablealign.v1 import common_pb2, world_pb2
 from stablealign_app.natsserver import EmbeddedNatsServer
 from tests.support.certs import make_certificates
+from tests.support.replies import ask
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -252,6 +253,13 @@ async def test_a_world_runs_with_one_restricted_user_per_service(secured, tmp_pa
             assert world.records_published == 4
             # Every step of the world ran within the permissions: no publish or subscribe was refused.
             assert not denials(caplog)
+            # Discovery reaches every service from the CLI's account: the agent and the observer there, the world
+            # and the trainer through its import of their $SRV subjects (one answer each, heartbeats aside).
+            pings = await ask(nc, "$SRV.PING", expect=4)
+            assert sorted(p["name"] for p in pings) == [f"stablealign-{s}" for s in ("agent", "observer", "trainer",
+                                                                                        "world")]
+            (info,) = await ask(nc, "$SRV.INFO.stablealign-world", expect=1)
+            assert subjects.WORLD_GET in [e["subject"] for e in info["endpoints"]]
             # The agent's credentials cannot add a fifth record, even under a new message id.
             agent = await nats_client.connect(secured.url, "forger", options=secured.options("agent"), give_up_after=5.0)
             forged = common_pb2.InteractionRecord(world_id="secured", round=0, agent_id=3, question="q",

@@ -18,9 +18,16 @@ from stablealign.core.errors import ConfigError
 from stablealign.nats import subjects
 from stablealign.nats.auth import NatsClientOptions
 from stablealign.nats.permissions import (
+    ACCOUNTS,
+    CLIENTS_ACCOUNT,
+    JS_API_ALL,
     ROLES,
+    STREAMS_ACCOUNT,
     ServerTls,
     check_password,
+    crossing,
+    exports,
+    imports,
     main,
     new_password,
     render_authorization,
@@ -119,6 +126,43 @@ def test_readers_create_no_consumer_and_owners_only_on_their_own_bucket():
         allowed = {s for s in creates if may_publish(name, s)}
         assert allowed == {s for s in creates if s.split(".")[4] == own}, name
         assert all(denies(name, s) for s in creates if s not in allowed), name
+
+
+def test_the_streams_live_in_an_account_of_their_own_with_their_writers():
+    """Issue 19: a JetStream answer goes to whatever reply subject its request names, so the users that only read
+    are in another account, where no stream listens; the world and the trainer write their streams and keep push
+    consumers on their buckets, which do not cross accounts, so they live with the streams."""
+    assert {r.name for r in ROLES.values() if r.account == STREAMS_ACCOUNT} == {"world", "trainer"}
+    assert {r.name for r in ROLES.values() if r.account == CLIENTS_ACCOUNT} == {"agent", "observer", "cli"}
+    writes = ("$JS.API.STREAM.CREATE.", "$JS.API.CONSUMER.", "$KV.", "sandbox.records.", "sandbox.memory.",
+              "sandbox.pools.")
+    for role in ROLES.values():
+        if any(p.startswith(writes) or p == "trainer.>" for p in role.publish):
+            assert role.account == STREAMS_ACCOUNT, role.name
+    text = render_authorization()
+    assert text.count("jetstream: enabled") == 1 and "jetstream" not in text.split(f"  {CLIENTS_ACCOUNT} {{")[1]
+
+
+def test_only_services_and_the_read_api_cross_between_the_accounts():
+    """What crosses is imported as a service, so its answers go back to the asker's account: the APIs of the world,
+    the trainer, the agents and the observers, discovery, and the JetStream API (whole: what a reader may call of
+    it is its permissions'). No subject of a stream or bucket crosses."""
+    data = ("sandbox.records.>", "sandbox.memory.>", "sandbox.pools.>", "$KV.>", subjects.JOB_LOGS_SUBJECT.format(job_id="*"))
+    for source in ACCOUNTS:
+        for target in ACCOUNTS:
+            if source == target:
+                continue
+            for subject in crossing(source, target):
+                assert not any(subjects_overlap(subject, d) for d in data), (source, target, subject)
+                assert subject in exports(source) and (source, subject) in imports(target)
+    assert JS_API_ALL in exports(STREAMS_ACCOUNT) and (STREAMS_ACCOUNT, JS_API_ALL) in imports(CLIENTS_ACCOUNT)
+    assert (STREAMS_ACCOUNT, subjects.WORLD_GET) in imports(CLIENTS_ACCOUNT)
+    assert (STREAMS_ACCOUNT, subjects.TRAINER_SUBMIT) in imports(CLIENTS_ACCOUNT)
+    assert (CLIENTS_ACCOUNT, subjects.batch_subject(subjects.OBSERVER_RATE)) in imports(STREAMS_ACCOUNT)
+    assert (STREAMS_ACCOUNT, "$SRV.*") in imports(CLIENTS_ACCOUNT)
+    # The world only asks: nothing of the readers' account but the agents' and observers' requests reaches it.
+    assert {s for _, s in imports(STREAMS_ACCOUNT)} == {*exports(CLIENTS_ACCOUNT)} == {
+        s for r in ("agent", "observer") for s in ROLES[r].subscribe if s.startswith(("sandbox.agent.", "sandbox.observer."))}
 
 
 def test_subject_overlap_and_cover():
