@@ -32,7 +32,8 @@ a user of one account may publish that the other answers crosses as a service im
 (``crossing``): the JetStream API and the world's and the trainer's request and ``$SRV`` subjects into
 ``CLIENTS``, the agents' and observers' request subjects into ``STREAMS``. The server sends every answer of an
 imported request back to the asker's account, where no stream listens, whatever reply subject the asker named.
-Left open: the trainer shares the streams' account with the world (docs/security-attacks.md, note 5).
+Left open: the world and the trainer share the streams' account, so either one's read rights can still have an
+answer written into the other's streams (docs/security-attacks.md, note 5).
 
 Consumers (issue 19): a consumer's deliver subject is in the create request's payload, which no
 permission sees, so whoever may create a consumer may have the server publish a stream's messages to

@@ -239,20 +239,24 @@ async def test_jetstream_api_answers_go_to_no_stream(target, caplog):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "open (docs/security-attacks.md, note 5): the trainer shares the streams' account with the world, so a "
-    "JetStream answer to a read of its own stream may name the world's records or bucket as its reply"))
-async def test_the_trainer_cannot_aim_jetstream_answers_at_the_worlds_streams(target):
-    """What the accounts leave open: the trainer's info request on its own job log stream, with the victim's
-    records as its reply, answered inside the streams' account."""
+    "open (docs/security-attacks.md, note 5): the world and the trainer share the streams' account, so a JetStream "
+    "answer to a read of one's own stream may name the other's stream or bucket as its reply"))
+@pytest.mark.parametrize(("role", "stream", "victim"), [
+    ("trainer", subjects.JOB_LOGS_STREAM, TARGETS[1]),  # into the victim world's records
+    ("world", subjects.RECORDS_STREAM, TARGETS[2]),  # over the victim job's entry
+])
+async def test_a_service_cannot_aim_jetstream_answers_at_the_others_streams(target, role, stream, victim):
+    """What the accounts leave open: an info request on a stream the service owns, with the other service's
+    stream or bucket as its reply, answered inside the streams' account."""
     secured, _service, owners = target
     before = await owners.state()
-    trainer = await nats_client.connect(secured.url, "trainer", options=secured.options("trainer"), give_up_after=5.0)
+    nc = await nats_client.connect(secured.url, role, options=secured.options(role), give_up_after=5.0)
     try:
-        await trainer.publish(f"$JS.API.STREAM.INFO.{subjects.JOB_LOGS_STREAM}", b"", reply=TARGETS[1])
-        await trainer.flush()
+        await nc.publish(f"$JS.API.STREAM.INFO.{stream}", b"", reply=victim)
+        await nc.flush()
         await asyncio.sleep(0.5)
     finally:
-        await trainer.close()
+        await nc.close()
     assert await owners.state() == before
 
 
