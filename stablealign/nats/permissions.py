@@ -183,9 +183,11 @@ def service_api(service: str) -> tuple[str, ...]:
 STREAMS_ACCOUNT = "STREAMS"
 CLIENTS_ACCOUNT = "CLIENTS"
 ACCOUNTS = (STREAMS_ACCOUNT, CLIENTS_ACCOUNT)
-# How long the server keeps the way back of a request that crossed accounts open while its responder is silent.
-# Every silence is shorter: a responder heartbeats a request that asks for it at least every 30 s
-# (``stablealign.nats.server``), and one that does not ask is answered at once or times out sooner.
+# How long the server keeps the way back of a request that crossed accounts open while its responder is silent
+# (a streamed response's threshold counts from its last message). A responder heartbeats a request that asks for
+# it at least every 30 s (``stablealign.nats.server``); one that asks none (``client.request`` with its
+# liveness at or above its timeout) must be answered within this, or its answer is lost. Longer would keep the
+# way back of every crossed request, answered or not, that much longer in the server's memory.
 CROSSING_SILENCE = "2m"
 
 
