@@ -42,7 +42,7 @@ run: install
 
 # The method on a society large enough to carry signal (8x8 SmolLM2 agents x 4 rounds = 256
 # interactions), with the paper's ablation (SFT-only on the same data) and the human-data reference
-# (SFT on the HH-RLHF prior split), evaluated on 500 held-out pairs and 32 held-out questions.
+# (SFT on the HH-RLHF prior split), evaluated on all 679 held-out pairs and 64 held-out questions.
 STUDY_OUT ?= runs/study
 STUDY_ARGS ?= --size 8 --rounds 4 --train-steps 64 --eval-limit 679 --questions 64 --ablation
 study: install
