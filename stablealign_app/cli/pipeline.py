@@ -90,6 +90,8 @@ def pipeline(
     questions: int = typer.Option(32, "--questions", help="Held-out questions answered (collapse guard) and rated by the judge."),
     judge_pairs: int = typer.Option(300, "--judge-pairs", help=JUDGE_PAIRS_HELP),
     ablation: bool = typer.Option(False, "--ablation/--no-ablation", help=ABLATION_HELP),
+    eval_bf16: bool = typer.Option(False, "--eval-bf16/--no-eval-bf16", help="Score the evaluation's log-likelihoods "
+                                   "in bf16 where the CPU computes it natively (`eval --bf16`: faster, rounded)."),
 ) -> None:
     """Simulate -> data -> train -> evaluate base vs trained; prints where everything is.
 
@@ -150,7 +152,7 @@ def pipeline(
         "eval", "--model", str(trained), "--base", base, *compare, "--data", str(data / "alignment.heldout.jsonl"),
         "--out", str(report), "--limit", str(eval_limit), *eval_observer, "--questions", str(questions),
         "--judge-pairs", str(judge_pairs), "--max-length", str(max_length),
-        "--sandbox-records", str(sim / "records.jsonl")])
+        "--sandbox-records", str(sim / "records.jsonl"), *(["--bf16"] if eval_bf16 else [])])
     _finish(out, sim, report, timings, model if real else "offline stand-in + tiny random Llama")
 
 

@@ -162,6 +162,20 @@ def test_pipeline_runs_the_world_its_options_describe(sent, monkeypatch, tmp_pat
     assert sent[-1] == build_spec(size=4, rounds=2, partners=2, seed=6, setting="half_half", backend="offline")
 
 
+def test_pipeline_passes_bf16_scoring_to_eval_only_when_asked(sent, monkeypatch, tmp_path):
+    from stablealign_app.cli import pipeline
+
+    for flags, expected in (([], False), (["--eval-bf16"], True)):
+        steps: list[list[str]] = []
+        monkeypatch.setattr(pipeline, "_step", lambda title, args, env=None, steps=steps: steps.append(args) or 0.0)
+        result = CliRunner().invoke(app, ["pipeline", "--backend", "offline", "--out", str(tmp_path / "p"), *flags],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        eval_args = next(args for args in steps if args[0] == "eval")
+        assert ("--bf16" in eval_args) is expected
+        assert not any("--bf16" in args for args in steps if args[0] != "eval")
+
+
 def test_no_module_builds_a_spec_from_values_but_the_table():
     """The CLI, the embedded stack, the services and the bench build WorldSpecs with build_spec."""
     builders = []
