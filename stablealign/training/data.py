@@ -285,7 +285,7 @@ def demote_loops(groups: Iterable[AlignmentGroup],
         if not kept:
             counts["groups_dropped"] += 1
             continue
-        floor = float(min(s for _, s in kept) <= 1)  # 1: a loop scored 1 would tie for best
+        floor = min(s for _, s in kept) <= 1  # a loop scored 1 would tie for best
         pairs = [(r, 1.0) if bad else (r, s) for r, s, bad in zip(group.responses, group.scores, looping)
                  if not (bad and floor)]
         counts["loops_dropped" if floor else "demoted"] += sum(looping)
@@ -567,6 +567,13 @@ def write_groups(groups: Iterable[AlignmentGroup], path: str | Path) -> int:
     return count
 
 
+def describe_loops(looping: Mapping[str, Any]) -> str:
+    """One line of ``demote_loops``'s counts, for ``data build`` and the pipeline's summary."""
+    return (f"looping responses (over {looping.get('max_repeated', DEFAULT_MAX_REPEATED):g} of their 3-grams "
+            f"repeated): {looping.get('demoted', 0)} scored 1, {looping.get('loops_dropped', 0)} dropped; "
+            f"{looping.get('groups_dropped', 0)} groups with nothing else dropped")
+
+
 def print_stats(stats: Mapping[str, Any]) -> None:
     """Counts per kind and score histograms as rich tables (stdout)."""
     from rich.console import Console
@@ -597,8 +604,6 @@ def print_stats(stats: Mapping[str, Any]) -> None:
                       f"scores: {stats.get('scores', 'rating')}")
     looping = stats.get("loops") or {}
     if any(looping.get(k) for k in ("demoted", "loops_dropped", "groups_dropped")):
-        console.print(f"looping responses (over {looping['max_repeated']:g} of their 3-grams repeated): "
-                      f"{looping['demoted']} scored 1, {looping['loops_dropped']} dropped; "
-                      f"{looping['groups_dropped']} groups with nothing else dropped")
+        console.print(describe_loops(looping))
     if stats.get("dropped_null_ratings"):
         console.print(f"missing ratings (null) dropped: {stats['dropped_null_ratings']}")

@@ -34,16 +34,12 @@ def scoring_autocast(bf16: bool, device: Any) -> AbstractContextManager:
     and a comparison of two models should be scored one way."""
     import torch
 
-    kind = torch.device(device).type
-    if not bf16:
-        return nullcontext()
-    if kind == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        from stablealign.llm.backends.batching import native_bf16
+    from stablealign.llm.backends.batching import bf16_native_on
 
-        native = kind == "cpu" and native_bf16()
-    return torch.autocast(kind, dtype=torch.bfloat16) if native else nullcontext()
+    kind = torch.device(device).type
+    if not (bf16 and bf16_native_on(kind)):
+        return nullcontext()
+    return torch.autocast(kind, dtype=torch.bfloat16)
 
 
 def _head_logprobs(head: Any, hidden: Any, targets: Any) -> Any:

@@ -162,13 +162,10 @@ def mixed_precision(bf16: bool, *, fsdp: bool = False) -> str:
     path is CUDA's."""
     import torch
 
-    if not bf16:
-        return "no"
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    from stablealign.llm.backends.batching import native_bf16
+    from stablealign.llm.backends.batching import bf16_native_on
 
-    return "bf16" if native_bf16() and not fsdp else "no"
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return "bf16" if bf16 and bf16_native_on(kind) and not (fsdp and kind == "cpu") else "no"
 
 
 def check_model_path(path: str) -> Path:

@@ -28,6 +28,7 @@ from stablealign.core.logs import current_logging
 from stablealign.llm.judges import CPU_JUDGE
 from stablealign.llm.models import known_model
 from stablealign.sandbox.stats import format_figure
+from stablealign.training.data import describe_loops
 from stablealign_app.cli.spec_options import spec_args, with_spec_options
 
 console = Console()
@@ -218,9 +219,7 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float], what
                       + tied)
         looping = stats.get("loops") or {}
         if looping:
-            console.print(f"looping responses (over {looping.get('max_repeated')} of 3-grams repeated): "
-                          f"{looping.get('demoted')} scored 1, {looping.get('loops_dropped')} dropped, "
-                          f"{looping.get('groups_dropped')} groups of loops only dropped")
+            console.print(describe_loops(looping))
     judge = report_data.get("judge") or {}
     if judge:
         console.print(f"judge ({judge.get('variant')}): agreement with human preference "

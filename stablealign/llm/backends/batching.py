@@ -615,6 +615,16 @@ def native_bf16() -> bool:
         return False
 
 
+def bf16_native_on(device_kind: str) -> bool:
+    """Whether a device of this kind ("cuda", "cpu", ...) computes bf16 matrix products natively: CUDA
+    with bf16, or a CPU with AVX512-BF16 or AMX. Elsewhere bf16 would be emulated, slower than float32."""
+    import torch
+
+    if device_kind == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return device_kind == "cpu" and native_bf16()
+
+
 def prefill_copy(model: Any, dtype: str, device: str) -> Any:
     """The model that reads prompts: ``model`` itself, or a bfloat16 copy of it (see ``prefill_dtype``)."""
     import copy
