@@ -69,7 +69,7 @@ class TrainerClient:
 
     async def logs(self, job_id: str, follow: bool = True, poll: float = 0.5) -> AsyncIterator[trainer_pb2.LogLine]:
         """The job's log lines from the start; with ``follow`` until the job ends."""
-        store = await JobStore.open(self.nc.jetstream(timeout=self.timeout))
+        store = await JobStore.open(nats_client.jetstream(self.nc, "trainer", timeout=self.timeout))
         async for line in follow_logs(store, job_id, follow, poll):
             yield line
 

@@ -39,8 +39,9 @@ def make_runners(settings: TrainerSettings) -> dict[str, Runner]:
 
 async def build(ctx: ServiceContext) -> ServiceParts:
     settings: TrainerSettings = ctx.settings
-    await declare_streams(ctx.js)  # the trainer owns its log stream and jobs bucket
-    store = await JobStore.open(ctx.js)
+    js = ctx.jetstream("trainer")  # its own account's, when secured
+    await declare_streams(js)  # the trainer owns its log stream and jobs bucket
+    store = await JobStore.open(js)
     scheduler = Scheduler(store, make_runners(settings), settings)
 
     # NATS and gRPC share one implementation: the servicer's methods (they do not use the context).

@@ -186,7 +186,7 @@ class WorldClient:
             world.ParseFromString(reply.data)
         except (TimeoutError, LookupError, DecodeError, nats.errors.Error):
             try:
-                kv = await self.nc.jetstream(timeout=timeout).key_value(subjects.WORLDS_BUCKET)
+                kv = await nats_client.jetstream(self.nc, "world", timeout=timeout).key_value(subjects.WORLDS_BUCKET)
                 world = parse_world(world_id, (await kv.get(world_id)).value)
             except Exception:  # noqa: BLE001 - no bucket, no key, no permission: unbounded
                 return None
@@ -200,7 +200,7 @@ class WorldClient:
         return bounds if bounds else (None, None)
 
     def _js(self) -> Any:
-        return self.nc.jetstream(timeout=RECORDS_API_TIMEOUT_SECONDS)
+        return nats_client.jetstream(self.nc, "world", timeout=RECORDS_API_TIMEOUT_SECONDS)
 
     async def read_records(self, world_id: str, *, size: int | None = None,
                            rounds: int | None = None) -> list[common_pb2.InteractionRecord]:
@@ -230,8 +230,8 @@ class WorldClient:
         mines), bounded by the world's spec where it is known, and what was skipped. ``idle_timeout``:
         how long the read may hear nothing."""
         size, rounds = await self._bounds(world_id, None)
-        return await record_stream.read_world_rows(self.nc.jetstream(), world_id, size=size, rounds=rounds,
-                                                   idle_timeout=idle_timeout)
+        return await record_stream.read_world_rows(nats_client.jetstream(self.nc, "world"), world_id, size=size,
+                                                   rounds=rounds, idle_timeout=idle_timeout)
 
     async def follow_records(self, trusted: record_stream.TrustedRecords, *, replay: bool = False,
                              poll_seconds: float = 0.25) -> AsyncIterator[common_pb2.InteractionRecord]:

@@ -270,3 +270,9 @@ class NatsClientSettings(Settings):
     nats_inbox_prefix: str = Field("", description=(
         "Prefix of this client's reply subjects; \"\": _INBOX_<nats_user> (the only inboxes the server lets that "
         "user subscribe), _INBOX without a user. Set it for a .creds user or a server that allows only _INBOX."))
+    nats_world_js_prefix: str = Field("", description=(
+        "JetStream API prefix of the world's streams (records, memories, worlds bucket); \"\": $JS.API. A user of "
+        "the secured server's CLIENTS account (cli, agent, observer) sets $JS.WORLD.API."))
+    nats_trainer_js_prefix: str = Field("", description=(
+        "JetStream API prefix of the trainer's streams (job logs, jobs bucket); \"\": $JS.API. A user of the "
+        "secured server's CLIENTS account (cli) sets $JS.TRAINER.API."))

@@ -16,6 +16,12 @@
   agent's password reading the CLI's records and world API replies). ``STABLEALIGN_NATS_INBOX_PREFIX``
   overrides the derived prefix (a ``.creds`` user, whose name the client does not know; a server with
   its own permissions that allow ``_INBOX.>`` only: set it to ``_INBOX``).
+- JetStream API prefixes: the world's and the trainer's streams live in accounts of their own on a secured
+  server, and the users that only read them (cli, agent, observer) reach each account's JetStream API under its
+  own prefix (``$JS.WORLD.API``, ``$JS.TRAINER.API``: ``stablealign.nats.permissions``), set by
+  ``STABLEALIGN_NATS_WORLD_JS_PREFIX`` and ``..._TRAINER_JS_PREFIX``; empty (an unsecured server, one account,
+  or the owner's own user): ``$JS.API``. ``NatsClientOptions.jetstream_prefix`` says which, and
+  ``stablealign.nats.client.jetstream`` opens a context with it.
 """
 
 from __future__ import annotations
@@ -34,10 +40,14 @@ from stablealign.core.redaction import redact_url
 
 # The settings (and CLI flags) that carry a client's NATS credentials, by option field.
 SETTING_NAMES = ("nats_user", "nats_password", "nats_password_file", "nats_creds", "nats_ca", "nats_tls_cert",
-                 "nats_tls_key", "nats_inbox_prefix")
+                 "nats_tls_key", "nats_inbox_prefix", "nats_world_js_prefix", "nats_trainer_js_prefix")
 # nats-py's own default: the prefix of a client that has no user name (no credentials, a .creds file).
 DEFAULT_INBOX_PREFIX = "_INBOX"
 INBOX_PREFIX_SETTING = "STABLEALIGN_NATS_INBOX_PREFIX"
+# JetStream's own API prefix: what a client of the account that holds the streams uses.
+DEFAULT_JS_API = "$JS.API"
+# The services whose streams a client may read through a prefix of their own (an account each when secured).
+JETSTREAM_OWNERS = ("world", "trainer")
 # A subject of one or more tokens: no wildcard, no whitespace, no empty token.
 _SUBJECT = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+)*$")
 
@@ -46,6 +56,18 @@ def inbox_prefix_for(user: str) -> str:
     """The reply inbox prefix of NATS user ``user`` (``_INBOX_agent``): the server lets that user
     subscribe ``<prefix>.>`` and nothing of another user's prefix (``stablealign.nats.permissions``)."""
     return f"{DEFAULT_INBOX_PREFIX}_{user}"
+
+
+def js_prefix_setting(owner: str) -> str:
+    """The variable of the JetStream API prefix of ``owner``'s streams (``STABLEALIGN_NATS_WORLD_JS_PREFIX``)."""
+    return f"STABLEALIGN_NATS_{owner.upper()}_JS_PREFIX"
+
+
+def _checked_js_prefix(prefix: str, owner: str) -> str:
+    if prefix and not _SUBJECT.match(prefix):
+        raise ConfigError(f"{js_prefix_setting(owner)}: {prefix[:100]!r} cannot be a JetStream API prefix (one or "
+                          f"more dot-separated tokens, no '*', '>' or whitespace), e.g. $JS.{owner.upper()}.API")
+    return prefix
 
 
 def _checked_prefix(prefix: str, source: str) -> str:
@@ -93,15 +115,20 @@ class NatsClientOptions:
     tls_cert: str = ""  # client certificate (mutual TLS)
     tls_key: str = ""
     inbox_prefix: str = ""  # "" : derived from the user (inbox_prefix_for), else nats-py's _INBOX
+    world_js_prefix: str = ""  # the world's streams' JetStream API; "": $JS.API
+    trainer_js_prefix: str = ""  # the trainer's streams' JetStream API; "": $JS.API
 
     @classmethod
     def build(cls, *, user: str | None = None, password: str | None = None, password_file: str | None = None,
               creds: str | None = None, ca: str | None = None, tls_cert: str | None = None,
-              tls_key: str | None = None, inbox_prefix: str | None = None) -> NatsClientOptions:
+              tls_key: str | None = None, inbox_prefix: str | None = None, world_js_prefix: str | None = None,
+              trainer_js_prefix: str | None = None) -> NatsClientOptions:
         """Checked options: ConfigError (one line, naming the variable) for a file that is not there,
         a password without a user, both a password and a password file, a certificate without its key,
-        or a user name or inbox prefix that cannot name a reply subject."""
+        or a user name, inbox prefix or JetStream API prefix that cannot name a subject."""
         user, password, password_file = user or "", password or "", password_file or ""
+        world_js_prefix = _checked_js_prefix((world_js_prefix or "").strip(), "world")
+        trainer_js_prefix = _checked_js_prefix((trainer_js_prefix or "").strip(), "trainer")
         inbox_prefix = (inbox_prefix or "").strip()
         if inbox_prefix:
             _checked_prefix(inbox_prefix, INBOX_PREFIX_SETTING)
@@ -123,7 +150,8 @@ class NatsClientOptions:
             raise ConfigError("STABLEALIGN_NATS_TLS_CERT and STABLEALIGN_NATS_TLS_KEY go together")
         return cls(user=user, password=password, creds=creds, ca=_readable_file(ca or "", "STABLEALIGN_NATS_CA"),
                    tls_cert=_readable_file(tls_cert or "", "STABLEALIGN_NATS_TLS_CERT"),
-                   tls_key=_readable_file(tls_key or "", "STABLEALIGN_NATS_TLS_KEY"), inbox_prefix=inbox_prefix)
+                   tls_key=_readable_file(tls_key or "", "STABLEALIGN_NATS_TLS_KEY"), inbox_prefix=inbox_prefix,
+                   world_js_prefix=world_js_prefix, trainer_js_prefix=trainer_js_prefix)
 
     @classmethod
     def from_settings(cls, settings: Any) -> NatsClientOptions:
@@ -161,6 +189,13 @@ class NatsClientOptions:
             except ValueError:  # not a URL nats-py could use either: it says so when connecting
                 user = ""
         return _checked_prefix(inbox_prefix_for(user), "the NATS user") if user else DEFAULT_INBOX_PREFIX
+
+    def jetstream_prefix(self, owner: str) -> str:
+        """The JetStream API prefix of the streams ``owner`` (world or trainer) keeps: the one set for it, else
+        ``$JS.API`` (an unsecured server, or the owner's own user)."""
+        if owner not in JETSTREAM_OWNERS:
+            raise ValueError(f"no JetStream of {owner!r}: the owners are {', '.join(JETSTREAM_OWNERS)}")
+        return getattr(self, f"{owner}_js_prefix") or DEFAULT_JS_API
 
     def connect_kwargs(self, url: str = "") -> dict[str, Any]:
         """Keyword arguments of ``nats.connect`` for these options (``url``: the server's, for a user

@@ -1,6 +1,10 @@
 """The NATS client side: connect, protobuf request/reply with retries and heartbeats. JetStream reads
 are ``stablealign.nats.direct`` (no consumer); ``read_subject`` and ``last_sequence`` are named here too.
 
+JetStream: ``jetstream(nc, owner)`` opens the API of the world's or the trainer's streams with the prefix the
+connection's options give it (``NatsClientOptions.jetstream_prefix``: ``$JS.API`` unless a secured server's
+reader imports it under another), so every reader of those streams, direct gets included, asks the right one.
+
 The request server is ``stablealign.nats.server``; the names of streams, subjects and headers are in
 ``stablealign.nats.subjects``. ``request`` turns the server's service-error headers
 (``Nats-Service-Error``/``-Code``) back into the typed errors of ``stablealign.core.errors`` and
@@ -25,6 +29,7 @@ import contextlib
 import itertools
 import logging
 import math
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -34,6 +39,7 @@ import nats.js.errors
 from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from stablealign.core import metrics
 from stablealign.core.errors import StableAlignError, UnavailableError, error_from_code
@@ -65,6 +71,16 @@ _STATUS_HEADER = "Status"  # nats-server's status line, e.g. 503: no responders
 
 # How long a command-line client tries to reach NATS before it says so (one line, exit 1).
 CLIENT_GIVE_UP_SECONDS = 5.0
+# The options each connection of ``connect`` was made with (its JetStream prefixes), for ``jetstream``.
+_CONNECTION_OPTIONS: weakref.WeakKeyDictionary[NATS, NatsClientOptions] = weakref.WeakKeyDictionary()
+
+
+def jetstream(nc: NATS, owner: str, *, timeout: float | None = None) -> JetStreamContext:
+    """The JetStream API of the streams ``owner`` ("world" or "trainer") keeps, as ``nc`` reaches it: under the
+    prefix its options set for that owner (a secured server's reader: ``$JS.WORLD.API``), else ``$JS.API``.
+    ``timeout``: of each API call (None: nats-py's default)."""
+    prefix = _CONNECTION_OPTIONS.get(nc, NatsClientOptions()).jetstream_prefix(owner)
+    return nc.jetstream(prefix=prefix) if timeout is None else nc.jetstream(prefix=prefix, timeout=timeout)
 
 
 async def connect(url: str, name: str, *, options: NatsClientOptions | None = None, connect_timeout: float = 5.0,
@@ -96,7 +112,9 @@ async def connect(url: str, name: str, *, options: NatsClientOptions | None = No
         attempt.cancel()
         raise
     if attempt in done:
-        return attempt.result()
+        nc = attempt.result()
+        _CONNECTION_OPTIONS[nc] = options
+        return nc
     attempt.cancel()
     with contextlib.suppress(BaseException):
         await attempt

@@ -5,10 +5,12 @@ and a permission on that subject cannot see the consumer's configuration. A role
 may give it any deliver subject — another stream's or a bucket's — and the server then publishes the
 stream's messages there on the role's behalf, past its publish deny list. So the roles that only read
 (cli, agent, observer: ``stablealign.nats.permissions``) get no consumer rights at all, and every reader
-here asks ``$JS.API.DIRECT.GET.<stream>`` instead: ``{"seq": n, "batch": N, "next_by_subj": subject}`` is
-answered by up to N messages of ``subject`` from sequence n on, in order, to the reader's inbox, then one
-status-only message (204 "EOB"; 404 when there is none). At most N messages are in the process at once, as
-with a pull consumer's fetch, and a read costs one request per batch, not one per message.
+here asks ``<api>.DIRECT.GET.<stream>`` instead (``<api>``: the context's JetStream API prefix, ``$JS.API``
+or, for a secured server's reader, the owner's account's import prefix: ``stablealign.nats.client.jetstream``):
+``{"seq": n, "batch": N, "next_by_subj": subject}`` is answered by up to N messages of ``subject`` from
+sequence n on, in order, to the reader's inbox, then one status-only message (204 "EOB"; 404 when there is
+none). At most N messages are in the process at once, as with a pull consumer's fetch, and a read costs one
+request per batch, not one per message.
 
 Direct gets need ``allow_direct`` on the stream (the streams of ``subjects`` have it), and any replica may
 answer one: a follower may lag behind the leader. ``read_batches`` knows from the leader (a

@@ -19,21 +19,25 @@ with no limit on the number of messages, because a replica sends heartbeats ther
 model call, ``local_llm_deadline_seconds``). The server lets it publish to *any* reply subject a request
 names, not only inboxes: ``allow_responses`` is checked after, and wins over, the publish allow and deny
 lists (issue 19: a get with the reply ``$KV.SANDBOX_WORLDS.<id>`` overwrote a world). That a reply goes to an
-inbox (or to the server's own reply subject of a request from the other account) is enforced by the responders
+inbox (or to the server's own reply subject of a request from another account) is enforced by the responders
 themselves (``stablealign.nats.reply_subjects``: every other reply subject is dropped); the deny lists below
 guard what a role publishes on its own.
 
 Accounts (issue 19): the JetStream API answers to the reply subject its request names, unchecked too, so in
 one account a read right would be a right to have the server write that answer into any stream of the account.
-So the streams live in an account of their own, ``STREAMS``, with the two services that write them and keep
-push consumers on their buckets (deliveries of a push consumer do not cross accounts): the world and the
-trainer. The roles that only read (cli, agent, observer) are users of ``CLIENTS``, which has no JetStream. What
-a user of one account may publish that the other answers crosses as a service import under the same subject
-(``crossing``): the JetStream API and the world's and the trainer's request and ``$SRV`` subjects into
-``CLIENTS``, the agents' and observers' request subjects into ``STREAMS``. The server sends every answer of an
-imported request back to the asker's account, where no stream listens, whatever reply subject the asker named.
-Left open: the world and the trainer share the streams' account, so either one's read rights can still have an
-answer written into the other's streams (docs/security-attacks.md, note 5).
+So each service that writes streams has an account of its own, with JetStream, holding its streams only: ``WORLD``
+(the world: records, memories, memory pools, the ``SANDBOX_WORLDS`` bucket) and ``TRAINER`` (the trainer: job
+logs, the jobs bucket). Each keeps its push consumers on its own bucket there (deliveries of a push consumer do
+not cross accounts) and calls its own JetStream as ``$JS.API``. The roles that only read (cli, agent, observer)
+are users of ``CLIENTS``, which has no JetStream. What a user of one account may publish that another answers
+crosses as a service import (``crossing``): into ``CLIENTS`` the world's and the trainer's request and ``$SRV``
+subjects under the same names, and each one's JetStream API under a prefix of its own (``$JS.API.>`` imported
+``to`` ``$JS.WORLD.API.>`` and ``$JS.TRAINER.API.>``: one account cannot import one subject from two), which a
+reader's client connects with (``Role.client_settings``: ``STABLEALIGN_NATS_WORLD_JS_PREFIX``, ...); into
+``WORLD`` the agents' and observers' request subjects. Nothing crosses between ``WORLD`` and ``TRAINER``. The
+server sends every answer of an imported request back to the asker's account, and an answer of a JetStream API
+call inside a service's account stays in that account, where only that service's own streams listen, whatever
+reply subject the asker named: neither service can have an answer written into the other's streams.
 
 Consumers (issue 19): a consumer's deliver subject is in the create request's payload, which no
 permission sees, so whoever may create a consumer may have the server publish a stream's messages to
@@ -43,10 +47,11 @@ agent, observer) therefore get no consumer at all: they read with message gets a
 only (nats-py's watch and key listing of a bucket), which they may write anyway.
 
 Deny lists (``Role.publish_deny``): every role is denied the protected subjects its allow list does not
-reach — ``$KV.>``, ``$JS.>``, the JetStream API verbs that write, delete or purge (per stream where the
-role owns another), consumers (every verb for a reader; other streams' creates for an owner; durable
-ones for everyone), and the data subjects of records, memories, memory pools and job logs — so a
-future allow entry that reaches one of them by a wildcard is caught by the server (and by a test), not
+reach — ``$KV.>``, ``$JS.>``, each JetStream API (``$JS.API`` and both import prefixes) whole or else its
+verbs that write, delete or purge (per stream where the role owns another), consumers (every verb for a
+reader; other streams' creates for an owner; durable ones for everyone), and the data subjects of records,
+memories, memory pools and job logs — so a future allow entry that reaches one of them by a wildcard is
+caught by the server (and by a test), not
 silently granted. Every role subscribes
 only its own reply inboxes, ``_INBOX_<role>.>`` (``natsauth.inbox_prefix_for``: the prefix its clients
 connect with, so its requests', JetStream API calls', fetches' and KV watches' replies land there):
@@ -54,7 +59,8 @@ one role's credentials cannot read the replies addressed to another (an agent's 
 records), which a shared ``_INBOX.>`` allowed.
 
 ``python -m stablealign.nats.permissions`` (``make nats-config``) prints or writes the block.
-An unsecured server (``make run``, the embedded one) has no users and one account; none of this applies there.
+An unsecured server (``make run``, the embedded one) has no users and one account; none of this applies there,
+and every client calls JetStream as ``$JS.API`` (its prefix settings empty).
 """
 
 from __future__ import annotations
@@ -69,10 +75,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stablealign.nats import subjects
-from stablealign.nats.auth import inbox_prefix_for
+from stablealign.nats.auth import DEFAULT_JS_API, inbox_prefix_for
 from stablealign.nats.subjects import POOL_STREAM
 
-JS_API = "$JS.API"
+JS_API = DEFAULT_JS_API
 JS_API_ALL = f"{JS_API}.>"
 # How long a responder may keep answering (heartbeats, then the reply) one request it received:
 # longer than local_llm_deadline_seconds (25 min), the slowest step a request may wait for.
@@ -88,16 +94,17 @@ def kv_subjects(bucket: str) -> str:
     return subjects.kv_key_prefix(bucket) + ">"
 
 
-def stream_reads(stream: str) -> tuple[str, ...]:
+def stream_reads(stream: str, api: str = JS_API) -> tuple[str, ...]:
     """Read-only JetStream API of one stream: its info and message gets, direct (batched, any replica:
     ``stablealign.nats.direct``) and through the leader. Nothing that writes, and no consumer: a consumer's
     deliver subject is in the request's payload, which a permission cannot see, so a right to create one
-    is a right to make the server publish the stream anywhere (issue 19)."""
+    is a right to make the server publish the stream anywhere (issue 19). ``api``: the prefix the reader
+    calls it under (``imported_reads``)."""
     return (
-        f"{JS_API}.STREAM.INFO.{stream}",
-        f"{JS_API}.STREAM.MSG.GET.{stream}",
-        f"{JS_API}.DIRECT.GET.{stream}",
-        f"{JS_API}.DIRECT.GET.{stream}.>",
+        f"{api}.STREAM.INFO.{stream}",
+        f"{api}.STREAM.MSG.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}.>",
     )
 
 
@@ -121,19 +128,59 @@ def stream_owner(stream: str) -> tuple[str, ...]:
     return (f"{JS_API}.STREAM.CREATE.{stream}", f"{JS_API}.STREAM.UPDATE.{stream}", *stream_reads(stream))
 
 
+# The accounts (module docstring): one per service that writes streams, with JetStream and its streams, and the one
+# of the roles that only read, without. ``OWNER_ACCOUNTS``: each JetStream owner of ``natsauth`` (whose
+# ``nats_<owner>_js_prefix`` setting a reader sets) and its account.
+WORLD_ACCOUNT = "WORLD"
+TRAINER_ACCOUNT = "TRAINER"
+CLIENTS_ACCOUNT = "CLIENTS"
+ACCOUNTS = (WORLD_ACCOUNT, TRAINER_ACCOUNT, CLIENTS_ACCOUNT)
+ACCOUNT_STREAMS: dict[str, tuple[str, ...]] = {
+    WORLD_ACCOUNT: (subjects.RECORDS_STREAM, subjects.MEMORY_STREAM, POOL_STREAM, WORLDS_KV),
+    TRAINER_ACCOUNT: (subjects.JOB_LOGS_STREAM, JOBS_KV),
+}
+OWNER_ACCOUNTS = {"world": WORLD_ACCOUNT, "trainer": TRAINER_ACCOUNT}
+
+
+def api_prefix(account: str) -> str:
+    """The prefix under which another account imports ``account``'s JetStream API (``$JS.WORLD.API``)."""
+    return f"$JS.{account}.API"
+
+
+def stream_account(stream: str) -> str:
+    """The account that holds ``stream``."""
+    return next(account for account, streams in ACCOUNT_STREAMS.items() if stream in streams)
+
+
+def imported_reads(stream: str) -> tuple[str, ...]:
+    """``stream_reads`` of a stream as a user of ``CLIENTS`` calls them: under its account's import prefix."""
+    return stream_reads(stream, api_prefix(stream_account(stream)))
+
+
 # What no role may publish on its own unless its allow list names it: the deny list of each role is the
 # part of this that its allow list does not overlap (``publish_deny``). Generic entries come first; a
 # role that needs one stream's entry of a verb gets the other streams' entries denied instead.
 _STREAMS = (subjects.RECORDS_STREAM, subjects.MEMORY_STREAM, POOL_STREAM, WORLDS_KV, subjects.JOB_LOGS_STREAM, JOBS_KV)
 _WRITE_VERBS = ("STREAM.CREATE", "STREAM.UPDATE", "STREAM.DELETE", "STREAM.PURGE", "STREAM.MSG.DELETE",
                 "STREAM.RESTORE", "STREAM.SNAPSHOT", "STREAM.PEER.REMOVE", "STREAM.LEADER.STEPDOWN")
+_APIS = (JS_API, *(api_prefix(account) for account in ACCOUNT_STREAMS))  # as its owner calls it, as readers do
+
+
+def _protected_api(api: str) -> tuple[str, ...]:
+    """The JetStream API verbs under ``api`` that write, delete or purge, or make consumers."""
+    return (
+        f"{api}.>",
+        *(f"{api}.{verb}.*" for verb in _WRITE_VERBS),
+        *(f"{api}.{verb}.{stream}" for verb in _WRITE_VERBS for stream in _STREAMS),
+        f"{api}.CONSUMER.>", *(f"{api}.CONSUMER.CREATE.{stream}{tail}" for stream in _STREAMS for tail in ("", ".>")),
+        f"{api}.CONSUMER.DURABLE.CREATE.>", f"{api}.ACCOUNT.PURGE.*", f"{api}.META.>", f"{api}.SERVER.>",
+    )
+
+
 PROTECTED_PUBLISH: tuple[str, ...] = (
     "$KV.>", "$JS.>",
     *(kv_subjects(bucket) for bucket in (subjects.WORLDS_BUCKET, subjects.JOBS_BUCKET)),
-    *(f"{JS_API}.{verb}.*" for verb in _WRITE_VERBS),
-    *(f"{JS_API}.{verb}.{stream}" for verb in _WRITE_VERBS for stream in _STREAMS),
-    f"{JS_API}.CONSUMER.>", *(f"{JS_API}.CONSUMER.CREATE.{stream}{tail}" for stream in _STREAMS for tail in ("", ".>")),
-    f"{JS_API}.CONSUMER.DURABLE.CREATE.>", f"{JS_API}.ACCOUNT.PURGE.*", f"{JS_API}.META.>", f"{JS_API}.SERVER.>",
+    *(entry for api in _APIS for entry in _protected_api(api)),
     subjects.RECORDS_SUBJECT.format(world_id=">"), "sandbox.memory.>", "sandbox.pools.>",
     subjects.JOB_LOGS_SUBJECT.format(job_id="*"),
 )
@@ -179,10 +226,6 @@ def service_api(service: str) -> tuple[str, ...]:
     return ("$SRV.*", f"$SRV.*.{name}", f"$SRV.*.{name}.*")
 
 
-# The two accounts (module docstring): the streams' with their owners, and the one of those that only read.
-STREAMS_ACCOUNT = "STREAMS"
-CLIENTS_ACCOUNT = "CLIENTS"
-ACCOUNTS = (STREAMS_ACCOUNT, CLIENTS_ACCOUNT)
 # How long the server keeps the way back of a request that crossed accounts open while its responder is silent
 # (a streamed response's threshold counts from its last message). A responder heartbeats a request that asks for
 # it at least every 30 s (``stablealign.nats.server``); one that asks none (``client.request`` with its
@@ -211,6 +254,13 @@ class Role:
     def password_variable(self) -> str:
         return PASSWORD_VARIABLE.format(role=self.name.upper())
 
+    @property
+    def client_settings(self) -> dict[str, str]:
+        """The settings its clients connect with besides the user and password: the JetStream API prefix of each
+        account whose streams it reads from another account (``nats_world_js_prefix``: ``$JS.WORLD.API``)."""
+        return {f"nats_{owner}_js_prefix": api_prefix(account) for owner, account in OWNER_ACCOUNTS.items()
+                if any(p.startswith(api_prefix(account) + ".") for p in self.publish)}
+
 
 WORLD_REQUESTS = (subjects.WORLD_CREATE, subjects.WORLD_GET, subjects.WORLD_LIST, subjects.WORLD_CANCEL, subjects.WORLD_RESUME)
 TRAINER_REQUESTS = (subjects.TRAINER_SUBMIT, subjects.TRAINER_GET, subjects.TRAINER_LIST, subjects.TRAINER_CANCEL)
@@ -235,19 +285,19 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         ),
         subscribe=(*WORLD_REQUESTS, *service_api("world"), inboxes("world")),
         responds=True,
-        account=STREAMS_ACCOUNT,
+        account=WORLD_ACCOUNT,
     ),
     Role(
         "agent",
         "Agent replicas: answer draft/feedback/revise; read memories, memory pools and world specs.",
-        publish=(*stream_reads(subjects.MEMORY_STREAM), *stream_reads(POOL_STREAM), *stream_reads(WORLDS_KV)),
+        publish=(*imported_reads(subjects.MEMORY_STREAM), *imported_reads(POOL_STREAM), *imported_reads(WORLDS_KV)),
         subscribe=(*AGENT_REQUESTS, *service_api("agent"), inboxes("agent")),
         responds=True,
     ),
     Role(
         "observer",
         "Observer replicas: answer rating requests; read world specs.",
-        publish=stream_reads(WORLDS_KV),
+        publish=imported_reads(WORLDS_KV),
         subscribe=(*OBSERVER_REQUESTS, *service_api("observer"), inboxes("observer")),
         responds=True,
     ),
@@ -258,15 +308,15 @@ ROLES: dict[str, Role] = {role.name: role for role in (
                  *stream_owner(JOBS_KV), *stream_consumers(JOBS_KV)),  # listing jobs: the bucket's keys
         subscribe=(*TRAINER_REQUESTS, *service_api("trainer"), inboxes("trainer")),
         responds=True,
-        account=STREAMS_ACCOUNT,
+        account=TRAINER_ACCOUNT,
     ),
     Role(
         "cli",
         "A person's `stable-align` commands: call the world and trainer APIs, read records, world "
         "specs, job state and job logs (read-only), discover services. Never writes a stream.",
         publish=(*WORLD_REQUESTS, *TRAINER_REQUESTS, "$SRV.>",
-                 *stream_reads(subjects.RECORDS_STREAM), *stream_reads(WORLDS_KV), *stream_reads(JOBS_KV),
-                 *stream_reads(subjects.JOB_LOGS_STREAM)),
+                 *imported_reads(subjects.RECORDS_STREAM), *imported_reads(WORLDS_KV), *imported_reads(JOBS_KV),
+                 *imported_reads(subjects.JOB_LOGS_STREAM)),
         subscribe=(inboxes("cli"),),
     ),
 )}
@@ -278,37 +328,52 @@ def account_roles(account: str, roles: Mapping[str, Role] | None = None) -> tupl
 
 
 def served(account: str, roles: Mapping[str, Role] | None = None) -> tuple[str, ...]:
-    """What ``account`` answers: its responders' request and ``$SRV`` subjects, and, in the streams' account,
-    the read-only API of every stream (its JetStream answers them)."""
+    """What ``account`` answers: its responders' request and ``$SRV`` subjects, and, in an account with JetStream,
+    the read-only API of each of its streams (its JetStream answers them)."""
     subjects_ = [s for r in account_roles(account, roles) if r.responds for s in r.subscribe
                  if not s.startswith(inbox_prefix_for(r.name))]
-    if account == STREAMS_ACCOUNT:
-        subjects_ += [s for stream in _STREAMS for s in stream_reads(stream)]
+    subjects_ += [s for stream in ACCOUNT_STREAMS.get(account, ()) for s in stream_reads(stream)]
     return tuple(dict.fromkeys(subjects_))
 
 
+def _as_answered(subject: str, source: str) -> str:
+    """A subject a user of another account publishes, as ``source`` answers it: ``source``'s JetStream API is
+    named under its import prefix there (``$JS.WORLD.API.X`` is ``$JS.API.X`` in ``WORLD``)."""
+    prefix = api_prefix(source) + "."
+    return f"{JS_API}.{subject.removeprefix(prefix)}" if subject.startswith(prefix) else subject
+
+
 def crossing(source: str, target: str, roles: Mapping[str, Role] | None = None) -> tuple[str, ...]:
-    """The subjects ``source`` answers that a user of ``target`` may publish: ``source`` exports each as a
-    service and ``target`` imports it, unchanged. Nothing else crosses: no stream's subject, so a write that a
-    user's permissions let through by mistake lands in its own account, where no stream listens."""
-    publish = [p for r in account_roles(target, roles) for p in r.publish]
+    """The subjects ``source`` answers that a user of ``target`` may publish, as ``source`` names them:
+    ``source`` exports each as a service and ``target`` imports it (``imports``: the JetStream API under
+    ``source``'s prefix, the rest unchanged). Nothing else crosses: no stream's subject, so a write that a
+    user's permissions let through by mistake lands in its own account, where none of those streams listens."""
+    # A user's plain $JS.API is its own account's JetStream: only the prefixed one is another's.
+    publish = [_as_answered(p, source) for r in account_roles(target, roles) for p in r.publish
+               if not p.startswith(JS_API + ".")]
     wanted = [s for s in served(source, roles) if any(subjects_overlap(s, p) for p in publish)]
     # The JetStream API crosses whole or not at all: nats-server answers a message get through an import of
     # the API's single subjects with "JetStream not enabled for account", through ``$JS.API.>`` with the
-    # message. What a user may call of it is its permissions' to say (``stream_reads``).
+    # message. What a user may call of it is its permissions' to say (``imported_reads``).
     if any(s.startswith(JS_API + ".") for s in wanted):
         wanted = [s for s in wanted if not s.startswith(JS_API + ".")] + [JS_API_ALL]
     return tuple(wanted)
 
 
-def exports(account: str, roles: Mapping[str, Role] | None = None) -> tuple[str, ...]:
-    """The services ``account`` exports: what crosses to any other account."""
-    return tuple(dict.fromkeys(s for other in ACCOUNTS if other != account for s in crossing(account, other, roles)))
+def exports(account: str, roles: Mapping[str, Role] | None = None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The services ``account`` exports: (subject, the accounts that import it), whatever crosses to another."""
+    importers: dict[str, list[str]] = {}
+    for other in ACCOUNTS:
+        for subject in crossing(account, other, roles) if other != account else ():
+            importers.setdefault(subject, []).append(other)
+    return tuple((subject, tuple(others)) for subject, others in importers.items())
 
 
-def imports(account: str, roles: Mapping[str, Role] | None = None) -> tuple[tuple[str, str], ...]:
-    """The services ``account`` imports: (the account answering, subject)."""
-    return tuple((other, s) for other in ACCOUNTS if other != account for s in crossing(other, account, roles))
+def imports(account: str, roles: Mapping[str, Role] | None = None) -> tuple[tuple[str, str, str], ...]:
+    """The services ``account`` imports: (the account answering, its subject, the subject here) — the same
+    subject, but for the JetStream API, which comes under the answering account's prefix (``api_prefix``)."""
+    return tuple((other, s, f"{api_prefix(other)}.>" if s == JS_API_ALL else s)
+                 for other in ACCOUNTS if other != account for s in crossing(other, account, roles))
 
 
 @dataclass(frozen=True)
@@ -373,11 +438,13 @@ def _render_user(role: Role, password: str) -> str:
 def _render_account(account: str, users: Sequence[str], roles: Mapping[str, Role]) -> str:
     # response_type stream: a request that crosses may be answered by many messages (heartbeats, batched
     # direct gets, every replica's $SRV answer).
-    exported = "".join(f"\n      {{service: {_quoted(s)}, response_type: stream, "
-                       f"response_threshold: {_quoted(CROSSING_SILENCE)}}}" for s in exports(account, roles))
-    imported = "".join(f"\n      {{service: {{account: {source}, subject: {_quoted(s)}}}}}"
-                       for source, s in imports(account, roles))
-    jetstream = "    jetstream: enabled\n" if account == STREAMS_ACCOUNT else ""
+    # An export names the accounts that import it: no other may.
+    exported = "".join(f"\n      {{service: {_quoted(s)}, accounts: [{', '.join(others)}], response_type: stream, "
+                       f"response_threshold: {_quoted(CROSSING_SILENCE)}}}" for s, others in exports(account, roles))
+    imported = "".join(f"\n      {{service: {{account: {source}, subject: {_quoted(s)}}}"
+                       + (f", to: {_quoted(local)}" if local != s else "") + "}"
+                       for source, s, local in imports(account, roles))
+    jetstream = "    jetstream: enabled\n" if account in ACCOUNT_STREAMS else ""
     return (f"  {account} {{\n"
             f"{jetstream}"
             f"    users = [\n" + "\n".join(users) + "\n    ]\n"
@@ -402,10 +469,10 @@ def render_authorization(passwords: Mapping[str, str] | None = None,
         raise ValueError(f"passwords for unknown roles {sorted(unknown)}; roles are {sorted(roles)}")
     lines = ["# Generated by `python -m stablealign.nats.permissions` (make nats-config) from",
              "# stablealign/nats/permissions.py: edit the table there, not this file.",
-             f"# {STREAMS_ACCOUNT}: every stream and bucket, and the services that write them. {CLIENTS_ACCOUNT}: the",
-             "# users that only read them; they reach the JetStream API (their permissions allow reads only) and",
-             "# the services only through the imports below, so the server answers them into their own account,",
-             "# where no stream listens.",
+             f"# {WORLD_ACCOUNT}, {TRAINER_ACCOUNT}: each service that writes streams, with JetStream and its own streams",
+             f"# only. {CLIENTS_ACCOUNT}: the users that only read them; they reach each one's JetStream API under its",
+             "# prefix ($JS.WORLD.API, $JS.TRAINER.API; their permissions allow reads only) and the services only",
+             "# through the imports below, so the server answers them into their own account, where no stream listens.",
              "# A client without a user and password is refused.",
              "accounts {"]
     for account in ACCOUNTS:

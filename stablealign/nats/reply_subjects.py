@@ -16,8 +16,9 @@ And the server's own replies ``_R_.<...>``: a request that crossed from one acco
 server's accounts, ``stablealign.nats.permissions``) reaches its responder with a reply subject the server
 made, which the server maps back to the asker's reply subject in the asker's account. A client cannot name
 one itself: nats-server refuses every client publish whose reply starts with ``_R_.`` (a publish violation,
-"reserved reply"; a test holds it). So a ``_R_.`` reply leads only to the asker's own account, where no
-stream of ours listens; whatever reply subject the asker named stays on its side.
+"reserved reply"; a test holds it). So a ``_R_.`` reply leads only to the asker's own account: the readers',
+where no stream of ours listens, or the world's (its requests to agents and observers), whose user writes those
+streams anyway; whatever reply subject the asker named stays on its side.
 """
 
 from __future__ import annotations

@@ -36,17 +36,25 @@ from stablealign.serving.settings import ServiceSettings
 log = get_logger(__name__)
 
 T = TypeVar("T")
+_JS_TIMEOUT_SECONDS = 10.0  # each JetStream API call of a service
 
 
 @dataclass
 class ServiceContext:
-    """What ``build`` gets: settings, the NATS connection and the NATS request server."""
+    """What ``build`` gets: settings, the NATS connection, the JetStream API of the world's streams (``js``: the
+    world's own, or the agents' and observers' reads of it; ``jetstream`` for the trainer's) and the NATS request
+    server."""
 
     name: str
     settings: Any  # a ServiceSettings subclass
     nc: NATS
     js: JetStreamContext
     requests: RequestServer
+
+    def jetstream(self, owner: str) -> JetStreamContext:
+        """The JetStream API of ``owner``'s streams (world or trainer) as this service's NATS user reaches it
+        (``nats_client.jetstream``)."""
+        return nats_client.jetstream(self.nc, owner, timeout=_JS_TIMEOUT_SECONDS)
 
 
 @dataclass
@@ -125,7 +133,7 @@ async def start_service(name: str, settings: ServiceSettings,
         nc = await nats_client.connect(settings.nats_url, name=f"stablealign-{name}{instance}",
                                        options=NatsClientOptions.from_settings(settings))
         opened.push_async_callback(_close_nats, nc)
-        js = nc.jetstream(timeout=10.0)
+        js = nats_client.jetstream(nc, "world", timeout=_JS_TIMEOUT_SECONDS)
         # The limits of the streams this process creates. Only the owner of a stream creates it, in its
         # ``build`` (services/world/streams.py, services/trainer/streams.py): the others' NATS users may
         # only read them (stablealign/nats/permissions.py).

@@ -61,7 +61,9 @@ ENV_PREFIX = "STABLEALIGN_"
 NATS_AUTH_ENV = {"--nats-user": "STABLEALIGN_NATS_USER", "--nats-password": "STABLEALIGN_NATS_PASSWORD",
                  "--nats-password-file": "STABLEALIGN_NATS_PASSWORD_FILE", "--nats-creds": "STABLEALIGN_NATS_CREDS",
                  "--nats-ca": "STABLEALIGN_NATS_CA", "--nats-tls-cert": "STABLEALIGN_NATS_TLS_CERT",
-                 "--nats-tls-key": "STABLEALIGN_NATS_TLS_KEY", "--nats-inbox-prefix": "STABLEALIGN_NATS_INBOX_PREFIX"}
+                 "--nats-tls-key": "STABLEALIGN_NATS_TLS_KEY", "--nats-inbox-prefix": "STABLEALIGN_NATS_INBOX_PREFIX",
+                 "--nats-world-js-prefix": "STABLEALIGN_NATS_WORLD_JS_PREFIX",
+                 "--nats-trainer-js-prefix": "STABLEALIGN_NATS_TRAINER_JS_PREFIX"}
 SHARED_ENV = {"--nats": "STABLEALIGN_NATS_URL", "--log-level": "STABLEALIGN_LOG_LEVEL",
               "--log-format": "STABLEALIGN_LOG_FORMAT", **NATS_AUTH_ENV}
 NATS_AUTH_HELP = {
@@ -73,6 +75,10 @@ NATS_AUTH_HELP = {
     "--nats-tls-cert": "Client certificate for NATS mutual TLS.",
     "--nats-tls-key": "Key of the client certificate.",
     "--nats-inbox-prefix": "Prefix of this command's reply subjects (default: _INBOX_<user>, the user's own).",
+    "--nats-world-js-prefix": "JetStream API prefix of the world's streams (default: $JS.API; the secured "
+                              "server's cli user: $JS.WORLD.API).",
+    "--nats-trainer-js-prefix": "JetStream API prefix of the trainer's streams (default: $JS.API; the secured "
+                                "server's cli user: $JS.TRAINER.API).",
 }
 _NATS_META = "stablealign.nats_auth"
 # Commands whose options are service settings: STABLEALIGN_<FLAG>, no command in the name.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import itertools
 import json
 import logging
 
@@ -78,9 +79,12 @@ MISDIRECTED = (
     (subjects.WORLD_GET, _GET(world_id=OTHER).SerializeToString(), f"sandbox.records.{VICTIM}"),
     (subjects.WORLD_LIST, b"", f"$KV.{subjects.WORLDS_BUCKET}.{VICTIM}"),
     (subjects.WORLD_GET, b"\xff\xff", f"$KV.{subjects.WORLDS_BUCKET}.{VICTIM}"),  # malformed: no error reply there either
-    # The asker's account imports the JetStream API: an answer is not a request through that import.
+    # The asker's account imports the JetStream APIs (under their prefixes): an answer is not a request through
+    # that import. Nothing answers the plain $JS.API there.
+    (subjects.WORLD_LIST, b"", f"$JS.WORLD.API.STREAM.PURGE.{subjects.RECORDS_STREAM}"),
+    (subjects.WORLD_GET, _GET(world_id=OTHER).SerializeToString(), f"$JS.WORLD.API.STREAM.DELETE.KV_{subjects.WORLDS_BUCKET}"),
+    (subjects.WORLD_LIST, b"", f"$JS.TRAINER.API.STREAM.PURGE.{subjects.JOB_LOGS_STREAM}"),
     (subjects.WORLD_LIST, b"", f"$JS.API.STREAM.PURGE.{subjects.RECORDS_STREAM}"),
-    (subjects.WORLD_GET, _GET(world_id=OTHER).SerializeToString(), f"$JS.API.STREAM.DELETE.KV_{subjects.WORLDS_BUCKET}"),
 )
 DISCOVERY = (
     ("$SRV.PING", f"sandbox.records.{VICTIM}"),
@@ -122,15 +126,15 @@ async def test_misdirected_replies_change_no_world_and_no_record(target, caplog)
         await cli.close()
 
 
-def consumer_creates(stream: str, deliver: str) -> list[tuple[str, bytes]]:
+def consumer_creates(stream: str, deliver: str, prefix: str = "$JS.API") -> list[tuple[str, bytes]]:
     """Every way to ask for a push consumer on ``stream`` delivering to ``deliver``: the unnamed create, the
     named one, the named and filtered one (its subject shows the filter, never the deliver subject) and a
-    durable one."""
+    durable one. ``prefix``: the JetStream API's, as the asker's account names it."""
     config = {"deliver_subject": deliver, "deliver_policy": "all", "ack_policy": "none"}
     named = {**config, "name": "spy"}
     filtered = {**named, "filter_subject": ">"}
     durable = {**config, "durable_name": "spy"}
-    api = "$JS.API.CONSUMER"
+    api = f"{prefix}.CONSUMER"
     return [(subject, json.dumps({"stream_name": stream, "config": body}).encode()) for subject, body in (
         (f"{api}.CREATE.{stream}", config), (f"{api}.CREATE.{stream}.spy", named),
         (f"{api}.CREATE.{stream}.spy.>", filtered), (f"{api}.DURABLE.CREATE.{stream}.spy", durable))]
@@ -138,7 +142,8 @@ def consumer_creates(stream: str, deliver: str) -> list[tuple[str, bytes]]:
 
 async def test_no_reader_may_create_a_consumer_on_any_stream(target, caplog):
     """Each role that only reads asks for push consumers on every stream, delivering into the victim's records
-    and world entry, in every form of the request: the server refuses every one (a permissions violation; no
+    and world entry, in every form of the request, under its account's import prefix of the stream's JetStream
+    and as a plain $JS.API: the server refuses every one (a permissions violation; no
     answer comes), no stream gains a consumer, and nothing changes. The owners may do so only on their own
     bucket (``test_an_owner_creates_consumers_only_on_its_own_bucket``)."""
     secured, _service, owners = target
@@ -151,8 +156,8 @@ async def test_no_reader_may_create_a_consumer_on_any_stream(target, caplog):
         answers = await nc.subscribe(inbox)
         try:
             for stream in OWNER:
-                for deliver in TARGETS[:2]:
-                    for subject, payload in consumer_creates(stream, deliver):
+                for deliver, prefix in itertools.product(TARGETS[:2], ("$JS.API", f"$JS.{OWNER[stream].upper()}.API")):
+                    for subject, payload in consumer_creates(stream, deliver, prefix):
                         await nc.publish(subject, payload, reply=inbox)
                         tried.append(subject)
             await nc.flush()
@@ -203,9 +208,10 @@ async def test_an_owner_creates_consumers_only_on_its_own_bucket(target, caplog)
 async def test_jetstream_api_answers_go_to_no_stream(target, caplog):
     """The same route as a misdirected service reply, through the JetStream API that every reader may call: as the
     CLI, a message get of the other world's entry with the victim's key as its reply and the records stream's info
-    with the victim's records as its reply; as an agent, a direct get of the memory stream and a message get of the other world's
-    entry, both with the victim's records as their reply. The readers are in an account of their own, which imports the streams' read API: the
-    server answers each one into the asker's account, where no stream listens, so nothing changes."""
+    with the victim's records as its reply; as an agent, a direct get of the memory stream and a message get of the other
+    world's entry, both with the victim's records as their reply. The readers are in an account of their own, which
+    imports the world's JetStream API under ``$JS.WORLD.API``: the server answers each one into the asker's account,
+    where no stream listens, so nothing changes."""
     secured, _service, owners = target
     caplog.set_level(logging.ERROR, logger="stablealign.nats.client")
     before = await owners.state()
@@ -213,23 +219,23 @@ async def test_jetstream_api_answers_go_to_no_stream(target, caplog):
     cli = await nats_client.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
     agent = await nats_client.connect(secured.url, "agent", options=secured.options("agent"), give_up_after=5.0)
     try:
-        await cli.publish(f"$JS.API.STREAM.MSG.GET.KV_{subjects.WORLDS_BUCKET}", other_entry, reply=TARGETS[0])
-        await cli.publish(f"$JS.API.STREAM.INFO.{subjects.RECORDS_STREAM}", b"", reply=TARGETS[1])
+        await cli.publish(f"$JS.WORLD.API.STREAM.MSG.GET.KV_{subjects.WORLDS_BUCKET}", other_entry, reply=TARGETS[0])
+        await cli.publish(f"$JS.WORLD.API.STREAM.INFO.{subjects.RECORDS_STREAM}", b"", reply=TARGETS[1])
         # The memory stream is empty: the direct get's answer is a "not found" status, a message all the same.
-        await agent.publish(f"$JS.API.DIRECT.GET.{subjects.MEMORY_STREAM}", json.dumps({"seq": 1}).encode(),
+        await agent.publish(f"$JS.WORLD.API.DIRECT.GET.{subjects.MEMORY_STREAM}", json.dumps({"seq": 1}).encode(),
                             reply=TARGETS[1])
-        await agent.publish(f"$JS.API.STREAM.MSG.GET.KV_{subjects.WORLDS_BUCKET}", other_entry, reply=TARGETS[1])
+        await agent.publish(f"$JS.WORLD.API.STREAM.MSG.GET.KV_{subjects.WORLDS_BUCKET}", other_entry, reply=TARGETS[1])
         for nc in (cli, agent):
             await nc.flush()
         await asyncio.sleep(0.5)
         # The same reads with real inboxes are answered: the route is closed, not the API.
-        answer = await agent.request(f"$JS.API.DIRECT.GET.{subjects.MEMORY_STREAM}", json.dumps({"seq": 1}).encode(),
+        answer = await agent.request(f"$JS.WORLD.API.DIRECT.GET.{subjects.MEMORY_STREAM}", json.dumps({"seq": 1}).encode(),
                                      timeout=2)
         assert answer.headers and answer.headers.get("Status") == "404"
-        got = json.loads((await agent.request(f"$JS.API.STREAM.MSG.GET.KV_{subjects.WORLDS_BUCKET}", other_entry,
+        got = json.loads((await agent.request(f"$JS.WORLD.API.STREAM.MSG.GET.KV_{subjects.WORLDS_BUCKET}", other_entry,
                                               timeout=2)).data)
         assert got.get("message", {}).get("subject") == f"$KV.{subjects.WORLDS_BUCKET}.{OTHER}", got
-        info = json.loads((await cli.request(f"$JS.API.STREAM.INFO.{subjects.RECORDS_STREAM}", b"", timeout=2)).data)
+        info = json.loads((await cli.request(f"$JS.WORLD.API.STREAM.INFO.{subjects.RECORDS_STREAM}", b"", timeout=2)).data)
         assert info["config"]["name"] == subjects.RECORDS_STREAM
     finally:
         await cli.close()
@@ -238,16 +244,13 @@ async def test_jetstream_api_answers_go_to_no_stream(target, caplog):
     assert denials(caplog) == []  # the server took every request: nothing was refused, nothing was written
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (docs/security-attacks.md, note 5): the world and the trainer share the streams' account, so a JetStream "
-    "answer to a read of one's own stream may name the other's stream or bucket as its reply"))
 @pytest.mark.parametrize(("role", "stream", "victim"), [
     ("trainer", subjects.JOB_LOGS_STREAM, TARGETS[1]),  # into the victim world's records
     ("world", subjects.RECORDS_STREAM, TARGETS[2]),  # over the victim job's entry
 ])
 async def test_a_service_cannot_aim_jetstream_answers_at_the_others_streams(target, role, stream, victim):
-    """What the accounts leave open: an info request on a stream the service owns, with the other service's
-    stream or bucket as its reply, answered inside the streams' account."""
+    """An info request on a stream the service owns, with the other service's stream or bucket as its reply: the
+    JetStream of the service's own account answers it there, where the other's streams are not (issue 19, note 5)."""
     secured, _service, owners = target
     before = await owners.state()
     nc = await nats_client.connect(secured.url, role, options=secured.options(role), give_up_after=5.0)

@@ -171,7 +171,8 @@ def misdirected(valid: trainer_pb2.JobSpec) -> list[tuple[str, bytes, str]]:
         (subjects.TRAINER_GET, get(job_id=JOB_OTHER).SerializeToString(), kv_job),  # another job copied over it
         (subjects.TRAINER_GET, get(job_id=JOB_OTHER).SerializeToString(), kv_world),
         (subjects.TRAINER_LIST, b"", records),
-        (subjects.TRAINER_LIST, b"", f"$JS.API.STREAM.PURGE.KV_{subjects.JOBS_BUCKET}"),
+        (subjects.TRAINER_LIST, b"", f"$JS.TRAINER.API.STREAM.PURGE.KV_{subjects.JOBS_BUCKET}"),
+        (subjects.TRAINER_LIST, b"", f"$JS.WORLD.API.STREAM.PURGE.{subjects.RECORDS_STREAM}"),
         (subjects.TRAINER_SUBMIT, submit(existing), kv_job),  # a conflict: the job exists
         (subjects.TRAINER_CANCEL, trainer_pb2.CancelJobRequest(job_id=JOB_OTHER).SerializeToString(), kv_job),  # ended
         (subjects.TRAINER_GET, b"\xff\xff", kv_job),  # malformed

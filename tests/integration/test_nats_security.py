@@ -24,16 +24,17 @@ import nats.errors
 import nats.js.errors
 import pytest
 
+from services.trainer import streams as trainer_streams
 from services.world import streams as world_streams
 from services.world.client import WorldClient
-from stablealign.core.config import load_settings
+from stablealign.core.config import env_name, load_settings
 from stablealign.core.errors import ConfigError
 from stablealign.nats import client as nats_client
 from stablealign.nats import subjects
 from stablealign.nats.auth import NatsClientOptions, NotAuthorizedError
 from stablealign.nats.permissions import ROLES, ServerTls, new_password, render_config
 from stablealign.serving.service import RunningService, start_service
-from stablealign.v1 import common_pb2, world_pb2
+from stablealign.v1 import common_pb2, trainer_pb2, world_pb2
 from stablealign_app.natsserver import EmbeddedNatsServer
 from tests.support.certs import make_certificates
 from tests.support.replies import ask
@@ -58,11 +59,14 @@ class SecuredNats:
         return self.server.url
 
     def options(self, role: str, **tls: str) -> NatsClientOptions:
-        return NatsClientOptions.build(user=role, password=self.passwords[role], **tls)
+        """``role``'s client options, with the JetStream prefixes of the accounts it reads (``client_settings``)."""
+        prefixes = {name.removeprefix("nats_"): value for name, value in ROLES[role].client_settings.items()}
+        return NatsClientOptions.build(user=role, password=self.passwords[role], **prefixes, **tls)
 
     def settings(self, role: str) -> dict[str, str]:
         """The service settings (STABLEALIGN_NATS_*) of ``role``."""
-        return {"nats_url": self.url, "nats_user": role, "nats_password": self.passwords[role]}
+        return {"nats_url": self.url, "nats_user": role, "nats_password": self.passwords[role],
+                **ROLES[role].client_settings}
 
 
 @pytest.fixture
@@ -134,8 +138,9 @@ async def test_only_the_world_writes_records_and_the_worlds_bucket(secured, capl
                                  headers={subjects.MSG_ID_HEADER: "w1.0.0"})
             with pytest.raises((nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError)):
                 await js.publish(f"$KV.{subjects.WORLDS_BUCKET}.w1", b"\x10\x02", timeout=0.3)  # state RUNNING
-            with pytest.raises(nats.errors.TimeoutError):  # nor delete the records stream
-                await nc.request(f"$JS.API.STREAM.DELETE.{subjects.RECORDS_STREAM}", b"", timeout=0.3)
+            for api in ("$JS.API", "$JS.WORLD.API"):  # nor delete the records stream, as its owner or a reader names it
+                with pytest.raises(nats.errors.TimeoutError):
+                    await nc.request(f"{api}.STREAM.DELETE.{subjects.RECORDS_STREAM}", b"", timeout=0.3)
         info = await world.jetstream().stream_info(subjects.RECORDS_STREAM)
         assert info.state.messages == 0
         kv = await world.jetstream().key_value(subjects.WORLDS_BUCKET)
@@ -172,10 +177,11 @@ async def test_a_role_reads_only_its_own_reply_inboxes(secured, caplog):
             await spy.subscribe(subject, cb=overhear)
         await spy.flush(timeout=2.0)
         # The CLI's reads: a JetStream API call and a batched direct get reply on its own inbox.
-        info = await cli.jetstream(timeout=2.0).stream_info(subjects.RECORDS_STREAM)
+        info = await nats_client.jetstream(cli, "world", timeout=2.0).stream_info(subjects.RECORDS_STREAM)
         assert info.config.name == subjects.RECORDS_STREAM
         await world.jetstream().publish("sandbox.records.w1", b"r", headers={subjects.MSG_ID_HEADER: "w1.0.0"})
-        read = await nats_client.read_subject(cli.jetstream(timeout=2.0), subjects.RECORDS_STREAM, "sandbox.records.w1")
+        read = await nats_client.read_subject(nats_client.jetstream(cli, "world", timeout=2.0), subjects.RECORDS_STREAM,
+                                              "sandbox.records.w1")
         assert [(seq, msg.data) for seq, msg in read] == [(1, b"r")]
         await spy.flush(timeout=2.0)
         assert overheard == []
@@ -232,7 +238,8 @@ def cli(args: list[str], nats_server: SecuredNats, role: str = "cli", password: 
         ) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STABLEALIGN_")}
     env.update(STABLEALIGN_NATS_URL=nats_server.url, STABLEALIGN_NATS_USER=role,
-               STABLEALIGN_NATS_PASSWORD=nats_server.passwords[role] if password is None else password)
+               STABLEALIGN_NATS_PASSWORD=nats_server.passwords[role] if password is None else password,
+               **{env_name(setting): value for setting, value in ROLES[role].client_settings.items()})
     return subprocess.run([sys.executable, "-m", "stablealign_app.cli.main", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=45)
 
@@ -293,6 +300,38 @@ async def test_a_world_runs_with_one_restricted_user_per_service(secured, tmp_pa
         for service in reversed(services):
             await service.stop(grace=1.0)
     assert not denials(caplog)  # nor did the CLI's reads and calls, nor the drain
+
+
+async def test_a_reader_reaches_each_owners_streams_under_its_prefix(secured):
+    """The world's and the trainer's streams are in accounts of their own (issue 19): the CLI's user reads a job's
+    log (`jobs logs`, which follows it until it has ended) and a world's spec from its bucket, with no service
+    running, each through its account's JetStream prefix; without the prefixes ($JS.API) the same reads are refused."""
+    world = await nats_client.connect(secured.url, "world", options=secured.options("world"), give_up_after=5.0)
+    trainer = await nats_client.connect(secured.url, "trainer", options=secured.options("trainer"), give_up_after=5.0)
+    cli_nc = await nats_client.connect(secured.url, "cli", options=secured.options("cli"), give_up_after=5.0)
+    bare = await nats_client.connect(secured.url, "cli-bare", give_up_after=5.0, options=NatsClientOptions.build(
+        user="cli", password=secured.passwords["cli"]))
+    try:
+        await world_streams.declare_streams(world.jetstream())
+        await trainer_streams.declare_streams(trainer.jetstream())
+        spec = world_pb2.WorldSpec(world_id="kept", size=3, rounds=2)
+        worlds = await world.jetstream().key_value(subjects.WORLDS_BUCKET)
+        await worlds.create("kept", world_pb2.World(spec=spec, state=world_pb2.WORLD_STATE_COMPLETED).SerializeToString())
+        jobs = await trainer.jetstream().key_value(subjects.JOBS_BUCKET)
+        job = trainer_pb2.Job(spec=trainer_pb2.JobSpec(job_id="job-kept"), state=trainer_pb2.JOB_STATE_SUCCEEDED)
+        await jobs.create("job-kept", job.SerializeToString())
+        line = trainer_pb2.LogLine(job_id="job-kept", line="the kept job's log line", time=1.0)
+        await trainer.jetstream().publish(subjects.JOB_LOGS_SUBJECT.format(job_id="job-kept"), line.SerializeToString())
+        assert await WorldClient(cli_nc).world_bounds("kept", timeout=0.2) == (3, 2)  # no world service: the bucket
+        assert await WorldClient(bare).world_bounds("kept", timeout=0.2) is None  # $JS.API: refused
+        with pytest.raises(nats.errors.TimeoutError):  # the server drops the denied publish: no answer
+            await bare.jetstream(timeout=0.5).stream_info(subjects.JOB_LOGS_STREAM)
+    finally:
+        for nc in (bare, cli_nc, trainer, world):
+            await nc.close()
+    logs = await asyncio.to_thread(cli, ["jobs", "logs", "job-kept"], secured)
+    assert logs.returncode == 0, logs.stderr
+    assert "the kept job's log line" in logs.stdout
 
 
 def test_an_embedded_run_ignores_nats_settings_meant_for_a_remote_server(tmp_path):

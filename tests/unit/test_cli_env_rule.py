@@ -36,7 +36,9 @@ SHARED = {"--nats": "STABLEALIGN_NATS_URL", "--log-level": "STABLEALIGN_LOG_LEVE
           "--nats-user": "STABLEALIGN_NATS_USER", "--nats-password": "STABLEALIGN_NATS_PASSWORD",
           "--nats-password-file": "STABLEALIGN_NATS_PASSWORD_FILE", "--nats-creds": "STABLEALIGN_NATS_CREDS",
           "--nats-ca": "STABLEALIGN_NATS_CA", "--nats-tls-cert": "STABLEALIGN_NATS_TLS_CERT",
-          "--nats-tls-key": "STABLEALIGN_NATS_TLS_KEY", "--nats-inbox-prefix": "STABLEALIGN_NATS_INBOX_PREFIX"}
+          "--nats-tls-key": "STABLEALIGN_NATS_TLS_KEY", "--nats-inbox-prefix": "STABLEALIGN_NATS_INBOX_PREFIX",
+          "--nats-world-js-prefix": "STABLEALIGN_NATS_WORLD_JS_PREFIX",
+          "--nats-trainer-js-prefix": "STABLEALIGN_NATS_TRAINER_JS_PREFIX"}
 # Every command a person can run; the tree must hold at least these.
 COMMANDS = {"serve", "run", "watch", "export", "worlds list", "worlds show", "data build", "train", "eval",
             "generate", "model pull", "model init-tiny", "jobs submit", "jobs list", "jobs show", "jobs logs",
@@ -458,7 +460,8 @@ def test_every_command_that_connects_takes_the_nats_credentials():
         flags = {o for option in options(command) for o in option.opts}
         if "--nats" in flags:
             assert {"--nats-user", "--nats-password", "--nats-password-file", "--nats-creds", "--nats-ca",
-                    "--nats-tls-cert", "--nats-tls-key", "--nats-inbox-prefix"} <= flags, path
+                    "--nats-tls-cert", "--nats-tls-key", "--nats-inbox-prefix", "--nats-world-js-prefix",
+                    "--nats-trainer-js-prefix"} <= flags, path
 
 
 def test_a_command_connects_with_the_credentials_of_its_flags_and_variables(monkeypatch, tmp_path):
@@ -479,6 +482,11 @@ def test_a_command_connects_with_the_credentials_of_its_flags_and_variables(monk
     assert seen[-1].reply_inbox_prefix() == "_INBOX_cli"  # the cli user's own replies (nats_permissions)
     assert invoke(["jobs", "list", "--nats-inbox-prefix", "_INBOX"], STABLEALIGN_NATS_USER="cli").exit_code == 0
     assert seen[-1].reply_inbox_prefix() == "_INBOX"
+    assert seen[-1].jetstream_prefix("world") == "$JS.API"  # an unsecured server's
+    assert invoke(["jobs", "list", "--nats-trainer-js-prefix", "$JS.TRAINER.API"],
+                  STABLEALIGN_NATS_WORLD_JS_PREFIX="$JS.WORLD.API").exit_code == 0
+    assert (seen[-1].jetstream_prefix("world"), seen[-1].jetstream_prefix("trainer")) == ("$JS.WORLD.API",
+                                                                                          "$JS.TRAINER.API")
     assert invoke(["jobs", "list", "--nats-user", "other", "--nats-password-file", str(password_file)],
                   STABLEALIGN_NATS_USER="cli").exit_code == 0
     assert (seen[-1].user, seen[-1].password) == ("other", "from-file")  # flags win

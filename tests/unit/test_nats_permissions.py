@@ -18,11 +18,13 @@ from stablealign.core.errors import ConfigError
 from stablealign.nats import subjects
 from stablealign.nats.auth import NatsClientOptions
 from stablealign.nats.permissions import (
+    ACCOUNT_STREAMS,
     ACCOUNTS,
     CLIENTS_ACCOUNT,
     JS_API_ALL,
     ROLES,
-    STREAMS_ACCOUNT,
+    TRAINER_ACCOUNT,
+    WORLD_ACCOUNT,
     ServerTls,
     check_password,
     crossing,
@@ -104,8 +106,13 @@ def test_agents_and_observers_only_answer_their_own_subjects():
 
 def test_the_cli_reads_records_and_calls_the_apis_the_trainer_keeps_to_trainer():
     for subject in (subjects.WORLD_CREATE, subjects.WORLD_RESUME, subjects.TRAINER_SUBMIT, subjects.TRAINER_LIST,
-                    f"$JS.API.DIRECT.GET.{subjects.RECORDS_STREAM}", f"$JS.API.STREAM.MSG.GET.{subjects.JOB_LOGS_STREAM}"):
+                    f"$JS.WORLD.API.DIRECT.GET.{subjects.RECORDS_STREAM}",
+                    f"$JS.TRAINER.API.STREAM.MSG.GET.{subjects.JOB_LOGS_STREAM}"):
         assert may_publish("cli", subject), subject
+    # Each stream only under its own account's prefix, never as $JS.API (the cli's account has no JetStream).
+    for subject in (f"$JS.API.DIRECT.GET.{subjects.RECORDS_STREAM}", f"$JS.TRAINER.API.DIRECT.GET.{subjects.RECORDS_STREAM}",
+                    f"$JS.WORLD.API.STREAM.INFO.{subjects.JOB_LOGS_STREAM}"):
+        assert not may_publish("cli", subject), subject
     for subject in ("trainer.jobs.j1.log", subjects.AGENT_DRAFT, "sandbox.records.w1"):
         assert not may_publish("cli", subject), subject
     trainer_writes = [p for p in ROLES["trainer"].publish if not p.startswith(("$JS.", "$KV."))]
@@ -119,34 +126,57 @@ def test_readers_create_no_consumer_and_owners_only_on_their_own_bucket():
     streams = (subjects.RECORDS_STREAM, subjects.MEMORY_STREAM, subjects.POOL_STREAM, subjects.JOB_LOGS_STREAM,
                f"KV_{subjects.WORLDS_BUCKET}", f"KV_{subjects.JOBS_BUCKET}")
     creates = [f"$JS.API.CONSUMER.CREATE.{s}{tail}" for s in streams for tail in ("", ".spy", ".spy.x.>")]
+    imported = [c.replace("$JS.API.", f"$JS.{account}.API.") for c in creates for account in ACCOUNT_STREAMS]
     for name in ("cli", "agent", "observer"):
-        assert not any(may_publish(name, s) or "CONSUMER" in p for s in creates for p in ROLES[name].publish), name
-        assert all(denies(name, s) for s in creates), name
+        assert not any(may_publish(name, s) or "CONSUMER" in p for s in creates + imported
+                       for p in ROLES[name].publish), name
+        assert all(denies(name, s) for s in creates + imported), name
     for name, own in (("world", f"KV_{subjects.WORLDS_BUCKET}"), ("trainer", f"KV_{subjects.JOBS_BUCKET}")):
         allowed = {s for s in creates if may_publish(name, s)}
         assert allowed == {s for s in creates if s.split(".")[4] == own}, name
         assert all(denies(name, s) for s in creates if s not in allowed), name
 
 
-def test_the_streams_live_in_an_account_of_their_own_with_their_writers():
-    """Issue 19: a JetStream answer goes to whatever reply subject its request names, so the users that only read
-    are in another account, where no stream listens; the world and the trainer write their streams and keep push
-    consumers on their buckets, which do not cross accounts, so they live with the streams."""
-    assert {r.name for r in ROLES.values() if r.account == STREAMS_ACCOUNT} == {"world", "trainer"}
-    assert {r.name for r in ROLES.values() if r.account == CLIENTS_ACCOUNT} == {"agent", "observer", "cli"}
-    writes = ("$JS.API.STREAM.CREATE.", "$JS.API.CONSUMER.", "$KV.", "sandbox.records.", "sandbox.memory.",
-              "sandbox.pools.")
-    for role in ROLES.values():
-        if any(p.startswith(writes) or p == "trainer.>" for p in role.publish):
-            assert role.account == STREAMS_ACCOUNT, role.name
+def test_each_writer_of_streams_has_an_account_of_its_own():
+    """Issue 19: a JetStream answer goes to whatever reply subject its request names, so the world and the trainer
+    each keep their streams in an account of their own (neither's reads can have an answer written into the
+    other's), and the users that only read are in a third, without JetStream."""
+    assert {r.name: r.account for r in ROLES.values()} == {
+        "world": WORLD_ACCOUNT, "trainer": TRAINER_ACCOUNT, "agent": CLIENTS_ACCOUNT, "observer": CLIENTS_ACCOUNT,
+        "cli": CLIENTS_ACCOUNT}
+    assert set(ACCOUNT_STREAMS[WORLD_ACCOUNT]) == {subjects.RECORDS_STREAM, subjects.MEMORY_STREAM, subjects.POOL_STREAM,
+                                                  f"KV_{subjects.WORLDS_BUCKET}"}
+    assert set(ACCOUNT_STREAMS[TRAINER_ACCOUNT]) == {subjects.JOB_LOGS_STREAM, f"KV_{subjects.JOBS_BUCKET}"}
+    for name, account in (("world", WORLD_ACCOUNT), ("trainer", TRAINER_ACCOUNT)):
+        # An owner calls its own account's JetStream as $JS.API, and names no stream of another account there.
+        others = [s for a, streams in ACCOUNT_STREAMS.items() if a != account for s in streams]
+        api = [p for p in ROLES[name].publish if p.startswith("$JS.")]
+        assert api and not any(p.startswith(("$JS.WORLD.", "$JS.TRAINER.")) for p in api), name
+        assert not any(stream in p.split(".") for p in api for stream in others), name
     text = render_authorization()
-    assert text.count("jetstream: enabled") == 1 and "jetstream" not in text.split(f"  {CLIENTS_ACCOUNT} {{")[1]
+    assert text.count("jetstream: enabled") == 2 and "jetstream" not in text.split(f"  {CLIENTS_ACCOUNT} {{")[1]
+
+
+def test_readers_connect_with_the_prefix_of_each_account_they_read():
+    """What a reader's client must set to reach a JetStream account (``Role.client_settings``), and nothing for
+    an owner, which calls its own as $JS.API."""
+    assert ROLES["cli"].client_settings == {"nats_world_js_prefix": "$JS.WORLD.API",
+                                            "nats_trainer_js_prefix": "$JS.TRAINER.API"}
+    assert ROLES["agent"].client_settings == ROLES["observer"].client_settings == {
+        "nats_world_js_prefix": "$JS.WORLD.API"}
+    assert ROLES["world"].client_settings == ROLES["trainer"].client_settings == {}
+    options = NatsClientOptions.build(user="cli", **{k.removeprefix("nats_"): v for k, v in ROLES["cli"].client_settings.items()})
+    assert (options.jetstream_prefix("world"), options.jetstream_prefix("trainer")) == ("$JS.WORLD.API", "$JS.TRAINER.API")
+    assert NatsClientOptions().jetstream_prefix("trainer") == "$JS.API"  # an unsecured server's
+    with pytest.raises(ConfigError, match="STABLEALIGN_NATS_WORLD_JS_PREFIX"):
+        NatsClientOptions.build(world_js_prefix="$JS.WORLD.>")
 
 
 def test_only_services_and_the_read_api_cross_between_the_accounts():
     """What crosses is imported as a service, so its answers go back to the asker's account: the APIs of the world,
-    the trainer, the agents and the observers, discovery, and the JetStream API (whole: what a reader may call of
-    it is its permissions'). No subject of a stream or bucket crosses."""
+    the trainer, the agents and the observers, discovery, and each JetStream account's API (whole, under its own
+    prefix: what a reader may call of it is its permissions'). No subject of a stream or bucket crosses, and
+    nothing between the world's and the trainer's accounts."""
     data = ("sandbox.records.>", "sandbox.memory.>", "sandbox.pools.>", "$KV.>", subjects.JOB_LOGS_SUBJECT.format(job_id="*"))
     for source in ACCOUNTS:
         for target in ACCOUNTS:
@@ -154,15 +184,20 @@ def test_only_services_and_the_read_api_cross_between_the_accounts():
                 continue
             for subject in crossing(source, target):
                 assert not any(subjects_overlap(subject, d) for d in data), (source, target, subject)
-                assert subject in exports(source) and (source, subject) in imports(target)
-    assert JS_API_ALL in exports(STREAMS_ACCOUNT) and (STREAMS_ACCOUNT, JS_API_ALL) in imports(CLIENTS_ACCOUNT)
-    assert (STREAMS_ACCOUNT, subjects.WORLD_GET) in imports(CLIENTS_ACCOUNT)
-    assert (STREAMS_ACCOUNT, subjects.TRAINER_SUBMIT) in imports(CLIENTS_ACCOUNT)
-    assert (CLIENTS_ACCOUNT, subjects.batch_subject(subjects.OBSERVER_RATE)) in imports(STREAMS_ACCOUNT)
-    assert (STREAMS_ACCOUNT, "$SRV.*") in imports(CLIENTS_ACCOUNT)
+                assert (subject, (target,)) in exports(source) or target in dict(exports(source))[subject]
+                assert any(i[:2] == (source, subject) for i in imports(target))
+    assert crossing(WORLD_ACCOUNT, TRAINER_ACCOUNT) == crossing(TRAINER_ACCOUNT, WORLD_ACCOUNT) == ()
+    for account in (WORLD_ACCOUNT, TRAINER_ACCOUNT):
+        assert (account, JS_API_ALL, f"$JS.{account}.API.>") in imports(CLIENTS_ACCOUNT)
+        assert (account, "$SRV.*", "$SRV.*") in imports(CLIENTS_ACCOUNT)  # one $SRV.PING reaches both
+        assert dict(exports(account))[JS_API_ALL] == (CLIENTS_ACCOUNT,)
+    assert (WORLD_ACCOUNT, subjects.WORLD_GET, subjects.WORLD_GET) in imports(CLIENTS_ACCOUNT)
+    assert (TRAINER_ACCOUNT, subjects.TRAINER_SUBMIT, subjects.TRAINER_SUBMIT) in imports(CLIENTS_ACCOUNT)
+    assert (CLIENTS_ACCOUNT, *[subjects.batch_subject(subjects.OBSERVER_RATE)] * 2) in imports(WORLD_ACCOUNT)
     # The world only asks: nothing of the readers' account but the agents' and observers' requests reaches it.
-    assert {s for _, s in imports(STREAMS_ACCOUNT)} == {*exports(CLIENTS_ACCOUNT)} == {
+    assert {s for _, s, _ in imports(WORLD_ACCOUNT)} == {s for s, _ in exports(CLIENTS_ACCOUNT)} == {
         s for r in ("agent", "observer") for s in ROLES[r].subscribe if s.startswith(("sandbox.agent.", "sandbox.observer."))}
+    assert imports(TRAINER_ACCOUNT) == ()
 
 
 def test_subject_overlap_and_cover():
@@ -189,8 +224,13 @@ def test_every_role_is_denied_what_it_does_not_own_and_nothing_it_needs():
     for name in ("agent", "observer", "cli"):
         for subject in (f"$KV.{subjects.WORLDS_BUCKET}.w1", f"$KV.{subjects.JOBS_BUCKET}.j1", "$KV.OTHER.x",
                         "sandbox.records.w1", "sandbox.memory.w1.0", "sandbox.pools.p", "trainer.jobs.j1.log",
-                        f"$JS.API.STREAM.CREATE.{subjects.RECORDS_STREAM}", "$JS.API.STREAM.UPDATE.ANY"):
+                        f"$JS.API.STREAM.CREATE.{subjects.RECORDS_STREAM}", "$JS.API.STREAM.UPDATE.ANY",
+                        f"$JS.WORLD.API.STREAM.CREATE.{subjects.RECORDS_STREAM}", "$JS.WORLD.API.STREAM.UPDATE.ANY",
+                        f"$JS.TRAINER.API.STREAM.PURGE.{subjects.JOB_LOGS_STREAM}",
+                        f"$JS.WORLD.API.CONSUMER.DURABLE.CREATE.{subjects.RECORDS_STREAM}.spy"):
             assert denies(name, subject), (name, subject)
+    for name in ("world", "trainer"):  # their own account's JetStream is $JS.API: no import prefix means anything
+        assert denies(name, "$JS.WORLD.API.STREAM.INFO.X") and denies(name, "$JS.TRAINER.API.STREAM.INFO.X")
     assert denies("world", f"$KV.{subjects.JOBS_BUCKET}.j1") and denies("world", "trainer.jobs.j1.log")
     assert denies("world", f"$JS.API.STREAM.CREATE.{subjects.JOB_LOGS_STREAM}")
     assert not denies("world", f"$KV.{subjects.WORLDS_BUCKET}.w1") and not denies("world", "sandbox.records.w1")
@@ -258,6 +298,9 @@ def test_every_service_connects_as_its_own_user_with_the_secrets_password():
         (deployment,) = [d for d in _docs(f"{name}.yaml") if d["kind"] == "Deployment"]
         env = {e["name"]: e for e in _container(deployment)["env"]}
         assert env["STABLEALIGN_NATS_USER"]["value"] == name
+        # A reader's JetStream prefixes, as its role says (the agents and observers read the world's streams).
+        prefixes = {k.removeprefix("STABLEALIGN_").lower(): e["value"] for k, e in env.items() if k.endswith("_JS_PREFIX")}
+        assert prefixes == ROLES[name].client_settings, name
         # components/nats-tls replaces the first variable with tls://: it must stay the URL.
         assert _container(deployment)["env"][0]["name"] == "STABLEALIGN_NATS_URL"
         assert env["STABLEALIGN_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "nats-credentials",

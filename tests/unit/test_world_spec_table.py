@@ -28,7 +28,8 @@ pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
 # Options every command that connects or logs has (cli.rules): not spec fields.
 SHARED = {"nats", "log_level", "log_format", "nats_user", "nats_password", "nats_password_file", "nats_creds",
-          "nats_ca", "nats_tls_cert", "nats_tls_key", "nats_inbox_prefix"}
+          "nats_ca", "nats_tls_cert", "nats_tls_key", "nats_inbox_prefix", "nats_world_js_prefix",
+          "nats_trainer_js_prefix"}
 # run's own options: where the records go and how the command runs, not what the world is.
 RUN_OWN = {"out", "timeout", "workers"}
 # pipeline options named like a spec field that are not that field (names kept from before the table).
