@@ -44,7 +44,7 @@ run: install
 # interactions), with the paper's ablation (SFT-only on the same data) and the human-data reference
 # (SFT on the HH-RLHF prior split), evaluated on all 679 held-out pairs and 64 held-out questions.
 STUDY_OUT ?= runs/study
-STUDY_ARGS ?= --size 8 --rounds 4 --train-steps 64 --eval-limit 679 --questions 64 --ablation
+STUDY_ARGS ?= --size 8 --rounds 4 --train-steps 64 --eval-limit 679 --questions 64 --ablation --eval-bf16
 study: install
 	$(VENV)/bin/stable-align pipeline --out $(STUDY_OUT) $(STUDY_ARGS)
 

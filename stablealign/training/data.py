@@ -31,6 +31,12 @@ loops more. A loop whose group has no other response above 1 is dropped instead 
 best), and so is a group left without a response that does not loop. ``--max-repeated 1`` keeps every
 response as the judge rated it. ``data build`` reports how many were demoted and dropped.
 
+Responses that speak of an answer instead of answering (``critiques.speaks_of_an_answer``: "Your answer
+is not helpful ...") are demoted the same way where a response should answer the question (imitation
+and realignment groups; ``demote_critiques``). Why: a small society's revisions are often feedback on
+the draft, the small judge rates them above real answers, and a model trained on them answers every
+question with "The answer is not ...", which then loops. ``--keep-critiques`` keeps them as rated.
+
 Handling of imperfect input (documented, tested):
 - a missing rating (``null``: the observer's answer could not be parsed) drops that response —
   never a made-up number; a group left with no response is not emitted; a group left with one
@@ -68,7 +74,7 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -83,6 +89,7 @@ from stablealign.sandbox.records import (
     iter_json_lines,
     validate_record,
 )
+from stablealign.training.critiques import ANSWERING_KINDS, speaks_of_an_answer
 from stablealign.training.repetition import DEFAULT_MAX_REPEATED, loops
 from stablealign.training.template import format_critic_query, format_realignment_query
 
@@ -268,29 +275,46 @@ def parse_mix(text: str) -> dict[str, float]:
     return dict(zip(KINDS, weights))
 
 
-def demote_loops(groups: Iterable[AlignmentGroup],
-                 max_repeated: float = DEFAULT_MAX_REPEATED) -> tuple[list[AlignmentGroup], dict[str, Any]]:
-    """Groups with their looping responses scored 1 (module docstring), and the counts: responses
-    demoted, loops dropped (no other response above 1), groups dropped (nothing left that does not loop)."""
-    if not 0 <= max_repeated <= 1 or not math.isfinite(max_repeated):
-        raise ValidationError(f"max_repeated {max_repeated}: expected a share in [0, 1]")
+def demote(groups: Iterable[AlignmentGroup], bad: Callable[[AlignmentGroup, str], bool]
+           ) -> tuple[list[AlignmentGroup], Counter]:
+    """Groups with the responses ``bad`` flags scored 1 (module docstring), and the counts: responses
+    demoted, responses dropped (no other response above 1, so scored 1 they would tie for best), groups
+    dropped (nothing left that is not flagged)."""
     counts: Counter = Counter()
     out: list[AlignmentGroup] = []
     for group in groups:
-        looping = [loops(r, max_repeated) for r in group.responses]
-        if not any(looping):
+        flagged = [bad(group, r) for r in group.responses]
+        if not any(flagged):
             out.append(group)
             continue
-        kept = [(r, s) for r, s, bad in zip(group.responses, group.scores, looping) if not bad]
+        kept = [s for s, flag in zip(group.scores, flagged) if not flag]
         if not kept:
             counts["groups_dropped"] += 1
             continue
-        floor = min(s for _, s in kept) <= 1  # a loop scored 1 would tie for best
-        pairs = [(r, 1.0) if bad else (r, s) for r, s, bad in zip(group.responses, group.scores, looping)
-                 if not (bad and floor)]
-        counts["loops_dropped" if floor else "demoted"] += sum(looping)
+        floor = min(kept) <= 1
+        pairs = [(r, 1.0) if flag else (r, s) for r, s, flag in zip(group.responses, group.scores, flagged)
+                 if not (flag and floor)]
+        counts["dropped" if floor else "demoted"] += sum(flagged)
         out.append(replace(group, responses=tuple(r for r, _ in pairs), scores=tuple(s for _, s in pairs)))
-    return out, {"max_repeated": max_repeated, "demoted": counts["demoted"], "loops_dropped": counts["loops_dropped"],
+    return out, counts
+
+
+def demote_loops(groups: Iterable[AlignmentGroup],
+                 max_repeated: float = DEFAULT_MAX_REPEATED) -> tuple[list[AlignmentGroup], dict[str, Any]]:
+    """Groups with their looping responses scored 1 (``demote``), and the counts."""
+    if not 0 <= max_repeated <= 1 or not math.isfinite(max_repeated):
+        raise ValidationError(f"max_repeated {max_repeated}: expected a share in [0, 1]")
+    out, counts = demote(groups, lambda _group, response: loops(response, max_repeated))
+    return out, {"max_repeated": max_repeated, "demoted": counts["demoted"], "loops_dropped": counts["dropped"],
+                 "groups_dropped": counts["groups_dropped"]}
+
+
+def demote_critiques(groups: Iterable[AlignmentGroup]) -> tuple[list[AlignmentGroup], dict[str, Any]]:
+    """Groups with the responses that speak of an answer instead of answering (``critiques``) scored 1,
+    where a response should answer the question (imitation and realignment), and the counts."""
+    out, counts = demote(groups, lambda group, response: group.kind in ANSWERING_KINDS
+                         and speaks_of_an_answer(response))
+    return out, {"demoted": counts["demoted"], "dropped": counts["dropped"],
                  "groups_dropped": counts["groups_dropped"]}
 
 
@@ -512,11 +536,13 @@ def _ties(groups: Sequence[AlignmentGroup]) -> dict[str, Any]:
 def build_alignment_data(records: Sequence[Mapping[str, Any]], groups: Sequence[AlignmentGroup] = (), *,
                          mix_ratio: str = DEFAULT_MIX, holdout: float = 0.1, seed: int = 0,
                          scores: str = DEFAULT_SCORE_SOURCE,
-                         max_repeated: float = DEFAULT_MAX_REPEATED) -> BuildResult:
-    """mine -> demote loops -> dedupe -> mix (seeded) -> split by question (seeded); with counts for the report."""
+                         max_repeated: float = DEFAULT_MAX_REPEATED, critiques: bool = True) -> BuildResult:
+    """mine -> demote loops (and critiques) -> dedupe -> mix (seeded) -> split by question (seeded); with
+    counts for the report."""
     weights = parse_mix(mix_ratio)
     mined = mine_records(records, scores=scores) + list(groups)
     guarded, looping = demote_loops(mined, max_repeated)
+    guarded, critiqued = demote_critiques(guarded) if critiques else (guarded, None)
     unique = dedupe(guarded)
     mixed = mix(unique, weights, random.Random(seed))
     train, heldout = split_holdout(mixed, holdout, random.Random(seed + 1))
@@ -532,6 +558,7 @@ def build_alignment_data(records: Sequence[Mapping[str, Any]], groups: Sequence[
                   "heldout": len(heldout)},
         "dropped_null_ratings": _count_null_ratings(records),
         "loops": looping,
+        "critiques": critiqued,
         "ties": {"train": _ties(train), "heldout": _ties(heldout)},
     }
     return BuildResult(train, heldout, stats)
@@ -574,6 +601,15 @@ def describe_loops(looping: Mapping[str, Any]) -> str:
             f"{looping.get('groups_dropped', 0)} groups with nothing else dropped")
 
 
+def describe_critiques(critiqued: Mapping[str, Any] | None) -> str:
+    """One line of ``demote_critiques``'s counts (or that they were kept), for ``data build`` and the pipeline."""
+    if critiqued is None:
+        return "responses that speak of an answer instead of answering: kept as rated (--keep-critiques)"
+    return (f"responses that speak of an answer instead of answering: {critiqued.get('demoted', 0)} scored 1, "
+            f"{critiqued.get('dropped', 0)} dropped; {critiqued.get('groups_dropped', 0)} groups with nothing "
+            f"else dropped")
+
+
 def print_stats(stats: Mapping[str, Any]) -> None:
     """Counts per kind and score histograms as rich tables (stdout)."""
     from rich.console import Console
@@ -605,5 +641,7 @@ def print_stats(stats: Mapping[str, Any]) -> None:
     looping = stats.get("loops") or {}
     if any(looping.get(k) for k in ("demoted", "loops_dropped", "groups_dropped")):
         console.print(describe_loops(looping))
+    if "critiques" in stats:
+        console.print(describe_critiques(stats["critiques"]))
     if stats.get("dropped_null_ratings"):
         console.print(f"missing ratings (null) dropped: {stats['dropped_null_ratings']}")

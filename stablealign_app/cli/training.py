@@ -55,6 +55,9 @@ def data_build(
     max_repeated: float = _opt(DEFAULT_MAX_REPEATED, "--max-repeated",
                                "Responses with more of their word 3-grams repeated than this share loop: scored 1 "
                                "(never imitated), or dropped where they would tie for best; 1 keeps every response."),
+    critiques: bool = _opt(True, "--demote-critiques/--keep-critiques",
+                           "Score 1 (as loops) the imitation and realignment responses that speak of an answer "
+                           "('Your answer is ...') instead of answering."),
 ) -> None:
     """Mine Alignment Imitation, Self-Critic and Realignment groups; print counts, score histograms, ties."""
     from services.world.client import read_record_rows
@@ -74,7 +77,8 @@ def data_build(
             if read.summary():  # what was not trained on, and why (malformed, foreign, duplicate)
                 typer.echo(f"warning: {read.summary()}", err=True)
         result = data_mod.build_alignment_data(rows, groups, mix_ratio=mix, holdout=holdout, seed=seed,
-                                               scores=scores, max_repeated=max_repeated)
+                                               scores=scores, max_repeated=max_repeated,
+                                               critiques=critiques)
         if read is not None:
             result.stats["records_read"] = read.as_dict()
         if not result.train:

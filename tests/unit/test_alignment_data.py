@@ -240,3 +240,46 @@ def test_build_and_cli_report_looping_responses(tmp_path):
     off = CliRunner().invoke(app, ["data", "build", "--records", str(records), "--out", str(out), "--mix", "1:0:0",
                                    "--holdout", "0", "--max-repeated", "1"])
     assert off.exit_code == 0 and "looping responses" not in off.output
+
+
+CRITIQUE = "Your answer is not helpful to the conversation, and it doesn't meet the given criteria."
+
+
+def test_responses_that_speak_of_an_answer_are_scored_1_where_an_answer_is_asked_for():
+    from stablealign.training.critiques import speaks_of_an_answer
+
+    assert speaks_of_an_answer(CRITIQUE) and speaks_of_an_answer("I think my previous response was rude.")
+    assert speaks_of_an_answer("Agent 3's answer misses the point.")
+    assert not speaks_of_an_answer("Talk to them calmly; answers come when people feel heard.")
+    imitation = D.AlignmentGroup("q", (CRITIQUE, "Be kind."), (6.0, 3.0), "imitation")
+    realignment = D.AlignmentGroup("q2", ("Be kind to them.", CRITIQUE), (5.0, 6.5), "realignment")
+    critic = D.AlignmentGroup("q3", (CRITIQUE, "Fine."), (6.0, 2.0), "self_critic")  # feedback is asked for here
+    only = D.AlignmentGroup("q4", (CRITIQUE, "The response is rude."), (6.0, 5.0), "imitation")
+    tie = D.AlignmentGroup("q5", (CRITIQUE, "Ignore them."), (6.0, 1.0), "imitation")
+    out, counts = D.demote_critiques([imitation, realignment, critic, only, tie])
+    assert [g.scores for g in out] == [(1.0, 3.0), (5.0, 1.0), (6.0, 2.0), (1.0,)]
+    assert out[2] is critic and out[3].responses == ("Ignore them.",)
+    assert counts == {"demoted": 2, "dropped": 1, "groups_dropped": 1}
+
+
+def test_build_and_cli_report_critiques_and_keep_them_when_asked(tmp_path):
+    from typer.testing import CliRunner
+
+    from stablealign_app.cli.main import app
+
+    rows = [record(i) for i in range(10)]
+    for row in rows[:3]:
+        row["revised_answer"] = CRITIQUE
+    stats = D.build_alignment_data(rows, mix_ratio="1:0:0", holdout=0.0).stats
+    assert stats["critiques"]["demoted"] == 6  # each revision is in an imitation and a realignment group
+    assert D.build_alignment_data(rows, mix_ratio="1:0:0", holdout=0.0, critiques=False).stats["critiques"] is None
+    records = _write(tmp_path, "records.jsonl", rows)
+    out = tmp_path / "alignment.jsonl"
+    args = ["data", "build", "--records", str(records), "--out", str(out), "--mix", "1:0:0", "--holdout", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "speak of an answer" in result.output and "6 scored 1" in result.output
+    assert all(CRITIQUE not in g.responses or min(g.scores) == 1.0 for g in D.load_alignment_groups(out))
+    kept = CliRunner().invoke(app, [*args, "--keep-critiques"])
+    assert kept.exit_code == 0 and "kept as rated" in kept.output
+    assert any(CRITIQUE == g.responses[g.scores.index(max(g.scores))] for g in D.load_alignment_groups(out))
