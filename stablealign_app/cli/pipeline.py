@@ -125,7 +125,8 @@ def pipeline(
         timings["simulate"] = _step(f"2/{steps} simulate a society (embedded NATS + agent, observer, world services)", [
             "run", *spec_args({**spec_options, "setting": "half_half", **world}), "--out", str(sim)], env)
     else:
-        console.rule(f"[bold]2/{steps} the society of an earlier run: {sim / 'records.jsonl'} (not simulated again)")
+        console.rule(f"[bold]2/{steps} an earlier run's society, not simulated again")
+        console.print(f"records: {sim / 'records.jsonl'}", soft_wrap=True)
     timings["data"] = _step(f"3/{steps} mine alignment data from the records", [
         "data", "build", "--records", str(sim / "records.jsonl"), "--out", str(data / "alignment.jsonl"),
         "--holdout", "0.2", "--seed", str(seed)])  # a fifth of the questions: more than one held-out group

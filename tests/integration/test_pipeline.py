@@ -39,3 +39,26 @@ def test_offline_pipeline_with_ablation_reports_every_model_beside_the_judge(tmp
         assert text in summary, text
     hh_sft = (out / "data" / "hh-sft.jsonl").read_text().splitlines()
     assert len(hh_sft) > 1000 and all(len(json.loads(line)["responses"]) == 1 for line in hh_sft[:20])
+
+
+def test_a_pipeline_started_from_an_earlier_society_does_not_simulate_again(tmp_path):
+    """``--sandbox DIR`` mines, trains and evaluates on the records an earlier run left there: no world runs,
+    and the data is built from exactly those records."""
+    first = tmp_path / "first"
+    base = [sys.executable, "-m", "stablealign_app.cli.main", "pipeline", "--backend", "offline", "--train-steps", "2",
+            "--eval-limit", "8", "--questions", "2", "--judge-pairs", "8"]
+    made = subprocess.run([*base, "--out", str(first)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    records = (first / "sandbox" / "records.jsonl").read_text()
+    again = tmp_path / "again"
+    result = subprocess.run([*base, "--out", str(again), "--sandbox", str(first / "sandbox")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "not simulated again" in result.stdout and "stable-align run" not in result.stdout
+    assert not (again / "sandbox").exists() and (first / "sandbox" / "records.jsonl").read_text() == records
+    stats = json.loads((again / "data" / "alignment.stats.json").read_text())
+    assert stats["records"] == len(records.splitlines())
+    assert "simulate" not in json.loads((again / "timings.json").read_text())
+    missing = subprocess.run([*base, "--out", str(tmp_path / "none"), "--sandbox", str(tmp_path / "nowhere")],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no records.jsonl there" in missing.stderr
