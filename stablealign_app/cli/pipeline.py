@@ -87,7 +87,7 @@ def pipeline(
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="The real model (hf): a known name or a path."),
     train_steps: int = typer.Option(8, "--train-steps", help="Optimizer steps of the short training."),
     batch_size: int = typer.Option(4, "--batch-size", help="Groups per optimizer step."),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: 2e-5 real model, the original recipe's; 1e-3 tiny model)."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: 2e-5, the original recipe's, real model; 1e-3 tiny)."),
     max_length: int = typer.Option(256, "--max-length", help="Max tokens of prompt + response (training and eval)."),
     eval_limit: int = typer.Option(100, "--eval-limit", help="HH-RLHF eval-split pairs for preference accuracy (of 679)."),
     questions: int = typer.Option(32, "--questions", help="Held-out questions answered (collapse guard) and rated by the judge."),
