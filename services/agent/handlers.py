@@ -41,6 +41,8 @@ from stablealign.llm.calls import (
 from stablealign.sandbox.memory import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_THRESHOLD, MemoryStore
 from stablealign.sandbox.ratings import RATING_SCALE, check_rating_message
 from stablealign.sandbox.worlds import WorldSpecCache, check_agent, derive_seed, persona_of
+from stablealign.training.critiques import speaks_of_an_answer
+from stablealign.training.repetition import loops
 from stablealign.v1 import agent_pb2, common_pb2, world_pb2
 
 log = get_logger(__name__)
@@ -68,23 +70,38 @@ class AgentHandlers:
 
     async def _answer(self, backend: ChatBackend, tally: CallTally, *, seed_parts: tuple, world_seed: int,
                       **kwargs: Any) -> str:
-        """A draft or revision. An empty reply, or one that echoes the prompt's wording, is asked again
-        with another seed; after the last attempt an echo is kept (it is still the model's answer,
-        and the observers rate it), an empty reply is an error."""
+        """A draft or revision. An empty reply, or one that echoes the prompt's wording (with
+        ``retry_non_answers``: or loops, or speaks of an answer instead of answering), is asked again with
+        another seed; after the last attempt such an answer is kept (it is still the model's answer, and
+        the observers rate it), an empty reply is an error."""
         last = ""
         for attempt in range(self.settings.answer_attempts):
             raw = await self._complete(backend, tally, seed=derive_seed(world_seed, *seed_parts, attempt), **kwargs)
             text = clean_answer(raw)
-            if text and not echoes_template(text, prompts.TEMPLATE_TEXTS):
+            reason = self._rejection(text)
+            if reason is None:
                 return text
-            metrics.ANSWERS_REJECTED.labels("echo" if text else "empty").inc()
+            metrics.ANSWERS_REJECTED.labels(reason).inc()
             log.info("agent.answer_rejected", extra={"step": seed_parts[0], "round": seed_parts[1],
                                                      "agent_id": seed_parts[2], "attempt": attempt + 1,
-                                                     "reason": "echo" if text else "empty"})
+                                                     "reason": reason})
             last = text or last
         if last:
             return last
         raise BackendError(f"{backend.name}: empty answer after {self.settings.answer_attempts} attempts")
+
+    def _rejection(self, text: str) -> str | None:
+        """Why ``text`` is not taken as the answer (``ANSWERS_REJECTED``'s reason), or None."""
+        if not text:
+            return "empty"
+        if echoes_template(text, prompts.TEMPLATE_TEXTS):
+            return "echo"
+        if self.settings.retry_non_answers:
+            if loops(text):
+                return "loop"
+            if speaks_of_an_answer(text):
+                return "critique"
+        return None
 
     async def _query_embedding(self, world: world_pb2.World, request: agent_pb2.DraftRequest,
                                question: str) -> np.ndarray:

@@ -20,7 +20,8 @@ RETRIEVED_MEMORIES = Histogram(
 )
 ANSWERS_REJECTED = Counter(
     "stablealign_agent_answers_rejected_total",
-    "Drafts and revisions asked again, by reason: empty, or echo (repeats the prompt's wording).",
+    "Drafts and revisions asked again, by reason: empty, echo (repeats the prompt's wording), and with "
+    "retry_non_answers loop or critique (speaks of an answer instead of answering).",
     ["reason"],
 )
 FEEDBACK_RATINGS = Counter(

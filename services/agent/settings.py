@@ -22,6 +22,9 @@ class AgentSettings(ServiceSettings):
                                                       "parsed (each with another seed).")
     answer_attempts: int = Field(3, ge=1, description="Tries of a draft or revision that comes back empty or "
                                                       "echoes its prompt (each with another seed).")
+    retry_non_answers: bool = Field(False, description="Also ask again (within answer_attempts) a draft or "
+                                    "revision that loops or speaks of an answer instead of answering; after the "
+                                    "last attempt it is kept, and data build scores it 1.")
     max_memory_agents: int = Field(10000, ge=1, description="Agents whose memory one process keeps decoded "
                                                             "(LRU); the rest are re-read from JetStream.")
     max_worlds: int = Field(4096, ge=1, description="World specs cached per process (LRU).")

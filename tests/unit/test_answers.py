@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from services.agent import prompts
 from services.agent.answers import clean_answer, echoes_template
+from stablealign.llm.backends.base import ChatBackend, ChatMessage, ChatRequest, Completion
 from stablealign.v1 import common_pb2
 
 
@@ -40,3 +43,41 @@ def test_prompts_end_with_an_instruction_not_a_cue():
     assert draft.endswith(prompts.DRAFT_INSTRUCTION) and "q0?" in draft and "a0" in draft
     assert revise.endswith(prompts.REVISE_INSTRUCTION) and "2.0 out of 7" in revise
     assert revise.index("(no rating) odd") < revise.index("(2/7) rude")  # harshest last, nearest the instruction
+
+
+CRITIQUE_REPLY = "Your answer is not helpful to the conversation, and it doesn't meet the given criteria."
+LOOP_REPLY = "I'm not sure. " * 12
+GOOD_REPLY = "Sit with them, speak slowly and ask what would help right now."
+
+class _Scripted(ChatBackend):
+    """A chat model that replies with the next of its scripted texts."""
+
+    name = "scripted"
+
+    def __init__(self, replies: list[str]) -> None:
+        super().__init__("scripted")
+        self.replies = list(replies)
+        self.asked = 0
+
+    async def _chat_once(self, request: ChatRequest) -> Completion:
+        self.asked += 1
+        return Completion(text=self.replies.pop(0), model="scripted")
+
+
+@pytest.mark.parametrize(("retry", "replies", "answer", "asked"), [
+    (False, [CRITIQUE_REPLY, GOOD_REPLY], CRITIQUE_REPLY, 1),
+    (True, [CRITIQUE_REPLY, GOOD_REPLY], GOOD_REPLY, 2),
+    (True, [LOOP_REPLY, GOOD_REPLY], GOOD_REPLY, 2),
+    (True, [LOOP_REPLY, CRITIQUE_REPLY, LOOP_REPLY], LOOP_REPLY.strip(), 3),  # the last attempt's answer is kept
+])
+def test_answers_that_loop_or_critique_are_asked_again_when_asked_to(retry, replies, answer, asked):
+    from services.agent.handlers import AgentHandlers
+    from services.agent.settings import AgentSettings
+    from stablealign.llm.calls import CallTally
+
+    handlers = AgentHandlers(AgentSettings(retry_non_answers=retry, answer_attempts=3), None, None)
+    backend = _Scripted(replies)
+    got = asyncio.run(handlers._answer(backend, CallTally(), seed_parts=("draft", 0, 1), world_seed=7,
+                                       messages=[ChatMessage("user", "How do I calm a friend down?")],
+                                       max_tokens=32, task="draft", hints={}))
+    assert got == answer and backend.asked == asked
