@@ -597,17 +597,20 @@ def write_groups(groups: Iterable[AlignmentGroup], path: str | Path) -> int:
 def describe_loops(looping: Mapping[str, Any]) -> str:
     """One line of ``demote_loops``'s counts, for ``data build`` and the pipeline's summary."""
     return (f"looping responses (over {looping.get('max_repeated', DEFAULT_MAX_REPEATED):g} of their 3-grams "
-            f"repeated): {looping.get('demoted', 0)} scored 1, {looping.get('loops_dropped', 0)} dropped; "
-            f"{looping.get('groups_dropped', 0)} groups with nothing else dropped")
+            f"repeated): " + _demotions(looping.get("demoted"), looping.get("loops_dropped"), looping.get("groups_dropped")))
 
 
 def describe_critiques(critiqued: Mapping[str, Any] | None) -> str:
     """One line of ``demote_critiques``'s counts (or that they were kept), for ``data build`` and the pipeline."""
+    what = "responses that speak of an answer instead of answering: "
     if critiqued is None:
-        return "responses that speak of an answer instead of answering: kept as rated (--keep-critiques)"
-    return (f"responses that speak of an answer instead of answering: {critiqued.get('demoted', 0)} scored 1, "
-            f"{critiqued.get('dropped', 0)} dropped; {critiqued.get('groups_dropped', 0)} groups with nothing "
-            f"else dropped")
+        return what + "kept as rated (--keep-critiques)"
+    return what + _demotions(critiqued.get("demoted"), critiqued.get("dropped"), critiqued.get("groups_dropped"))
+
+
+def _demotions(demoted: int | None, dropped: int | None, groups_dropped: int | None) -> str:
+    """``demote``'s counts in words."""
+    return f"{demoted or 0} scored 1, {dropped or 0} dropped; {groups_dropped or 0} groups with nothing else dropped"
 
 
 def print_stats(stats: Mapping[str, Any]) -> None:
